@@ -1,0 +1,102 @@
+"""Kernel-named value types shared by the host, the nodes and the wire.
+
+Pure data: no trio, no zmq.  Names follow ``include/linux/mmu_notifier.h``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+#: Highest user address + 1 (x86-64 4-level paging, 47 bits).  Addresses at or
+#: above it are "impossible" and rejected by the decoder.
+ADDRESS_LIMIT = 1 << 47
+
+
+class NotifyEvent(str, enum.Enum):
+    """``enum mmu_notifier_event`` (include/linux/mmu_notifier.h).
+
+    UNMAP: the range is going away (munmap, exit).  CLEAR: the pages are being
+    cleared but the range stays valid (madvise DONTNEED, reclaim, KSM).
+    PROTECTION_VMA / PROTECTION_PAGE: protection narrowed for a whole vma
+    (mprotect) or for pages (fork's COW write protect).  SOFT_DIRTY: soft-dirty
+    tracking.  RELEASE: the mm is being torn down.  MIGRATE: pages are moving to
+    new frames.
+    """
+
+    UNMAP = "UNMAP"
+    CLEAR = "CLEAR"
+    PROTECTION_VMA = "PROTECTION_VMA"
+    PROTECTION_PAGE = "PROTECTION_PAGE"
+    SOFT_DIRTY = "SOFT_DIRTY"
+    RELEASE = "RELEASE"
+    MIGRATE = "MIGRATE"
+
+
+#: The optional callbacks of ``struct mmu_notifier_ops`` a subscriber may
+#: implement.  ``invalidate_range_start`` and ``invalidate_range_end`` go
+#: together (a subscriber implementing one implements both).
+NOTIFIER_OPS = (
+    "release",
+    "clear_flush_young",
+    "clear_young",
+    "test_young",
+    "change_pte",
+    "invalidate_range_start",
+    "invalidate_range_end",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """``struct mmu_notifier_range``: ``[start, end)`` of one mm.
+
+    ``blockable`` is false for invalidations issued where the caller may not
+    sleep (the OOM reaper, ``MMU_NOTIFIER_RANGE_BLOCKABLE`` clear): sleepable
+    subscribers must answer EAGAIN instead of waiting.
+    """
+
+    mm: int
+    start: int
+    end: int
+    event: NotifyEvent
+    blockable: bool = True
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.start < self.end <= ADDRESS_LIMIT):
+            raise ValueError(f"impossible range [{self.start:#x}, {self.end:#x})")
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return self.start < end and start < self.end
+
+
+class Errno(str, enum.Enum):
+    """The kernel error numbers the model returns, by name."""
+
+    EPERM = "EPERM"
+    ENOENT = "ENOENT"
+    ESRCH = "ESRCH"
+    EINTR = "EINTR"
+    ENOMEM = "ENOMEM"
+    EACCES = "EACCES"
+    EFAULT = "EFAULT"
+    EBUSY = "EBUSY"
+    EEXIST = "EEXIST"
+    EINVAL = "EINVAL"
+    ENOSPC = "ENOSPC"
+    EAGAIN = "EAGAIN"
+    ESTALE = "ESTALE"
+    ETIMEDOUT = "ETIMEDOUT"
+
+
+class KernelError(Exception):
+    """An operation failed the way the kernel would fail it.
+
+    Carries the errno name; the host turns it into an error reply, the CLI
+    into a message and a non-zero exit.
+    """
+
+    def __init__(self, errno: Errno | str, message: str = "") -> None:
+        self.errno = Errno(errno)
+        self.message = message or self.errno.value
+        super().__init__(f"{self.errno.value}: {self.message}")
