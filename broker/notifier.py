@@ -1,0 +1,465 @@
+"""The mmu-notifier core: who must hear about what, and in which order.
+
+Sans-I/O.  The primary-MMU model calls the generator methods below with
+``yield from``; each yields :class:`broker.effects.Deliver` effects and reads
+the per-node outcomes.  Whether a subscriber is an object in this process or
+a node behind a socket is the driver's business.
+
+Modelled on ``mm/mmu_notifier.c`` and ``include/linux/mmu_notifier.h``.
+
+Subscribers ("nodes") implement an optional-hook table (``struct
+mmu_notifier_ops``): only implemented callbacks are dispatched.  Per node and
+mm the core remembers the address ranges the host has served to the node
+(GUP); an invalidation is sent only to the nodes whose served ranges overlap
+it ("broadcast to the nodes that hold mapped pages").
+
+State of one invalidation, per addressed node::
+
+    start sent --ack ok--------> started --(primary changes)--> end sent
+        |                                                      ^
+        +--ack EAGAIN (non-blockable, sleepable node)          |
+        |     => start failed: every node that acked ok -------+  (compensation)
+        |        gets its end now; the caller sees EAGAIN and retries later
+        +--no ack by the deadline => node fenced by the driver; nothing more
+           is sent to it, the invalidation proceeds without it
+
+Served ranges shrink when a node acks a start (it zapped the range) and grow
+when a GUP serves it pages.  A GUP served while a start is in flight is
+recorded too (a conservative superset); the node discards such a reply by its
+own sequence check (``mmu_invalidate_retry``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from protocol.messages import (
+    Ack,
+    ChangePte,
+    ClearFlushYoung,
+    ClearYoung,
+    InvalidateRangeEnd,
+    InvalidateRangeStart,
+    Release,
+    TestYoung,
+)
+from protocol.types import NOTIFIER_OPS, Errno, KernelError, NotifyEvent, Range
+
+from .effects import Deliver, Op, Outcomes
+
+logger = logging.getLogger(__name__)
+
+
+class IntervalSet:
+    """A set of disjoint, sorted half-open intervals ``[start, end)``.
+
+    Adjacent intervals merge.  ``add``/``remove`` cost O(log n + k) for k
+    intervals touched (plus the list shift).
+    """
+
+    __slots__ = ("_starts", "_ends")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __iter__(self):
+        return iter(zip(self._starts, self._ends))
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def total(self) -> int:
+        return sum(e - s for s, e in zip(self._starts, self._ends))
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i >= 0 and self._ends[i] > start:
+            return True
+        j = i + 1
+        return j < len(self._starts) and self._starts[j] < end
+
+    def add(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        # first interval whose end >= start (touching merges), last whose start <= end
+        lo = bisect.bisect_left(self._ends, start)
+        hi = bisect.bisect_right(self._starts, end)
+        if lo < hi:
+            start = min(start, self._starts[lo])
+            end = max(end, self._ends[hi - 1])
+        self._starts[lo:hi] = [start]
+        self._ends[lo:hi] = [end]
+
+    def remove(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        lo = bisect.bisect_right(self._ends, start)
+        hi = bisect.bisect_left(self._starts, end)
+        if lo >= hi:
+            return
+        keep_s: list[int] = []
+        keep_e: list[int] = []
+        if self._starts[lo] < start:
+            keep_s.append(self._starts[lo])
+            keep_e.append(start)
+        if self._ends[hi - 1] > end:
+            keep_s.append(end)
+            keep_e.append(self._ends[hi - 1])
+        self._starts[lo:hi] = keep_s
+        self._ends[lo:hi] = keep_e
+
+
+@dataclass(slots=True)
+class NodeOps:
+    """One registered subscriber: its callbacks and whether it may sleep."""
+
+    name: str
+    ops: frozenset[str]
+    sleepable: bool
+    generation: int
+
+
+@dataclass(slots=True)
+class Subscription:
+    """``struct mmu_notifier`` of one node on one mm."""
+
+    node: str
+    mm: int
+    served: IntervalSet = field(default_factory=IntervalSet)
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """An ``invalidate_range_start`` that succeeded: what its end must pair with.
+
+    ``nodes`` are (name, generation) of the nodes that acknowledged the start;
+    exactly they get the end (unless gone meanwhile).
+    """
+
+    range: Range
+    id: int
+    nodes: tuple[tuple[str, int], ...]
+
+
+class NotifierCore:
+    """Subscriptions and the ordering of notifier callbacks.
+
+    Args:
+        page_size: the host's page size (one-page invalidations).
+        wrap_change_pte: the 3.7–6.9 mode: the model wraps ``set_pte_at_notify``
+            in start/end(CLEAR); change_pte is then sent to the change_pte
+            subscribers that the enclosing start addressed, which already zapped
+            (that is why Linux 6.10 removed change_pte).
+    Concurrency:
+        Not thread-safe; the host calls it from one trio thread.  Generators of
+        different mms may be interleaved; the host serialises mutating
+        operations per mm.
+    """
+
+    def __init__(self, page_size: int = 4096, *, wrap_change_pte: bool = False) -> None:
+        self.page_size = page_size
+        self.wrap_change_pte = wrap_change_pte
+        self.nodes: dict[str, NodeOps] = {}
+        self.subscriptions: dict[int, dict[str, Subscription]] = {}
+        self.tearing_down: set[int] = set()
+        #: Invalidations between start and end, per mm (nesting is allowed).
+        self.open: dict[int, list[Invalidation]] = {}
+        self._ids = itertools.count(1)
+        self._generations = itertools.count(1)
+        self.counters: dict[str, int] = {
+            "invalidate_range_start": 0,
+            "invalidate_range_end": 0,
+            "change_pte": 0,
+            "change_pte_fallback": 0,
+            "young": 0,
+            "release": 0,
+            "eagain": 0,
+            "messages": 0,
+        }
+
+    # -- registration ----------------------------------------------------
+
+    def add_node(self, name: str, ops: frozenset[str] | set[str] | list[str], sleepable: bool) -> None:
+        """Know a node and its callbacks (a new session replaces an old one).
+
+        Raises:
+            ValueError: unknown callback names, start without end (or the
+                reverse), or a sleepable node without invalidate_range_start.
+        """
+        ops = frozenset(ops)
+        unknown = ops - set(NOTIFIER_OPS)
+        if unknown:
+            raise ValueError(f"unknown notifier ops {sorted(unknown)}")
+        if ("invalidate_range_start" in ops) != ("invalidate_range_end" in ops):
+            raise ValueError("invalidate_range_start and invalidate_range_end go together")
+        if sleepable and "invalidate_range_start" not in ops:
+            raise ValueError("a sleepable node must implement invalidate_range_start")
+        if name in self.nodes:
+            self.remove_node(name)
+        self.nodes[name] = NodeOps(name, ops, sleepable, next(self._generations))
+
+    def remove_node(self, name: str) -> None:
+        """Forget a node and all its subscriptions; nothing more is sent to it."""
+        self.nodes.pop(name, None)
+        for subs in self.subscriptions.values():
+            subs.pop(name, None)
+
+    fence = remove_node
+
+    def register(self, name: str, mm: int) -> None:
+        """``mmu_notifier_register``: subscribe ``name`` to ``mm``.  Idempotent.
+
+        Raises:
+            KernelError(EINTR): the mm is being torn down.
+            KernelError(ESRCH): the node is not known.
+        """
+        if name not in self.nodes:
+            raise KernelError(Errno.ESRCH, f"node {name!r} is not registered")
+        if mm in self.tearing_down:
+            raise KernelError(Errno.EINTR, f"mm {mm} is being torn down")
+        subs = self.subscriptions.setdefault(mm, {})
+        subs.setdefault(name, Subscription(name, mm))
+
+    def unregister(self, name: str, mm: int) -> Op[None]:
+        """``mmu_notifier_unregister``: ``->release`` on the node (it drops
+        everything of the mm, as mm/mmu_notifier.c does when the mm is still
+        live), then nothing more is delivered.  Always succeeds."""
+        subs = self.subscriptions.get(mm, {})
+        node = self.nodes.get(name)
+        if name in subs and node is not None and "release" in node.ops:
+            del subs[name]
+            yield self._deliver([(name, Release(id=next(self._ids), mm=mm))])
+        subs.pop(name, None)
+
+    def forget_mm(self, mm: int) -> None:
+        """The mm is gone (after exit): drop every trace of it."""
+        self.subscriptions.pop(mm, None)
+        self.open.pop(mm, None)
+        self.tearing_down.discard(mm)
+
+    def subscribed(self, mm: int) -> list[str]:
+        return list(self.subscriptions.get(mm, {}))
+
+    def has_subscribers(self, mm: int) -> bool:
+        """Cheap hot-path check (``mm_has_notifiers``)."""
+        return bool(self.subscriptions.get(mm))
+
+    def note_served(self, name: str, mm: int, start: int, end: int) -> None:
+        """A GUP served ``[start, end)`` of ``mm`` to ``name``."""
+        sub = self.subscriptions.get(mm, {}).get(name)
+        if sub is not None:
+            sub.served.add(start, end)
+
+    def served(self, name: str, mm: int) -> IntervalSet:
+        sub = self.subscriptions.get(mm, {}).get(name)
+        return sub.served if sub is not None else IntervalSet()
+
+    # -- helpers -----------------------------------------------------------
+
+    def _deliver(self, sends: list[tuple[str, object]], expect_ack: bool = True) -> Deliver:
+        self.counters["messages"] += len(sends)
+        return Deliver(tuple(sends), expect_ack)  # type: ignore[arg-type]
+
+    def _holders(self, mm: int, start: int, end: int, op: str) -> list[Subscription]:
+        """Subscribers of ``mm`` implementing ``op`` whose served ranges overlap."""
+        out = []
+        for sub in self.subscriptions.get(mm, {}).values():
+            node = self.nodes.get(sub.node)
+            if node is not None and op in node.ops and sub.served.overlaps(start, end):
+                out.append(sub)
+        return out
+
+    def _alive(self, name: str, generation: int) -> bool:
+        node = self.nodes.get(name)
+        return node is not None and node.generation == generation
+
+    # -- invalidation ------------------------------------------------------
+
+    def invalidate_range_start(self, rng: Range) -> Op[Invalidation]:
+        """``mmu_notifier_invalidate_range_start``.
+
+        Sends the start, in parallel, to every node holding part of the range
+        and returns once all have answered.  The caller may then change the
+        primary ptes of the range and free their frames.
+
+        Raises:
+            KernelError(EAGAIN): a sleepable node refused a non-blockable start;
+                the nodes that had acked it already got their end (the
+                compensation of ``mn_hlist_invalidate_range_start``), and the
+                caller must leave the ptes alone and retry later.
+        """
+        holders = self._holders(rng.mm, rng.start, rng.end, "invalidate_range_start")
+        start_id = next(self._ids)
+        self.counters["invalidate_range_start"] += 1
+        if not holders:
+            inv = Invalidation(rng, start_id, ())
+            self.open.setdefault(rng.mm, []).append(inv)
+            return inv
+        msg = InvalidateRangeStart(
+            id=start_id,
+            mm=rng.mm,
+            start=rng.start,
+            end=rng.end,
+            event=NotifyEvent(rng.event).value,
+            blockable=rng.blockable,
+        )
+        generations = {s.node: self.nodes[s.node].generation for s in holders}
+        outcomes: Outcomes = yield self._deliver([(s.node, msg) for s in holders])
+        started = [
+            (name, generations[name])
+            for name, ack in outcomes.items()
+            if ack is not None and ack.status == "ok" and self._alive(name, generations[name])
+        ]
+        refused = [name for name, ack in outcomes.items() if ack is not None and ack.status != "ok"]
+        if refused:
+            # mm/mmu_notifier.c mn_hlist_invalidate_range_start: "any that
+            # succeeded start are expecting their end to be called.  Do so now."
+            # The kernel calls every end and requires a failing subscriber to
+            # have none; we know per node who succeeded and pair exactly those.
+            self.counters["eagain"] += 1
+            logger.info("invalidate_range_start %s refused (EAGAIN) by %s", rng, refused)
+            if started:
+                end = InvalidateRangeEnd(id=next(self._ids), mm=rng.mm, start=rng.start, end=rng.end, start_id=start_id)
+                self.counters["invalidate_range_end"] += 1
+                yield self._deliver([(name, end) for name, _ in started], expect_ack=False)
+                for name, generation in started:
+                    if self._alive(name, generation):
+                        self.served(name, rng.mm).remove(rng.start, rng.end)
+            raise KernelError(Errno.EAGAIN, f"{', '.join(refused)} cannot sleep for a non-blockable invalidation")
+        for name, _ in started:
+            self.served(name, rng.mm).remove(rng.start, rng.end)
+        inv = Invalidation(rng, start_id, tuple(started))
+        self.open.setdefault(rng.mm, []).append(inv)
+        return inv
+
+    def invalidate_range_end(self, inv: Invalidation) -> Op[None]:
+        """``mmu_notifier_invalidate_range_end``: exactly the nodes that acked
+        the start, still alive and subscribed, get the end.  Never fails."""
+        opened = self.open.get(inv.range.mm, [])
+        if inv in opened:
+            opened.remove(inv)
+        subs = self.subscriptions.get(inv.range.mm, {})
+        targets = [name for name, gen in inv.nodes if self._alive(name, gen) and name in subs]
+        self.counters["invalidate_range_end"] += 1
+        if targets:
+            rng = inv.range
+            end = InvalidateRangeEnd(id=next(self._ids), mm=rng.mm, start=rng.start, end=rng.end, start_id=inv.id)
+            yield self._deliver([(name, end) for name in targets], expect_ack=False)
+
+    def invalidate_range(self, rng: Range) -> Op[None]:
+        """start + end with nothing in between: for callers that change the
+        primary ptes themselves before calling end are better served by the two
+        calls; this is the one-page invalidation used by change_pte fallback."""
+        inv = yield from self.invalidate_range_start(rng)
+        yield from self.invalidate_range_end(inv)
+
+    # -- change_pte (set_pte_at_notify) --------------------------------------
+
+    def change_pte(self, mm: int, addr: int, pfn: int, writable: bool) -> Op[None]:
+        """The notifier half of ``set_pte_at_notify``; call it BEFORE setting
+        the primary pte, as the macro does.
+
+        Nodes implementing change_pte repoint or downgrade their entry in place
+        (read-only only: a writable new pte is an invalidation for them, they
+        must fault to get write access).  The others "will just receive the
+        invalidate_page() callback" (mm/mmu_notifier.c, 2009): here a one-page
+        start/end.  Returns after every addressed node has acknowledged.
+
+        In the wrapped mode the enclosing start already zapped every holder;
+        change_pte still goes to the change_pte subscribers it addressed (they
+        find nothing to repoint), and nobody gets a fallback invalidation.
+        """
+        end = addr + self.page_size
+        if self.wrap_change_pte:
+            names: dict[str, int] = {}
+            for inv in self.open.get(mm, []):
+                if inv.range.overlaps(addr, end):
+                    for name, gen in inv.nodes:
+                        node = self.nodes.get(name)
+                        if node is not None and node.generation == gen and "change_pte" in node.ops:
+                            names[name] = gen
+            if names:
+                self.counters["change_pte"] += 1
+                msg = ChangePte(id=next(self._ids), mm=mm, addr=addr, pfn=pfn, writable=writable)
+                yield self._deliver([(name, msg) for name in names])
+            return
+        holders = [
+            s for s in self.subscriptions.get(mm, {}).values()
+            if s.node in self.nodes and s.served.overlaps(addr, end)
+        ]
+        if not holders:
+            return
+        repoint = [s for s in holders if "change_pte" in self.nodes[s.node].ops and not writable]
+        fallback = [s for s in holders if s not in repoint and "invalidate_range_start" in self.nodes[s.node].ops]
+        sends: list[tuple[str, object]] = []
+        if repoint:
+            self.counters["change_pte"] += 1
+            msg = ChangePte(id=next(self._ids), mm=mm, addr=addr, pfn=pfn, writable=writable)
+            sends += [(s.node, msg) for s in repoint]
+        start_id = next(self._ids)
+        if fallback:
+            self.counters["change_pte_fallback"] += 1
+            self.counters["invalidate_range_start"] += 1
+            start = InvalidateRangeStart(
+                id=start_id, mm=mm, start=addr, end=end, event=NotifyEvent.CLEAR.value, blockable=True
+            )
+            sends += [(s.node, start) for s in fallback]
+        if not sends:
+            return
+        generations = {name: self.nodes[name].generation for name, _ in sends}
+        outcomes: Outcomes = yield self._deliver(sends)
+        started = []
+        for s in fallback:
+            ack = outcomes.get(s.node)
+            if ack is not None and ack.status == "ok" and self._alive(s.node, generations[s.node]):
+                s.served.remove(addr, end)
+                started.append(s.node)
+        if started:
+            self.counters["invalidate_range_end"] += 1
+            msg_end = InvalidateRangeEnd(id=next(self._ids), mm=mm, start=addr, end=end, start_id=start_id)
+            yield self._deliver([(name, msg_end) for name in started], expect_ack=False)
+
+    # -- aging -----------------------------------------------------------------
+
+    def _young(self, mm: int, start: int, end: int, op: str, cls: type) -> Op[bool]:
+        holders = self._holders(mm, start, end, op)
+        if not holders:
+            return False
+        self.counters["young"] += 1
+        msg = cls(id=next(self._ids), mm=mm, start=start, end=end)
+        outcomes: Outcomes = yield self._deliver([(s.node, msg) for s in holders])
+        # mm/mmu_notifier.c __mmu_notifier_clear_flush_young: young |= each.
+        return any(ack is not None and ack.young for ack in outcomes.values())
+
+    def clear_flush_young(self, mm: int, start: int, end: int) -> Op[bool]:
+        return (yield from self._young(mm, start, end, "clear_flush_young", ClearFlushYoung))
+
+    def clear_young(self, mm: int, start: int, end: int) -> Op[bool]:
+        return (yield from self._young(mm, start, end, "clear_young", ClearYoung))
+
+    def test_young(self, mm: int, start: int, end: int) -> Op[bool]:
+        return (yield from self._young(mm, start, end, "test_young", TestYoung))
+
+    # -- release -----------------------------------------------------------------
+
+    def release(self, mm: int) -> Op[None]:
+        """``__mmu_notifier_release`` from ``exit_mmap``: every subscriber's
+        ``->release`` (whatever it holds), then the subscriptions are gone and
+        register fails with EINTR until :meth:`forget_mm`.  Later callbacks for
+        the mm address nobody, so they are harmless."""
+        self.tearing_down.add(mm)
+        subs = self.subscriptions.pop(mm, {})
+        targets = [name for name in subs if name in self.nodes and "release" in self.nodes[name].ops]
+        self.counters["release"] += 1
+        if targets:
+            yield self._deliver([(name, Release(id=next(self._ids), mm=mm)) for name in targets])
+
+
+__all__ = ["Ack", "IntervalSet", "Invalidation", "NodeOps", "NotifierCore", "Subscription"]
