@@ -1,0 +1,462 @@
+"""``mmn up``: a host and a default set of nodes on this machine, in the foreground.
+
+Each service is a child process (``sys.executable -m mmn host|node ...``) in
+its own process group, its output in a log file.  ``up`` waits until the host
+answers ``status`` and every node is registered, then shows a live status view
+(redrawn in place on a terminal, a line per change otherwise) until Ctrl-C or
+SIGTERM.  Then every child gets SIGTERM, and SIGKILL after ``--grace`` seconds:
+none is left behind.  If the host dies, ``up`` stops the nodes and exits 1.
+
+Process lifetimes::
+
+    up ──┬── host  (pgid = its pid)   dies  -> up stops the rest, exit 1
+         ├── kvm0  (pgid = its pid)   dies  -> shown; restarted with --restart
+         ├── gru0
+         └── xpmem0
+    Ctrl-C / SIGTERM -> SIGTERM to every group -> grace -> SIGKILL -> reaped
+
+Children get ``MMN_PARENT_PID`` and die with ``up`` even if it is SIGKILLed
+(``PR_SET_PDEATHSIG``, see ``mmn.cli._die_with_parent``).
+
+Exit status: 0 stopped on request (or ``--once`` with every node live), 1 the
+host died or a node did not come up, 2 usage, 3 the host never answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import render
+from .cli import (
+    DEFAULT_NODE_PORT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    HOST_OPTIONS,
+    PROG,
+    Failed,
+    Unreachable,
+    UsageError,
+    admin_call,
+    number,
+    seconds,
+)
+
+KINDS = ("kvm", "gru", "xpmem")
+_WILDCARDS = ("0.0.0.0", "*", "::", "[::]", "")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``mmn up`` options (the host options are added by the caller)."""
+    for kind in KINDS:
+        p.add_argument(f"--{kind}", type=number(0, 64), default=1, metavar="N", help=f"{kind} nodes (1)")
+    p.add_argument(
+        "--port-base",
+        type=number(0, 65533),
+        default=DEFAULT_NODE_PORT,
+        metavar="P",
+        help=f"node, admin, events ports are P, P+1, P+2 ({DEFAULT_NODE_PORT}); 0 = free ports",
+    )
+    p.add_argument("--once", action="store_true", help="print one status when everything is up, then stop")
+    p.add_argument("--timeout", type=seconds, default=20.0, metavar="S", help="startup deadline (20)")
+    p.add_argument("--grace", type=seconds, default=3.0, metavar="S", help="SIGTERM -> SIGKILL (3)")
+    p.add_argument("--interval", type=seconds, default=1.0, metavar="S", help="status refresh (1)")
+    p.add_argument("--restart", action="store_true", help="restart nodes whose process exits")
+    p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="log directory (a fresh temp dir)")
+    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"))
+
+
+# --------------------------------------------------------------------------
+# the plan: what to start, where
+
+
+@dataclass
+class Plan:
+    bind: str
+    ports: tuple[int, int, int]  # node, admin, events
+    host_args: list[str]
+    nodes: list[tuple[str, str]]  # (name, kind)
+    logs: Path
+
+    @property
+    def connect_host(self) -> str:
+        return "127.0.0.1" if self.bind in _WILDCARDS else self.bind
+
+    @property
+    def admin(self) -> str:
+        return f"tcp://{self.connect_host}:{self.ports[1]}"
+
+    @property
+    def node_endpoint(self) -> str:
+        return f"tcp://{self.connect_host}:{self.ports[0]}"
+
+
+def free_ports(n: int, bind: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports the OS reports free right now (racy by nature:
+    another process may take one before the host binds it)."""
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((bind if bind not in _WILDCARDS else "127.0.0.1", 0))
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def make_plan(ns: argparse.Namespace) -> Plan:
+    bind = ns.bind or os.environ.get("MMN_BIND") or "127.0.0.1"
+    if ns.port_base == 0:
+        node_port, admin_port, events_port = free_ports(3, bind)
+    else:
+        node_port, admin_port, events_port = ns.port_base, ns.port_base + 1, ns.port_base + 2
+    host_args = ["--bind", bind, "--node-port", str(node_port), "--admin-port", str(admin_port)]
+    host_args += ["--events-port", str(events_port), "--log-level", ns.log_level]
+    for flag, dest, _env, _kind, _help in HOST_OPTIONS:
+        value = getattr(ns, dest, None)
+        if value is not None and dest not in ("bind", "node_port", "admin_port", "events_port"):
+            host_args += [flag, str(value)]
+    if getattr(ns, "wrap_change_pte", None):
+        host_args.append("--wrap-change-pte")
+    nodes = [(f"{kind}{i}", kind) for kind in KINDS for i in range(getattr(ns, kind))]
+    logs = ns.logs if ns.logs is not None else Path(tempfile.mkdtemp(prefix="mmn-up-"))
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--logs {logs}: {exc.strerror}") from None
+    return Plan(bind, (node_port, admin_port, events_port), host_args, nodes, logs)
+
+
+# --------------------------------------------------------------------------
+# children
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: trio.Process | None = None
+    exits: list[int] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def describe(self) -> str:
+        if self.process is None:
+            return f"{self.name}: not started"
+        if self.alive:
+            return f"{self.name}: pid {self.process.pid}"
+        return f"{self.name}: exited {self.process.returncode}"
+
+    def tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["MMN_PARENT_PID"] = str(os.getpid())
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+async def _spawn(child: Child) -> None:
+    """Start ``child`` in its own process group, output to its log file."""
+    with open(child.log_path, "ab") as log_file:
+        child.process = await trio.lowlevel.open_process(
+            child.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=_child_env(),
+            process_group=0,
+        )
+
+
+def _signal_group(child: Child, signum: int) -> None:
+    """Signal the child's whole process group -- also after the leader has
+    exited, so a grandchild it left behind goes too.  (Linux does not reuse a
+    pid while a process group of that id exists.)"""
+    proc = child.process
+    if proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signum)
+
+
+async def stop_all(children: list[Child], grace: float) -> None:
+    """SIGTERM every live child's process group, SIGKILL what is left after
+    ``grace`` seconds, reap them all.
+
+    Concurrency: awaits at most ``grace`` + 2 seconds; call it shielded.
+    """
+    for child in children:
+        if child.alive:
+            _signal_group(child, signal.SIGTERM)
+    with trio.move_on_after(grace):
+        for child in children:
+            if child.process is not None:
+                await child.process.wait()
+    for child in children:
+        _signal_group(child, signal.SIGKILL)
+    with trio.move_on_after(2):
+        for child in children:
+            if child.process is not None:
+                await child.process.wait()
+
+
+def _kill_leftovers(children: list[Child]) -> None:
+    """Last resort, outside trio: SIGKILL any group still alive."""
+    for child in children:
+        _signal_group(child, signal.SIGKILL)
+        if child.process is not None:
+            with contextlib.suppress(Exception):
+                child.process.poll()
+
+
+# --------------------------------------------------------------------------
+# the foreground
+
+
+class _Stop(Exception):
+    def __init__(self, code: int, message: str = "") -> None:
+        self.code = code
+        self.message = message
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"{PROG} up: {message}\n")
+    sys.stderr.flush()
+
+
+async def _wait_for_host(plan: Plan, host: Child, deadline: float) -> dict[str, Any]:
+    """Poll ``status`` until the host answers (or dies, or the deadline)."""
+    while True:
+        if not host.alive:
+            raise _Stop(EXIT_FAILED, f"the host exited with status {host.process.returncode if host.process else '?'}")
+        left = deadline - trio.current_time()
+        if left <= 0:
+            raise _Stop(EXIT_UNREACHABLE, f"the host did not answer at {plan.admin}")
+        try:
+            return await admin_call(plan.admin, "status", {}, timeout=min(1.0, left))
+        except Unreachable:
+            continue
+
+
+def _live(status: dict[str, Any]) -> set[str]:
+    return {n.get("name") for n in status.get("nodes") or [] if n.get("state") == "live"}
+
+
+class View:
+    """The live status view: redraw on a TTY, a line per change otherwise."""
+
+    def __init__(self, plan: Plan, children: list[Child], stream: Any = None) -> None:
+        self.plan = plan
+        self.children = children
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.last = ""
+
+    def show(self, status: dict[str, Any] | None, note: str = "") -> None:
+        if self.tty:
+            body = render.status(status) if status is not None else "(the host is not answering)"
+            procs = "  ".join(c.describe() for c in self.children)
+            footer = f"admin {self.plan.admin}  logs {self.plan.logs}  Ctrl-C stops\nprocesses  {procs}"
+            text = f"\x1b[H\x1b[2J{PROG} up  {time.strftime('%H:%M:%S')}\n\n{body}\n\n{footer}\n"
+            if note:
+                text += note + "\n"
+            self.stream.write(text)
+            self.stream.flush()
+            return
+        line = render.status_line(status) if status is not None else "the host is not answering"
+        if note:
+            line += f"  ({note})"
+        if line != self.last:
+            self.last = line
+            self.stream.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+            self.stream.flush()
+
+
+async def _watch_children(
+    plan: Plan, host: Child, nodes: list[Child], restart: bool, notes: list[str], stop: trio.CancelScope
+) -> None:
+    async def watch_host() -> None:
+        assert host.process is not None
+        code = await host.process.wait()
+        notes.append(f"the host exited with status {code}")
+        stop.cancel()
+
+    async def watch_node(child: Child) -> None:
+        while True:
+            assert child.process is not None
+            code = await child.process.wait()
+            child.exits.append(code)
+            notes.append(f"{child.name} exited with status {code}")
+            if not restart:
+                return
+            await trio.sleep(1.0)  # do not spin on a node that dies at once
+            await _spawn(child)
+            notes.append(f"{child.name} restarted (pid {child.process.pid})")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_host)
+        for child in nodes:
+            nursery.start_soon(watch_node, child)
+
+
+async def _signals(scope: trio.CancelScope, caught: list[int]) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # tests drive `up --once` from a worker thread
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        async for signum in received:
+            caught.append(signum)
+            scope.cancel()
+            return
+
+
+async def _up(ns: argparse.Namespace, plan: Plan, children: list[Child]) -> int:
+    exe = [sys.executable, "-m", "mmn"]
+    host = Child("host", [*exe, "host", *plan.host_args], plan.logs / "host.log")
+    nodes = [
+        Child(
+            name,
+            [*exe, "node", "--kind", kind, "--name", name, "--host", plan.node_endpoint, "--log-level", ns.log_level],
+            plan.logs / f"{name}.log",
+        )
+        for name, kind in plan.nodes
+    ]
+    children += [host, *nodes]
+    caught: list[int] = []
+    notes: list[str] = []
+    outcome: _Stop | None = None
+    try:
+        with trio.CancelScope() as everything:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_signals, everything, caught)
+                try:
+                    await _start_and_show(ns, plan, host, nodes, children, notes, nursery, everything)
+                except _Stop as stop:
+                    outcome = stop
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await stop_all(children, ns.grace)
+    if outcome is None and not caught and not host.alive:
+        code = host.process.returncode if host.process else "?"
+        outcome = _Stop(EXIT_FAILED, f"the host exited with status {code}; nodes stopped")
+    if outcome is None:
+        return EXIT_OK
+    if outcome.message:
+        _say(outcome.message)
+    if outcome.code != EXIT_OK and host.process is not None and host.process.returncode is not None:
+        tail = host.tail()
+        if tail:
+            _say(f"last lines of {host.log_path}:\n{tail}")
+    return outcome.code
+
+
+async def _start_and_show(
+    ns: argparse.Namespace,
+    plan: Plan,
+    host: Child,
+    nodes: list[Child],
+    children: list[Child],
+    notes: list[str],
+    nursery: trio.Nursery,
+    everything: trio.CancelScope,
+) -> None:
+    """Start the host, then the nodes; then ``--once`` or the live view.
+
+    Raises:
+        _Stop: with the exit status, when ``up`` should end by itself.
+    """
+    as_json = getattr(ns, "json", False)
+    if not as_json:
+        _say(f"starting host ({plan.admin}) and {len(nodes)} nodes; logs in {plan.logs}")
+    await _spawn(host)
+    deadline = trio.current_time() + ns.timeout
+    await _wait_for_host(plan, host, deadline)
+    for child in nodes:
+        await _spawn(child)
+    nursery.start_soon(_watch_children, plan, host, nodes, ns.restart, notes, everything)
+    want = {c.name for c in nodes}
+    status = await _wait_for_nodes(plan, host, want, deadline)
+    missing = want - _live(status)
+    if ns.once:
+        if as_json:
+            sys.stdout.write(json.dumps(render.jsonable(status), separators=(",", ":")) + "\n")
+        else:
+            sys.stdout.write(render.status(status) + "\n")
+        sys.stdout.flush()
+        if missing:
+            raise _Stop(EXIT_FAILED, f"nodes not registered in time: {', '.join(sorted(missing))}")
+        raise _Stop(EXIT_OK)
+    if missing:
+        notes.append(f"not registered yet: {', '.join(sorted(missing))}")
+    await _live_view(ns, plan, children, notes)
+
+
+async def _wait_for_nodes(plan: Plan, host: Child, want: set[str], deadline: float) -> dict[str, Any]:
+    """Poll ``status`` until every node in ``want`` is live or the deadline."""
+    while True:
+        status = await _wait_for_host(plan, host, max(deadline, trio.current_time() + 2))
+        if want <= _live(status) or trio.current_time() >= deadline:
+            return status
+        await trio.sleep(0.1)
+
+
+async def _live_view(ns: argparse.Namespace, plan: Plan, children: list[Child], notes: list[str]) -> None:
+    view = View(plan, children)
+    shown = 0
+    while True:
+        try:
+            status: dict[str, Any] | None = await admin_call(plan.admin, "status", {}, timeout=max(2.0, ns.interval))
+        except (Unreachable, Failed):
+            status = None
+        new_notes = notes[shown:]
+        shown = len(notes)
+        if not view.tty:
+            for note in new_notes:
+                _say(note)
+            view.show(status)
+        else:
+            view.show(status, "  ".join(notes[-3:]))
+        await trio.sleep(ns.interval)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """``mmn up``: returns the exit status."""
+    if ns.once is False and getattr(ns, "json", False):
+        raise UsageError("up: --json needs --once")
+    plan = make_plan(ns)
+    children: list[Child] = []
+    try:
+        return trio.run(_up, ns, plan, children)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        _kill_leftovers(children)
