@@ -13,6 +13,7 @@ Integration with the real host and nodes (``mmn up``) is at the end, marked
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -685,6 +686,38 @@ def test_up_plan_ports_and_nodes(tmp_path: Path) -> None:
     assert len(set(free.ports)) == 3 and all(p > 0 for p in free.ports)
     anywhere = up.make_plan(_parse("up", "--bind", "0.0.0.0", "--logs", str(tmp_path)))
     assert anywhere.admin == "tcp://127.0.0.1:7782"
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_up_view_redraws_on_a_tty_and_prints_changes_otherwise(tmp_path: Path) -> None:
+    plan = up.make_plan(_parse("up", "--port-base", "9000", "--logs", str(tmp_path)))
+    children = [up.Child("host", ["true"], tmp_path / "host.log")]
+    tty = _Stream(tty=True)
+    view = up.View(plan, children, tty)
+    view.show(status_result())
+    view.show(status_result())
+    frames = tty.getvalue().split("\x1b[H\x1b[2J")
+    assert len(frames) == 3 and frames[0] == ""  # two full redraws
+    assert "kvm0" in frames[1] and "admin tcp://127.0.0.1:9001" in frames[1] and "host: not started" in frames[1]
+    pipe = _Stream(tty=False)
+    view = up.View(plan, children, pipe)
+    changed = status_result()
+    changed["stale_accesses"] = 1
+    for status in (status_result(), status_result(), changed, None):
+        view.show(status)
+    lines = pipe.getvalue().splitlines()
+    assert len(lines) == 3  # the repeat is not printed
+    assert "stale_accesses 0" in lines[0] and "stale_accesses 1" in lines[1]
+    assert "\x1b" not in pipe.getvalue()
+    assert lines[2].endswith("the host is not answering")
 
 
 def _stat(pid: int | str) -> list[str] | None:
