@@ -1,0 +1,773 @@
+"""What every secondary MMU shares: the sans-I/O machine around one kind.
+
+A secondary MMU is a plain synchronous state machine (DESIGN §1, "sans-I/O cores").
+Two kinds of input drive it:
+
+* :meth:`SecondaryMMU.receive` -- every host->node message (notifier callbacks,
+  replies to the node's own requests, ``fenced``, ``registered``);
+* local commands -- :meth:`SecondaryMMU.fault`, :meth:`SecondaryMMU.access` and,
+  for xpmem, ``make/get/attach/detach/release/remove``.  Each returns
+  ``(token, outputs)``; the command finishes later with a :class:`Completion`
+  carrying that token (possibly among these very outputs).
+
+Every call returns a list of :data:`Output`: protocol messages to send to the
+host, in order, and :class:`Completion` objects for local callers.  Nothing
+here awaits, sleeps, reads a clock or touches a socket, so ``node.runtime`` (trio
+over ZeroMQ) and the in-process harness run exactly this code.
+
+Faults (``get_user_pages`` on behalf of the node) share one skeleton; a kind
+supplies only the rules the kernel gives it::
+
+    fault begins ──▶ not subscribed?  ──▶ Subscribe, park until Ok
+                 ──▶ _fault_must_wait? ──▶ park on the mm until an end wakes it
+                 ──▶ snapshot = _fault_snapshot(); send Gup
+    GupReply     ──▶ _fault_retry(snapshot)? ──▶ discard (+Unpin if pinned),
+                                                 begin again (bounded: EAGAIN)
+                 ──▶ _fault_install(pages)   ──▶ done
+
+That is ``mmu_interval_read_begin`` / ``mmu_interval_read_retry`` of
+mm/mmu_notifier.c and KVM's ``mmu_invalidate_seq`` (virt/kvm/kvm_main.c) in
+message form: the reply of a GUP is only as good as the invalidations that did
+not happen between the request and the reply, and the channel is ordered, so
+"happened before the reply" is "received before the reply".
+
+Invariant (checked by tests/test_node_kinds.py for every kind): a translation
+never outlives a start that overlaps it and that was received after the GUP
+that produced it was sent.
+
+Concurrency: none.  One caller at a time (the runtime's node task, or a test).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
+
+from protocol.messages import (
+    Ack,
+    ChangePte,
+    ClearFlushYoung,
+    ClearYoung,
+    DmaRead,
+    DmaReply,
+    DmaWrite,
+    Error,
+    Fenced,
+    Gup,
+    GupReply,
+    Heartbeat,
+    InvalidateRangeEnd,
+    InvalidateRangeStart,
+    Message,
+    Ok,
+    Register,
+    Registered,
+    Release,
+    Subscribe,
+    TestYoung,
+    Unpin,
+    XpmemReply,
+)
+from protocol.types import NOTIFIER_OPS, Errno, KernelError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 4096
+#: ``get_user_pages`` batch limit, as ``protocol.limits.Limits.max_pages``.
+MAX_GUP_PAGES = 512
+#: Discarded GUP replies tolerated per fault before it fails with EAGAIN.
+MAX_FAULT_RETRIES = 8
+#: Acks remembered to answer a duplicated notifier message idempotently.
+ANSWERED_CACHE = 4096
+#: pfns per Unpin message.
+UNPIN_BATCH = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A local command finished.
+
+    ``token`` is what the command returned; exactly one of ``result`` (a
+    JSON/msgpack-friendly dict; read data is ``bytes``) and ``error`` is set.
+    """
+
+    token: int
+    result: dict[str, Any] | None = None
+    error: KernelError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+#: What a node call returns, in order: messages for the host, completions for callers.
+Output: TypeAlias = Message | Completion
+
+#: ``done`` of a fault: (pages installed as [addr, pfn, writable], error) -> outputs.
+FaultDone: TypeAlias = Callable[[list[list[int]], KernelError | None], list[Output]]
+
+
+def kernel_error(code: str, message: str = "") -> KernelError:
+    """Turn an ``errno`` / ``Error.code`` string from the host into a KernelError.
+
+    Session-level codes map to the errno a caller would see: ``fenced`` and
+    ``unregistered`` -> EINTR (re-register and retry), ``forbidden`` -> EPERM,
+    ``rate_limited`` -> EAGAIN, anything else -> EINVAL.
+    """
+    try:
+        return KernelError(Errno(code), message)
+    except ValueError:
+        errno = {
+            "fenced": Errno.EINTR,
+            "unregistered": Errno.EINTR,
+            "forbidden": Errno.EPERM,
+            "rate_limited": Errno.EAGAIN,
+        }.get(code, Errno.EINVAL)
+        return KernelError(errno, f"{code}: {message}" if message else code)
+
+
+@dataclass(eq=False, slots=True)
+class Fault:
+    """One ``get_user_pages`` a node needs: ``npages`` pages of ``mm`` from ``addr``.
+
+    ``mm``/``addr`` are in the address space GUP walks (for xpmem: the
+    exporter's).  ``snapshot`` is the kind's sequence value taken when the Gup
+    was sent; ``context`` is kind data (xpmem: the attachment).
+    """
+
+    mm: int
+    addr: int
+    npages: int
+    write: bool
+    done: FaultDone
+    pin: bool = False
+    context: Any = None
+    retries: int = 0
+    snapshot: int = 0
+    request: int = 0
+
+    def overlaps(self, start: int, end: int, page_size: int) -> bool:
+        return self.addr < end and start < self.addr + self.npages * page_size
+
+
+@dataclass(eq=False, slots=True)
+class MmState:
+    """What a node keeps per subscribed mm, whatever its kind.
+
+    ``open_starts``: start id -> ``[start, end)`` of invalidations begun and not
+    yet ended (nesting: several at once).  ``waiting``: faults parked by the
+    kind's wait rule, woken when an end closes a range.
+    """
+
+    mm: int
+    subscribed: bool = False
+    subscribe_id: int = 0
+    subscribe_waiters: list[Fault] = field(default_factory=list)
+    waiting: list[Fault] = field(default_factory=list)
+    open_starts: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """Where a node access goes: ``pfn`` backs page ``addr`` of ``mm``."""
+
+    mm: int
+    addr: int
+    pfn: int
+    writable: bool
+
+
+@dataclass(eq=False, slots=True)
+class _Access:
+    token: int
+    mm: int
+    addr: int
+    length: int
+    data: bytes | None  # None: a read
+    pos: int = 0
+    read: bytearray = field(default_factory=bytearray)
+    faults_here: int = 0  # faults taken for the current page
+
+
+def pages_in(table: dict[int, Any], start: int, end: int, page_size: int) -> list[int]:
+    """Keys of ``table`` (page addresses) in ``[start, end)``.
+
+    Costs the smaller of the range's pages and the table's size, so zapping a
+    huge, sparsely mapped range follows the mapped pages, not the range.
+    """
+    first = start - start % page_size
+    if (end - first) // page_size <= len(table):
+        return [a for a in range(first, end, page_size) if a in table]
+    return [a for a in table if start <= a + page_size - 1 and a < end]
+
+
+class SecondaryMMU:
+    """Base of the kvm, gru and xpmem kinds (``struct mmu_notifier`` + its device).
+
+    Class attributes:
+        kind: ``"kvm"``, ``"gru"`` or ``"xpmem"``.
+        ops: the ``struct mmu_notifier_ops`` callbacks implemented
+            (a subset of ``protocol.types.NOTIFIER_OPS``).
+        sleepable: whether ``invalidate_range_start`` may block (xpmem).
+
+    Args:
+        name: the node's name (unique in the cluster).
+        page_size: until ``Registered`` says otherwise.
+        max_fault_retries: discarded GUP replies tolerated per fault; one more
+            and the fault fails with EAGAIN.
+        max_gup_pages: largest ``npages`` of one Gup (``Limits.max_pages``).
+
+    Attributes set by the runtime (or by ``receive(Registered)``):
+        epoch: the registration epoch stamped on every request.
+
+    Concurrency: synchronous, not thread-safe; one owner drives it.
+    """
+
+    kind: ClassVar[str] = ""
+    ops: ClassVar[frozenset[str]] = frozenset()
+    sleepable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        max_fault_retries: int = MAX_FAULT_RETRIES,
+        max_gup_pages: int = MAX_GUP_PAGES,
+    ) -> None:
+        if not self.ops <= set(NOTIFIER_OPS):
+            raise ValueError(f"unknown notifier ops {sorted(self.ops - set(NOTIFIER_OPS))}")
+        if ("invalidate_range_start" in self.ops) != ("invalidate_range_end" in self.ops):
+            raise ValueError("invalidate_range_start and _end go together")
+        self.name = name
+        self.page_size = page_size
+        self.max_fault_retries = max_fault_retries
+        self.max_gup_pages = max_gup_pages
+        self.epoch = 0
+        self._next_id = 0
+        self._next_token = 0
+        self._mms: dict[int, MmState] = {}
+        # request id -> handler of its reply (GupReply/DmaReply/XpmemReply/Ok/Error)
+        self._pending: dict[int, Callable[[Message], list[Output]]] = {}
+        # DMA id -> (mm, page address): accesses on the wire
+        self.dma_in_flight: dict[int, tuple[int, int]] = {}
+        self._open_tokens: set[int] = set()
+        # notifier message id -> the Ack sent for it (duplicates answered again)
+        self._answered: OrderedDict[int, Ack] = OrderedDict()
+        self.counters: dict[str, int] = {
+            "faults": 0,
+            "gups": 0,
+            "gup_retries": 0,
+            "accesses": 0,
+            "dma": 0,
+            "stale_replies": 0,
+            "invalidations": 0,
+            "duplicates": 0,
+            "drops": 0,
+            "pins_taken": 0,
+            "pins_released": 0,
+        }
+
+    # ------------------------------------------------------------------ ids
+
+    def next_id(self) -> int:
+        """A fresh message id.  The runtime takes its ids (register,
+        heartbeat, subscribe...) from here too, so replies never collide."""
+        self._next_id += 1
+        return self._next_id
+
+    def _new_token(self) -> int:
+        self._next_token += 1
+        self._open_tokens.add(self._next_token)
+        return self._next_token
+
+    def make_register(self, incarnation: str) -> Register:
+        """The ``Register`` message announcing this node (id from :meth:`next_id`)."""
+        return Register(
+            id=self.next_id(),
+            name=self.name,
+            kind=self.kind,
+            ops=sorted(self.ops),
+            sleepable=self.sleepable,
+            incarnation=incarnation,
+        )
+
+    # ------------------------------------------------------------ receive
+
+    def receive(self, msg: Message) -> list[Output]:
+        """Handle one host->node message.
+
+        Returns:
+            Outputs in order.  Notifier callbacks are acknowledged with
+            ``Ack(ref=msg.id)`` (``InvalidateRangeEnd`` never is); a sleepable
+            kind may produce a start's Ack later, from the ``receive`` of the
+            ``DmaReply`` that drains it.  Replies to unknown ids (a previous
+            session, a duplicate) are ignored.
+        Raises:
+            Nothing for any well-typed message.
+        Concurrency: synchronous.
+        """
+        if isinstance(msg, InvalidateRangeStart):
+            return self._receive_start(msg)
+        if isinstance(msg, InvalidateRangeEnd):
+            return self._receive_end(msg)
+        if isinstance(msg, (ChangePte, ClearFlushYoung, ClearYoung, TestYoung, Release)):
+            if msg.id in self._answered:
+                self.counters["duplicates"] += 1
+                return [self._answered[msg.id]]
+            if isinstance(msg, Release):
+                return self._receive_release(msg)
+            if isinstance(msg, ChangePte):
+                return self._change_pte(msg)
+            return self._young(msg)
+        if isinstance(msg, (GupReply, DmaReply, XpmemReply, Ok, Error)):
+            handler = self._pending.pop(msg.ref, None)
+            if handler is None:
+                logger.debug("%s: reply to unknown request %d ignored", self.name, msg.ref)
+                return []
+            return handler(msg)
+        if isinstance(msg, Fenced):
+            if self.epoch and msg.epoch and msg.epoch != self.epoch:
+                logger.info("%s: fence of old epoch %d ignored", self.name, msg.epoch)
+                return []
+            outputs = self.drop_all(f"fenced: {msg.reason}" if msg.reason else "fenced")
+            self.epoch = 0
+            return outputs
+        if isinstance(msg, Registered):
+            # A new session: the host holds no subscription or pin of ours.
+            outputs = self.drop_all("registered anew")
+            self.epoch = msg.epoch
+            self.page_size = msg.page_size
+            return outputs
+        if isinstance(msg, Heartbeat):
+            return []
+        logger.warning("%s: unexpected %s ignored", self.name, msg.TYPE)
+        return []
+
+    def _ack(self, ref: int, status: str = "ok", young: bool = False) -> Ack:
+        ack = Ack(ref=ref, status=status, young=young)
+        self._answered[ref] = ack
+        while len(self._answered) > ANSWERED_CACHE:
+            self._answered.popitem(last=False)
+        return ack
+
+    def _mm(self, mm: int) -> MmState:
+        state = self._mms.get(mm)
+        if state is None:
+            state = self._mms[mm] = self._new_mm_state(mm)
+        return state
+
+    def _new_mm_state(self, mm: int) -> MmState:
+        return MmState(mm)
+
+    # -- invalidate_range_start / _end
+
+    def _receive_start(self, msg: InvalidateRangeStart) -> list[Output]:
+        if msg.id in self._answered:
+            self.counters["duplicates"] += 1
+            return [self._answered[msg.id]]
+        state = self._mm(msg.mm)
+        if msg.id in state.open_starts:  # begun, its ack forgotten or still held
+            self.counters["duplicates"] += 1
+            return self._duplicate_start(state, msg)
+        self.counters["invalidations"] += 1
+        return self._invalidate_range_start(state, msg)
+
+    def _duplicate_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+        """A start delivered again while open: answer, change nothing."""
+        return [self._ack(msg.id)]
+
+    def _open_start(self, state: MmState, msg: InvalidateRangeStart) -> None:
+        """Record a start as begun; its end will find it by ``start_id``."""
+        state.open_starts[msg.id] = (msg.start, msg.end)
+
+    def _receive_end(self, msg: InvalidateRangeEnd) -> list[Output]:
+        state = self._mms.get(msg.mm)
+        if state is None:
+            return []
+        start_id = msg.start_id
+        if not start_id:  # a host that does not name the start: match the range
+            start_id = next(
+                (sid for sid, rng in state.open_starts.items() if rng == (msg.start, msg.end)), 0
+            )
+        rng = state.open_starts.pop(start_id, None)
+        if rng is None:  # duplicate end, or the end of a start refused with EAGAIN
+            logger.debug("%s: end without open start %d ignored", self.name, start_id)
+            return []
+        outputs = self._invalidate_range_end(state, start_id, rng)
+        return outputs + self._wake(state)
+
+    def _receive_release(self, msg: Release) -> list[Output]:
+        state = self._mm(msg.mm)
+        outputs = self._release(state)
+        # ->release ends the subscription (mmu_notifier_release in mm/mmu_notifier.c
+        # unhooks every subscriber); a later fault subscribes again.
+        state.subscribed = False
+        return [*outputs, self._ack(msg.id)]
+
+    # ---------------------------------------------------------- faults
+
+    def fault(self, mm: int, addr: int, npages: int = 1, write: bool = False) -> tuple[int, list[Output]]:
+        """A secondary page fault: map ``npages`` pages from ``addr``.
+
+        Returns:
+            ``(token, outputs)``.  The Completion's result is
+            ``{"mm", "addr", "pages": [[addr, pfn, writable], ...]}`` (the pages
+            installed, in the GUP'd mm) plus ``"errno"`` when GUP stopped early.
+            Errors: EINVAL (npages), EFAULT/EPERM from the host's GUP, EAGAIN
+            after too many discarded replies, EINTR if the node is fenced meanwhile.
+        Concurrency: synchronous; completes in a later ``receive``.
+        """
+        token = self._new_token()
+        self.counters["faults"] += 1
+        if not 1 <= npages <= self.max_gup_pages:
+            return token, self._complete(token, error=KernelError(Errno.EINVAL, f"npages {npages}"))
+        try:
+            f = self._make_fault(mm, addr, npages, write, None)
+        except KernelError as err:
+            return token, self._complete(token, error=err)
+
+        def done(pages: list[list[int]], err: KernelError | None) -> list[Output]:
+            if err is not None and not pages:
+                return self._complete(token, error=err)
+            result: dict[str, Any] = {"mm": f.mm, "addr": f.addr, "pages": pages}
+            if err is not None:
+                result["errno"] = err.errno.value
+            return self._complete(token, result)
+
+        f.done = done
+        return token, self._fault_begin(f)
+
+    def _make_fault(self, mm: int, addr: int, npages: int, write: bool, done: Any) -> Fault:
+        """Build the GUP for a fault at ``addr`` of ``mm`` (kind may remap: xpmem)."""
+        page = addr - addr % self.page_size
+        return Fault(mm=mm, addr=page, npages=npages, write=write, done=done)
+
+    def _fault_begin(self, f: Fault) -> list[Output]:
+        state = self._mm(f.mm)
+        if not state.subscribed:
+            state.subscribe_waiters.append(f)
+            if state.subscribe_id:
+                return []
+            sid = state.subscribe_id = self.next_id()
+            self._pending[sid] = lambda reply: self._subscribed(state, sid, reply)
+            return [Subscribe(id=sid, epoch=self.epoch, mm=f.mm)]
+        if self._fault_must_wait(state, f):
+            state.waiting.append(f)
+            return []
+        f.snapshot = self._fault_snapshot(state, f)
+        f.request = self.next_id()
+        self._pending[f.request] = lambda reply: self._gup_reply(f, reply)
+        self.counters["gups"] += 1
+        return [
+            Gup(
+                id=f.request,
+                epoch=self.epoch,
+                mm=f.mm,
+                addr=f.addr,
+                npages=f.npages,
+                write=f.write,
+                pin=f.pin,
+            )
+        ]
+
+    def _subscribed(self, state: MmState, sid: int, reply: Message) -> list[Output]:
+        if state.subscribe_id != sid:  # superseded (release, drop_all)
+            return []
+        waiters, state.subscribe_waiters = state.subscribe_waiters, []
+        state.subscribe_id = 0
+        outputs: list[Output] = []
+        if isinstance(reply, Ok):
+            state.subscribed = True
+            for f in waiters:
+                outputs += self._fault_begin(f)
+            return outputs
+        err = (
+            kernel_error(reply.code, reply.message)
+            if isinstance(reply, Error)
+            else KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to subscribe")
+        )
+        for f in waiters:
+            outputs += f.done([], err)
+        return outputs
+
+    def _gup_reply(self, f: Fault, reply: Message) -> list[Output]:
+        if isinstance(reply, Error):
+            return f.done([], kernel_error(reply.code, reply.message))
+        if not isinstance(reply, GupReply):
+            return f.done([], KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to gup"))
+        pages = [list(p) for p in reply.pages]
+        if f.pin:
+            self.counters["pins_taken"] += len(pages)
+        state = self._mm(f.mm)
+        if self._fault_retry(state, f, f.addr, f.addr + f.npages * self.page_size):
+            # The reply may predate an invalidation that reached us first:
+            # mmu_invalidate_retry() says so; drop it and fault again.
+            self.counters["stale_replies"] += 1
+            outputs: list[Output] = self._unpin(f.mm, [p[1] for p in pages]) if f.pin else []
+            f.retries += 1
+            if f.retries > self.max_fault_retries:
+                return outputs + f.done([], KernelError(Errno.EAGAIN, "invalidations kept racing the fault"))
+            self.counters["gup_retries"] += 1
+            return outputs + self._fault_begin(f)
+        # Pages beyond the request (the host's fault-around) pass the same rule
+        # one by one; those that fail it are dropped, not retried.
+        end = f.addr + f.npages * self.page_size
+        extra = [p for p in pages if not f.addr <= p[0] < end and self._fault_retry(state, f, p[0], p[0] + self.page_size)]
+        outputs = self._unpin(f.mm, [p[1] for p in extra]) if f.pin and extra else []
+        pages = [p for p in pages if p not in extra]
+        if not pages:
+            return outputs + f.done([], kernel_error(reply.errno or "EFAULT"))
+        installed, more = self._fault_install(state, f, pages)
+        outputs += more
+        err = kernel_error(reply.errno) if reply.errno else None
+        return outputs + f.done(installed, err)
+
+    def _wake(self, state: MmState) -> list[Output]:
+        """Re-begin the faults parked on ``state`` (an end closed a range)."""
+        waiting, state.waiting = state.waiting, []
+        outputs: list[Output] = []
+        for f in waiting:
+            outputs += self._fault_begin(f)
+        return outputs
+
+    def _unpin(self, mm: int, pfns: list[int]) -> list[Output]:
+        """``unpin_user_pages``: one Unpin per batch (a pfn listed twice drops two pins)."""
+        self.counters["pins_released"] += len(pfns)
+        return [
+            Unpin(id=self.next_id(), epoch=self.epoch, mm=mm, pfns=pfns[i : i + UNPIN_BATCH])
+            for i in range(0, len(pfns), UNPIN_BATCH)
+        ]
+
+    # ---------------------------------------------------------- accesses
+
+    def access(
+        self, mm: int, addr: int, length: int | None = None, write_data: bytes | None = None
+    ) -> tuple[int, list[Output]]:
+        """Read ``length`` bytes at ``addr`` (or write ``write_data`` there)
+        through this node's translations, faulting pages in as needed.
+
+        Split per page; each page is a DmaRead/DmaWrite carrying the page
+        address, the pfn the node believes backs it and the offset in the
+        frame.  Pages go one after another.
+
+        Returns:
+            ``(token, outputs)``; the Completion's result is ``{"data": bytes}``
+            for a read, ``{"written": n}`` for a write.  Errors: EINVAL (length),
+            the fault's errors, ESTALE if the host's oracle refused a DMA (a bug).
+        Concurrency: synchronous; completes in a later ``receive``.
+        """
+        if write_data is not None:
+            length = len(write_data)  # a write's length is its data's
+        token = self._new_token()
+        self.counters["accesses"] += 1
+        if not length or length <= 0:
+            return token, self._complete(token, error=KernelError(Errno.EINVAL, "empty access"))
+        a = _Access(token, mm, addr, length, write_data)
+        return token, self._access_step(a)
+
+    def _access_step(self, a: _Access) -> list[Output]:
+        if a.pos >= a.length:
+            if a.data is None:
+                return self._complete(a.token, {"data": bytes(a.read)})
+            return self._complete(a.token, {"written": a.length})
+        vaddr = a.addr + a.pos
+        offset = vaddr % self.page_size
+        n = min(a.length - a.pos, self.page_size - offset)
+        write = a.data is not None
+        try:
+            t = self._translate(a.mm, vaddr, write)
+        except KernelError as err:
+            return self._complete(a.token, error=err)
+        if t is None:
+            if a.faults_here >= 2:
+                return self._complete(a.token, error=KernelError(Errno.EFAULT, f"no translation for {vaddr:#x}"))
+            a.faults_here += 1
+            try:
+                f = self._make_fault(a.mm, vaddr, 1, write, None)
+            except KernelError as err:
+                return self._complete(a.token, error=err)
+
+            def resume(pages: list[list[int]], err: KernelError | None) -> list[Output]:
+                if err is not None and not pages:
+                    return self._complete(a.token, error=err)
+                return self._access_step(a)
+
+            f.done = resume
+            return self._fault_begin(f)
+        dma_id = self.next_id()
+        self.dma_in_flight[dma_id] = (t.mm, t.addr)
+        self._pending[dma_id] = lambda reply: self._dma_reply(a, dma_id, n, reply)
+        self.counters["dma"] += 1
+        if a.data is None:
+            return [DmaRead(id=dma_id, epoch=self.epoch, mm=t.mm, addr=t.addr, pfn=t.pfn, offset=offset, length=n)]
+        chunk = a.data[a.pos : a.pos + n]
+        return [DmaWrite(id=dma_id, epoch=self.epoch, mm=t.mm, addr=t.addr, pfn=t.pfn, offset=offset, data=chunk)]
+
+    def _dma_reply(self, a: _Access, dma_id: int, n: int, reply: Message) -> list[Output]:
+        self.dma_in_flight.pop(dma_id, None)
+        outputs = self._dma_finished(dma_id)
+        if isinstance(reply, Error):
+            return outputs + self._complete(a.token, error=kernel_error(reply.code, reply.message))
+        if not isinstance(reply, DmaReply):
+            return outputs + self._complete(a.token, error=KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to dma"))
+        if reply.errno:
+            if reply.errno == Errno.ESTALE.value:
+                logger.error("%s: host refused a stale access (dma %d)", self.name, dma_id)
+            return outputs + self._complete(a.token, error=kernel_error(reply.errno, "dma refused"))
+        if a.data is None:
+            a.read += reply.data[:n]
+        a.pos += n
+        a.faults_here = 0
+        return outputs + self._access_step(a)
+
+    # ------------------------------------------------------- completion
+
+    def _complete(
+        self, token: int, result: dict[str, Any] | None = None, *, error: KernelError | None = None
+    ) -> list[Output]:
+        if token not in self._open_tokens:  # already failed by drop_all
+            return []
+        self._open_tokens.discard(token)
+        return [Completion(token, None if error is not None else (result or {}), error)]
+
+    # -------------------------------------------------------- drop / status
+
+    def drop_all(self, reason: str = "dropped") -> list[Output]:
+        """Forget every translation, pin record, fault and request in flight.
+
+        For FENCED, a new host incarnation, or a new registration: the host
+        has retired this session's subscriptions and pins, so nothing is
+        unpinned or acknowledged.  Every open command fails with EINTR.
+
+        Returns:
+            The failing Completions.
+        """
+        self.counters["drops"] += 1
+        self._drop_kind_state()
+        self._mms.clear()
+        self._pending.clear()
+        self.dma_in_flight.clear()
+        self._answered.clear()
+        tokens, self._open_tokens = sorted(self._open_tokens), set()
+        err = KernelError(Errno.EINTR, reason)
+        return [Completion(token, None, err) for token in tokens]
+
+    def mapped_pages(self) -> int:
+        """How many page translations the node holds now."""
+        raise NotImplementedError
+
+    def translations(self) -> dict[int, dict[int, int]]:
+        """``{mm: {page address: pfn}}`` of the host pages this node maps."""
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-friendly snapshot for ``mmn status``: keys are strings,
+        addresses hex."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "epoch": self.epoch,
+            "mapped_pages": self.mapped_pages(),
+            "mms": {
+                str(mm): {hex(addr): pfn for addr, pfn in sorted(pages.items())}
+                for mm, pages in sorted(self.translations().items())
+            },
+            "subscribed": sorted(mm for mm, s in self._mms.items() if s.subscribed),
+            "in_flight": {"requests": len(self._pending), "dma": len(self.dma_in_flight)},
+            "counters": dict(self.counters),
+        }
+
+    # ------------------------------------------------------------- kind hooks
+
+    def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+        raise NotImplementedError
+
+    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+        raise NotImplementedError
+
+    def _release(self, state: MmState) -> list[Output]:
+        """Drop everything of ``state.mm`` (before the Ack)."""
+        raise NotImplementedError
+
+    def _change_pte(self, msg: ChangePte) -> list[Output]:
+        # A kind without ->change_pte should never get one (the core sends it a
+        # one-page invalidation instead).  If it does, the safe answer is to
+        # drop the page, as a one-page invalidation would.
+        logger.warning("%s: change_pte without the op: dropping the page", self.name)
+        self._zap(msg.mm, msg.addr, msg.addr + self.page_size)
+        return [self._ack(msg.id)]
+
+    def _young(self, msg: ClearFlushYoung | ClearYoung | TestYoung) -> list[Output]:
+        logger.warning("%s: %s without the op: not young", self.name, msg.TYPE)
+        return [self._ack(msg.id, young=False)]
+
+    def _zap(self, mm: int, start: int, end: int) -> list[Output]:
+        """Remove translations of ``[start, end)`` of ``mm``; outputs (xpmem: Unpin)."""
+        raise NotImplementedError
+
+    def _fault_must_wait(self, state: MmState, f: Fault) -> bool:
+        return False
+
+    def _fault_snapshot(self, state: MmState, f: Fault) -> int:
+        raise NotImplementedError
+
+    def _fault_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
+        """Must the reply to ``f``, covering ``[start, end)``, be discarded?"""
+        raise NotImplementedError
+
+    def _fault_install(
+        self, state: MmState, f: Fault, pages: list[list[int]]
+    ) -> tuple[list[list[int]], list[Output]]:
+        """Install GUP'd pages; returns (pages installed, outputs)."""
+        raise NotImplementedError
+
+    def _translate(self, mm: int, vaddr: int, write: bool) -> Translation | None:
+        """The translation an access at ``vaddr`` uses, None to fault first.
+
+        Raises:
+            KernelError for an access that can never succeed (xpmem: EFAULT
+            outside attachments, EACCES writing a read-only one).
+        """
+        raise NotImplementedError
+
+    def _dma_finished(self, dma_id: int) -> list[Output]:
+        """A DMA got its answer (sleepable kinds drain here)."""
+        return []
+
+    def _drop_kind_state(self) -> None:
+        raise NotImplementedError
+
+
+def node_class(kind: str) -> type[SecondaryMMU]:
+    """The class of a node kind: ``"kvm"``, ``"gru"`` or ``"xpmem"``.
+
+    Raises:
+        KernelError(EINVAL) for an unknown kind.
+    """
+    if kind == "kvm":
+        from .kvm import KvmMMU
+
+        return KvmMMU
+    if kind == "gru":
+        from .gru import GruMMU
+
+        return GruMMU
+    if kind == "xpmem":
+        from .xpmem import XpmemMMU
+
+        return XpmemMMU
+    raise KernelError(Errno.EINVAL, f"unknown node kind {kind!r}")
+
+
+def iter_messages(outputs: Iterable[Output]) -> list[Message]:
+    """The protocol messages among ``outputs``, in order."""
+    return [o for o in outputs if isinstance(o, Message)]
+
+
+def iter_completions(outputs: Iterable[Output]) -> list[Completion]:
+    """The completions among ``outputs``, in order."""
+    return [o for o in outputs if isinstance(o, Completion)]
