@@ -149,9 +149,6 @@ class Fault:
     snapshot: int = 0
     request: int = 0
 
-    def overlaps(self, start: int, end: int, page_size: int) -> bool:
-        return self.addr < end and start < self.addr + self.npages * page_size
-
 
 @dataclass(eq=False, slots=True)
 class MmState:
@@ -516,7 +513,11 @@ class SecondaryMMU:
         # Pages beyond the request (the host's fault-around) pass the same rule
         # one by one; those that fail it are dropped, not retried.
         end = f.addr + f.npages * self.page_size
-        extra = [p for p in pages if not f.addr <= p[0] < end and self._fault_retry(state, f, p[0], p[0] + self.page_size)]
+        extra = [
+            p
+            for p in pages
+            if not f.addr <= p[0] < end and self._fault_retry(state, f, p[0], p[0] + self.page_size)
+        ]
         outputs = self._unpin(f.mm, [p[1] for p in extra]) if f.pin and extra else []
         pages = [p for p in pages if p not in extra]
         if not pages:
@@ -605,7 +606,9 @@ class SecondaryMMU:
         if a.data is None:
             return [DmaRead(id=dma_id, epoch=self.epoch, mm=t.mm, addr=t.addr, pfn=t.pfn, offset=offset, length=n)]
         chunk = a.data[a.pos : a.pos + n]
-        return [DmaWrite(id=dma_id, epoch=self.epoch, mm=t.mm, addr=t.addr, pfn=t.pfn, offset=offset, data=chunk)]
+        return [
+            DmaWrite(id=dma_id, epoch=self.epoch, mm=t.mm, addr=t.addr, pfn=t.pfn, offset=offset, data=chunk)
+        ]
 
     def _dma_reply(self, a: _Access, dma_id: int, n: int, reply: Message) -> list[Output]:
         self.dma_in_flight.pop(dma_id, None)
@@ -613,7 +616,8 @@ class SecondaryMMU:
         if isinstance(reply, Error):
             return outputs + self._complete(a.token, error=kernel_error(reply.code, reply.message))
         if not isinstance(reply, DmaReply):
-            return outputs + self._complete(a.token, error=KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to dma"))
+            err = KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to dma")
+            return outputs + self._complete(a.token, error=err)
         if reply.errno:
             if reply.errno == Errno.ESTALE.value:
                 logger.error("%s: host refused a stale access (dma %d)", self.name, dma_id)

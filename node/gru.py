@@ -118,7 +118,8 @@ class GruMMU(SecondaryMMU):
         """``gru_flush_tlb_range``: drop the mm's entries in range, new epoch."""
         state.tlb_epoch += 1
         self.counters["tlb_purges"] += 1
-        for key in [k for k in self.tlb if k[0] == state.mm and start <= k[1] + self.page_size - 1 and k[1] < end]:
+        doomed = [k for k in self.tlb if k[0] == state.mm and start < k[1] + self.page_size and k[1] < end]
+        for key in doomed:
             del self.tlb[key]
 
     # ----------------------------------------------------------- faults

@@ -210,7 +210,7 @@ class XpmemMMU(SecondaryMMU):
             length = permit.length - offset
         if permit is None:
             return token, self._complete(token, error=KernelError(Errno.EINVAL, f"unknown apid {apid}"))
-        if length is None or offset < 0 or offset % self.page_size or length <= 0 or offset + length > permit.length:
+        if length is None or offset < 0 or offset % self.page_size or not 0 < length <= permit.length - offset:
             return token, self._complete(token, error=KernelError(Errno.EINVAL, "offset/length outside segment"))
         seg_addr = permit.addr + offset
         in_page = seg_addr % self.page_size
@@ -320,9 +320,10 @@ class XpmemMMU(SecondaryMMU):
         self._open_start(state, msg)
         state.invalidate_in_progress += 1
         pfns = self._unmap(state.mm, msg.start, msg.end)
-        page = self.page_size
         dma = {
-            i for i, (mm, addr) in self.dma_in_flight.items() if mm == state.mm and addr < msg.end and msg.start < addr + page
+            i
+            for i, (mm, addr) in self.dma_in_flight.items()
+            if mm == state.mm and addr < msg.end and msg.start < addr + self.page_size
         }
         if dma:
             self.counters["drains"] += 1
@@ -395,7 +396,13 @@ class XpmemMMU(SecondaryMMU):
         # A read-write permit pins writable at once, so a later write needs no
         # second pin (and a COW break happens at fault time, on the host).
         return Fault(
-            mm=att.mm, addr=att.exporter_addr(page), npages=npages, write=att.write, done=done, pin=True, context=att
+            mm=att.mm,
+            addr=att.exporter_addr(page),
+            npages=npages,
+            write=att.write,
+            done=done,
+            pin=True,
+            context=att,
         )
 
     def _fault_must_wait(self, state: MmState, f: Fault) -> bool:
@@ -470,7 +477,14 @@ class XpmemMMU(SecondaryMMU):
     def status(self) -> dict[str, Any]:
         status = super().status()
         status["permits"] = [
-            {"apid": p.apid, "segid": p.segid, "mm": p.mm, "addr": hex(p.addr), "length": p.length, "write": p.write}
+            {
+                "apid": p.apid,
+                "segid": p.segid,
+                "mm": p.mm,
+                "addr": hex(p.addr),
+                "length": p.length,
+                "write": p.write,
+            }
             for p in self.permits.values()
         ]
         status["attachments"] = [

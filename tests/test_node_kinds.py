@@ -54,10 +54,15 @@ EPOCH = 7
 # -- helpers ---------------------------------------------------------------------
 
 
+def page(i: int) -> int:
+    return BASE + i * PAGE
+
+
 def registered(node: SecondaryMMU, epoch: int = EPOCH) -> SecondaryMMU:
-    assert node.receive(
-        Registered(ref=0, epoch=epoch, host_incarnation="h", heartbeat_ms=1000, ack_deadline_ms=1000, page_size=PAGE)
-    ) == []
+    hello = Registered(
+        ref=0, epoch=epoch, host_incarnation="h", heartbeat_ms=1000, ack_deadline_ms=1000, page_size=PAGE
+    )
+    assert node.receive(hello) == []
     return node
 
 
@@ -73,22 +78,18 @@ def subscribed(node: SecondaryMMU, outputs: list[Any]) -> list[Any]:
     return node.receive(Ok(ref=sub.id))
 
 
-def start(node: SecondaryMMU, id: int, first: int, npages: int, *, mm: int = MM, blockable: bool = True) -> list[Any]:
+def start(node: SecondaryMMU, id: int, first: int, npages: int, *, mm: int = MM, blockable: bool = True) -> list:
     return node.receive(
         InvalidateRangeStart(
-            id=id, mm=mm, start=BASE + first * PAGE, end=BASE + (first + npages) * PAGE, event="CLEAR", blockable=blockable
+            id=id, mm=mm, start=page(first), end=page(first + npages), event="CLEAR", blockable=blockable
         )
     )
 
 
 def end(node: SecondaryMMU, id: int, first: int, npages: int, *, mm: int = MM) -> list[Any]:
     return node.receive(
-        InvalidateRangeEnd(id=id + 1000, mm=mm, start=BASE + first * PAGE, end=BASE + (first + npages) * PAGE, start_id=id)
+        InvalidateRangeEnd(id=id + 1000, mm=mm, start=page(first), end=page(first + npages), start_id=id)
     )
-
-
-def page(i: int) -> int:
-    return BASE + i * PAGE
 
 
 def faulted(node: SecondaryMMU, first: int, pfns: list[int], *, write: bool = False) -> None:
@@ -97,7 +98,8 @@ def faulted(node: SecondaryMMU, first: int, pfns: list[int], *, write: bool = Fa
     if any(isinstance(o, Subscribe) for o in out):
         out = subscribed(node, out)
     gup = only(out, Gup)
-    out = node.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(first + i), p, True] for i, p in enumerate(pfns)]))
+    pages = [[page(first + i), p, True] for i, p in enumerate(pfns)]
+    out = node.receive(GupReply(ref=gup.id, mm=MM, pages=pages))
     assert only(out, Completion).ok
 
 
@@ -624,14 +626,16 @@ class Interleavings(RuleBasedStateMachine):
         self.boot()
 
     def boot(self) -> None:
-        self.feed(self.node.receive(
-            Registered(ref=0, epoch=self.epoch, host_incarnation="h", heartbeat_ms=1, ack_deadline_ms=1, page_size=PAGE)
-        ))
+        hello = Registered(
+            ref=0, epoch=self.epoch, host_incarnation="h", heartbeat_ms=1, ack_deadline_ms=1, page_size=PAGE
+        )
+        self.feed(self.node.receive(hello))
         if isinstance(self.node, XpmemMMU):
             _, (make,) = self.node.make(MM, BASE, NPAGES * PAGE)
             self.feed(self.node.receive(XpmemReply(ref=make.id, value=5)))
             _, (get,) = self.node.get(5, True)
-            self.feed(self.node.receive(XpmemReply(ref=get.id, value=9, mm=MM, addr=BASE, length=NPAGES * PAGE, write=True)))
+            got = XpmemReply(ref=get.id, value=9, mm=MM, addr=BASE, length=NPAGES * PAGE, write=True)
+            self.feed(self.node.receive(got))
             _, (c,) = self.node.attach(9)
             self.vaddr = c.result["vaddr"]
 
@@ -717,7 +721,8 @@ class Interleavings(RuleBasedStateMachine):
     def end(self, data: st.DataObject) -> None:
         sid = data.draw(st.sampled_from(sorted(s for s in self.open if s in self.acked)))
         msg = self.open.pop(sid)
-        self.feed(self.node.receive(InvalidateRangeEnd(id=10_000 + sid, mm=MM, start=msg.start, end=msg.end, start_id=sid)))
+        done = InvalidateRangeEnd(id=10_000 + sid, mm=MM, start=msg.start, end=msg.end, start_id=sid)
+        self.feed(self.node.receive(done))
 
     @rule(sometimes=st.integers(0, 7))
     def fence(self, sometimes: int) -> None:
@@ -765,7 +770,9 @@ class Interleavings(RuleBasedStateMachine):
             assert c["pins_taken"] - c["pins_released"] >= self.node.pinned_pages()
 
 
-_settings = settings(max_examples=100, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_settings = settings(
+    max_examples=100, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 class KvmInterleavings(Interleavings):
