@@ -1,0 +1,807 @@
+"""The one trio + ZeroMQ adapter the host, the nodes and the CLI share.
+
+A libzmq socket is not a file descriptor.  It exposes one (``ZMQ_FD``): the
+read end of the socket's *command mailbox*, which becomes readable when the
+I/O thread posts a command (a message arrived, a pipe became writable...).
+Reading ``ZMQ_EVENTS`` -- and every send or receive -- processes those commands
+and drains the mailbox, so the FD is effectively **edge-triggered**::
+
+    task A: EVENTS -> 0, parks in wait_readable(FD)
+    task B: send()            # processes "message arrived", drains the FD
+    task A: ...parked forever, although POLLIN is now true
+
+Rules that follow, applied everywhere in this module:
+
+1. Every send and receive is ``NOBLOCK``; on ``zmq.Again`` read ``EVENTS``
+   before waiting and wait only if the wanted bit is still clear.
+2. Only one task at a time may wait on the FD (trio also refuses two
+   ``wait_readable`` on one fd).  Other waiters park on a ``ParkingLot`` and
+   re-check ``EVENTS`` whenever the FD waiter wakes.
+3. Every read of ``EVENTS`` (including the one after every send and receive)
+   wakes the parked waiters -- by cancelling the FD waiter's private cancel
+   scope -- when it shows a bit one of them waits for: whoever read it may
+   have eaten their edge.
+4. ``trio.lowlevel.notify_closing(fd)`` before the socket is closed, so a task
+   parked on the FD gets ``trio.ClosedResourceError`` instead of waiting on a
+   closed (and possibly reused) descriptor.
+
+Envelopes: a ROUTER receives and sends ``[identity, payload, ...]``; a DEALER
+``[payload, ...]``.  No empty delimiter frame on any mmnotify channel.
+
+Errors:
+
+* ``trio.ClosedResourceError`` -- *we* closed the socket (or terminated its
+  context), possibly from another task while this one waited.
+* :class:`PeerGone` -- a ROUTER send named an identity with no connected peer
+  (``ROUTER_MANDATORY`` turned libzmq's silent drop into ``EHOSTUNREACH``).
+* :class:`TransportError` -- any other libzmq failure, chained to the
+  ``zmq.ZMQError``.
+
+Not here: heartbeats (ours, in the protocol, never zmq's ``HEARTBEAT_*``
+options) and CURVE (a :class:`Security` object plugs in at socket creation).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple, Protocol
+
+import trio
+import zmq
+
+from protocol import Limits, Message, ProtocolError, decode, encode
+from protocol.messages import AdminRequest
+
+log = logging.getLogger(__name__)
+
+Frames = list[bytes]
+
+__all__ = [
+    "AdminClient",
+    "Frames",
+    "PeerGone",
+    "Security",
+    "SocketChannels",
+    "SocketOptions",
+    "SyncAdminClient",
+    "TransportError",
+    "ZSocket",
+    "bind",
+    "connect",
+    "serve_socket",
+]
+
+
+# --------------------------------------------------------------------------
+# errors
+
+
+class TransportError(Exception):
+    """A libzmq failure that is neither "we closed it" nor "would block"."""
+
+
+class PeerGone(TransportError):
+    """A ROUTER could not route to ``identity``: no such peer is connected
+    (never was, disconnected, or replaced).  The socket itself is fine."""
+
+    def __init__(self, identity: bytes) -> None:
+        self.identity = identity
+        super().__init__(f"no connected peer {identity!r}")
+
+
+# --------------------------------------------------------------------------
+# options and security hook
+
+
+class Security(Protocol):
+    """Hook for CURVE (issue 7): configures a socket before bind / connect.
+
+    Not implemented yet; :func:`bind` calls ``configure_server`` and
+    :func:`connect` calls ``configure_client`` when one is given.
+    """
+
+    def configure_server(self, sock: zmq.Socket[Any]) -> None: ...
+
+    def configure_client(self, sock: zmq.Socket[Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOptions:
+    """Socket options every mmnotify socket gets.
+
+    max_frame: ``MAXMSGSIZE`` -- a peer sending a larger frame loses its
+        connection inside libzmq (it reconnects); our process never sees it.
+        Defaults to ``protocol.Limits().max_frame``.
+    linger_ms: ``LINGER`` applied when the socket is closed (0: drop unsent).
+    sndhwm / rcvhwm: high-water marks, in messages.
+    immediate: ``IMMEDIATE`` on DEALERs: queue only to completed connections,
+        so a send to a host that is not there waits (and times out) instead
+        of filling a queue nobody reads.
+    router_mandatory: ``ROUTER_MANDATORY`` on ROUTERs: unroutable sends raise
+        :class:`PeerGone` and sends to a peer at its HWM wait, instead of being
+        silently dropped.
+    router_handover: ``ROUTER_HANDOVER``: a new connection with an identity
+        already in use takes it over.  On by default because without it a
+        peer with a fixed ``ROUTING_ID`` that reconnects while the ROUTER
+        still holds its old pipe (a restarted node whose old TCP connection
+        was not yet noticed dead; a peer cut off by ``MAXMSGSIZE``) is
+        *silently* ignored, every message dropped, with no error on either
+        side (seen with libzmq 4.3.5).  Routing ids are not authentication:
+        who a peer is comes from its Register message (or its CURVE key).
+    """
+
+    max_frame: int = Limits().max_frame
+    linger_ms: int = 0
+    sndhwm: int = 1000
+    rcvhwm: int = 1000
+    immediate: bool = True
+    router_mandatory: bool = True
+    router_handover: bool = True
+
+    @classmethod
+    def from_limits(cls, limits: Limits, **overrides: Any) -> SocketOptions:
+        return cls(max_frame=limits.max_frame, **overrides)
+
+    def apply(self, sock: zmq.Socket[Any]) -> None:
+        """Set the options on a fresh socket (before bind / connect)."""
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        sock.setsockopt(zmq.LINGER, self.linger_ms)
+        sock.setsockopt(zmq.SNDHWM, self.sndhwm)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        kind = sock.type
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, int(self.router_mandatory))
+            sock.setsockopt(zmq.ROUTER_HANDOVER, int(self.router_handover))
+        if kind in (zmq.DEALER, zmq.REQ, zmq.PUSH):
+            sock.setsockopt(zmq.IMMEDIATE, int(self.immediate))
+
+
+def _new_socket(
+    socket_type: int,
+    context: zmq.Context[Any] | None,
+    options: SocketOptions | None,
+) -> tuple[zmq.Socket[Any], SocketOptions]:
+    options = options or SocketOptions()
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(socket_type)
+    try:
+        options.apply(sock)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock, options
+
+
+def bind(
+    socket_type: int,
+    endpoint: str = "tcp://127.0.0.1:0",
+    *,
+    context: zmq.Context[Any] | None = None,
+    options: SocketOptions | None = None,
+    security: Security | None = None,
+) -> ZSocket:
+    """Create a socket, configure it and bind it.
+
+    Args:
+        socket_type: ``zmq.ROUTER``, ``zmq.PUB``...
+        endpoint: port 0 (the default) lets the OS choose; read the result
+            from :attr:`ZSocket.endpoint` / :attr:`ZSocket.port`.
+        context: defaults to ``zmq.Context.instance()``.
+        options: defaults to :class:`SocketOptions()`.
+        security: CURVE hook (issue 7), applied before binding.
+
+    Raises:
+        TransportError: bind failed (address in use, bad endpoint...).
+
+    Concurrency: synchronous; the returned socket belongs to the caller's task.
+    """
+    sock, options = _new_socket(socket_type, context, options)
+    try:
+        if security is not None:
+            security.configure_server(sock)
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise TransportError(f"bind {endpoint}: {exc}") from exc
+    return ZSocket(sock, linger_ms=options.linger_ms)
+
+
+def connect(
+    socket_type: int,
+    endpoint: str,
+    *,
+    identity: bytes | None = None,
+    context: zmq.Context[Any] | None = None,
+    options: SocketOptions | None = None,
+    security: Security | None = None,
+) -> ZSocket:
+    """Create a socket, configure it and connect it (libzmq reconnects by itself).
+
+    Args:
+        identity: ``ROUTING_ID`` seen by the ROUTER; random when None.
+
+    Raises:
+        TransportError: bad endpoint.
+
+    Concurrency: synchronous; the returned socket belongs to the caller's task.
+    """
+    sock, options = _new_socket(socket_type, context, options)
+    try:
+        if identity is not None:
+            sock.setsockopt(zmq.ROUTING_ID, identity)
+        if security is not None:
+            security.configure_client(sock)
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise TransportError(f"connect {endpoint}: {exc}") from exc
+    return ZSocket(sock, linger_ms=options.linger_ms)
+
+
+# --------------------------------------------------------------------------
+# the adapter
+
+
+_CLOSED_ERRNOS = frozenset({zmq.ETERM, errno.ENOTSOCK, errno.EBADF})
+
+
+class ZSocket:
+    """One pyzmq socket (sync ``zmq.Context``) driven from trio.
+
+    Args:
+        sock: a configured socket; the ZSocket owns it from now on and closes
+            it in :meth:`close`.
+        linger_ms: ``LINGER`` used at close.
+
+    Concurrency: the socket belongs to one owner -- a task, or the
+    :func:`serve_socket` service whose receive pump and send pump are the only
+    callers.  That split is safe: every libzmq call here is ``NOBLOCK`` and
+    synchronous, so trio cannot switch tasks in the middle of one, and the
+    only shared thing that needs arbitration -- waiting on the FD -- is
+    granted to one task at a time (see the module docstring).  Any number of
+    tasks may therefore await :meth:`send_multipart` / :meth:`recv_multipart`
+    concurrently without ``BusyResourceError`` or lost wake-ups, but other
+    parts of the program should go through :func:`serve_socket`'s channels.
+    The ZSocket must be used from the trio thread that created it.
+    """
+
+    def __init__(self, sock: zmq.Socket[Any], *, linger_ms: int = 0) -> None:
+        self._sock = sock
+        self._fd: int = sock.FD
+        self._linger_ms = linger_ms
+        self._is_router = sock.type == zmq.ROUTER
+        self._closed = False
+        # The task currently parked in wait_readable(FD), via this scope.
+        self._fd_scope: trio.CancelScope | None = None
+        # Other tasks waiting for a change of EVENTS.
+        self._lot = trio.lowlevel.ParkingLot()
+        # How many tasks wait for POLLIN / POLLOUT / any change.
+        self._want_in = 0
+        self._want_out = 0
+        self._want_any = 0
+
+    # -- properties --------------------------------------------------------
+
+    @property
+    def socket(self) -> zmq.Socket[Any]:
+        """The raw pyzmq socket, for options (e.g. SUBSCRIBE).  Never call
+        send/recv on it directly."""
+        return self._sock
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def endpoint(self) -> str:
+        """``LAST_ENDPOINT``: after binding to port 0, the address chosen."""
+        self._check_open()
+        return self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    # -- readiness ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("socket was closed")
+
+    def _wanted(self) -> int:
+        mask = 0
+        if self._want_in:
+            mask |= zmq.POLLIN
+        if self._want_out:
+            mask |= zmq.POLLOUT
+        return mask
+
+    def _wake(self) -> None:
+        """Make every waiter re-check EVENTS."""
+        if self._fd_scope is not None:
+            self._fd_scope.cancel()
+        self._lot.unpark_all()
+
+    def _events(self) -> int:
+        """Read EVENTS (which drains the FD) and wake waiters it concerns."""
+        try:
+            ev: int = self._sock.EVENTS
+        except zmq.ZMQError as exc:
+            raise self._map_error(exc) from exc
+        if ev & self._wanted() or (self._want_any and ev):
+            self._wake()
+        return ev
+
+    async def _park(self, timeout: float = math.inf) -> None:
+        """Wait until the FD fires, another task wakes us, or ``timeout``.
+
+        The first task to arrive waits on the FD; later ones park on the lot
+        and are woken whenever the FD waiter wakes.
+        """
+        with trio.move_on_after(timeout):
+            if self._fd_scope is None:
+                scope = trio.CancelScope()
+                self._fd_scope = scope
+                try:
+                    with scope:
+                        await trio.lowlevel.wait_readable(self._fd)
+                finally:
+                    self._fd_scope = None
+                    # Whatever woke us may concern the others: let them re-check.
+                    self._lot.unpark_all()
+            else:
+                await self._lot.park()
+        self._check_open()
+
+    async def _wait_for(self, mask: int) -> None:
+        """Return once EVENTS has ``mask`` set."""
+        if mask == zmq.POLLIN:
+            self._want_in += 1
+        else:
+            self._want_out += 1
+        try:
+            while True:
+                self._check_open()
+                if self._events() & mask:
+                    return
+                await self._park()
+        finally:
+            if mask == zmq.POLLIN:
+                self._want_in -= 1
+            else:
+                self._want_out -= 1
+
+    async def _wait_any_change(self, timeout: float) -> None:
+        """Wait for any FD activity (used when POLLOUT says nothing useful)."""
+        self._want_any += 1
+        try:
+            await self._park(timeout)
+        finally:
+            self._want_any -= 1
+
+    def _after_io(self) -> None:
+        """Rule 3: an I/O call may have eaten someone else's edge."""
+        if self._want_in or self._want_out or self._want_any:
+            self._events()
+
+    def _map_error(self, exc: zmq.ZMQError) -> Exception:
+        if self._closed or exc.errno in _CLOSED_ERRNOS:
+            return trio.ClosedResourceError("socket was closed")
+        return TransportError(str(exc))
+
+    # -- I/O ---------------------------------------------------------------
+
+    async def recv_multipart(self) -> Frames:
+        """Receive one message (all its frames).
+
+        Returns:
+            The frames; a ROUTER's start with the sender's identity.
+
+        Raises:
+            trio.ClosedResourceError: the socket was closed, before or while
+                waiting.
+            TransportError: any other libzmq failure.
+
+        Concurrency: awaits; **cancel-safe** -- a cancelled receive has taken
+        nothing from the socket (libzmq hands over a whole message or none,
+        and nothing can be cancelled between that and the return).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._check_open()
+            try:
+                frames: Frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                await self._wait_for(zmq.POLLIN)
+                continue
+            except zmq.ZMQError as exc:
+                raise self._map_error(exc) from exc
+            self._after_io()
+            # A schedule point that cannot raise Cancelled: the message is ours.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return frames
+
+    async def send_multipart(self, frames: Frames) -> None:
+        """Queue one message in libzmq, waiting while it is at its HWM.
+
+        Args:
+            frames: a ROUTER's start with the destination identity.
+
+        Raises:
+            PeerGone: ROUTER only: no peer has that identity.
+            trio.ClosedResourceError: the socket was closed.
+            TransportError: any other libzmq failure.
+
+        Concurrency: awaits; cancel-safe in the usual sense: if cancelled, the
+        message was not queued.  A ROUTER whose one peer is at its HWM reports
+        POLLOUT (another peer could take a message), so that wait re-tries on
+        every FD event with a doubling backoff (1 ms -> 100 ms); give the call
+        a deadline (callers own timeouts).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        backoff = 0.001
+        while True:
+            self._check_open()
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                if self._is_router and self._events() & zmq.POLLOUT:
+                    await self._wait_any_change(backoff)
+                    backoff = min(backoff * 2, 0.1)
+                else:
+                    await self._wait_for(zmq.POLLOUT)
+                continue
+            except zmq.ZMQError as exc:
+                if exc.errno == errno.EHOSTUNREACH and self._is_router:
+                    raise PeerGone(bytes(frames[0])) from exc
+                raise self._map_error(exc) from exc
+            self._after_io()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+
+    # -- closing -----------------------------------------------------------
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close the socket: tasks waiting on it get ``trio.ClosedResourceError``.
+
+        Args:
+            linger_ms: overrides the ``LINGER`` given at creation.
+
+        Concurrency: synchronous, idempotent; may be called by any task of
+        the trio thread (that is how a blocked receive is interrupted).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            trio.lowlevel.notify_closing(self._fd)
+        except RuntimeError:  # not inside trio.run: nobody can be waiting
+            pass
+        self._lot.unpark_all()
+        self._sock.close(linger=self._linger_ms if linger_ms is None else linger_ms)
+
+    async def aclose(self) -> None:
+        """:meth:`close`, plus a checkpoint (trio's ``AsyncResource`` shape)."""
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> ZSocket:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else zmq.SocketType(self._sock.type).name
+        return f"<ZSocket {state} fd={self._fd}>"
+
+
+# --------------------------------------------------------------------------
+# the service: memory channels for the rest of the program
+
+
+class SocketChannels(NamedTuple):
+    """What :func:`serve_socket` hands to the rest of the program.
+
+    outgoing: put frames here to send them (clone it per producer; closing
+        every clone shuts the service down after flushing).
+    incoming: received frames, in arrival order; ends when the service stops.
+    endpoint: ``LAST_ENDPOINT`` of the socket.
+    """
+
+    outgoing: trio.MemorySendChannel[Frames]
+    incoming: trio.MemoryReceiveChannel[Frames]
+    endpoint: str
+
+
+def _log_undeliverable(frames: Frames, exc: TransportError) -> None:
+    log.warning("dropped an outgoing message: %s", exc)
+
+
+async def serve_socket(
+    zsock: ZSocket,
+    *,
+    incoming_buffer: int = 256,
+    outgoing_buffer: int = 256,
+    on_undeliverable: Callable[[Frames, TransportError], None] = _log_undeliverable,
+    task_status: trio.TaskStatus[SocketChannels] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Own ``zsock`` and expose it as a pair of memory channels.
+
+    ``channels = await nursery.start(serve_socket, zsock)`` then
+    ``await channels.outgoing.send(frames)`` and
+    ``async for frames in channels.incoming``.
+
+    Args:
+        zsock: from now on nobody else touches it; the service closes it.
+        incoming_buffer / outgoing_buffer: channel capacities.  A full
+            ``incoming`` stops the receive pump (messages then queue in libzmq
+            up to RCVHWM): backpressure, not loss.
+        on_undeliverable: called (synchronously, in the send pump) with the
+            frames and the error when a send fails with :class:`PeerGone` or
+            another :class:`TransportError`; the pump goes on.  Defaults to a
+            warning in the log.
+
+    Returns:
+        When cancelled, when every clone of ``outgoing`` is closed (after
+        sending what was queued), or when the socket was closed.  The socket
+        is closed and ``incoming`` ends either way.  If the consumer closes
+        ``incoming``, the service stops receiving and keeps sending.
+
+    Concurrency: the service is the socket's owner; it runs two tasks, a
+    receive pump and a send pump, which share the socket safely (see
+    :class:`ZSocket`).  A message taken from ``outgoing`` when the service is
+    cancelled may be lost; nothing is lost from ``incoming`` by a consumer's
+    cancellation (memory channels are cancel-safe).
+    """
+    out_send, out_recv = trio.open_memory_channel[Frames](outgoing_buffer)
+    in_send, in_recv = trio.open_memory_channel[Frames](incoming_buffer)
+
+    async def receive_pump(service: trio.CancelScope) -> None:
+        async with in_send:
+            while True:
+                try:
+                    frames = await zsock.recv_multipart()
+                except trio.ClosedResourceError:
+                    service.cancel()  # closed under us: nothing left to serve
+                    return
+                try:
+                    await in_send.send(frames)
+                except trio.BrokenResourceError:
+                    log.debug("incoming closed by its consumer; no longer receiving")
+                    return
+
+    async def send_pump() -> None:
+        async with out_recv:
+            async for frames in out_recv:
+                try:
+                    await zsock.send_multipart(frames)
+                except trio.ClosedResourceError:
+                    return
+                except TransportError as exc:
+                    on_undeliverable(frames, exc)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive_pump, nursery.cancel_scope)
+            task_status.started(SocketChannels(out_send, in_recv, zsock.endpoint))
+            await send_pump()
+            nursery.cancel_scope.cancel()
+    finally:
+        zsock.close()
+        in_send.close()
+        out_recv.close()
+
+
+# --------------------------------------------------------------------------
+# request / reply clients for the admin channel
+
+
+def _reply_ref(msg: Message) -> int | None:
+    ref = getattr(msg, "ref", None)
+    return ref if type(ref) is int else None
+
+
+class AdminClient:
+    """A request/reply client over a DEALER (a lost reply times out instead
+    of wedging a REQ socket).
+
+    ``async with AdminClient(endpoint) as c: reply = await c.request(msg, 2.0)``
+
+    Args:
+        endpoint: the host's admin endpoint.
+        limits: what a reply may be (decoding is strict).
+        options / security / context: as for :func:`connect`.
+
+    Concurrency: requests on one client are serialised (one in flight, a
+    lock); open one client per concurrent caller.  A reply that arrives after
+    its request timed out is discarded by a later request (ref mismatch).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        limits: Limits | None = None,
+        options: SocketOptions | None = None,
+        security: Security | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self._limits = limits or Limits()
+        self._options = options or SocketOptions.from_limits(self._limits)
+        self._security = security
+        self._context = context
+        self._zsock: ZSocket | None = None
+        self._lock = trio.Lock()
+        self._next_id = 1
+
+    async def __aenter__(self) -> AdminClient:
+        self._zsock = connect(
+            zmq.DEALER,
+            self.endpoint,
+            context=self._context,
+            options=self._options,
+            security=self._security,
+        )
+        await trio.lowlevel.checkpoint()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._zsock is not None:
+            await self._zsock.aclose()
+
+    def next_id(self) -> int:
+        """A fresh request id for this client."""
+        ref = self._next_id
+        self._next_id += 1
+        return ref
+
+    async def request(self, msg: Message, timeout: float | None = None) -> Message:
+        """Send ``msg`` (which must carry an ``id``) and return the reply whose
+        ``ref`` names it -- whatever its type (``Error`` included).
+
+        Raises:
+            trio.TooSlowError: no reply within ``timeout`` seconds.
+            ProtocolError: the reply to this request did not decode.
+            trio.ClosedResourceError: the client was closed.
+
+        Concurrency: awaits; cancel-safe (a cancelled request's late reply is
+        discarded by the next one).
+        """
+        ref = getattr(msg, "id", None)
+        if type(ref) is not int:
+            raise ValueError(f"{type(msg).__name__} carries no request id")
+        if self._zsock is None:
+            raise trio.ClosedResourceError("AdminClient used outside 'async with'")
+        zsock = self._zsock
+        with trio.fail_after(math.inf if timeout is None else timeout):
+            async with self._lock:
+                await zsock.send_multipart([encode(msg)])
+                while True:
+                    frames = await zsock.recv_multipart()
+                    try:
+                        reply = decode(frames[-1], self._limits)
+                    except ProtocolError as exc:
+                        if exc.ref == ref:
+                            raise
+                        log.warning("undecodable reply discarded: %s", exc)
+                        continue
+                    if _reply_ref(reply) == ref:
+                        return reply
+                    log.debug("discarded a reply to %r (waiting for %d)", _reply_ref(reply), ref)
+
+    async def admin(
+        self, command: str, args: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Message:
+        """``request(AdminRequest(next_id(), command, args), timeout)``.
+
+        Returns the ``AdminReply`` (or an ``Error`` if the host refused the
+        frame); raises as :meth:`request`.
+        """
+        return await self.request(AdminRequest(self.next_id(), command, args or {}), timeout)
+
+
+class SyncAdminClient:
+    """Blocking twin of :class:`AdminClient` for the CLI (no trio needed).
+
+    ``with SyncAdminClient(endpoint) as c: reply = c.request(msg, 2.0)``
+
+    Raises (from ``request``): ``TimeoutError`` when no reply came in time;
+    otherwise as :meth:`AdminClient.request`.
+
+    Concurrency: one thread; blocks it.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        limits: Limits | None = None,
+        options: SocketOptions | None = None,
+        security: Security | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self._limits = limits or Limits()
+        options = options or SocketOptions.from_limits(self._limits)
+        sock, _ = _new_socket(zmq.DEALER, context, options)
+        try:
+            if security is not None:
+                security.configure_client(sock)
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise TransportError(f"connect {endpoint}: {exc}") from exc
+        self._sock = sock
+        self._next_id = 1
+
+    def __enter__(self) -> SyncAdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def next_id(self) -> int:
+        ref = self._next_id
+        self._next_id += 1
+        return ref
+
+    def request(self, msg: Message, timeout: float | None = None) -> Message:
+        ref = getattr(msg, "id", None)
+        if type(ref) is not int:
+            raise ValueError(f"{type(msg).__name__} carries no request id")
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+
+        def remaining_ms() -> int | None:
+            if deadline == math.inf:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply from {self.endpoint} within {timeout} s")
+            return max(1, int(left * 1000))
+
+        frame = encode(msg)
+        while True:  # IMMEDIATE: wait for a connection to take the request
+            if self._sock.poll(remaining_ms(), zmq.POLLOUT):
+                self._sock.send(frame, zmq.NOBLOCK)
+                break
+        while True:
+            if not self._sock.poll(remaining_ms(), zmq.POLLIN):
+                continue
+            frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            try:
+                reply = decode(frames[-1], self._limits)
+            except ProtocolError as exc:
+                if exc.ref == ref:
+                    raise
+                log.warning("undecodable reply discarded: %s", exc)
+                continue
+            if _reply_ref(reply) == ref:
+                return reply
+
+    def admin(self, command: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Message:
+        return self.request(AdminRequest(self.next_id(), command, args or {}), timeout)
+
