@@ -605,3 +605,28 @@ async def test_sync_admin_client(ctx: zmq.Context[Any]) -> None:
                 assert isinstance(timed_out, TimeoutError)
                 assert isinstance(mmap, AdminReply) and mmap.result == {"echo": "mmap"}
                 nursery.cancel_scope.cancel()
+
+
+async def test_serve_socket_on_pub_and_sub(ctx: zmq.Context[Any]) -> None:
+    """The event stream: a PUB has no receive pump (incoming ends at once)."""
+    with trio.fail_after(DEADLINE):
+        pub = bind(zmq.PUB, context=ctx)
+        sub = connect(zmq.SUB, pub.endpoint, context=ctx)
+        sub.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        async with trio.open_nursery() as nursery:
+            events = await nursery.start(serve_socket, pub)
+            watch = await nursery.start(serve_socket, sub)
+            with pytest.raises(trio.EndOfChannel):
+                await events.incoming.receive()
+            # PUB drops until the subscription has propagated: publish until seen.
+            got: list[list[bytes]] = []
+
+            async def watcher() -> None:
+                got.append(await watch.incoming.receive())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watcher)
+            for i in range(100_000):
+                await events.outgoing.send([b"event %d" % i])
+                await trio.testing.wait_all_tasks_blocked()
+        assert got and got[0][0].startswith(b"event ")

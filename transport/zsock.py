@@ -249,6 +249,8 @@ def connect(
 
 
 _CLOSED_ERRNOS = frozenset({zmq.ETERM, errno.ENOTSOCK, errno.EBADF})
+#: Socket types that cannot receive (serve_socket runs no receive pump).
+_SEND_ONLY = frozenset({zmq.PUB, zmq.PUSH})
 
 
 class ZSocket:
@@ -297,6 +299,11 @@ class ZSocket:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def can_receive(self) -> bool:
+        """False for PUB and PUSH sockets."""
+        return self._sock.type not in _SEND_ONLY
 
     @property
     def endpoint(self) -> str:
@@ -557,7 +564,8 @@ async def serve_socket(
         When cancelled, when every clone of ``outgoing`` is closed (after
         sending what was queued), or when the socket was closed.  The socket
         is closed and ``incoming`` ends either way.  If the consumer closes
-        ``incoming``, the service stops receiving and keeps sending.
+        ``incoming``, the service stops receiving and keeps sending.  For a
+        PUB or PUSH socket ``incoming`` ends at once (no receive pump).
 
     Concurrency: the service is the socket's owner; it runs two tasks, a
     receive pump and a send pump, which share the socket safely (see
@@ -594,7 +602,10 @@ async def serve_socket(
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(receive_pump, nursery.cancel_scope)
+            if zsock.can_receive:
+                nursery.start_soon(receive_pump, nursery.cancel_scope)
+            else:
+                in_send.close()
             task_status.started(SocketChannels(out_send, in_recv, zsock.endpoint))
             await send_pump()
             nursery.cancel_scope.cancel()
