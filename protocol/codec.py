@@ -68,6 +68,10 @@ def _schema(cls: type[Message]) -> tuple[_Field, ...]:
 _SCHEMAS: dict[str, tuple[_Field, ...]] = {tag: _schema(cls) for tag, cls in REGISTRY.items()}
 
 
+class _TooManyContainers(Exception):
+    """Raised from inside msgpack's hooks to stop an amplification bomb early."""
+
+
 def encode(msg: Message) -> bytes:
     """Serialise one message.
 
@@ -84,8 +88,12 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
-def _check_json_like(value: Any, limits: Limits, depth: int, where: str) -> None:
-    """Admin args and results: str keys, scalar / list / map values, bounded depth."""
+def _check_json_like(value: Any, limits: Limits, depth: int, where: str, budget: list[int]) -> None:
+    """Admin args and results: str keys, scalar / list / map values, bounded
+    depth, at most ``budget[0]`` values in all (decremented as they are seen)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ProtocolError("too_large", f"{where}: more than {limits.max_values} values")
     if depth > limits.max_depth:
         raise ProtocolError("bad_message", f"{where}: nested deeper than {limits.max_depth}")
     if value is None or isinstance(value, (bool, str, bytes, float)):
@@ -98,7 +106,7 @@ def _check_json_like(value: Any, limits: Limits, depth: int, where: str) -> None
         if len(value) > limits.max_items:
             raise ProtocolError("bad_message", f"{where}: more than {limits.max_items} items")
         for item in value:
-            _check_json_like(item, limits, depth + 1, where)
+            _check_json_like(item, limits, depth + 1, where, budget)
         return
     if isinstance(value, dict):
         if len(value) > limits.max_items:
@@ -106,7 +114,7 @@ def _check_json_like(value: Any, limits: Limits, depth: int, where: str) -> None
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ProtocolError("bad_message", f"{where}: map key is not a string")
-            _check_json_like(item, limits, depth + 1, where)
+            _check_json_like(item, limits, depth + 1, where, budget)
         return
     raise ProtocolError("bad_message", f"{where}: unsupported value type {type(value).__name__}")
 
@@ -155,9 +163,39 @@ def _check_field(f: _Field, value: Any, limits: Limits) -> None:
     elif kind == "dict":
         if type(value) is not dict:
             raise bad
-        _check_json_like(value, limits, 1, f"field {f.name!r}")
+        _check_json_like(value, limits, 1, f"field {f.name!r}", [limits.max_values])
     else:  # pragma: no cover - _kind_of rejects anything else at import
         raise bad
+
+
+def _peek_ref(frame: bytes, limits: Limits) -> int | None:
+    """The ``id`` / ``ref`` of a top-level map too costly to decode, found by
+    skipping (in C, without building them) the other values."""
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        max_buffer_size=len(frame),
+        max_array_len=limits.max_items,
+        max_map_len=limits.max_items,
+        max_ext_len=0,
+    )
+    unpacker.feed(frame)
+
+    def next_is_scalar() -> bool:
+        first = frame[unpacker.tell()]
+        return not (0x80 <= first <= 0x9F or first in (0xDC, 0xDD, 0xDE, 0xDF))
+
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack() if next_is_scalar() else unpacker.skip()
+            if key in ("id", "ref") and next_is_scalar():
+                value = unpacker.unpack()
+                if type(value) is int:
+                    return value
+            else:
+                unpacker.skip()
+    except Exception:  # garbage further on: no ref then
+        pass
+    return None
 
 
 def decode(frame: bytes, limits: Limits | None = None) -> Message:
@@ -171,11 +209,28 @@ def decode(frame: bytes, limits: Limits | None = None) -> Message:
     limits = limits or Limits()
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError("bad_message", "frame is not bytes")
-    if len(frame) > limits.max_frame:
-        raise ProtocolError("too_large", f"frame of {len(frame)} bytes exceeds {limits.max_frame}")
+    size = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+    if size > limits.max_frame:
+        raise ProtocolError("too_large", f"frame of {size} bytes exceeds {limits.max_frame}")
+    containers = 0
+
+    def count_container(obj: Any) -> Any:
+        # Called by msgpack for every array and map it builds.
+        nonlocal containers
+        containers += 1
+        if containers > limits.max_containers:
+            raise _TooManyContainers
+        return obj
+
+    # Each container takes at least one byte: only a frame longer than the
+    # limit can exceed it, so small frames skip the (slower) hooks.
+    hooks: dict[str, Any] = {}
+    if size > limits.max_containers:
+        hooks = {"list_hook": count_container, "object_hook": count_container}
+    data = bytes(frame)
     try:
         body = msgpack.unpackb(
-            bytes(frame),
+            data,
             raw=False,
             strict_map_key=False,
             max_array_len=limits.max_items,
@@ -183,7 +238,12 @@ def decode(frame: bytes, limits: Limits | None = None) -> Message:
             max_str_len=limits.max_frame,
             max_bin_len=limits.max_frame,
             max_ext_len=0,
+            **hooks,
         )
+    except _TooManyContainers:
+        raise ProtocolError(
+            "too_large", f"more than {limits.max_containers} arrays and maps", _peek_ref(data, limits)
+        ) from None
     except RecursionError as exc:
         raise ProtocolError("bad_message", "nested too deep") from exc
     except Exception as exc:  # msgpack raises a zoo of types on garbage
@@ -218,7 +278,9 @@ def decode(frame: bytes, limits: Limits | None = None) -> Message:
         if name in kwargs and kwargs[name] not in allowed:
             raise ProtocolError("bad_message", f"{tag}: {name} must be one of {sorted(allowed)}", ref)
     for name in cls.ADDRESSES:
-        if name in kwargs and not (0 <= kwargs[name] <= ADDRESS_LIMIT):
+        # ``end`` is exclusive and may be ADDRESS_LIMIT; any other address is a byte.
+        top = ADDRESS_LIMIT if name == "end" else ADDRESS_LIMIT - 1
+        if name in kwargs and not (0 <= kwargs[name] <= top):
             raise ProtocolError("bad_message", f"{tag}: {name} is not a user address", ref)
     if "start" in cls.ADDRESSES and "end" in cls.ADDRESSES:
         if "start" in kwargs and "end" in kwargs and not kwargs["start"] < kwargs["end"]:
