@@ -147,8 +147,8 @@ def number(minimum: int = 0, maximum: int = (1 << 63) - 1, what: str = "") -> Ca
 def address(text: str) -> int:
     """A user address: decimal or 0x hex, below ``ADDRESS_LIMIT``."""
     value = _int(text)
-    if value > ADDRESS_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a user address (limit {ADDRESS_LIMIT:#x})")
+    if value >= ADDRESS_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a user address (they end below {ADDRESS_LIMIT:#x})")
     return value
 
 

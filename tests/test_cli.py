@@ -422,7 +422,7 @@ USAGE_ERRORS = [
     ["read", "--mm", "0", "0x1000", "4"],  # mm ids start at 1
     ["read", "--mm", "1", "0x1000"],  # missing LEN
     ["read", "0x1000", "4"],  # missing --mm
-    ["read", "--mm", "1", "0x800000000001", "4"],  # beyond user addresses
+    ["read", "--mm", "1", "0x800000000000", "4"],  # ADDRESS_LIMIT: not a user address
     ["read", "--mm", "1", "1e3", "4"],
     ["read", "--mm", "1", "0x1g", "4"],
     ["mmap", "--mm", "1"],  # missing --pages
