@@ -58,6 +58,10 @@ from .cli import (
 )
 
 KINDS = ("kvm", "gru", "xpmem")
+
+#: How services are started: ``SERVICE_COMMAND + ["host", ...]``.  Tests point
+#: it at a stand-in to check the process lifecycle without the real host.
+SERVICE_COMMAND: list[str] = [sys.executable, "-m", "mmn"]
 _WILDCARDS = ("0.0.0.0", "*", "::", "[::]", "")
 
 
@@ -314,6 +318,7 @@ async def _watch_children(
         while True:
             assert child.process is not None
             code = await child.process.wait()
+            _signal_group(child, signal.SIGKILL)  # whatever it left in its group goes with it
             child.exits.append(code)
             notes.append(f"{child.name} exited with status {code}")
             if not restart:
@@ -339,7 +344,7 @@ async def _signals(scope: trio.CancelScope, caught: list[int]) -> None:
 
 
 async def _up(ns: argparse.Namespace, plan: Plan, children: list[Child]) -> int:
-    exe = [sys.executable, "-m", "mmn"]
+    exe = list(SERVICE_COMMAND)
     host = Child("host", [*exe, "host", *plan.host_args], plan.logs / "host.log")
     nodes = [
         Child(

@@ -758,6 +758,179 @@ async def test_stop_all_kills_every_process_group(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------
+# mmn up's process lifecycle, with stand-in services
+#
+# The stand-in "host" answers status on the admin port with every default
+# node live; a stand-in "node" leaves a grandchild (sleep) in its process
+# group and sleeps.  Each prints its pids to its log, so the test can check
+# that nothing is left behind.
+
+STANDIN = r"""
+import os, subprocess, sys, time
+sys.path.insert(0, {root!r})
+role, argv = sys.argv[1], sys.argv[2:]
+registry = os.environ["STANDIN_DIR"]
+if role == "node":
+    grandchild = subprocess.Popen(["sleep", "60"])
+    print("pids", os.getpid(), grandchild.pid, flush=True)
+    name = argv[argv.index("--name") + 1]
+    open(os.path.join(registry, name), "w").close()  # "registered"
+    while True:
+        time.sleep(1)
+if os.environ.get("STANDIN_HOST_FAILS"):
+    print("standin host: address already in use", flush=True)
+    sys.exit(7)
+import trio, zmq
+from protocol.codec import decode, encode
+from protocol.messages import AdminReply
+from transport import bind
+port = int(argv[argv.index("--admin-port") + 1])
+print("pids", os.getpid(), flush=True)
+def status():
+    nodes = [dict(name=n, kind=n[:-1], state="live", epoch=1, mapped_pages=0, injected={{}})
+             for n in ("kvm0", "gru0", "xpmem0") if os.path.exists(os.path.join(registry, n))]
+    return dict(host=dict(incarnation="standin", page_size=4096, endpoints={{}}), nodes=nodes, mms=[],
+                frames=dict(total=8, free=8), stale_accesses=0, ksm={{}})
+async def serve():
+    async with bind(zmq.ROUTER, f"tcp://127.0.0.1:{{port}}") as router:
+        while True:
+            identity, frame = await router.recv_multipart()
+            request = decode(frame)
+            result = status()
+            await router.send_multipart([identity, encode(AdminReply(ref=request.id, ok=True, result=result))])
+trio.run(serve)
+"""
+
+
+@pytest.fixture
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    script = tmp_path / "standin.py"
+    script.write_text(STANDIN.format(root=str(ROOT)))
+    command = [sys.executable, str(script)]
+    monkeypatch.setattr(up, "SERVICE_COMMAND", command)
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    monkeypatch.setenv("STANDIN_DIR", str(registry))  # inherited by the subprocesses
+    return command
+
+
+def _logged_pids(logs: Path) -> list[int]:
+    pids = []
+    for log in logs.glob("*.log"):
+        for line in log.read_text().splitlines():
+            if line.startswith("pids "):
+                pids += [int(p) for p in line.split()[1:]]
+    return pids
+
+
+def _up_subprocess(standin: list[str], *args: str) -> subprocess.Popen[str]:
+    code = (
+        "import sys; import mmn.up as up; up.SERVICE_COMMAND = sys.argv[1:3]; "
+        "from mmn.cli import main; sys.exit(main(sys.argv[3:]))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *standin, "up", "--port-base", "0", "--interval", "0.1", "--grace", "1", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def _wait_for_line(proc: subprocess.Popen[str], needle: str, seconds: float = 30) -> None:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if needle in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    pytest.fail(f"no {needle!r} from mmn up")
+
+
+async def test_up_once_prints_status_and_stops_everything(
+    standin: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs = tmp_path / "logs"
+    assert await mmn("up", "--once", "--json", "--port-base", "0", "--logs", str(logs), seconds=60) == 0
+    out, err = capsys.readouterr()
+    assert [n["name"] for n in json.loads(out)["nodes"]] == ["kvm0", "gru0", "xpmem0"]
+    assert err == ""
+    pids = _logged_pids(logs)
+    assert len(pids) == 1 + 2 * 3  # host; each node and its grandchild
+    assert [pid for pid in pids if _alive(pid)] == []
+    assert sorted(p.name for p in logs.glob("*.log")) == ["gru0.log", "host.log", "kvm0.log", "xpmem0.log"]
+
+
+async def test_up_reports_a_host_that_fails_to_start(
+    standin: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STANDIN_HOST_FAILS", "1")
+    started = time.monotonic()
+    assert await mmn("up", "--once", "--port-base", "0", "--logs", str(tmp_path / "l"), seconds=60) == 1
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert "mmn up: the host exited with status 7" in err
+    assert "address already in use" in err  # the tail of its log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_up_signal_stops_every_child(standin: list[str], tmp_path: Path, signum: int) -> None:
+    proc = _up_subprocess(standin, "--logs", str(tmp_path))
+    try:
+        _wait_for_line(proc, "xpmem0:live")
+        pids = _logged_pids(tmp_path)
+        assert len(pids) == 7 and all(_alive(pid) for pid in pids)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=10) == 0
+        assert [pid for pid in pids if _alive(pid)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_exits_1_and_stops_nodes_when_the_host_dies(standin: list[str], tmp_path: Path) -> None:
+    proc = _up_subprocess(standin, "--logs", str(tmp_path))
+    try:
+        _wait_for_line(proc, "xpmem0:live")
+        pids = _logged_pids(tmp_path)
+        host_pid = int((tmp_path / "host.log").read_text().split()[1])
+        os.kill(host_pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == 1
+        assert proc.stderr is not None and "the host exited with status -9" in proc.stderr.read()
+        assert [pid for pid in pids if _alive(pid)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_restart_brings_a_dead_node_back(standin: list[str], tmp_path: Path) -> None:
+    proc = _up_subprocess(standin, "--logs", str(tmp_path), "--restart")
+    try:
+        _wait_for_line(proc, "xpmem0:live")
+        first = int((tmp_path / "kvm0.log").read_text().split()[1])
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (tmp_path / "kvm0.log").read_text().count("pids") < 2:
+            time.sleep(0.05)
+        pids = _logged_pids(tmp_path)
+        assert (tmp_path / "kvm0.log").read_text().count("pids") == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "kvm0 exited with status -9" in err and "kvm0 restarted" in err
+        assert [pid for pid in pids if _alive(pid)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------
 # mmn up against the real host and nodes
 
 
