@@ -630,3 +630,26 @@ async def test_serve_socket_on_pub_and_sub(ctx: zmq.Context[Any]) -> None:
                 await events.outgoing.send([b"event %d" % i])
                 await trio.testing.wait_all_tasks_blocked()
         assert got and got[0][0].startswith(b"event ")
+
+
+async def test_io_that_never_waits_still_lets_others_run(ctx: zmq.Context[Any]) -> None:
+    """A PUB never blocks; a task looping on it must still reach schedule
+    points (every few sends), or it would starve the rest of the program."""
+    with trio.fail_after(DEADLINE):
+        pub = bind(zmq.PUB, context=ctx)
+        async with pub:
+            ticks = 0
+            done = False
+
+            async def other() -> None:
+                nonlocal ticks
+                while not done:
+                    ticks += 1
+                    await trio.lowlevel.checkpoint()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other)
+                for _ in range(1000):
+                    await pub.send_multipart([b"event"])
+                done = True
+            assert ticks >= 1000 // 32  # about one schedule point per 16 sends

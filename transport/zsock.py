@@ -249,6 +249,14 @@ def connect(
 
 
 _CLOSED_ERRNOS = frozenset({zmq.ETERM, errno.ENOTSOCK, errno.EBADF})
+#: Non-waiting I/O calls between two forced schedule points.
+_FAIRNESS = 16
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
 #: Socket types that cannot receive (serve_socket runs no receive pump).
 _SEND_ONLY = frozenset({zmq.PUB, zmq.PUSH})
 
@@ -278,6 +286,8 @@ class ZSocket:
         self._fd: int = sock.FD
         self._linger_ms = linger_ms
         self._is_router = sock.type == zmq.ROUTER
+        self._getsockopt = sock.getsockopt
+        self._unyielded = 0
         self._closed = False
         # The task currently parked in wait_readable(FD), via this scope.
         self._fd_scope: trio.CancelScope | None = None
@@ -324,9 +334,9 @@ class ZSocket:
     def _wanted(self) -> int:
         mask = 0
         if self._want_in:
-            mask |= zmq.POLLIN
+            mask |= _POLLIN
         if self._want_out:
-            mask |= zmq.POLLOUT
+            mask |= _POLLOUT
         return mask
 
     def _wake(self) -> None:
@@ -338,51 +348,69 @@ class ZSocket:
     def _events(self) -> int:
         """Read EVENTS (which drains the FD) and wake waiters it concerns."""
         try:
-            ev: int = self._sock.EVENTS
+            ev: int = self._getsockopt(_EVENTS)
         except zmq.ZMQError as exc:
             raise self._map_error(exc) from exc
         if ev & self._wanted() or (self._want_any and ev):
             self._wake()
         return ev
 
-    async def _park(self, timeout: float = math.inf) -> None:
+    async def _park(self, timeout: float | None = None) -> None:
         """Wait until the FD fires, another task wakes us, or ``timeout``.
 
         The first task to arrive waits on the FD; later ones park on the lot
         and are woken whenever the FD waiter wakes.
         """
-        with trio.move_on_after(timeout):
-            if self._fd_scope is None:
-                scope = trio.CancelScope()
-                self._fd_scope = scope
-                try:
-                    with scope:
-                        await trio.lowlevel.wait_readable(self._fd)
-                finally:
-                    self._fd_scope = None
-                    # Whatever woke us may concern the others: let them re-check.
-                    self._lot.unpark_all()
-            else:
-                await self._lot.park()
+        if timeout is None:
+            await self._park_once()
+        else:
+            with trio.move_on_after(timeout):
+                await self._park_once()
         self._check_open()
 
-    async def _wait_for(self, mask: int) -> None:
-        """Return once EVENTS has ``mask`` set."""
-        if mask == zmq.POLLIN:
+    async def _park_once(self) -> None:
+        if self._fd_scope is None:
+            scope = self._fd_scope = trio.CancelScope()
+            try:
+                with scope:
+                    await trio.lowlevel.wait_readable(self._fd)
+            finally:
+                self._fd_scope = None
+                # Whatever woke us may concern the others: let them re-check.
+                if self._lot:
+                    self._lot.unpark_all()
+        else:
+            await self._lot.park()
+
+    async def _park_wanting(self, mask: int) -> None:
+        """Park once, counted as a waiter for ``mask`` (``_POLLIN`` or
+        ``_POLLOUT``) so that other tasks' I/O wakes us when it shows up.
+        The caller re-checks EVENTS and loops."""
+        if mask == _POLLIN:
             self._want_in += 1
         else:
             self._want_out += 1
         try:
-            while True:
-                self._check_open()
-                if self._events() & mask:
-                    return
-                await self._park()
+            await self._park()
         finally:
-            if mask == zmq.POLLIN:
+            if mask == _POLLIN:
                 self._want_in -= 1
             else:
                 self._want_out -= 1
+
+    async def _yield_if_due(self, waited: bool) -> None:
+        """A schedule point after an I/O call that did not have to wait, but
+        only every ``_FAIRNESS``-th one: a schedule point costs about as much
+        as the send itself, and a task looping on a socket that never blocks
+        (a PUB) still cannot starve the others."""
+        if waited:
+            self._unyielded = 0
+            return
+        self._unyielded += 1
+        if self._unyielded >= _FAIRNESS:
+            self._unyielded = 0
+            # Cannot raise Cancelled: what we did is done.
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _wait_any_change(self, timeout: float) -> None:
         """Wait for any FD activity (used when POLLOUT says nothing useful)."""
@@ -415,24 +443,35 @@ class ZSocket:
                 waiting.
             TransportError: any other libzmq failure.
 
-        Concurrency: awaits; **cancel-safe** -- a cancelled receive has taken
-        nothing from the socket (libzmq hands over a whole message or none,
-        and nothing can be cancelled between that and the return).
+        Concurrency: awaits; always a cancellation point, a schedule point
+        when it waits (and every few calls otherwise, see
+        :meth:`_yield_if_due`).  **Cancel-safe**: a cancelled receive has
+        taken nothing from the socket (libzmq hands over a whole message or
+        none, and nothing can be cancelled between that and the return).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self._sock
+        waited = False
         while True:
             self._check_open()
             try:
-                frames: Frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                await self._wait_for(zmq.POLLIN)
-                continue
+                # EVENTS first: cheaper than provoking zmq.Again, and it is the
+                # check-before-wait the edge-triggered FD needs anyway.
+                if self._events() & _POLLIN:
+                    frames: Frames = [sock.recv(_NOBLOCK)]
+                    break
+            except zmq.Again:  # another receiver took it
+                pass
             except zmq.ZMQError as exc:
                 raise self._map_error(exc) from exc
-            self._after_io()
-            # A schedule point that cannot raise Cancelled: the message is ours.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return frames
+            await self._park_wanting(_POLLIN)
+            waited = True
+        # The other parts of a multipart message are already here.
+        while self._getsockopt(_RCVMORE):
+            frames.append(sock.recv(_NOBLOCK))
+        self._after_io()
+        await self._yield_if_due(waited)
+        return frames
 
     async def send_multipart(self, frames: Frames) -> None:
         """Queue one message in libzmq, waiting while it is at its HWM.
@@ -445,32 +484,42 @@ class ZSocket:
             trio.ClosedResourceError: the socket was closed.
             TransportError: any other libzmq failure.
 
-        Concurrency: awaits; cancel-safe in the usual sense: if cancelled, the
-        message was not queued.  A ROUTER whose one peer is at its HWM reports
-        POLLOUT (another peer could take a message), so that wait re-tries on
-        every FD event with a doubling backoff (1 ms -> 100 ms); give the call
-        a deadline (callers own timeouts).
+        Concurrency: awaits; always a cancellation point, a schedule point
+        when it waits (and every few calls otherwise).  Cancel-safe in the
+        usual sense: if cancelled, the message was not queued.  A ROUTER whose
+        one peer is at its HWM reports POLLOUT (another peer could take a
+        message), so that wait re-tries on every FD event with a doubling
+        backoff (1 ms -> 100 ms); give the call a deadline (callers own
+        timeouts).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self._sock
+        last = len(frames) - 1
         backoff = 0.001
+        waited = False
         while True:
             self._check_open()
             try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK)
+                # Once the first part is accepted libzmq takes the rest.
+                for i, frame in enumerate(frames):
+                    sock.send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK)
+                break
             except zmq.Again:
-                if self._is_router and self._events() & zmq.POLLOUT:
-                    await self._wait_any_change(backoff)
-                    backoff = min(backoff * 2, 0.1)
-                else:
-                    await self._wait_for(zmq.POLLOUT)
-                continue
+                pass
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EHOSTUNREACH and self._is_router:
                     raise PeerGone(bytes(frames[0])) from exc
                 raise self._map_error(exc) from exc
-            self._after_io()
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return
+            waited = True
+            if self._events() & _POLLOUT:
+                if self._is_router:  # POLLOUT is about any peer, not this one
+                    await self._wait_any_change(backoff)
+                    backoff = min(backoff * 2, 0.1)
+                # else: writable again already (a command was just processed)
+            else:
+                await self._park_wanting(_POLLOUT)
+        self._after_io()
+        await self._yield_if_due(waited)
 
     # -- closing -----------------------------------------------------------
 
@@ -585,14 +634,28 @@ async def serve_socket(
                     service.cancel()  # closed under us: nothing left to serve
                     return
                 try:
-                    await in_send.send(frames)
+                    # No extra schedule point when there is room: recv_multipart
+                    # already provides them.
+                    try:
+                        in_send.send_nowait(frames)
+                    except trio.WouldBlock:
+                        await in_send.send(frames)
                 except trio.BrokenResourceError:
                     log.debug("incoming closed by its consumer; no longer receiving")
                     return
 
     async def send_pump() -> None:
         async with out_recv:
-            async for frames in out_recv:
+            while True:
+                try:
+                    frames = out_recv.receive_nowait()
+                except trio.WouldBlock:
+                    try:
+                        frames = await out_recv.receive()
+                    except trio.EndOfChannel:
+                        return
+                except trio.EndOfChannel:
+                    return
                 try:
                     await zsock.send_multipart(frames)
                 except trio.ClosedResourceError:
