@@ -25,6 +25,7 @@ from protocol import encode
 from protocol.messages import AdminReply, AdminRequest, Error, Event, Ok
 from transport import (
     AdminClient,
+    PeerBusy,
     PeerGone,
     SocketOptions,
     SyncAdminClient,
@@ -653,3 +654,32 @@ async def test_io_that_never_waits_still_lets_others_run(ctx: zmq.Context[Any]) 
                     await pub.send_multipart([b"event"])
                 done = True
             assert ticks >= 1000 // 32  # about one schedule point per 16 sends
+
+
+async def test_serve_socket_does_not_stall_on_one_slow_peer(ctx: zmq.Context[Any]) -> None:
+    """A peer that stopped reading fills its SNDHWM; the send pump reports
+    PeerBusy (a PeerGone) for it and keeps serving the others."""
+    size = 64 * 1024
+    with trio.fail_after(DEADLINE):
+        options = SocketOptions(sndhwm=4, rcvhwm=4)
+        router = bind(zmq.ROUTER, context=ctx, options=options)
+        stuck = connect(zmq.DEALER, router.endpoint, identity=b"stuck", context=ctx, options=options)
+        healthy = connect(zmq.DEALER, router.endpoint, identity=b"healthy", context=ctx, options=options)
+        failed: list[TransportError] = []
+        async with stuck, healthy:
+            async with trio.open_nursery() as nursery:
+                host = await nursery.start(
+                    partial_serve(lambda frames, exc: failed.append(exc)), router
+                )
+                for peer in (stuck, healthy):
+                    await peer.send_multipart([b"hello"])
+                    await host.incoming.receive()
+                # Flood the stuck peer until the pump gives up on a message.
+                while not failed:
+                    await host.outgoing.send([b"stuck", b"x" * size])
+                    await trio.testing.wait_all_tasks_blocked()
+                assert isinstance(failed[0], PeerBusy) and isinstance(failed[0], PeerGone)
+                assert failed[0].identity == b"stuck"
+                await host.outgoing.send([b"healthy", b"still served"])
+                assert await healthy.recv_multipart() == [b"still served"]
+                nursery.cancel_scope.cancel()

@@ -7,6 +7,7 @@ edge-triggered FD, typed errors).
 from .zsock import (
     AdminClient,
     Frames,
+    PeerBusy,
     PeerGone,
     Security,
     SocketChannels,
@@ -22,6 +23,7 @@ from .zsock import (
 __all__ = [
     "AdminClient",
     "Frames",
+    "PeerBusy",
     "PeerGone",
     "Security",
     "SocketChannels",

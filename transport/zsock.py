@@ -77,6 +77,7 @@ Frames = list[bytes]
 __all__ = [
     "AdminClient",
     "Frames",
+    "PeerBusy",
     "PeerGone",
     "Security",
     "SocketChannels",
@@ -102,9 +103,22 @@ class PeerGone(TransportError):
     """A ROUTER could not route to ``identity``: no such peer is connected
     (never was, disconnected, or replaced).  The socket itself is fine."""
 
-    def __init__(self, identity: bytes) -> None:
+    def __init__(self, identity: bytes, message: str = "no connected peer") -> None:
         self.identity = identity
-        super().__init__(f"no connected peer {identity!r}")
+        super().__init__(f"{message} {identity!r}")
+
+
+class PeerBusy(PeerGone):
+    """A ROUTER peer is at its high-water mark: it has not been reading.
+
+    Raised instead of waiting when the caller asked not to wait for one slow
+    peer (:func:`serve_socket` does, so one stuck node cannot stall the sends
+    to every other).  A subclass of :class:`PeerGone`: for the host a peer
+    that stopped reading is as good as gone (fence it).
+    """
+
+    def __init__(self, identity: bytes) -> None:
+        super().__init__(identity, "peer at its high-water mark:")
 
 
 # --------------------------------------------------------------------------
@@ -485,24 +499,27 @@ class ZSocket:
         await self._yield_if_due(waited)
         return frames
 
-    async def send_multipart(self, frames: Frames) -> None:
+    async def send_multipart(self, frames: Frames, *, wait_for_slow_peer: bool = True) -> None:
         """Queue one message in libzmq, waiting while it is at its HWM.
 
         Args:
             frames: a ROUTER's start with the destination identity.
+            wait_for_slow_peer: ROUTER only.  A ROUTER whose destination peer
+                is at its HWM still reports POLLOUT (another peer could take
+                a message), so the wait re-tries on every FD event with a
+                doubling backoff (1 ms -> 100 ms) -- and meanwhile nothing
+                else is sent.  False raises :class:`PeerBusy` instead.
 
         Raises:
             PeerGone: ROUTER only: no peer has that identity.
+            PeerBusy: ROUTER only, with ``wait_for_slow_peer=False``.
             trio.ClosedResourceError: the socket was closed.
             TransportError: any other libzmq failure.
 
         Concurrency: awaits; always a cancellation point, a schedule point
         when it waits (and every few calls otherwise).  Cancel-safe in the
-        usual sense: if cancelled, the message was not queued.  A ROUTER whose
-        one peer is at its HWM reports POLLOUT (another peer could take a
-        message), so that wait re-tries on every FD event with a doubling
-        backoff (1 ms -> 100 ms); give the call a deadline (callers own
-        timeouts).
+        usual sense: if cancelled, the message was not queued.  Give the
+        call a deadline (callers own timeouts).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         sock = self._sock
@@ -525,6 +542,8 @@ class ZSocket:
             waited = True
             if self._events() & _POLLOUT:
                 if self._is_router:  # POLLOUT is about any peer, not this one
+                    if not wait_for_slow_peer:
+                        raise PeerBusy(bytes(frames[0]))
                     await self._wait_any_change(backoff)
                     backoff = min(backoff * 2, 0.1)
                 # else: writable again already (a command was just processed)
@@ -603,6 +622,7 @@ async def serve_socket(
     incoming_buffer: int = 256,
     outgoing_buffer: int = 256,
     on_undeliverable: Callable[[Frames, TransportError], None] = _log_undeliverable,
+    wait_for_slow_peer: bool = False,
     task_status: trio.TaskStatus[SocketChannels] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Own ``zsock`` and expose it as a pair of memory channels.
@@ -617,9 +637,13 @@ async def serve_socket(
             ``incoming`` stops the receive pump (messages then queue in libzmq
             up to RCVHWM): backpressure, not loss.
         on_undeliverable: called (synchronously, in the send pump) with the
-            frames and the error when a send fails with :class:`PeerGone` or
-            another :class:`TransportError`; the pump goes on.  Defaults to a
-            warning in the log.
+            frames and the error when a send fails with :class:`PeerGone`
+            (including :class:`PeerBusy`) or another :class:`TransportError`;
+            the pump goes on.  Defaults to a warning in the log.
+        wait_for_slow_peer: ROUTER only.  False (the default): a message to a
+            peer at its SNDHWM is not sent and reported as :class:`PeerBusy`
+            at once, so one peer that stopped reading cannot stall the sends
+            to the others.  True: the send pump waits for it.
 
     Returns:
         When cancelled, when every clone of ``outgoing`` is closed (after
@@ -669,7 +693,7 @@ async def serve_socket(
                 except trio.EndOfChannel:
                     return
                 try:
-                    await zsock.send_multipart(frames)
+                    await zsock.send_multipart(frames, wait_for_slow_peer=wait_for_slow_peer)
                 except trio.ClosedResourceError:
                     return
                 except TransportError as exc:
