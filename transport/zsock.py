@@ -46,6 +46,8 @@ Errors:
   context), possibly from another task while this one waited.
 * :class:`PeerGone` -- a ROUTER send named an identity with no connected peer
   (``ROUTER_MANDATORY`` turned libzmq's silent drop into ``EHOSTUNREACH``).
+  Its subclass :class:`PeerBusy`: the peer is at its high-water mark (only
+  when the caller chose not to wait for it, as :func:`serve_socket` does).
 * :class:`TransportError` -- any other libzmq failure, chained to the
   ``zmq.ZMQError``.
 
