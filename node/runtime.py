@@ -1,0 +1,433 @@
+"""A node process: the trio shell around one sans-I/O secondary MMU.
+
+It moves messages and keeps time; every decision is the kind's
+(:mod:`node.kvm`, :mod:`node.gru`, :mod:`node.xpmem`).
+
+Life of a node::
+
+    connect DEALER --Register--> (no Registered within the deadline:
+         ^                         new socket, backoff doubles to a cap)
+         |                      Registered(epoch, host incarnation)
+         |                             |
+         |        session: receive loop + heartbeats + liveness watchdog
+         |                             |
+         +---- host silent past liveness, Fenced, or a heartbeat from a new
+               host incarnation: drop every translation, register anew
+
+In-line kinds (kvm, gru) acknowledge a start inside the receive loop with no
+await in between.  A sleepable kind (xpmem) may hold a start's ack until its
+in-flight accesses drain: the ack is among the outputs of the ``receive`` of
+the last ``DmaReply``.
+
+Failure injection (``mmn inject``) lives here, between the kind and the
+socket, so the kinds stay honest: ``drop-acks``, ``delay-acks``,
+``duplicate``, ``hang``, ``crash``, ``partition``, ``slow-drain``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import zmq
+
+from protocol import Limits, ProtocolError, decode, encode
+from protocol.admin import INJECT_KINDS
+from protocol.messages import (
+    Ack,
+    Command,
+    CommandResult,
+    Fenced,
+    Heartbeat,
+    InvalidateRangeStart,
+    Message,
+    Registered,
+)
+from protocol.types import Errno, KernelError
+from transport import SocketOptions, connect, serve_socket
+
+from .base import Completion, Output, SecondaryMMU, node_class
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeConfig:
+    """Everything configurable about a node.  Times are milliseconds."""
+
+    kind: str = "kvm"
+    name: str = ""
+    host: str = "tcp://127.0.0.1:7781"
+    #: Until the host's Registered says otherwise.
+    heartbeat_ms: int = 500
+    #: Host heartbeats the node may miss before it drops everything and reconnects.
+    liveness: int = 6
+    register_timeout_ms: int = 2000
+    backoff_initial_ms: int = 100
+    backoff_max_ms: int = 4000
+    limits: Limits = field(default_factory=Limits)
+    seed: int | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> NodeConfig:
+        env = dict(os.environ if env is None else env)
+        cfg = cls()
+        for name, var in (
+            ("kind", "MMN_KIND"),
+            ("name", "MMN_NAME"),
+            ("host", "MMN_HOST_ENDPOINT"),
+            ("heartbeat_ms", "MMN_HEARTBEAT_MS"),
+            ("liveness", "MMN_LIVENESS"),
+        ):
+            if env.get(var):
+                value: Any = env[var]
+                if isinstance(getattr(cfg, name), int):
+                    try:
+                        value = int(value)
+                    except ValueError:
+                        raise ValueError(f"{var} must be an integer, not {env[var]!r}") from None
+                setattr(cfg, name, value)
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        if not cfg.name:
+            cfg.name = f"{cfg.kind}-{uuid.uuid4().hex[:6]}"
+        return cfg
+
+
+@dataclass
+class Injection:
+    """One injected failure (DESIGN §5)."""
+
+    kind: str
+    rate: float = 1.0
+    delay_ms: int = 0
+    until: float | None = None  # trio clock; None = until healed
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rate": self.rate, "delay_ms": self.delay_ms}
+        if self.until is not None:
+            out["remaining_s"] = round(max(0.0, self.until - trio.current_time()), 1)
+        return out
+
+
+class _Reconnect(Exception):
+    """Leave the session: drop everything and register anew."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class NodeRuntime:
+    """Runs one kind against a host.  ``await nursery.start(runtime.run)``."""
+
+    def __init__(self, config: NodeConfig, mmu: SecondaryMMU | None = None) -> None:
+        self.config = config
+        self.mmu = mmu or node_class(config.kind)(config.name)
+        self.incarnation = uuid.uuid4().hex
+        self.host_incarnation: str | None = None
+        self.injected: dict[str, Injection] = {}
+        self.random = random.Random(config.seed)
+        #: command token -> Command id waiting for its Completion
+        self._commands: dict[int, int] = {}
+        self._send: trio.MemorySendChannel[list[bytes]] | None = None
+        self.sessions = 0
+        self.last_host_traffic = 0.0
+        self.counters = {"reconnects": 0, "dropped_acks": 0, "delayed_acks": 0, "duplicated": 0,
+                         "partition_dropped": 0, "bad_frames": 0}
+        self._healed = trio.Event()
+
+    # -- failure injection -------------------------------------------------------
+
+    def _active(self, kind: str) -> Injection | None:
+        inj = self.injected.get(kind)
+        if inj is None:
+            return None
+        if inj.until is not None and trio.current_time() >= inj.until:
+            del self.injected[kind]
+            if not self.injected:
+                self._healed.set()
+            return None
+        return inj
+
+    def _hit(self, inj: Injection | None) -> bool:
+        return inj is not None and self.random.random() < inj.rate
+
+    def inject(self, kind: str, rate: float, delay_ms: int, for_s: float | None) -> None:
+        if kind not in INJECT_KINDS:
+            raise KernelError(Errno.EINVAL, f"unknown injection {kind!r}")
+        if kind == "slow-drain" and self.mmu.kind != "xpmem":
+            raise KernelError(Errno.EINVAL, "slow-drain is for xpmem nodes")
+        until = trio.current_time() + for_s if for_s else None
+        self.injected[kind] = Injection(kind, rate, delay_ms, until)
+        self._healed = trio.Event()
+        if kind == "crash":
+            logger.warning("%s: injected crash", self.config.name)
+            os._exit(17)
+
+    def heal(self) -> None:
+        self.injected.clear()
+        self._healed.set()
+
+    def injected_status(self) -> dict[str, Any]:
+        for kind in list(self.injected):
+            self._active(kind)
+        return {kind: inj.describe() for kind, inj in self.injected.items()}
+
+    # -- sending ---------------------------------------------------------------
+
+    async def send(self, msg: Message) -> None:
+        """Send one message to the host, through the injected failures."""
+        assert self._send is not None
+        if self._hit(self._active("partition")):
+            self.counters["partition_dropped"] += 1
+            return
+        if isinstance(msg, Ack):
+            if self._hit(self._active("drop-acks")):
+                self.counters["dropped_acks"] += 1
+                return
+            delay = self._active("delay-acks")
+            if self._hit(delay):
+                self.counters["delayed_acks"] += 1
+                self._nursery.start_soon(self._send_later, msg, delay.delay_ms / 1000)
+                return
+        frame = encode(msg)
+        await self._send.send([frame])
+        if self._hit(self._active("duplicate")):
+            self.counters["duplicated"] += 1
+            await self._send.send([frame])
+
+    async def _send_later(self, msg: Message, delay: float) -> None:
+        await trio.sleep(delay)
+        assert self._send is not None
+        await self._send.send([encode(msg)])
+
+    async def emit(self, outputs: list[Output]) -> None:
+        """Send the messages among ``outputs`` and answer finished commands."""
+        for out in outputs:
+            if isinstance(out, Completion):
+                ref = self._commands.pop(out.token, None)
+                if ref is None:
+                    continue
+                if out.error is not None:
+                    result = CommandResult(ref=ref, ok=False, errno=out.error.errno.value, error=out.error.message)
+                else:
+                    result = CommandResult(ref=ref, ok=True, result=out.result or {})
+                await self.send(result)
+            else:
+                await self.send(out)
+
+    # -- the service -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Register, serve, and re-register after every loss, until cancelled.
+
+        ``task_status.started(name)`` after the first registration.
+
+        Concurrency: owns its DEALER (through :func:`transport.serve_socket`);
+        the kind is driven only from this runtime's tasks, one call at a time.
+        """
+        cfg = self.config
+        backoff = cfg.backoff_initial_ms / 1000
+        started = False
+        while True:
+            registered: Registered | None = None
+            options = SocketOptions.from_limits(cfg.limits)
+            sock = connect(zmq.DEALER, cfg.host, options=options)
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    channels = await nursery.start(serve_socket, sock)
+                    self._send = channels.outgoing
+                    registered = await self._register(channels.incoming)
+                    if registered is None:
+                        nursery.cancel_scope.cancel()
+                    else:
+                        backoff = cfg.backoff_initial_ms / 1000
+                        if not started:
+                            started = True
+                            task_status.started(cfg.name)
+                        reason = await self._session(nursery, channels.incoming, registered)
+                        logger.warning("%s: leaving session: %s", cfg.name, reason)
+                        nursery.cancel_scope.cancel()
+            finally:
+                sock.close()
+                self._fail_commands("session lost")
+            if registered is None:
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, cfg.backoff_max_ms / 1000)
+            self.counters["reconnects"] += 1
+
+    async def _register(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> Registered | None:
+        msg = self.mmu.make_register(self.incarnation)
+        await self._send.send([encode(msg)])  # type: ignore[union-attr]
+        with trio.move_on_after(self.config.register_timeout_ms / 1000):
+            async for frames in incoming:
+                reply = self._decode(frames)
+                if isinstance(reply, Registered) and reply.ref == msg.id:
+                    return reply
+                if reply is not None and getattr(reply, "ref", None) == msg.id:
+                    logger.error("%s: registration refused: %s", self.config.name, reply)
+                    return None
+        logger.info("%s: no answer from %s, retrying", self.config.name, self.config.host)
+        return None
+
+    def _decode(self, frames: list[bytes]) -> Message | None:
+        if len(frames) != 1:
+            self.counters["bad_frames"] += 1
+            return None
+        try:
+            return decode(frames[0], self.config.limits)
+        except ProtocolError as exc:
+            self.counters["bad_frames"] += 1
+            logger.warning("%s: bad frame from host: %s", self.config.name, exc)
+            return None
+
+    async def _session(self, nursery: trio.Nursery, incoming: trio.MemoryReceiveChannel[list[bytes]],
+                       registered: Registered) -> str:
+        if self.host_incarnation is not None and registered.host_incarnation != self.host_incarnation:
+            logger.warning("%s: new host incarnation: every translation dropped", self.config.name)
+        self.host_incarnation = registered.host_incarnation
+        await self.emit(self.mmu.receive(registered))  # drops everything: a new session
+        self.sessions += 1
+        period = registered.heartbeat_ms / 1000
+        liveness = period * self.config.liveness
+        self.last_host_traffic = trio.current_time()
+        nursery.start_soon(self._heartbeats, period)
+        reason = "host channel closed"
+        try:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(self._watchdog, liveness)
+                async for frames in incoming:
+                    await self._wait_while_hung()
+                    msg = self._decode(frames)
+                    if msg is None:
+                        continue
+                    if self._hit(self._active("partition")):
+                        self.counters["partition_dropped"] += 1
+                        continue
+                    self.last_host_traffic = trio.current_time()
+                    await self._on_message(msg)
+        except* _Reconnect as group:
+            reason = group.exceptions[0].reason  # type: ignore[attr-defined]
+        await self.emit(self.mmu.drop_all(reason))
+        return reason
+
+    async def _wait_while_hung(self) -> None:
+        while self._active("hang") is not None:
+            inj = self.injected["hang"]
+            with trio.move_on_after(max(0.0, inj.until - trio.current_time()) if inj.until else 3600):
+                await self._healed.wait()
+
+    async def _heartbeats(self, period: float) -> None:
+        while True:
+            await trio.sleep(period)
+            if self._active("hang") is None:
+                await self.send(Heartbeat(id=self.mmu.next_id(), epoch=self.mmu.epoch))
+
+    async def _watchdog(self, liveness: float) -> None:
+        while True:
+            await trio.sleep(liveness / 4)
+            if self._active("hang") is not None:
+                continue
+            silent = trio.current_time() - self.last_host_traffic
+            if silent > liveness:
+                raise _Reconnect(f"host silent for {silent:.1f}s")
+
+    async def _on_message(self, msg: Message) -> None:
+        if isinstance(msg, Heartbeat):
+            if msg.incarnation and msg.incarnation != self.host_incarnation:
+                raise _Reconnect("new host incarnation")
+            return
+        if isinstance(msg, Fenced):
+            await self.emit(self.mmu.receive(msg))
+            raise _Reconnect(f"fenced: {msg.reason}")
+        if isinstance(msg, Command):
+            await self._on_command(msg)
+            return
+        outputs = self.mmu.receive(msg)
+        slow = self._active("slow-drain")
+        if isinstance(msg, InvalidateRangeStart) and slow is not None and self._hit(slow):
+            # An xpmem node that takes long to drain: its ack leaves late.
+            acks = [o for o in outputs if isinstance(o, Ack)]
+            await self.emit([o for o in outputs if not isinstance(o, Ack)])
+            for ack in acks:
+                self._nursery.start_soon(self._send_later, ack, slow.delay_ms / 1000)
+            return
+        await self.emit(outputs)
+
+    # -- relayed admin commands --------------------------------------------------
+
+    async def _on_command(self, cmd: Command) -> None:
+        try:
+            token, outputs = self._start_command(cmd)
+        except KernelError as exc:
+            await self.send(CommandResult(ref=cmd.id, ok=False, errno=exc.errno.value, error=exc.message))
+            return
+        except (KeyError, TypeError, ValueError) as exc:
+            await self.send(CommandResult(ref=cmd.id, ok=False, errno="EINVAL", error=f"bad arguments: {exc}"))
+            return
+        if token is None:  # answered at once
+            await self.send(CommandResult(ref=cmd.id, ok=True, result=outputs))  # type: ignore[arg-type]
+            return
+        self._commands[token] = cmd.id
+        await self.emit(outputs)
+
+    def _start_command(self, cmd: Command) -> tuple[int | None, Any]:
+        a = cmd.args
+        mmu = self.mmu
+        if cmd.command == "status":
+            status = mmu.status()
+            status["injected"] = self.injected_status()
+            status["counters"] = {**status.get("counters", {}), **self.counters}
+            return None, status
+        if cmd.command == "inject":
+            for_s = float(a["for_s"]) if a.get("for_s") else None
+            self.inject(str(a["kind"]), float(a.get("rate", 1.0)), int(a.get("delay_ms", 0)), for_s)
+            return None, {"injected": self.injected_status()}
+        if cmd.command == "heal":
+            self.heal()
+            return None, {"injected": {}}
+        if cmd.command == "fault":
+            return mmu.fault(int(a["mm"]), int(a["addr"]), int(a.get("pages", 1)), bool(a.get("write", False)))
+        if cmd.command == "access":
+            data = a.get("data")
+            return mmu.access(int(a["mm"]), int(a["addr"]), int(a.get("length", 1)), data)
+        if cmd.command == "xpmem":
+            return self._xpmem(a)
+        raise KernelError(Errno.EINVAL, f"unknown node command {cmd.command!r}")
+
+    def _xpmem(self, a: dict[str, Any]) -> tuple[int | None, Any]:
+        mmu = self.mmu
+        op = a.get("op")
+        if mmu.kind != "xpmem":
+            raise KernelError(Errno.EINVAL, "not an xpmem node")
+        if op == "make":
+            return mmu.make(int(a["mm"]), int(a["addr"]), int(a["length"]), int(a.get("mode", 0o600)))  # type: ignore[attr-defined]
+        if op == "get":
+            return mmu.get(int(a["segid"]), bool(a.get("write", False)))  # type: ignore[attr-defined]
+        if op == "attach":
+            return mmu.attach(int(a["apid"]), int(a.get("offset", 0)), int(a["length"]))  # type: ignore[attr-defined]
+        if op == "detach":
+            return mmu.detach(int(a["addr"]))  # type: ignore[attr-defined]
+        if op == "release":
+            return mmu.release(int(a["apid"]))  # type: ignore[attr-defined]
+        if op == "remove":
+            return mmu.remove(int(a["segid"]))  # type: ignore[attr-defined]
+        raise KernelError(Errno.EINVAL, f"unknown xpmem op {op!r}")
+
+    def _fail_commands(self, reason: str) -> None:
+        """Commands in flight when a session ends: their completions will
+        never come (drop_all failed them); forget them so nothing leaks."""
+        self._commands.clear()
+
+
+async def run_node(config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Entry point for ``mmn node``: run until cancelled."""
+    await NodeRuntime(config).run(task_status=task_status)
