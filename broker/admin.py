@@ -87,7 +87,7 @@ async def status(host: Host) -> dict[str, Any]:
         },
         "nodes": nodes,
         "mms": model.describe_mms(),
-        "frames": {"total": model.memory.nframes, "free": model.memory.free_count()},
+        "frames": {"total": model.memory.nframes, "free": model.memory.nr_free()},
         "stale_accesses": model.stale_accesses,
         "ksm": model.ksm.stats(),
         "counters": {**host.counters, **{f"notifier_{k}": v for k, v in host.notifier.counters.items()},

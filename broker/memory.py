@@ -1,0 +1,307 @@
+"""Physical memory and the swap file of the host's primary MMU.
+
+Sans-I/O (apart from the swap file itself, which is a real file).  Names follow
+``include/linux/mm_types.h`` / ``mm/page_alloc.c`` / ``mm/swapfile.c``.
+
+Memory layout, chosen so that a million mapped pages cost a few bytes each
+(the kernel spends 64 bytes of ``struct page`` per frame):
+
+=================  ==============================  ===================
+per frame          storage                         bytes
+=================  ==============================  ===================
+contents           one anonymous ``mmap``           page_size, committed
+                                                    by the OS on first
+                                                    touch only
+refcount           ``array('I')``                   4
+mapcount           ``array('I')``                   4
+pin count          ``array('I')``                   4
+flags              ``array('B')``                   1
+free list          bump pointer + ``array('I')``    4 per *freed* frame
+=================  ==============================  ===================
+
+Frame 0 is the shared zero frame (``ZERO_PAGE``): always zero, never
+allocated or freed, not refcounted (the kernel maps it with ``pte_special``).
+
+Refcount conventions (who holds a reference, as ``page_count`` would show):
+one per pte mapping the frame (which also counts in mapcount), one per pin
+(``FOLL_PIN``; also counted in the pin count), one for a shmem page cache
+entry, one transient reference for the allocator's caller.  A frame goes
+back to the free list when its refcount drops to zero.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from array import array
+
+from protocol.types import Errno, KernelError
+
+#: The shared zero frame (``ZERO_PAGE(0)``; ``my_zero_pfn``).
+ZERO_PFN = 0
+
+# Frame flags (a byte per frame; ``enum pageflags`` names).
+PG_KSM = 0x01  #: ``PageKsm``: a KSM page (stable tree), write-protected everywhere
+PG_DIRTY = 0x02  #: ``PG_dirty``
+PG_REFERENCED = 0x04  #: ``PG_referenced``: accessed (young) since last aged
+PG_ANON = 0x08  #: ``PageAnon``: private anonymous memory
+PG_SHMEM = 0x10  #: in a shmem object's page cache (shared anonymous)
+
+
+class PhysicalMemory:
+    """A pool of page frames with their metadata in parallel arrays.
+
+    Args:
+        frames: number of frames, the zero frame included (pfn 0).
+        page_size: bytes per page; a multiple of 64 (4096 by default).
+    Concurrency:
+        Synchronous; owned by the :class:`broker.mm.Model`.
+    """
+
+    def __init__(self, frames: int, page_size: int = 4096) -> None:
+        if frames < 2:
+            raise ValueError("need the zero frame and at least one more")
+        if page_size <= 0 or page_size % 64:
+            raise ValueError(f"page size {page_size} is not a positive multiple of 64")
+        self.nframes = frames
+        self.page_size = page_size
+        # MAP_PRIVATE|MAP_ANONYMOUS: the OS commits a page on first touch only.
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        if flags:
+            self.contents = mmap.mmap(-1, frames * page_size, flags=flags)
+        else:  # pragma: no cover - non-POSIX
+            self.contents = mmap.mmap(-1, frames * page_size)
+        zeros = bytes(4 * frames)
+        self.refcount = array("I", zeros)
+        self.mapcount = array("I", zeros)
+        self.pincount = array("I", zeros)
+        self.flags = array("B", bytes(frames))
+        #: Frames [_next_unused, frames) have never been handed out: still zero.
+        self._next_unused = 1
+        #: Freed frames, a LIFO stack (recently freed = cache hot, as pcp lists).
+        self._free_stack = array("I")
+        self._zero_page = bytes(page_size)
+        self.in_use = 0
+
+    # -- allocation (mm/page_alloc.c) ------------------------------------------
+
+    def nr_free(self) -> int:
+        return self.nframes - self._next_unused + len(self._free_stack)
+
+    def alloc(self, zero: bool = True) -> int:
+        """``alloc_page``: a frame with refcount 1, mapcount 0, no pins, no flags.
+
+        Args:
+            zero: the contents must read as zeros (``__GFP_ZERO``); pass False
+                when the caller overwrites the whole page anyway (a copy).
+        Raises:
+            KernelError(ENOMEM): no free frame.  Nothing is reclaimed first.
+        """
+        if self._free_stack:
+            pfn = self._free_stack.pop()
+            if zero:
+                off = pfn * self.page_size
+                self.contents[off : off + self.page_size] = self._zero_page
+        elif self._next_unused < self.nframes:
+            pfn = self._next_unused
+            self._next_unused += 1
+        else:
+            raise KernelError(Errno.ENOMEM, "out of page frames")
+        self.refcount[pfn] = 1
+        self.in_use += 1
+        return pfn
+
+    def get_page(self, pfn: int) -> None:
+        """``get_page``: take a reference (no-op for the zero frame)."""
+        if pfn != ZERO_PFN:
+            self.refcount[pfn] += 1
+
+    def put_page(self, pfn: int) -> bool:
+        """``put_page``: drop a reference; free the frame at zero.
+
+        Returns:
+            True if the frame was freed.
+        """
+        if pfn == ZERO_PFN:
+            return False
+        count = self.refcount[pfn]
+        if count == 0:
+            raise AssertionError(f"put_page of free frame {pfn}")
+        count -= 1
+        self.refcount[pfn] = count
+        if count:
+            return False
+        self._free(pfn)
+        return True
+
+    def _free(self, pfn: int) -> None:
+        if self.mapcount[pfn] or self.pincount[pfn]:
+            raise AssertionError(
+                f"freeing frame {pfn} still mapped {self.mapcount[pfn]} / pinned {self.pincount[pfn]}"
+            )
+        self.flags[pfn] = 0
+        self._free_stack.append(pfn)
+        self.in_use -= 1
+
+    def is_free(self, pfn: int) -> bool:
+        return pfn != ZERO_PFN and self.refcount[pfn] == 0
+
+    def free_pfns(self) -> set[int]:
+        """Every free frame (for accounting checks; O(frames))."""
+        free = set(self._free_stack)
+        free.update(range(self._next_unused, self.nframes))
+        return free
+
+    # -- contents ----------------------------------------------------------------
+
+    def read(self, pfn: int, offset: int = 0, length: int | None = None) -> bytes:
+        if length is None:
+            length = self.page_size - offset
+        self._check_span(offset, length)
+        off = pfn * self.page_size + offset
+        return self.contents[off : off + length]
+
+    def write(self, pfn: int, offset: int, data: bytes) -> None:
+        if pfn == ZERO_PFN:
+            raise AssertionError("write to the zero frame")
+        self._check_span(offset, len(data))
+        off = pfn * self.page_size + offset
+        self.contents[off : off + len(data)] = data
+
+    def copy(self, dst: int, src: int) -> None:
+        """``copy_user_highpage``: the whole page."""
+        ps = self.page_size
+        self.contents[dst * ps : (dst + 1) * ps] = self.contents[src * ps : (src + 1) * ps]
+
+    def page(self, pfn: int) -> memoryview:
+        """A read-only view of one frame (no copy): for checksums and compares."""
+        ps = self.page_size
+        return memoryview(self.contents)[pfn * ps : (pfn + 1) * ps].toreadonly()
+
+    def is_zero_filled(self, pfn: int) -> bool:
+        ps = self.page_size
+        return self.contents[pfn * ps : (pfn + 1) * ps] == self._zero_page
+
+    def pages_identical(self, a: int, b: int) -> bool:
+        """``pages_identical`` (memcmp of two frames)."""
+        ps = self.page_size
+        c = self.contents
+        return a == b or c[a * ps : (a + 1) * ps] == c[b * ps : (b + 1) * ps]
+
+    def _check_span(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.page_size:
+            raise KernelError(Errno.EINVAL, f"[{offset}, {offset + length}) is not inside one page")
+
+    def metadata_bytes(self) -> int:
+        """Bytes of per-frame metadata (arrays' buffers; contents excluded)."""
+        return sum(a.buffer_info()[1] * a.itemsize for a in self._arrays())
+
+    def _arrays(self) -> tuple[array, ...]:
+        return (self.refcount, self.mapcount, self.pincount, self.flags, self._free_stack)
+
+    def close(self) -> None:
+        self.contents.close()
+
+
+class SwapFile:
+    """A swap area on a real file: slots of one page, each with a use count.
+
+    Slot 0 is never handed out (the kernel keeps the swap header there), so a
+    swap entry is never zero.  ``swap_map`` counts the ptes (and shmem entries)
+    referring to a slot: fork shares swap entries (``swap_duplicate``).
+
+    Args:
+        slots: number of slots, slot 0 included.
+        page_size: bytes per slot.
+        path: the file; a private temporary file when None (deleted on close).
+    Concurrency:
+        Synchronous file I/O (``os.pwrite``/``os.pread``); owned by the Model.
+    """
+
+    def __init__(self, slots: int, page_size: int = 4096, path: str | os.PathLike[str] | None = None) -> None:
+        if slots < 2:
+            raise ValueError("a swap area needs the header slot and at least one more")
+        self.nslots = slots
+        self.page_size = page_size
+        if path is None:
+            self._file = tempfile.TemporaryFile(prefix="mmnotify-", suffix=".swap")
+            self.path = None
+        else:
+            self._file = open(path, "w+b")  # noqa: SIM115 - lives as long as the swap area
+            self.path = os.fspath(path)
+        self._fd = self._file.fileno()
+        os.ftruncate(self._fd, slots * page_size)  # sparse
+        self.swap_map = array("I", bytes(4 * slots))
+        self._next_unused = 1
+        self._free_stack = array("I")
+        self.in_use = 0
+        self.writes = 0
+        self.reads = 0
+
+    def nr_free(self) -> int:
+        return self.nslots - self._next_unused + len(self._free_stack)
+
+    def alloc(self) -> int:
+        """``get_swap_page``: a slot with use count 1.
+
+        Raises:
+            KernelError(ENOSPC): the swap area is full.
+        """
+        if self._free_stack:
+            slot = self._free_stack.pop()
+        elif self._next_unused < self.nslots:
+            slot = self._next_unused
+            self._next_unused += 1
+        else:
+            raise KernelError(Errno.ENOSPC, "swap area full")
+        self.swap_map[slot] = 1
+        self.in_use += 1
+        return slot
+
+    def duplicate(self, slot: int) -> None:
+        """``swap_duplicate``: one more pte refers to ``slot`` (fork)."""
+        if not self.swap_map[slot]:
+            raise AssertionError(f"swap_duplicate of free slot {slot}")
+        self.swap_map[slot] += 1
+
+    def free(self, slot: int) -> bool:
+        """``swap_free``: drop one use; the slot is free at zero.
+
+        Returns:
+            True if the slot was freed.
+        """
+        count = self.swap_map[slot]
+        if not count:
+            raise AssertionError(f"swap_free of free slot {slot}")
+        count -= 1
+        self.swap_map[slot] = count
+        if count:
+            return False
+        self._free_stack.append(slot)
+        self.in_use -= 1
+        return True
+
+    def write(self, slot: int, data: bytes | memoryview) -> None:
+        """``swap_writepage``."""
+        if len(data) != self.page_size:
+            raise ValueError("a swap slot holds exactly one page")
+        os.pwrite(self._fd, data, slot * self.page_size)
+        self.writes += 1
+
+    def read(self, slot: int) -> bytes:
+        """``swap_read_folio``."""
+        self.reads += 1
+        data = os.pread(self._fd, self.page_size, slot * self.page_size)
+        return data.ljust(self.page_size, b"\0")
+
+    def free_slots(self) -> set[int]:
+        free = set(self._free_stack)
+        free.update(range(self._next_unused, self.nslots))
+        return free
+
+    def metadata_bytes(self) -> int:
+        return sum(a.buffer_info()[1] * a.itemsize for a in (self.swap_map, self._free_stack))
+
+    def close(self) -> None:
+        self._file.close()
