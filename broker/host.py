@@ -73,6 +73,7 @@ from protocol.types import Errno, KernelError
 from transport import PeerGone, SocketOptions, bind, serve_socket
 
 from .effects import Deliver, Outcomes
+from .notifier import check_ops
 from .sessions import Refused, Sessions
 from .xpmem import Segments
 
@@ -432,9 +433,7 @@ class Host:
 
     async def _on_register(self, identity: bytes, msg: Register, now: float) -> None:
         try:
-            # validate the optional-hook table before anything changes
-            self.notifier.add_node(f"\0probe:{msg.name}", msg.ops, msg.sleepable)
-            self.notifier.remove_node(f"\0probe:{msg.name}")
+            check_ops(msg.ops, msg.sleepable)  # before anything changes
         except ValueError as exc:
             await self.send_node(identity, Error(ref=msg.id, code="bad_message", message=str(exc)))
             return

@@ -116,6 +116,24 @@ class IntervalSet:
         self._ends[lo:hi] = keep_e
 
 
+def check_ops(ops: frozenset[str] | set[str] | list[str], sleepable: bool) -> frozenset[str]:
+    """Validate an optional-hook table; returns it as a frozenset.
+
+    Raises:
+        ValueError: unknown callback names, start without end (or the
+            reverse), or a sleepable node without invalidate_range_start.
+    """
+    ops = frozenset(ops)
+    unknown = ops - set(NOTIFIER_OPS)
+    if unknown:
+        raise ValueError(f"unknown notifier ops {sorted(unknown)}")
+    if ("invalidate_range_start" in ops) != ("invalidate_range_end" in ops):
+        raise ValueError("invalidate_range_start and invalidate_range_end go together")
+    if sleepable and "invalidate_range_start" not in ops:
+        raise ValueError("a sleepable node must implement invalidate_range_start")
+    return ops
+
+
 @dataclass(slots=True)
 class NodeOps:
     """One registered subscriber: its callbacks and whether it may sleep."""
@@ -193,14 +211,7 @@ class NotifierCore:
             ValueError: unknown callback names, start without end (or the
                 reverse), or a sleepable node without invalidate_range_start.
         """
-        ops = frozenset(ops)
-        unknown = ops - set(NOTIFIER_OPS)
-        if unknown:
-            raise ValueError(f"unknown notifier ops {sorted(unknown)}")
-        if ("invalidate_range_start" in ops) != ("invalidate_range_end" in ops):
-            raise ValueError("invalidate_range_start and invalidate_range_end go together")
-        if sleepable and "invalidate_range_start" not in ops:
-            raise ValueError("a sleepable node must implement invalidate_range_start")
+        ops = check_ops(ops, sleepable)
         if name in self.nodes:
             self.remove_node(name)
         self.nodes[name] = NodeOps(name, ops, sleepable, next(self._generations))
@@ -462,4 +473,4 @@ class NotifierCore:
             yield self._deliver([(name, Release(id=next(self._ids), mm=mm)) for name in targets])
 
 
-__all__ = ["Ack", "IntervalSet", "Invalidation", "NodeOps", "NotifierCore", "Subscription"]
+__all__ = ["Ack", "IntervalSet", "check_ops", "Invalidation", "NodeOps", "NotifierCore", "Subscription"]
