@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,8 +97,25 @@ class NodeConfig:
             if value is not None:
                 setattr(cfg, key, value)
         if not cfg.name:
-            cfg.name = f"{cfg.kind}-{uuid.uuid4().hex[:6]}"
+            cfg.name = default_name(cfg.kind, env)
         return cfg
+
+
+def default_name(kind: str, env: dict[str, str]) -> str:
+    """The name of a node started without ``MMN_NAME``/``--name``.
+
+    With ``MMN_NAME_FROM_HOSTNAME=1`` (the container image sets it):
+    ``KIND-HOSTNAME``.  A container's hostname is its id, so every container
+    of ``docker compose up --scale xpmem=N`` gets its own name, and a
+    restarted container registers again under the name it had.  Otherwise
+    ``KIND-`` and 6 random hex digits, so several unnamed nodes of one kind
+    can run on one machine.
+    """
+    if env.get("MMN_NAME_FROM_HOSTNAME", "") not in ("", "0"):
+        host = socket.gethostname().split(".")[0]
+        if host and not any(c.isspace() for c in host):
+            return f"{kind}-{host}"
+    return f"{kind}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
