@@ -1,0 +1,49 @@
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+# The image of every mmnotify process: `mmn host` (the default command) and
+# `mmn node --kind kvm|gru|xpmem`; see docker-compose.yml and the README.
+#
+# Two ways to build it, one Dockerfile:
+#   * with a registry:  docker build -t mmnotify .
+#       base python:3.11-slim, the project and its dependencies from PyPI;
+#   * air-gapped:       scripts/build-images.sh
+#       base mmnotify-base:bookworm (debootstrap + docker import), and a wheels/
+#       directory in the build context: everything is installed from it with
+#       --no-index, nothing is downloaded.
+# The base needs python3 with venv (Debian: python3-venv); Debian's python3
+# refuses system-wide pip, so the project lives in a venv, /opt/mmn.
+
+ENV PATH=/opt/mmn/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+COPY . /src
+
+RUN set -eu; \
+    python3 -m venv /opt/mmn; \
+    if ls /src/wheels/mmnotify-*.whl >/dev/null 2>&1; then \
+        echo "installing from wheels/ (--no-index)"; \
+        /opt/mmn/bin/pip install --no-index --find-links /src/wheels mmnotify; \
+    else \
+        echo "no wheels/ in the build context: installing from the package index"; \
+        /opt/mmn/bin/pip install /src; \
+    fi; \
+    rm -rf /src; \
+    /opt/mmn/bin/mmn --help >/dev/null; \
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mmn
+
+# Containers: listen on every interface of the container (publish ports with
+# care: the admin port has no authentication); an unnamed node is called
+# KIND-HOSTNAME, unique per container and stable across restarts.
+ENV MMN_BIND=0.0.0.0 \
+    MMN_NAME_FROM_HOSTNAME=1
+
+USER mmn
+WORKDIR /tmp
+EXPOSE 7781 7782 7783
+ENTRYPOINT ["mmn"]
+CMD ["host"]

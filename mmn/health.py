@@ -1,0 +1,72 @@
+"""Container healthchecks: ``python -m mmn.health [--kind KIND]``.
+
+Without ``--kind``: healthy when the host answers ``status`` on its admin
+endpoint (``--host`` or ``$MMN_HOST``, default ``tcp://127.0.0.1:7782``).
+
+With ``--kind``: healthy when the host's status lists this node as ``live``.
+The node's name is worked out exactly as ``mmn node`` works it out
+(``NodeConfig.from_env``: ``$MMN_NAME``, else ``KIND-HOSTNAME`` under
+``MMN_NAME_FROM_HOSTNAME=1`` as in the image), so the check needs no name of
+its own and works for every container of ``docker compose up --scale``.
+
+Exit 0 healthy, 1 not (one line on stderr saying why), as Docker expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from .cli import DEFAULT_ADMIN, Failed, Unreachable, admin_call
+
+
+def node_state(status: dict[str, Any], name: str) -> str | None:
+    """The state (``live``/``fenced``/``gone``) of node ``name`` in a status
+    result, or None when the host does not know it."""
+    for node in status.get("nodes") or []:
+        if node.get("name") == name:
+            return str(node.get("state"))
+    return None
+
+
+def check(host: str, kind: str | None, timeout: float) -> str:
+    """One check.  Returns what was seen; raises ``RuntimeError`` when unhealthy."""
+    try:
+        status = trio.run(lambda: admin_call(host, "status", {}, timeout=timeout))
+    except (Unreachable, Failed) as exc:
+        raise RuntimeError(f"host at {host}: {exc}") from None
+    if kind is None:
+        nodes = status.get("nodes") or []
+        live = sum(1 for n in nodes if n.get("state") == "live")
+        return f"host at {host}: {live} live node(s)"
+    from node.runtime import NodeConfig
+
+    name = NodeConfig.from_env(kind=kind).name
+    state = node_state(status, name)
+    if state != "live":
+        raise RuntimeError(f"node {name}: {state or 'not registered'} at {host}")
+    return f"node {name}: live"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmn.health", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default=os.environ.get("MMN_HOST") or DEFAULT_ADMIN, help="admin endpoint ($MMN_HOST)")
+    p.add_argument("--kind", choices=("kvm", "gru", "xpmem"), default=None, help="check this node is live")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the host (3)")
+    ns = p.parse_args(argv)
+    try:
+        seen = check(ns.host, ns.kind, ns.timeout)
+    except RuntimeError as exc:
+        sys.stderr.write(f"unhealthy: {exc}\n")
+        return 1
+    sys.stdout.write(f"healthy: {seen}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
