@@ -259,7 +259,7 @@ class Host:
         else:
             logger.warning("node channel send failed: %s", exc)
 
-    def publish(self, kind: str, **fields: Any) -> None:
+    def publish(self, kind: str, /, **fields: Any) -> None:
         """Put an event on the PUB stream (dropped if the stream is backed up)."""
         self._event_seq += 1
         clean = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in fields.items()}
