@@ -140,6 +140,12 @@ class HostConfig:
         return cfg
 
 
+def _page_triples(pages: Any) -> list[list[int]]:
+    """GUP's ``(addr, pfn, writable)`` pages as the wire's ``[[int, int, int]]``
+    (``writable`` may be a bool: the codec takes ints only)."""
+    return [[int(addr), int(pfn), int(writable)] for addr, pfn, writable in pages]
+
+
 @dataclass
 class _AckSlot:
     event: trio.Event = field(default_factory=trio.Event)
@@ -489,14 +495,14 @@ class Host:
             await self.send_node(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value))
             return
         if pages is not None:
-            await self.send_node(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[list(p) for p in pages]))
+            await self.send_node(identity, GupReply(ref=msg.id, mm=msg.mm, pages=_page_triples(pages)))
             return
         self._nursery.start_soon(self._gup_slow, identity, name, msg)
 
     async def _gup_slow(self, identity: bytes, name: str, msg: Gup) -> None:
         try:
             pages = await self.locked(self.model.gup(msg.mm, msg.addr, msg.npages, msg.write, pin=msg.pin, node=name))
-            reply = GupReply(ref=msg.id, mm=msg.mm, pages=[list(p) for p in pages])
+            reply = GupReply(ref=msg.id, mm=msg.mm, pages=_page_triples(pages))
         except KernelError as exc:
             reply = GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value)
         session = self.sessions.by_name.get(name)
