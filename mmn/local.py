@@ -135,6 +135,8 @@ class Handle:
     slots: dict[str, _AckSlot] = field(default_factory=dict)
     done: bool = False
     value: Any = None
+    #: The KernelError the operation raised before its first delivery (re-raised by finish).
+    error: KernelError | None = None
 
 
 class LocalCluster:
@@ -561,6 +563,9 @@ class LocalCluster:
         except StopIteration as stop:
             self._locked = False
             return Handle(None, done=True, value=stop.value)
+        except KernelError as exc:  # failed before talking to anyone: finish() raises it
+            self._locked = False
+            return Handle(None, done=True, error=exc)
         except BaseException:
             self._locked = False
             raise
@@ -569,6 +574,8 @@ class LocalCluster:
     def finish(self, handle: Handle) -> Any:
         """Complete an operation begun with :meth:`begin`, release the lock, pump."""
         if handle.done:
+            if handle.error is not None:
+                raise handle.error
             return handle.value
         assert handle.op is not None and handle.effect is not None
         try:

@@ -934,18 +934,6 @@ def test_up_restart_brings_a_dead_node_back(standin: list[str], tmp_path: Path) 
 # mmn up against the real host and nodes
 
 
-def _real_host_available() -> bool:
-    import importlib.util
-
-    try:
-        return all(importlib.util.find_spec(m) is not None for m in ("broker.host", "broker.mm", "node.runtime"))
-    except ImportError:
-        return False
-
-
-needs_host = pytest.mark.skipif(not _real_host_available(), reason="the host is not built yet")
-
-
 def _children_of(pid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():
@@ -962,7 +950,6 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.integration
-@needs_host
 def test_up_once_json_with_every_node_live(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "mmn", "up", "--once", "--json", "--port-base", "0", "--logs", str(tmp_path)],
@@ -982,7 +969,6 @@ def test_up_once_json_with_every_node_live(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@needs_host
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_up_stops_every_child_on_signal(tmp_path: Path, signum: int) -> None:
     proc = subprocess.Popen(
@@ -1014,7 +1000,6 @@ def test_up_stops_every_child_on_signal(tmp_path: Path, signum: int) -> None:
 
 
 @pytest.mark.integration
-@needs_host
 def test_up_exits_non_zero_when_the_host_dies(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmn", "up", "--port-base", "0", "--logs", str(tmp_path), "--interval", "0.2"],

@@ -1,0 +1,452 @@
+"""KSM: merging identical private anonymous pages (``mm/ksm.c``).
+
+Sans-I/O, like the model it belongs to: :meth:`Ksm.scan`, :meth:`Ksm.full_scan`
+and :meth:`Ksm.unmerge_all` are operations (generators yielding notifier
+deliveries).  The host runs ``scan`` every ``sleep_millisecs`` while ``run`` is 1.
+
+The algorithm is the kernel's ``cmp_and_merge_page``, per page of a MERGEABLE
+vma, in address order across the mms (one pass = one ``full_scans``):
+
+1. a page already KSM: make sure its rmap item hangs on the stable node;
+2. ``stable_tree_search``: an identical KSM page with room
+   (``max_page_sharing``)?  -> ``try_to_merge_with_ksm_page``;
+3. the checksum changed since the last pass -> volatile, skip this pass;
+4. ``use_zero_pages`` and the page is all zeros -> merge with the zero page;
+5. ``unstable_tree_search_insert``: an identical candidate seen this pass?
+   -> ``try_to_merge_two_pages`` (this page becomes the KSM page, the
+   candidate is merged into it) else insert the page as a candidate.
+
+Merging one page (``try_to_merge_one_page``) is ``write_protect_page`` (the
+nodes are told with change_pte -- read-only, in place -- or a one-page
+invalidation, and the page's pin count is checked only after they acked:
+a node that pinned it, xpmem, unpins when invalidated), then the contents are
+compared -- only now, when no node can still write through an old writable
+entry -- then ``replace_page`` (change_pte to the KSM page, set the pte, drop
+the old page).  A page still pinned is never merged.
+
+Trees: the stable tree is keyed by the pages' digest (a stand-in for the
+kernel's memcmp-ordered rbtree; every hit is confirmed with a full compare);
+the unstable tree is rebuilt every pass.  Counters follow
+``/sys/kernel/mm/ksm`` and the kernel's arithmetic: ``pages_shared`` stable
+nodes in use, ``pages_sharing`` the further mappings of them,
+``pages_unshared`` unstable items, ``pages_volatile`` the remaining rmap items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from protocol.types import Errno, KernelError
+
+from .effects import Op
+from .memory import PG_DIRTY, PG_KSM, ZERO_PFN
+from .mm import PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, PTE_YOUNG, Mm, _present
+
+if TYPE_CHECKING:
+    from .mm import Model
+
+Key = tuple[int, int]  # (mm, addr)
+
+
+def page_digest(page: bytes | memoryview) -> bytes:
+    """``calc_checksum`` and tree key in one: 128-bit BLAKE2b of the page."""
+    return hashlib.blake2b(page, digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class RmapItem:
+    """``struct ksm_rmap_item``: one scanned page of a MERGEABLE vma."""
+
+    oldchecksum: bytes | None = None
+    #: None (volatile or skipped), "unstable" (a candidate), "stable" (merged)
+    state: str | None = None
+    kpfn: int = 0
+
+
+@dataclass(slots=True)
+class StableNode:
+    """``struct ksm_stable_node``: one KSM page and the mappings merged into it."""
+
+    kpfn: int
+    digest: bytes
+    items: set[Key] = field(default_factory=set)
+
+
+class Ksm:
+    """KSM for one :class:`broker.mm.Model`.
+
+    Knobs as ``/sys/kernel/mm/ksm``: ``run`` (0 stop, 1 run, 2 unmerge all),
+    ``pages_to_scan``, ``sleep_millisecs``, ``max_page_sharing``,
+    ``use_zero_pages``.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.run = 0
+        self.pages_to_scan = 100
+        self.sleep_millisecs = 20
+        self.max_page_sharing = 256
+        self.use_zero_pages = False
+        self.rmap: dict[Key, RmapItem] = {}
+        self.stable: dict[int, StableNode] = {}
+        self.stable_index: dict[bytes, list[int]] = {}
+        self.unstable: dict[bytes, Key] = {}
+        self.full_scans = 0
+        self.pages_scanned = 0
+        self.ksm_zero_pages = 0
+        self._queue: deque[Key] = deque()
+        self._in_pass = False
+        self._zero_digest = page_digest(bytes(model.page_size))
+
+    # -- sysfs ------------------------------------------------------------------
+
+    def set_knob(self, name: str, value: int) -> None:
+        """Set one ``/sys/kernel/mm/ksm`` knob.
+
+        Raises:
+            KernelError(EINVAL): unknown knob or value out of range.
+        """
+        limits = {"run": (0, 2), "pages_to_scan": (0, 1 << 20), "sleep_millisecs": (0, 1 << 20),
+                  "max_page_sharing": (2, 1 << 20), "use_zero_pages": (0, 1)}
+        if name not in limits or not isinstance(value, int) or not limits[name][0] <= value <= limits[name][1]:
+            raise KernelError(Errno.EINVAL, f"ksm {name}={value!r}")
+        setattr(self, name, bool(value) if name == "use_zero_pages" else value)
+
+    def stats(self) -> dict[str, int]:
+        shared = sharing = unshared = 0
+        for node in self.stable.values():
+            if node.items:
+                shared += 1
+                sharing += len(node.items) - 1
+        for item in self.rmap.values():
+            if item.state == "unstable":
+                unshared += 1
+        return {
+            "run": self.run,
+            "pages_to_scan": self.pages_to_scan,
+            "sleep_millisecs": self.sleep_millisecs,
+            "max_page_sharing": self.max_page_sharing,
+            "use_zero_pages": int(self.use_zero_pages),
+            "pages_shared": shared,
+            "pages_sharing": sharing,
+            "pages_unshared": unshared,
+            "pages_volatile": len(self.rmap) - shared - sharing - unshared,
+            "full_scans": self.full_scans,
+            "pages_scanned": self.pages_scanned,
+            "ksm_zero_pages": self.ksm_zero_pages,
+            "stable_node_dups": sum(len(v) - 1 for v in self.stable_index.values() if v),
+        }
+
+    # -- hooks from the model ----------------------------------------------------
+
+    def forget(self, mm: int, addr: int) -> None:
+        """The pte at (mm, addr) went away or changed page: drop its rmap item."""
+        item = self.rmap.pop((mm, addr), None)
+        if item is not None and item.state == "stable":
+            node = self.stable.get(item.kpfn)
+            if node is not None:
+                node.items.discard((mm, addr))
+
+    def forget_mm(self, mm: int) -> None:
+        for key in [k for k in self.rmap if k[0] == mm]:
+            self.forget(*key)
+
+    def page_freed(self, pfn: int) -> None:
+        """A KSM page's last reference went: its stable node goes too."""
+        node = self.stable.pop(pfn, None)
+        if node is None:
+            return
+        pfns = self.stable_index.get(node.digest, [])
+        if pfn in pfns:
+            pfns.remove(pfn)
+        if not pfns:
+            self.stable_index.pop(node.digest, None)
+        for key in node.items:
+            item = self.rmap.get(key)
+            if item is not None and item.state == "stable":
+                item.state = None
+
+    def zero_mapped(self) -> None:
+        self.ksm_zero_pages += 1
+
+    def zero_unmapped(self) -> None:
+        self.ksm_zero_pages -= 1
+
+    # -- scanning -------------------------------------------------------------------
+
+    def _mergeable_pages(self) -> Iterator[Key]:
+        for mm_id in sorted(self.model.mms):
+            m = self.model.mms[mm_id]
+            for vma in list(m.vmas):
+                if vma.mergeable and vma.shmem is None:
+                    for addr, pte in m.populated_in(vma.start, vma.end):
+                        if pte & PTE_PRESENT:
+                            yield (mm_id, addr)
+
+    def _start_pass(self) -> None:
+        self.unstable.clear()  # the unstable tree is rebuilt every pass
+        self._queue = deque(self._mergeable_pages())
+        self._in_pass = True
+
+    def scan(self, pages: int | None = None) -> Op[int]:
+        """``ksm_do_scan``: look at up to ``pages`` (``pages_to_scan``) pages.
+
+        Returns:
+            Pages looked at.
+        """
+        budget = self.pages_to_scan if pages is None else pages
+        done = 0
+        while done < budget:
+            if not self._in_pass:
+                self._start_pass()
+            if not self._queue:
+                self._in_pass = False
+                self.full_scans += 1
+                if done == 0 and not any(True for _ in self._mergeable_pages()):
+                    break  # nothing mergeable at all: do not spin
+                continue
+            key = self._queue.popleft()
+            done += 1
+            self.pages_scanned += 1
+            yield from self._cmp_and_merge_page(key)
+        return done
+
+    def full_scan(self) -> Op[int]:
+        """Scan until ``full_scans`` goes up by one (the rest of this pass, or
+        a whole pass if none is under way)."""
+        target = self.full_scans + 1
+        done = 0
+        while self.full_scans < target:
+            done += yield from self.scan(max(self.pages_to_scan, 1))
+        return done
+
+    def _page(self, key: Key) -> tuple[Mm, int, int] | None:
+        """(mm, pte, pfn) if ``key`` is a present, non-zero page of a mergeable
+        private vma; None otherwise."""
+        m = self.model.mms.get(key[0])
+        if m is None:
+            return None
+        vma = m.find_vma(key[1])
+        if vma is None or not vma.mergeable or vma.shmem is not None or vma.prot == "none":
+            return None
+        pte = m.get(key[1])
+        if not pte & PTE_PRESENT or pte >> PTE_SHIFT == ZERO_PFN:
+            return None
+        return m, pte, pte >> PTE_SHIFT
+
+    def _cmp_and_merge_page(self, key: Key) -> Op[None]:
+        got = self._page(key)
+        if got is None:
+            self.forget(*key)
+            return
+        m, _pte, pfn = got
+        mem = self.model.memory
+        item = self.rmap.setdefault(key, RmapItem())
+        if item.state == "unstable":
+            item.state = None  # revisited: it leaves last pass's unstable tree
+        if mem.flags[pfn] & PG_KSM:
+            node = self.stable.get(pfn)
+            if node is not None and not (item.state == "stable" and item.kpfn == pfn):
+                self._append(key, item, node)
+            return
+        if item.state == "stable":  # its KSM page was replaced by a copy
+            self.forget(*key)
+            item = self.rmap.setdefault(key, RmapItem())
+        digest = page_digest(mem.page(pfn))
+        kpfn = self._stable_search(digest, pfn)
+        if kpfn is not None:
+            if (yield from self._try_to_merge_with_ksm_page(m, key[1], pfn, kpfn)):
+                self._append(key, item, self.stable[kpfn])
+            return
+        if item.oldchecksum != digest:
+            item.oldchecksum = digest  # volatile: look again next pass
+            return
+        if self.use_zero_pages and digest == self._zero_digest and mem.is_zero_filled(pfn):
+            yield from self._merge_with_zero_page(m, key[1], pfn)
+            return
+        tree_key = self.unstable.get(digest)
+        tree = self._page(tree_key) if tree_key is not None and tree_key != key else None
+        if tree is None or tree[2] == pfn or mem.flags[tree[2]] & PG_KSM \
+                or not mem.pages_identical(pfn, tree[2]):
+            self.unstable[digest] = key
+            item.state = "unstable"
+            return
+        assert tree_key is not None
+        yield from self._try_to_merge_two_pages(m, key, item, pfn, digest, tree_key, tree[0], tree[2])
+
+    def _append(self, key: Key, item: RmapItem, node: StableNode) -> None:
+        """``stable_tree_append``."""
+        node.items.add(key)
+        item.state = "stable"
+        item.kpfn = node.kpfn
+
+    def _stable_search(self, digest: bytes, pfn: int) -> int | None:
+        mem = self.model.memory
+        for kpfn in self.stable_index.get(digest, []):
+            node = self.stable[kpfn]
+            if kpfn != pfn and len(node.items) < self.max_page_sharing and mem.pages_identical(pfn, kpfn):
+                return kpfn
+        return None
+
+    def _try_to_merge_two_pages(self, m: Mm, key: Key, item: RmapItem, pfn: int, digest: bytes,
+                                tree_key: Key, tm: Mm, tpfn: int) -> Op[None]:
+        """This page becomes the KSM page; the candidate is merged into it.  If
+        the second half fails, the first is unmerged again (``break_cow``)."""
+        mem = self.model.memory
+        if not (yield from self._write_protect_page(m, key[1], pfn)):
+            return
+        mem.flags[pfn] |= PG_KSM
+        node = StableNode(pfn, digest)
+        self.stable[pfn] = node
+        self.stable_index.setdefault(digest, []).append(pfn)
+        self._append(key, item, node)
+        tree_item = self.rmap.setdefault(tree_key, RmapItem())
+        if (yield from self._try_to_merge_with_ksm_page(tm, tree_key[1], tpfn, pfn)):
+            if self.unstable.get(digest) == tree_key:
+                del self.unstable[digest]
+            self._append(tree_key, tree_item, node)
+        else:
+            yield from self._break_ksm(m, key[1])
+
+    def _try_to_merge_with_ksm_page(self, m: Mm, addr: int, pfn: int, kpfn: int) -> Op[bool]:
+        """``try_to_merge_one_page``: write-protect, compare, replace."""
+        if not (yield from self._write_protect_page(m, addr, pfn)):
+            return False
+        mem = self.model.memory
+        if not mem.flags[kpfn] & PG_KSM or kpfn not in self.stable:
+            return False
+        if not mem.pages_identical(pfn, kpfn):
+            return False  # written before every node had acked the protection
+        return (yield from self._replace_page(m, addr, pfn, kpfn))
+
+    def _write_protect_page(self, m: Mm, addr: int, pfn: int) -> Op[bool]:
+        """``write_protect_page``: the pte and every node's entry read-only;
+        then the pin check (a pinned page is never merged)."""
+        model = self.model
+        mem = model.memory
+        pte = m.get(addr)
+        if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn:
+            return False
+        if not pte & (PTE_WRITE | PTE_DIRTY):
+            return not mem.pincount[pfn]
+
+        def commit() -> bool:
+            now = m.get(addr)
+            if not now & PTE_PRESENT or now >> PTE_SHIFT != pfn:
+                return False
+            # "page_mapcount(page) + 1 + swapped != page_count(page)": a pin
+            if mem.pincount[pfn]:
+                return False
+            m.set(addr, now & ~(PTE_WRITE | PTE_DIRTY))
+            mem.flags[pfn] |= PG_DIRTY
+            return True
+
+        return (yield from model._set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte))
+
+    def _replace_page(self, m: Mm, addr: int, pfn: int, kpfn: int) -> Op[bool]:
+        """``replace_page``: change_pte to the KSM page, set the pte, drop the old page."""
+        model = self.model
+        mem = model.memory
+        pte = m.get(addr)
+        if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or pte & PTE_WRITE or mem.pincount[pfn]:
+            return False
+
+        def commit() -> bool:
+            now = m.get(addr)
+            if now >> PTE_SHIFT != pfn or not now & PTE_PRESENT:
+                return False
+            mem.mapcount[kpfn] += 1
+            mem.get_page(kpfn)
+            m.set(addr, _present(kpfn, False, False, bool(now & PTE_YOUNG)))
+            mem.mapcount[pfn] -= 1
+            model._put(pfn)
+            return True
+
+        return (yield from model._set_pte_at_notify(m.id, addr, kpfn, False, commit, wrap=model.wrap_change_pte))
+
+    def _merge_with_zero_page(self, m: Mm, addr: int, pfn: int) -> Op[bool]:
+        """``use_zero_pages``: an all-zero page is replaced by the zero page."""
+        model = self.model
+        mem = model.memory
+        if not (yield from self._write_protect_page(m, addr, pfn)):
+            return False
+        if not mem.is_zero_filled(pfn):
+            return False
+
+        def commit() -> bool:
+            now = m.get(addr)
+            if now >> PTE_SHIFT != pfn or not now & PTE_PRESENT or mem.pincount[pfn]:
+                return False
+            m.set(addr, _present(ZERO_PFN, False) | PTE_KSM_ZERO)
+            mem.mapcount[pfn] -= 1
+            model._put(pfn)
+            self.ksm_zero_pages += 1
+            return True
+
+        return (yield from model._set_pte_at_notify(m.id, addr, ZERO_PFN, False, commit, wrap=model.wrap_change_pte))
+
+    # -- unmerging ----------------------------------------------------------------------
+
+    def _break_ksm(self, m: Mm, addr: int) -> Op[None]:
+        """``break_ksm``: an unsharing fault replaces a KSM (or KSM zero) page
+        by a private copy."""
+        pte = m.get(addr)
+        if not pte & PTE_PRESENT:
+            return
+        pfn = pte >> PTE_SHIFT
+        if not (self.model.memory.flags[pfn] & PG_KSM if pfn != ZERO_PFN else pte & PTE_KSM_ZERO):
+            return
+        vma = m.find_vma(addr)
+        writable = vma is not None and vma.prot == "rw" and not vma.shared
+        yield from self.model._cow_break(m, addr, pte, writable=writable)
+
+    def unmerge_range(self, m: Mm, start: int, end: int) -> Op[None]:
+        """``unmerge_ksm_pages`` (MADV_UNMERGEABLE): every KSM page of the range unshared."""
+        for addr, _pte in list(m.populated_in(start, end)):
+            if m.id in self.model.mms:
+                yield from self._break_ksm(m, addr)
+        for key in [k for k in self.rmap if k[0] == m.id and start <= k[1] < end]:
+            self.forget(*key)
+
+    def unmerge_all(self) -> Op[None]:
+        """``run`` = 2: unmerge every KSM page and forget every rmap item."""
+        for mm_id in sorted(self.model.mms):
+            m = self.model.mms.get(mm_id)
+            if m is None:
+                continue
+            for vma in list(m.vmas):
+                if vma.mergeable:
+                    yield from self.unmerge_range(m, vma.start, vma.end)
+        self.rmap.clear()
+        self.unstable.clear()
+        self._queue.clear()
+        self._in_pass = False
+
+    # -- checking --------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        mem = self.model.memory
+        for kpfn, node in self.stable.items():
+            assert mem.flags[kpfn] & PG_KSM and mem.refcount[kpfn], f"stable node {kpfn} without its page"
+            for key in node.items:
+                item = self.rmap.get(key)
+                assert item is not None and item.state == "stable" and item.kpfn == kpfn, (key, item)
+                m = self.model.mms[key[0]]
+                assert m.get(key[1]) >> PTE_SHIFT == kpfn, f"{key} merged into {kpfn} maps another page"
+        zero = 0
+        for m in self.model.mms.values():
+            for chunk in m.pgd.values():
+                for pte in chunk:
+                    if pte & PTE_KSM_ZERO:
+                        zero += 1
+        assert zero == self.ksm_zero_pages, f"ksm_zero_pages {self.ksm_zero_pages}, ptes {zero}"
+        for pfn in range(1, mem.nframes):
+            if mem.flags[pfn] & PG_KSM and mem.refcount[pfn]:
+                assert pfn in self.stable, f"KSM page {pfn} has no stable node"
+
+    def describe(self) -> dict[str, Any]:
+        return self.stats()

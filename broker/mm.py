@@ -1,0 +1,1165 @@
+"""The primary MMU: address spaces, page tables, faults, GUP and the DMA oracle.
+
+Sans-I/O.  Every operation that must tell secondary MMUs something is a
+generator (:data:`broker.effects.Op`) that yields the notifier core's
+:class:`~broker.effects.Deliver` effects; a driver (``run_sync``, the host's
+trio shell, ``mmn.local``) carries them and resumes the operation with the
+acks.  Between two yields an operation runs without interruption.
+
+Kernel references, by operation (DESIGN §2):
+
+========================  ===============================================
+mmap / munmap             ``mm/mmap.c`` (``do_vmi_munmap``, one
+                          ``mmu_notifier_range`` over the whole range)
+host read/write fault     ``mm/memory.c`` ``handle_mm_fault``:
+                          ``do_anonymous_page`` (zero page on read),
+                          ``do_wp_page`` / ``wp_page_copy`` (COW break:
+                          start(CLEAR) of one page, ``set_pte_at_notify``
+                          of the new writable pte, end)
+madvise DONTNEED          ``mm/madvise.c`` -> ``zap_page_range_single``
+mprotect                  ``mm/mprotect.c`` ``change_protection``
+                          (PROTECTION_VMA on a downgrade only)
+fork                      ``kernel/fork.c`` ``dup_mmap`` ->
+                          ``copy_page_range`` (PROTECTION_PAGE on the
+                          parent; pinned pages copied at once,
+                          ``page_needs_cow_for_dma``)
+reclaim                   ``mm/vmscan.c`` ``shrink_folio_list``:
+                          ``folio_referenced`` (pte young |
+                          ``clear_flush_young`` of the nodes), then
+                          ``try_to_unmap`` (start/end CLEAR), swap out
+migration                 ``mm/migrate.c`` (start/end MIGRATE)
+get_user_pages            ``mm/gup.c``: ``check_vma_flags`` (EFAULT /
+                          EPERM), ``faultin_page``; FOLL_PIN of a shared
+                          anonymous page unshares it first
+                          (``gup_must_unshare``)
+exit                      ``mm/mmap.c`` ``exit_mmap``: ``mmu_notifier_release``
+                          first
+========================  ===============================================
+
+Page table entries are 64-bit integers in per-mm chunks of 512 (one
+``array('Q')`` per populated 2 MiB of address space with 4 KiB pages), so a
+mapped page costs 8 bytes of page table plus 13 bytes of frame metadata::
+
+    bit 0 PRESENT   bit 1 WRITE   bit 2 DIRTY   bit 3 YOUNG
+    bit 4 SWAP      bit 5 KSM_ZERO (a zero page KSM merged, is_ksm_zero_pte)
+    bits 8.. pfn (present) or swap slot (swapped); 0 = pte_none
+
+Not modelled: reverse maps of pages mapped by more than one pte (reclaim and
+migration skip such pages, as they skip pinned, KSM and shmem pages);
+transparent huge pages; file mappings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from array import array
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
+
+from .effects import Op
+from .memory import PG_ANON, PG_DIRTY, PG_KSM, PG_SHMEM, ZERO_PFN, PhysicalMemory, SwapFile
+from .notifier import NotifierCore
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PTE_PRESENT = 0x01
+PTE_WRITE = 0x02
+PTE_DIRTY = 0x04
+PTE_YOUNG = 0x08
+PTE_SWAP = 0x10
+PTE_KSM_ZERO = 0x20
+PTE_SHIFT = 8
+
+CHUNK_PAGES = 512
+PROTS = ("none", "r", "rw")
+#: First address mmap hands out (below it: nothing, like mmap_min_addr and the binary).
+MMAP_BASE = 0x10000000
+#: Largest number of pages one GUP may ask for.
+MAX_GUP_PAGES = 4096
+
+_RANK = {"none": 0, "r": 1, "rw": 2}
+
+
+def _present(pfn: int, writable: bool, dirty: bool = False, young: bool = False) -> int:
+    return (
+        (pfn << PTE_SHIFT)
+        | PTE_PRESENT
+        | (PTE_WRITE if writable else 0)
+        | (PTE_DIRTY if dirty else 0)
+        | (PTE_YOUNG if young else 0)
+    )
+
+
+@dataclass(slots=True)
+class Shmem:
+    """A shared anonymous object (``shmem_zero_setup``): its page cache.
+
+    Each cached page holds one reference.  The object lives while a vma maps it.
+    """
+
+    pages: dict[int, int] = field(default_factory=dict)  # page offset -> pfn
+    users: int = 0
+
+
+@dataclass(slots=True)
+class Vma:
+    """``struct vm_area_struct`` of an anonymous mapping."""
+
+    start: int
+    end: int
+    prot: str
+    shared: bool = False
+    mergeable: bool = False
+    shmem: Shmem | None = None
+    #: Page offset of ``start`` in the shmem object.
+    pgoff: int = 0
+
+    def split(self, at: int, page_size: int) -> Vma:
+        """Cut at ``at``; self keeps ``[start, at)``, returns ``[at, end)``."""
+        tail = Vma(at, self.end, self.prot, self.shared, self.mergeable, self.shmem,
+                   self.pgoff + (at - self.start) // page_size)
+        if self.shmem is not None:
+            self.shmem.users += 1
+        self.end = at
+        return tail
+
+    def describe(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "prot": self.prot, "shared": self.shared,
+                "mergeable": self.mergeable}
+
+
+class Mm:
+    """``struct mm_struct``: vmas (sorted, disjoint) and a chunked page table."""
+
+    __slots__ = ("id", "vmas", "starts", "pgd", "populated", "next_addr", "page_size", "chunk_bytes")
+
+    def __init__(self, mm_id: int, page_size: int) -> None:
+        self.id = mm_id
+        self.vmas: list[Vma] = []
+        self.starts: list[int] = []
+        #: chunk index -> 512 ptes; populated[chunk] = number of non-none ptes in it
+        self.pgd: dict[int, array] = {}
+        self.populated: dict[int, int] = {}
+        self.next_addr = MMAP_BASE
+        self.page_size = page_size
+        self.chunk_bytes = page_size * CHUNK_PAGES
+
+    # -- vmas -------------------------------------------------------------------
+
+    def find_vma(self, addr: int) -> Vma | None:
+        i = bisect_right(self.starts, addr) - 1
+        if i >= 0 and self.vmas[i].end > addr:
+            return self.vmas[i]
+        return None
+
+    def _reindex(self) -> None:
+        self.vmas.sort(key=lambda v: v.start)
+        self.starts = [v.start for v in self.vmas]
+
+    def vmas_in(self, start: int, end: int) -> list[Vma]:
+        i = max(bisect_right(self.starts, start) - 1, 0)
+        out = []
+        for vma in self.vmas[i:]:
+            if vma.start >= end:
+                break
+            if vma.end > start:
+                out.append(vma)
+        return out
+
+    def split_at(self, addr: int) -> None:
+        """Make ``addr`` a vma boundary if a vma spans it (``split_vma``)."""
+        vma = self.find_vma(addr)
+        if vma is not None and vma.start < addr:
+            self.vmas.append(vma.split(addr, self.page_size))
+            self._reindex()
+
+    def isolate(self, start: int, end: int) -> list[Vma]:
+        """Split so that ``[start, end)`` is covered by whole vmas; return them."""
+        self.split_at(start)
+        self.split_at(end)
+        return self.vmas_in(start, end)
+
+    def covered_prefix(self, start: int, end: int) -> tuple[list[Vma], bool]:
+        """The vmas covering ``[start, end)`` from ``start`` up to the first hole.
+
+        Returns:
+            (vmas, complete): complete is False if a hole lies in the range.
+        """
+        out: list[Vma] = []
+        at = start
+        for vma in self.vmas_in(start, end):
+            if vma.start > at:
+                return out, False
+            out.append(vma)
+            at = vma.end
+        return out, at >= end
+
+    # -- page table ---------------------------------------------------------------
+
+    def get(self, addr: int) -> int:
+        chunk = self.pgd.get(addr // self.chunk_bytes)
+        if chunk is None:
+            return 0
+        return chunk[(addr % self.chunk_bytes) // self.page_size]
+
+    def set(self, addr: int, pte: int) -> None:
+        index = addr // self.chunk_bytes
+        chunk = self.pgd.get(index)
+        slot = (addr % self.chunk_bytes) // self.page_size
+        if chunk is None:
+            if not pte:
+                return
+            chunk = self.pgd[index] = array("Q", bytes(8 * CHUNK_PAGES))
+            self.populated[index] = 0
+        old = chunk[slot]
+        chunk[slot] = pte
+        if bool(old) != bool(pte):
+            count = self.populated[index] + (1 if pte else -1)
+            if count:
+                self.populated[index] = count
+            else:
+                del self.pgd[index]
+                del self.populated[index]
+
+    def populated_in(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """(addr, pte) of every non-none pte in ``[start, end)``, ascending.
+
+        Costs O(populated chunks of the mm + ptes in the chunks touched): a
+        1 GiB range with one page populated visits one chunk.
+        """
+        first, last = start // self.chunk_bytes, (end - 1) // self.chunk_bytes
+        if last - first + 1 <= len(self.pgd):
+            indexes: Any = (i for i in range(first, last + 1) if i in self.pgd)
+        else:
+            indexes = sorted(i for i in self.pgd if first <= i <= last)
+        for index in indexes:
+            chunk = self.pgd.get(index)
+            if chunk is None:
+                continue
+            base = index * self.chunk_bytes
+            lo = max(0, (start - base) // self.page_size)
+            hi = min(CHUNK_PAGES, -(-(end - base) // self.page_size))
+            for slot in range(lo, hi):
+                pte = chunk[slot]
+                if pte:
+                    yield base + slot * self.page_size, pte
+
+    def rss(self) -> tuple[int, int]:
+        """(present ptes, swapped ptes)."""
+        present = swapped = 0
+        for chunk in self.pgd.values():
+            for pte in chunk:
+                if pte & PTE_PRESENT:
+                    present += 1
+                elif pte & PTE_SWAP:
+                    swapped += 1
+        return present, swapped
+
+
+class Model:
+    """The host's primary MMU.
+
+    Args:
+        frames: physical page frames (the zero frame included).
+        page_size: bytes per page.
+        swap_path: the swap file (a temporary file if None).
+        swap_slots: swap slots.
+        wrap_change_pte: the 3.7–6.9 mode (KSM's change_pte wrapped in
+            start/end(CLEAR)).
+    Concurrency:
+        Synchronous and single-threaded.  The host runs at most one mutating
+        operation (generator) at a time under its lock; :meth:`gup_fast`,
+        :meth:`dma_read`, :meth:`dma_write`, :meth:`unpin` and
+        :meth:`fence_node` may run between two yields of that operation (they
+        see the primary as it was before the operation's pending change).
+    """
+
+    def __init__(
+        self,
+        frames: int = 4096,
+        page_size: int = 4096,
+        swap_path: str | None = None,
+        swap_slots: int = 4096,
+        wrap_change_pte: bool = False,
+    ) -> None:
+        from .ksm import Ksm  # ksm.py imports this module's constants
+
+        self.page_size = page_size
+        self.memory = PhysicalMemory(frames, page_size)
+        self.swap = SwapFile(swap_slots, page_size, swap_path)
+        self.notifier = NotifierCore(page_size, wrap_change_pte=wrap_change_pte)
+        self.wrap_change_pte = wrap_change_pte
+        self.mms: dict[int, Mm] = {}
+        self._mm_ids = itertools.count(1)
+        #: node -> (mm, pfn) -> Counter(addr -> pins)
+        self.pins: dict[str, dict[tuple[int, int], Counter[int]]] = {}
+        #: (mm, addr) -> new pfn, while a set_pte_at_notify is being delivered:
+        #: GUP-fast does not serve these (the kernel has cleared the pte), a
+        #: node that already repointed may read the new pfn.
+        self.pending: dict[tuple[int, int], int] = {}
+        self.stale_accesses = 0
+        self.counters: Counter[str] = Counter()
+        self.ksm = Ksm(self)
+
+    # ------------------------------------------------------------------ helpers
+
+    def check_mm(self, mm: int) -> Mm:
+        """Raises KernelError(ESRCH) if there is no such mm."""
+        try:
+            return self.mms[mm]
+        except (KeyError, TypeError):
+            raise KernelError(Errno.ESRCH, f"no mm {mm}") from None
+
+    def _range(self, addr: int, length: int, *, allow_empty: bool = False) -> tuple[int, int]:
+        """Validate ``addr`` (page aligned) and round ``length`` up to pages."""
+        ps = self.page_size
+        if not isinstance(addr, int) or not isinstance(length, int) or addr < 0 or length < 0:
+            raise KernelError(Errno.EINVAL, "address and length must be non-negative integers")
+        if addr % ps:
+            raise KernelError(Errno.EINVAL, f"address {addr:#x} is not page aligned")
+        if length == 0 and not allow_empty:
+            raise KernelError(Errno.EINVAL, "length is zero")
+        end = addr + -(-length // ps) * ps
+        if end > ADDRESS_LIMIT:
+            raise KernelError(Errno.ENOMEM, f"[{addr:#x}, {end:#x}) is beyond the address space")
+        return addr, end
+
+    def _put(self, pfn: int) -> None:
+        """``put_page`` that also retires a freed KSM page's stable node."""
+        if pfn == ZERO_PFN:
+            return
+        was_ksm = self.memory.flags[pfn] & PG_KSM
+        if self.memory.put_page(pfn) and was_ksm:
+            self.ksm.page_freed(pfn)
+
+    def _unmap_pte(self, mm: Mm, addr: int, pte: int) -> None:
+        """Drop one pte's hold on its frame or swap slot; the pte becomes none."""
+        if pte & PTE_PRESENT:
+            pfn = pte >> PTE_SHIFT
+            if pfn != ZERO_PFN:
+                self.memory.mapcount[pfn] -= 1
+                self._put(pfn)
+            elif pte & PTE_KSM_ZERO:
+                self.ksm.zero_unmapped()
+        elif pte & PTE_SWAP:
+            self.swap.free(pte >> PTE_SHIFT)
+        mm.set(addr, 0)
+        self.ksm.forget(mm.id, addr)
+
+    def _zap(self, mm: Mm, start: int, end: int) -> int:
+        """``zap_pte_range`` over ``[start, end)``; returns ptes zapped."""
+        zapped = 0
+        for addr, pte in list(mm.populated_in(start, end)):
+            self._unmap_pte(mm, addr, pte)
+            zapped += 1
+        return zapped
+
+    def _drop_vma(self, vma: Vma) -> None:
+        if vma.shmem is not None:
+            vma.shmem.users -= 1
+            if vma.shmem.users == 0:
+                for pfn in vma.shmem.pages.values():
+                    self.memory.flags[pfn] &= ~PG_SHMEM
+                    self._put(pfn)
+                vma.shmem.pages.clear()
+
+    def pte(self, mm: int, addr: int) -> tuple[int, bool, bool, bool] | None:
+        """The present, accessible pte at ``addr``: (pfn, writable, dirty, young).
+
+        None when not present, swapped, or in a PROT_NONE vma (``pte_protnone``).
+        """
+        m = self.mms.get(mm)
+        if m is None:
+            return None
+        page = addr - addr % self.page_size
+        pte = m.get(page)
+        if not pte & PTE_PRESENT:
+            return None
+        vma = m.find_vma(page)
+        if vma is None or vma.prot == "none":
+            return None
+        return (pte >> PTE_SHIFT, bool(pte & PTE_WRITE), bool(pte & PTE_DIRTY), bool(pte & PTE_YOUNG))
+
+    def is_pinned_by(self, node: str, mm: int, addr: int, pfn: int) -> bool:
+        held = self.pins.get(node, {}).get((mm, pfn))
+        return bool(held and held.get(addr - addr % self.page_size))
+
+    # ------------------------------------------------------------- address spaces
+
+    def spawn(self) -> int:
+        """A new, empty mm; returns its id."""
+        mm_id = next(self._mm_ids)
+        self.mms[mm_id] = Mm(mm_id, self.page_size)
+        return mm_id
+
+    def describe_mms(self) -> list[dict[str, Any]]:
+        out = []
+        for mm in self.mms.values():
+            present, swapped = mm.rss()
+            out.append({
+                "mm": mm.id,
+                "vmas": [v.describe() for v in mm.vmas],
+                "rss": present,
+                "swapped": swapped,
+                "subscribers": sorted(self.notifier.subscribed(mm.id)),
+            })
+        return out
+
+    def mmap(self, mm: int, npages: int, prot: str = "rw", *, shared: bool = False,
+             mergeable: bool = False) -> Op[int]:
+        """``mmap(NULL, npages * page_size, prot, MAP_ANONYMOUS | ...)``.
+
+        Returns:
+            The start address.  Nothing is populated; no notifier traffic.
+        Raises:
+            KernelError: ESRCH (no mm), EINVAL (npages < 1, unknown prot,
+                MERGEABLE on a shared mapping), ENOMEM (address space full).
+        """
+        m = self.check_mm(mm)
+        if not isinstance(npages, int) or npages < 1:
+            raise KernelError(Errno.EINVAL, f"cannot map {npages!r} pages")
+        if prot not in PROTS:
+            raise KernelError(Errno.EINVAL, f"protection {prot!r} is not one of {', '.join(PROTS)}")
+        if shared and mergeable:
+            raise KernelError(Errno.EINVAL, "KSM merges private anonymous memory only")
+        start = m.next_addr
+        end = start + npages * self.page_size
+        if end > ADDRESS_LIMIT:
+            raise KernelError(Errno.ENOMEM, "address space exhausted")
+        m.next_addr = end + self.page_size  # a guard gap: mappings stay separate vmas
+        vma = Vma(start, end, prot, shared, mergeable, Shmem(users=1) if shared else None)
+        m.vmas.append(vma)
+        m._reindex()
+        return start
+        yield  # pragma: no cover - an operation, for a uniform calling convention
+
+    def munmap(self, mm: int, addr: int, length: int) -> Op[None]:
+        """``munmap``: one start/end(UNMAP) over the range, ptes zapped between.
+
+        Holes in the range are fine (the kernel returns 0).
+        Raises:
+            KernelError: ESRCH, EINVAL (unaligned, zero length).
+        """
+        m = self.check_mm(mm)
+        start, end = self._range(addr, length)
+        if not m.vmas_in(start, end):
+            return
+        inv = yield from self.notifier.invalidate_range_start(Range(mm, start, end, NotifyEvent.UNMAP))
+        self._zap(m, start, end)
+        for vma in m.isolate(start, end):
+            m.vmas.remove(vma)
+            self._drop_vma(vma)
+        m._reindex()
+        yield from self.notifier.invalidate_range_end(inv)
+
+    def exit_mm(self, mm: int) -> Op[None]:
+        """``exit_mmap``: ``mmu_notifier_release`` first (every subscriber
+        drops everything), then every pte and vma goes, then the mm."""
+        m = self.check_mm(mm)
+        yield from self.notifier.release(mm)
+        for vma in list(m.vmas):
+            self._zap(m, vma.start, vma.end)
+            self._drop_vma(vma)
+        m.vmas.clear()
+        m._reindex()
+        self.ksm.forget_mm(mm)
+        del self.mms[mm]
+        self.notifier.forget_mm(mm)
+
+    def mprotect(self, mm: int, addr: int, length: int, prot: str) -> Op[None]:
+        """``mprotect``.  A downgrade (rw -> r, anything -> none) sends one
+        start/end(PROTECTION_VMA) over the changed part and write-protects
+        its ptes; an upgrade changes the vmas only (later faults do the rest).
+
+        Raises:
+            KernelError: ESRCH, EINVAL (unaligned, unknown prot), ENOMEM (the
+                range has a hole: the vmas before the first hole are changed,
+                as the kernel does).
+        """
+        m = self.check_mm(mm)
+        start, end = self._range(addr, length, allow_empty=True)
+        if prot not in PROTS:
+            raise KernelError(Errno.EINVAL, f"protection {prot!r} is not one of {', '.join(PROTS)}")
+        if start == end:
+            return
+        vmas, complete = m.covered_prefix(start, end)
+        if not vmas:
+            raise KernelError(Errno.ENOMEM, f"{start:#x} is not mapped")
+        stop = end if complete else vmas[-1].end
+        downgrade = any(_RANK[prot] < _RANK[v.prot] for v in vmas)
+        inv = None
+        if downgrade:
+            inv = yield from self.notifier.invalidate_range_start(Range(mm, start, stop, NotifyEvent.PROTECTION_VMA))
+        for vma in m.isolate(start, stop):
+            if _RANK[prot] < _RANK[vma.prot]:
+                for page, pte in list(m.populated_in(vma.start, vma.end)):
+                    if pte & PTE_WRITE:
+                        m.set(page, pte & ~PTE_WRITE)
+            vma.prot = prot
+        if inv is not None:
+            yield from self.notifier.invalidate_range_end(inv)
+        if not complete:
+            raise KernelError(Errno.ENOMEM, f"[{start:#x}, {end:#x}) has an unmapped hole at {stop:#x}")
+
+    def madvise(self, mm: int, addr: int, length: int, advice: str, *, blockable: bool = True) -> Op[None]:
+        """``madvise``: ``dontneed`` (start/end(CLEAR), zap), ``mergeable``,
+        ``unmergeable`` (KSM pages of the range are unshared first).
+
+        Args:
+            blockable: False models a caller that may not sleep (the OOM
+                reaper): a sleepable node's EAGAIN aborts with nothing changed.
+        Raises:
+            KernelError: ESRCH, EINVAL (unaligned, unknown advice, MERGEABLE on
+                a shared mapping), EAGAIN (non-blockable and a node cannot
+                sleep), ENOMEM (the range has holes; the mapped parts were
+                advised, as the kernel does).
+        """
+        m = self.check_mm(mm)
+        advice = advice.lower() if isinstance(advice, str) else advice
+        if advice not in ("dontneed", "mergeable", "unmergeable"):
+            raise KernelError(Errno.EINVAL, f"unknown advice {advice!r}")
+        start, end = self._range(addr, length, allow_empty=True)
+        if start == end:
+            return
+        vmas = m.vmas_in(start, end)
+        covered = sum(min(v.end, end) - max(v.start, start) for v in vmas)
+        hole = covered < end - start
+        if advice == "dontneed":
+            if vmas:
+                rng = Range(mm, start, end, NotifyEvent.CLEAR, blockable)
+                inv = yield from self.notifier.invalidate_range_start(rng)
+                self._zap(m, start, end)
+                yield from self.notifier.invalidate_range_end(inv)
+        else:
+            want = advice == "mergeable"
+            if want and any(v.shared for v in vmas):
+                raise KernelError(Errno.EINVAL, "KSM merges private anonymous memory only")
+            for vma in m.isolate(start, end) if vmas else []:
+                if not want and vma.mergeable:
+                    yield from self.ksm.unmerge_range(m, vma.start, vma.end)
+                vma.mergeable = want
+        if hole:
+            raise KernelError(Errno.ENOMEM, f"[{start:#x}, {end:#x}) is not entirely mapped")
+
+    def fork(self, mm: int) -> Op[int]:
+        """``dup_mmap``: a child with the same vmas.  Private writable ptes of
+        the parent become read-only in both (COW) after one
+        start/end(PROTECTION_PAGE) per such vma; a pinned private page is
+        copied for the child at once (``page_needs_cow_for_dma``); shared
+        mappings share their pages; swap entries are duplicated.
+
+        Returns:
+            The child's mm id.
+        Raises:
+            KernelError: ESRCH, ENOMEM (not enough frames to copy pinned pages;
+                the child is torn down and nothing of the parent changed).
+        """
+        parent = self.check_mm(mm)
+        child_id = self.spawn()
+        child = self.mms[child_id]
+        child.next_addr = parent.next_addr
+        mem = self.memory
+        try:
+            for vma in parent.vmas:
+                copy = Vma(vma.start, vma.end, vma.prot, vma.shared, vma.mergeable, vma.shmem, vma.pgoff)
+                if vma.shmem is not None:
+                    vma.shmem.users += 1
+                child.vmas.append(copy)
+                child._reindex()
+                ptes = list(parent.populated_in(vma.start, vma.end))
+                cow = not vma.shared and any(p & PTE_WRITE for _, p in ptes)
+                inv = None
+                if cow:
+                    rng = Range(mm, vma.start, vma.end, NotifyEvent.PROTECTION_PAGE)
+                    inv = yield from self.notifier.invalidate_range_start(rng)
+                    ptes = list(parent.populated_in(vma.start, vma.end))
+                for addr, pte in ptes:
+                    if pte & PTE_SWAP:
+                        self.swap.duplicate(pte >> PTE_SHIFT)
+                        child.set(addr, pte)
+                        continue
+                    pfn = pte >> PTE_SHIFT
+                    if vma.shared:
+                        child.set(addr, pte & ~PTE_YOUNG)
+                        mem.mapcount[pfn] += 1
+                        mem.get_page(pfn)
+                        continue
+                    if pfn != ZERO_PFN and mem.pincount[pfn]:
+                        # copy_present_page: the child gets its own copy now,
+                        # the parent keeps the pinned page exclusive.
+                        new = mem.alloc(zero=False)
+                        mem.copy(new, pfn)
+                        mem.flags[new] = PG_ANON
+                        mem.mapcount[new] = 1
+                        child.set(addr, _present(new, bool(pte & PTE_WRITE), True))
+                        continue
+                    ro = pte & ~(PTE_WRITE | PTE_YOUNG)
+                    if pte & PTE_WRITE:
+                        parent.set(addr, pte & ~PTE_WRITE)
+                    child.set(addr, ro)
+                    if pfn != ZERO_PFN:
+                        mem.mapcount[pfn] += 1
+                        mem.get_page(pfn)
+                    elif pte & PTE_KSM_ZERO:
+                        self.ksm.zero_mapped()
+                if inv is not None:
+                    yield from self.notifier.invalidate_range_end(inv)
+        except KernelError:
+            yield from self.exit_mm(child_id)
+            raise
+        return child_id
+
+    # ------------------------------------------------------------------- faults
+
+    def _vma_for(self, m: Mm, addr: int, write: bool, *, gup: bool) -> Vma:
+        """``check_vma_flags``.  Host CPU faults give EFAULT (SIGSEGV); GUP gives
+        EFAULT for no vma / no access and EPERM for a write to a read-only vma
+        (mm/gup.c)."""
+        vma = m.find_vma(addr)
+        if vma is None:
+            raise KernelError(Errno.EFAULT, f"no vma at {addr:#x} in mm {m.id}")
+        if vma.prot == "none":
+            raise KernelError(Errno.EFAULT, f"{addr:#x} in mm {m.id} is PROT_NONE")
+        if write and vma.prot != "rw":
+            raise KernelError(Errno.EPERM if gup else Errno.EFAULT, f"{addr:#x} in mm {m.id} is read-only")
+        return vma
+
+    def _exclusive(self, pfn: int) -> bool:
+        """``PageAnonExclusive``: a private page only this pte maps."""
+        mem = self.memory
+        return pfn != ZERO_PFN and not mem.flags[pfn] & PG_KSM and mem.mapcount[pfn] == 1
+
+    def handle_mm_fault(self, mm: int, addr: int, write: bool, *, unshare: bool = False) -> Op[tuple[int, bool]]:
+        """``handle_mm_fault`` for one page after the vma check.
+
+        Args:
+            write: FAULT_FLAG_WRITE: the pte must end writable.
+            unshare: FAULT_FLAG_UNSHARE: a read-only pin needs an exclusive
+                page (not the zero page, not KSM, not shared by fork).
+        A new pte starts old (``pte_sw_mkyoung`` is a no-op on x86; the CPU
+        sets the bit on the next access, which the model counts only for host
+        accesses that hit a present pte).  The secondary MMUs keep their own
+        young bits (``clear_flush_young``).
+
+        Returns:
+            (pfn, writable) now mapped at ``addr``.
+        Raises:
+            KernelError(ENOMEM): no frame (nothing changed).
+        """
+        m = self.mms[mm]
+        ps = self.page_size
+        page = addr - addr % ps
+        vma = m.find_vma(page)
+        assert vma is not None
+        mem = self.memory
+        writable_vma = vma.prot == "rw"
+        pte = m.get(page)
+        if pte & PTE_SWAP:
+            # do_swap_page: the copy is exclusive to this mm.
+            slot = pte >> PTE_SHIFT
+            pfn = mem.alloc(zero=False)
+            mem.write(pfn, 0, self.swap.read(slot))
+            mem.flags[pfn] = PG_ANON
+            mem.mapcount[pfn] = 1
+            self.swap.free(slot)
+            m.set(page, _present(pfn, writable_vma and write, write))
+            self.counters["swapins"] += 1
+            pte = m.get(page)
+        if not pte:
+            if vma.shmem is not None:
+                pgoff = vma.pgoff + (page - vma.start) // ps
+                pfn = vma.shmem.pages.get(pgoff, 0)
+                if not pfn:
+                    pfn = mem.alloc()  # the page cache's reference
+                    mem.flags[pfn] = PG_SHMEM
+                    vma.shmem.pages[pgoff] = pfn
+                mem.get_page(pfn)  # the pte's
+                mem.mapcount[pfn] += 1
+                m.set(page, _present(pfn, writable_vma, write))
+                return pfn, writable_vma
+            if write or unshare:
+                pfn = mem.alloc()
+                mem.flags[pfn] = PG_ANON
+                mem.mapcount[pfn] = 1
+                m.set(page, _present(pfn, writable_vma and write, write))
+                return pfn, writable_vma and write
+            m.set(page, _present(ZERO_PFN, False))
+            return ZERO_PFN, False
+        pfn = pte >> PTE_SHIFT
+        if write and not pte & PTE_WRITE:
+            if vma.shmem is not None or self._exclusive(pfn):
+                # wp_page_reuse: more permissive, no notifier traffic
+                m.set(page, pte | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+                return pfn, True
+            pfn = yield from self._cow_break(m, page, pte, writable=True)
+            return pfn, True
+        if unshare and vma.shmem is None and not self._exclusive(pfn):
+            pfn = yield from self._cow_break(m, page, pte, writable=False)
+            return pfn, False
+        return pfn, bool(pte & PTE_WRITE)
+
+    def _cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]:
+        """``wp_page_copy``: start(CLEAR) of the page, copy, ``set_pte_at_notify``
+        of the new pte (nodes that re-took the old page in between drop it),
+        release the old page, end."""
+        mem = self.memory
+        old = pte >> PTE_SHIFT
+        new = mem.alloc(zero=old == ZERO_PFN)
+        try:
+            inv = yield from self.notifier.invalidate_range_start(
+                Range(m.id, page, page + self.page_size, NotifyEvent.CLEAR))
+        except BaseException:
+            mem.put_page(new)
+            raise
+        if old != ZERO_PFN:
+            mem.copy(new, old)  # after the acks: no node writes the old page any more
+        mem.flags[new] = PG_ANON
+
+        def commit() -> None:
+            self._unmap_pte(m, page, m.get(page))
+            mem.mapcount[new] = 1
+            m.set(page, _present(new, writable, writable))
+
+        yield from self._set_pte_at_notify(m.id, page, new, writable, commit, wrap=False)
+        yield from self.notifier.invalidate_range_end(inv)
+        self.counters["cow_breaks"] += 1
+        return new
+
+    def _set_pte_at_notify(self, mm: int, addr: int, pfn: int, writable: bool, commit: Callable[[], T],
+                           *, wrap: bool) -> Op[T]:
+        """``set_pte_at_notify`` (include/linux/mmu_notifier.h): tell the nodes
+        (change_pte, or a one-page invalidation for those without it), then
+        ``commit()`` sets the primary pte.  While it is delivered GUP-fast does
+        not serve ``addr`` (the kernel has cleared the pte) and a node that
+        already repointed may read ``pfn``.  ``wrap``: the 3.7–6.9 kernels'
+        start/end(CLEAR) around it (KSM's ``write_protect_page``/``replace_page``).
+
+        Returns:
+            What ``commit`` returns.
+        """
+        key = (mm, addr)
+        self.pending[key] = pfn
+        inv = None
+        try:
+            if wrap:
+                inv = yield from self.notifier.invalidate_range_start(
+                    Range(mm, addr, addr + self.page_size, NotifyEvent.CLEAR))
+            yield from self.notifier.change_pte(mm, addr, pfn, writable)
+            result = commit()
+        finally:
+            self.pending.pop(key, None)
+        if inv is not None:
+            yield from self.notifier.invalidate_range_end(inv)
+        return result
+
+    # ------------------------------------------------------------ host accesses
+
+    def _host_pages(self, mm: int, addr: int, length: int, write: bool) -> list[tuple[int, int, int]]:
+        """Split a host access into (page, offset, length) after checking every vma."""
+        m = self.check_mm(mm)
+        if not isinstance(addr, int) or not isinstance(length, int) or addr < 0 or length < 0:
+            raise KernelError(Errno.EINVAL, "address and length must be non-negative integers")
+        if addr + length > ADDRESS_LIMIT:
+            raise KernelError(Errno.EFAULT, "beyond the address space")
+        ps = self.page_size
+        out = []
+        at, end = addr, addr + length
+        while at < end:
+            page = at - at % ps
+            n = min(end, page + ps) - at
+            self._vma_for(m, page, write, gup=False)
+            out.append((page, at - page, n))
+            at += n
+        return out
+
+    def read(self, mm: int, addr: int, length: int) -> Op[bytes]:
+        """A host CPU read of ``length`` bytes (faulting pages in).
+
+        Raises:
+            KernelError: ESRCH, EFAULT (unmapped or PROT_NONE; nothing read),
+                ENOMEM (no frame for a swap-in).
+        """
+        parts = self._host_pages(mm, addr, length, False)
+        m = self.mms[mm]
+        out = bytearray()
+        for page, off, n in parts:
+            pte = m.get(page)
+            if pte & PTE_PRESENT:
+                m.set(page, pte | PTE_YOUNG)
+                pfn = pte >> PTE_SHIFT
+            else:
+                pfn, _ = yield from self.handle_mm_fault(mm, page, False)
+            out += self.memory.read(pfn, off, n)
+        return bytes(out)
+
+    def write(self, mm: int, addr: int, data: bytes) -> Op[int]:
+        """A host CPU write (faulting, COW-breaking as needed).
+
+        Returns:
+            Bytes written.
+        Raises:
+            KernelError: ESRCH, EFAULT (unmapped, PROT_NONE or read-only;
+                nothing written), ENOMEM.
+        """
+        data = bytes(data)
+        parts = self._host_pages(mm, addr, len(data), True)
+        m = self.mms[mm]
+        pos = 0
+        for page, off, n in parts:
+            pte = m.get(page)
+            if pte & PTE_PRESENT and pte & PTE_WRITE:
+                m.set(page, pte | PTE_YOUNG | PTE_DIRTY)
+                pfn = pte >> PTE_SHIFT
+            else:
+                pfn, _ = yield from self.handle_mm_fault(mm, page, True)
+            self.memory.write(pfn, off, data[pos : pos + n])
+            pos += n
+        return pos
+
+    # ------------------------------------------------------------ get_user_pages
+
+    def _gup_args(self, mm: int, addr: int, npages: int) -> Mm:
+        m = self.check_mm(mm)
+        if not isinstance(addr, int) or addr < 0 or addr % self.page_size:
+            raise KernelError(Errno.EINVAL, f"GUP address {addr!r} is not page aligned")
+        if not isinstance(npages, int) or not 1 <= npages <= MAX_GUP_PAGES:
+            raise KernelError(Errno.EINVAL, f"GUP of {npages!r} pages (1..{MAX_GUP_PAGES})")
+        return m
+
+    def _pin(self, node: str, mm: int, addr: int, pfn: int) -> None:
+        mem = self.memory
+        mem.pincount[pfn] += 1
+        mem.get_page(pfn)
+        self.pins.setdefault(node, {}).setdefault((mm, pfn), Counter())[addr] += 1
+
+    def gup_fast(self, mm: int, addr: int, npages: int, write: bool, *, pin: bool = False,
+                 node: str | None = None) -> list[tuple[int, int, bool]] | None:
+        """``get_user_pages_fast`` without faulting: every page of the request
+        (up to the end of the first vma) already present with the access
+        needed, or None (take the slow path).  May run while an invalidation
+        is open: it serves the primary as it is (the node's own sequence
+        check discards such a reply).
+
+        Raises:
+            KernelError: as :meth:`gup` for bad arguments and the first page's vma.
+        """
+        m = self._gup_args(mm, addr, npages)
+        vma = self._vma_for(m, addr, write, gup=True)
+        ps = self.page_size
+        end = min(addr + npages * ps, vma.end)
+        out = []
+        for page in range(addr, end, ps):
+            pte = m.get(page)
+            if not pte & PTE_PRESENT or (mm, page) in self.pending:
+                return None
+            pfn = pte >> PTE_SHIFT
+            writable = bool(pte & PTE_WRITE)
+            if write and not writable:
+                return None
+            if pin and vma.shmem is None and not self._exclusive(pfn):
+                return None
+            out.append((page, pfn, writable))
+        for page, pfn, _ in out:
+            if pin:
+                self._pin(node or "", mm, page, pfn)
+        if node is not None:
+            self.notifier.note_served(node, mm, addr, end)
+        self.counters["gup_fast"] += 1
+        return out
+
+    def gup(self, mm: int, addr: int, npages: int, write: bool, *, pin: bool = False,
+            node: str | None = None) -> Op[list[tuple[int, int, bool]]]:
+        """``get_user_pages_remote``: fault in up to ``npages`` pages from
+        ``addr`` (fault-around), stopping at the first page that cannot be
+        had; FOLL_PIN when ``pin`` (the pages stay until :meth:`unpin`).
+
+        Returns:
+            [(addr, pfn, writable)], at least one entry.
+        Raises:
+            KernelError: ESRCH, EINVAL (bad arguments), EFAULT (no vma or no
+                access at ``addr``), EPERM (write to a read-only vma), ENOMEM.
+        """
+        m = self._gup_args(mm, addr, npages)
+        ps = self.page_size
+        out: list[tuple[int, int, bool]] = []
+        for i in range(npages):
+            page = addr + i * ps
+            try:
+                self._vma_for(m, page, write, gup=True)
+                pfn, writable = yield from self.handle_mm_fault(mm, page, write, unshare=pin and not write)
+            except KernelError:
+                if not out:
+                    raise
+                break
+            if mm not in self.mms:  # torn down while we waited
+                break
+            out.append((page, pfn, writable))
+        for page, pfn, _ in out:
+            if pin:
+                self._pin(node or "", mm, page, pfn)
+        if node is not None and out:
+            self.notifier.note_served(node, mm, addr, addr + len(out) * ps)
+        self.counters["gup"] += 1
+        return out
+
+    def unpin(self, node: str, mm: int, pfns: list[int]) -> None:
+        """``unpin_user_pages`` of pins ``node`` holds in ``mm``; a pfn listed
+        twice drops two pins.
+
+        Raises:
+            KernelError(EINVAL): a pfn the node does not hold pinned (nothing
+                is unpinned).
+        """
+        held = self.pins.get(node, {})
+        want = Counter(pfns)
+        for pfn, count in want.items():
+            have = held.get((mm, pfn))
+            if not have or sum(have.values()) < count:
+                raise KernelError(Errno.EINVAL, f"{node} holds no pin of pfn {pfn} in mm {mm}")
+        for pfn, count in want.items():
+            have = held[(mm, pfn)]
+            for _ in range(count):
+                addr = next(iter(have))
+                have[addr] -= 1
+                if not have[addr]:
+                    del have[addr]
+                self._unpin_one(pfn)
+            if not have:
+                del held[(mm, pfn)]
+
+    def _unpin_one(self, pfn: int) -> None:
+        self.memory.pincount[pfn] -= 1
+        self._put(pfn)
+
+    def fence_node(self, node: str) -> int:
+        """The node is fenced: no more notifier traffic to it, its pins dropped.
+
+        Returns:
+            Pins dropped.
+        """
+        self.notifier.fence(node)
+        dropped = 0
+        for (_mm, pfn), have in self.pins.pop(node, {}).items():
+            for _ in range(sum(have.values())):
+                self._unpin_one(pfn)
+                dropped += 1
+        return dropped
+
+    # ---------------------------------------------------------------- the oracle
+
+    def _dma_check(self, node: str, mm: int, addr: int, pfn: int, offset: int, length: int, write: bool) -> None:
+        ps = self.page_size
+        if addr % ps or not 0 <= offset <= ps or length < 0 or offset + length > ps:
+            raise KernelError(Errno.EINVAL, f"DMA [{offset}, {offset + length}) outside page {addr:#x}")
+        if not 0 <= pfn < self.memory.nframes:
+            raise KernelError(Errno.EINVAL, f"no frame {pfn}")
+        if self.is_pinned_by(node, mm, addr, pfn):
+            return
+        pte = self.pte(mm, addr)
+        if pte is not None and pte[0] == pfn and (pte[1] or not write):
+            return
+        if not write and self.pending.get((mm, addr)) == pfn:
+            return  # change_pte delivered, the pte not yet set: the new page, same contents
+        self.stale_accesses += 1
+        logger.error("stale %s by %s: mm %s %#x pfn %s, the primary maps %s",
+                     "write" if write else "read", node, mm, addr, pfn, pte)
+        raise KernelError(Errno.ESTALE, f"mm {mm} {addr:#x} does not map pfn {pfn} for {node}")
+
+    def dma_read(self, node: str, mm: int, addr: int, pfn: int, offset: int, length: int) -> bytes:
+        """A node reads through its translation; checked against the primary.
+
+        Raises:
+            KernelError(ESTALE): the primary no longer maps ``pfn`` at ``addr``
+                (and the node holds no pin of it): counted in ``stale_accesses``.
+        """
+        self._dma_check(node, mm, addr, pfn, offset, length, False)
+        return self.memory.read(pfn, offset, length)
+
+    def dma_write(self, node: str, mm: int, addr: int, pfn: int, offset: int, data: bytes) -> None:
+        """A node writes through its (writable) translation; checked as :meth:`dma_read`."""
+        self._dma_check(node, mm, addr, pfn, offset, len(data), True)
+        if pfn == ZERO_PFN:
+            raise KernelError(Errno.EFAULT, "write to the zero page")
+        m = self.mms.get(mm)
+        pte = m.get(addr) if m is not None else 0
+        if pte & PTE_PRESENT and pte >> PTE_SHIFT == pfn:
+            m.set(addr, pte | PTE_DIRTY)  # type: ignore[union-attr]
+        self.memory.flags[pfn] |= PG_DIRTY
+        self.memory.write(pfn, offset, data)
+
+    # ------------------------------------------------------- reclaim, migration
+
+    def _private_candidates(self, m: Mm, start: int, end: int) -> list[tuple[int, int]]:
+        """(addr, pfn) of present private pages that one pte maps, unpinned, not KSM."""
+        out = []
+        mem = self.memory
+        for vma in m.vmas_in(start, end):
+            if vma.shmem is not None:
+                continue
+            for addr, pte in m.populated_in(max(start, vma.start), min(end, vma.end)):
+                if not pte & PTE_PRESENT:
+                    continue
+                pfn = pte >> PTE_SHIFT
+                if self._exclusive(pfn) and not mem.pincount[pfn]:
+                    out.append((addr, pfn))
+        return out
+
+    def reclaim(self, mm: int, addr: int, length: int) -> Op[int]:
+        """Page out the range's private pages to swap, with aging.
+
+        Per page: ``folio_referenced`` = the pte's young bit |
+        ``clear_flush_young`` of the nodes (both cleared); a referenced page
+        gets a second chance.  Otherwise start/end(CLEAR) of the page, write
+        the page to a swap slot, the pte becomes the swap entry, the frame is
+        freed.  Shared, KSM, pinned and multiply-mapped pages are skipped.
+
+        Returns:
+            Pages swapped out.
+        Raises:
+            KernelError: ESRCH, EINVAL; ENOSPC when swap is full (the pages
+                swapped so far stay swapped).
+        """
+        m = self.check_mm(mm)
+        start, end = self._range(addr, length)
+        ps = self.page_size
+        swapped = 0
+        for page, pfn in self._private_candidates(m, start, end):
+            pte = m.get(page)
+            if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn:
+                continue
+            young = bool(pte & PTE_YOUNG)
+            m.set(page, pte & ~PTE_YOUNG)
+            node_young = yield from self.notifier.clear_flush_young(mm, page, page + ps)
+            if young or node_young:
+                self.counters["reclaim_referenced"] += 1
+                continue
+            slot = self.swap.alloc()
+            inv = yield from self.notifier.invalidate_range_start(Range(mm, page, page + ps, NotifyEvent.CLEAR))
+            pte = m.get(page) if mm in self.mms else 0
+            if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or not self._exclusive(pfn) \
+                    or self.memory.pincount[pfn]:
+                self.swap.free(slot)  # pinned or changed meanwhile: try_to_unmap fails
+                yield from self.notifier.invalidate_range_end(inv)
+                continue
+            self.swap.write(slot, self.memory.page(pfn))
+            self._unmap_pte(m, page, pte)
+            m.set(page, (slot << PTE_SHIFT) | PTE_SWAP)
+            swapped += 1
+            yield from self.notifier.invalidate_range_end(inv)
+        self.counters["swapouts"] += swapped
+        return swapped
+
+    def migrate(self, mm: int, addr: int, length: int) -> Op[int]:
+        """``migrate_pages`` of the range's private pages to new frames: one
+        start/end(MIGRATE) over the range, copy, repoint, free the old frames.
+        Pinned, KSM, shared and multiply-mapped pages stay (the kernel's
+        refcount check fails for them).
+
+        Returns:
+            Pages migrated.
+        Raises:
+            KernelError: ESRCH, EINVAL, ENOMEM (no frame; pages migrated so far
+                stay migrated).
+        """
+        m = self.check_mm(mm)
+        start, end = self._range(addr, length)
+        candidates = self._private_candidates(m, start, end)
+        if not candidates:
+            return 0
+        lo, hi = candidates[0][0], candidates[-1][0] + self.page_size
+        inv = yield from self.notifier.invalidate_range_start(Range(mm, lo, hi, NotifyEvent.MIGRATE))
+        moved = 0
+        mem = self.memory
+        try:
+            for page, pfn in candidates:
+                pte = m.get(page) if mm in self.mms else 0
+                if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or not self._exclusive(pfn) or mem.pincount[pfn]:
+                    continue
+                new = mem.alloc(zero=False)
+                mem.copy(new, pfn)
+                mem.flags[new] = mem.flags[pfn] & ~PG_KSM
+                mem.mapcount[new] = 1
+                mem.mapcount[pfn] -= 1
+                m.set(page, (new << PTE_SHIFT) | (pte & 0xFF))
+                self._put(pfn)
+                moved += 1
+        finally:
+            self.counters["migrated"] += moved
+        yield from self.notifier.invalidate_range_end(inv)
+        return moved
+
+    # ---------------------------------------------------------------- checking
+
+    def check_invariants(self) -> None:
+        """Recount everything from the page tables; raise AssertionError on a mismatch.
+
+        O(frames + ptes): for tests.
+        """
+        mem = self.memory
+        maps: Counter[int] = Counter()
+        slots: Counter[int] = Counter()
+        cache: Counter[int] = Counter()
+        shmems = {}
+        for m in self.mms.values():
+            for vma in m.vmas:
+                if vma.shmem is not None:
+                    shmems[id(vma.shmem)] = vma.shmem
+            for index, chunk in m.pgd.items():
+                count = 0
+                for slot, pte in enumerate(chunk):
+                    if not pte:
+                        continue
+                    count += 1
+                    addr = index * m.chunk_bytes + slot * self.page_size
+                    assert m.find_vma(addr) is not None, f"mm {m.id} pte at {addr:#x} outside every vma"
+                    if pte & PTE_PRESENT:
+                        if pte >> PTE_SHIFT != ZERO_PFN:
+                            maps[pte >> PTE_SHIFT] += 1
+                    else:
+                        assert pte & PTE_SWAP, f"mm {m.id} {addr:#x}: pte {pte:#x} neither present nor swap"
+                        slots[pte >> PTE_SHIFT] += 1
+                assert count == m.populated[index], f"mm {m.id} chunk {index}: populated count"
+        for shmem in shmems.values():
+            for pfn in shmem.pages.values():
+                cache[pfn] += 1
+        pins: Counter[int] = Counter()
+        for held in self.pins.values():
+            for (_mm, pfn), have in held.items():
+                pins[pfn] += sum(have.values())
+        in_use = 0
+        for pfn in range(1, mem.nframes):
+            ref = mem.refcount[pfn]
+            assert mem.mapcount[pfn] == maps[pfn], f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != ptes {maps[pfn]}"
+            assert mem.pincount[pfn] == pins[pfn], f"pfn {pfn}: pincount {mem.pincount[pfn]} != pins {pins[pfn]}"
+            want = maps[pfn] + pins[pfn] + cache[pfn]
+            assert ref == want, f"pfn {pfn}: refcount {ref} != ptes + pins + cache {want}"
+            if ref:
+                in_use += 1
+        assert in_use == mem.in_use, f"frames in use {mem.in_use}, counted {in_use}"
+        for slot in range(1, self.swap.nslots):
+            assert self.swap.swap_map[slot] == slots[slot], f"swap slot {slot}: {self.swap.swap_map[slot]} != {slots[slot]}"
+        for key, pfn in self.pending.items():
+            raise AssertionError(f"set_pte_at_notify {key} -> {pfn} left pending")
+        self.ksm.check_invariants()
+
+    def close(self) -> None:
+        self.memory.close()
+        self.swap.close()
+
+
+def run_op(op: Op[Any]) -> Any:
+    """Drive an operation on a model no node is subscribed to (tests, demos)."""
+    from .effects import no_nodes, run_sync
+
+    return run_sync(op, no_nodes)
+
+
+__all__ = ["Mm", "Model", "Shmem", "Vma", "run_op"]

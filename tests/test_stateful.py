@@ -1,0 +1,559 @@
+"""The whole system under hypothesis: a RuleBasedStateMachine over LocalCluster.
+
+Rules interleave address-space operations (spawn, mmap private -- sometimes
+MERGEABLE --, munmap, mprotect, madvise DONTNEED, fork, exit), host reads and
+writes, node faults and accesses of all three kinds (xpmem through
+make/get/attach on a segment), KSM scans, reclaim, migration, fencing, and
+invalidations held open (``begin``/``finish``) while a node access races them.
+
+After every step: zero stale accesses, the model's invariants, and, when the
+cluster is quiet, no live node holding a translation the primary does not back
+and the pins the xpmem node holds equal to the frames' pin counts.  Every byte
+read by the host or a node equals a shadow model (bytes per (mm, page); fork
+copies the parent's shadow, DONTNEED zeroes, munmap and exit forget).  At
+teardown every mm exits and every node is fenced: no frame, swap slot or pin
+is left.
+
+Kernel errors are expected only where the kernel gives them (see
+:func:`expected_host_error` and :func:`expected_node_error`).
+
+Reproducible: derandomized, no example database.  Budget: ``MMN_STATEFUL_EXAMPLES``
+(default 200) examples of up to 40 steps.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from mmn.local import LocalCluster
+from protocol.types import Errno, KernelError
+
+PS = 4096
+FRAMES = 512
+SWAP_SLOTS = 512
+MAX_MMS = 4
+MAX_PAGES_PER_MM = 12
+EXAMPLES = int(os.environ.get("MMN_STATEFUL_EXAMPLES", "200"))
+
+#: Few distinct patterns at few offsets, so identical pages (KSM) are common.
+PATTERNS = [b"\x00" * 8, b"AAAAAAAA", b"BBBBBBBB", b"ksm-same", b"\xff\x01\xff\x01"]
+OFFSETS = [0, 8, 1000, PS - 8]
+LENGTHS = [1, 8, 64]
+
+picks = st.integers(0, 1 << 16)
+
+
+def expected_host_error(prot: str | None, write: bool) -> Errno | None:
+    """A host CPU access: unmapped or PROT_NONE or a write to read-only
+    memory faults (SIGSEGV), which the model reports as EFAULT."""
+    if prot is None or prot == "none":
+        return Errno.EFAULT
+    if write and prot != "rw":
+        return Errno.EFAULT
+    return None
+
+
+def expected_node_error(prot: str | None, write: bool) -> Errno | None:
+    """get_user_pages for a kvm/gru node: EFAULT for no vma or no access,
+    EPERM for a write to a read-only vma (mm/gup.c check_vma_flags)."""
+    if prot is None or prot == "none":
+        return Errno.EFAULT
+    if write and prot != "rw":
+        return Errno.EPERM
+    return None
+
+
+class ClusterMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c: LocalCluster | None = None
+        self.mms: list[int] = []
+        #: (mm, page) -> prot of every mapped page; (mm, page) -> contents when not zero
+        self.prot: dict[tuple[int, int], str] = {}
+        self.data: dict[tuple[int, int], bytes] = {}
+        #: xpmem attachments: dicts with vaddr, mm, addr (exporter), npages, write
+        self.atts: list[dict] = []
+        self.segids: list[int] = []
+
+    # -- helpers ----------------------------------------------------------------
+
+    def pages_of(self, mm: int) -> list[int]:
+        return sorted(p for (m, p) in self.prot if m == mm)
+
+    def pick_mm(self, pick: int) -> int:
+        return self.mms[pick % len(self.mms)]
+
+    def pick_addr(self, mm: int, pick: int) -> int:
+        """A mapped page of ``mm``, or (one pick in eight) one that is not mapped."""
+        pages = self.pages_of(mm)
+        if not pages or pick % 8 == 7:
+            every = [p for (_, p) in self.prot] or [1 << 30]
+            return max(every) + 64 * PS
+        return pages[pick % len(pages)]
+
+    def pick_range(self, mm: int, pick: int, npages: int) -> tuple[int, int]:
+        pages = self.pages_of(mm)
+        if not pages:
+            return (1 << 30), PS
+        first = pages[pick % len(pages)]
+        return first, npages * PS
+
+    def content(self, mm: int, page: int) -> bytes:
+        return self.data.get((mm, page), bytes(PS))
+
+    def shadow_write(self, mm: int, addr: int, data: bytes) -> None:
+        page = addr - addr % PS
+        off = addr - page
+        cur = bytearray(self.content(mm, page))
+        cur[off : off + len(data)] = data
+        self.data[(mm, page)] = bytes(cur)
+
+    def forget(self, mm: int, addr: int, length: int) -> None:
+        for p in range(addr, addr + length, PS):
+            self.prot.pop((mm, p), None)
+            self.data.pop((mm, p), None)
+
+    def mapped_pages(self) -> int:
+        return len(self.prot)
+
+    # -- setup ------------------------------------------------------------------
+
+    @initialize(seed=st.none() | st.integers(0, 1 << 16), wrap=st.booleans())
+    def setup(self, seed: int | None, wrap: bool) -> None:
+        self.c = LocalCluster(
+            frames=FRAMES, swap_slots=SWAP_SLOTS, wrap_change_pte=wrap, nodes=["kvm", "gru", "xpmem"], seed=seed
+        )
+        self.mms.append(self.c.spawn())
+
+    # -- address spaces -----------------------------------------------------------
+
+    @precondition(lambda self: len(self.mms) < MAX_MMS)
+    @rule()
+    def spawn(self) -> None:
+        self.mms.append(self.c.spawn())
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, pages=st.integers(1, 4), prot=st.sampled_from(["rw", "rw", "r"]), mergeable=st.booleans())
+    def mmap(self, pick: int, pages: int, prot: str, mergeable: bool) -> None:
+        mm = self.pick_mm(pick)
+        if len(self.pages_of(mm)) + pages > MAX_PAGES_PER_MM:
+            return
+        addr = self.c.mmap(mm, pages, prot, mergeable=mergeable)
+        for p in range(addr, addr + pages * PS, PS):
+            assert (mm, p) not in self.prot, f"mmap returned mapped address {p:#x}"
+            self.prot[(mm, p)] = prot
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, npages=st.integers(1, 3))
+    def munmap(self, pick: int, page: int, npages: int) -> None:
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        self.c.munmap(mm, addr, length)
+        self.forget(mm, addr, length)
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, npages=st.integers(1, 3), prot=st.sampled_from(["none", "r", "rw"]))
+    def mprotect(self, pick: int, page: int, npages: int, prot: str) -> None:
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        pages = [p for p in range(addr, addr + length, PS) if (mm, p) in self.prot]
+        try:
+            self.c.mprotect(mm, addr, length, prot)
+        except KernelError as exc:
+            # mprotect of a range with holes: ENOMEM, as the kernel says
+            assert exc.errno is Errno.ENOMEM and len(pages) < length // PS, exc
+            # the kernel changes the vmas before the first hole
+            for p in range(addr, addr + length, PS):
+                if (mm, p) not in self.prot:
+                    break
+                self.prot[(mm, p)] = prot
+            return
+        for p in pages:
+            self.prot[(mm, p)] = prot
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, npages=st.integers(1, 3))
+    def dontneed(self, pick: int, page: int, npages: int) -> None:
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        try:
+            self.c.madvise(mm, addr, length, "dontneed")
+        except KernelError as exc:
+            assert exc.errno is Errno.ENOMEM, exc
+            assert any((mm, p) not in self.prot for p in range(addr, addr + length, PS))
+        for p in range(addr, addr + length, PS):
+            self.data.pop((mm, p), None)
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, npages=st.integers(1, 3), on=st.booleans())
+    def mergeable(self, pick: int, page: int, npages: int, on: bool) -> None:
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        try:
+            self.c.madvise(mm, addr, length, "mergeable" if on else "unmergeable")
+        except KernelError as exc:
+            assert exc.errno is Errno.ENOMEM, exc
+
+    @precondition(lambda self: self.mms and len(self.mms) < MAX_MMS)
+    @rule(pick=picks)
+    def fork(self, pick: int) -> None:
+        mm = self.pick_mm(pick)
+        child = self.c.fork(mm)
+        assert child not in self.mms
+        self.mms.append(child)
+        for (m, p), prot in list(self.prot.items()):
+            if m == mm:
+                self.prot[(child, p)] = prot
+                if (m, p) in self.data:
+                    self.data[(child, p)] = self.data[(m, p)]
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks)
+    def exit(self, pick: int) -> None:
+        mm = self.pick_mm(pick)
+        self.c.exit(mm)
+        self.mms.remove(mm)
+        for key in [k for k in self.prot if k[0] == mm]:
+            del self.prot[key]
+            self.data.pop(key, None)
+        # the mm's segments are gone; attachments of them stay but cannot fault
+        for att in self.atts:
+            if att["mm"] == mm:
+                att["dead"] = True
+
+    # -- host accesses --------------------------------------------------------------
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, off=st.sampled_from(OFFSETS), n=st.sampled_from(LENGTHS))
+    def host_read(self, pick: int, page: int, off: int, n: int) -> None:
+        mm = self.pick_mm(pick)
+        addr = self.pick_addr(mm, page)
+        n = min(n, PS - off)
+        expected = expected_host_error(self.prot.get((mm, addr)), False)
+        try:
+            got = self.c.read(mm, addr + off, n)
+        except KernelError as exc:
+            assert exc.errno is expected, (exc, expected)
+            return
+        assert expected is None, f"read of {addr:#x} gave data, expected {expected}"
+        assert got == self.content(mm, addr)[off : off + n]
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, off=st.sampled_from(OFFSETS), data=st.sampled_from(PATTERNS))
+    def host_write(self, pick: int, page: int, off: int, data: bytes) -> None:
+        mm = self.pick_mm(pick)
+        addr = self.pick_addr(mm, page)
+        data = data[: PS - off]
+        expected = expected_host_error(self.prot.get((mm, addr)), True)
+        try:
+            self.c.write(mm, addr + off, data)
+        except KernelError as exc:
+            assert exc.errno is expected, (exc, expected)
+            return
+        assert expected is None, f"write to {addr:#x} succeeded, expected {expected}"
+        self.shadow_write(mm, addr + off, data)
+
+    # -- node accesses ----------------------------------------------------------------
+
+    def check_node_access(self, kind: str, mm: int, addr: int, off: int, n: int, data: bytes | None,
+                          outcome, *, before: bytes | None = None, racing: bool = False) -> None:
+        """Judge one kvm/gru access's outcome (a value or a KernelError)."""
+        expected = expected_node_error(self.prot.get((mm, addr)), data is not None)
+        if isinstance(outcome, KernelError):
+            allowed = {expected} | ({Errno.EAGAIN} if racing else set())
+            if racing and before is not None:
+                allowed.add(None)
+            assert outcome.errno in allowed, (kind, hex(addr), outcome, expected)
+            return
+        if data is None:
+            now = self.content(mm, addr)[off : off + n] if (mm, addr) in self.prot else None
+            ok = [x for x in (now, before) if x is not None]
+            assert outcome in ok, (kind, hex(addr), outcome, ok)
+        else:
+            assert outcome == len(data)
+            if (mm, addr) in self.prot:
+                self.shadow_write(mm, addr + off, data)
+        if not racing:
+            assert expected is None, (kind, hex(addr), "succeeded, expected", expected)
+
+    @precondition(lambda self: self.mms)
+    @rule(kind=st.sampled_from(["kvm", "gru"]), pick=picks, page=picks, off=st.sampled_from(OFFSETS),
+          n=st.sampled_from(LENGTHS), write=st.booleans(), data=st.sampled_from(PATTERNS))
+    def node_access(self, kind: str, pick: int, page: int, off: int, n: int, write: bool, data: bytes) -> None:
+        mm = self.pick_mm(pick)
+        addr = self.pick_addr(mm, page)
+        payload = data[: PS - off] if write else None
+        n = min(n, PS - off)
+        try:
+            outcome = self.c.access(kind, mm, addr + off, n, payload)
+        except KernelError as exc:
+            outcome = exc
+        self.check_node_access(kind, mm, addr, off, n, payload, outcome)
+
+    @precondition(lambda self: self.mms)
+    @rule(kind=st.sampled_from(["kvm", "gru"]), pick=picks, page=picks, npages=st.integers(1, 3),
+          write=st.booleans())
+    def node_fault(self, kind: str, pick: int, page: int, npages: int, write: bool) -> None:
+        mm = self.pick_mm(pick)
+        addr = self.pick_addr(mm, page)
+        expected = expected_node_error(self.prot.get((mm, addr)), write)
+        try:
+            result = self.c.fault(kind, mm, addr, npages, write)
+        except KernelError as exc:
+            assert exc.errno is expected, (kind, hex(addr), exc, expected)
+            return
+        assert expected is None, (kind, hex(addr), "faulted, expected", expected)
+        pages = result["pages"]
+        assert pages and pages[0][0] == addr
+        for a, _pfn, writable in pages:
+            prot = self.prot.get((mm, a))
+            assert prot in ("r", "rw"), (hex(a), prot)
+            assert not writable or prot == "rw"
+
+    # -- xpmem ------------------------------------------------------------------------
+
+    @precondition(lambda self: self.mms and len(self.atts) < 6)
+    @rule(pick=picks, page=picks, npages=st.integers(1, 3), write=st.booleans(),
+          mode=st.sampled_from([0o666, 0o644, 0o600]))
+    def xpmem_attach(self, pick: int, page: int, npages: int, write: bool, mode: int) -> None:
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        npages = length // PS
+        segid = self.c.xpmem_make("xpmem", mm, addr, length, mode)
+        self.segids.append(segid)
+        # the exporter is the owner: mode's owner bits decide
+        try:
+            apid = self.c.xpmem_get("xpmem", segid, write)
+        except KernelError as exc:
+            assert exc.errno is Errno.EACCES and write and not mode & 0o200, (exc, oct(mode))
+            return
+        assert (mode >> 6) & (0o6 if write else 0o4) == (0o6 if write else 0o4)
+        vaddr = self.c.xpmem_attach("xpmem", apid)
+        self.atts.append({"vaddr": vaddr, "mm": mm, "addr": addr, "npages": npages, "write": write,
+                          "apid": apid, "dead": False})
+
+    @precondition(lambda self: self.atts)
+    @rule(which=picks, page=picks, off=st.sampled_from(OFFSETS), n=st.sampled_from(LENGTHS),
+          write=st.booleans(), data=st.sampled_from(PATTERNS))
+    def xpmem_access(self, which: int, page: int, off: int, n: int, write: bool, data: bytes) -> None:
+        att = self.atts[which % len(self.atts)]
+        i = page % att["npages"]
+        addr = att["addr"] + i * PS
+        payload = data[: PS - off] if write else None
+        n = min(n, PS - off)
+        try:
+            outcome = self.c.access("xpmem", 0, att["vaddr"] + i * PS + off, n, payload)
+        except KernelError as exc:
+            outcome = exc
+        self.check_xpmem_access(att, addr, off, n, payload, outcome)
+
+    def expected_xpmem_error(self, att: dict, addr: int, write: bool) -> Errno | None:
+        if write and not att["write"]:
+            return Errno.EACCES  # xpmem_validate_access: a read-only attachment
+        if att["dead"]:
+            return Errno.ESRCH  # the exporting mm is gone (its segments with it)
+        # a read-write attachment pins writable at once (FOLL_WRITE)
+        return expected_node_error(self.prot.get((att["mm"], addr)), att["write"])
+
+    def check_xpmem_access(self, att: dict, addr: int, off: int, n: int, data: bytes | None, outcome,
+                           *, before: bytes | None = None, racing: bool = False) -> None:
+        expected = self.expected_xpmem_error(att, addr, data is not None)
+        mm = att["mm"]
+        if isinstance(outcome, KernelError):
+            allowed = {expected} | ({Errno.EAGAIN} if racing else set())
+            if racing and before is not None:
+                allowed.add(None)
+            assert outcome.errno in allowed, ("xpmem", hex(addr), outcome, expected)
+            return
+        if data is None:
+            now = self.content(mm, addr)[off : off + n] if (mm, addr) in self.prot else None
+            ok = [x for x in (now, before) if x is not None]
+            assert outcome in ok, ("xpmem", hex(addr), outcome, ok)
+        else:
+            assert outcome == len(data)
+            if (mm, addr) in self.prot:
+                self.shadow_write(mm, addr + off, data)
+        if not racing:
+            assert expected is None, ("xpmem", hex(addr), "succeeded, expected", expected)
+
+    @precondition(lambda self: self.atts)
+    @rule(which=picks)
+    def xpmem_detach(self, which: int) -> None:
+        att = self.atts.pop(which % len(self.atts))
+        self.c.xpmem_detach("xpmem", att["vaddr"])
+
+    # -- primary-MMU background work ------------------------------------------------
+
+    @rule(scans=st.integers(1, 2))
+    def ksm(self, scans: int) -> None:
+        self.c.merge(scans)
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, npages=st.integers(1, 3))
+    def reclaim(self, pick: int, page: int, npages: int) -> None:
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        try:
+            self.c.reclaim(mm, addr, length)
+        except KernelError as exc:
+            assert exc.errno in (Errno.ENOMEM, Errno.EFAULT), exc
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, npages=st.integers(1, 3))
+    def migrate(self, pick: int, page: int, npages: int) -> None:
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        try:
+            self.c.migrate(mm, addr, length)
+        except KernelError as exc:
+            assert exc.errno in (Errno.ENOMEM, Errno.EFAULT), exc
+
+    @rule(kind=st.sampled_from(["kvm", "gru", "xpmem"]))
+    def fence_and_register(self, kind: str) -> None:
+        self.c.fence(kind, "test")
+        self.c.pump()
+        self.c.register(kind)
+        if kind == "xpmem":
+            self.atts.clear()  # the node dropped its permits and attachments
+
+    # -- races: an invalidation held open while a node access runs ------------------
+
+    @precondition(lambda self: self.mms)
+    @rule(op=st.sampled_from(["munmap", "dontneed", "mprotect_r", "mprotect_none", "reclaim", "migrate", "ksm"]),
+          pick=picks, page=picks, npages=st.integers(1, 2), who=st.sampled_from(["kvm", "gru", "xpmem"]),
+          nth=st.integers(0, 1), off=st.sampled_from(OFFSETS), write=st.booleans(),
+          data=st.sampled_from(PATTERNS), prefault=st.booleans())
+    def race(self, op: str, pick: int, page: int, npages: int, who: str, nth: int, off: int,
+             write: bool, data: bytes, prefault: bool) -> None:
+        c = self.c
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        if op == "dontneed":
+            write = False  # a write racing DONTNEED may land before or after the zap
+        taddr = addr + (nth % npages) * PS
+        att = None
+        if who == "xpmem":
+            cands = [a for a in self.atts if a["mm"] == mm and not a["dead"]
+                     and a["addr"] <= taddr < a["addr"] + a["npages"] * PS]
+            if not cands:
+                who = "kvm"
+            else:
+                att = cands[0]
+        payload = data[: PS - off] if write else None
+        n = 8 if not write else None
+        if prefault and att is None:
+            try:
+                c.fault(who, mm, taddr, 1, False)
+            except KernelError:
+                pass
+        before = self.content(mm, taddr)[off : off + 8] if (mm, taddr) in self.prot else None
+        gen = {
+            "munmap": lambda: c.model.munmap(mm, addr, length),
+            "dontneed": lambda: c.model.madvise(mm, addr, length, "dontneed"),
+            "mprotect_r": lambda: c.model.mprotect(mm, addr, length, "r"),
+            "mprotect_none": lambda: c.model.mprotect(mm, addr, length, "none"),
+            "reclaim": lambda: c.model.reclaim(mm, addr, length),
+            "migrate": lambda: c.model.migrate(mm, addr, length),
+            "ksm": lambda: c.model.ksm.full_scan(),
+        }[op]()
+        handle = c.begin(gen)
+        if att is not None:
+            vaddr = att["vaddr"] + (taddr - att["addr"]) + off
+            token = c.submit_access("xpmem", 0, vaddr, n, payload)
+        else:
+            token = c.submit_access(who, mm, taddr + off, n, payload)
+        c.pump()
+        error = None
+        try:
+            c.finish(handle)
+        except KernelError as exc:
+            error = exc
+        # apply the operation to the shadow
+        self.apply_op(op, mm, addr, length, error)
+        done = c.wait(who, token)
+        outcome = done.error if done.error is not None else (
+            done.result["data"] if payload is None else done.result["written"])
+        if att is not None:
+            self.check_xpmem_access(att, taddr, off, 8, payload, outcome, before=before, racing=True)
+        else:
+            self.check_node_access(who, mm, taddr, off, 8, payload, outcome, before=before, racing=True)
+
+    def apply_op(self, op: str, mm: int, addr: int, length: int, error: KernelError | None) -> None:
+        pages = [p for p in range(addr, addr + length, PS) if (mm, p) in self.prot]
+        if op == "munmap":
+            assert error is None, error
+            self.forget(mm, addr, length)
+        elif op == "dontneed":
+            if error is not None:
+                assert error.errno is Errno.ENOMEM and len(pages) < length // PS, error
+            for p in range(addr, addr + length, PS):
+                self.data.pop((mm, p), None)
+        elif op.startswith("mprotect"):
+            prot = op.split("_")[1]
+            if error is not None:
+                assert error.errno is Errno.ENOMEM and len(pages) < length // PS, error
+                for p in range(addr, addr + length, PS):
+                    if (mm, p) not in self.prot:
+                        break
+                    self.prot[(mm, p)] = prot
+            else:
+                for p in pages:
+                    self.prot[(mm, p)] = prot
+        else:
+            assert error is None or error.errno in (Errno.ENOMEM, Errno.EFAULT), error
+
+    # -- whole-state checks -------------------------------------------------------------
+
+    @rule()
+    def verify_all(self) -> None:
+        """Every mapped, readable page reads as the shadow says, through the host."""
+        for (mm, page), prot in sorted(self.prot.items()):
+            if prot != "none":
+                assert self.c.read(mm, page, PS) == self.content(mm, page), (mm, hex(page))
+
+    @invariant()
+    def no_stale_access_and_invariants_hold(self) -> None:
+        if self.c is None:
+            return
+        assert self.c.check() == 0
+        if self.c.quiescent():
+            model = self.c.model
+            pins = sum(model.memory.pincount)
+            xp = self.c.node("xpmem")
+            held = xp.pinned_pages() if self.c.ports["xpmem"].state == "live" else 0
+            assert pins == held, (pins, held)
+
+    def teardown(self) -> None:
+        c = self.c
+        if c is None:
+            return
+        try:
+            self.verify_all()
+            for mm in list(self.mms):
+                c.exit(mm)
+            self.mms.clear()
+            for name in list(c.ports):
+                c.fence(name, "teardown")
+            c.pump()
+            assert c.check() == 0
+            memory = c.model.memory
+            assert memory.in_use == 0, f"{memory.in_use} frames leaked"
+            assert sum(memory.pincount) == 0, "pins left"
+            assert c.model.swap.in_use == 0, f"{c.model.swap.in_use} swap slots leaked"
+        finally:
+            c.model.close()
+
+
+ClusterMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestCluster = ClusterMachine.TestCase
