@@ -48,6 +48,12 @@ WORK=${MMN_BUILD_DIR:-$ROOT/build/images}
 WHEELS=$ROOT/wheels
 mkdir -p "$WORK" "$WHEELS"
 
+# One build at a time (two test runs may start this script together).
+if command -v flock >/dev/null; then
+    exec 9>"$WORK/.lock"
+    flock 9
+fi
+
 say() { printf '%s build-images: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
