@@ -192,9 +192,11 @@ class Ksm:
         self._queue = deque(self._mergeable_pages())
         self._in_pass = True
 
-    def scan(self, pages: int | None = None) -> Op[int]:
+    def scan(self, pages: int | None = None, *, until_pass_end: bool = False) -> Op[int]:
         """``ksm_do_scan``: look at up to ``pages`` (``pages_to_scan``) pages.
 
+        Args:
+            until_pass_end: stop when the current pass ends (``full_scans`` + 1).
         Returns:
             Pages looked at.
         """
@@ -206,6 +208,8 @@ class Ksm:
             if not self._queue:
                 self._in_pass = False
                 self.full_scans += 1
+                if until_pass_end:
+                    break
                 if done == 0 and not any(True for _ in self._mergeable_pages()):
                     break  # nothing mergeable at all: do not spin
                 continue
@@ -221,7 +225,7 @@ class Ksm:
         target = self.full_scans + 1
         done = 0
         while self.full_scans < target:
-            done += yield from self.scan(max(self.pages_to_scan, 1))
+            done += yield from self.scan(max(self.pages_to_scan, 1), until_pass_end=True)
         return done
 
     def _page(self, key: Key) -> tuple[Mm, int, int] | None:

@@ -407,7 +407,7 @@ class Model:
             out.append({
                 "mm": mm.id,
                 "vmas": [v.describe() for v in mm.vmas],
-                "rss": present,
+                "present": present,
                 "swapped": swapped,
                 "subscribers": sorted(self.notifier.subscribed(mm.id)),
             })
