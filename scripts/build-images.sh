@@ -167,7 +167,7 @@ else
 fi
 
 # The wheels must fit the python inside the base (cp311 wheels for 3.11).
-image_py=$(docker run --rm --network none --entrypoint python3 "$BASE" \
+image_py=$(docker run --rm --pull never --network none --entrypoint python3 "$BASE" \
     -c 'import sys; print("%d.%d" % sys.version_info[:2])') || die "$BASE has no working python3"
 here_py=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$image_py" = "$here_py" ] ||
@@ -201,11 +201,13 @@ ls "$WHEELS"/mmnotify-*.whl >/dev/null 2>&1 || die "no mmnotify wheel in $WHEELS
 # ---- 3. the image --------------------------------------------------------------
 t2=$SECONDS
 say "docker build $IMAGE from $BASE (--network none)"
-docker build --network none --build-arg BASE_IMAGE="$BASE" \
+docker build --network none --force-rm --build-arg BASE_IMAGE="$BASE" \
     --label org.opencontainers.image.title=mmnotify \
     --label "org.opencontainers.image.base.name=$BASE" \
     -t "$IMAGE" "$ROOT" >"$WORK/docker-build.log" 2>&1 ||
     { tail -30 "$WORK/docker-build.log" >&2; die "docker build failed (log: $WORK/docker-build.log)"; }
 say "image $IMAGE built in $((SECONDS - t2))s (total $((SECONDS - t0))s)"
-docker run --rm --network none "$IMAGE" --help >/dev/null || die "$IMAGE does not run mmn"
+docker run --rm --pull never --network none "$IMAGE" --help >/dev/null || die "$IMAGE does not run mmn"
+# Images earlier builds left untagged (no container uses them): gone.
+docker image prune -f --filter label=org.opencontainers.image.title=mmnotify >/dev/null 2>&1 || true
 echo "$IMAGE"
