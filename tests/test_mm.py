@@ -1,0 +1,589 @@
+"""The primary MMU model, operation by operation, with exact values and errors.
+
+Most tests run the model with no node at all (``run_op``); the ones about
+notifier traffic subscribe recording nodes and answer every delivery with an
+ok ack, keeping the messages for inspection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.effects import Deliver, Outcomes, run_sync
+from broker.memory import PG_KSM, ZERO_PFN
+from broker.mm import CHUNK_PAGES, MMAP_BASE, Mm, Model, run_op
+from protocol.messages import Ack, ChangePte, ClearFlushYoung, InvalidateRangeEnd, InvalidateRangeStart, Release
+from protocol.types import Errno, KernelError
+
+PS = 4096
+ALL_OPS = ["invalidate_range_start", "invalidate_range_end", "change_pte", "clear_flush_young", "release"]
+
+
+class Recorder:
+    """Nodes that ack everything ok and remember what they got, in order."""
+
+    def __init__(self, model: Model, young: bool = False) -> None:
+        self.model = model
+        self.log: list[tuple[str, Any]] = []
+        self.young = young
+
+    def __call__(self, effect: Deliver) -> Outcomes:
+        out: Outcomes = {}
+        for node, msg in effect.sends:
+            self.log.append((node, msg))
+            out[node] = Ack(ref=msg.id, status="ok", young=self.young) if effect.expect_ack else None
+        return out
+
+    def run(self, op: Any) -> Any:
+        return run_sync(op, self)
+
+    def types(self, node: str | None = None) -> list[str]:
+        return [type(m).__name__ for n, m in self.log if node is None or n == node]
+
+
+def model(frames: int = 64, **kw: Any) -> Model:
+    return Model(frames=frames, page_size=PS, swap_slots=kw.pop("swap_slots", 64), **kw)
+
+
+def page(fill: bytes) -> bytes:
+    return (fill * (PS // len(fill) + 1))[:PS]
+
+
+def subscribed(m: Model, mm: int, name: str = "kvm", ops: list[str] = ALL_OPS, sleepable: bool = False) -> None:
+    m.notifier.add_node(name, ops, sleepable)
+    m.notifier.register(name, mm)
+
+
+# -- mmap and host accesses --------------------------------------------------------------
+
+
+def test_mmap_places_mappings_apart_and_validates() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2))
+    b = run_op(m.mmap(mm, 1, "r"))
+    assert a == MMAP_BASE and b == a + 3 * PS  # a guard page between
+    assert [(v.start, v.end, v.prot) for v in m.mms[mm].vmas] == [(a, a + 2 * PS, "rw"), (b, b + PS, "r")]
+    for bad, errno in [((mm, 0), Errno.EINVAL), ((mm, 1, "rwx"), Errno.EINVAL), ((99, 1), Errno.ESRCH)]:
+        with pytest.raises(KernelError) as err:
+            run_op(m.mmap(*bad))
+        assert err.value.errno is errno
+    with pytest.raises(KernelError) as err:
+        run_op(m.mmap(mm, 1, shared=True, mergeable=True))
+    assert err.value.errno is Errno.EINVAL
+    assert len(m.mms[mm].vmas) == 2  # the refused ones changed nothing
+
+
+def test_read_maps_the_zero_page_and_write_allocates() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2))
+    assert run_op(m.read(mm, a + 10, 4)) == b"\0" * 4
+    assert m.pte(mm, a) == (ZERO_PFN, False, False, False)
+    assert m.memory.in_use == 0
+    assert run_op(m.write(mm, a + PS - 2, b"abcd")) == 4  # spans two pages
+    assert run_op(m.read(mm, a + PS - 2, 4)) == b"abcd"
+    p0, p1 = m.pte(mm, a)[0], m.pte(mm, a + PS)[0]
+    assert ZERO_PFN not in (p0, p1) and p0 != p1
+    assert m.memory.in_use == 2 and m.memory.mapcount[p0] == 1 and m.memory.refcount[p0] == 1
+    m.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("prot", "write", "errno"),
+    [("none", False, Errno.EFAULT), ("none", True, Errno.EFAULT), ("r", True, Errno.EFAULT)],
+)
+def test_host_access_faults_like_sigsegv(prot: str, write: bool, errno: Errno) -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 1, prot))
+    with pytest.raises(KernelError) as err:
+        run_op(m.write(mm, a, b"x") if write else m.read(mm, a, 1))
+    assert err.value.errno is errno
+    with pytest.raises(KernelError) as err:
+        run_op(m.read(mm, a + 5 * PS, 1))  # no vma at all
+    assert err.value.errno is Errno.EFAULT
+    assert m.memory.in_use == 0
+
+
+def test_a_write_across_an_unmapped_page_writes_nothing() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 1))
+    with pytest.raises(KernelError):
+        run_op(m.write(mm, a + PS - 2, b"abcd"))  # the second page is the guard gap
+    assert m.memory.in_use == 0 and m.pte(mm, a) is None
+
+
+# -- munmap, madvise, mprotect ---------------------------------------------------------------
+
+
+def test_munmap_sends_one_unmap_over_the_range_and_frees() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 4))
+    run_op(m.write(mm, a, page(b"1")))
+    run_op(m.write(mm, a + 2 * PS, page(b"3")))
+    subscribed(m, mm)
+    assert m.gup_fast(mm, a, 1, False, node="kvm") is not None
+    r = Recorder(m)
+    r.run(m.munmap(mm, a + PS, 3 * PS))  # the served page 0 is outside: nobody hears
+    assert r.log == []
+    r.run(m.munmap(mm, a, PS))
+    start, end = (msg for _, msg in r.log)
+    assert isinstance(start, InvalidateRangeStart) and (start.start, start.end, start.event) == (a, a + PS, "UNMAP")
+    assert isinstance(end, InvalidateRangeEnd) and end.start_id == start.id
+    assert m.memory.in_use == 0 and m.mms[mm].vmas == [] and m.mms[mm].pgd == {}
+    run_op(m.munmap(mm, a, 64 * PS))  # nothing mapped: fine
+    for args in [(a + 1, PS), (a, 0)]:
+        with pytest.raises(KernelError) as err:
+            run_op(m.munmap(mm, *args))
+        assert err.value.errno is Errno.EINVAL
+    m.check_invariants()
+
+
+def test_munmap_in_the_middle_splits_the_vma() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 3))
+    run_op(m.write(mm, a, page(b"a") * 3))
+    run_op(m.munmap(mm, a + PS, PS))
+    assert [(v.start, v.end) for v in m.mms[mm].vmas] == [(a, a + PS), (a + 2 * PS, a + 3 * PS)]
+    assert run_op(m.read(mm, a + 2 * PS, 1)) == b"a"
+    assert m.memory.in_use == 2
+    m.check_invariants()
+
+
+def test_dontneed_zeroes_keeps_the_vma_and_reports_holes_after_applying() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2))
+    run_op(m.write(mm, a, page(b"x") * 2))
+    with pytest.raises(KernelError) as err:
+        run_op(m.madvise(mm, a + PS, 3 * PS, "dontneed"))  # runs into the gap
+    assert err.value.errno is Errno.ENOMEM
+    assert run_op(m.read(mm, a + PS, 2)) == b"\0\0"  # zapped anyway, as the kernel does
+    assert run_op(m.read(mm, a, 2)) == b"xx"
+    with pytest.raises(KernelError) as err:
+        run_op(m.madvise(mm, a, PS, "willneed-ish"))
+    assert err.value.errno is Errno.EINVAL
+    m.check_invariants()
+
+
+def test_non_blockable_dontneed_refused_by_a_sleepable_node_changes_nothing() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 1))
+    run_op(m.write(mm, a, b"keep"))
+    subscribed(m, mm, "xpmem", sleepable=True)
+    m.gup_fast(mm, a, 1, False, node="xpmem")
+
+    def refuse(effect: Deliver) -> Outcomes:
+        return {n: Ack(ref=msg.id, status="EAGAIN") if effect.expect_ack else None for n, msg in effect.sends}
+
+    with pytest.raises(KernelError) as err:
+        run_sync(m.madvise(mm, a, PS, "dontneed", blockable=False), refuse)
+    assert err.value.errno is Errno.EAGAIN
+    assert run_op(m.read(mm, a, 4)) == b"keep"
+
+
+def test_mprotect_downgrade_invalidates_upgrade_does_not() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2))
+    run_op(m.write(mm, a, page(b"p") * 2))
+    subscribed(m, mm)
+    m.gup_fast(mm, a, 2, True, node="kvm")
+    r = Recorder(m)
+    r.run(m.mprotect(mm, a, PS, "r"))
+    assert r.types() == ["InvalidateRangeStart", "InvalidateRangeEnd"]
+    assert r.log[0][1].event == "PROTECTION_VMA" and (r.log[0][1].start, r.log[0][1].end) == (a, a + PS)
+    assert m.pte(mm, a)[1] is False and m.pte(mm, a + PS)[1] is True
+    with pytest.raises(KernelError) as err:
+        run_op(m.write(mm, a, b"no"))
+    assert err.value.errno is Errno.EFAULT
+    r.log.clear()
+    r.run(m.mprotect(mm, a, PS, "rw"))
+    assert r.log == []
+    run_op(m.write(mm, a, b"ok"))  # reuse: the page is exclusive
+    assert run_op(m.read(mm, a, 2)) == b"ok"
+    r.run(m.mprotect(mm, a, 2 * PS, "none"))
+    assert m.pte(mm, a) is None  # pte_protnone: not accessible
+    with pytest.raises(KernelError) as err:
+        run_op(m.mprotect(mm, a + 5 * PS, PS, "r"))
+    assert err.value.errno is Errno.ENOMEM
+    with pytest.raises(KernelError) as err:
+        run_op(m.mprotect(mm, a, PS, "x"))
+    assert err.value.errno is Errno.EINVAL
+    m.check_invariants()
+
+
+def test_mprotect_changes_the_vmas_before_the_first_hole() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 1))
+    b = run_op(m.mmap(mm, 1))
+    with pytest.raises(KernelError) as err:
+        run_op(m.mprotect(mm, a, b + PS - a, "r"))
+    assert err.value.errno is Errno.ENOMEM
+    assert [v.prot for v in m.mms[mm].vmas] == ["r", "rw"]
+
+
+# -- fork and COW ------------------------------------------------------------------------------
+
+
+def test_fork_makes_private_pages_cow_and_a_write_copies() -> None:
+    m = model()
+    parent = m.spawn()
+    a = run_op(m.mmap(parent, 2))
+    run_op(m.write(parent, a, page(b"P")))
+    subscribed(m, parent)
+    m.gup_fast(parent, a, 1, True, node="kvm")
+    r = Recorder(m)
+    child = r.run(m.fork(parent))
+    assert r.types() == ["InvalidateRangeStart", "InvalidateRangeEnd"]
+    assert r.log[0][1].event == "PROTECTION_PAGE"
+    pfn = m.pte(parent, a)[0]
+    assert m.pte(child, a) == (pfn, False, True, False) and m.pte(parent, a)[1] is False
+    assert m.memory.mapcount[pfn] == 2 and m.memory.refcount[pfn] == 2
+    assert m.pte(child, a + PS) is None  # never touched: nothing to share
+    r.log.clear()
+    m.gup_fast(parent, a, 1, False, node="kvm")  # kvm maps the shared page read-only
+    r.run(m.write(parent, a, b"mine"))  # COW break in the parent
+    assert r.types() == ["InvalidateRangeStart", "InvalidateRangeEnd"]
+    new = m.pte(parent, a)[0]
+    assert new != pfn and m.pte(child, a)[0] == pfn and m.memory.mapcount[pfn] == 1
+    assert run_op(m.read(child, a, 4)) == b"PPPP" and run_op(m.read(parent, a, 4)) == b"mine"
+    run_op(m.write(child, a, b"kid!"))  # the last mapper reuses the page: no copy
+    assert m.pte(child, a)[0] == pfn
+    m.check_invariants()
+
+
+def test_fork_copies_a_pinned_page_for_the_child_at_once() -> None:
+    m = model()
+    parent = m.spawn()
+    a = run_op(m.mmap(parent, 1))
+    run_op(m.write(parent, a, b"pin"))
+    (entry,) = m.gup_fast(parent, a, 1, True, pin=True, node="dma")
+    child = run_op(m.fork(parent))
+    assert m.pte(parent, a)[:2] == (entry[1], True)  # untouched, still writable
+    assert m.pte(child, a)[0] != entry[1]
+    run_op(m.write(parent, a, b"PIN"))
+    assert run_op(m.read(child, a, 3)) == b"pin"
+    assert m.memory.read(entry[1], 0, 3) == b"PIN"  # the device sees the parent's writes
+    m.unpin("dma", parent, [entry[1]])
+    m.check_invariants()
+
+
+def test_fork_duplicates_swap_entries() -> None:
+    m = model()
+    parent = m.spawn()
+    a = run_op(m.mmap(parent, 1))
+    run_op(m.write(parent, a, b"swapme"))
+    assert run_op(m.reclaim(parent, a, PS)) == 1
+    child = run_op(m.fork(parent))
+    assert m.swap.in_use == 1 and m.swap.swap_map[1] == 2
+    assert run_op(m.read(child, a, 6)) == b"swapme" and run_op(m.read(parent, a, 6)) == b"swapme"
+    assert m.swap.in_use == 0
+    m.check_invariants()
+
+
+def test_shared_anonymous_memory_is_shared_with_the_child() -> None:
+    m = model()
+    parent = m.spawn()
+    a = run_op(m.mmap(parent, 1, shared=True))
+    run_op(m.write(parent, a, b"both"))
+    child = run_op(m.fork(parent))
+    run_op(m.write(child, a, b"BOTH"))
+    assert run_op(m.read(parent, a, 4)) == b"BOTH"
+    pfn = m.pte(parent, a)[0]
+    assert m.memory.refcount[pfn] == 3  # two ptes and the page cache
+    run_op(m.exit_mm(child))
+    run_op(m.munmap(parent, a, PS))
+    assert m.memory.in_use == 0
+    m.check_invariants()
+
+
+# -- exit -------------------------------------------------------------------------------------
+
+
+def test_exit_releases_first_then_frees_and_register_fails_meanwhile() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 3))
+    run_op(m.write(mm, a, page(b"e") * 3))
+    subscribed(m, mm)
+    m.gup_fast(mm, a, 3, False, node="kvm")
+    seen: list[str] = []
+
+    def deliver(effect: Deliver) -> Outcomes:
+        seen.extend(type(msg).__name__ for _, msg in effect.sends)
+        with pytest.raises(KernelError) as err:
+            m.notifier.register("kvm", mm)
+        assert err.value.errno is Errno.EINTR
+        return {n: Ack(ref=msg.id) for n, msg in effect.sends}
+
+    run_sync(m.exit_mm(mm), deliver)
+    assert seen == ["Release"]
+    assert mm not in m.mms and m.memory.in_use == 0
+    with pytest.raises(KernelError) as err:
+        run_op(m.read(mm, a, 1))
+    assert err.value.errno is Errno.ESRCH
+    m.check_invariants()
+
+
+# -- GUP -----------------------------------------------------------------------------------------
+
+
+def test_gup_errors_as_the_kernel_returns_them() -> None:
+    m = model()
+    mm = m.spawn()
+    ro = run_op(m.mmap(mm, 1, "r"))
+    no = run_op(m.mmap(mm, 1, "none"))
+    cases = [((mm, ro, 1, True), Errno.EPERM), ((mm, no, 1, False), Errno.EFAULT),
+             ((mm, no + 8 * PS, 1, False), Errno.EFAULT), ((mm, ro + 1, 1, False), Errno.EINVAL),
+             ((mm, ro, 0, False), Errno.EINVAL), ((42, ro, 1, False), Errno.ESRCH)]
+    for args, errno in cases:
+        with pytest.raises(KernelError) as err:
+            run_op(m.gup(*args))
+        assert err.value.errno is errno, args
+    assert m.memory.in_use == 0
+
+
+def test_gup_faults_around_and_stops_at_the_end_of_the_vma() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 3))
+    assert m.gup_fast(mm, a, 3, True) is None  # nothing present: the slow path
+    pages = run_op(m.gup(mm, a + PS, 8, True, node="kvm"))
+    assert [p[0] for p in pages] == [a + PS, a + 2 * PS] and all(p[2] for p in pages)
+    assert m.gup_fast(mm, a + PS, 2, True) == pages
+    reads = run_op(m.gup(mm, a, 1, False))
+    assert reads == [(a, ZERO_PFN, False)]  # a read maps the zero page
+    m.check_invariants()
+
+
+def test_pinning_unshares_the_zero_page_and_unpin_frees() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2))
+    run_op(m.read(mm, a, 1))
+    assert m.gup_fast(mm, a, 1, False, pin=True, node="x") is None  # zero page: slow path
+    (entry,) = run_op(m.gup(mm, a, 1, False, pin=True, node="x"))
+    pfn = entry[1]
+    assert pfn != ZERO_PFN and m.memory.pincount[pfn] == 1 and m.memory.refcount[pfn] == 2
+    assert m.is_pinned_by("x", mm, a, pfn) and not m.is_pinned_by("y", mm, a, pfn)
+    with pytest.raises(KernelError) as err:
+        m.unpin("x", mm, [pfn, pfn])  # holds one pin only: nothing happens
+    assert err.value.errno is Errno.EINVAL and m.memory.pincount[pfn] == 1
+    run_op(m.munmap(mm, a, PS))
+    assert not m.memory.is_free(pfn)  # the pin keeps the frame
+    m.unpin("x", mm, [pfn])
+    assert m.memory.is_free(pfn)
+    m.check_invariants()
+
+
+def test_fence_drops_the_nodes_pins() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2))
+    pages = run_op(m.gup(mm, a, 2, True, pin=True, node="x"))
+    run_op(m.munmap(mm, a, 2 * PS))
+    assert m.memory.in_use == 2
+    assert m.fence_node("x") == 2
+    assert m.memory.in_use == 0 and all(m.memory.is_free(p[1]) for p in pages)
+    m.check_invariants()
+
+
+# -- the oracle ---------------------------------------------------------------------------------
+
+
+def test_dma_through_a_stale_translation_is_refused_and_counted() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 1))
+    run_op(m.write(mm, a, b"live"))
+    pfn = m.pte(mm, a)[0]
+    assert m.dma_read("kvm", mm, a, pfn, 0, 4) == b"live"
+    m.dma_write("kvm", mm, a, pfn, 0, b"LIVE")
+    assert run_op(m.read(mm, a, 4)) == b"LIVE"
+    run_op(m.munmap(mm, a, PS))
+    with pytest.raises(KernelError) as err:
+        m.dma_read("kvm", mm, a, pfn, 0, 4)
+    assert err.value.errno is Errno.ESTALE and m.stale_accesses == 1
+    with pytest.raises(KernelError) as err:
+        m.dma_read("kvm", mm, a, pfn, PS - 2, 4)  # outside the page: bad input, not stale
+    assert err.value.errno is Errno.EINVAL and m.stale_accesses == 1
+
+
+def test_dma_write_through_a_read_only_pte_is_stale() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 1))
+    run_op(m.write(mm, a, b"ro"))
+    run_op(m.mprotect(mm, a, PS, "r"))
+    pfn = m.pte(mm, a)[0]
+    with pytest.raises(KernelError) as err:
+        m.dma_write("kvm", mm, a, pfn, 0, b"no")
+    assert err.value.errno is Errno.ESTALE and m.stale_accesses == 1
+
+
+# -- reclaim and migration -----------------------------------------------------------------------
+
+
+def test_reclaim_ages_through_the_nodes_then_swaps_and_swaps_in() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2))
+    run_op(m.write(mm, a, page(b"s") * 2))
+    subscribed(m, mm)
+    m.gup_fast(mm, a, 2, False, node="kvm")
+    young = Recorder(m, young=True)
+    assert young.run(m.reclaim(mm, a, 2 * PS)) == 0  # the node says both are young
+    assert young.types() == ["ClearFlushYoung", "ClearFlushYoung"]
+    old = Recorder(m)
+    assert old.run(m.reclaim(mm, a, 2 * PS)) == 2
+    assert old.types() == ["ClearFlushYoung", "InvalidateRangeStart", "InvalidateRangeEnd"] * 2
+    assert m.memory.in_use == 0 and m.swap.in_use == 2 and m.pte(mm, a) is None
+    assert run_op(m.read(mm, a + PS, 2)) == b"ss"
+    assert m.swap.in_use == 1 and m.memory.in_use == 1
+    run_op(m.read(mm, a, 1))
+    run_op(m.read(mm, a, 1))  # a hit: the pte is young now
+    assert run_op(m.reclaim(mm, a, PS)) == 0
+    m.check_invariants()
+
+
+def test_reclaim_fails_cleanly_when_swap_is_full() -> None:
+    m = model(swap_slots=2)  # slot 0 is never used
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2))
+    run_op(m.write(mm, a, page(b"f") * 2))
+    with pytest.raises(KernelError) as err:
+        run_op(m.reclaim(mm, a, 2 * PS))
+    assert err.value.errno is Errno.ENOSPC
+    assert run_op(m.read(mm, a, 1)) == b"f" and run_op(m.read(mm, a + PS, 1)) == b"f"
+    m.check_invariants()
+
+
+def test_migrate_moves_private_pages_but_not_pinned_or_shared_ones() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 3))
+    run_op(m.write(mm, a, page(b"m") * 3))
+    subscribed(m, mm)
+    m.gup_fast(mm, a, 3, False, node="kvm")
+    pinned = run_op(m.gup(mm, a + PS, 1, True, pin=True, node="x"))[0][1]
+    child = run_op(m.fork(mm))  # pages 0 and 2 shared COW with the child; the pinned page copied
+    run_op(m.write(mm, a, b"m"))  # page 0 exclusive again (a copy)
+    m.gup_fast(mm, a, 3, False, node="kvm")
+    before = [m.pte(mm, a + i * PS)[0] for i in range(3)]
+    r = Recorder(m)
+    assert r.run(m.migrate(mm, a, 3 * PS)) == 1
+    assert r.types() == ["InvalidateRangeStart", "InvalidateRangeEnd"] and r.log[0][1].event == "MIGRATE"
+    after = [m.pte(mm, a + i * PS)[0] for i in range(3)]
+    assert after[0] != before[0] and after[1] == pinned and after[2] == before[2]
+    assert m.memory.is_free(before[0]) and run_op(m.read(mm, a, 1)) == b"m"
+    assert run_op(m.read(child, a + 2 * PS, 1)) == b"m"
+    m.unpin("x", mm, [pinned])
+    m.check_invariants()
+
+
+# -- the change_pte window --------------------------------------------------------------------------
+
+
+def test_set_pte_at_notify_tells_the_nodes_before_the_pte_changes_and_gup_fast_waits() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2, mergeable=True))
+    run_op(m.write(mm, a, page(b"same") * 2))
+    subscribed(m, mm)
+    m.gup_fast(mm, a, 2, False, node="kvm")
+    old = [m.pte(mm, a)[0], m.pte(mm, a + PS)[0]]
+    changes: list[tuple[int, int, bool]] = []
+
+    def deliver(effect: Deliver) -> Outcomes:
+        for _, msg in effect.sends:
+            if isinstance(msg, ChangePte):
+                changes.append((msg.addr, msg.pfn, msg.writable))
+                assert m.gup_fast(mm, a, 2, False, node="kvm") is None  # the pte is "cleared"
+                assert m.pte(mm, msg.addr)[0] == old[(msg.addr - a) // PS]  # not set yet
+                # a node that already repointed reads the new page: not stale
+                m.dma_read("kvm", mm, msg.addr, msg.pfn, 0, 4)
+        return {n: Ack(ref=msg.id) if effect.expect_ack else None for n, msg in effect.sends}
+
+    run_sync(m.ksm.full_scan(), deliver)
+    run_sync(m.ksm.full_scan(), deliver)
+    kpfn = m.pte(mm, a)[0]
+    # write_protect_page of both (same pfn, read-only), then replace_page of one
+    assert sorted(changes) == sorted([(a, old[0], False), (a + PS, old[1], False),
+                                      (a if kpfn == old[1] else a + PS, kpfn, False)])
+    assert m.stale_accesses == 0 and m.pending == {}
+    m.check_invariants()
+
+
+# -- page table --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4 * CHUNK_PAGES), st.integers(0, 3)), max_size=60),
+       st.integers(0, 4 * CHUNK_PAGES), st.integers(1, 4 * CHUNK_PAGES))
+def test_page_table_matches_a_dict(writes: list[tuple[int, int]], lo: int, span: int) -> None:
+    """Mm.set/get/populated_in against a plain dict, with populated counts and
+    empty chunks freed."""
+    mm = Mm(1, PS)
+    shadow: dict[int, int] = {}
+    for index, value in writes:
+        mm.set(index * PS, value)
+        if value:
+            shadow[index * PS] = value
+        else:
+            shadow.pop(index * PS, None)
+    for addr, value in shadow.items():
+        assert mm.get(addr) == value
+    start, end = lo * PS, (lo + span) * PS
+    assert list(mm.populated_in(start, end)) == sorted((a, v) for a, v in shadow.items() if start <= a < end)
+    assert sum(mm.populated.values()) == len(shadow)
+    assert set(mm.pgd) == {a // (PS * CHUNK_PAGES) for a in shadow}
+
+
+def test_a_ksm_page_is_flagged_and_never_reused_by_a_write() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 2, mergeable=True))
+    run_op(m.write(mm, a, page(b"k") * 2))
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    kpfn = m.pte(mm, a)[0]
+    assert m.pte(mm, a + PS)[0] == kpfn and m.memory.flags[kpfn] & PG_KSM
+    run_op(m.munmap(mm, a + PS, PS))  # one mapping left: still KSM, still not reused
+    run_op(m.write(mm, a, b"w"))
+    assert m.pte(mm, a)[0] != kpfn and m.memory.is_free(kpfn)
+    assert m.ksm.stats()["pages_shared"] == 0
+    m.check_invariants()
+
+
+def test_release_reaches_only_subscribers() -> None:
+    m = model()
+    mm = m.spawn()
+    subscribed(m, mm, "kvm")
+    m.notifier.add_node("gru", ALL_OPS, False)
+    r = Recorder(m)
+    r.run(m.exit_mm(mm))
+    assert [(n, type(msg)) for n, msg in r.log] == [("kvm", Release)]
+
+
+def test_clear_flush_young_messages_carry_the_page() -> None:
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 1))
+    run_op(m.write(mm, a, b"y"))
+    subscribed(m, mm)
+    m.gup_fast(mm, a, 1, False, node="kvm")
+    r = Recorder(m, young=True)
+    r.run(m.reclaim(mm, a, PS))
+    (msg,) = [msg for _, msg in r.log]
+    assert isinstance(msg, ClearFlushYoung) and (msg.start, msg.end) == (a, a + PS)
