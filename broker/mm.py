@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from array import array
 from bisect import bisect_right
 from collections import Counter
@@ -84,6 +85,8 @@ PROTS = ("none", "r", "rw")
 MMAP_BASE = 0x10000000
 #: Largest number of pages one GUP may ask for.
 MAX_GUP_PAGES = 4096
+
+_NONZERO = re.compile(rb"[^\x00]")
 
 _RANK = {"none": 0, "r": 1, "rw": 2}
 
@@ -240,17 +243,25 @@ class Mm:
             indexes: Any = (i for i in range(first, last + 1) if i in self.pgd)
         else:
             indexes = sorted(i for i in self.pgd if first <= i <= last)
+        ps = self.page_size
         for index in indexes:
             chunk = self.pgd.get(index)
             if chunk is None:
                 continue
             base = index * self.chunk_bytes
-            lo = max(0, (start - base) // self.page_size)
-            hi = min(CHUNK_PAGES, -(-(end - base) // self.page_size))
-            for slot in range(lo, hi):
+            lo = max(0, (start - base) // ps)
+            hi = min(CHUNK_PAGES, -(-(end - base) // ps))
+            if self.populated[index] * 16 < hi - lo:
+                # sparse: every non-none pte has PRESENT or SWAP in its low
+                # byte, so the nonzero low bytes (found in C) are the ptes
+                low = chunk.tobytes()[lo * 8 : hi * 8 : 8]
+                slots: Any = (lo + m.start() for m in _NONZERO.finditer(low))
+            else:
+                slots = range(lo, hi)
+            for slot in slots:
                 pte = chunk[slot]
                 if pte:
-                    yield base + slot * self.page_size, pte
+                    yield base + slot * ps, pte
 
     def rss(self) -> tuple[int, int]:
         """(present ptes, swapped ptes)."""
