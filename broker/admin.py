@@ -73,6 +73,9 @@ async def status(host: Host) -> dict[str, Any]:
                 "injected": report.get("injected", s.injected),
                 "fenced_count": s.fenced_count,
                 "fence_reason": s.fence_reason,
+                # the node's own view: {mm: {page address (hex): pfn}} and its counters
+                "mms": report.get("mms", {}),
+                "counters": report.get("counters", {}),
             }
         )
     model = host.model
@@ -191,11 +194,13 @@ async def merge(host: Host, full_scans: int) -> dict[str, Any]:
 @handler("ksm")
 async def ksm_knobs(host: Host, **knobs: Any) -> dict[str, Any]:
     ksm = host.model.ksm
-    changes = {k: v for k, v in knobs.items() if v is not None}
+    changes = {k: int(v) for k, v in knobs.items() if v is not None}
+    for key, value in changes.items():
+        ksm.check_knob(key, value)  # all of them before anything changes
+    for key, value in changes.items():
+        ksm.set_knob(key, value)
     if changes.get("run") == 2:
         await host.locked(ksm.unmerge_all())
-    for key, value in changes.items():
-        setattr(ksm, key, value)
     host.wake_ksm()
     return ksm.stats()
 

@@ -104,16 +104,23 @@ class Ksm:
 
     # -- sysfs ------------------------------------------------------------------
 
+    KNOBS = {"run": (0, 2), "pages_to_scan": (0, 1 << 20), "sleep_millisecs": (0, 1 << 20),
+             "max_page_sharing": (2, 1 << 20), "use_zero_pages": (0, 1)}
+
+    @classmethod
+    def check_knob(cls, name: str, value: int) -> None:
+        """Raises KernelError(EINVAL) for an unknown knob or a value out of range."""
+        limits = cls.KNOBS.get(name)
+        if limits is None or not isinstance(value, int) or not limits[0] <= value <= limits[1]:
+            raise KernelError(Errno.EINVAL, f"ksm {name}={value!r}")
+
     def set_knob(self, name: str, value: int) -> None:
         """Set one ``/sys/kernel/mm/ksm`` knob.
 
         Raises:
-            KernelError(EINVAL): unknown knob or value out of range.
+            KernelError(EINVAL): unknown knob or value out of range (nothing set).
         """
-        limits = {"run": (0, 2), "pages_to_scan": (0, 1 << 20), "sleep_millisecs": (0, 1 << 20),
-                  "max_page_sharing": (2, 1 << 20), "use_zero_pages": (0, 1)}
-        if name not in limits or not isinstance(value, int) or not limits[name][0] <= value <= limits[name][1]:
-            raise KernelError(Errno.EINVAL, f"ksm {name}={value!r}")
+        self.check_knob(name, value)
         setattr(self, name, bool(value) if name == "use_zero_pages" else value)
 
     def stats(self) -> dict[str, int]:
