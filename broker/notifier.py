@@ -25,8 +25,10 @@ State of one invalidation, per addressed node::
 
 Served ranges shrink when a node acks a start (it zapped the range) and grow
 when a GUP serves it pages.  A GUP served while a start is in flight is
-recorded too (a conservative superset); the node discards such a reply by its
-own sequence check (``mmu_invalidate_retry``).
+forgotten with the range when the ack arrives: that is safe because the node
+discards such a reply by its own rule (kvm's ``mmu_invalidate_retry``, gru's
+``range_active``, xpmem's drain) and faults again after the end, which
+records the range again.  The DMA oracle would count any node that did not.
 """
 
 from __future__ import annotations
