@@ -384,6 +384,7 @@ class Host:
         name = session.name
         if isinstance(msg, Ack):
             slot = self.ack_waiters.get((name, msg.ref))
+            self.publish("ack", node=name, ref=msg.ref, status=msg.status, late=slot is None)
             if slot is None:
                 self.counters["acks_late"] += 1  # late, or a duplicate: harmless
             elif slot.ack is None:
@@ -614,7 +615,7 @@ def _ignore(frames: list[bytes], exc: Exception) -> None:
 
 def _fields(msg: Message) -> dict[str, Any]:
     out = {}
-    for name in ("id", "mm", "start", "end", "addr", "pfn", "event"):
+    for name in ("id", "mm", "start", "end", "addr", "pfn", "event", "start_id"):
         value = getattr(msg, name, None)
         if value is not None:
             out[name] = value
