@@ -501,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="with --once: one JSON document")
     p.set_defaults(handler=up_module.run)
 
+    from . import bench as bench_module
+
+    p = subs.add_parser("bench", help="measure the cluster, each figure against a raw pyzmq floor of the same run")
+    bench_module.add_arguments(p)
+    p.set_defaults(handler=bench_module.run_command)
+
     # ---- control
     _control(subs, "status", _b("status"), _r_status, "nodes, mms, frames, stale accesses, KSM")
     _control(subs, "spawn", _b("spawn"), _r_kv, "create an address space")

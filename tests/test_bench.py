@@ -1,0 +1,74 @@
+"""``mmn bench --quick --json`` runs and reports every figure with its ratio.
+
+No timing is asserted (the machine may be loaded): only that each figure is
+measured, has a floor from the same run, and a finite ratio, and that the
+munmap sends one start and one end per node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from mmn import bench
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmn", "bench", "--quick", "--json", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_every_figure_has_a_ratio(doc: dict) -> None:
+    plan = bench.Plan.quick()
+    assert [r["k"] for r in doc["invalidate"]["inline"]] == list(plan.ks)
+    assert [r["k"] for r in doc["invalidate"]["xpmem"]] == list(plan.xpmem_ks)
+    for rows in doc["invalidate"].values():
+        for r in rows:
+            for key in ("p50_us", "p99_us", "floor_p50_us", "floor_p99_us", "p50_ratio", "p99_ratio"):
+                assert _finite(r[key]), (r, key)
+    assert {(r["kind"], r["mode"]) for r in doc["fault"]} == {("kvm", "single"), ("kvm", "around"), ("gru", "single")}
+    assert all(_finite(r["faults_per_s"]) and _finite(r["ratio"]) for r in doc["fault"])
+    assert [r["populated"] for r in doc["munmap"]] == list(plan.munmap_pages)
+    for r in doc["munmap"]:
+        assert _finite(r["ratio"]) and r["messages"] == r["messages_expected"] == 2 * r["nodes"]
+    assert _finite(doc["ksm"]["ratio"]) and doc["ksm"]["pages_sharing"] > 0
+    assert _finite(doc["memory"]["ratio"]) and doc["memory"]["pages"] == plan.memory_pages
+    scale = doc["scale"]
+    assert scale["nodes"] >= plan.scale_nodes and scale["invalidate"]["k"] == plan.scale_nodes
+    assert _finite(scale["invalidate"]["p50_ratio"]) and _finite(scale["heartbeat"]["ratio"])
+    # the flat list the table prints: every figure, each with a floor and a ratio
+    assert len(doc["figures"]) == 2 * (len(plan.ks) + len(plan.xpmem_ks)) + 3 + len(plan.munmap_pages) + 2 + 3
+    for row in doc["figures"]:
+        assert _finite(row["floor"]) and _finite(row["ratio"]), row
+    assert doc["seconds"] < 120
+
+
+def test_table_renders_every_figure(doc: dict) -> None:
+    text = bench.table(doc)
+    for row in doc["figures"]:
+        assert row["figure"] in text
+
+
+def test_plot_without_matplotlib_fails_clearly(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    from mmn.cli import main
+
+    assert main(["bench", "--quick", "--plot", "x.png"]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
