@@ -198,6 +198,7 @@ def cluster(image: str) -> Iterator[Cluster]:
         MMN_HEARTBEAT_MS="300",
         MMN_LIVENESS="6",
         MMN_FRAMES="4096",
+        MMN_HEALTH_INTERVAL="2s",
     )
     c = Cluster(project, compose, env, f"tcp://127.0.0.1:{admin_port}", f"{project}_default")
     try:
