@@ -113,7 +113,8 @@ def image() -> str:
     proc = _run(["bash", str(ROOT / "scripts" / "build-images.sh")], timeout=BUILD_TIMEOUT, check=False,
                 env={**os.environ, "MMN_IMAGE": name})
     if proc.returncode != 0:
-        pytest.fail(f"scripts/build-images.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        pytest.fail(f"scripts/build-images.sh failed ({proc.returncode}); to test an image built otherwise, "
+                    f"set MMN_TEST_IMAGE=name:tag:\n{proc.stderr[-4000:]}")
     sys.stderr.write(f"\nimage {name} ready in {time.monotonic() - started:.0f}s\n")
     return name
 
@@ -333,3 +334,35 @@ def test_kill_and_partition_in_the_middle_of_an_invalidation(cluster: Cluster) -
     assert all(n["state"] == "live" for n in status["nodes"] if n["name"] in (kvm, gru, *xpmems))
     wait_for("kvm and gru healthy again", lambda: c.health(kvm_id) == c.health(gru_id) == "healthy", timeout=60)
     c.mmn("exit", "--mm", str(mm))
+
+
+@pytest.mark.docker
+def test_restart_policy_and_a_host_restart(cluster: Cluster) -> None:
+    """A node process that dies is brought back by ``restart: unless-stopped``
+    and registers under its old name; after a host restart (a new
+    incarnation) every node registers with the new host by itself."""
+    c = cluster
+    ((kvm_id, kvm),) = _service_nodes(c, "kvm")
+    restarts = int(_run(["docker", "inspect", "--format", "{{.RestartCount}}", kvm_id]).stdout)
+    epoch = _nodes(c.status())[kvm]["epoch"]
+    proc = _run([*_mmn_command(), "--host", c.admin, "inject", kvm, "crash", "--json"], check=False, env=c.env)
+    assert proc.returncode in (0, 1, 3), proc.stderr  # the node may die before it answers
+
+    def restarted() -> bool:
+        count = int(_run(["docker", "inspect", "--format", "{{.RestartCount}}", kvm_id]).stdout)
+        node = _nodes(c.status()).get(kvm)
+        return count > restarts and node is not None and node["state"] == "live" and node["epoch"] > epoch
+
+    wait_for("kvm restarted by Docker and live again", restarted, timeout=60)
+
+    incarnation = c.status()["host"]["incarnation"]
+    (host_id,) = c.containers("host")
+    _run(["docker", "restart", "-t", "5", host_id], timeout=60)
+
+    def all_back() -> bool:
+        status = c.status()
+        live = [n for n in status["nodes"] if n["state"] == "live"]
+        return status["host"]["incarnation"] != incarnation and len(live) == len(KINDS) - 1 + XPMEM_REPLICAS
+
+    wait_for("every node registered with the restarted host", all_back, timeout=60)
+    assert c.status()["stale_accesses"] == 0
