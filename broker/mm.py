@@ -756,6 +756,10 @@ class Model:
         Returns:
             What ``commit`` returns.
         """
+        if not wrap and not self.notifier.has_subscribers(mm):
+            # mmu_notifier_change_pte: "if (mm_has_notifiers(mm))" -- nobody to
+            # tell, nothing yielded, so no window for GUP-fast to see: set the pte.
+            return commit()
         key = (mm, addr)
         self.pending[key] = pfn
         inv = None
