@@ -378,7 +378,7 @@ def _r_pages(ns: argparse.Namespace, result: dict[str, Any]) -> str:
             rows.append((f"{a:#x}" if isinstance(a, int) else a, pfn, bool(writable)))
     rest = {k: v for k, v in result.items() if k != "pages"}
     text = render.table(("addr", "pfn", "writable"), rows)
-    return text + ("\n" + render.keyvalues(rest) if rest else "")
+    return text + ("\n" + _r_addr(ns, rest) if rest else "")
 
 
 def _r_ksm(ns: argparse.Namespace, result: dict[str, Any]) -> str:

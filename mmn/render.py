@@ -115,6 +115,10 @@ def ksm_pairs(ksm: Mapping[str, Any]) -> list[tuple[str, Any]]:
 
 
 def _vma(vma: Any) -> str:
+    if isinstance(vma, Mapping) and isinstance(vma.get("start"), int) and isinstance(vma.get("end"), int):
+        # the host's form: {"start", "end", "prot", "shared", "mergeable"}
+        flags = ("shared" if vma.get("shared") else "private") + (",mergeable" if vma.get("mergeable") else "")
+        return f"{vma['start']:#x}-{vma['end']:#x} {cell(vma.get('prot'))} {flags}"
     if isinstance(vma, (list, tuple)) and len(vma) >= 2:
         start, end, *rest = vma
         extra = " ".join(cell(x) for x in rest)
@@ -151,6 +155,31 @@ def nodes_table(nodes: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+#: Pages of one node and mm shown in full by :func:`mappings_table`.
+MAPPINGS_SHOWN = 8
+
+
+def mappings_table(nodes: Sequence[Mapping[str, Any]]) -> str:
+    """What each node maps, as the node itself reports it: one row per node
+    and mm, ``page=pfn`` pairs (the first :data:`MAPPINGS_SHOWN`, then a count)."""
+    rows = []
+    for n in nodes:
+        mms = n.get("mms")
+        if not isinstance(mms, Mapping):
+            continue
+        for mm, pages in mms.items():
+            if not isinstance(pages, Mapping) or not pages:
+                continue
+            pairs = [f"{addr}={pfn}" for addr, pfn in list(pages.items())[:MAPPINGS_SHOWN]]
+            if len(pages) > MAPPINGS_SHOWN:
+                pairs.append(f"(+{len(pages) - MAPPINGS_SHOWN} more)")
+            rows.append((cell(n.get("name")), cell(mm), " ".join(pairs)))
+    heads = ("NODE", "MM", "PAGE=PFN")
+    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(2)]
+    lines = [f"{r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}  {r[2]}".rstrip() for r in [heads, *rows]]
+    return "\n".join(lines if rows else [*lines, "(none)"])
+
+
 def mms_table(mms: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for mm in mms:
@@ -173,7 +202,11 @@ def status(result: Mapping[str, Any]) -> str:
         ("frames", f"{frames.get('free', '?')} free of {frames.get('total', '?')}"),
         ("stale_accesses", result.get("stale_accesses")),
     ]
-    parts = [keyvalues(head), "", nodes_table(result.get("nodes") or []), "", mms_table(result.get("mms") or [])]
+    nodes = result.get("nodes") or []
+    parts = [keyvalues(head), "", nodes_table(nodes)]
+    if any(isinstance(n.get("mms"), Mapping) for n in nodes):  # hosts that report the nodes' own views
+        parts += ["", mappings_table(nodes)]
+    parts += ["", mms_table(result.get("mms") or [])]
     ksm = result.get("ksm") or {}
     if ksm:
         parts += ["", "ksm  " + "  ".join(f"{k}={cell(v)}" for k, v in ksm_pairs(ksm))]

@@ -884,6 +884,10 @@ def test_cli_main_as_a_user_would(cluster: Cluster, capsys: pytest.CaptureFixtur
     assert code == 0 and re.search(r"stale_accesses\s+0", out)
     for name in ("kvm0", "gru0", "xpmem0"):
         assert re.search(rf"^{name}\s+\w+\s+live", out, re.M), out
+    # every node's own mappings, and the mm's vma
+    assert re.search(rf"^kvm0\s+{mm}\s+{addr:#x}=\d+ {addr + PS:#x}=\d+$", out, re.M), out
+    assert re.search(rf"^gru0\s+{mm}\s+{addr:#x}=\d+$", out, re.M), out
+    assert f"{addr:#x}-{addr + 2 * PS:#x} rw private" in out
     code, out, _ = mmn("munmap", "--mm", mm, hex(addr), 2 * PS)
     assert code == 0
     code, out, _ = mmn("--json", "status")
