@@ -37,6 +37,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -863,21 +864,29 @@ def _configure_logging(level: str) -> None:
 
 
 def _die_with_parent() -> None:
-    """Under ``mmn up`` (``$MMN_PARENT_PID``): die with the parent, so a
-    SIGKILLed ``mmn up`` leaves no orphan behind (Linux ``PR_SET_PDEATHSIG``)."""
-    parent = os.environ.get("MMN_PARENT_PID")
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
+    """Under ``mmn up`` (``$MMN_PARENT_PID``): stop when the parent is gone, so
+    a SIGKILLed ``mmn up`` leaves no orphan behind.
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except Exception:  # best effort; mmn up still kills its process groups
+    Not ``PR_SET_PDEATHSIG``: that fires when the *thread* that forked us
+    exits, and trio's ``open_process`` forks from a worker thread that trio
+    retires after 10 s idle -- every child of ``mmn up`` got SIGTERM 10 s
+    after it started.  A daemon thread watches ``getppid()`` instead (we are
+    reparented when the parent dies) and sends us SIGTERM: the service stops
+    as on Ctrl-C.
+    """
+    parent = os.environ.get("MMN_PARENT_PID")
+    if not parent or not parent.isdigit():
         return
-    if str(os.getppid()) != parent:  # the parent died before prctl
+    parent_pid = int(parent)
+    if os.getppid() != parent_pid:  # the parent died before we looked
         os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 async def _cancel_on_signals(scope: trio.CancelScope, what: str) -> None:

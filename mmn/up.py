@@ -15,8 +15,8 @@ Process lifetimes::
          └── xpmem0
     Ctrl-C / SIGTERM -> SIGTERM to every group -> grace -> SIGKILL -> reaped
 
-Children get ``MMN_PARENT_PID`` and die with ``up`` even if it is SIGKILLed
-(``PR_SET_PDEATHSIG``, see ``mmn.cli._die_with_parent``).
+Children get ``MMN_PARENT_PID`` and stop when ``up`` is gone, even if it is
+SIGKILLed (they watch ``getppid()``, see ``mmn.cli._die_with_parent``).
 
 Exit status: 0 stopped on request (or ``--once`` with every node live), 1 the
 host died or a node did not come up, 2 usage, 3 the host never answered.

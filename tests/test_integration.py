@@ -940,3 +940,57 @@ def test_cli_as_a_subprocess(cluster: Cluster) -> None:
                           env=env, cwd=ROOT, timeout=30)
     assert done.returncode == 1 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done
     assert "ESRCH" in done.stderr
+
+
+# --------------------------------------------------------------------------
+# mmn up's children live as long as mmn up, not as long as a thread
+
+_STAND_IN_PARENT = """
+import os, subprocess, sys, threading, time
+env = dict(os.environ, MMN_PARENT_PID=str(os.getpid()))
+def spawn():  # as trio.lowlevel.open_process does: Popen in a worker thread, which then ends
+    p = subprocess.Popen([sys.executable, "-m", "mmn", "node", "--kind", "kvm", "--name", "orphan0",
+                          "--host", sys.argv[1]], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(p.pid, flush=True)
+    time.sleep(1.0)  # idle, as trio's cached worker is for 10 s, then gone
+t = threading.Thread(target=spawn)
+t.start()
+t.join()
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_child_of_mmn_up_outlives_the_thread_that_spawned_it_but_not_its_parent(tmp_path: Path) -> None:
+    """``mmn up`` starts its services with trio's ``open_process``, which forks
+    from a worker thread that trio retires after 10 s idle.  A service must not
+    die with that thread (``PR_SET_PDEATHSIG`` made every child of ``mmn up``
+    stop 10 s after it started), yet must stop when ``mmn up`` itself is
+    SIGKILLed."""
+    parent = subprocess.Popen([sys.executable, "-c", _STAND_IN_PARENT, "tcp://127.0.0.1:9"], stdout=subprocess.PIPE,
+                              env=_env(), cwd=ROOT, start_new_session=True)
+    child = None
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        time.sleep(2.0)  # the spawning thread ended 1 s ago
+        assert _alive(child), "the child died with the thread that spawned it"
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the child outlived mmn up"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)  # the child too: same process group
+        parent.wait(timeout=10)
