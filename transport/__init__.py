@@ -9,6 +9,7 @@ from .zsock import (
     Frames,
     PeerBusy,
     PeerGone,
+    Received,
     Security,
     SocketChannels,
     SocketOptions,
@@ -18,6 +19,7 @@ from .zsock import (
     bind,
     connect,
     serve_socket,
+    user_id_of,
 )
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "Frames",
     "PeerBusy",
     "PeerGone",
+    "Received",
     "Security",
     "SocketChannels",
     "SocketOptions",
@@ -34,4 +37,5 @@ __all__ = [
     "bind",
     "connect",
     "serve_socket",
+    "user_id_of",
 ]

@@ -52,7 +52,10 @@ Errors:
   ``zmq.ZMQError``.
 
 Not here: heartbeats (ours, in the protocol, never zmq's ``HEARTBEAT_*``
-options) and CURVE (a :class:`Security` object plugs in at socket creation).
+options) and CURVE (a :class:`Security` object plugs in at socket creation;
+:mod:`transport.curve` has the keys and the host's ZAP authenticator).  A
+socket bound with a ``security`` hook receives :class:`Received` frame lists
+carrying the sender's ZAP ``User-Id`` (:func:`user_id_of`).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ __all__ = [
     "Frames",
     "PeerBusy",
     "PeerGone",
+    "Received",
     "Security",
     "SocketChannels",
     "SocketOptions",
@@ -90,7 +94,25 @@ __all__ = [
     "bind",
     "connect",
     "serve_socket",
+    "user_id_of",
 ]
+
+
+class Received(list):  # type: ignore[type-arg]
+    """The frames of one received message, plus ``user_id``: the ZAP User-Id
+    of the sender's connection (on a ``user_ids=True`` socket; the identity
+    of the sender's CURVE key), else None.  A plain list otherwise."""
+
+    __slots__ = ("user_id",)
+
+    def __init__(self, frames: Any = ()) -> None:
+        super().__init__(frames)
+        self.user_id: str | None = None
+
+
+def user_id_of(frames: Frames) -> str | None:
+    """The authenticated sender of frames from a ``user_ids=True`` socket."""
+    return getattr(frames, "user_id", None)
 
 
 # --------------------------------------------------------------------------
@@ -128,10 +150,11 @@ class PeerBusy(PeerGone):
 
 
 class Security(Protocol):
-    """Hook for CURVE (issue 7): configures a socket before bind / connect.
+    """Hook for CURVE: configures a socket before bind / connect
+    (:class:`transport.curve.CurveServer` / :class:`~transport.curve.CurveClient`).
 
-    Not implemented yet; :func:`bind` calls ``configure_server`` and
-    :func:`connect` calls ``configure_client`` when one is given.
+    :func:`bind` calls ``configure_server`` and :func:`connect` calls
+    ``configure_client`` when one is given.
     """
 
     def configure_server(self, sock: zmq.Socket[Any]) -> None: ...
@@ -237,7 +260,8 @@ def bind(
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         raise TransportError(f"bind {endpoint}: {exc}") from exc
-    return ZSocket(sock, linger_ms=options.linger_ms)
+    # A secured server tags what it receives with the sender's key identity.
+    return ZSocket(sock, linger_ms=options.linger_ms, user_ids=security is not None and socket_type != zmq.PUB)
 
 
 def connect(
@@ -309,8 +333,10 @@ class ZSocket:
     The ZSocket must be used from the trio thread that created it.
     """
 
-    def __init__(self, sock: zmq.Socket[Any], *, linger_ms: int = 0) -> None:
+    def __init__(self, sock: zmq.Socket[Any], *, linger_ms: int = 0, user_ids: bool = False) -> None:
         self._sock = sock
+        # CURVE servers: tag what we receive with the sender's ZAP User-Id.
+        self._user_ids = user_ids
         self._fd: int = sock.FD
         self._linger_ms = linger_ms
         self._is_router = sock.type == zmq.ROUTER
@@ -486,6 +512,8 @@ class ZSocket:
                 # EVENTS first: cheaper than provoking zmq.Again, and it is the
                 # check-before-wait the edge-triggered FD needs anyway.
                 if self._events() & _POLLIN:
+                    if self._user_ids:
+                        return await self._recv_with_user_id()
                     frames: Frames = [sock.recv(_NOBLOCK)]
                     break
             except zmq.Again:  # another receiver took it
@@ -499,6 +527,23 @@ class ZSocket:
             frames.append(sock.recv(_NOBLOCK))
         self._after_io()
         await self._yield_if_due(waited)
+        return frames
+
+    async def _recv_with_user_id(self) -> Frames:
+        """The rest of :meth:`recv_multipart` for ``user_ids=True``: receive
+        as ``zmq.Frame`` to read the ZAP ``User-Id`` the authenticator gave
+        the sender's connection (the identity of its CURVE key)."""
+        sock = self._sock
+        parts = [sock.recv(_NOBLOCK, copy=False)]
+        while self._getsockopt(_RCVMORE):
+            parts.append(sock.recv(_NOBLOCK, copy=False))
+        frames = Received(p.bytes for p in parts)
+        try:
+            frames.user_id = parts[-1].get("User-Id")
+        except (zmq.ZMQError, UnicodeDecodeError):
+            frames.user_id = None
+        self._after_io()
+        await self._yield_if_due(False)
         return frames
 
     async def send_multipart(self, frames: Frames, *, wait_for_slow_peer: bool = True) -> None:
