@@ -34,12 +34,14 @@ import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
 import zmq
 
 from protocol import Limits, ProtocolError, decode, encode
+from protocol.limits import ENV_VARS as LIMIT_ENV
 from protocol.admin import check_admin
 from protocol.messages import (
     Ack,
@@ -70,8 +72,10 @@ from protocol.messages import (
     XpmemReply,
 )
 from protocol.types import Errno, KernelError
-from transport import PeerGone, SocketOptions, bind, serve_socket
+from transport import PeerGone, SocketOptions, bind, serve_socket, user_id_of
+from transport.curve import DOMAIN_ADMIN, DOMAIN_EVENTS, DOMAIN_NODE, HostAuth, KeyLayout, name_matches_key
 
+from . import guard
 from .effects import Deliver, Outcomes
 from .notifier import check_ops
 from .sessions import Refused, Sessions
@@ -102,12 +106,26 @@ class HostConfig:
     ksm_pages_to_scan: int = 100
     ksm_sleep_millisecs: int = 20
     limits: Limits = field(default_factory=Limits)
+    #: CURVE (DESIGN §7): a ``mmn keygen`` directory, or the three paths
+    #: separately (they override the directory's).  None of them: plain TCP.
+    keys_dir: str | None = None
+    server_key: str | None = None
+    node_keys: str | None = None
+    admin_keys: str | None = None
+    #: Plain TCP even if keys are configured.
+    insecure: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> HostConfig:
-        """Defaults, then ``MMN_*`` environment variables, then ``overrides``."""
+        """Defaults, then ``MMN_*`` environment variables, then ``overrides``
+        (``max_frame``, ``max_pages``, ``max_range``, ``max_rate``,
+        ``rate_burst`` go into ``limits``)."""
         env = dict(os.environ if env is None else env)
         cfg = cls()
+        limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in LIMIT_ENV}
+        cfg.limits = Limits.from_env(env, **limit_overrides)
+        if env.get("MMN_INSECURE", "") not in ("", "0"):
+            cfg.insecure = True
         for name, var in (
             ("bind", "MMN_BIND"),
             ("node_port", "MMN_NODE_PORT"),
@@ -122,6 +140,10 @@ class HostConfig:
             ("swap_path", "MMN_SWAP_PATH"),
             ("swap_slots", "MMN_SWAP_SLOTS"),
             ("ksm_run", "MMN_KSM_RUN"),
+            ("keys_dir", "MMN_KEYS_DIR"),
+            ("server_key", "MMN_SERVER_KEY"),
+            ("node_keys", "MMN_NODE_KEYS"),
+            ("admin_keys", "MMN_ADMIN_KEYS"),
         ):
             if var in env and env[var] != "":
                 current = getattr(cfg, name)
@@ -138,6 +160,26 @@ class HostConfig:
             if value is not None:
                 setattr(cfg, key, value)
         return cfg
+
+    def key_paths(self) -> tuple[str, str, str] | None:
+        """``(server secret, node keys dir, admin keys dir)``, or None for
+        plain TCP (``insecure``, or no keys configured).
+
+        Raises:
+            ValueError: some paths configured but not all three.
+        """
+        if self.insecure:
+            return None
+        layout = KeyLayout(Path(self.keys_dir)) if self.keys_dir else None
+        server = self.server_key or (str(layout.host_secret) if layout else None)
+        nodes = self.node_keys or (str(layout.nodes_dir) if layout else None)
+        admins = self.admin_keys or (str(layout.admin_dir) if layout else None)
+        given = [p for p in (server, nodes, admins) if p]
+        if not given:
+            return None
+        if len(given) != 3:
+            raise ValueError("CURVE needs the host's secret key, the node keys and the admin keys (or --keys DIR)")
+        return server, nodes, admins  # type: ignore[return-value]
 
 
 def _page_triples(pages: Any) -> list[list[int]]:
@@ -194,6 +236,9 @@ class Host:
         self._ids = iter(range(1, 1 << 62))
         self._event_seq = 0
         self.endpoints: dict[str, str] = {}
+        self.auth: HostAuth | None = None
+        #: node connection (routing id) -> the key that registered on it (CURVE)
+        self._peer_keys: dict[bytes, str] = {}
         self.counters: dict[str, int] = {
             "bad_node_frames": 0,
             "bad_admin_frames": 0,
@@ -202,6 +247,10 @@ class Host:
             "fenced_ack_deadline": 0,
             "fenced_heartbeat": 0,
             "admin_requests": 0,
+            "rate_limited": 0,
+            "forbidden": 0,
+            "dropped_node_frames": 0,
+            "dropped_admin_frames": 0,
         }
         self._ksm_wakeup = trio.Event()
         self._events_send, self._events_recv = trio.open_memory_channel[Event](1024)
@@ -219,13 +268,33 @@ class Host:
         Cancel the enclosing scope to stop.
         """
         cfg = self.config
-        options = SocketOptions.from_limits(cfg.limits)
+        # A little over max_frame: a frame just too large still reaches the
+        # decoder and gets a typed too_large error; a far larger one makes
+        # libzmq cut the sender's connection.
+        options = SocketOptions(max_frame=cfg.limits.max_frame + 65536)
         sockets = []
+        monitors: list[Any] = []
+        paths = cfg.key_paths()
+        auth = HostAuth(*paths).start() if paths else None
+        self.auth = auth
+        if auth is None:
+            logger.warning("no CURVE keys configured: plain TCP, anyone who reaches the ports gets in")
         try:
-            for kind, port in ((zmq.ROUTER, cfg.node_port), (zmq.ROUTER, cfg.admin_port), (zmq.PUB, cfg.events_port)):
-                sockets.append(bind(kind, f"tcp://{cfg.bind}:{port}", options=options))
+            channels = (
+                (zmq.ROUTER, cfg.node_port, DOMAIN_NODE),
+                (zmq.ROUTER, cfg.admin_port, DOMAIN_ADMIN),
+                (zmq.PUB, cfg.events_port, DOMAIN_EVENTS),
+            )
+            for kind, port, domain in channels:
+                security = auth.server(domain) if auth else None
+                context = auth.context if auth else None
+                sockets.append(bind(kind, f"tcp://{cfg.bind}:{port}", options=options, context=context, security=security))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if auth is not None:
+                    for sock, channel in zip(sockets, ("node", "admin", "events"), strict=True):
+                        monitors.append(guard.monitor(sock))
+                        nursery.start_soon(guard.count_handshake_failures, monitors[-1], channel, self.counters)
                 node = await nursery.start(
                     partial(serve_socket, sockets[0], on_undeliverable=self._undeliverable, outgoing_buffer=4096)
                 )
@@ -242,8 +311,10 @@ class Host:
                 self.publish("host_started", incarnation=self.incarnation, **self.endpoints)
                 task_status.started(dict(self.endpoints))
         finally:
-            for sock in sockets:
+            for sock in [*sockets, *monitors]:
                 sock.close()
+            if auth is not None:
+                auth.stop()
             self.model.close()
 
     # -- sending -----------------------------------------------------------------
@@ -352,19 +423,53 @@ class Host:
     # -- node channel ------------------------------------------------------------
 
     async def _node_loop(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> None:
+        limits = self.config.limits
+        rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
         async for frames in incoming:
+            if not rate.allow(frames[0], trio.current_time()):
+                self.counters["rate_limited"] += 1
+                self.counters["dropped_node_frames"] += 1
+                continue
             if len(frames) != 2:
                 self.counters["bad_node_frames"] += 1
+                self.counters["dropped_node_frames"] += 1
                 continue
             identity, frame = frames
             try:
-                msg = decode(frame, self.config.limits)
+                msg = decode(frame, limits)
+                if isinstance(msg, XpmemMake):
+                    guard.check_node_range(msg.length, limits, msg.id)
             except ProtocolError as exc:
                 self.counters["bad_node_frames"] += 1
                 logger.info("bad frame from node %r: %s", identity[:16], exc)
                 await self.send_node(identity, Error(ref=exc.ref or 0, code=exc.code, message=exc.message))
                 continue
+            if self.auth is not None:
+                problem = self._key_problem(identity, msg, user_id_of(frames))
+                if problem:
+                    self.counters["forbidden"] += 1
+                    ref = getattr(msg, "id", getattr(msg, "ref", 0))
+                    await self.send_node(identity, Error(ref=ref, code="forbidden", message=problem))
+                    continue
             await self._on_node_message(identity, msg)
+
+    def _key_problem(self, identity: bytes, msg: Message, key: str | None) -> str:
+        """With CURVE: why this connection's key may not send ``msg`` ("" if
+        it may).  A node registers only under its key's name (or
+        ``KEY-anything``), and every later message on the connection must
+        come from that same key -- a peer that took over another's routing
+        id with another key is refused, never mistaken for it."""
+        if not key:
+            return "no authenticated key"
+        if isinstance(msg, Register):
+            if not name_matches_key(msg.name, key):
+                return f"key {key!r} may not register as {msg.name!r}"
+            self._peer_keys[identity] = key
+            return ""
+        owner = self._peer_keys.get(identity)
+        if owner is not None and owner != key:
+            return f"this connection belongs to key {owner!r}"
+        return ""
 
     async def _on_node_message(self, identity: bytes, msg: Message) -> None:
         now = trio.current_time()
@@ -379,6 +484,8 @@ class Host:
             ref = getattr(msg, "id", getattr(msg, "ref", 0))
             if not isinstance(msg, (Ack, Heartbeat)) or exc.code == "fenced":
                 await self.send_node(identity, Error(ref=ref, code=exc.code, message=exc.message))
+            else:
+                self.counters["dropped_node_frames"] += 1
             return
         session.last_seen = now
         name = session.name
@@ -546,16 +653,27 @@ class Host:
     # -- admin channel -------------------------------------------------------------
 
     async def _admin_loop(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> None:
+        limits = self.config.limits
+        rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
         async for frames in incoming:
+            if not rate.allow(frames[0], trio.current_time()):
+                self.counters["rate_limited"] += 1
+                self.counters["dropped_admin_frames"] += 1
+                continue
             if len(frames) != 2:
                 self.counters["bad_admin_frames"] += 1
+                self.counters["dropped_admin_frames"] += 1
                 continue
             identity, frame = frames
             try:
-                msg = decode(frame, self.config.limits)
+                msg = decode(frame, limits)
                 if not isinstance(msg, AdminRequest):
                     raise ProtocolError("bad_message", f"{msg.TYPE} is not an admin request", getattr(msg, "id", None))
                 args = check_admin(msg.command, msg.args)
+                guard.check_admin_limits(msg.command, args, limits, self.config.page_size, msg.id)
+                if self.auth is not None and user_id_of(frames) not in self.auth.admin_keys.values():
+                    # ZAP lets only admin keys in; this is the second lock.
+                    raise ProtocolError("forbidden", "not an admin key", msg.id)
             except ProtocolError as exc:
                 self.counters["bad_admin_frames"] += 1
                 reply = AdminReply(ref=exc.ref or 0, ok=False, errno="EINVAL", error=f"{exc.code}: {exc.message}")

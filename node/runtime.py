@@ -32,6 +32,7 @@ import random
 import socket
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -51,6 +52,7 @@ from protocol.messages import (
 )
 from protocol.types import Errno, KernelError
 from transport import SocketOptions, connect, serve_socket
+from transport.curve import CurveClient, KeyError_, KeyLayout
 
 from .base import Completion, Output, SecondaryMMU, node_class
 
@@ -73,17 +75,31 @@ class NodeConfig:
     backoff_max_ms: int = 4000
     limits: Limits = field(default_factory=Limits)
     seed: int | None = None
+    #: CURVE (DESIGN §7): a ``mmn keygen`` directory (``nodes/NAME.key_secret``,
+    #: else ``nodes/KIND.key_secret``, and ``host/host.key``), or the two files.
+    keys_dir: str | None = None
+    key: str | None = None
+    host_key: str | None = None
+    #: Plain TCP even if keys are configured.
+    insecure: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> NodeConfig:
         env = dict(os.environ if env is None else env)
         cfg = cls()
+        if env.get("MMN_MAX_FRAME"):
+            cfg.limits = Limits.from_env({"MMN_MAX_FRAME": env["MMN_MAX_FRAME"]})
+        if env.get("MMN_INSECURE", "") not in ("", "0"):
+            cfg.insecure = True
         for name, var in (
             ("kind", "MMN_KIND"),
             ("name", "MMN_NAME"),
             ("host", "MMN_HOST_ENDPOINT"),
             ("heartbeat_ms", "MMN_HEARTBEAT_MS"),
             ("liveness", "MMN_LIVENESS"),
+            ("keys_dir", "MMN_KEYS_DIR"),
+            ("key", "MMN_NODE_KEY"),
+            ("host_key", "MMN_HOST_KEY"),
         ):
             if env.get(var):
                 value: Any = env[var]
@@ -99,6 +115,22 @@ class NodeConfig:
         if not cfg.name:
             cfg.name = default_name(cfg.kind, env)
         return cfg
+
+    def security(self) -> CurveClient | None:
+        """The CURVE client hook, or None for plain TCP (``insecure``, or no
+        keys configured).
+
+        Raises:
+            KeyError_: a key file is missing or malformed.
+        """
+        if self.insecure or not (self.keys_dir or self.key or self.host_key):
+            return None
+        layout = KeyLayout(Path(self.keys_dir)) if self.keys_dir else None
+        key = self.key or (layout.node_secret(self.name, self.kind) if layout else None)
+        host_key = self.host_key or (layout.host_public if layout else None)
+        if key is None or host_key is None:
+            raise KeyError_("a node needs its secret key and the host's public key (or --keys DIR)")
+        return CurveClient.from_files(key, host_key)
 
 
 def default_name(kind: str, env: dict[str, str]) -> str:
@@ -254,10 +286,13 @@ class NodeRuntime:
         cfg = self.config
         backoff = cfg.backoff_initial_ms / 1000
         started = False
+        security = cfg.security()
+        if security is None:
+            logger.warning("%s: no CURVE keys configured: plain TCP to %s", cfg.name, cfg.host)
         while True:
             registered: Registered | None = None
             options = SocketOptions.from_limits(cfg.limits)
-            sock = connect(zmq.DEALER, cfg.host, options=options)
+            sock = connect(zmq.DEALER, cfg.host, options=options, security=security)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
