@@ -267,7 +267,47 @@ def _env_endpoint(name: str, default: str) -> str:
 # the admin client
 
 
-async def admin_call(addr: str, command: str, args: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+def client_security(keys: str | None = None, env: Mapping[str, str] | None = None) -> Any:
+    """The CURVE hook of an operator's client (CLI, ``mmn up``, healthchecks),
+    or None for plain TCP.
+
+    ``keys`` (``--keys DIR``), else ``$MMN_KEYS_DIR``: the admin pair
+    ``DIR/admin/admin.key_secret`` (or ``$MMN_ADMIN_KEY``) and the host's
+    public key ``DIR/host/host.key`` (or ``$MMN_HOST_KEY``).
+    ``$MMN_INSECURE=1`` means plain TCP whatever else is set.
+
+    Raises:
+        UsageError: a key file is missing or malformed.
+    """
+    from pathlib import Path
+
+    from transport.curve import CurveClient, KeyError_, KeyLayout
+
+    env = os.environ if env is None else env
+    if env.get("MMN_INSECURE", "") not in ("", "0"):
+        return None
+    root = keys or env.get("MMN_KEYS_DIR") or None
+    secret = env.get("MMN_ADMIN_KEY") or None
+    host_key = env.get("MMN_HOST_KEY") or None
+    if root is None and secret is None and host_key is None:
+        return None
+    layout = KeyLayout(Path(root)) if root else None
+    secret = secret or (str(layout.admin_secret()) if layout else None)
+    host_key = host_key or (str(layout.host_public) if layout else None)
+    if secret is None or host_key is None:
+        raise UsageError("CURVE needs the admin secret key and the host's public key (--keys DIR or $MMN_KEYS_DIR)")
+    try:
+        return CurveClient.from_files(secret, host_key)
+    except KeyError_ as exc:
+        raise UsageError(str(exc)) from None
+
+
+_FROM_ENV: Any = object()
+
+
+async def admin_call(
+    addr: str, command: str, args: Mapping[str, Any], *, timeout: float, security: Any = _FROM_ENV
+) -> dict[str, Any]:
     """Send one admin request and wait for its reply.
 
     Returns:
@@ -279,8 +319,14 @@ async def admin_call(addr: str, command: str, args: Mapping[str, Any], *, timeou
             (it refused the request), or a reply that does not decode.
     Concurrency: awaits; the client socket is private to this call and closed
     before it returns, also when cancelled.
+
+    ``security``: a CURVE hook, None for plain TCP; by default
+    :func:`client_security` from the environment.  A host that refuses the
+    key (ZAP) never answers: that is :class:`Unreachable`.
     """
-    async with AdminClient(addr) as client:
+    if security is _FROM_ENV:
+        security = client_security()
+    async with AdminClient(addr, security=security) as client:
         request = AdminRequest(id=client.next_id(), command=command, args=dict(args))
         try:
             reply = await client.request(request, timeout)
@@ -454,6 +500,9 @@ def _common(sub: argparse.ArgumentParser, *, host: bool = True) -> None:
         sub.add_argument(
             "--timeout", type=seconds, default=argparse.SUPPRESS, metavar="S", help="give up after S seconds (10)"
         )
+        sub.add_argument(
+            "--keys", default=argparse.SUPPRESS, metavar="DIR", help="CURVE keys from `mmn keygen` ($MMN_KEYS_DIR)"
+        )
 
 
 def _control(
@@ -477,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", default=False, help="print one JSON document")
     parser.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help="admin endpoint (or $MMN_HOST)")
     parser.add_argument("--timeout", type=seconds, default=None, metavar="S", help="give up after S seconds (10)")
+    parser.add_argument("--keys", default=None, metavar="DIR", help="CURVE keys from `mmn keygen` ($MMN_KEYS_DIR)")
     subs = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     # ---- services
@@ -493,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, dest, env, kind, help in NODE_OPTIONS:
         p.add_argument(flag, dest=dest, type=kind, default=None, help=f"{help} (${env})")
     p.add_argument("--seed", type=number(0), default=None, help="seed of the injected failures' randomness")
+    p.add_argument("--keys", dest="keys_dir", default=None, metavar="DIR",
+                   help="CURVE: nodes/NAME.key_secret (or nodes/KIND.key_secret) and host/host.key ($MMN_KEYS_DIR)")
+    p.add_argument("--key", default=None, metavar="FILE", help="CURVE: this node's secret key ($MMN_NODE_KEY)")
+    p.add_argument("--host-key", default=None, metavar="FILE", help="CURVE: the host's public key ($MMN_HOST_KEY)")
+    p.add_argument("--insecure", action="store_true", default=None, help="plain TCP even with keys ($MMN_INSECURE=1)")
     p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"))
     p.set_defaults(handler=_run_node)
 
@@ -631,6 +686,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--segid", type=number(1, what="segid"), required=True, metavar="ID")
     assert set(ops.choices) == set(XPMEM_OPS)
 
+    # ---- keys
+    p = subs.add_parser("keygen", help="write CURVE key pairs: the host's, operators', nodes'")
+    p.add_argument("dir", metavar="DIR", help="DIR/host, DIR/admin, DIR/nodes (secrets mode 0600)")
+    p.add_argument("--node", action="append", default=None, metavar="NAME",
+                   help="a node key (repeatable; default kvm, gru, xpmem: one per kind, covering KIND-*)")
+    p.add_argument("--admin", action="append", default=None, metavar="NAME", help="an operator key (admin)")
+    p.add_argument("--force", action="store_true", help="replace existing pairs")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
+    p.set_defaults(handler=_run_keygen)
+
     # ---- event stream
     p = subs.add_parser("watch", help="print the host's events until Ctrl-C")
     _common(p)
@@ -643,6 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------
 # handlers
+
+
+def _security(ns: argparse.Namespace) -> Any:
+    return client_security(getattr(ns, "keys", None))
 
 
 def _admin_endpoint(ns: argparse.Namespace) -> str:
@@ -680,7 +749,8 @@ def build_request(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def _run_control(ns: argparse.Namespace) -> int:
     command, args = build_request(ns)
     addr = _admin_endpoint(ns)
-    result = trio.run(lambda: admin_call(addr, command, args, timeout=_timeout(ns)))
+    security = _security(ns)
+    result = trio.run(lambda: admin_call(addr, command, args, timeout=_timeout(ns), security=security))
     if ns.json:
         _emit_json(result)
     else:
@@ -702,13 +772,13 @@ async def _watch(ns: argparse.Namespace) -> None:
     addr = _admin_endpoint(ns)
     events = ns.events
     if events is None:
-        status = await admin_call(addr, "status", {}, timeout=_timeout(ns))
+        status = await admin_call(addr, "status", {}, timeout=_timeout(ns), security=_security(ns))
         published = ((status.get("host") or {}).get("endpoints") or {}).get("events")
         if not isinstance(published, str) or not published:
             raise Failed("ENOENT", "the host's status names no event endpoint")
         events = _events_endpoint(published, addr)
     limits = Limits()
-    async with connect(zmq.SUB, events) as sub:
+    async with connect(zmq.SUB, events, security=_security(ns)) as sub:
         sub.socket.setsockopt(zmq.SUBSCRIBE, b"")
         if not ns.json:
             sys.stderr.write(f"{PROG}: watching {events} (Ctrl-C to stop)\n")
@@ -729,6 +799,23 @@ async def _watch(ns: argparse.Namespace) -> None:
                     _emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
                 else:
                     _emit(_show_event(event))
+
+
+def _run_keygen(ns: argparse.Namespace) -> int:
+    from transport.curve import ADMIN_KEY_NAME, DEFAULT_NODE_KEYS, KeyError_, keygen
+
+    try:
+        result = keygen(ns.dir, ns.node or DEFAULT_NODE_KEYS, ns.admin or (ADMIN_KEY_NAME,), overwrite=ns.force)
+    except (KeyError_, OSError) as exc:
+        raise UsageError(f"keygen: {exc}") from None
+    if getattr(ns, "json", False):
+        _emit_json(result)
+    else:
+        for path in result["created"]:
+            _emit(f"created {path}")
+        for path in result["kept"]:
+            _emit(f"kept    {path}")
+    return EXIT_OK
 
 
 def _run_watch(ns: argparse.Namespace) -> int:
@@ -770,6 +857,15 @@ HOST_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--swap-path", "swap_path", "MMN_SWAP_PATH", str, "swap file (default: in memory)"),
     ("--swap-slots", "swap_slots", "MMN_SWAP_SLOTS", number(1), "swap slots"),
     ("--ksm-run", "ksm_run", "MMN_KSM_RUN", number(0, 2), "KSM run at start: 0 stop, 1 run, 2 unmerge"),
+    ("--keys", "keys_dir", "MMN_KEYS_DIR", str, "CURVE on every socket, keys from `mmn keygen DIR`"),
+    ("--server-key", "server_key", "MMN_SERVER_KEY", str, "CURVE: the host's secret key file (DIR/host)"),
+    ("--node-keys", "node_keys", "MMN_NODE_KEYS", str, "CURVE: directory of allowed node public keys (DIR/nodes)"),
+    ("--admin-keys", "admin_keys", "MMN_ADMIN_KEYS", str, "CURVE: directory of allowed admin public keys (DIR/admin)"),
+    ("--max-frame", "max_frame", "MMN_MAX_FRAME", number(1024), "bytes in one frame"),
+    ("--max-pages", "max_pages", "MMN_MAX_PAGES", number(1), "pages in one GUP request"),
+    ("--max-range", "max_range", "MMN_MAX_RANGE", number(1), "bytes in one requested range"),
+    ("--rate-limit", "max_rate", "MMN_RATE_LIMIT", number(0), "frames a second per peer, 0 = unlimited"),
+    ("--rate-burst", "rate_burst", "MMN_RATE_BURST", number(0), "burst before the rate limit bites"),
 )
 
 #: Host options ``mmn up`` does not take (it chooses ports from --port-base).
@@ -787,6 +883,12 @@ def _host_options(p: argparse.ArgumentParser, *, service: bool = True) -> None:
         default=None,
         help="wrap change_pte in start/end as kernels 3.7-6.9 did ($MMN_WRAP_CHANGE_PTE=1)",
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="plain TCP, no CURVE, even if keys are configured ($MMN_INSECURE=1)",
+    )
     if service:
         p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"))
 
@@ -802,6 +904,7 @@ def host_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     """HostConfig fields given as flags (already checked); None = not given."""
     out = {dest: getattr(ns, dest, None) for _f, dest, _e, _k, _h in HOST_OPTIONS}
     out["wrap_change_pte"] = getattr(ns, "wrap_change_pte", None)
+    out["insecure"] = getattr(ns, "insecure", None)
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -816,7 +919,9 @@ def host_config(ns: argparse.Namespace) -> Any:
 
     _check_env(HOST_OPTIONS)
     try:
-        return HostConfig.from_env(**host_overrides(ns))
+        config = HostConfig.from_env(**host_overrides(ns))
+        config.key_paths()  # all three CURVE paths or none
+        return config
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -846,6 +951,10 @@ def node_config(ns: argparse.Namespace) -> Any:
         "name": ns.name,
         "host": ns.host or _env_endpoint("MMN_HOST_ENDPOINT", DEFAULT_NODE_ENDPOINT),
         "seed": ns.seed,
+        "keys_dir": getattr(ns, "keys_dir", None),
+        "key": getattr(ns, "key", None),
+        "host_key": getattr(ns, "host_key", None),
+        "insecure": getattr(ns, "insecure", None),
     }
     for _flag, dest, _env_name, _kind, _help in NODE_OPTIONS:
         overrides[dest] = getattr(ns, dest, None)

@@ -18,6 +18,12 @@ Process lifetimes::
 Children get ``MMN_PARENT_PID`` and stop when ``up`` is gone, even if it is
 SIGKILLed (they watch ``getppid()``, see ``mmn.cli._die_with_parent``).
 
+Security: every socket is CURVE by default.  ``up`` writes the key pairs
+(``mmn keygen``: the host's, an operator's, one per node) to ``LOGS/keys``, or
+adds the missing ones to ``--keys DIR`` / ``$MMN_KEYS_DIR``, and hands the
+directory to every service; ``mmn --keys LOGS/keys status`` reaches the host
+from another terminal.  ``--insecure`` (or ``$MMN_INSECURE=1``) runs plain TCP.
+
 Exit status: 0 stopped on request (or ``--once`` with every node live), 1 the
 host died or a node did not come up, 2 usage, 3 the host never answered.
 """
@@ -41,6 +47,8 @@ from typing import Any
 
 import trio
 
+from transport.curve import KeyError_, keygen
+
 from . import render
 from .cli import (
     DEFAULT_NODE_PORT,
@@ -53,6 +61,7 @@ from .cli import (
     Unreachable,
     UsageError,
     admin_call,
+    client_security,
     number,
     seconds,
 )
@@ -96,6 +105,10 @@ class Plan:
     host_args: list[str]
     nodes: list[tuple[str, str]]  # (name, kind)
     logs: Path
+    #: CURVE key directory every service uses; None = plain TCP (--insecure)
+    keys: str | None = None
+    #: the CURVE hook of up's own admin calls
+    security: Any = None
 
     @property
     def connect_host(self) -> str:
@@ -135,7 +148,7 @@ def make_plan(ns: argparse.Namespace) -> Plan:
     host_args += ["--events-port", str(events_port), "--log-level", ns.log_level]
     for flag, dest, _env, _kind, _help in HOST_OPTIONS:
         value = getattr(ns, dest, None)
-        if value is not None and dest not in ("bind", "node_port", "admin_port", "events_port"):
+        if value is not None and dest not in ("bind", "node_port", "admin_port", "events_port", "keys_dir"):
             host_args += [flag, str(value)]
     if getattr(ns, "wrap_change_pte", None):
         host_args.append("--wrap-change-pte")
@@ -145,7 +158,24 @@ def make_plan(ns: argparse.Namespace) -> Plan:
         logs.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--logs {logs}: {exc.strerror}") from None
-    return Plan(bind, (node_port, admin_port, events_port), host_args, nodes, logs)
+    keys = _keys(ns, nodes, logs)
+    host_args += ["--insecure"] if keys is None else ["--keys", keys]
+    security = None if keys is None else client_security(keys, env={})
+    return Plan(bind, (node_port, admin_port, events_port), host_args, nodes, logs, keys, security)
+
+
+def _keys(ns: argparse.Namespace, nodes: list[tuple[str, str]], logs: Path) -> str | None:
+    """CURVE by default: ``--keys DIR`` (or ``$MMN_KEYS_DIR``) if given, else
+    a fresh ``LOGS/keys``; the pairs of nodes that have none are added.
+    None with ``--insecure`` (or ``$MMN_INSECURE=1``): plain TCP."""
+    if getattr(ns, "insecure", None) or os.environ.get("MMN_INSECURE", "") not in ("", "0"):
+        return None
+    keys = getattr(ns, "keys_dir", None) or os.environ.get("MMN_KEYS_DIR") or str(logs / "keys")
+    try:
+        keygen(keys, nodes=[name for name, _ in nodes])
+    except (KeyError_, OSError) as exc:
+        raise UsageError(f"keys {keys}: {exc}") from None
+    return keys
 
 
 # --------------------------------------------------------------------------
@@ -266,7 +296,7 @@ async def _wait_for_host(plan: Plan, host: Child, deadline: float) -> dict[str, 
         if left <= 0:
             raise _Stop(EXIT_UNREACHABLE, f"the host did not answer at {plan.admin}")
         try:
-            return await admin_call(plan.admin, "status", {}, timeout=min(1.0, left))
+            return await admin_call(plan.admin, "status", {}, timeout=min(1.0, left), security=plan.security)
         except Unreachable:
             continue
 
@@ -349,7 +379,8 @@ async def _up(ns: argparse.Namespace, plan: Plan, children: list[Child]) -> int:
     nodes = [
         Child(
             name,
-            [*exe, "node", "--kind", kind, "--name", name, "--host", plan.node_endpoint, "--log-level", ns.log_level],
+            [*exe, "node", "--kind", kind, "--name", name, "--host", plan.node_endpoint, "--log-level", ns.log_level,
+             *(["--insecure"] if plan.keys is None else ["--keys", plan.keys])],
             plan.logs / f"{name}.log",
         )
         for name, kind in plan.nodes
@@ -439,7 +470,9 @@ async def _live_view(ns: argparse.Namespace, plan: Plan, children: list[Child], 
     shown = 0
     while True:
         try:
-            status: dict[str, Any] | None = await admin_call(plan.admin, "status", {}, timeout=max(2.0, ns.interval))
+            status: dict[str, Any] | None = await admin_call(
+                plan.admin, "status", {}, timeout=max(2.0, ns.interval), security=plan.security
+            )
         except (Unreachable, Failed):
             status = None
         new_notes = notes[shown:]

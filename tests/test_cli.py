@@ -811,6 +811,7 @@ def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     registry = tmp_path / "registry"
     registry.mkdir()
     monkeypatch.setenv("STANDIN_DIR", str(registry))  # inherited by the subprocesses
+    monkeypatch.setenv("MMN_INSECURE", "1")  # the stand-in host speaks plain TCP
     return command
 
 
