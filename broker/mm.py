@@ -870,6 +870,11 @@ class Model:
         vma = self._vma_for(m, addr, write, gup=True)
         ps = self.page_size
         end = min(addr + npages * ps, vma.end)
+        if any(inv.range.overlaps(addr, end) for inv in self.notifier.open.get(mm, ())):
+            # An invalidation is open over these pages: its start went only to
+            # the nodes that held them then, so a node served now would never
+            # hear of the zap that follows.  The slow path waits for it.
+            return None
         out = []
         for page in range(addr, end, ps):
             pte = m.get(page)

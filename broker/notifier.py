@@ -324,7 +324,18 @@ class NotifierCore:
             blockable=rng.blockable,
         )
         generations = {s.node: self.nodes[s.node].generation for s in holders}
-        outcomes: Outcomes = yield self._deliver([(s.node, msg) for s in holders])
+        # Open from the moment the start is sent, not only once it is acked:
+        # GUP-fast must not serve these pages meanwhile to a node the start
+        # did not address (it held nothing here), which would never hear of
+        # the zap that follows.
+        sent = Invalidation(rng, start_id, ())
+        self.open.setdefault(rng.mm, []).append(sent)
+        try:
+            outcomes: Outcomes = yield self._deliver([(s.node, msg) for s in holders])
+        finally:
+            opened = self.open.get(rng.mm, [])
+            if sent in opened:
+                opened.remove(sent)
         started = [
             (name, generations[name])
             for name, ack in outcomes.items()
