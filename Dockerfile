@@ -9,8 +9,11 @@ FROM ${BASE_IMAGE}
 #       base python:3.11-slim, the project and its dependencies from PyPI;
 #   * air-gapped:       scripts/build-images.sh
 #       base mmnotify-base:bookworm (debootstrap + docker import), and a wheels/
-#       directory in the build context: everything is installed from it with
-#       --no-index, nothing is downloaded.
+#       directory in the build context with the dependencies and the build
+#       backend: pip runs with --no-index --find-links wheels/, nothing is
+#       downloaded.
+# Either way the project itself is built from the source in the context, so
+# the image never holds an older build of it.
 # The base needs python3 with venv (Debian: python3-venv); Debian's python3
 # refuses system-wide pip, so the project lives in a venv, /opt/mmn.
 
@@ -25,9 +28,9 @@ COPY . /src
 
 RUN set -eu; \
     python3 -m venv /opt/mmn; \
-    if ls /src/wheels/mmnotify-*.whl >/dev/null 2>&1; then \
-        echo "installing from wheels/ (--no-index)"; \
-        /opt/mmn/bin/pip install --no-index --find-links /src/wheels mmnotify; \
+    if ls /src/wheels/*.whl >/dev/null 2>&1; then \
+        echo "wheels/ in the build context: installing with --no-index from it"; \
+        /opt/mmn/bin/pip install --no-index --find-links /src/wheels /src; \
     else \
         echo "no wheels/ in the build context: installing from the package index"; \
         /opt/mmn/bin/pip install /src; \

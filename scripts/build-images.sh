@@ -13,12 +13,13 @@
 #      `debootstrap --variant=minbase` (python3, python3-venv, ca-certificates)
 #      from the mirror and suite this machine's apt already uses, brought in
 #      with `docker import`.  Skipped when the image exists, unless --rebuild.
-#   2. wheels/     the project and every dependency as wheels, built here with
-#      `pip wheel . -w wheels/` (offline from wheels/ itself when it already
-#      holds the dependencies; --rebuild fetches them again).
+#   2. wheels/     every dependency and the build backend (setuptools, wheel)
+#      as wheels, made here with `pip wheel . -w wheels/` (offline from wheels/
+#      itself when it already holds them; --rebuild fetches them again).
 #   3. image       mmnotify:latest  `docker build --build-arg BASE_IMAGE=<base>`
-#      with --network none: the Dockerfile installs from wheels/ with
-#      --no-index, so nothing is downloaded while the image is built.
+#      with --network none: the Dockerfile builds the project from its source
+#      and installs it with `pip --no-index --find-links wheels/`, so nothing
+#      is downloaded while the image is built.
 #
 # Environment (all optional):
 #   MMN_IMAGE       image to build              (mmnotify:latest)
@@ -185,10 +186,15 @@ fi
 # The build backend, kept in the build venv so later runs need no index.
 "$venv/bin/python" -c 'import setuptools, wheel' 2>/dev/null ||
     "$venv/bin/pip" install -q --disable-pip-version-check "setuptools>=68" wheel
-# The project's wheel is always rebuilt (the source may have changed); stale
-# copies in setuptools' build/lib would end up in it, so they go first.
-rm -rf "$ROOT/build/lib" "$ROOT"/build/bdist.* "$WHEELS"/mmnotify-*.whl
-pipwheel=(env SOURCE_DATE_EPOCH=315532800 "$venv/bin/pip" wheel -q --disable-pip-version-check --no-build-isolation -w "$WHEELS" "$ROOT")
+# The image builds the project from its source in an isolated build
+# environment: the backend's wheels go into wheels/ too.
+mapfile -t backend < <("$venv/bin/python" -c '
+import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"]))' "$ROOT/pyproject.toml")
+# setuptools' build/lib may hold files deleted from the source since: clear it.
+rm -rf "$ROOT/build/lib" "$ROOT"/build/bdist.*
+pipwheel=("$venv/bin/pip" wheel -q --disable-pip-version-check
+          --no-build-isolation -w "$WHEELS" "$ROOT" "${backend[@]}")
 if "${pipwheel[@]}" --no-index --find-links "$WHEELS" 2>/dev/null; then
     say "wheels built from wheels/ alone (no index) in $((SECONDS - t1))s"
 else
@@ -196,7 +202,9 @@ else
     "${pipwheel[@]}" --find-links "$WHEELS" || die "pip wheel failed"
     say "wheels built in $((SECONDS - t1))s"
 fi
-ls "$WHEELS"/mmnotify-*.whl >/dev/null 2>&1 || die "no mmnotify wheel in $WHEELS"
+# Only the dependencies stay: the project's own wheel would go stale.
+rm -f "$WHEELS"/mmnotify-*.whl
+ls "$WHEELS"/*.whl >/dev/null 2>&1 || die "no wheels in $WHEELS"
 
 # ---- 3. the image --------------------------------------------------------------
 t2=$SECONDS
