@@ -451,6 +451,11 @@ class Host:
                     ref = getattr(msg, "id", getattr(msg, "ref", 0))
                     await self.send_node(identity, Error(ref=ref, code="forbidden", message=problem))
                     continue
+            if isinstance(msg, CommandResult):
+                rslot = self.command_waiters.get(msg.ref)
+                if rslot is None or getattr(rslot, "identity", identity) != identity:
+                    self.counters["dropped_node_frames"] += 1  # a result nobody asked this peer for
+                    continue
             await self._on_node_message(identity, msg)
 
     def _key_problem(self, identity: bytes, msg: Message, key: str | None) -> str:
