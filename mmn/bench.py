@@ -66,6 +66,10 @@ GOAL_KSM = 0.5  # at least this fraction of plain hashing
 KERNEL_BYTES_PER_PAGE = 72  # struct page (64) + pte (8)
 FAULT_AROUND = 16  # fault_around_bytes (64 KiB) / 4 KiB
 PAGE = 4096
+#: Heartbeats stay at the default 500 ms (the heartbeat figure); deadlines are
+#: generous so that a loaded machine does not fence nodes in the middle of a run.
+LIVENESS = 40
+ACK_DEADLINE_MS = 20_000
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,8 @@ def _node_child(kind: str, name: str, endpoint: str) -> None:
     from node.runtime import NodeConfig, run_node
 
     logging.basicConfig(level=logging.ERROR)
-    trio.run(run_node, NodeConfig(kind=kind, name=name, host=endpoint))
+    # generous liveness: 64 nodes on a loaded 2-core box must not be fenced mid-run
+    trio.run(run_node, NodeConfig(kind=kind, name=name, host=endpoint, liveness=LIVENESS))
 
 
 def launcher_main() -> int:
@@ -406,7 +411,8 @@ class Bench:
 
         plan = self.plan
         frames = max(plan.munmap_pages) + 4096 * 4
-        config = HostConfig(node_port=0, admin_port=0, events_port=0, frames=frames + 1, swap_slots=16)
+        config = HostConfig(node_port=0, admin_port=0, events_port=0, frames=frames + 1, swap_slots=16,
+                            liveness=LIVENESS, ack_deadline_ms=ACK_DEADLINE_MS)
         self.host = host = Host(config)
         async with trio.open_nursery() as nursery:
             endpoints = await nursery.start(host.serve)
