@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -981,6 +982,8 @@ def test_a_child_of_mmn_up_outlives_the_thread_that_spawned_it_but_not_its_paren
     child = None
     try:
         assert parent.stdout is not None
+        ready, _, _ = select.select([parent.stdout], [], [], 20)
+        assert ready, "the stand-in parent printed no pid"
         child = int(parent.stdout.readline())
         time.sleep(2.0)  # the spawning thread ended 1 s ago
         assert _alive(child), "the child died with the thread that spawned it"
