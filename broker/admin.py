@@ -235,7 +235,11 @@ async def xpmem(host: Host, node: str, op: str, **args: Any) -> dict[str, Any]:
 
 @handler("inject")
 async def inject(host: Host, node: str, kind: str, rate: str, delay_ms: int, for_s: str) -> dict[str, Any]:
-    result = await _relay(host, node, "inject", {"kind": kind, "rate": rate, "delay_ms": delay_ms, "for_s": for_s})
+    args = {"kind": kind, "rate": rate, "delay_ms": delay_ms, "for_s": for_s}
+    reply = await host.relay(node, "inject", args, fenced_too=True)  # a hung, fenced node too
+    if not reply.ok:
+        raise KernelError(reply.errno or Errno.EINVAL.value, reply.error)
+    result = reply.result
     session = host.sessions.by_name.get(node)
     if session is not None:
         session.injected = dict(result.get("injected", {}))
@@ -244,7 +248,10 @@ async def inject(host: Host, node: str, kind: str, rate: str, delay_ms: int, for
 
 @handler("heal")
 async def heal(host: Host, node: str) -> dict[str, Any]:
-    result = await _relay(host, node, "heal", {})
+    reply = await host.relay(node, "heal", {}, fenced_too=True)  # a hung, fenced node too
+    if not reply.ok:
+        raise KernelError(reply.errno or Errno.EINVAL.value, reply.error)
+    result = reply.result
     session = host.sessions.by_name.get(node)
     if session is not None:
         session.injected = dict(result.get("injected", {}))

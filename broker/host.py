@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections import OrderedDict
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from functools import partial
@@ -198,6 +199,16 @@ class _AckSlot:
 class _ResultSlot:
     event: trio.Event = field(default_factory=trio.Event)
     result: CommandResult | None = None
+    identity: bytes = b""
+    control: bool = False
+
+
+#: Node requests answered exactly once: a duplicate (same connection, same id)
+#: gets the first answer again, or nothing while that is still being made.
+_REQUESTS = (Register, Gup, Unpin, Subscribe, Unsubscribe, XpmemMake, XpmemGet, XpmemRelease, XpmemRemove,
+             DmaRead, DmaWrite)
+_REPLY_CACHE = 4096
+_REPLY_CONNECTIONS = 1024
 
 
 class Host:
@@ -233,6 +244,8 @@ class Host:
         self.lock = trio.Lock()
         self.ack_waiters: dict[tuple[str, int], _AckSlot] = {}
         self.command_waiters: dict[int, _ResultSlot] = {}
+        #: node connection -> request id -> its reply (None while in progress)
+        self._replies: OrderedDict[bytes, OrderedDict[int, Message | None]] = OrderedDict()
         self._ids = iter(range(1, 1 << 62))
         self._event_seq = 0
         self.endpoints: dict[str, str] = {}
@@ -251,6 +264,7 @@ class Host:
             "forbidden": 0,
             "dropped_node_frames": 0,
             "dropped_admin_frames": 0,
+            "duplicates": 0,
         }
         self._ksm_wakeup = trio.Event()
         self._events_send, self._events_recv = trio.open_memory_channel[Event](1024)
@@ -324,7 +338,28 @@ class Host:
 
         A peer that turns out to be gone is handled by :meth:`_undeliverable`.
         """
+        seen = self._replies.get(identity)
+        if seen is not None:
+            ref = getattr(msg, "ref", None)
+            if ref in seen and seen[ref] is None:
+                seen[ref] = msg  # what a duplicate of that request gets
         await self._node_out.send([identity, encode(msg)])
+
+    def _duplicate(self, identity: bytes, msg_id: int) -> Message | bool:
+        """Remember request ``msg_id`` of this connection.  False if it is
+        new; else its reply (True while there is none yet)."""
+        seen = self._replies.get(identity)
+        if seen is None:
+            seen = self._replies[identity] = OrderedDict()
+            while len(self._replies) > _REPLY_CONNECTIONS:
+                self._replies.popitem(last=False)
+        if msg_id in seen:
+            self.counters["duplicates"] += 1
+            return seen[msg_id] or True
+        seen[msg_id] = None
+        while len(seen) > _REPLY_CACHE:
+            seen.popitem(last=False)
+        return False
 
     def _undeliverable(self, frames: list[bytes], exc: Exception) -> None:
         """The node channel could not route to a peer: that node is gone."""
@@ -411,12 +446,19 @@ class Host:
         if session is None:
             return
         logger.warning("fenced %s (epoch %d): %s", name, session.epoch, reason)
+        self._replies.pop(session.identity, None)
         self.notifier.fence(name)
         self.model.fence_node(name)
         self.segments.forget_node(name)
         for (node, _), slot in list(self.ack_waiters.items()):
             if node == name:
                 slot.event.set()
+        for ref, rslot in list(self.command_waiters.items()):
+            # its relayed commands end now (a fenced node's answers would be
+            # refused anyway), except inject/heal/status, which reach it still
+            if rslot.identity == session.identity and not rslot.control and rslot.result is None:
+                rslot.result = CommandResult(ref=ref, ok=False, errno=Errno.EINTR.value, error=f"{name} fenced: {reason}")
+                rslot.event.set()
         self.publish("fenced", node=name, epoch=session.epoch, reason=reason)
         await self.send_node(session.identity, Fenced(epoch=session.epoch, reason=reason))
 
@@ -478,8 +520,21 @@ class Host:
 
     async def _on_node_message(self, identity: bytes, msg: Message) -> None:
         now = trio.current_time()
+        if isinstance(msg, CommandResult):
+            # Not epoch-checked: inject/heal/status reach a fenced node too
+            # (`mmn heal` of a hung node); only the connection asked counts.
+            rslot = self.command_waiters.get(msg.ref)
+            if rslot is not None and rslot.result is None and rslot.identity == identity:
+                self.sessions.touch(identity, now)
+                rslot.result = msg
+                rslot.event.set()
+            return
         if isinstance(msg, Register):
-            await self._on_register(identity, msg, now)
+            dup = self._duplicate(identity, msg.id)
+            if isinstance(dup, Message):
+                await self.send_node(identity, dup)
+            elif not dup:
+                await self._on_register(identity, msg, now)
             return
         epoch = getattr(msg, "epoch", None)
         try:
@@ -494,6 +549,12 @@ class Host:
             return
         session.last_seen = now
         name = session.name
+        if isinstance(msg, _REQUESTS):
+            dup = self._duplicate(identity, msg.id)
+            if dup:
+                if isinstance(dup, Message):
+                    await self.send_node(identity, dup)
+                return
         if isinstance(msg, Ack):
             slot = self.ack_waiters.get((name, msg.ref))
             self.publish("ack", node=name, ref=msg.ref, status=msg.status, late=slot is None)
@@ -502,12 +563,6 @@ class Host:
             elif slot.ack is None:
                 slot.ack = msg
                 slot.event.set()
-            return
-        if isinstance(msg, CommandResult):
-            rslot = self.command_waiters.get(msg.ref)
-            if rslot is not None and rslot.result is None:
-                rslot.result = msg
-                rslot.event.set()
             return
         if isinstance(msg, Heartbeat):
             return
@@ -704,18 +759,21 @@ class Host:
             reply = AdminReply(ref=msg.id, ok=False, errno="EIO", error=f"internal error: {exc!r}")
         await self._admin_reply(identity, reply)
 
-    async def relay(self, node: str, command: str, args: dict[str, Any], timeout_ms: int | None = None) -> CommandResult:
+    async def relay(self, node: str, command: str, args: dict[str, Any], timeout_ms: int | None = None,
+                    *, fenced_too: bool = False) -> CommandResult:
         """Relay an admin command to a node and await its result.
+
+        ``fenced_too``: also to a fenced node still connected (inject, heal).
 
         Raises:
             KernelError(ESRCH): no live node of that name.
             KernelError(ETIMEDOUT): no result within the command timeout.
         """
         session = self.sessions.by_name.get(node)
-        if session is None or session.state != "live":
+        if session is None or (session.state != "live" and not fenced_too):
             raise KernelError(Errno.ESRCH, f"no live node {node!r}")
         cmd = Command(id=next(self._ids), command=command, args=args)
-        slot = _ResultSlot()
+        slot = _ResultSlot(identity=session.identity, control=fenced_too)
         self.command_waiters[cmd.id] = slot
         try:
             await self.send_node(session.identity, cmd)

@@ -22,12 +22,30 @@ the last ``DmaReply``.
 Failure injection (``mmn inject``) lives here, between the kind and the
 socket, so the kinds stay honest: ``drop-acks``, ``delay-acks``,
 ``duplicate``, ``hang``, ``crash``, ``partition``, ``slow-drain``.
+
+* ``drop-acks`` / ``delay-acks``: each Ack, with probability ``rate``, is
+  dropped / sent ``delay_ms`` late.
+* ``duplicate``: each message, with probability ``rate``, is sent twice, and
+  each notifier message or reply from the host is handled twice: both sides
+  must answer duplicates idempotently.
+* ``hang``: the node stops processing (no heartbeats, nothing handled); what
+  arrives is held, in order, and handled when healed.
+* ``partition``: nothing passes either way; messages are held in order (as
+  TCP would, the connection surviving), heartbeats lost.  Healed before the
+  deadlines, nothing is lost and nobody is fenced; healed after, the node
+  finds its Fenced among what was held and registers anew.
+* ``crash``: the process exits (status 17) just after answering the inject.
+* ``slow-drain`` (xpmem): a start's ack leaves ``delay_ms`` late.
+
+Control commands (``inject``, ``heal``, ``status``) and their results pass
+through a hang or a partition: that is how ``mmn heal`` reaches the node.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 import random
 import socket
 import uuid
@@ -166,6 +184,10 @@ class Injection:
         return out
 
 
+#: Relayed commands that pass a hang or a partition (the control plane).
+CONTROL_COMMANDS = frozenset({"inject", "heal", "status"})
+
+
 class _Reconnect(Exception):
     """Leave the session: drop everything and register anew."""
 
@@ -179,7 +201,7 @@ class NodeRuntime:
 
     def __init__(self, config: NodeConfig, mmu: SecondaryMMU | None = None) -> None:
         self.config = config
-        self.mmu = mmu or node_class(config.kind)(config.name)
+        self.mmu = mmu or _make_mmu(config)
         self.incarnation = uuid.uuid4().hex
         self.host_incarnation: str | None = None
         self.injected: dict[str, Injection] = {}
@@ -192,6 +214,10 @@ class NodeRuntime:
         self.counters = {"reconnects": 0, "dropped_acks": 0, "delayed_acks": 0, "duplicated": 0,
                          "partition_dropped": 0, "bad_frames": 0}
         self._healed = trio.Event()
+        #: Held while hung or partitioned, handled / sent in order once healed.
+        self._held_in: deque[Message] = deque()
+        self._held_out: deque[Message] = deque()
+        self._rx = trio.Lock()
 
     # -- failure injection -------------------------------------------------------
 
@@ -218,8 +244,17 @@ class NodeRuntime:
         self.injected[kind] = Injection(kind, rate, delay_ms, until)
         self._healed = trio.Event()
         if kind == "crash":
-            logger.warning("%s: injected crash", self.config.name)
-            os._exit(17)
+            # Answer the inject first, then die: the caller learns it landed.
+            self._nursery.start_soon(self._crash)
+
+    async def _crash(self) -> None:
+        await trio.sleep(0.05)
+        logger.warning("%s: injected crash", self.config.name)
+        os._exit(17)
+
+    def _holding(self) -> bool:
+        """Hung or partitioned: host messages are held, not handled."""
+        return self._active("hang") is not None or self._active("partition") is not None
 
     def heal(self) -> None:
         self.injected.clear()
@@ -232,11 +267,18 @@ class NodeRuntime:
 
     # -- sending ---------------------------------------------------------------
 
-    async def send(self, msg: Message) -> None:
-        """Send one message to the host, through the injected failures."""
+    async def send(self, msg: Message, *, control: bool = False, late: bool = False) -> None:
+        """Send one message to the host, through the injected failures
+        (``control``: a control command's result, which passes a partition)."""
         assert self._send is not None
-        if self._hit(self._active("partition")):
-            self.counters["partition_dropped"] += 1
+        if not control and self._active("partition") is not None:
+            if isinstance(msg, Heartbeat):
+                self.counters["partition_dropped"] += 1
+            else:
+                self._held_out.append(msg)
+            return
+        if late:
+            await self._send.send([encode(msg)])
             return
         if isinstance(msg, Ack):
             if self._hit(self._active("drop-acks")):
@@ -255,8 +297,7 @@ class NodeRuntime:
 
     async def _send_later(self, msg: Message, delay: float) -> None:
         await trio.sleep(delay)
-        assert self._send is not None
-        await self._send.send([encode(msg)])
+        await self.send(msg, late=True)
 
     async def emit(self, outputs: list[Output]) -> None:
         """Send the messages among ``outputs`` and answer finished commands."""
@@ -357,37 +398,67 @@ class NodeRuntime:
         try:
             async with trio.open_nursery() as inner:
                 inner.start_soon(self._watchdog, liveness)
+                inner.start_soon(self._release_when_healed)
                 async for frames in incoming:
-                    await self._wait_while_hung()
                     msg = self._decode(frames)
                     if msg is None:
                         continue
-                    if self._hit(self._active("partition")):
-                        self.counters["partition_dropped"] += 1
+                    if isinstance(msg, Command) and msg.command in CONTROL_COMMANDS:
+                        await self._on_command(msg)
+                        if msg.command == "heal":
+                            async with self._rx:
+                                await self._release_held()
                         continue
-                    self.last_host_traffic = trio.current_time()
-                    await self._on_message(msg)
+                    if self._holding():
+                        self._held_in.append(msg)
+                        continue
+                    async with self._rx:
+                        await self._release_held()
+                        self.last_host_traffic = trio.current_time()
+                        await self._on_message(msg)
+                        if self._hit(self._active("duplicate")) and not isinstance(msg, (Command, Heartbeat)):
+                            self.counters["duplicated"] += 1
+                            await self._on_message(msg)
         except* _Reconnect as group:
             reason = group.exceptions[0].reason  # type: ignore[attr-defined]
+        self._held_in.clear()  # of a session that is over
+        self._held_out.clear()
         await self.emit(self.mmu.drop_all(reason))
         return reason
 
-    async def _wait_while_hung(self) -> None:
-        while self._active("hang") is not None:
-            inj = self.injected["hang"]
-            with trio.move_on_after(max(0.0, inj.until - trio.current_time()) if inj.until else 3600):
-                await self._healed.wait()
+    async def _release_held(self) -> None:
+        """Healed: send what a partition held, then handle what arrived
+        meanwhile, in order.  Call with ``self._rx`` held."""
+        if self._holding():
+            return
+        while self._held_out:
+            await self.send(self._held_out.popleft(), late=True)
+        while self._held_in and not self._holding():
+            self.last_host_traffic = trio.current_time()
+            await self._on_message(self._held_in.popleft())
+
+    async def _release_when_healed(self) -> None:
+        """Release what was held once a hang or partition ends (healed, or
+        its ``--for`` ran out) even if nothing more arrives."""
+        while True:
+            await trio.sleep(0.02)
+            if (self._held_in or self._held_out) and not self._holding():
+                async with self._rx:
+                    await self._release_held()
 
     async def _heartbeats(self, period: float) -> None:
         while True:
             await trio.sleep(period)
-            if self._active("hang") is None:
+            if self._active("hang") is None and not self._held_in:
                 await self.send(Heartbeat(id=self.mmu.next_id(), epoch=self.mmu.epoch))
 
     async def _watchdog(self, liveness: float) -> None:
         while True:
             await trio.sleep(liveness / 4)
-            if self._active("hang") is not None:
+            if self._holding() or self._held_in:
+                # Hung or partitioned: the session stays, so that `mmn heal`
+                # reaches the node; what the host sent meanwhile (a Fenced,
+                # if it gave up on the node) is handled once healed.
                 continue
             silent = trio.current_time() - self.last_host_traffic
             if silent > liveness:
@@ -418,16 +489,18 @@ class NodeRuntime:
     # -- relayed admin commands --------------------------------------------------
 
     async def _on_command(self, cmd: Command) -> None:
+        control = cmd.command in CONTROL_COMMANDS
         try:
             token, outputs = self._start_command(cmd)
         except KernelError as exc:
-            await self.send(CommandResult(ref=cmd.id, ok=False, errno=exc.errno.value, error=exc.message))
+            await self.send(CommandResult(ref=cmd.id, ok=False, errno=exc.errno.value, error=exc.message), control=control)
             return
         except (KeyError, TypeError, ValueError) as exc:
-            await self.send(CommandResult(ref=cmd.id, ok=False, errno="EINVAL", error=f"bad arguments: {exc}"))
+            await self.send(CommandResult(ref=cmd.id, ok=False, errno="EINVAL", error=f"bad arguments: {exc}"),
+                            control=control)
             return
         if token is None:  # answered at once
-            await self.send(CommandResult(ref=cmd.id, ok=True, result=outputs))  # type: ignore[arg-type]
+            await self.send(CommandResult(ref=cmd.id, ok=True, result=outputs), control=control)  # type: ignore[arg-type]
             return
         self._commands[token] = cmd.id
         await self.emit(outputs)
@@ -479,6 +552,15 @@ class NodeRuntime:
         """Commands in flight when a session ends: their completions will
         never come (drop_all failed them); forget them so nothing leaks."""
         self._commands.clear()
+
+
+def _make_mmu(config: NodeConfig) -> SecondaryMMU:
+    broken = os.environ.get("MMN_TEST_BROKEN", "")
+    if broken:  # a deliberately broken kind, for tests that must catch it
+        from .broken import broken_class
+
+        return broken_class(config.kind, broken)(config.name)
+    return node_class(config.kind)(config.name)
 
 
 async def run_node(config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
