@@ -156,9 +156,11 @@ async def mprotect(host: Host, mm: int, addr: int, length: int, prot: str) -> di
 
 
 @handler("madvise")
-async def madvise(host: Host, mm: int, addr: int, length: int, advice: str) -> dict[str, Any]:
+async def madvise(host: Host, mm: int, addr: int, length: int, advice: str, block: bool = True) -> dict[str, Any]:
     _pages(host, addr, length)
-    await host.locked(host.model.madvise(mm, addr, length, advice))
+    # block=False: the OOM reaper's non-blockable zap; EAGAIN if a sleepable
+    # node cannot take it now (nothing changed: the caller retries later).
+    await host.locked(host.model.madvise(mm, addr, length, advice, blockable=block))
     host.publish("madvise", mm=mm, addr=addr, length=length, advice=advice)
     if advice == "mergeable":
         host.wake_ksm()

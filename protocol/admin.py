@@ -60,7 +60,7 @@ COMMANDS: dict[str, tuple[Arg, ...]] = {
     "read": (_MM, _ADDR, _LEN),
     "munmap": (_MM, _ADDR, _LEN),
     "mprotect": (_MM, _ADDR, _LEN, _a("prot", "choice", choices=PROTS)),
-    "madvise": (_MM, _ADDR, _LEN, _a("advice", "choice", choices=ADVICE)),
+    "madvise": (_MM, _ADDR, _LEN, _a("advice", "choice", choices=ADVICE), _a("block", "bool", required=False, default=True)),
     "swap": (_MM, _ADDR, _LEN),
     "migrate": (_MM, _ADDR, _LEN),
     "merge": (_a("full_scans", required=False, default=1, minimum=0, maximum=1000),),
