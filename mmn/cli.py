@@ -557,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="with --once: one JSON document")
     p.set_defaults(handler=up_module.run)
 
+    from . import soak as soak_module
+
+    p = subs.add_parser("soak", help="a seeded workload with injected failures, checked against a shadow model")
+    soak_module.add_arguments(p)
+    p.set_defaults(handler=soak_module.run)
+
     from . import bench as bench_module
 
     p = subs.add_parser("bench", help="measure the cluster, each figure against a raw pyzmq floor of the same run")
@@ -600,10 +606,13 @@ def build_parser() -> argparse.ArgumentParser:
     _range_args(p)
     p.add_argument("prot", choices=PROTS, metavar="PROT", help="|".join(PROTS))
     p = _control(
-        subs, "madvise", _b("madvise", mm="mm", addr="addr", length="length", advice="advice"), _r_kv, "madvise a range"
+        subs, "madvise", _b("madvise", mm="mm", addr="addr", length="length", advice="advice", block="block"), _r_kv,
+        "madvise a range"
     )
     _range_args(p)
     p.add_argument("advice", choices=ADVICE, metavar="ADVICE", help="|".join(ADVICE))
+    p.add_argument("--no-block", dest="block", action="store_false", default=None,
+                   help="non-blockable, as the OOM reaper: EAGAIN if a sleepable node holds the range")
     p = _control(subs, "swap", _b("swap", mm="mm", addr="addr", length="length"), _r_kv, "reclaim a range to swap")
     _range_args(p)
     p = _control(subs, "migrate", _b("migrate", mm="mm", addr="addr", length="length"), _r_kv, "migrate a range")

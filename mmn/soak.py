@@ -1,0 +1,1042 @@
+"""``mmn soak``: a seeded, reproducible workload with injected failures,
+checked against a shadow model.
+
+What it does::
+
+    schedule = plan(seed, ops, nodes, faults)      pure: random.Random(seed) only
+    cluster  = start host + nodes (or --host ADDR)  real processes, loopback
+    for group in schedule:                          1-3 ops at once, some injections
+        run them concurrently over the admin API    (one AdminClient per lane)
+        check every result against the shadow      bytes per (mm, page)
+    heal everything, wait for every node, read every page back
+    report                                          non-zero exit on any violation
+
+The schedule -- which operations, on which (symbolic) mm, region, page and
+node, with which data, and which failure is injected where -- is drawn from
+``random.Random(seed)`` over a symbolic model of the address spaces (regions
+and page indices, not addresses), before anything runs.  So the same seed
+replays the same schedule whatever the timing; ``schedule_digest`` in the
+report is its hash.  Only outcomes may differ from run to run (an access to a
+node that is hung at that moment fails, another time it succeeds).
+
+The shadow keeps, per (mm, region, page), the set of contents the page may
+have: one, except after a write that failed in a way that may or may not have
+landed (a node fenced mid-write), until a read tells.  Within a group at most
+one operation per mm changes contents or mappings; a read that races it may
+see the page before or after, nothing else.  Violations:
+
+* ``stale_accesses``: the host's oracle refused a node's DMA (ESTALE),
+* ``wrong_reads``: a read returned bytes the page never legitimately held,
+* ``lost_writes``: a read (or the final read-back) returned what a page held
+  before an acknowledged write,
+* ``unexpected``: a host operation failed that must succeed, an access that
+  must fail succeeded, an internal error (EIO), or a reply never came,
+* ``late``: an operation finished after its deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+KINDS = ("kvm", "gru", "xpmem")
+#: failure kinds the soak injects, with their weights
+INJECTIONS = (
+    ("drop-acks", 3),
+    ("delay-acks", 3),
+    ("duplicate", 3),
+    ("hang", 2),
+    ("partition", 3),
+    ("slow-drain", 2),
+    ("crash", 1),
+)
+#: host timing for a soak cluster (milliseconds)
+SOAK_HOST = {"heartbeat_ms": 100, "liveness": 8, "ack_deadline_ms": 400, "command_timeout_ms": 2000}
+SOAK_FRAMES = 16384
+MAX_MMS = 5
+MAX_PAGES_PER_MM = 48
+BENIGN_NODE_ERRNOS = {"ESRCH", "ETIMEDOUT", "EINTR", "EAGAIN", "EFAULT", "EACCES", "EPERM", "EINVAL", "ENOMEM",
+                      "EBUSY", "ENOENT"}
+
+
+# --------------------------------------------------------------------------
+# the schedule (pure)
+
+
+@dataclass
+class _GRegion:
+    npages: int
+    mapped: list[bool]
+    prot: list[str]
+    mergeable: bool
+
+
+@dataclass
+class _GMm:
+    regions: dict[int, _GRegion] = field(default_factory=dict)
+
+    def pages(self, fresh: set[int] = frozenset()) -> list[tuple[int, int]]:  # type: ignore[assignment]
+        return [(rid, i) for rid, r in self.regions.items() if rid not in fresh for i in range(r.npages)
+                if r.mapped[i]]
+
+    def size(self) -> int:
+        return sum(r.npages for r in self.regions.values())
+
+
+@dataclass
+class _Attach:
+    node: str
+    mm: int
+    rid: int
+    first: int
+    npages: int
+    write: bool
+
+
+class Planner:
+    """Draws the schedule from ``random.Random(seed)`` over symbolic state."""
+
+    def __init__(self, seed: int, nodes: list[tuple[str, str]], faults: float, page_size: int,
+                 crash: bool = True) -> None:
+        self.rng = random.Random(seed)
+        self.nodes = nodes
+        self.faults = faults
+        self.ps = page_size
+        self.crash = crash
+        self.mms: dict[int, _GMm] = {}
+        self.fresh: set[int] = set()  # mms and regions made in the group being drawn
+        self.next_mm = 1
+        self.next_rid = 1
+        self.next_att = 1
+        self.attachments: dict[int, _Attach] = {}
+
+    # -- helpers
+    def _new_mm(self) -> int:
+        sid = self.next_mm
+        self.next_mm += 1
+        self.fresh.add(-sid)
+        self.mms[sid] = _GMm()
+        return sid
+
+    def _mmap(self, sid: int) -> dict[str, Any]:
+        rng = self.rng
+        n = rng.randint(2, 8)
+        rid = self.next_rid
+        self.next_rid += 1
+        self.fresh.add(rid)
+        mergeable = rng.random() < 0.5
+        fill = rng.choice([None, 0, 0x41, 0x42, 0x43])
+        self.mms[sid].regions[rid] = _GRegion(n, [True] * n, ["rw"] * n, mergeable)
+        return {"op": "mmap", "mm": sid, "rid": rid, "pages": n, "fill": fill, "mergeable": mergeable}
+
+    def _page(self, sid: int | None = None) -> tuple[int, int, int] | None:
+        choices = [s for s in self.mms if self.mms[s].pages(self.fresh)] if sid is None else [sid]
+        if not choices:
+            return None
+        sid = self.rng.choice(choices)
+        pages = self.mms[sid].pages(self.fresh)
+        if not pages:
+            return None
+        rid, i = self.rng.choice(pages)
+        return sid, rid, i
+
+    def _span(self, sid: int) -> tuple[int, int, int] | None:
+        """A (rid, first, npages) within one region of ``sid``."""
+        regions = [rid for rid, r in self.mms[sid].regions.items() if any(r.mapped) and rid not in self.fresh]
+        if not regions:
+            return None
+        rid = self.rng.choice(regions)
+        r = self.mms[sid].regions[rid]
+        first = self.rng.randrange(r.npages)
+        n = self.rng.randint(1, r.npages - first)
+        return rid, first, n
+
+    def _window(self) -> tuple[int, int]:
+        n = self.rng.randint(1, 48)
+        return self.rng.randrange(0, self.ps - n + 1), n
+
+    def _node(self, kinds: tuple[str, ...]) -> str | None:
+        names = [n for n, k in self.nodes if k in kinds]
+        return self.rng.choice(names) if names else None
+
+    # -- one op
+    def op(self, busy: set[int]) -> dict[str, Any] | None:
+        """One operation; ``busy``: mms already mutated in this group (an op
+        that would mutate one of them is not drawn)."""
+        rng = self.rng
+        live = [s for s in self.mms if -s not in self.fresh]
+        if not live:
+            return {"op": "spawn", "mm": self._new_mm()}
+        kind = rng.choices(
+            ["host_write", "host_read", "node_read", "node_write", "node_fault", "xpmem_read", "xpmem_write",
+             "mmap", "munmap", "mprotect", "madvise", "fork", "exit", "merge", "swap", "migrate",
+             "xpmem_attach", "xpmem_detach", "spawn"],
+            [10, 8, 12, 10, 6, 6, 4, 3, 2, 3, 3, 1.2, 0.6, 1.5, 2, 2, 2.5, 1, 0.5],
+        )[0]
+        mutators = {"host_write", "node_write", "xpmem_write", "mmap", "munmap", "mprotect", "madvise", "fork",
+                    "exit"}
+        if kind == "spawn":
+            if len(self.mms) >= MAX_MMS:
+                return None
+            return {"op": "spawn", "mm": self._new_mm()}
+        if kind in ("merge",):
+            return {"op": "merge"}
+        if kind in ("xpmem_read", "xpmem_write", "xpmem_detach"):
+            atts = [a for a, at in self.attachments.items() if at.mm in self.mms and -1000000 - a not in self.fresh]
+            if not atts:
+                return None
+            aid = rng.choice(atts)
+            at = self.attachments[aid]
+            if kind == "xpmem_detach":
+                del self.attachments[aid]
+                return {"op": "xpmem_detach", "att": aid, "node": at.node}
+            if kind == "xpmem_write" and (at.mm in busy or not at.write):
+                return None
+            i = rng.randrange(at.npages)
+            off, n = self._window()
+            out = {"op": kind, "att": aid, "node": at.node, "mm": at.mm, "rid": at.rid, "page": at.first + i,
+                   "index": i, "offset": off, "length": n}
+            if kind == "xpmem_write":
+                out["data"] = rng.randbytes(n)
+            return out
+        sid = rng.choice(live)
+        if kind in mutators and sid in busy:
+            return None
+        m = self.mms[sid]
+        if kind == "mmap" or (not m.pages() and kind not in ("exit", "fork")):
+            if m.size() >= MAX_PAGES_PER_MM or sid in busy:
+                return None
+            return self._mmap(sid)
+        if kind in ("host_write", "host_read", "node_read", "node_write", "node_fault"):
+            pick = self._page(sid)
+            if pick is None:
+                return None
+            _, rid, i = pick
+            off, n = self._window()
+            r = m.regions[rid]
+            if kind != "node_fault" and rng.random() < 0.4:
+                # across pages: a node's access goes page by page, one DMA
+                # each, so an invalidation can land in the middle of it
+                more = 0
+                while more < 3 and i + more + 1 < r.npages and r.mapped[i + more + 1]:
+                    more += 1
+                more = rng.randint(0, more)
+                if more:
+                    n = (self.ps - off) + (more - 1) * self.ps + rng.randint(1, self.ps)
+            out = {"op": kind, "mm": sid, "rid": rid, "page": i, "offset": off, "length": n}
+            if kind in ("node_read", "node_write", "node_fault"):
+                out["node"] = self._node(("kvm", "gru"))
+                if out["node"] is None:
+                    return None
+            if kind in ("host_write", "node_write"):
+                out["data"] = rng.randbytes(n)
+            if kind == "node_fault":
+                out["pages"] = rng.randint(1, r.npages - i)
+                out["write"] = rng.random() < 0.5
+            return out
+        if kind in ("munmap", "mprotect", "madvise", "swap", "migrate"):
+            span = self._span(sid)
+            if span is None:
+                return None
+            rid, first, n = span
+            r = m.regions[rid]
+            out = {"op": kind, "mm": sid, "rid": rid, "page": first, "npages": n}
+            if kind == "munmap":
+                for j in range(first, first + n):
+                    r.mapped[j] = False
+            elif kind == "mprotect":
+                if not all(r.mapped[first:first + n]):
+                    return None  # ENOMEM with holes: keep the shadow exact
+                prot = rng.choice(["none", "r", "rw", "rw"])
+                out["prot"] = prot
+                for j in range(first, first + n):
+                    r.prot[j] = prot
+            elif kind == "madvise":
+                if not all(r.mapped[first:first + n]):
+                    return None
+                out["block"] = rng.random() < 0.7
+            return out
+        if kind == "fork":
+            if len(self.mms) >= MAX_MMS:
+                return None
+            child = self._new_mm()
+            for rid, r in m.regions.items():
+                self.mms[child].regions[rid] = _GRegion(r.npages, list(r.mapped), list(r.prot), r.mergeable)
+            return {"op": "fork", "mm": sid, "child": child}
+        if kind == "exit":
+            if len(self.mms) <= 2:
+                return None
+            del self.mms[sid]
+            for aid in [a for a, at in self.attachments.items() if at.mm == sid]:
+                del self.attachments[aid]
+            return {"op": "exit", "mm": sid}
+        if kind == "xpmem_attach":
+            node = self._node(("xpmem",))
+            span = self._span(sid)
+            if node is None or span is None:
+                return None
+            rid, first, n = span
+            write = rng.random() < 0.7
+            aid = self.next_att
+            self.next_att += 1
+            self.fresh.add(-1000000 - aid)
+            self.attachments[aid] = _Attach(node, sid, rid, first, n, write)
+            return {"op": "xpmem_attach", "att": aid, "node": node, "mm": sid, "rid": rid, "page": first,
+                    "npages": n, "write": write}
+        return None
+
+    def race(self, access: dict[str, Any], busy: set[int]) -> dict[str, Any] | None:
+        """An operation that invalidates pages ``access`` touches."""
+        sid, rid = access["mm"], access["rid"]
+        r = self.mms[sid].regions.get(rid)
+        if r is None:
+            return None
+        first = access["page"]
+        last = first + (access["offset"] + access["length"] - 1) // self.ps
+        page = self.rng.randint(first, last)
+        if not r.mapped[page]:
+            return None
+        kind = self.rng.choice(["swap", "migrate", "migrate", "madvise", "mprotect", "munmap"])
+        if kind in ("madvise", "mprotect", "munmap"):
+            if sid in busy:
+                return None
+            busy.add(sid)
+        out: dict[str, Any] = {"op": kind, "mm": sid, "rid": rid, "page": page, "npages": 1}
+        if kind == "munmap":
+            r.mapped[page] = False
+        elif kind == "mprotect":
+            out["prot"] = self.rng.choice(["r", "rw"])
+            r.prot[page] = out["prot"]
+        elif kind == "madvise":
+            out["block"] = True
+        return out
+
+    def injection(self) -> dict[str, Any]:
+        rng = self.rng
+        kinds = [(k, w) for k, w in INJECTIONS if self.crash or k != "crash"]
+        kind = rng.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
+        want = ("xpmem",) if kind == "slow-drain" else KINDS
+        node = self._node(want)
+        out: dict[str, Any] = {"op": "inject", "node": node, "kind": kind, "for_s": round(rng.uniform(0.2, 1.2), 2)}
+        if kind in ("drop-acks", "delay-acks", "duplicate"):
+            out["rate"] = rng.choice([0.3, 1.0])
+        if kind in ("delay-acks", "slow-drain"):
+            out["delay_ms"] = rng.choice([30, 100, 400])  # 400 > the ack deadline: fenced
+        return out
+
+    def groups(self, nops: int) -> Iterator[list[dict[str, Any]]]:
+        """The schedule: groups of operations run together; ``nops`` ops in all."""
+        rng = self.rng
+        yield [{"op": "spawn", "mm": self._new_mm()}, {"op": "spawn", "mm": self._new_mm()}]
+        yield [self._mmap(1), self._mmap(2)]
+        done = 4
+        while done < nops:
+            size = min(rng.choice([1, 2, 2, 3, 3]), nops - done)
+            group: list[dict[str, Any]] = []
+            busy: set[int] = set()
+            self.fresh = set()
+            tries = 0
+            while len(group) < size and tries < 20:
+                tries += 1
+                op = self.op(busy)
+                if op is None:
+                    continue
+                if op["op"] in ("host_write", "node_write", "xpmem_write", "mmap", "munmap", "mprotect", "madvise",
+                                "fork", "exit"):
+                    busy.add(op["mm"])
+                group.append(op)
+            race = next((o for o in group if o["op"] in ("node_read", "node_write")), None)
+            if race is not None and rng.random() < 0.5:
+                # an invalidation of the very pages a node is accessing
+                twin = self.race(race, busy)
+                if twin is not None:
+                    group.append(twin)
+            for _ in range(len(group)):
+                if rng.random() < self.faults:
+                    group.append(self.injection())
+            done += sum(1 for o in group if o["op"] != "inject")
+            if group:
+                yield group
+
+
+def plan(seed: int, nops: int, nodes: list[tuple[str, str]], faults: float, page_size: int = 4096,
+         crash: bool = True) -> list[list[dict[str, Any]]]:
+    """The whole schedule for ``seed`` (pure)."""
+    return list(Planner(seed, nodes, faults, page_size, crash).groups(nops))
+
+
+def digest(schedule: list[list[dict[str, Any]]]) -> str:
+    h = hashlib.sha256()
+    for group in schedule:
+        h.update(repr([sorted((k, v.hex() if isinstance(v, bytes) else v) for k, v in op.items())
+                       for op in group]).encode())
+    return h.hexdigest()[:16]
+
+
+def node_names(n: int) -> list[tuple[str, str]]:
+    """``n`` nodes of mixed kinds: kvm0, gru0, xpmem0, kvm1, ..."""
+    return [(f"{KINDS[i % 3]}{i // 3}", KINDS[i % 3]) for i in range(n)]
+
+
+# --------------------------------------------------------------------------
+# a cluster of real processes
+
+
+class Cluster:
+    """A host and nodes as child processes on loopback; crashed nodes are
+    started again (as ``mmn up --restart`` would)."""
+
+    def __init__(self, nodes: list[tuple[str, str]], *, seed: int = 0, logs: Path | None = None,
+                 host_options: dict[str, int] | None = None, node_env: dict[str, str] | None = None) -> None:
+        from .up import free_ports
+
+        self.nodes = nodes
+        self.seed = seed
+        self.logs = logs or Path(tempfile.mkdtemp(prefix="mmn-soak-"))
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.host_options = {**SOAK_HOST, **(host_options or {})}
+        self.node_env = node_env or {}
+        self.ports = free_ports(3)
+        self.admin = f"tcp://127.0.0.1:{self.ports[1]}"
+        self.node_endpoint = f"tcp://127.0.0.1:{self.ports[0]}"
+        self.procs: dict[str, trio.Process] = {}
+        self.restarts = 0
+        self.stopping = False
+
+    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        env["MMN_PARENT_PID"] = str(os.getpid())
+        env.setdefault("MMN_LOG_LEVEL", "WARNING")
+        env.update(extra or {})
+        return env
+
+    async def _spawn(self, name: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
+        with open(self.logs / f"{name}.log", "ab") as out:
+            self.procs[name] = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "mmn", *argv], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, env=self._env(extra), process_group=0,
+            )
+
+    def host_argv(self) -> list[str]:
+        o = self.host_options
+        return ["host", "--node-port", str(self.ports[0]), "--admin-port", str(self.ports[1]),
+                "--events-port", str(self.ports[2]), "--frames", str(SOAK_FRAMES),
+                "--heartbeat-ms", str(o["heartbeat_ms"]), "--liveness", str(o["liveness"]),
+                "--ack-deadline-ms", str(o["ack_deadline_ms"]), "--command-timeout-ms", str(o["command_timeout_ms"]),
+                "--log-level", "WARNING"]
+
+    def node_argv(self, i: int, name: str, kind: str) -> list[str]:
+        return ["node", "--kind", kind, "--name", name, "--host", self.node_endpoint, "--seed",
+                str(self.seed * 1000 + i), "--heartbeat-ms", str(self.host_options["heartbeat_ms"]),
+                "--liveness", str(self.host_options["liveness"]), "--log-level", "WARNING"]
+
+    async def start_host(self) -> None:
+        await self._spawn("host", self.host_argv())
+
+    async def start(self, nursery: trio.Nursery, timeout: float = 30.0) -> None:
+        await self.start_host()
+        for i, (name, kind) in enumerate(self.nodes):
+            await self._spawn(name, self.node_argv(i, name, kind), self.node_env)
+            nursery.start_soon(self._supervise, i, name, kind)
+        await self.wait_live(timeout)
+
+    async def _supervise(self, i: int, name: str, kind: str) -> None:
+        while not self.stopping:
+            proc = self.procs[name]
+            await proc.wait()
+            if self.stopping:
+                return
+            log.info("%s exited (%s): starting it again", name, proc.returncode)
+            self.restarts += 1
+            await self._spawn(name, self.node_argv(i, name, kind), self.node_env)
+
+    async def status(self, timeout: float = 3.0) -> dict[str, Any] | None:
+        from transport import AdminClient
+
+        try:
+            async with AdminClient(self.admin) as c:
+                reply = await c.admin("status", {}, timeout)
+        except (trio.TooSlowError, OSError):
+            return None
+        return dict(reply.result) if getattr(reply, "ok", False) else None
+
+    async def wait_live(self, timeout: float) -> dict[str, Any]:
+        want = {n for n, _ in self.nodes}
+        with trio.fail_after(timeout):
+            while True:
+                st = await self.status()
+                if st is not None and want <= {n["name"] for n in st["nodes"] if n["state"] == "live"}:
+                    return st
+                await trio.sleep(0.1)
+
+    def kill(self, name: str, sig: int = 9) -> None:
+        proc = self.procs.get(name)
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for name in list(self.procs):
+            self.kill(name, 15)
+        with trio.move_on_after(3):
+            for proc in self.procs.values():
+                await proc.wait()
+        for name in list(self.procs):
+            self.kill(name, 9)
+
+
+# --------------------------------------------------------------------------
+# running it
+
+
+@dataclass
+class Report:
+    seed: int
+    ops: int = 0
+    groups: int = 0
+    injected: int = 0
+    injected_by_kind: dict[str, int] = field(default_factory=dict)
+    nodes_fenced: int = 0
+    nodes_recovered: int = 0
+    node_restarts: int = 0
+    stale_accesses: int = 0
+    lost_writes: int = 0
+    wrong_reads: int = 0
+    unexpected: int = 0
+    late: int = 0
+    node_errors: int = 0
+    slowest: dict[str, Any] = field(default_factory=dict)
+    runtime_s: float = 0.0
+    schedule_digest: str = ""
+    violations: list[str] = field(default_factory=list)
+
+    def ok(self) -> bool:
+        return not (self.stale_accesses or self.lost_writes or self.wrong_reads or self.unexpected or self.late)
+
+
+def _zero(ps: int) -> bytes:
+    return bytes(ps)
+
+
+class Soak:
+    def __init__(self, admin: str, schedule: list[list[dict[str, Any]]], nodes: list[tuple[str, str]],
+                 report: Report, host_timing: dict[str, int], page_size: int = 4096) -> None:
+        self.admin = admin
+        self.schedule = schedule
+        self.nodes = nodes
+        self.report = report
+        self.ps = page_size
+        self.timing = host_timing
+        #: symbolic mm -> real mm id
+        self.mm: dict[int, int] = {}
+        #: (sym mm, rid) -> base address
+        self.base: dict[tuple[int, int], int] = {}
+        #: (sym mm, rid, page) -> (candidates, history) -- only mapped pages
+        self.pages: dict[tuple[int, int, int], set[bytes]] = {}
+        self.history: dict[tuple[int, int, int], list[bytes]] = {}
+        self.prot: dict[tuple[int, int, int], str] = {}
+        self.atts: dict[int, tuple[int, int]] = {}  # att -> (vaddr, exporter offset page)
+        self.clients: list[Any] = []
+        self.trace: Any = None  # a file: one line per operation and outcome
+
+    # -- the admin API
+    async def call(self, lane: int, command: str, args: dict[str, Any], timeout: float) -> tuple[bool, Any, str]:
+        """(ok, result or errno, error text); ("TIMEOUT") when no reply came."""
+        client = self.clients[lane]
+        try:
+            reply = await client.admin(command, args, timeout)
+        except trio.TooSlowError:
+            return False, "TIMEOUT", f"no reply to {command} within {timeout:.1f}s"
+        if getattr(reply, "ok", None) is True:
+            return True, dict(reply.result), ""
+        if hasattr(reply, "errno"):
+            return False, reply.errno or "EIO", getattr(reply, "error", "")
+        return False, getattr(reply, "code", "EIO"), getattr(reply, "message", "")
+
+    def violation(self, what: str, text: str) -> None:
+        setattr(self.report, what, getattr(self.report, what) + 1)
+        if len(self.report.violations) < 50:
+            self.report.violations.append(f"{what}: {text}")
+        log.error("%s: %s", what, text)
+
+    # -- deadlines
+    def deadline(self, op: dict[str, Any], group_size: int) -> float:
+        ack = self.timing["ack_deadline_ms"] / 1000
+        rounds = (len(self.nodes) + 2) * group_size
+        d = 1.5 + rounds * ack
+        kind = op["op"]
+        if kind.startswith(("node_", "xpmem_")):
+            d += self.timing["command_timeout_ms"] / 1000
+        if kind == "xpmem_attach":
+            d *= 3
+        if kind in ("merge", "fork", "exit"):
+            d *= 2
+        return d
+
+    # -- running
+    async def run(self) -> None:
+        from transport import AdminClient
+
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(8):
+                self.clients.append(await stack.enter_async_context(AdminClient(self.admin)))
+            started = self.t_start = time.monotonic()
+            for group in self.schedule:
+                await self.run_group(group)
+            await self.finish()
+            self.report.runtime_s = round(time.monotonic() - started, 1)
+
+    async def run_group(self, group: list[dict[str, Any]]) -> None:
+        rep = self.report
+        rep.groups += 1
+        results: list[Any] = [None] * len(group)
+        size = sum(1 for o in group if o["op"] != "inject")
+
+        async def one(i: int, op: dict[str, Any]) -> None:
+            t0 = time.monotonic()
+            deadline = self.deadline(op, size)
+            results[i] = await self.execute(i, op, deadline * 2)
+            took = time.monotonic() - t0
+            if self.trace is not None:
+                ok, res, err = results[i]
+                what = {k: (v.hex()[:8] if isinstance(v, bytes) else v) for k, v in res.items()} if ok else res
+                print(f"{rep.groups} {t0 - self.t_start:.3f}+{took:.3f} {_short(op)} -> {ok} {what} {err}",
+                      file=self.trace)
+            ratio = took / deadline
+            if ratio > rep.slowest.get("ratio", 0):
+                rep.slowest = {"op": op["op"], "took_s": round(took, 3), "deadline_s": round(deadline, 2),
+                               "ratio": round(ratio, 3)}
+            if took > deadline:
+                self.violation("late", f"{op['op']} took {took:.2f}s, deadline {deadline:.2f}s: {_short(op)}")
+
+        # pre-state of every page a mutator in this group touches
+        pre = {k: set(v) for k, v in self.pages.items()}
+        async with trio.open_nursery() as nursery:
+            for i, op in enumerate(group):
+                nursery.start_soon(one, i, op)
+        # mutators first, then the reads against before-or-after
+        mutated: set[tuple[int, int, int]] = set()
+        for op, res in zip(group, results):
+            if op["op"] not in ("host_read", "node_read", "xpmem_read", "node_fault"):
+                mutated |= self.apply(op, res)
+        for op, res in zip(group, results):
+            if op["op"] in ("host_read", "node_read", "xpmem_read", "node_fault"):
+                self.check_read(op, res, pre, mutated)
+        rep.ops += size
+
+    def key(self, op: dict[str, Any], page: int | None = None) -> tuple[int, int, int]:
+        return op["mm"], op["rid"], op["page"] if page is None else page
+
+    def addr(self, op: dict[str, Any], page: int | None = None) -> int | None:
+        base = self.base.get((op["mm"], op["rid"]))
+        if base is None:
+            return None
+        return base + (op["page"] if page is None else page) * self.ps
+
+    async def execute(self, lane: int, op: dict[str, Any], timeout: float) -> tuple[bool, Any, str]:
+        kind = op["op"]
+        mm = self.mm.get(op.get("mm", 0), 0)
+        if kind == "spawn":
+            return await self.call(lane, "spawn", {}, timeout)
+        if kind == "inject":
+            self.report.injected += 1
+            self.report.injected_by_kind[op["kind"]] = self.report.injected_by_kind.get(op["kind"], 0) + 1
+            args = {"node": op["node"], "kind": op["kind"], "rate": str(op.get("rate", 1.0)),
+                    "delay_ms": op.get("delay_ms", 0), "for_s": str(op["for_s"])}
+            return await self.call(lane, "inject", args, timeout)
+        if kind == "merge":
+            return await self.call(lane, "merge", {"full_scans": 1}, timeout)
+        if kind == "mmap":
+            args = {"mm": mm, "pages": op["pages"], "mergeable": op["mergeable"]}
+            if op["fill"] is not None:
+                args["fill"] = op["fill"]
+            return await self.call(lane, "mmap", args, timeout)
+        if kind == "fork":
+            return await self.call(lane, "fork", {"mm": mm}, timeout)
+        if kind == "exit":
+            return await self.call(lane, "exit", {"mm": mm}, timeout)
+        if kind == "xpmem_detach":
+            att = self.atts.get(op["att"])
+            if att is None:
+                return False, "SKIPPED", ""
+            return await self.call(lane, "xpmem", {"node": op["node"], "op": "detach", "addr": att[0]}, timeout)
+        if kind in ("xpmem_read", "xpmem_write"):
+            att = self.atts.get(op["att"])
+            if att is None:
+                return False, "SKIPPED", ""
+            vaddr = att[0] + op["index"] * self.ps + op["offset"]
+            args = {"node": op["node"], "mm": mm, "addr": vaddr, "length": op["length"]}
+            if kind == "xpmem_write":
+                args["data"] = op["data"]
+            return await self.call(lane, "access", args, timeout)
+        addr = self.addr(op)
+        if addr is None:
+            return False, "SKIPPED", ""
+        if kind == "xpmem_attach":
+            node = op["node"]
+            ok, res, err = await self.call(lane, "xpmem", {"node": node, "op": "make", "mm": mm, "addr": addr,
+                                                           "length": op["npages"] * self.ps, "mode": 0o666},
+                                           timeout / 3)
+            if not ok:
+                return ok, res, err
+            ok, res, err = await self.call(lane, "xpmem", {"node": node, "op": "get", "segid": res["segid"],
+                                                           "write": op["write"]}, timeout / 3)
+            if not ok:
+                return ok, res, err
+            return await self.call(lane, "xpmem", {"node": node, "op": "attach", "apid": res["apid"],
+                                                   "length": op["npages"] * self.ps}, timeout / 3)
+        if kind == "host_write":
+            return await self.call(lane, "write", {"mm": mm, "addr": addr + op["offset"], "data": op["data"]},
+                                   timeout)
+        if kind == "host_read":
+            return await self.call(lane, "read", {"mm": mm, "addr": addr + op["offset"], "length": op["length"]},
+                                   timeout)
+        if kind == "node_read":
+            return await self.call(lane, "access", {"node": op["node"], "mm": mm, "addr": addr + op["offset"],
+                                                    "length": op["length"]}, timeout)
+        if kind == "node_write":
+            return await self.call(lane, "access", {"node": op["node"], "mm": mm, "addr": addr + op["offset"],
+                                                    "length": op["length"], "data": op["data"]}, timeout)
+        if kind == "node_fault":
+            return await self.call(lane, "fault", {"node": op["node"], "mm": mm, "addr": addr,
+                                                   "pages": op["pages"], "write": op["write"]}, timeout)
+        length = op["npages"] * self.ps
+        if kind == "munmap":
+            return await self.call(lane, "munmap", {"mm": mm, "addr": addr, "length": length}, timeout)
+        if kind == "mprotect":
+            return await self.call(lane, "mprotect", {"mm": mm, "addr": addr, "length": length,
+                                                      "prot": op["prot"]}, timeout)
+        if kind == "madvise":
+            return await self.call(lane, "madvise", {"mm": mm, "addr": addr, "length": length,
+                                                     "advice": "dontneed", "block": op["block"]}, timeout)
+        if kind == "swap":
+            return await self.call(lane, "swap", {"mm": mm, "addr": addr, "length": length}, timeout)
+        if kind == "migrate":
+            return await self.call(lane, "migrate", {"mm": mm, "addr": addr, "length": length}, timeout)
+        raise AssertionError(kind)
+
+    # -- the shadow
+    def _host_failed(self, op: dict[str, Any], res: tuple[bool, Any, str], allowed: tuple[str, ...] = ()) -> bool:
+        ok, errno, err = res
+        if ok:
+            return False
+        if errno in allowed:
+            return True
+        self.violation("unexpected", f"{_short(op)} failed: {errno} {err}")
+        return True
+
+    def _node_failed(self, op: dict[str, Any], res: tuple[bool, Any, str]) -> bool:
+        ok, errno, err = res
+        if ok:
+            return False
+        if errno == "SKIPPED":
+            return True
+        if errno == "ESTALE":
+            self.violation("stale_accesses", f"{_short(op)}: {err}")
+        elif errno == "TIMEOUT" or errno not in BENIGN_NODE_ERRNOS:
+            self.violation("unexpected", f"{_short(op)} failed: {errno} {err}")
+        else:
+            self.report.node_errors += 1
+        return True
+
+    def _accessible(self, key: tuple[int, int, int], write: bool) -> bool:
+        if key not in self.pages:
+            return False
+        prot = self.prot.get(key, "rw")
+        return prot == "rw" if write else prot in ("r", "rw")
+
+    def apply(self, op: dict[str, Any], res: tuple[bool, Any, str]) -> set[tuple[int, int, int]]:
+        """Fold a mutator's outcome into the shadow; returns the pages touched."""
+        kind = op["op"]
+        ps = self.ps
+        touched: set[tuple[int, int, int]] = set()
+        if kind == "spawn":
+            if not self._host_failed(op, res):
+                self.mm[op["mm"]] = res[1]["mm"]
+            return touched
+        if kind in ("inject", "merge", "swap", "migrate"):
+            if kind != "inject":
+                self._host_failed(op, res)
+            return touched
+        if kind == "mmap":
+            if not self._host_failed(op, res):
+                self.base[(op["mm"], op["rid"])] = res[1]["addr"]
+                content = bytes([op["fill"]]) * ps if op["fill"] is not None else _zero(ps)
+                for i in range(op["pages"]):
+                    k = (op["mm"], op["rid"], i)
+                    self.pages[k] = {content}
+                    self.history[k] = []
+                    self.prot[k] = "rw"
+            return touched
+        if kind == "fork":
+            if not self._host_failed(op, res):
+                parent, child = op["mm"], op["child"]
+                self.mm[child] = res[1]["mm"]
+                for (sid, rid), base in list(self.base.items()):
+                    if sid == parent:
+                        self.base[(child, rid)] = base
+                for k in [k for k in self.pages if k[0] == parent]:
+                    ck = (child, k[1], k[2])
+                    self.pages[ck] = set(self.pages[k])
+                    self.history[ck] = list(self.history[k])
+                    self.prot[ck] = self.prot[k]
+            return touched
+        if kind == "exit":
+            if not self._host_failed(op, res):
+                for k in [k for k in self.pages if k[0] == op["mm"]]:
+                    touched.add(k)
+                    del self.pages[k]
+            return touched
+        if kind in ("xpmem_attach",):
+            if res[0]:
+                self.atts[op["att"]] = (res[1]["vaddr"], op["page"])
+            else:
+                self._node_failed(op, res)
+            return touched
+        if kind == "xpmem_detach":
+            self.atts.pop(op["att"], None)
+            if not res[0] and res[1] not in ("SKIPPED", "EINVAL", "ESRCH", "EINTR", "ETIMEDOUT"):
+                self._node_failed(op, res)
+            return touched
+        if kind in ("host_write", "node_write", "xpmem_write"):
+            segs = segments(op, ps)
+            keys = [self.key(op, page) for page, *_ in segs]
+            touched.update(keys)
+            allowed = all(self._accessible(k, True) for k in keys)
+            if res[0] and not allowed:
+                self.violation("unexpected", f"{_short(op)} succeeded on a page it may not write")
+                return touched
+            if kind == "host_write":
+                if not allowed:
+                    self._host_failed(op, res, ("EFAULT", "SKIPPED"))
+                    return touched
+                if self._host_failed(op, res):
+                    return touched
+            landed = res[0]
+            # a node's write that failed may have landed on some pages (one
+            # DMA per page, each all or nothing) -- or not
+            maybe = not res[0] and res[1] not in ("SKIPPED", "ESRCH", "EACCES")
+            if landed or maybe:
+                data = op["data"]
+                for (page, off, n, pos), k in zip(segs, keys):
+                    if k not in self.pages:
+                        continue
+                    new = {c[:off] + data[pos:pos + n] + c[off + n:] for c in self.pages[k]}
+                    if landed:
+                        self.history[k] = (self.history[k] + list(self.pages[k]))[-6:]
+                        self.pages[k] = new
+                    else:
+                        self.pages[k] |= new
+            if not res[0] and kind != "host_write":
+                self._node_failed(op, res)
+            return touched
+        # range operations
+        keys = [(op["mm"], op["rid"], op["page"] + j) for j in range(op["npages"])]
+        touched.update(keys)
+        if kind == "munmap":
+            if not self._host_failed(op, res):
+                for k in keys:
+                    self.pages.pop(k, None)
+        elif kind == "mprotect":
+            if not self._host_failed(op, res):
+                for k in keys:
+                    self.prot[k] = op["prot"]
+        elif kind == "madvise":
+            if not self._host_failed(op, res, () if op["block"] else ("EAGAIN",)) and res[0]:
+                for k in keys:
+                    if k in self.pages:
+                        self.history[k] = (self.history[k] + list(self.pages[k]))[-6:]
+                        self.pages[k] = {_zero(ps)}
+        return touched
+
+    def check_read(self, op: dict[str, Any], res: tuple[bool, Any, str], pre: dict[Any, set[bytes]],
+                   mutated: set[tuple[int, int, int]]) -> None:
+        kind = op["op"]
+        if kind == "node_fault":
+            k = self.key(op)
+            if not res[0]:
+                self._node_failed(op, res)
+            elif (k not in mutated and not self._accessible(k, op["write"]) and not res[1].get("errno")
+                  and res[1].get("pages")):
+                self.violation("unexpected", f"{_short(op)} mapped a page it may not: {res[1]}")
+            return
+        segs = segments(op, self.ps)
+        keys = [self.key(op, page) for page, *_ in segs]
+        racing = any(k in mutated for k in keys)
+        if not res[0]:
+            if kind == "host_read":
+                if not racing and all(self._accessible(k, False) for k in keys):
+                    self._host_failed(op, res)
+            else:
+                self._node_failed(op, res)
+            return
+        if not all(self._accessible(k, False) or (k in mutated and k in pre) for k in keys):
+            self.violation("unexpected", f"{_short(op)} read a page it may not")
+            return
+        data = res[1].get("data", b"")
+        if len(data) != op["length"]:
+            self.violation("wrong_reads", f"{_short(op)} read {len(data)} bytes")
+            return
+        for (page, off, n, pos), k in zip(segs, keys):
+            got = data[pos:pos + n]
+            cands = set(self.pages.get(k, set()))
+            if k in mutated:
+                cands |= pre.get(k, set())
+            if any(c[off:off + n] == got for c in cands):
+                if k in self.pages and k not in mutated:
+                    self.pages[k] = {c for c in self.pages[k] if c[off:off + n] == got}
+                continue
+            if any(c[off:off + n] == got for c in self.history.get(k, [])):
+                self.violation("lost_writes", f"{_short(op)} page {page} read an overwritten {got[:16].hex()}")
+            else:
+                self.violation("wrong_reads", f"{_short(op)} page {page} read {got[:16].hex()}, "
+                                              f"expected one of {[c[off:off + 16].hex() for c in cands]}")
+
+    async def finish(self) -> None:
+        """Heal every node, wait for all of them, read every page back."""
+        for name, _ in self.nodes:
+            await self.call(0, "heal", {"node": name}, 3.0)
+        with trio.move_on_after(30):
+            while True:
+                ok, st, _ = await self.call(0, "status", {}, 5.0)
+                if ok and all(n["state"] == "live" and not n.get("injected") for n in st["nodes"]
+                              if n["name"] in dict(self.nodes)):
+                    break
+                for name, _ in self.nodes:
+                    await self.call(0, "heal", {"node": name}, 2.0)
+                await trio.sleep(0.2)
+        for k in sorted(self.pages):
+            sid, rid, page = k
+            if self.prot.get(k) not in ("r", "rw"):
+                continue
+            op = {"op": "host_read", "mm": sid, "rid": rid, "page": page, "offset": 0, "length": self.ps}
+            res = await self.execute(0, op, 10.0)
+            self.check_read(op, res, {}, set())
+        ok, st, _ = await self.call(0, "status", {}, 10.0)
+        if ok:
+            self.report.stale_accesses = max(self.report.stale_accesses, st["stale_accesses"])
+            c = st["counters"]
+            self.report.nodes_fenced = c.get("fences", 0)
+            self.report.nodes_recovered = c.get("registrations", 0) - len(self.nodes)
+            self.final_status = st
+
+
+def segments(op: dict[str, Any], ps: int) -> list[tuple[int, int, int, int]]:
+    """``(page, offset in page, length, offset in data)`` of a read or write."""
+    out = []
+    page, off, left, pos = op["page"], op["offset"], op["length"], 0
+    while left > 0:
+        n = min(left, ps - off)
+        out.append((page, off, n, pos))
+        page, off, left, pos = page + 1, 0, left - n, pos + n
+    return out
+
+
+def _short(op: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v.hex()[:16] if isinstance(v, bytes) else v}" for k, v in op.items())
+
+
+async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | None = None,
+               logs: Path | None = None, node_env: dict[str, str] | None = None) -> Report:
+    """Run one soak; returns its report (``report.ok()``)."""
+    report = Report(seed=seed)
+    timing = dict(SOAK_HOST)
+    async with trio.open_nursery() as nursery:
+        cluster = None
+        if host is None:
+            nodes = node_names(nnodes)
+            cluster = Cluster(nodes, seed=seed, logs=logs, node_env=node_env)
+            try:
+                await cluster.start(nursery)
+                admin = cluster.admin
+            except BaseException:
+                await cluster.stop()
+                raise
+        else:
+            admin = host
+            c = Cluster.__new__(Cluster)
+            c.admin = host
+            st = await Cluster.status(c, 10.0)
+            if st is None:
+                raise RuntimeError(f"no host answers at {host}")
+            nodes = [(n["name"], n["kind"]) for n in st["nodes"] if n["state"] == "live"][:nnodes]
+            timing.update({k: st["host"][k] for k in ("ack_deadline_ms", "heartbeat_ms") if k in st["host"]})
+            timing.setdefault("command_timeout_ms", 10_000)
+        schedule = plan(seed, nops, nodes, faults, crash=host is None)
+        report.schedule_digest = digest(schedule)
+        runner = Soak(admin, schedule, nodes, report, timing)
+        trace_dir = logs or (cluster.logs if cluster is not None else None)
+        try:
+            with contextlib.ExitStack() as files:
+                if trace_dir is not None:
+                    runner.trace = files.enter_context(open(Path(trace_dir) / "soak.trace", "w"))
+                await runner.run()
+        finally:
+            if cluster is not None:
+                report.node_restarts = cluster.restarts
+                await cluster.stop()
+            nursery.cancel_scope.cancel()
+    return report
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, required=True, help="the schedule's seed (replay it with the same seed)")
+    p.add_argument("--ops", type=int, default=1000, metavar="N", help="operations to run (1000)")
+    p.add_argument("--nodes", type=int, default=4, metavar="K", help="nodes of mixed kinds (4)")
+    p.add_argument("--faults", type=float, default=0.02, metavar="RATE",
+                   help="probability per operation of injecting a failure (0.02)")
+    p.add_argument("--host", default=None, metavar="ADDR",
+                   help="attach to this admin endpoint instead of starting a cluster (no crash injection)")
+    p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="process logs (a fresh temp dir)")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+
+
+def run(ns: argparse.Namespace) -> int:
+    if ns.ops < 1 or ns.nodes < 1 or not 0 <= ns.faults <= 1:
+        print("mmn soak: --ops and --nodes must be positive, --faults in [0, 1]", file=sys.stderr)
+        return 2
+    report = trio.run(lambda: soak(ns.seed, ns.ops, ns.nodes, ns.faults, host=ns.host, logs=ns.logs))
+    out = {k: v for k, v in report.__dict__.items()}
+    out["ok"] = report.ok()
+    if ns.json:
+        print(json.dumps(out, indent=1, sort_keys=True))
+    else:
+        s = report.slowest
+        print(f"seed {report.seed}: {report.ops} operations in {report.groups} groups, {report.runtime_s}s")
+        print(f"injected {report.injected} {report.injected_by_kind}")
+        print(f"nodes fenced {report.nodes_fenced}, recovered {report.nodes_recovered}, "
+              f"restarted {report.node_restarts}; node errors (benign) {report.node_errors}")
+        print(f"stale_accesses {report.stale_accesses}  lost_writes {report.lost_writes}  "
+              f"wrong_reads {report.wrong_reads}  unexpected {report.unexpected}  late {report.late}")
+        if s:
+            print(f"slowest: {s['op']} {s['took_s']}s of its {s['deadline_s']}s deadline")
+        for v in report.violations[:20]:
+            print("  " + v)
+        print(f"{'OK' if report.ok() else 'FAILED'}; replay: mmn soak --seed {report.seed} --ops {ns.ops} "
+              f"--nodes {ns.nodes} --faults {ns.faults}  (schedule {report.schedule_digest})")
+    return 0 if report.ok() else 1
