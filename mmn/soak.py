@@ -123,6 +123,7 @@ class Planner:
         self.crash = crash
         self.mms: dict[int, _GMm] = {}
         self.fresh: set[int] = set()  # mms and regions made in the group being drawn
+        self.used: set[int] = set()  # mms the group being drawn touches
         self.next_mm = 1
         self.next_rid = 1
         self.next_att = 1
@@ -282,7 +283,7 @@ class Planner:
                 self.mms[child].regions[rid] = _GRegion(r.npages, list(r.mapped), list(r.prot), r.mergeable)
             return {"op": "fork", "mm": sid, "child": child}
         if kind == "exit":
-            if len(self.mms) <= 2:
+            if len(self.mms) <= 2 or sid in self.used:  # an op of this group on it: keep it
                 return None
             del self.mms[sid]
             for aid in [a for a, at in self.attachments.items() if at.mm == sid]:
@@ -306,7 +307,8 @@ class Planner:
     def race(self, access: dict[str, Any], busy: set[int]) -> dict[str, Any] | None:
         """An operation that invalidates pages ``access`` touches."""
         sid, rid = access["mm"], access["rid"]
-        r = self.mms[sid].regions.get(rid)
+        m = self.mms.get(sid)  # (exited later in this group?)
+        r = m.regions.get(rid) if m is not None else None
         if r is None:
             return None
         first = access["page"]
@@ -353,12 +355,15 @@ class Planner:
             group: list[dict[str, Any]] = []
             busy: set[int] = set()
             self.fresh = set()
+            self.used = set()
             tries = 0
             while len(group) < size and tries < 20:
                 tries += 1
                 op = self.op(busy)
                 if op is None:
                     continue
+                if "mm" in op:
+                    self.used.add(op["mm"])
                 if op["op"] in ("host_write", "node_write", "xpmem_write", "mmap", "munmap", "mprotect", "madvise",
                                 "fork", "exit"):
                     busy.add(op["mm"])
@@ -405,7 +410,8 @@ class Cluster:
     started again (as ``mmn up --restart`` would)."""
 
     def __init__(self, nodes: list[tuple[str, str]], *, seed: int = 0, logs: Path | None = None,
-                 host_options: dict[str, int] | None = None, node_env: dict[str, str] | None = None) -> None:
+                 host_options: dict[str, int] | None = None, node_env: dict[str, str] | None = None,
+                 restart: bool = True) -> None:
         from .up import free_ports
 
         self.nodes = nodes
@@ -420,6 +426,8 @@ class Cluster:
         self.procs: dict[str, trio.Process] = {}
         self.restarts = 0
         self.stopping = False
+        self.restart = restart
+        self._index = {name: (i, kind) for i, (name, kind) in enumerate(nodes)}
 
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -457,8 +465,14 @@ class Cluster:
         await self.start_host()
         for i, (name, kind) in enumerate(self.nodes):
             await self._spawn(name, self.node_argv(i, name, kind), self.node_env)
-            nursery.start_soon(self._supervise, i, name, kind)
+            if self.restart:
+                nursery.start_soon(self._supervise, i, name, kind)
         await self.wait_live(timeout)
+
+    async def restart_node(self, name: str) -> None:
+        """Start node ``name`` again (after it was killed)."""
+        i, kind = self._index[name]
+        await self._spawn(name, self.node_argv(i, name, kind), self.node_env)
 
     async def _supervise(self, i: int, name: str, kind: str) -> None:
         while not self.stopping:

@@ -1,0 +1,425 @@
+"""Recovery from injected failures, on real processes (host and nodes on loopback).
+
+Each test starts its own cluster (``mmn.soak.Cluster``: ``python -m mmn host``
+and ``mmn node`` processes, OS-chosen free ports, logs under the test's tmp
+dir), injects failures with the admin API as ``mmn inject`` does, and checks
+what the design promises (DESIGN §5): zero stale accesses, every acknowledged
+write readable afterwards, every operation within its deadline, the host
+serving the others.  The basic restarted-node / restarted-host scenarios are
+in tests/test_integration.py; these are about injected failures and kills in
+the middle of an invalidation.
+
+What each test proves is in its docstring.  Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from mmn.cli import Failed, Unreachable, admin_call, main
+from mmn.soak import Cluster
+
+pytestmark = pytest.mark.integration
+
+PS = 4096
+CALL = 10.0
+
+
+class C:
+    """A cluster plus the admin calls the tests make."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    async def call(self, command: str, timeout: float = CALL, **args: Any) -> dict[str, Any]:
+        return await admin_call(self.cluster.admin, command, args, timeout=timeout)
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call("status")
+
+    async def node(self, name: str) -> dict[str, Any]:
+        return {n["name"]: n for n in (await self.status())["nodes"]}[name]
+
+    async def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    status = await self.status()
+                except (Unreachable, Failed):
+                    status = None
+                if status is not None and pred(status):
+                    return status
+                await trio.sleep(0.05)
+
+    async def mapping(self, mm: int, pages: int, fill: int) -> int:
+        return (await self.call("mmap", mm=mm, pages=pages, fill=fill))["addr"]
+
+    async def attach(self, node: str, mm: int, addr: int, length: int, write: bool = True) -> int:
+        segid = (await self.call("xpmem", node=node, op="make", mm=mm, addr=addr, length=length, mode=0o666))["segid"]
+        apid = (await self.call("xpmem", node=node, op="get", segid=segid, write=write))["apid"]
+        return (await self.call("xpmem", node=node, op="attach", apid=apid, length=length))["vaddr"]
+
+
+def by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n["name"]: n for n in status["nodes"]}
+
+
+def mapped(node: dict[str, Any], mm: int) -> dict[int, int]:
+    return {int(a, 16): pfn for a, pfn in node.get("mms", {}).get(str(mm), {}).items()}
+
+
+def live_again(name: str, old_epoch: int) -> Callable[[dict[str, Any]], bool]:
+    def pred(status: dict[str, Any]) -> bool:
+        n = by_name(status).get(name)
+        return n is not None and n["state"] == "live" and n["epoch"] > old_epoch
+
+    return pred
+
+
+@pytest.fixture
+async def make(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]:
+    """``await make(nodes, **host_options)``: a started cluster (stopped at the end)."""
+    made: list[Cluster] = []
+
+    async def start(nodes: tuple[tuple[str, str], ...] = (("kvm0", "kvm"), ("gru0", "gru"), ("xpmem0", "xpmem")),
+                    restart: bool = False, **host: int) -> C:
+        options = {"heartbeat_ms": 100, "liveness": 10, "ack_deadline_ms": 500, "command_timeout_ms": 5000, **host}
+        cluster = Cluster(list(nodes), logs=tmp_path / f"c{len(made)}", host_options=options, restart=restart)
+        made.append(cluster)
+        await cluster.start(nursery)
+        return C(cluster)
+
+    try:
+        yield start
+    finally:
+        for cluster in made:
+            await cluster.stop()
+
+
+# --------------------------------------------------------------------------
+
+
+async def test_a_fenced_node_that_comes_back_refuses_its_old_translations_and_registers_anew(make: Any) -> None:
+    """kvm0 maps two pages and hangs.  A munmap of the first waits the ack
+    deadline, fences kvm0 and completes; an access to the second, relayed
+    to the hung node meanwhile, ends with the fence (EINTR).  Healed, kvm0
+    handles what was held in order: the start, the access -- whose DMA
+    carries the retired epoch and is refused, never served -- and the
+    Fenced: it drops every translation and registers under a new epoch.
+    Then it maps afresh and reads what the host wrote meanwhile."""
+    c = await make()
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 2, fill=0x41)
+        await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=2)
+        before = await c.node("kvm0")
+        assert len(mapped(before, mm)) == 2
+        await c.call("inject", node="kvm0", kind="hang")
+        async with trio.open_nursery() as n:
+            outcome: dict[str, Any] = {}
+
+            async def access() -> None:
+                try:
+                    await c.call("access", node="kvm0", mm=mm, addr=addr + PS, length=4)
+                except Failed as exc:
+                    outcome["errno"] = exc.errno
+                else:
+                    outcome["errno"] = None
+
+            n.start_soon(access)
+            t0 = trio.current_time()
+            await c.call("munmap", mm=mm, addr=addr, length=PS)
+            elapsed = trio.current_time() - t0
+        assert 0.5 <= elapsed < 2.0  # the ack deadline, not the hang
+        assert outcome["errno"] == "EINTR"
+        status = await c.status()
+        kvm0 = by_name(status)["kvm0"]
+        assert kvm0["state"] == "fenced" and kvm0["injected"]  # what is injected where, fenced or not
+        refused = status["counters"]["refused"]
+        await c.call("write", mm=mm, addr=addr + PS, data=b"new!")  # while kvm0 still holds its old spte
+        healed = await c.call("heal", node="kvm0")  # reaches the hung, fenced node
+        assert healed["injected"] == {}
+        status = await c.wait(live_again("kvm0", before["epoch"]))
+        kvm0 = by_name(status)["kvm0"]
+        assert kvm0["mapped_pages"] == 0 and mapped(kvm0, mm) == {}
+        assert status["counters"]["refused"] > refused  # its held DMA, on the retired epoch
+        assert status["stale_accesses"] == 0
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr + PS, length=4))["data"] == b"new!"
+        with pytest.raises(Failed) as gone:
+            await c.call("access", node="kvm0", mm=mm, addr=addr, length=4)
+        assert gone.value.errno == "EFAULT"
+        assert (await c.status())["stale_accesses"] == 0
+
+
+async def test_a_partition_that_heals_before_the_deadline_loses_nothing_and_fences_nobody(make: Any) -> None:
+    """gru0 is cut off from the host for 0.4 s, less than the ack deadline
+    (1.5 s) and the liveness window (2 s).  A munmap of a page it maps waits
+    for it and completes once the partition heals; a write gru0 makes
+    through the partition lands; nobody is fenced, no epoch changes, no
+    message is lost (the munmap's ack comes through)."""
+    c = await make(ack_deadline_ms=1500, heartbeat_ms=200, liveness=10)
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 3, fill=0x50)
+        await c.call("fault", node="gru0", mm=mm, addr=addr, pages=3, write=True)
+        await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=3)
+        before = await c.status()
+        await c.call("inject", node="gru0", kind="partition", for_s="0.4")
+        assert "partition" in by_name(await c.status())["gru0"]["injected"]
+        written: dict[str, Any] = {}
+        async with trio.open_nursery() as n:
+
+            async def write() -> None:
+                written.update(await c.call("access", node="gru0", mm=mm, addr=addr + 2 * PS, length=3, data=b"gru"))
+
+            n.start_soon(write)
+            t0 = trio.current_time()
+            await c.call("munmap", mm=mm, addr=addr, length=PS)
+            elapsed = trio.current_time() - t0
+        assert 0.3 <= elapsed < 1.5
+        assert written == {"written": 3}
+        status = await c.status()
+        assert status["counters"]["fences"] == before["counters"]["fences"] == 0
+        assert {n["name"]: n["epoch"] for n in status["nodes"]} == {n["name"]: n["epoch"] for n in before["nodes"]}
+        assert status["counters"]["acks_late"] == 0
+        assert (await c.call("read", mm=mm, addr=addr + 2 * PS, length=3))["data"] == b"gru"
+        assert mapped(by_name(status)["gru0"], mm).keys() == {addr + PS, addr + 2 * PS}
+        assert status["stale_accesses"] == 0
+
+
+async def test_duplicates_are_answered_idempotently(make: Any) -> None:
+    """Every message xpmem0 and kvm0 send is sent twice, and every message
+    they get from the host is handled twice.  The host answers each
+    repeated request once (a duplicated pinning GUP pins once, a duplicated
+    Unpin unpins once, a duplicated make makes one segment); the nodes
+    answer repeated notifier messages with the same ack.  Nothing leaks:
+    after detach and munmap every frame is free again."""
+    c = await make()
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        free0 = (await c.status())["frames"]["free"]
+        addr = await c.mapping(mm, 4, fill=0x44)
+        for node in ("xpmem0", "kvm0"):
+            await c.call("inject", node=node, kind="duplicate")
+        vaddr = await c.attach("xpmem0", mm, addr, 4 * PS)
+        seg2 = (await c.call("xpmem", node="xpmem0", op="make", mm=mm, addr=addr, length=PS))["segid"]
+        await c.call("fault", node="xpmem0", mm=mm, addr=vaddr, pages=4, write=True)
+        await c.call("access", node="xpmem0", mm=mm, addr=vaddr, length=4, data=b"dup!")
+        await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=4)
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr, length=4))["data"] == b"dup!"
+        await c.call("munmap", mm=mm, addr=addr + 3 * PS, length=PS)  # start/end to both, duplicated
+        await c.call("merge")
+        status = await c.status()
+        assert status["counters"]["duplicates"] > 0
+        by = by_name(status)
+        assert by["xpmem0"]["counters"]["duplicated"] > 0 and by["kvm0"]["counters"]["duplicated"] > 0
+        assert by["kvm0"]["counters"].get("duplicates", 0) > 0  # host messages handled twice, answered once
+        assert by["xpmem0"]["fenced_count"] == by["kvm0"]["fenced_count"] == 0
+        assert seg2 == 2  # the first make was duplicated, and made one segment
+        assert by["xpmem0"]["counters"]["pins_released"] == 1  # the munmapped page, once
+        await c.call("xpmem", node="xpmem0", op="detach", addr=vaddr)
+        await c.call("munmap", mm=mm, addr=addr, length=3 * PS)
+        status = await c.status()
+        assert status["frames"]["free"] == free0  # no pin taken twice, none released twice
+        assert status["stale_accesses"] == 0
+
+
+async def test_a_hung_xpmem_node_holds_an_invalidation_only_until_the_ack_deadline(make: Any) -> None:
+    """xpmem0 pins three pages and hangs.  A munmap of them waits the ack
+    deadline (500 ms) and no longer; xpmem0 is fenced, its pins dropped, the
+    frames freed; kvm0, which maps them too, is served as usual.  Healed,
+    xpmem0 comes back empty under a new epoch."""
+    c = await make()
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        free0 = (await c.status())["frames"]["free"]
+        addr = await c.mapping(mm, 3, fill=0x58)
+        vaddr = await c.attach("xpmem0", mm, addr, 3 * PS)
+        await c.call("fault", node="xpmem0", mm=mm, addr=vaddr, pages=3, write=True)
+        await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=3)
+        before = await c.status()
+        assert before["frames"]["free"] == free0 - 3
+        await c.call("inject", node="xpmem0", kind="hang")
+        t0 = trio.current_time()
+        await c.call("munmap", mm=mm, addr=addr, length=3 * PS)
+        elapsed = trio.current_time() - t0
+        assert 0.5 <= elapsed < 1.5
+        status = await c.status()
+        by = by_name(status)
+        assert by["xpmem0"]["state"] == "fenced" and "no ack" in by["xpmem0"]["fence_reason"]
+        assert by["kvm0"]["state"] == "live" and mapped(by["kvm0"], mm) == {}
+        assert status["frames"]["free"] == free0  # the pins went with the fence
+        assert status["counters"]["fenced_ack_deadline"] == 1
+        await c.call("heal", node="xpmem0")
+        status = await c.wait(live_again("xpmem0", by_name(before)["xpmem0"]["epoch"]))
+        assert by_name(status)["xpmem0"]["mapped_pages"] == 0
+        assert status["stale_accesses"] == 0
+
+
+async def test_a_non_blockable_invalidation_gets_eagain_from_a_sleepable_node_and_is_retried(make: Any,
+                                                                                          capsys: Any) -> None:
+    """The OOM reaper's zap (madvise dontneed, non-blockable) over pages
+    xpmem0 pins: xpmem0 cannot sleep for it and answers EAGAIN, kvm0 (which
+    acked) gets its end at once, the ptes are left alone and the caller sees
+    EAGAIN -- through the admin API and ``mmn madvise --no-block``.  The
+    caller retries: non-blockable again, refused again while xpmem0 maps
+    the pages; then blocking (as exit_mmap would), which xpmem0 sleeps for:
+    done, the pages read as zeros and xpmem0 maps nothing."""
+    c = await make()
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 2, fill=0x4F)
+        vaddr = await c.attach("xpmem0", mm, addr, 2 * PS)
+        await c.call("fault", node="xpmem0", mm=mm, addr=vaddr, pages=2)
+        await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=2)
+        eagain0 = (await c.status())["counters"]["notifier_eagain"]
+        with pytest.raises(Failed) as refused:
+            await c.call("madvise", mm=mm, addr=addr, length=2 * PS, advice="dontneed", block=False)
+        assert refused.value.errno == "EAGAIN"
+        argv = ["--host", c.cluster.admin, "madvise", "--mm", str(mm), hex(addr), str(2 * PS), "dontneed", "--no-block"]
+        assert await trio.to_thread.run_sync(main, argv) != 0
+        assert "EAGAIN" in capsys.readouterr().err
+        status = await c.status()
+        assert status["counters"]["notifier_eagain"] == eagain0 + 2
+        assert (await c.call("read", mm=mm, addr=addr, length=2))["data"] == b"OO"  # nothing changed
+        assert len(mapped(by_name(status)["xpmem0"], mm)) == 2
+        with pytest.raises(Failed) as again:  # the retry, still non-blockable
+            await c.call("madvise", mm=mm, addr=addr, length=2 * PS, advice="dontneed", block=False)
+        assert again.value.errno == "EAGAIN"
+        await c.call("madvise", mm=mm, addr=addr, length=2 * PS, advice="dontneed")  # blocking: done
+        assert (await c.call("read", mm=mm, addr=addr, length=2))["data"] == b"\0\0"
+        status = await c.status()
+        assert mapped(by_name(status)["xpmem0"], mm) == {} and mapped(by_name(status)["kvm0"], mm) == {}
+        assert status["counters"]["notifier_eagain"] == eagain0 + 3
+        assert (await c.status())["stale_accesses"] == 0
+
+
+async def test_kill_9_of_a_node_in_the_middle_of_an_invalidation(make: Any) -> None:
+    """kvm0 delays its acks by 3 s, so a munmap is waiting for it when kvm0
+    is killed with SIGKILL.  The munmap ends by the ack deadline, kvm0 is
+    fenced, the host keeps serving gru0 meanwhile, and a new kvm0 process
+    registers under a new epoch, holding nothing."""
+    c = await make()
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 2, fill=0x4B)
+        await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=2)
+        epoch = (await c.node("kvm0"))["epoch"]
+        await c.call("inject", node="kvm0", kind="delay-acks", delay_ms=3000)
+        async with trio.open_nursery() as n:
+            took: list[float] = []
+
+            async def munmap() -> None:
+                t0 = trio.current_time()
+                await c.call("munmap", mm=mm, addr=addr, length=PS)
+                took.append(trio.current_time() - t0)
+
+            n.start_soon(munmap)
+            await trio.sleep(0.15)  # the start is out, its ack held back
+            c.cluster.kill("kvm0", signal.SIGKILL)
+            # the host serves others while the munmap waits
+            assert (await c.call("access", node="gru0", mm=mm, addr=addr + PS, length=1))["data"] == b"K"
+        assert took[0] < 1.5
+        status = await c.status()
+        assert by_name(status)["kvm0"]["state"] == "fenced"
+        await c.cluster.restart_node("kvm0")
+        status = await c.wait(live_again("kvm0", epoch))
+        assert by_name(status)["kvm0"]["mapped_pages"] == 0
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr + PS, length=1))["data"] == b"K"
+        assert status["stale_accesses"] == 0
+
+
+async def test_kill_9_of_the_host_in_the_middle_of_an_invalidation(make: Any) -> None:
+    """xpmem0 drains slowly (3 s) and kvm0, gru0 map the pages too: a munmap
+    is in the middle of its invalidation when the host is killed with
+    SIGKILL.  The caller's request fails (no reply), and a new host on the
+    same ports starts empty: every node notices the new incarnation (or the
+    silence), drops every translation, and registers anew; nothing it held
+    survives, and the new host serves them."""
+    c = await make()
+    with trio.fail_after(90):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 2, fill=0x48)
+        vaddr = await c.attach("xpmem0", mm, addr, 2 * PS)
+        await c.call("fault", node="xpmem0", mm=mm, addr=vaddr, pages=2)
+        await c.call("access", node="xpmem0", mm=mm, addr=vaddr, length=1)
+        for node in ("kvm0", "gru0"):
+            await c.call("fault", node=node, mm=mm, addr=addr, pages=2)
+        old = await c.status()
+        await c.call("inject", node="xpmem0", kind="slow-drain", delay_ms=3000)
+        async with trio.open_nursery() as n:
+            failed: list[Exception] = []
+
+            async def munmap() -> None:
+                try:
+                    await c.call("munmap", mm=mm, addr=addr, length=2 * PS, timeout=3.0)
+                except (Unreachable, Failed) as exc:
+                    failed.append(exc)
+
+            n.start_soon(munmap)
+            await trio.sleep(0.2)
+            c.cluster.kill("host", signal.SIGKILL)
+        assert failed and isinstance(failed[0], Unreachable)
+        await c.cluster.start_host()
+
+        def all_back(status: dict[str, Any]) -> bool:
+            by = by_name(status)
+            return len(by) == 3 and all(n["state"] == "live" for n in by.values())
+
+        status = await c.wait(all_back, timeout=30)
+        assert status["host"]["incarnation"] != old["host"]["incarnation"]
+        assert status["mms"] == [] and status["stale_accesses"] == 0
+        for node in status["nodes"]:
+            assert node["mapped_pages"] == 0 and node["mms"] == {}, node
+        # the new host works with them
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 1, fill=0x4E)
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr, length=1))["data"] == b"N"
+
+
+def test_inject_and_heal_through_the_cli_show_in_status(tmp_path: Path, capsys: Any) -> None:
+    """``mmn inject NODE KIND --rate --delay-ms --for`` and ``mmn heal`` as a
+    user types them; ``mmn status`` shows what is injected where."""
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            cluster = Cluster([("kvm0", "kvm"), ("xpmem0", "xpmem")], logs=tmp_path)
+            try:
+                await cluster.start(nursery)
+                run = lambda *a: main(["--host", cluster.admin, *a])  # noqa: E731
+                assert await trio.to_thread.run_sync(run, "inject", "kvm0", "delay-acks", "--rate", "0.5",
+                                                     "--delay-ms", "50", "--for", "30") == 0
+                assert await trio.to_thread.run_sync(run, "inject", "xpmem0", "slow-drain", "--delay-ms", "20") == 0
+                capsys.readouterr()
+                assert await trio.to_thread.run_sync(run, "status") == 0
+                out = capsys.readouterr().out
+                assert "delay-acks" in out and "slow-drain" in out
+                assert await trio.to_thread.run_sync(run, "--json", "status") == 0
+                nodes = {n["name"]: n for n in __import__("json").loads(capsys.readouterr().out)["nodes"]}
+                assert nodes["kvm0"]["injected"]["delay-acks"]["rate"] == 0.5
+                assert nodes["kvm0"]["injected"]["delay-acks"]["delay_ms"] == 50
+                assert 0 < nodes["kvm0"]["injected"]["delay-acks"]["remaining_s"] <= 30
+                assert await trio.to_thread.run_sync(run, "inject", "kvm0", "slow-drain") != 0  # xpmem only
+                assert await trio.to_thread.run_sync(run, "heal", "kvm0") == 0
+                assert await trio.to_thread.run_sync(run, "heal", "xpmem0") == 0
+                capsys.readouterr()
+                assert await trio.to_thread.run_sync(run, "--json", "status") == 0
+                nodes = {n["name"]: n for n in __import__("json").loads(capsys.readouterr().out)["nodes"]}
+                assert nodes["kvm0"]["injected"] == {} and nodes["xpmem0"]["injected"] == {}
+                # crash: answered, then the process is gone
+                assert await trio.to_thread.run_sync(run, "inject", "kvm0", "crash") == 0
+                with trio.fail_after(10):
+                    await cluster.procs["kvm0"].wait()
+                assert cluster.procs["kvm0"].returncode == 17
+            finally:
+                await cluster.stop()
+                nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
