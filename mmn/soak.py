@@ -549,13 +549,19 @@ class Report:
         return not (self.stale_accesses or self.lost_writes or self.wrong_reads or self.unexpected or self.late)
 
 
+class HostDied(Exception):
+    """The soak's own host process is gone: nothing more to run."""
+
+
 def _zero(ps: int) -> bytes:
     return bytes(ps)
 
 
 class Soak:
     def __init__(self, admin: str, schedule: list[list[dict[str, Any]]], nodes: list[tuple[str, str]],
-                 report: Report, host_timing: dict[str, int], page_size: int = 4096) -> None:
+                 report: Report, host_timing: dict[str, int], page_size: int = 4096,
+                 cluster: Cluster | None = None) -> None:
+        self.cluster = cluster
         self.admin = admin
         self.schedule = schedule
         self.nodes = nodes
@@ -616,9 +622,14 @@ class Soak:
             for _ in range(8):
                 self.clients.append(await stack.enter_async_context(AdminClient(self.admin)))
             started = self.t_start = time.monotonic()
-            for group in self.schedule:
-                await self.run_group(group)
-            await self.finish()
+            died = False
+            try:
+                for group in self.schedule:
+                    await self.run_group(group)
+            except* HostDied:
+                died = True
+            if not died:
+                await self.finish()
             self.report.runtime_s = round(time.monotonic() - started, 1)
 
     async def run_group(self, group: list[dict[str, Any]]) -> None:
@@ -632,6 +643,10 @@ class Soak:
             deadline = self.deadline(op, size)
             results[i] = await self.execute(i, op, deadline * 2)
             took = time.monotonic() - t0
+            host = self.cluster.procs.get("host") if self.cluster is not None else None
+            if results[i][1] == "TIMEOUT" and host is not None and host.returncode is not None:
+                self.violation("unexpected", f"the host exited with status {host.returncode}")
+                raise HostDied(host.returncode)
             if self.trace is not None:
                 ok, res, err = results[i]
                 what = {k: (v.hex()[:8] if isinstance(v, bytes) else v) for k, v in res.items()} if ok else res
@@ -999,7 +1014,7 @@ async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | 
             timing.setdefault("command_timeout_ms", 10_000)
         schedule = plan(seed, nops, nodes, faults, crash=host is None)
         report.schedule_digest = digest(schedule)
-        runner = Soak(admin, schedule, nodes, report, timing)
+        runner = Soak(admin, schedule, nodes, report, timing, cluster=cluster)
         trace_dir = logs or (cluster.logs if cluster is not None else None)
         try:
             with contextlib.ExitStack() as files:
