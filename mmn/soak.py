@@ -434,6 +434,7 @@ class Cluster:
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         env["MMN_PARENT_PID"] = str(os.getpid())
+        env.pop("MMN_KEYS_DIR", None)  # a soak's own cluster runs on loopback, plain
         env.setdefault("MMN_LOG_LEVEL", "WARNING")
         env.update(extra or {})
         return env
@@ -485,14 +486,7 @@ class Cluster:
             await self._spawn(name, self.node_argv(i, name, kind), self.node_env)
 
     async def status(self, timeout: float = 3.0) -> dict[str, Any] | None:
-        from transport import AdminClient
-
-        try:
-            async with AdminClient(self.admin) as c:
-                reply = await c.admin("status", {}, timeout)
-        except (trio.TooSlowError, OSError):
-            return None
-        return dict(reply.result) if getattr(reply, "ok", False) else None
+        return await _status(self.admin, None, timeout)
 
     async def wait_live(self, timeout: float) -> dict[str, Any]:
         want = {n for n, _ in self.nodes}
@@ -560,8 +554,9 @@ def _zero(ps: int) -> bytes:
 class Soak:
     def __init__(self, admin: str, schedule: list[list[dict[str, Any]]], nodes: list[tuple[str, str]],
                  report: Report, host_timing: dict[str, int], page_size: int = 4096,
-                 cluster: Cluster | None = None) -> None:
+                 cluster: Cluster | None = None, security: Any = None) -> None:
         self.cluster = cluster
+        self.security = security
         self.admin = admin
         self.schedule = schedule
         self.nodes = nodes
@@ -620,7 +615,9 @@ class Soak:
 
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(8):
-                self.clients.append(await stack.enter_async_context(AdminClient(self.admin)))
+                self.clients.append(await stack.enter_async_context(AdminClient(self.admin, security=self.security)))
+            ok, st, _ = await self.call(0, "status", {}, 10.0)
+            self.counts0 = (st["counters"].get("fences", 0), st["counters"].get("registrations", 0)) if ok else (0, 0)
             started = self.t_start = time.monotonic()
             died = False
             try:
@@ -966,8 +963,9 @@ class Soak:
         if ok:
             self.report.stale_accesses = max(self.report.stale_accesses, st["stale_accesses"])
             c = st["counters"]
-            self.report.nodes_fenced = c.get("fences", 0)
-            self.report.nodes_recovered = c.get("registrations", 0) - len(self.nodes)
+            # registrations after a fence or a restart (deltas: --host may attach to a used host)
+            self.report.nodes_fenced = c.get("fences", 0) - self.counts0[0]
+            self.report.nodes_recovered = c.get("registrations", 0) - self.counts0[1]
             self.final_status = st
 
 
@@ -982,15 +980,27 @@ def segments(op: dict[str, Any], ps: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
+async def _status(admin: str, security: Any, timeout: float) -> dict[str, Any] | None:
+    from transport import AdminClient
+
+    try:
+        async with AdminClient(admin, security=security) as c:
+            reply = await c.admin("status", {}, timeout)
+    except (trio.TooSlowError, OSError):
+        return None
+    return dict(reply.result) if getattr(reply, "ok", False) else None
+
+
 def _short(op: dict[str, Any]) -> str:
     return " ".join(f"{k}={v.hex()[:16] if isinstance(v, bytes) else v}" for k, v in op.items())
 
 
 async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | None = None,
-               logs: Path | None = None, node_env: dict[str, str] | None = None) -> Report:
+               logs: Path | None = None, node_env: dict[str, str] | None = None, keys: str | None = None) -> Report:
     """Run one soak; returns its report (``report.ok()``)."""
     report = Report(seed=seed)
     timing = dict(SOAK_HOST)
+    security = None
     async with trio.open_nursery() as nursery:
         cluster = None
         if host is None:
@@ -1003,10 +1013,11 @@ async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | 
                 await cluster.stop()
                 raise
         else:
+            from .cli import client_security
+
             admin = host
-            c = Cluster.__new__(Cluster)
-            c.admin = host
-            st = await Cluster.status(c, 10.0)
+            security = client_security(keys)
+            st = await _status(host, security, 10.0)
             if st is None:
                 raise RuntimeError(f"no host answers at {host}")
             nodes = [(n["name"], n["kind"]) for n in st["nodes"] if n["state"] == "live"][:nnodes]
@@ -1014,7 +1025,7 @@ async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | 
             timing.setdefault("command_timeout_ms", 10_000)
         schedule = plan(seed, nops, nodes, faults, crash=host is None)
         report.schedule_digest = digest(schedule)
-        runner = Soak(admin, schedule, nodes, report, timing, cluster=cluster)
+        runner = Soak(admin, schedule, nodes, report, timing, cluster=cluster, security=security)
         trace_dir = logs or (cluster.logs if cluster is not None else None)
         try:
             with contextlib.ExitStack() as files:
@@ -1041,6 +1052,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="probability per operation of injecting a failure (0.02)")
     p.add_argument("--host", default=None, metavar="ADDR",
                    help="attach to this admin endpoint instead of starting a cluster (no crash injection)")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="with --host: CURVE keys from `mmn keygen` ($MMN_KEYS_DIR), as for every command")
     p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="process logs (a fresh temp dir)")
     p.add_argument("--json", action="store_true", help="one JSON document")
 
@@ -1049,7 +1062,10 @@ def run(ns: argparse.Namespace) -> int:
     if ns.ops < 1 or ns.nodes < 1 or not 0 <= ns.faults <= 1:
         print("mmn soak: --ops and --nodes must be positive, --faults in [0, 1]", file=sys.stderr)
         return 2
-    report = trio.run(lambda: soak(ns.seed, ns.ops, ns.nodes, ns.faults, host=ns.host, logs=ns.logs))
+    host = ns.host or None
+    if host is not None and "://" not in host:
+        host = f"tcp://{host}"
+    report = trio.run(lambda: soak(ns.seed, ns.ops, ns.nodes, ns.faults, host=host, logs=ns.logs, keys=ns.keys))
     out = {k: v for k, v in report.__dict__.items()}
     out["ok"] = report.ok()
     if ns.json:
