@@ -32,7 +32,7 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -248,6 +248,9 @@ class Host:
         self._replies: OrderedDict[bytes, OrderedDict[int, Message | None]] = OrderedDict()
         self._ids = iter(range(1, 1 << 62))
         self._event_seq = 0
+        #: Topics the event stream's subscribers want (XPUB); empty: nobody listens.
+        self._event_topics: set[bytes] = set()
+        self._node_send_now: Callable[[list[bytes]], bool] = lambda frames: False
         self.endpoints: dict[str, str] = {}
         self.auth: HostAuth | None = None
         #: node connection (routing id) -> the key that registered on it (CURVE)
@@ -297,7 +300,7 @@ class Host:
             channels = (
                 (zmq.ROUTER, cfg.node_port, DOMAIN_NODE),
                 (zmq.ROUTER, cfg.admin_port, DOMAIN_ADMIN),
-                (zmq.PUB, cfg.events_port, DOMAIN_EVENTS),
+                (zmq.XPUB, cfg.events_port, DOMAIN_EVENTS),
             )
             for kind, port, domain in channels:
                 security = auth.server(domain) if auth else None
@@ -315,10 +318,12 @@ class Host:
                 admin = await nursery.start(partial(serve_socket, sockets[1], on_undeliverable=_ignore))
                 events = await nursery.start(serve_socket, sockets[2])
                 self._node_out, self._admin_out = node.outgoing, admin.outgoing
+                self._node_send_now = node.send_now
                 self.endpoints = {"node": node.endpoint, "admin": admin.endpoint, "events": events.endpoint}
                 nursery.start_soon(self._node_loop, node.incoming)
                 nursery.start_soon(self._admin_loop, admin.incoming)
                 nursery.start_soon(self._events_loop, events.outgoing)
+                nursery.start_soon(self._subscriptions_loop, events.incoming)
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._ksm_loop)
                 logger.info("host %s serving %s", self.incarnation, self.endpoints)
@@ -343,7 +348,9 @@ class Host:
             ref = getattr(msg, "ref", None)
             if ref in seen and seen[ref] is None:
                 seen[ref] = msg  # what a duplicate of that request gets
-        await self._node_out.send([identity, encode(msg)])
+        frames = [identity, encode(msg)]
+        if not self._node_send_now(frames):  # straight to libzmq when nothing is queued
+            await self._node_out.send(frames)
 
     def _duplicate(self, identity: bytes, msg_id: int) -> Message | bool:
         """Remember request ``msg_id`` of this connection.  False if it is
@@ -372,13 +379,30 @@ class Host:
             logger.warning("node channel send failed: %s", exc)
 
     def publish(self, kind: str, /, **fields: Any) -> None:
-        """Put an event on the PUB stream (dropped if the stream is backed up)."""
+        """Put an event on the stream (dropped if the stream is backed up).
+
+        Free when nobody listens: the stream is an XPUB socket, which tells
+        the host of its subscriptions, and events go only while there is one.
+        """
+        if not self._event_topics:
+            return
         self._event_seq += 1
         clean = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in fields.items()}
         try:
             self._events_send.send_nowait(Event(seq=self._event_seq, kind=kind, fields=clean))
         except trio.WouldBlock:
             self.counters["events_dropped"] = self.counters.get("events_dropped", 0) + 1
+
+    async def _subscriptions_loop(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> None:
+        """XPUB subscription messages: b"\\x01" + topic subscribes, b"\\x00" +
+        topic unsubscribes (libzmq passes on the first subscriber of a topic
+        and the last one leaving it)."""
+        async for frames in incoming:
+            frame = bytes(frames[0]) if frames else b""
+            if frame[:1] == b"\x01":
+                self._event_topics.add(frame[1:])
+            elif frame[:1] == b"\x00":
+                self._event_topics.discard(frame[1:])
 
     async def _events_loop(self, out: trio.MemorySendChannel[list[bytes]]) -> None:
         async for event in self._events_recv:

@@ -51,6 +51,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -209,6 +210,7 @@ class NodeRuntime:
         #: command token -> Command id waiting for its Completion
         self._commands: dict[int, int] = {}
         self._send: trio.MemorySendChannel[list[bytes]] | None = None
+        self._send_now: Callable[[list[bytes]], bool] = lambda frames: False
         self.sessions = 0
         self.last_host_traffic = 0.0
         self.counters = {"reconnects": 0, "dropped_acks": 0, "delayed_acks": 0, "duplicated": 0,
@@ -290,7 +292,8 @@ class NodeRuntime:
                 self._nursery.start_soon(self._send_later, msg, delay.delay_ms / 1000)
                 return
         frame = encode(msg)
-        await self._send.send([frame])
+        if not self._send_now([frame]):  # straight to libzmq when nothing is queued
+            await self._send.send([frame])
         if self._hit(self._active("duplicate")):
             self.counters["duplicated"] += 1
             await self._send.send([frame])
@@ -339,6 +342,7 @@ class NodeRuntime:
                     self._nursery = nursery
                     channels = await nursery.start(serve_socket, sock)
                     self._send = channels.outgoing
+                    self._send_now = channels.send_now
                     registered = await self._register(channels.incoming)
                     if registered is None:
                         nursery.cancel_scope.cancel()

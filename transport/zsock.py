@@ -599,6 +599,34 @@ class ZSocket:
         self._after_io()
         await self._yield_if_due(waited)
 
+    def try_send_multipart(self, frames: Frames) -> bool:
+        """Queue one message in libzmq now if it takes it without waiting.
+
+        Returns:
+            True if queued; False if libzmq would block (nothing was queued:
+            libzmq takes all parts once it took the first).
+        Raises:
+            As :meth:`send_multipart`.
+        Concurrency: synchronous, no schedule point: the caller must make
+            sure nothing it sent earlier is still waiting to be sent by
+            another task, or ordering breaks (:func:`serve_socket`'s
+            ``send_now`` does).
+        """
+        self._check_open()
+        sock = self._sock
+        last = len(frames) - 1
+        try:
+            for i, frame in enumerate(frames):
+                sock.send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH and self._is_router:
+                raise PeerGone(bytes(frames[0])) from exc
+            raise self._map_error(exc) from exc
+        self._after_io()
+        return True
+
     # -- closing -----------------------------------------------------------
 
     def close(self, linger_ms: int | None = None) -> None:
@@ -657,6 +685,11 @@ class SocketChannels(NamedTuple):
     outgoing: trio.MemorySendChannel[Frames]
     incoming: trio.MemoryReceiveChannel[Frames]
     endpoint: str
+    #: ``send_now(frames) -> bool``: queue in libzmq at once, skipping the
+    #: channel hop and the send pump's task switch, if nothing queued before
+    #: is still waiting (ordering is kept) and libzmq takes it without
+    #: waiting; False otherwise (then put it on ``outgoing``).  Synchronous.
+    send_now: Callable[[Frames], bool] = lambda frames: False
 
 
 def _log_undeliverable(frames: Frames, exc: TransportError) -> None:
@@ -727,7 +760,21 @@ async def serve_socket(
                     log.debug("incoming closed by its consumer; no longer receiving")
                     return
 
+    pump_busy = False  # the send pump holds a message it has not queued yet
+
+    def send_now(frames: Frames) -> bool:
+        if pump_busy or out_send.statistics().current_buffer_used or zsock.closed:
+            return False
+        try:
+            return zsock.try_send_multipart(frames)
+        except trio.ClosedResourceError:
+            return False
+        except TransportError as exc:
+            on_undeliverable(frames, exc)
+            return True
+
     async def send_pump() -> None:
+        nonlocal pump_busy
         async with out_recv:
             while True:
                 try:
@@ -739,12 +786,15 @@ async def serve_socket(
                         return
                 except trio.EndOfChannel:
                     return
+                pump_busy = True
                 try:
                     await zsock.send_multipart(frames, wait_for_slow_peer=wait_for_slow_peer)
                 except trio.ClosedResourceError:
                     return
                 except TransportError as exc:
                     on_undeliverable(frames, exc)
+                finally:
+                    pump_busy = False
 
     try:
         async with trio.open_nursery() as nursery:
@@ -752,7 +802,7 @@ async def serve_socket(
                 nursery.start_soon(receive_pump, nursery.cancel_scope)
             else:
                 in_send.close()
-            task_status.started(SocketChannels(out_send, in_recv, zsock.endpoint))
+            task_status.started(SocketChannels(out_send, in_recv, zsock.endpoint, send_now))
             await send_pump()
             nursery.cancel_scope.cancel()
     finally:
