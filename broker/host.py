@@ -313,7 +313,8 @@ class Host:
                         monitors.append(guard.monitor(sock))
                         nursery.start_soon(guard.count_handshake_failures, monitors[-1], channel, self.counters)
                 node = await nursery.start(
-                    partial(serve_socket, sockets[0], on_undeliverable=self._undeliverable, outgoing_buffer=4096)
+                    partial(serve_socket, sockets[0], on_undeliverable=self._undeliverable, outgoing_buffer=4096,
+                            direct_incoming=True)
                 )
                 admin = await nursery.start(partial(serve_socket, sockets[1], on_undeliverable=_ignore))
                 events = await nursery.start(serve_socket, sockets[2])

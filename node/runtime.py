@@ -50,6 +50,7 @@ import random
 import socket
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -340,7 +341,7 @@ class NodeRuntime:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    channels = await nursery.start(serve_socket, sock)
+                    channels = await nursery.start(partial(serve_socket, sock, direct_incoming=True))
                     self._send = channels.outgoing
                     self._send_now = channels.send_now
                     registered = await self._register(channels.incoming)

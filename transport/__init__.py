@@ -6,6 +6,7 @@ edge-triggered FD, typed errors).
 
 from .zsock import (
     AdminClient,
+    DirectIncoming,
     Frames,
     PeerBusy,
     PeerGone,
@@ -24,6 +25,7 @@ from .zsock import (
 
 __all__ = [
     "AdminClient",
+    "DirectIncoming",
     "Frames",
     "PeerBusy",
     "PeerGone",
