@@ -676,13 +676,16 @@ class LocalCluster:
     def xpmem_remove(self, name: str, segid: int) -> dict[str, Any]:
         return self._xpmem(name, "remove", segid)
 
-    def unsubscribe(self, name: str, mm: int) -> None:
-        """``mmu_notifier_unregister`` of node ``name`` from ``mm`` (through the
-        host, as the node runtime would send it).  The node itself is told by
-        the ``->release`` the host sends; its reply is the Ok."""
-        port = self.ports[name]
-        self._to_host_direct(port, Unsubscribe(id=port.node.next_id(), epoch=port.epoch, mm=mm))
-        self.pump()
+    def subscribe(self, name: str, mm: int) -> dict[str, Any]:
+        """``mmu_notifier_register`` of node ``name`` on ``mm``, as the
+        ``subscribe`` command does it (a fault does it implicitly)."""
+        return self._value(self.wait(name, self._start(name, lambda n: n.subscribe(mm))))
+
+    def unsubscribe(self, name: str, mm: int) -> dict[str, Any]:
+        """``mmu_notifier_unregister`` of node ``name`` from ``mm``, as the
+        ``unsubscribe`` command does it: the host sends ``->release`` (the node
+        drops everything of ``mm``), then its Ok; nothing more is delivered."""
+        return self._value(self.wait(name, self._start(name, lambda n: n.unsubscribe(mm))))
 
     def _to_host_direct(self, port: Port, msg: Message) -> None:
         self.counters["messages_to_host"] += 1

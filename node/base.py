@@ -69,6 +69,7 @@ from protocol.messages import (
     Subscribe,
     TestYoung,
     Unpin,
+    Unsubscribe,
     XpmemReply,
 )
 from protocol.types import NOTIFIER_OPS, Errno, KernelError
@@ -162,7 +163,8 @@ class MmState:
     mm: int
     subscribed: bool = False
     subscribe_id: int = 0
-    subscribe_waiters: list[Fault] = field(default_factory=list)
+    #: Faults (and explicit subscribe commands) waiting for the Subscribe's Ok
+    subscribe_waiters: list[Any] = field(default_factory=list)
     waiting: list[Fault] = field(default_factory=list)
     open_starts: dict[int, tuple[int, int]] = field(default_factory=dict)
 
@@ -405,6 +407,52 @@ class SecondaryMMU:
         state.subscribed = False
         return [*outputs, self._ack(msg.id)]
 
+    # ---------------------------------------------------- subscriptions
+
+    def subscribe(self, mm: int) -> tuple[int, list[Output]]:
+        """``mmu_notifier_register`` on demand (a fault does it implicitly).
+
+        Returns:
+            ``(token, outputs)``; the Completion's result is
+            ``{"mm", "subscribed": True}``.  Errors from the host: ESRCH (no
+            such mm), EINTR (the mm is being torn down).
+        """
+        token = self._new_token()
+        state = self._mm(mm)
+        if state.subscribed:
+            return token, self._complete(token, {"mm": mm, "subscribed": True})
+        state.subscribe_waiters.append(_SubscribeCommand(self, token, mm))
+        if state.subscribe_id:
+            return token, []
+        sid = state.subscribe_id = self.next_id()
+        self._pending[sid] = lambda reply: self._subscribed(state, sid, reply)
+        return token, [Subscribe(id=sid, epoch=self.epoch, mm=mm)]
+
+    def unsubscribe(self, mm: int) -> tuple[int, list[Output]]:
+        """``mmu_notifier_unregister``: the host calls ``->release`` (this
+        node drops everything of ``mm``), then nothing more is delivered.
+
+        Returns:
+            ``(token, outputs)``; the Completion's result is
+            ``{"mm", "subscribed": False}``.
+        """
+        token = self._new_token()
+        state = self._mms.get(mm)
+        if state is None or not state.subscribed:
+            return token, self._complete(token, {"mm": mm, "subscribed": False})
+        uid = self.next_id()
+
+        def done(reply: Message) -> list[Output]:
+            if isinstance(reply, Ok):
+                state.subscribed = False
+                return self._complete(token, {"mm": mm, "subscribed": False})
+            err = (kernel_error(reply.code, reply.message) if isinstance(reply, Error)
+                   else KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to unsubscribe"))
+            return self._complete(token, error=err)
+
+        self._pending[uid] = done
+        return token, [Unsubscribe(id=uid, epoch=self.epoch, mm=mm)]
+
     # ---------------------------------------------------------- faults
 
     def fault(self, mm: int, addr: int, npages: int = 1, write: bool = False) -> tuple[int, list[Output]]:
@@ -480,7 +528,7 @@ class SecondaryMMU:
         if isinstance(reply, Ok):
             state.subscribed = True
             for f in waiters:
-                outputs += self._fault_begin(f)
+                outputs += f.begin() if isinstance(f, _SubscribeCommand) else self._fault_begin(f)
             return outputs
         err = (
             kernel_error(reply.code, reply.message)
@@ -775,3 +823,19 @@ def iter_messages(outputs: Iterable[Output]) -> list[Message]:
 def iter_completions(outputs: Iterable[Output]) -> list[Completion]:
     """The completions among ``outputs``, in order."""
     return [o for o in outputs if isinstance(o, Completion)]
+
+
+@dataclass(slots=True)
+class _SubscribeCommand:
+    """An explicit ``subscribe`` command parked with the faults that wait
+    for the same Subscribe; completes with them."""
+
+    mmu: SecondaryMMU
+    token: int
+    mm: int
+
+    def begin(self) -> list[Output]:
+        return self.mmu._complete(self.token, {"mm": self.mm, "subscribed": True})
+
+    def done(self, pages: list[list[int]], err: KernelError | None) -> list[Output]:
+        return self.mmu._complete(self.token, error=err)

@@ -532,6 +532,10 @@ class NodeRuntime:
             return mmu.access(int(a["mm"]), int(a["addr"]), int(a.get("length", 1)), data)
         if cmd.command == "xpmem":
             return self._xpmem(a)
+        if cmd.command == "subscribe":
+            return mmu.subscribe(int(a["mm"]))
+        if cmd.command == "unsubscribe":
+            return mmu.unsubscribe(int(a["mm"]))
         raise KernelError(Errno.EINVAL, f"unknown node command {cmd.command!r}")
 
     def _xpmem(self, a: dict[str, Any]) -> tuple[int | None, Any]:

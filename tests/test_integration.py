@@ -290,6 +290,25 @@ async def watching(c: Cluster) -> AsyncIterator[Events]:
 # ordering
 
 
+async def test_subscribe_and_unsubscribe_commands_reach_the_notifier(cluster: Cluster) -> None:
+    """``mmn subscribe NODE --mm`` registers the node without a fault;
+    ``unsubscribe`` releases what it maps and it hears nothing more."""
+    c = cluster
+    with trio.fail_after(30):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 2, fill=0x55)
+        assert await c.call("subscribe", node="gru0", mm=mm) == {"mm": mm, "subscribed": True}
+        await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=2)
+        subs = [m["subscribers"] for m in (await c.status())["mms"] if m["mm"] == mm][0]
+        assert sorted(subs) == ["gru0", "kvm0"]
+        assert await c.call("unsubscribe", node="kvm0", mm=mm) == {"mm": mm, "subscribed": False}
+        status = await c.status()
+        assert [m["subscribers"] for m in status["mms"] if m["mm"] == mm][0] == ["gru0"]
+        assert nodes(status)["kvm0"]["mms"].get(str(mm), {}) == {}  # released: kvm0 maps nothing of it
+        await c.call("exit", mm=mm)
+        assert (await c.status())["stale_accesses"] == 0
+
+
 async def test_invalidation_is_start_then_every_ack_then_end(cluster: Cluster) -> None:
     """A munmap sends start to exactly the nodes holding the range, waits for
     every ack (a 200 ms late one included), and only then sends end, once to

@@ -404,3 +404,26 @@ def test_a_broken_node_makes_the_oracle_count_a_stale_access(broken: type[KvmMMU
     assert done.error is not None and done.error.errno is Errno.ESTALE
     assert c.model.memory.is_free(old)
     assert c.stale_accesses == 1
+
+
+def test_explicit_subscribe_and_unsubscribe_commands() -> None:
+    """``mmn subscribe``/``unsubscribe``: register without a fault; unregister
+    releases the node's mappings of the mm and nothing reaches it afterwards."""
+    c = cluster("kvm", "gru")
+    mm = c.spawn()
+    base = c.mmap(mm, 2)
+    c.write(mm, base, page(b"subs"))
+    assert c.subscribe("gru", mm) == {"mm": mm, "subscribed": True}
+    assert c.notifier.subscribed(mm) == ["gru"]
+    assert c.subscribe("gru", mm) == {"mm": mm, "subscribed": True}  # idempotent
+    c.fault("kvm", mm, base, 2)
+    assert pfns(c, "kvm", mm)
+    assert c.unsubscribe("kvm", mm) == {"mm": mm, "subscribed": False}
+    assert pfns(c, "kvm", mm) == {} and c.node("kvm").counters["gups"] == 1
+    assert sorted(c.notifier.subscribed(mm)) == ["gru"]
+    c.munmap(mm, base, 2 * PS)  # kvm hears nothing of it
+    assert c.unsubscribe("kvm", mm) == {"mm": mm, "subscribed": False}  # not subscribed: nothing to do
+    with pytest.raises(KernelError) as err:
+        c.subscribe("kvm", 999)
+    assert err.value.errno is Errno.ESRCH
+    assert c.check() == 0
