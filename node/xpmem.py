@@ -312,9 +312,11 @@ class XpmemMMU(SecondaryMMU):
 
     def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         assert isinstance(state, XpmemMm)
-        if not msg.blockable:
+        if not msg.blockable and self._maps_any(state.mm, msg.start, msg.end):
             # A sleepable subscriber cannot wait here: mn_hlist_invalidate_range_start
-            # takes -EAGAIN, ends the others and the caller retries later.
+            # takes -EAGAIN, ends the others and the caller retries later.  With
+            # nothing mapped in the range there is nothing to sleep for (the
+            # trylock pattern of mmu_notifier_range_blockable users): ack.
             self.counters["eagain"] += 1
             return [self._ack(msg.id, status="EAGAIN")]
         self._open_start(state, msg)
@@ -370,6 +372,15 @@ class XpmemMMU(SecondaryMMU):
         assert isinstance(state, XpmemMm)
         state.invalidate_seq += 1
         return self._unpin(mm, self._unmap(mm, start, end))
+
+    def _maps_any(self, mm: int, start: int, end: int) -> bool:
+        """Does an attachment map a page of ``[start, end)`` of exporter ``mm``,
+        or is a DMA of it in flight?"""
+        for att in self.attachments.values():
+            if att.mm == mm and att.seg_vaddr < end and start < att.seg_vaddr + att.size:
+                if pages_in(att.ptes, start, end, self.page_size):
+                    return True
+        return any(m == mm and a < end and start < a + self.page_size for m, a in self.dma_in_flight.values())
 
     def _unmap(self, mm: int, start: int, end: int) -> list[int]:
         """Clear the attachments' ptes of ``[start, end)`` of exporter ``mm``;

@@ -489,6 +489,16 @@ def test_xpmem_start_without_dma_in_range_acks_at_once():
     assert out == [Unpin(id=out[0].id, epoch=EPOCH, mm=MM, pfns=[10]), Ack(ref=50)]
 
 
+def test_xpmem_not_blockable_with_nothing_mapped_in_range_acks():
+    """Nothing to drain or unpin in the range: no reason to sleep, so no EAGAIN."""
+    xp, vaddr = xpmem_attached()
+    xpmem_fault(xp, vaddr, [10])  # page 0 only
+    assert start(xp, 50, 1, 3, blockable=False) == [Ack(ref=50)]
+    assert xp.translations() == {MM: {page(0): 10}}
+    end(xp, 50, 1, 3)
+    assert xp.mm_state(MM).invalidate_in_progress == 0
+
+
 def test_xpmem_not_blockable_answers_eagain_and_changes_nothing():
     xp, vaddr = xpmem_attached()
     xpmem_fault(xp, vaddr, [10])
