@@ -37,11 +37,19 @@ RUN set -eu; \
     fi; \
     rm -rf /src; \
     /opt/mmn/bin/mmn --help >/dev/null; \
-    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mmn
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mmn; \
+    install -d -o mmn -g mmn -m 0700 /keys /node-keys
 
-# Containers: listen on every interface of the container (publish ports with
-# care: the admin port has no authentication); an unnamed node is called
-# KIND-HOSTNAME, unique per container and stable across restarts.
+# CURVE keys: docker-compose.yml's one-shot `keygen` service writes
+# `mmn keygen /keys` into a named volume (and the nodes' share, the host's
+# public key and the node keys, into /node-keys).  A new, empty named volume
+# takes the owner and mode of the image's directory, so these two belong to
+# mmn: the keys are written, and read, as mmn.
+
+# Containers: listen on every interface of the container (CURVE keys from
+# $MMN_KEYS_DIR guard the ports; without them, publish ports with care: plain
+# TCP has no authentication); an unnamed node is called KIND-HOSTNAME, unique
+# per container and stable across restarts.
 ENV MMN_BIND=0.0.0.0 \
     MMN_NAME_FROM_HOSTNAME=1
 

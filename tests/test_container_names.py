@@ -48,3 +48,28 @@ def test_healthcheck_without_a_host_is_unhealthy(capsys: pytest.CaptureFixture[s
         port = s.getsockname()[1]
     assert main(["--host", f"tcp://127.0.0.1:{port}", "--timeout", "0.3"]) == 1
     assert capsys.readouterr().err.startswith("unhealthy: host at tcp://127.0.0.1:")
+
+
+def test_link_healthcheck_finds_established_connections_to_the_port() -> None:
+    from mmn.health import established
+
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    tcp = header + (
+        "   0: 0B00007F:A1B2 0200120A:1E65 01 00000000:00000000 00:00000000 00000000   999        0 4242 1\n"
+        "   1: 0B00007F:A1B3 0200120A:1E65 02 00000000:00000000 00:00000000 00000000   999        0 4243 1\n"
+        "   2: 0B00007F:A1B4 0200120A:1E66 01 00000000:00000000 00:00000000 00000000   999        0 4244 1\n"
+    )
+    tcp6 = header + (
+        "   0: 00000000000000000000000001000000:C000 00000000000000000000000001000000:1E65 01 "
+        "00000000:00000000 00:00000000 00000000   999        0 5151 1\n"
+    )
+    assert established(7781, [tcp, tcp6]) == {"4242", "5151"}  # 0x1E65 = 7781; SYN_SENT (02) is not
+    assert established(7782, [tcp]) == {"4244"}
+    assert established(7783, [tcp, tcp6]) == set()
+
+
+def test_link_healthcheck_without_a_connection_is_unhealthy(capsys: pytest.CaptureFixture[str]) -> None:
+    from mmn.health import main
+
+    assert main(["--link", "--endpoint", "tcp://127.0.0.1:1"]) == 1
+    assert capsys.readouterr().err.startswith("unhealthy: no lasting connection")

@@ -7,6 +7,10 @@ ports, so it never meets a local ``mmn up`` or another run.  The image is
 only when it is missing, the rest cached, so a second run costs seconds.
 ``MMN_TEST_IMAGE=name:tag`` tests an existing image instead, unbuilt.
 
+The cluster runs with CURVE, as compose brings it up by default: the tests
+fetch the admin key (and the host's public key) out of the host container
+with ``docker cp``, as the README tells a person to, and drive it with that.
+
 Everything is driven from outside, as a person would: the ``mmn`` CLI through
 the published admin port, ``docker kill``/``start`` and ``docker network
 disconnect``/``connect``.  The cluster is torn down (``down -v``) by the
@@ -129,6 +133,9 @@ class Cluster:
     env: dict[str, str]
     admin: str
     network: str
+    #: ``mmn keygen`` layout on this machine with the admin pair and the host's
+    #: public key fetched from the host container (set once the cluster is up).
+    keys: str = ""
 
     def compose_run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [*self.compose, "-f", str(ROOT / "docker-compose.yml"), "-p", self.project, *args]
@@ -150,9 +157,10 @@ class Cluster:
 
     def quick_status(self) -> dict[str, Any]:
         """``status`` in-process (no interpreter start-up), for tight polling."""
-        from mmn.cli import admin_call
+        from mmn.cli import admin_call, client_security
 
-        return trio.run(partial(admin_call, self.admin, "status", {}, timeout=5))
+        security = client_security(self.keys or None, env=self.env)
+        return trio.run(partial(admin_call, self.admin, "status", {}, timeout=5, security=security))
 
     def containers(self, service: str) -> list[str]:
         """Container ids of one service."""
@@ -186,8 +194,18 @@ def wait_for(what: str, predicate: Any, timeout: float = 60, interval: float = 0
         time.sleep(interval)
 
 
+def fetch_admin_key(c: Cluster, into: Path) -> None:
+    """``docker cp`` the admin pair and the host's public key out of the host
+    container into ``into/admin`` and ``into/host`` (what ``mmn --keys`` reads)."""
+    (host,) = c.containers("host")
+    (into / "host").mkdir(parents=True, exist_ok=True)
+    into.chmod(0o700)
+    _run(["docker", "cp", f"{host}:/keys/admin", str(into)])
+    _run(["docker", "cp", f"{host}:/keys/host/host.key", str(into / "host")])
+
+
 @pytest.fixture(scope="module")
-def cluster(image: str) -> Iterator[Cluster]:
+def cluster(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     compose = compose_command()
     assert compose is not None
     node_port, admin_port, events_port = _free_ports(3)
@@ -208,6 +226,10 @@ def cluster(image: str) -> Iterator[Cluster]:
     try:
         c.compose_run("up", "-d", "--no-build",
                       "--scale", f"xpmem={XPMEM_REPLICAS}", timeout=300)
+        keys = tmp_path_factory.mktemp("keys")
+        fetch_admin_key(c, keys)
+        c.keys = str(keys)
+        c.env["MMN_KEYS_DIR"] = c.keys  # every `mmn` the tests run (compose does not read it)
         wait_for(
             f"{len(KINDS) - 1 + XPMEM_REPLICAS} live nodes",
             lambda: sum(n["state"] == "live" for n in c.status()["nodes"]) == len(KINDS) - 1 + XPMEM_REPLICAS,
@@ -241,6 +263,31 @@ def test_cluster_is_up_and_healthy(cluster: Cluster) -> None:
     (host,) = c.containers("host")
     port = _run(["docker", "port", host, "7782/tcp"]).stdout.split()
     assert port and all(p.startswith("127.0.0.1:") for p in port), port
+
+
+def test_curve_only_the_admin_key_gets_an_answer(cluster: Cluster, tmp_path: Path) -> None:
+    """The admin port answers the fetched admin key, and nobody else: a
+    plain-TCP client and a client with a key of its own (unknown to the host)
+    get no answer.  Node containers hold no admin or host secret."""
+    c = cluster
+    assert c.status()["host"]  # the keyed client
+    inside = c.compose_run("exec", "-T", "host", "mmn", "status", "--json")  # the host container's own key
+    assert json.loads(inside.stdout)["host"]
+    plain = {k: v for k, v in c.env.items() if k != "MMN_KEYS_DIR"}
+    stranger = tmp_path / "stranger"
+    _run([*_mmn_command(), "keygen", str(stranger)], env=plain)
+    stranger_env = {**plain, "MMN_ADMIN_KEY": str(stranger / "admin" / "admin.key_secret"),
+                    "MMN_HOST_KEY": str(Path(c.keys) / "host" / "host.key")}
+    for who, env in (("plain TCP", plain), ("an unknown key", stranger_env)):
+        proc = _run([*_mmn_command(), "--host", c.admin, "--timeout", "2", "status", "--json"], env=env,
+                    check=False, timeout=30)
+        assert proc.returncode != 0, f"{who}: answered {proc.stdout}"
+        assert json.loads(proc.stdout)["errno"] == "unreachable" and "no answer" in proc.stderr, (who, proc)
+    for service in KINDS:
+        cid = c.containers(service)[0]
+        files = _run(["docker", "exec", cid, "find", "/keys", "-type", "f"]).stdout.split()
+        assert "/keys/host/host.key" in files and f"/keys/nodes/{service}.key_secret" in files, files
+        assert not any(f.startswith("/keys/admin") or f.endswith("host.key_secret") for f in files), files
 
 
 def test_memory_operations_through_the_nodes(cluster: Cluster) -> None:
