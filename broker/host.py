@@ -57,7 +57,6 @@ from protocol.messages import (
     Event,
     Fenced,
     Gup,
-    GupReply,
     Heartbeat,
     Message,
     Ok,
@@ -70,7 +69,6 @@ from protocol.messages import (
     XpmemMake,
     XpmemRelease,
     XpmemRemove,
-    XpmemReply,
 )
 from protocol.types import Errno, KernelError
 from transport import PeerGone, SocketOptions, bind, serve_socket, user_id_of
@@ -79,6 +77,7 @@ from transport.curve import DOMAIN_ADMIN, DOMAIN_EVENTS, DOMAIN_NODE, HostAuth, 
 from . import guard
 from .effects import Deliver, Outcomes
 from .notifier import check_ops
+from .requests import NodeRequests
 from .sessions import Refused, Sessions
 from .xpmem import Segments
 
@@ -183,12 +182,6 @@ class HostConfig:
         return server, nodes, admins  # type: ignore[return-value]
 
 
-def _page_triples(pages: Any) -> list[list[int]]:
-    """GUP's ``(addr, pfn, writable)`` pages as the wire's ``[[int, int, int]]``
-    (``writable`` may be a bool: the codec takes ints only)."""
-    return [[int(addr), int(pfn), int(writable)] for addr, pfn, writable in pages]
-
-
 @dataclass
 class _AckSlot:
     event: trio.Event = field(default_factory=trio.Event)
@@ -241,6 +234,7 @@ class Host:
         ksm.sleep_millisecs = config.ksm_sleep_millisecs
         self.sessions = Sessions()
         self.segments = Segments(config.page_size)
+        self.requests = NodeRequests(model, self.segments)
         self.lock = trio.Lock()
         self.ack_waiters: dict[tuple[str, int], _AckSlot] = {}
         self.command_waiters: dict[int, _ResultSlot] = {}
@@ -597,38 +591,10 @@ class Host:
         if isinstance(msg, Gup):
             await self._on_gup(identity, name, msg)
             return
-        reply: Message
-        try:
-            if isinstance(msg, Subscribe):
-                self.model.check_mm(msg.mm)
-                self.notifier.register(name, msg.mm)
-                reply = Ok(ref=msg.id)
-            elif isinstance(msg, Unsubscribe):
-                self._nursery.start_soon(self._unsubscribe, identity, name, msg)
-                return
-            elif isinstance(msg, Unpin):
-                self.model.unpin(name, msg.mm, msg.pfns)
-                reply = Ok(ref=msg.id)
-            elif isinstance(msg, XpmemMake):
-                self.model.check_mm(msg.mm)
-                seg = self.segments.make(name, msg.mm, msg.addr, msg.length, msg.mode)
-                reply = XpmemReply(ref=msg.id, value=seg.segid, mm=seg.mm, addr=seg.addr, length=seg.length)
-            elif isinstance(msg, XpmemGet):
-                permit, seg = self.segments.get(name, msg.segid, msg.write)
-                reply = XpmemReply(
-                    ref=msg.id, value=permit.apid, mm=seg.mm, addr=seg.addr, length=seg.length, write=permit.write
-                )
-            elif isinstance(msg, XpmemRelease):
-                self.segments.release(name, msg.apid)
-                reply = XpmemReply(ref=msg.id)
-            elif isinstance(msg, XpmemRemove):
-                self.segments.remove(name, msg.segid)
-                reply = XpmemReply(ref=msg.id)
-            else:
-                reply = Error(ref=getattr(msg, "id", 0), code="bad_message", message=f"{msg.TYPE} is not for the host")
-        except KernelError as exc:
-            reply = Error(ref=getattr(msg, "id", 0), code=exc.errno.value, message=exc.message)
-        await self.send_node(identity, reply)
+        if isinstance(msg, Unsubscribe):
+            self._nursery.start_soon(self._unsubscribe, identity, name, msg)
+            return
+        await self.send_node(identity, self.requests.answer(name, msg))
 
     async def _on_register(self, identity: bytes, msg: Register, now: float) -> None:
         try:
@@ -662,47 +628,23 @@ class Host:
         await self.send_node(identity, Ok(ref=msg.id))
 
     def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
-        try:
-            if isinstance(msg, DmaRead):
-                data = self.model.dma_read(name, msg.mm, msg.addr, msg.pfn, msg.offset, msg.length)
-                return DmaReply(ref=msg.id, data=bytes(data))
-            self.model.dma_write(name, msg.mm, msg.addr, msg.pfn, msg.offset, msg.data)
-            return DmaReply(ref=msg.id)
-        except KernelError as exc:
-            if exc.errno is Errno.ESTALE:
-                self.publish("stale_access", node=name, mm=msg.mm, addr=msg.addr, pfn=msg.pfn)
-            return DmaReply(ref=msg.id, errno=exc.errno.value)
+        reply = self.requests.dma(name, msg)
+        if reply.errno == Errno.ESTALE.value:
+            self.publish("stale_access", node=name, mm=msg.mm, addr=msg.addr, pfn=msg.pfn)
+        return reply
 
     async def _on_gup(self, identity: bytes, name: str, msg: Gup) -> None:
-        end = msg.addr + msg.npages * self.config.page_size
-        session = self.sessions.by_name[name]
-        if msg.pin and not self.segments.may_pin(name, msg.mm, msg.addr, end, msg.write):
-            await self.send_node(identity, Error(ref=msg.id, code=Errno.EACCES.value, message="no xpmem permit covers this"))
+        reply = self.requests.gup_fast(name, self.sessions.by_name[name].kind, msg)
+        if reply is None:
+            self._nursery.start_soon(self._gup_slow, identity, name, msg)
             return
-        if session.kind == "xpmem" and not msg.pin:
-            await self.send_node(identity, Error(ref=msg.id, code=Errno.EACCES.value, message="xpmem maps through permits"))
-            return
-        try:
-            pages = self.model.gup_fast(msg.mm, msg.addr, msg.npages, msg.write, pin=msg.pin, node=name)
-        except KernelError as exc:
-            await self.send_node(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value))
-            return
-        if pages is not None:
-            await self.send_node(identity, GupReply(ref=msg.id, mm=msg.mm, pages=_page_triples(pages)))
-            return
-        self._nursery.start_soon(self._gup_slow, identity, name, msg)
+        await self.send_node(identity, reply)
 
     async def _gup_slow(self, identity: bytes, name: str, msg: Gup) -> None:
-        try:
-            pages = await self.locked(self.model.gup(msg.mm, msg.addr, msg.npages, msg.write, pin=msg.pin, node=name))
-            reply = GupReply(ref=msg.id, mm=msg.mm, pages=_page_triples(pages))
-        except KernelError as exc:
-            reply = GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value)
+        reply = await self.locked(self.requests.gup_slow(name, msg))
         session = self.sessions.by_name.get(name)
         if session is None or session.state != "live" or session.identity != identity:
-            # fenced meanwhile: its pins were dropped at the fence; drop these too
-            if msg.pin and reply.pages:
-                self.model.unpin(name, msg.mm, [p[1] for p in reply.pages])
+            self.requests.undeliverable(name, msg, reply)  # fenced meanwhile
             return
         await self.send_node(identity, reply)
 

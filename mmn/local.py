@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.effects import Deliver, Outcomes
+from broker.requests import NodeRequests
 from broker.xpmem import Segments
 from node.base import Completion, Output, SecondaryMMU, node_class
 from protocol.messages import (
@@ -64,14 +65,7 @@ from protocol.messages import (
     Message,
     Ok,
     Registered,
-    Subscribe,
-    Unpin,
     Unsubscribe,
-    XpmemGet,
-    XpmemMake,
-    XpmemRelease,
-    XpmemRemove,
-    XpmemReply,
 )
 from protocol.types import Errno, KernelError
 
@@ -181,6 +175,7 @@ class LocalCluster:
         self.notifier = model.notifier
         self.page_size = model.page_size if hasattr(model, "page_size") else page_size
         self.segments = Segments(self.page_size)
+        self.requests = NodeRequests(self.model, self.segments)
         self.ports: dict[str, Port] = {}
         self.retired: set[int] = set()
         self._epochs = itertools.count(1)
@@ -393,86 +388,33 @@ class LocalCluster:
         if isinstance(msg, Unsubscribe):
             self._deferred.append(lambda: self._unsubscribe(port, msg))
             return
-        reply: Message
-        try:
-            if isinstance(msg, Subscribe):
-                self.model.check_mm(msg.mm)
-                self.notifier.register(name, msg.mm)
-                reply = Ok(ref=msg.id)
-            elif isinstance(msg, Unpin):
-                self.model.unpin(name, msg.mm, msg.pfns)
-                reply = Ok(ref=msg.id)
-            elif isinstance(msg, XpmemMake):
-                self.model.check_mm(msg.mm)
-                seg = self.segments.make(name, msg.mm, msg.addr, msg.length, msg.mode)
-                reply = XpmemReply(ref=msg.id, value=seg.segid, mm=seg.mm, addr=seg.addr, length=seg.length)
-            elif isinstance(msg, XpmemGet):
-                permit, seg = self.segments.get(name, msg.segid, msg.write)
-                reply = XpmemReply(
-                    ref=msg.id, value=permit.apid, mm=seg.mm, addr=seg.addr, length=seg.length, write=permit.write
-                )
-            elif isinstance(msg, XpmemRelease):
-                self.segments.release(name, msg.apid)
-                reply = XpmemReply(ref=msg.id)
-            elif isinstance(msg, XpmemRemove):
-                self.segments.remove(name, msg.segid)
-                reply = XpmemReply(ref=msg.id)
-            else:
-                reply = Error(ref=getattr(msg, "id", 0), code="bad_message", message=f"{msg.TYPE} is not for the host")
-        except KernelError as exc:
-            reply = Error(ref=getattr(msg, "id", 0), code=exc.errno.value, message=exc.message)
-        self._reply(port, reply)
+        self._reply(port, self.requests.answer(name, msg))
 
     def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
         """``Host._dma``: the oracle.  Never takes the lock."""
         self.counters["dma"] += 1
-        try:
-            if isinstance(msg, DmaRead):
-                data = self.model.dma_read(name, msg.mm, msg.addr, msg.pfn, msg.offset, msg.length)
-                return DmaReply(ref=msg.id, data=bytes(data))
-            self.model.dma_write(name, msg.mm, msg.addr, msg.pfn, msg.offset, msg.data)
-            return DmaReply(ref=msg.id)
-        except KernelError as exc:
-            if exc.errno is Errno.ESTALE:
-                logger.error("stale access by %s: mm %d addr %#x pfn %d", name, msg.mm, msg.addr, msg.pfn)
-            return DmaReply(ref=msg.id, errno=exc.errno.value)
+        reply = self.requests.dma(name, msg)
+        if reply.errno == Errno.ESTALE.value:
+            logger.error("stale access by %s: mm %d addr %#x pfn %d", name, msg.mm, msg.addr, msg.pfn)
+        return reply
 
     def _on_gup(self, port: Port, msg: Gup) -> None:
         """``Host._on_gup``: permits, then GUP-fast, else the slow path under the lock."""
-        name = port.name
-        end = msg.addr + msg.npages * self.page_size
-        if msg.pin and not self.segments.may_pin(name, msg.mm, msg.addr, end, msg.write):
-            self._reply(port, Error(ref=msg.id, code=Errno.EACCES.value, message="no xpmem permit covers this"))
+        reply = self.requests.gup_fast(port.name, port.kind, msg)
+        if reply is None:
+            self._deferred.append(lambda: self._gup_slow(port, msg))
             return
-        if port.kind == "xpmem" and not msg.pin:
-            self._reply(port, Error(ref=msg.id, code=Errno.EACCES.value, message="xpmem maps through permits"))
-            return
-        try:
-            pages = self.model.gup_fast(msg.mm, msg.addr, msg.npages, msg.write, pin=msg.pin, node=name)
-        except KernelError as exc:
-            self._reply(port, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value))
-            return
-        if pages is not None:
+        if isinstance(reply, GupReply) and not reply.errno:
             self.counters["gup_fast"] += 1
-            self._reply(port, GupReply(ref=msg.id, mm=msg.mm, pages=[list(p) for p in pages]))
-            return
-        self._deferred.append(lambda: self._gup_slow(port, msg))
+        self._reply(port, reply)
 
     def _gup_slow(self, port: Port, msg: Gup) -> None:
         """``Host._gup_slow``: ``model.gup`` under the lock."""
         self.counters["gup_slow"] += 1
         epoch = port.epoch
-        try:
-            pages = self._locked_run(
-                self.model.gup(msg.mm, msg.addr, msg.npages, msg.write, pin=msg.pin, node=port.name)
-            )
-            reply = GupReply(ref=msg.id, mm=msg.mm, pages=[list(p) for p in pages])
-        except KernelError as exc:
-            reply = GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value)
+        reply = self._locked_run(self.requests.gup_slow(port.name, msg))
         if port.state != "live" or port.epoch != epoch or msg.epoch != epoch:
-            # fenced meanwhile: its pins were dropped at the fence; drop these too
-            if msg.pin and reply.pages:
-                self.model.unpin(port.name, msg.mm, [p[1] for p in reply.pages])
+            self.requests.undeliverable(port.name, msg, reply)  # fenced meanwhile
             return
         self._reply(port, reply)
 
