@@ -215,7 +215,7 @@ class NodeRuntime:
         self.sessions = 0
         self.last_host_traffic = 0.0
         self.counters = {"reconnects": 0, "dropped_acks": 0, "delayed_acks": 0, "duplicated": 0,
-                         "partition_dropped": 0, "bad_frames": 0}
+                         "partition_dropped": 0, "bad_frames": 0, "stale_fences": 0}
         self._healed = trio.Event()
         #: Held while hung or partitioned, handled / sent in order once healed.
         self._held_in: deque[Message] = deque()
@@ -475,6 +475,13 @@ class NodeRuntime:
                 raise _Reconnect("new host incarnation")
             return
         if isinstance(msg, Fenced):
+            epoch = self.mmu.epoch
+            if epoch and msg.epoch and msg.epoch != epoch:
+                # The fence of a previous session (a restarted process reusing
+                # the routing id gets the host's Fenced for its predecessor):
+                # this session is not fenced.
+                self.counters["stale_fences"] += 1
+                return
             await self.emit(self.mmu.receive(msg))
             raise _Reconnect(f"fenced: {msg.reason}")
         if isinstance(msg, Command):
