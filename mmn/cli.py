@@ -36,9 +36,11 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
@@ -267,7 +269,30 @@ def _env_endpoint(name: str, default: str) -> str:
 # the admin client
 
 
-def client_security(keys: str | None = None, env: Mapping[str, str] | None = None) -> Any:
+def up_record_path(port: int) -> Path:
+    """Where ``mmn up`` serving the admin port ``port`` on this machine leaves
+    its key directory for the CLI of a second terminal (paths only, no
+    secret: the keys themselves stay in their 0700 directory)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"mmnotify-{os.getuid()}-up-{port}.json"
+
+
+def up_keys_for(endpoint: str) -> str | None:
+    """The key directory of the live ``mmn up`` whose admin endpoint is
+    ``endpoint`` (loopback only), or None."""
+    try:
+        hostpart, port = endpoint.rsplit(":", 1)
+        if not hostpart.endswith(("127.0.0.1", "localhost", "[::1]")):
+            return None
+        record = json.loads(up_record_path(int(port)).read_text())
+        os.kill(int(record["pid"]), 0)  # a dead mmn up's record means nothing
+        return str(record["keys"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def client_security(keys: str | None = None, env: Mapping[str, str] | None = None, *,
+                    endpoint: str | None = None) -> Any:
     """The CURVE hook of an operator's client (CLI, ``mmn up``, healthchecks),
     or None for plain TCP.
 
@@ -289,6 +314,8 @@ def client_security(keys: str | None = None, env: Mapping[str, str] | None = Non
     root = keys or env.get("MMN_KEYS_DIR") or None
     secret = env.get("MMN_ADMIN_KEY") or None
     host_key = env.get("MMN_HOST_KEY") or None
+    if root is None and secret is None and host_key is None and endpoint is not None:
+        root = up_keys_for(endpoint)  # the local `mmn up` serving that endpoint, if any
     if root is None and secret is None and host_key is None:
         return None
     layout = KeyLayout(Path(root)) if root else None
@@ -720,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _security(ns: argparse.Namespace) -> Any:
-    return client_security(getattr(ns, "keys", None))
+    return client_security(getattr(ns, "keys", None), endpoint=_admin_endpoint(ns))
 
 
 def _admin_endpoint(ns: argparse.Namespace) -> str:

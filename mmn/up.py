@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -64,7 +65,10 @@ from .cli import (
     client_security,
     number,
     seconds,
+    up_record_path,
 )
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("kvm", "gru", "xpmem")
 
@@ -492,9 +496,31 @@ def run(ns: argparse.Namespace) -> int:
         raise UsageError("up: --json needs --once")
     plan = make_plan(ns)
     children: list[Child] = []
+    record = _leave_keys_for_the_cli(plan)
     try:
         return trio.run(_up, ns, plan, children)
     except KeyboardInterrupt:
         return EXIT_OK
     finally:
         _kill_leftovers(children)
+        if record is not None:
+            with contextlib.suppress(OSError):
+                record.unlink()
+
+
+def _leave_keys_for_the_cli(plan: Plan) -> Path | None:
+    """Tell the CLI of a second terminal where this cluster's keys are, so
+    ``mmn status`` against this admin port works with no flag
+    (:func:`mmn.cli.up_keys_for`)."""
+    if plan.keys is None:
+        return None
+    path = up_record_path(plan.ports[1])
+    try:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "keys": str(Path(plan.keys).resolve()),
+                                   "admin": f"tcp://{plan.connect_host}:{plan.ports[1]}"}))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("cannot record the keys for the CLI at %s: %s", path, exc)
+        return None
+    return path

@@ -1028,3 +1028,45 @@ def test_up_exits_non_zero_when_the_host_dies(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.integration
+def test_a_second_terminal_reaches_mmn_up_with_curve_and_no_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mmn up runs CURVE by default and leaves where its keys are for the CLI
+    (per admin port, removed at exit): `mmn --host ADDR status` in another
+    terminal needs no key flag; a client without the keys gets no answer."""
+    for var in ("MMN_KEYS_DIR", "MMN_INSECURE", "MMN_ADMIN_KEY", "MMN_HOST_KEY", "MMN_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmn", "up", "--port-base", "0", "--logs", str(tmp_path), "--interval", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if "xpmem0:live" in proc.stdout.readline():
+                break
+        else:
+            pytest.fail("mmn up did not come up")
+        records = [p for p in cli.up_record_path(0).parent.glob(f"mmnotify-{os.getuid()}-up-*.json")
+                   if json.loads(p.read_text()).get("pid") == proc.pid]
+        assert len(records) == 1, records
+        record = records[0]
+        admin = json.loads(record.read_text())["admin"]
+        capsys.readouterr()
+        assert main(["--host", admin, "--json", "status"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert {n["name"] for n in status["nodes"]} == {"kvm0", "gru0", "xpmem0"}
+        monkeypatch.setenv("MMN_INSECURE", "1")  # a plain client: the host never answers it
+        monkeypatch.setenv("MMN_TIMEOUT", "1")
+        assert main(["--host", admin, "status"]) == 3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert not record.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
