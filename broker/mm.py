@@ -864,10 +864,15 @@ class Model:
         check discards such a reply).
 
         Raises:
-            KernelError: as :meth:`gup` for bad arguments and the first page's vma.
+            KernelError: as :meth:`gup` for bad arguments (ESRCH, EINVAL); a
+                missing vma or protection is the slow path's to report.
         """
         m = self._gup_args(mm, addr, npages)
-        vma = self._vma_for(m, addr, write, gup=True)
+        vma = m.find_vma(addr)
+        if vma is None or vma.prot == "none" or (write and vma.prot != "rw"):
+            # GUP-fast looks at ptes only; the verdict on the vma belongs to the
+            # slow path, under the lock an mprotect or munmap may be holding.
+            return None
         ps = self.page_size
         end = min(addr + npages * ps, vma.end)
         if any(inv.range.overlaps(addr, end) for inv in self.notifier.open.get(mm, ())):

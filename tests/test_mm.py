@@ -351,6 +351,9 @@ def test_gup_errors_as_the_kernel_returns_them() -> None:
         with pytest.raises(KernelError) as err:
             run_op(m.gup(*args))
         assert err.value.errno is errno, args
+    # GUP-fast leaves the vma verdict to the slow path, which runs under the
+    # lock an mprotect or munmap in progress holds (the answer after it)
+    assert m.gup_fast(mm, ro, 1, True) is None and m.gup_fast(mm, no, 1, False) is None
     assert m.memory.in_use == 0
 
 
