@@ -18,7 +18,7 @@ Kernel errors are expected only where the kernel gives them (see
 :func:`expected_host_error` and :func:`expected_node_error`).
 
 Reproducible: derandomized, no example database.  Budget: ``MMN_STATEFUL_EXAMPLES``
-(default 200) examples of up to 40 steps.
+(default 1000) examples of up to 40 steps.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ FRAMES = 512
 SWAP_SLOTS = 512
 MAX_MMS = 4
 MAX_PAGES_PER_MM = 12
-EXAMPLES = int(os.environ.get("MMN_STATEFUL_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("MMN_STATEFUL_EXAMPLES", "1000"))
 
 #: Few distinct patterns at few offsets, so identical pages (KSM) are common.
 PATTERNS = [b"\x00" * 8, b"AAAAAAAA", b"BBBBBBBB", b"ksm-same", b"\xff\x01\xff\x01"]
