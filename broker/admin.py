@@ -207,8 +207,9 @@ async def ksm_knobs(host: Host, **knobs: Any) -> dict[str, Any]:
     return ksm.stats()
 
 
-async def _relay(host: Host, node: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
-    result = await host.relay(node, command, args)
+async def _relay(host: Host, node: str, command: str, args: dict[str, Any], *,
+                 fenced_too: bool = False) -> dict[str, Any]:
+    result = await host.relay(node, command, args, fenced_too=fenced_too)
     if not result.ok:
         raise KernelError(result.errno or Errno.EINVAL.value, result.error)
     return result.result
@@ -235,29 +236,24 @@ async def xpmem(host: Host, node: str, op: str, **args: Any) -> dict[str, Any]:
     return await _relay(host, node, "xpmem", {"op": op, **{k: v for k, v in args.items() if v is not None}})
 
 
-@handler("inject")
-async def inject(host: Host, node: str, kind: str, rate: str, delay_ms: int, for_s: str) -> dict[str, Any]:
-    args = {"kind": kind, "rate": rate, "delay_ms": delay_ms, "for_s": for_s}
-    reply = await host.relay(node, "inject", args, fenced_too=True)  # a hung, fenced node too
-    if not reply.ok:
-        raise KernelError(reply.errno or Errno.EINVAL.value, reply.error)
-    result = reply.result
+async def _injection(host: Host, node: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+    """inject/heal: relayed to a hung or fenced node too; the host remembers
+    what the node reports injected (for ``status``)."""
+    result = await _relay(host, node, command, args, fenced_too=True)
     session = host.sessions.by_name.get(node)
     if session is not None:
         session.injected = dict(result.get("injected", {}))
     return {"node": node, **result}
+
+
+@handler("inject")
+async def inject(host: Host, node: str, kind: str, rate: str, delay_ms: int, for_s: str) -> dict[str, Any]:
+    return await _injection(host, node, "inject", {"kind": kind, "rate": rate, "delay_ms": delay_ms, "for_s": for_s})
 
 
 @handler("heal")
 async def heal(host: Host, node: str) -> dict[str, Any]:
-    reply = await host.relay(node, "heal", {}, fenced_too=True)  # a hung, fenced node too
-    if not reply.ok:
-        raise KernelError(reply.errno or Errno.EINVAL.value, reply.error)
-    result = reply.result
-    session = host.sessions.by_name.get(node)
-    if session is not None:
-        session.injected = dict(result.get("injected", {}))
-    return {"node": node, **result}
+    return await _injection(host, node, "heal", {})
 
 
 @handler("subscribe")
