@@ -569,23 +569,11 @@ class ZSocket:
         call a deadline (callers own timeouts).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        sock = self._sock
-        last = len(frames) - 1
         backoff = 0.001
         waited = False
         while True:
-            self._check_open()
-            try:
-                # Once the first part is accepted libzmq takes the rest.
-                for i, frame in enumerate(frames):
-                    sock.send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK)
+            if self._send_nowait(frames):
                 break
-            except zmq.Again:
-                pass
-            except zmq.ZMQError as exc:
-                if exc.errno == errno.EHOSTUNREACH and self._is_router:
-                    raise PeerGone(bytes(frames[0])) from exc
-                raise self._map_error(exc) from exc
             waited = True
             if self._events() & _POLLOUT:
                 if self._is_router:  # POLLOUT is about any peer, not this one
@@ -612,6 +600,14 @@ class ZSocket:
             another task, or ordering breaks (:func:`serve_socket`'s
             ``send_now`` does).
         """
+        if not self._send_nowait(frames):
+            return False
+        self._after_io()
+        return True
+
+    def _send_nowait(self, frames: Frames) -> bool:
+        """One NOBLOCK attempt; False if libzmq would block (nothing queued:
+        once the first part is accepted libzmq takes the rest)."""
         self._check_open()
         sock = self._sock
         last = len(frames) - 1
@@ -624,7 +620,6 @@ class ZSocket:
             if exc.errno == errno.EHOSTUNREACH and self._is_router:
                 raise PeerGone(bytes(frames[0])) from exc
             raise self._map_error(exc) from exc
-        self._after_io()
         return True
 
     # -- closing -----------------------------------------------------------
