@@ -38,7 +38,7 @@ import hashlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from protocol.types import Errno, KernelError
 
@@ -458,6 +458,3 @@ class Ksm:
         for pfn in range(1, mem.nframes):
             if mem.flags[pfn] & PG_KSM and mem.refcount[pfn]:
                 assert pfn in self.stable, f"KSM page {pfn} has no stable node"
-
-    def describe(self) -> dict[str, Any]:
-        return self.stats()

@@ -142,7 +142,7 @@ class Vma:
 class Mm:
     """``struct mm_struct``: vmas (sorted, disjoint) and a chunked page table."""
 
-    __slots__ = ("id", "vmas", "starts", "pgd", "populated", "next_addr", "page_size", "chunk_bytes")
+    __slots__ = ("id", "vmas", "starts", "pgd", "populated", "swapped", "next_addr", "page_size", "chunk_bytes")
 
     def __init__(self, mm_id: int, page_size: int) -> None:
         self.id = mm_id
@@ -151,6 +151,8 @@ class Mm:
         #: chunk index -> 512 ptes; populated[chunk] = number of non-none ptes in it
         self.pgd: dict[int, array] = {}
         self.populated: dict[int, int] = {}
+        #: swap entries among the ptes (the rest of the populated ones are present)
+        self.swapped = 0
         self.next_addr = MMAP_BASE
         self.page_size = page_size
         self.chunk_bytes = page_size * CHUNK_PAGES
@@ -224,6 +226,8 @@ class Mm:
             self.populated[index] = 0
         old = chunk[slot]
         chunk[slot] = pte
+        if (old ^ pte) & PTE_SWAP:
+            self.swapped += 1 if pte & PTE_SWAP else -1
         if bool(old) != bool(pte):
             count = self.populated[index] + (1 if pte else -1)
             if count:
@@ -264,15 +268,8 @@ class Mm:
                     yield base + slot * ps, pte
 
     def rss(self) -> tuple[int, int]:
-        """(present ptes, swapped ptes)."""
-        present = swapped = 0
-        for chunk in self.pgd.values():
-            for pte in chunk:
-                if pte & PTE_PRESENT:
-                    present += 1
-                elif pte & PTE_SWAP:
-                    swapped += 1
-        return present, swapped
+        """(present ptes, swapped ptes), from the counts ``set`` keeps."""
+        return sum(self.populated.values()) - self.swapped, self.swapped
 
 
 class Model:
@@ -1152,6 +1149,8 @@ class Model:
                         assert pte & PTE_SWAP, f"mm {m.id} {addr:#x}: pte {pte:#x} neither present nor swap"
                         slots[pte >> PTE_SHIFT] += 1
                 assert count == m.populated[index], f"mm {m.id} chunk {index}: populated count"
+            mm_swapped = sum(1 for chunk in m.pgd.values() for pte in chunk if pte & PTE_SWAP)
+            assert mm_swapped == m.swapped, f"mm {m.id}: swapped count {m.swapped}, ptes {mm_swapped}"
         for shmem in shmems.values():
             for pfn in shmem.pages.values():
                 cache[pfn] += 1

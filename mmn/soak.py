@@ -41,7 +41,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import subprocess

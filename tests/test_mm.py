@@ -532,7 +532,7 @@ def test_set_pte_at_notify_tells_the_nodes_before_the_pte_changes_and_gup_fast_w
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 4 * CHUNK_PAGES), st.integers(0, 3)), max_size=60),
+@given(st.lists(st.tuples(st.integers(0, 4 * CHUNK_PAGES), st.sampled_from([0, 1, 3, 0x10, 0x510])), max_size=60),
        st.integers(0, 4 * CHUNK_PAGES), st.integers(1, 4 * CHUNK_PAGES))
 def test_page_table_matches_a_dict(writes: list[tuple[int, int]], lo: int, span: int) -> None:
     """Mm.set/get/populated_in against a plain dict, with populated counts and
@@ -550,6 +550,8 @@ def test_page_table_matches_a_dict(writes: list[tuple[int, int]], lo: int, span:
     start, end = lo * PS, (lo + span) * PS
     assert list(mm.populated_in(start, end)) == sorted((a, v) for a, v in shadow.items() if start <= a < end)
     assert sum(mm.populated.values()) == len(shadow)
+    swapped = sum(1 for v in shadow.values() if v & 0x10)
+    assert mm.rss() == (len(shadow) - swapped, swapped)
     assert set(mm.pgd) == {a // (PS * CHUNK_PAGES) for a in shadow}
 
 
