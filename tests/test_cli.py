@@ -935,6 +935,17 @@ def test_up_restart_brings_a_dead_node_back(standin: list[str], tmp_path: Path) 
 # mmn up against the real host and nodes
 
 
+def _start_up(tmp_path: Path) -> subprocess.Popen[str]:
+    """The real ``mmn up`` (host and three nodes) on ports the OS picks."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmn", "up", "--port-base", "0", "--logs", str(tmp_path), "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
 def _children_of(pid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():
@@ -972,22 +983,9 @@ def test_up_once_json_with_every_node_live(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_up_stops_every_child_on_signal(tmp_path: Path, signum: int) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmn", "up", "--port-base", "0", "--logs", str(tmp_path), "--interval", "0.2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = _start_up(tmp_path)
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the first status line means everything is up
-            line = proc.stdout.readline()
-            if "xpmem0:live" in line:
-                break
-        else:
-            pytest.fail("mmn up did not come up")
+        _wait_for_line(proc, "xpmem0:live")  # the first status line means everything is up
         children = _children_of(proc.pid)
         assert len(children) == 4
         proc.send_signal(signum)
@@ -1002,21 +1000,9 @@ def test_up_stops_every_child_on_signal(tmp_path: Path, signum: int) -> None:
 
 @pytest.mark.integration
 def test_up_exits_non_zero_when_the_host_dies(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmn", "up", "--port-base", "0", "--logs", str(tmp_path), "--interval", "0.2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = _start_up(tmp_path)
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if "xpmem0:live" in proc.stdout.readline():
-                break
-        else:
-            pytest.fail("mmn up did not come up")
+        _wait_for_line(proc, "xpmem0:live")  # the first status line means everything is up
         children = _children_of(proc.pid)
         host_pid = next(pid for pid in children if " host " in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
         os.kill(host_pid, signal.SIGKILL)
@@ -1039,18 +1025,9 @@ def test_a_second_terminal_reaches_mmn_up_with_curve_and_no_flags(
     terminal needs no key flag; a client without the keys gets no answer."""
     for var in ("MMN_KEYS_DIR", "MMN_INSECURE", "MMN_ADMIN_KEY", "MMN_HOST_KEY", "MMN_HOST"):
         monkeypatch.delenv(var, raising=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmn", "up", "--port-base", "0", "--logs", str(tmp_path), "--interval", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
+    proc = _start_up(tmp_path)
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if "xpmem0:live" in proc.stdout.readline():
-                break
-        else:
-            pytest.fail("mmn up did not come up")
+        _wait_for_line(proc, "xpmem0:live")  # the first status line means everything is up
         records = [p for p in cli.up_record_path(0).parent.glob(f"mmnotify-{os.getuid()}-up-*.json")
                    if json.loads(p.read_text()).get("pid") == proc.pid]
         assert len(records) == 1, records
