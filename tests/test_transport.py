@@ -683,3 +683,54 @@ async def test_serve_socket_does_not_stall_on_one_slow_peer(ctx: zmq.Context[Any
                 await host.outgoing.send([b"healthy", b"still served"])
                 assert await healthy.recv_multipart() == [b"still served"]
                 nursery.cancel_scope.cancel()
+
+
+async def test_send_now_keeps_order_behind_queued_messages_and_reports_unroutable(ctx: zmq.Context[Any]) -> None:
+    """send_now goes straight to libzmq only when nothing sent earlier is still
+    queued (False otherwise: the caller uses ``outgoing``), and reports an
+    unroutable ROUTER peer through on_undeliverable, as the send pump does."""
+    with trio.fail_after(DEADLINE):
+        router, dealer = pair(ctx)
+        failed: list[tuple[list[bytes], Exception]] = []
+        async with dealer:
+            async with trio.open_nursery() as nursery:
+                host = await nursery.start(
+                    partial_serve(lambda frames, exc: failed.append((frames, exc))), router
+                )
+                await dealer.send_multipart([b"hello"])
+                assert await host.incoming.receive() == [b"node-1", b"hello"]
+                host.outgoing.send_nowait([b"node-1", b"queued"])  # the pump has not run yet
+                assert host.send_now([b"node-1", b"behind it"]) is False
+                await host.outgoing.send([b"node-1", b"behind it"])
+                assert await dealer.recv_multipart() == [b"queued"]
+                assert await dealer.recv_multipart() == [b"behind it"]
+                await trio.testing.wait_all_tasks_blocked()
+                assert host.send_now([b"node-1", b"direct"]) is True
+                assert await dealer.recv_multipart() == [b"direct"]
+                assert host.send_now([b"ghost", b"boo"]) is True  # handled: reported, not queued
+                assert [(f, type(e)) for f, e in failed] == [([b"ghost", b"boo"], PeerGone)]
+                nursery.cancel_scope.cancel()
+
+
+async def test_direct_incoming_receives_in_order_and_ends_when_closed(ctx: zmq.Context[Any]) -> None:
+    with trio.fail_after(DEADLINE):
+        router, dealer = pair(ctx)
+        async with dealer:
+            async with trio.open_nursery() as nursery:
+
+                async def serve(zsock: ZSocket, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    await serve_socket(zsock, direct_incoming=True, task_status=task_status)
+
+                host = await nursery.start(serve, router)
+                for i in range(20):
+                    await dealer.send_multipart([bytes([i])])
+                got = []
+                async for frames in host.incoming:
+                    got.append(frames)
+                    if len(got) == 20:
+                        break
+                assert got == [[b"node-1", bytes([i])] for i in range(20)]
+                router.close()
+                with pytest.raises(trio.EndOfChannel):
+                    await host.incoming.receive()
+                nursery.cancel_scope.cancel()

@@ -802,7 +802,11 @@ async def serve_socket(
     pump_busy = False  # the send pump holds a message it has not queued yet
 
     def send_now(frames: Frames) -> bool:
-        if pump_busy or out_send.statistics().current_buffer_used or zsock.closed:
+        # Only while the pump is parked on an empty channel: a message handed
+        # to a pump that has not run yet shows neither in the buffer nor in
+        # pump_busy, but the pump is then no longer waiting to receive.
+        stats = out_send.statistics()
+        if pump_busy or stats.current_buffer_used or not stats.tasks_waiting_receive or zsock.closed:
             return False
         try:
             return zsock.try_send_multipart(frames)
