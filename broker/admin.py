@@ -1,25 +1,25 @@
-"""The host's admin API: one async handler per command of ``protocol.admin``.
+"""The host's admin API: one handler per command of ``protocol.admin``.
 
-Arguments arrive already checked by :func:`protocol.admin.check_admin`.
-Mutating operations run under the host's lock (:meth:`Host.locked`);
-commands for a node are relayed to it (:meth:`Host.relay`).  Every handler
-returns a dict (the ``result`` of the ``AdminReply``) or raises
-``KernelError``.
+Each handler is a host task (:mod:`broker.tasks`): a generator that the host
+core (:class:`broker.core.HostCore`) runs, yielding ``Locked(op)`` for a
+mutating operation under the mm lock and ``Relay`` / ``RelayAll`` for a
+command a node carries out.  Arguments arrive already checked by
+:func:`protocol.admin.check_admin`.  Every handler returns a dict (the
+``result`` of the ``AdminReply``) or raises ``KernelError``.  Sans-I/O: the
+same handlers answer ``mmn host``'s admin socket and the in-process cluster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
-
-import trio
+from collections.abc import Callable
+from typing import Any
 
 from protocol.types import Errno, KernelError
 
-if TYPE_CHECKING:
-    from .host import Host
+from .tasks import Locked, Relay, RelayAll, Task
 
-Handler = Callable[..., Awaitable[dict[str, Any]]]
+#: ``core`` below is the :class:`broker.core.HostCore` (not imported: the core imports this table).
+Handler = Callable[..., Task[dict[str, Any]]]
 ADMIN_HANDLERS: dict[str, Handler] = {}
 
 
@@ -31,38 +31,24 @@ def handler(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def _pages(host: Host, addr: int, length: int) -> None:
-    ps = host.config.page_size
+def _pages(core: Any, addr: int, length: int) -> None:
+    ps = core.config.page_size
     if addr % ps:
         raise KernelError(Errno.EINVAL, f"address {addr:#x} is not page aligned")
     if length % ps:
         raise KernelError(Errno.EINVAL, f"length {length} is not a multiple of the page size")
 
 
-async def _node_status(host: Host, name: str) -> dict[str, Any] | None:
-    try:
-        result = await host.relay(name, "status", {}, timeout_ms=1000)
-    except KernelError:
-        return None
-    return result.result if result.ok else None
-
-
 @handler("status")
-async def status(host: Host) -> dict[str, Any]:
-    sessions = list(host.sessions.by_name.values())
-    reports: dict[str, dict[str, Any] | None] = {}
-
-    async def ask(name: str) -> None:
-        reports[name] = await _node_status(host, name)
-
-    async with trio.open_nursery() as nursery:
-        for s in sessions:
-            if s.state == "live":
-                nursery.start_soon(ask, s.name)
+def status(core: Any) -> Task[dict[str, Any]]:
+    sessions = list(core.sessions.by_name.values())
+    live = tuple(s.name for s in sessions if s.state == "live")
+    results = yield RelayAll(live, "status", {}, timeout_ms=1000)
     nodes = []
     for s in sessions:
-        report = reports.get(s.name) or {}
-        served = sum(host.notifier.served(s.name, mm).total() for mm in host.notifier.subscriptions) // host.config.page_size
+        result = results.get(s.name)
+        report = (result.result if result is not None and result.ok else None) or {}
+        served = sum(core.notifier.served(s.name, mm).total() for mm in core.notifier.subscriptions) // core.config.page_size
         nodes.append(
             {
                 "name": s.name,
@@ -75,192 +61,194 @@ async def status(host: Host) -> dict[str, Any]:
                 "fence_reason": s.fence_reason,
                 # the node's own view: {mm: {page address (hex): pfn}} and its counters
                 "mms": report.get("mms", {}),
+                "invalidations_in_progress": report.get("invalidations_in_progress", 0),
                 "counters": report.get("counters", {}),
             }
         )
-    model = host.model
+    model = core.model
     return {
         "host": {
-            "incarnation": host.incarnation,
-            "page_size": host.config.page_size,
-            "endpoints": dict(host.endpoints),
-            "ack_deadline_ms": host.config.ack_deadline_ms,
-            "heartbeat_ms": host.config.heartbeat_ms,
-            "wrap_change_pte": host.config.wrap_change_pte,
+            "incarnation": core.config.incarnation,
+            "page_size": core.config.page_size,
+            "endpoints": dict(core.endpoints),
+            "ack_deadline_ms": core.config.ack_deadline_ms,
+            "heartbeat_ms": core.config.heartbeat_ms,
+            "wrap_change_pte": core.config.wrap_change_pte,
         },
         "nodes": nodes,
         "mms": model.describe_mms(),
         "frames": {"total": model.memory.nframes, "free": model.memory.nr_free()},
         "stale_accesses": model.stale_accesses,
         "ksm": model.ksm.stats(),
-        "counters": {**host.counters, **{f"notifier_{k}": v for k, v in host.notifier.counters.items()},
-                     "fences": host.sessions.fences, "registrations": host.sessions.registrations},
+        "counters": {**core.counters, **{f"notifier_{k}": v for k, v in core.notifier.counters.items()},
+                     "fences": core.sessions.fences, "registrations": core.sessions.registrations},
     }
 
 
 @handler("spawn")
-async def spawn(host: Host) -> dict[str, Any]:
-    return {"mm": host.model.spawn()}
+def spawn(core: Any) -> Task[dict[str, Any]]:
+    return {"mm": core.model.spawn()}
+    yield  # pragma: no cover - a task, for a uniform calling convention
 
 
 @handler("fork")
-async def fork(host: Host, mm: int) -> dict[str, Any]:
-    child = await host.locked(host.model.fork(mm))
-    host.publish("fork", mm=mm, child=child)
+def fork(core: Any, mm: int) -> Task[dict[str, Any]]:
+    child = yield Locked(core.model.fork(mm))
+    core.publish("fork", mm=mm, child=child)
     return {"mm": child}
 
 
 @handler("exit")
-async def exit_mm(host: Host, mm: int) -> dict[str, Any]:
-    await host.locked(host.model.exit_mm(mm))
-    host.segments.forget_mm(mm)
-    host.publish("exit", mm=mm)
+def exit_mm(core: Any, mm: int) -> Task[dict[str, Any]]:
+    yield Locked(core.model.exit_mm(mm))
+    core.segments.forget_mm(mm)
+    core.publish("exit", mm=mm)
     return {}
 
 
 @handler("mmap")
-async def mmap(host: Host, mm: int, pages: int, prot: str, mergeable: bool, shared: bool, fill: int | None) -> dict[str, Any]:
-    addr = await host.locked(host.model.mmap(mm, pages, prot, shared=shared, mergeable=mergeable))
+def mmap(core: Any, mm: int, pages: int, prot: str, mergeable: bool, shared: bool, fill: int | None) -> Task[dict[str, Any]]:
+    addr = yield Locked(core.model.mmap(mm, pages, prot, shared=shared, mergeable=mergeable))
     if fill is not None:
-        await host.locked(host.model.write(mm, addr, bytes([fill]) * (pages * host.config.page_size)))
-    host.publish("mmap", mm=mm, addr=addr, pages=pages, prot=prot)
+        yield Locked(core.model.write(mm, addr, bytes([fill]) * (pages * core.config.page_size)))
+    core.publish("mmap", mm=mm, addr=addr, pages=pages, prot=prot)
     return {"addr": addr}
 
 
 @handler("write")
-async def write(host: Host, mm: int, addr: int, data: bytes) -> dict[str, Any]:
-    await host.locked(host.model.write(mm, addr, data))
+def write(core: Any, mm: int, addr: int, data: bytes) -> Task[dict[str, Any]]:
+    yield Locked(core.model.write(mm, addr, data))
     return {"written": len(data)}
 
 
 @handler("read")
-async def read(host: Host, mm: int, addr: int, length: int) -> dict[str, Any]:
-    data = await host.locked(host.model.read(mm, addr, length))
+def read(core: Any, mm: int, addr: int, length: int) -> Task[dict[str, Any]]:
+    data = yield Locked(core.model.read(mm, addr, length))
     return {"data": bytes(data)}
 
 
 @handler("munmap")
-async def munmap(host: Host, mm: int, addr: int, length: int) -> dict[str, Any]:
-    _pages(host, addr, length)
-    await host.locked(host.model.munmap(mm, addr, length))
-    host.publish("munmap", mm=mm, addr=addr, length=length)
+def munmap(core: Any, mm: int, addr: int, length: int) -> Task[dict[str, Any]]:
+    _pages(core, addr, length)
+    yield Locked(core.model.munmap(mm, addr, length))
+    core.publish("munmap", mm=mm, addr=addr, length=length)
     return {}
 
 
 @handler("mprotect")
-async def mprotect(host: Host, mm: int, addr: int, length: int, prot: str) -> dict[str, Any]:
-    _pages(host, addr, length)
-    await host.locked(host.model.mprotect(mm, addr, length, prot))
-    host.publish("mprotect", mm=mm, addr=addr, length=length, prot=prot)
+def mprotect(core: Any, mm: int, addr: int, length: int, prot: str) -> Task[dict[str, Any]]:
+    _pages(core, addr, length)
+    yield Locked(core.model.mprotect(mm, addr, length, prot))
+    core.publish("mprotect", mm=mm, addr=addr, length=length, prot=prot)
     return {}
 
 
 @handler("madvise")
-async def madvise(host: Host, mm: int, addr: int, length: int, advice: str, block: bool = True) -> dict[str, Any]:
-    _pages(host, addr, length)
+def madvise(core: Any, mm: int, addr: int, length: int, advice: str, block: bool = True) -> Task[dict[str, Any]]:
+    _pages(core, addr, length)
     # block=False: the OOM reaper's non-blockable zap; EAGAIN if a sleepable
     # node cannot take it now (nothing changed: the caller retries later).
-    await host.locked(host.model.madvise(mm, addr, length, advice, blockable=block))
-    host.publish("madvise", mm=mm, addr=addr, length=length, advice=advice)
+    yield Locked(core.model.madvise(mm, addr, length, advice, blockable=block))
+    core.publish("madvise", mm=mm, addr=addr, length=length, advice=advice)
     if advice == "mergeable":
-        host.wake_ksm()
+        core.wake_ksm()
     return {}
 
 
 @handler("swap")
-async def swap(host: Host, mm: int, addr: int, length: int) -> dict[str, Any]:
-    _pages(host, addr, length)
-    swapped = await host.locked(host.model.reclaim(mm, addr, length))
-    host.publish("swap", mm=mm, addr=addr, length=length, swapped=swapped)
+def swap(core: Any, mm: int, addr: int, length: int) -> Task[dict[str, Any]]:
+    _pages(core, addr, length)
+    swapped = yield Locked(core.model.reclaim(mm, addr, length))
+    core.publish("swap", mm=mm, addr=addr, length=length, swapped=swapped)
     return {"swapped": swapped}
 
 
 @handler("migrate")
-async def migrate(host: Host, mm: int, addr: int, length: int) -> dict[str, Any]:
-    _pages(host, addr, length)
-    migrated = await host.locked(host.model.migrate(mm, addr, length))
-    host.publish("migrate", mm=mm, addr=addr, length=length, migrated=migrated)
+def migrate(core: Any, mm: int, addr: int, length: int) -> Task[dict[str, Any]]:
+    _pages(core, addr, length)
+    migrated = yield Locked(core.model.migrate(mm, addr, length))
+    core.publish("migrate", mm=mm, addr=addr, length=length, migrated=migrated)
     return {"migrated": migrated}
 
 
 @handler("merge")
-async def merge(host: Host, full_scans: int) -> dict[str, Any]:
-    ksm = host.model.ksm
+def merge(core: Any, full_scans: int) -> Task[dict[str, Any]]:
+    ksm = core.model.ksm
     for _ in range(full_scans):
-        await host.locked(ksm.full_scan())
+        yield Locked(ksm.full_scan())
     stats = ksm.stats()
-    host.publish("merge", **{k: v for k, v in stats.items() if isinstance(v, int)})
+    core.publish("merge", **{k: v for k, v in stats.items() if isinstance(v, int)})
     return stats
 
 
 @handler("ksm")
-async def ksm_knobs(host: Host, **knobs: Any) -> dict[str, Any]:
-    ksm = host.model.ksm
+def ksm_knobs(core: Any, **knobs: Any) -> Task[dict[str, Any]]:
+    ksm = core.model.ksm
     changes = {k: int(v) for k, v in knobs.items() if v is not None}
     for key, value in changes.items():
         ksm.check_knob(key, value)  # all of them before anything changes
     for key, value in changes.items():
         ksm.set_knob(key, value)
     if changes.get("run") == 2:
-        await host.locked(ksm.unmerge_all())
-    host.wake_ksm()
+        yield Locked(ksm.unmerge_all())
+    core.wake_ksm()
     return ksm.stats()
 
 
-async def _relay(host: Host, node: str, command: str, args: dict[str, Any], *,
-                 fenced_too: bool = False) -> dict[str, Any]:
-    result = await host.relay(node, command, args, fenced_too=fenced_too)
+def _relay(core: Any, node: str, command: str, args: dict[str, Any], *,
+           fenced_too: bool = False) -> Task[dict[str, Any]]:
+    result = yield Relay(node, command, args, fenced_too=fenced_too)
     if not result.ok:
         raise KernelError(result.errno or Errno.EINVAL.value, result.error)
     return result.result
 
 
 @handler("fault")
-async def fault(host: Host, node: str, mm: int, addr: int, pages: int, write: bool) -> dict[str, Any]:
-    return await _relay(host, node, "fault", {"mm": mm, "addr": addr, "pages": pages, "write": write})
+def fault(core: Any, node: str, mm: int, addr: int, pages: int, write: bool) -> Task[dict[str, Any]]:
+    return (yield from _relay(core, node, "fault", {"mm": mm, "addr": addr, "pages": pages, "write": write}))
 
 
 @handler("access")
-async def access(host: Host, node: str, mm: int, addr: int, length: int, data: bytes | None) -> dict[str, Any]:
+def access(core: Any, node: str, mm: int, addr: int, length: int, data: bytes | None) -> Task[dict[str, Any]]:
     args: dict[str, Any] = {"mm": mm, "addr": addr, "length": length}
     if data is not None:
         args["data"] = data
-    return await _relay(host, node, "access", args)
+    return (yield from _relay(core, node, "access", args))
 
 
 @handler("xpmem")
-async def xpmem(host: Host, node: str, op: str, **args: Any) -> dict[str, Any]:
-    session = host.sessions.by_name.get(node)
+def xpmem(core: Any, node: str, op: str, **args: Any) -> Task[dict[str, Any]]:
+    session = core.sessions.by_name.get(node)
     if session is not None and session.kind != "xpmem":
         raise KernelError(Errno.EINVAL, f"{node} is a {session.kind} node, not xpmem")
-    return await _relay(host, node, "xpmem", {"op": op, **{k: v for k, v in args.items() if v is not None}})
+    return (yield from _relay(core, node, "xpmem", {"op": op, **{k: v for k, v in args.items() if v is not None}}))
 
 
-async def _injection(host: Host, node: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+def _injection(core: Any, node: str, command: str, args: dict[str, Any]) -> Task[dict[str, Any]]:
     """inject/heal: relayed to a hung or fenced node too; the host remembers
     what the node reports injected (for ``status``)."""
-    result = await _relay(host, node, command, args, fenced_too=True)
-    session = host.sessions.by_name.get(node)
+    result = yield from _relay(core, node, command, args, fenced_too=True)
+    session = core.sessions.by_name.get(node)
     if session is not None:
         session.injected = dict(result.get("injected", {}))
     return {"node": node, **result}
 
 
 @handler("inject")
-async def inject(host: Host, node: str, kind: str, rate: str, delay_ms: int, for_s: str) -> dict[str, Any]:
-    return await _injection(host, node, "inject", {"kind": kind, "rate": rate, "delay_ms": delay_ms, "for_s": for_s})
+def inject(core: Any, node: str, kind: str, rate: str, delay_ms: int, for_s: str) -> Task[dict[str, Any]]:
+    return (yield from _injection(core, node, "inject", {"kind": kind, "rate": rate, "delay_ms": delay_ms, "for_s": for_s}))
 
 
 @handler("heal")
-async def heal(host: Host, node: str) -> dict[str, Any]:
-    return await _injection(host, node, "heal", {})
+def heal(core: Any, node: str) -> Task[dict[str, Any]]:
+    return (yield from _injection(core, node, "heal", {}))
 
 
 @handler("subscribe")
-async def subscribe(host: Host, node: str, mm: int) -> dict[str, Any]:
-    return await _relay(host, node, "subscribe", {"mm": mm})
+def subscribe(core: Any, node: str, mm: int) -> Task[dict[str, Any]]:
+    return (yield from _relay(core, node, "subscribe", {"mm": mm}))
 
 
 @handler("unsubscribe")
-async def unsubscribe(host: Host, node: str, mm: int) -> dict[str, Any]:
-    return await _relay(host, node, "unsubscribe", {"mm": mm})
+def unsubscribe(core: Any, node: str, mm: int) -> Task[dict[str, Any]]:
+    return (yield from _relay(core, node, "unsubscribe", {"mm": mm}))

@@ -1,26 +1,17 @@
-"""The host's gatekeeping (DESIGN §7): per-peer request rates, range limits,
-who may be whom, and counting refused handshakes.
+"""The host's gatekeeping (DESIGN §7): per-peer request rates and range limits.
 
-Sans-I/O except :func:`count_handshake_failures` (a trio task reading a
-libzmq socket monitor).  The host calls these before it decodes or acts on a
-frame, so hostile input costs little and changes nothing.
+Sans-I/O: the host core calls these before it decodes or acts on a frame, so
+hostile input costs little and changes nothing.  (Who may be whom is
+:func:`protocol.types.name_matches_key`; refused handshakes are counted by the
+host's shell, :mod:`broker.host`, from libzmq's socket monitor.)
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-import trio
-import zmq
-from zmq.utils.monitor import parse_monitor_message
-
 from protocol import Limits, ProtocolError
-from transport import ZSocket
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -89,43 +80,3 @@ def check_node_range(length: int, limits: Limits, ref: int | None = None) -> Non
     """A node's ``xpmem_make`` length: at most ``limits.max_range`` bytes."""
     if length > limits.max_range:
         raise ProtocolError("too_large", f"length {length} exceeds {limits.max_range}", ref)
-
-
-_FAILED = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "zap_refused",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
-}
-_MONITORED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-
-
-def monitor(zsock: ZSocket) -> ZSocket:
-    """A monitor of ``zsock``'s refused handshakes (call before serving it)."""
-    return ZSocket(zsock.socket.get_monitor_socket(_MONITORED))
-
-
-async def count_handshake_failures(mon: ZSocket, channel: str, counters: MutableMapping[str, int]) -> None:
-    """Count refused handshakes of one channel until cancelled:
-
-    * ``zap_refused_<channel>``: CURVE clients whose key the ZAP handler
-      refused (unknown key, or a node key on the admin channel);
-    * ``handshake_failed_<channel>``: clients without CURVE, or garbage.
-
-    A refused client's libzmq retries its connection, so one persistent
-    intruder counts once per attempt.
-    """
-    for name in ("zap_refused", "handshake_failed"):
-        counters.setdefault(f"{name}_{channel}", 0)
-    try:
-        while True:
-            frames = await mon.recv_multipart()
-            try:
-                event = parse_monitor_message(frames)["event"]
-            except Exception:  # noqa: BLE001 - a malformed monitor message is nobody's fault
-                continue
-            name = _FAILED.get(event)
-            if name is not None:
-                counters[f"{name}_{channel}"] += 1
-                logger.info("%s channel: refused a handshake (%s)", channel, name)
-    except trio.ClosedResourceError:
-        return

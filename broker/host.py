@@ -1,38 +1,35 @@
-"""The host: a trio service around the primary-MMU model and the notifier core.
+"""The host: a thin trio shell around the host core.
 
-It only moves messages and keeps time.  Everything that decides anything is
-sans-I/O: :class:`broker.mm.Model` (primary MMU, GUP, the DMA oracle, KSM),
-:class:`broker.notifier.NotifierCore` (who hears what), :class:`Sessions`
-(epochs, liveness), :class:`Segments` (XPMEM).  Host operations are
-generators of :class:`Deliver`; :meth:`Host.drive` runs one, sending the
-messages over the node channel and awaiting acks under the ack deadline.
-
-Ordering argument (why a correct node never makes a stale access): each node
-has one DEALER connection, so the host sees a node's messages in the order the
-node sent them.  The node channel task handles DMA and GUP-fast synchronously
-as they arrive and only *signals* an ack; the operation waiting for that ack
-runs afterwards.  So any DMA a node issued before acknowledging an
-invalidation is served before the host changes the primary ptes.
+Every decision lives in :class:`broker.core.HostCore` (sessions, duplicates,
+key binding, routing, the executor of operations, deadlines, heartbeats,
+ksmd).  This module owns only what the core must not: the three sockets, the
+clock, and carrying out the core's actions.
 
 Tasks (one nursery, all started by :meth:`Host.serve`)::
 
-    node channel   ROUTER  owner task: decode, dispatch, reply
-    admin channel  ROUTER  owner task: decode, check, spawn a handler per request
-    events         PUB     owner task: publish what happens
-    heartbeats             send to live nodes, fence the silent
-    ksmd                   scan MERGEABLE areas while ksm run == 1
+    node channel   ROUTER  one loop: receive a frame, hand it to the core, send what it says
+    admin channel  ROUTER  the same for admin requests
+    events         XPUB    published events (only while someone subscribes)
+    timer                  sleeps until the core's next deadline, then ``tick``
 
-Mutating operations are serialised by one lock (``mmap_lock`` for every mm at
-once, a simplification); GUP-fast, DMA, status and acks never take it.
+Ordering argument (why a correct node never makes a stale access): each node
+has one DEALER connection and the node loop hands its messages to the core one
+at a time, in arrival order, before reading the next.  The core serves a DMA
+the moment it is handed it, and an operation resumes only when the ack it
+waits for is handed over, so a DMA a node sent before acknowledging an
+invalidation is served before the host changes the primary ptes.  The core's
+actions are sent in the order the core returned them, through one path per
+socket (straight to libzmq when nothing is queued, else the send pump's
+queue), so the host's messages to a node keep their order too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Generator
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,46 +37,16 @@ from typing import Any
 
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from protocol import Limits, ProtocolError, decode, encode
+from protocol import Limits, encode
 from protocol.limits import ENV_VARS as LIMIT_ENV
-from protocol.admin import check_admin
-from protocol.messages import (
-    Ack,
-    AdminReply,
-    AdminRequest,
-    Command,
-    CommandResult,
-    DmaRead,
-    DmaReply,
-    DmaWrite,
-    Error,
-    Event,
-    Fenced,
-    Gup,
-    Heartbeat,
-    Message,
-    Ok,
-    Register,
-    Registered,
-    Subscribe,
-    Unpin,
-    Unsubscribe,
-    XpmemGet,
-    XpmemMake,
-    XpmemRelease,
-    XpmemRemove,
-)
-from protocol.types import Errno, KernelError
-from transport import PeerGone, SocketOptions, bind, serve_socket, user_id_of
-from transport.curve import DOMAIN_ADMIN, DOMAIN_EVENTS, DOMAIN_NODE, HostAuth, KeyLayout, name_matches_key
+from protocol.messages import Event
+from transport import PeerGone, SocketOptions, ZSocket, bind, serve_socket, user_id_of
+from transport.curve import DOMAIN_ADMIN, DOMAIN_EVENTS, DOMAIN_NODE, HostAuth, KeyLayout
 
-from . import guard
-from .effects import Deliver, Outcomes
-from .notifier import check_ops
-from .requests import NodeRequests
-from .sessions import Refused, Sessions
-from .xpmem import Segments
+from .core import Action, CoreConfig, HostCore, Publish, ReplyAdmin, SendNode, admin_result
+from .effects import Op
 
 logger = logging.getLogger(__name__)
 
@@ -182,28 +149,6 @@ class HostConfig:
         return server, nodes, admins  # type: ignore[return-value]
 
 
-@dataclass
-class _AckSlot:
-    event: trio.Event = field(default_factory=trio.Event)
-    ack: Ack | None = None
-
-
-@dataclass
-class _ResultSlot:
-    event: trio.Event = field(default_factory=trio.Event)
-    result: CommandResult | None = None
-    identity: bytes = b""
-    control: bool = False
-
-
-#: Node requests answered exactly once: a duplicate (same connection, same id)
-#: gets the first answer again, or nothing while that is still being made.
-_REQUESTS = (Register, Gup, Unpin, Subscribe, Unsubscribe, XpmemMake, XpmemGet, XpmemRelease, XpmemRemove,
-             DmaRead, DmaWrite)
-_REPLY_CACHE = 4096
-_REPLY_CONNECTIONS = 1024
-
-
 class Host:
     """The host service.  Construct, then ``await nursery.start(host.serve)``.
 
@@ -226,45 +171,50 @@ class Host:
                 swap_slots=config.swap_slots,
                 wrap_change_pte=config.wrap_change_pte,
             )
-        self.model = model
-        self.notifier = model.notifier
         ksm = model.ksm
         ksm.run = config.ksm_run
         ksm.pages_to_scan = config.ksm_pages_to_scan
         ksm.sleep_millisecs = config.ksm_sleep_millisecs
-        self.sessions = Sessions()
-        self.segments = Segments(config.page_size)
-        self.requests = NodeRequests(model, self.segments)
-        self.lock = trio.Lock()
-        self.ack_waiters: dict[tuple[str, int], _AckSlot] = {}
-        self.command_waiters: dict[int, _ResultSlot] = {}
-        #: node connection -> request id -> its reply (None while in progress)
-        self._replies: OrderedDict[bytes, OrderedDict[int, Message | None]] = OrderedDict()
-        self._ids = iter(range(1, 1 << 62))
+        self.core = HostCore(model, CoreConfig(
+            incarnation=self.incarnation,
+            page_size=config.page_size,
+            heartbeat_ms=config.heartbeat_ms,
+            liveness=config.liveness,
+            ack_deadline_ms=config.ack_deadline_ms,
+            command_timeout_ms=config.command_timeout_ms,
+            wrap_change_pte=config.wrap_change_pte,
+            limits=config.limits,
+        ))
+        self.model = model
+        self.notifier = model.notifier
+        self.auth: HostAuth | None = None
         self._event_seq = 0
         #: Topics the event stream's subscribers want (XPUB); empty: nobody listens.
         self._event_topics: set[bytes] = set()
-        self._node_send_now: Callable[[list[bytes]], bool] = lambda frames: False
-        self.endpoints: dict[str, str] = {}
-        self.auth: HostAuth | None = None
-        #: node connection (routing id) -> the key that registered on it (CURVE)
-        self._peer_keys: dict[bytes, str] = {}
-        self.counters: dict[str, int] = {
-            "bad_node_frames": 0,
-            "bad_admin_frames": 0,
-            "refused": 0,
-            "acks_late": 0,
-            "fenced_ack_deadline": 0,
-            "fenced_heartbeat": 0,
-            "admin_requests": 0,
-            "rate_limited": 0,
-            "forbidden": 0,
-            "dropped_node_frames": 0,
-            "dropped_admin_frames": 0,
-            "duplicates": 0,
-        }
-        self._ksm_wakeup = trio.Event()
-        self._events_send, self._events_recv = trio.open_memory_channel[Event](1024)
+        self._executing = False
+        self._gone: list[bytes] = []
+        self._timer_target = math.inf
+        self._timer_wake = trio.Event()
+        self._in_process_ids = iter(range(1, 1 << 62))
+        #: ref -> [event, reply] of admin requests made by :meth:`admin`
+        self._in_process: dict[int, list[Any]] = {}
+
+    # the core's state, for tests and the benchmark
+    @property
+    def sessions(self) -> Any:
+        return self.core.sessions
+
+    @property
+    def segments(self) -> Any:
+        return self.core.segments
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.core.counters
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return self.core.endpoints
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -275,10 +225,12 @@ class Host:
         (the real ports, when 0 asked the OS to choose).
 
         Concurrency: each socket is owned by a :func:`transport.serve_socket`
-        service; everything else talks to it through its memory channels.
-        Cancel the enclosing scope to stop.
+        service; everything else talks to it through its channels.  Cancel the
+        enclosing scope to stop: operations still open are abandoned with the
+        host (a host crash loses every mm).
         """
         cfg = self.config
+        core = self.core
         # A little over max_frame: a frame just too large still reaches the
         # decoder and gets a typed too_large error; a far larger one makes
         # libzmq cut the sender's connection.
@@ -290,6 +242,9 @@ class Host:
         self.auth = auth
         if auth is None:
             logger.warning("no CURVE keys configured: plain TCP, anyone who reaches the ports gets in")
+        else:
+            core.config.authenticated = True
+            core.config.admin_keys = auth.admin_keys.values()  # a live view
         try:
             channels = (
                 (zmq.ROUTER, cfg.node_port, DOMAIN_NODE),
@@ -301,92 +256,131 @@ class Host:
                 context = auth.context if auth else None
                 sockets.append(bind(kind, f"tcp://{cfg.bind}:{port}", options=options, context=context, security=security))
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 if auth is not None:
                     for sock, channel in zip(sockets, ("node", "admin", "events"), strict=True):
-                        monitors.append(guard.monitor(sock))
-                        nursery.start_soon(guard.count_handshake_failures, monitors[-1], channel, self.counters)
+                        monitors.append(monitor(sock))
+                        nursery.start_soon(count_handshake_failures, monitors[-1], channel, core.counters)
+                # Unbounded queues: the core has already decided by the time
+                # its actions are sent, so a send never waits (the core's
+                # bounds -- one lock, the ack deadline -- bound the queue).
                 node = await nursery.start(
-                    partial(serve_socket, sockets[0], on_undeliverable=self._undeliverable, outgoing_buffer=4096,
-                            direct_incoming=True)
+                    partial(serve_socket, sockets[0], on_undeliverable=self._undeliverable,
+                            outgoing_buffer=math.inf, direct_incoming=True)
                 )
-                admin = await nursery.start(partial(serve_socket, sockets[1], on_undeliverable=_ignore))
-                events = await nursery.start(serve_socket, sockets[2])
-                self._node_out, self._admin_out = node.outgoing, admin.outgoing
+                admin = await nursery.start(partial(serve_socket, sockets[1], on_undeliverable=_ignore,
+                                                    outgoing_buffer=math.inf))
+                events = await nursery.start(partial(serve_socket, sockets[2], outgoing_buffer=1024))
+                self._node_out, self._admin_out, self._events_out = node.outgoing, admin.outgoing, events.outgoing
                 self._node_send_now = node.send_now
-                self.endpoints = {"node": node.endpoint, "admin": admin.endpoint, "events": events.endpoint}
+                core.endpoints.update({"node": node.endpoint, "admin": admin.endpoint, "events": events.endpoint})
                 nursery.start_soon(self._node_loop, node.incoming)
                 nursery.start_soon(self._admin_loop, admin.incoming)
-                nursery.start_soon(self._events_loop, events.outgoing)
                 nursery.start_soon(self._subscriptions_loop, events.incoming)
-                nursery.start_soon(self._heartbeat_loop)
-                nursery.start_soon(self._ksm_loop)
-                logger.info("host %s serving %s", self.incarnation, self.endpoints)
-                self.publish("host_started", incarnation=self.incarnation, **self.endpoints)
-                task_status.started(dict(self.endpoints))
+                nursery.start_soon(self._timer_loop)
+                logger.info("host %s serving %s", self.incarnation, core.endpoints)
+                self._execute(core.start(trio.current_time()))
+                task_status.started(dict(core.endpoints))
         finally:
+            core.close()
             for sock in [*sockets, *monitors]:
                 sock.close()
             if auth is not None:
                 auth.stop()
             self.model.close()
 
-    # -- sending -----------------------------------------------------------------
+    # -- carrying out the core's actions ----------------------------------------
 
-    async def send_node(self, identity: bytes, msg: Message) -> None:
-        """Queue one message to a node (in order with every other one to it).
+    def _execute(self, actions: list[Action]) -> None:
+        """Send what the core said, in its order; then let the timer know if
+        the core's next deadline moved earlier.
 
-        A peer that turns out to be gone is handled by :meth:`_undeliverable`.
+        Concurrency: synchronous, never blocks (the queues are unbounded).
+        A peer found gone while sending is handed to the core afterwards, not
+        in the middle, so the order of the rest is kept.
         """
-        seen = self._replies.get(identity)
-        if seen is not None:
-            ref = getattr(msg, "ref", None)
-            if ref in seen and seen[ref] is None:
-                seen[ref] = msg  # what a duplicate of that request gets
-        frames = [identity, encode(msg)]
-        if not self._node_send_now(frames):  # straight to libzmq when nothing is queued
-            await self._node_out.send(frames)
-
-    def _duplicate(self, identity: bytes, msg_id: int) -> Message | bool:
-        """Remember request ``msg_id`` of this connection.  False if it is
-        new; else its reply (True while there is none yet)."""
-        seen = self._replies.get(identity)
-        if seen is None:
-            seen = self._replies[identity] = OrderedDict()
-            while len(self._replies) > _REPLY_CONNECTIONS:
-                self._replies.popitem(last=False)
-        if msg_id in seen:
-            self.counters["duplicates"] += 1
-            return seen[msg_id] or True
-        seen[msg_id] = None
-        while len(seen) > _REPLY_CACHE:
-            seen.popitem(last=False)
-        return False
+        if self._executing:
+            raise RuntimeError("the host's actions are not reentrant")
+        self._executing = True
+        try:
+            while True:
+                for action in actions:
+                    if type(action) is SendNode:
+                        frames = [action.identity, encode(action.msg)]
+                        if not self._node_send_now(frames):  # straight to libzmq when nothing is queued
+                            self._node_out.send_nowait(frames)
+                    elif type(action) is ReplyAdmin:
+                        if action.client is _IN_PROCESS:
+                            waiter = self._in_process.pop(action.reply.ref)
+                            waiter[1] = action.reply
+                            waiter[0].set()
+                        else:
+                            self._admin_out.send_nowait([action.client, encode(action.reply)])
+                    elif type(action) is Publish:
+                        self._publish(action)
+                if not self._gone:
+                    break
+                now = trio.current_time()
+                actions = []
+                for identity in self._gone:
+                    actions += self.core.peer_gone(identity, now)
+                self._gone.clear()
+        finally:
+            self._executing = False
+        deadline = self.core.next_deadline()
+        if deadline is not None and deadline < self._timer_target:
+            self._timer_wake.set()
 
     def _undeliverable(self, frames: list[bytes], exc: Exception) -> None:
         """The node channel could not route to a peer: that node is gone."""
         if isinstance(exc, PeerGone):
-            name = self.sessions.by_identity.get(exc.identity)
-            session = self.sessions.by_name.get(name) if name else None
-            if session is not None and session.state == "live" and session.identity == exc.identity:
-                self._nursery.start_soon(self.fence, name, "connection gone")
+            if self._executing:
+                self._gone.append(exc.identity)
+            else:
+                self._execute(self.core.peer_gone(exc.identity, trio.current_time()))
         else:
             logger.warning("node channel send failed: %s", exc)
 
-    def publish(self, kind: str, /, **fields: Any) -> None:
-        """Put an event on the stream (dropped if the stream is backed up).
-
-        Free when nobody listens: the stream is an XPUB socket, which tells
-        the host of its subscriptions, and events go only while there is one.
-        """
-        if not self._event_topics:
-            return
+    def _publish(self, event: Publish) -> None:
         self._event_seq += 1
-        clean = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in fields.items()}
+        clean = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in event.fields.items()}
+        frames = [event.kind.encode(), encode(Event(seq=self._event_seq, kind=event.kind, fields=clean))]
         try:
-            self._events_send.send_nowait(Event(seq=self._event_seq, kind=kind, fields=clean))
+            self._events_out.send_nowait(frames)
         except trio.WouldBlock:
-            self.counters["events_dropped"] = self.counters.get("events_dropped", 0) + 1
+            self.core.counters["events_dropped"] = self.core.counters.get("events_dropped", 0) + 1
+
+    def publish(self, kind: str, /, **fields: Any) -> None:
+        """Put an event on the stream (dropped if the stream is backed up)."""
+        self.core.publish(kind, **fields)
+        self._execute(self.core.drain())
+
+    # -- loops -------------------------------------------------------------------
+
+    async def _node_loop(self, incoming: Any) -> None:
+        core, authenticated = self.core, self.auth is not None
+        async for frames in incoming:
+            key = user_id_of(frames) if authenticated else None
+            self._execute(core.receive_node_frame(frames, key, trio.current_time()))
+
+    async def _admin_loop(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> None:
+        core, authenticated = self.core, self.auth is not None
+        async for frames in incoming:
+            key = user_id_of(frames) if authenticated else None
+            self._execute(core.receive_admin_frame(frames, key, trio.current_time()))
+
+    async def _timer_loop(self) -> None:
+        """Sleep until the core's next deadline (or until an event brings an
+        earlier one), then tick."""
+        core = self.core
+        while True:
+            deadline = core.next_deadline()
+            self._timer_target = math.inf if deadline is None else deadline
+            self._timer_wake = trio.Event()
+            with trio.move_on_at(self._timer_target):
+                await self._timer_wake.wait()
+            now = trio.current_time()
+            if now >= self._timer_target:
+                self._execute(core.tick(now))
 
     async def _subscriptions_loop(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> None:
         """XPUB subscription messages: b"\\x01" + topic subscribes, b"\\x00" +
@@ -398,376 +392,83 @@ class Host:
                 self._event_topics.add(frame[1:])
             elif frame[:1] == b"\x00":
                 self._event_topics.discard(frame[1:])
+            self.core.listening = bool(self._event_topics)
 
-    async def _events_loop(self, out: trio.MemorySendChannel[list[bytes]]) -> None:
-        async for event in self._events_recv:
-            await out.send([event.kind.encode(), encode(event)])
+    # -- for the benchmark and tests ---------------------------------------------
 
-    # -- driving sans-I/O operations ---------------------------------------------
-
-    async def deliver(self, effect: Deliver) -> Outcomes:
-        """Send a Deliver's messages and collect the acks, in parallel.
-
-        A node that has not acked by the ack deadline is fenced and answered
-        as None; the operation goes on without it.
-        """
-        outcomes: Outcomes = {}
-        slots: dict[str, tuple[int, _AckSlot]] = {}
-        for node, msg in effect.sends:
-            session = self.sessions.by_name.get(node)
-            if session is None or session.state != "live":
-                outcomes[node] = None
-                continue
-            if effect.expect_ack:
-                slot = _AckSlot()
-                self.ack_waiters[(node, msg.id)] = slot
-                slots[node] = (msg.id, slot)
-            self.publish(msg.TYPE, node=node, **_fields(msg))
-            await self.send_node(session.identity, msg)
-        for node, _ in effect.sends:
-            outcomes.setdefault(node, None)
-        if not slots:
-            return outcomes
-        with trio.move_on_after(self.config.ack_deadline_ms / 1000):
-            for _, slot in slots.values():
-                await slot.event.wait()
-        for node, (msg_id, slot) in slots.items():
-            self.ack_waiters.pop((node, msg_id), None)
-            if slot.ack is None:
-                session = self.sessions.by_name.get(node)
-                if session is not None and session.state == "live":
-                    self.counters["fenced_ack_deadline"] += 1
-                    await self.fence(node, f"no ack for {msg_id} within {self.config.ack_deadline_ms} ms")
-            outcomes[node] = slot.ack
-        return outcomes
-
-    async def drive(self, op: Generator[Deliver, Outcomes, Any]) -> Any:
-        """Run a host operation to completion (``run_sync``'s async twin)."""
-        try:
-            effect = next(op)
-            while True:
-                outcomes = await self.deliver(effect)
-                effect = op.send(outcomes)
-        except StopIteration as stop:
-            return stop.value
-
-    async def locked(self, op: Generator[Deliver, Outcomes, Any]) -> Any:
-        """Run a mutating operation under the host's mmap_lock."""
-        async with self.lock:
-            return await self.drive(op)
-
-    # -- fencing -------------------------------------------------------------------
-
-    async def fence(self, name: str, reason: str) -> None:
-        """Retire ``name``'s epoch, drop its subscriptions, pins and permits,
-        release whatever waits on it, and tell it (best effort)."""
-        session = self.sessions.fence(name, reason)
-        if session is None:
-            return
-        logger.warning("fenced %s (epoch %d): %s", name, session.epoch, reason)
-        self._replies.pop(session.identity, None)
-        self.notifier.fence(name)
-        self.model.fence_node(name)
-        self.segments.forget_node(name)
-        for (node, _), slot in list(self.ack_waiters.items()):
-            if node == name:
-                slot.event.set()
-        for ref, rslot in list(self.command_waiters.items()):
-            # its relayed commands end now (a fenced node's answers would be
-            # refused anyway), except inject/heal/status, which reach it still
-            if rslot.identity == session.identity and not rslot.control and rslot.result is None:
-                rslot.result = CommandResult(ref=ref, ok=False, errno=Errno.EINTR.value, error=f"{name} fenced: {reason}")
-                rslot.event.set()
-        self.publish("fenced", node=name, epoch=session.epoch, reason=reason)
-        await self.send_node(session.identity, Fenced(epoch=session.epoch, reason=reason))
-
-    # -- node channel ------------------------------------------------------------
-
-    async def _node_loop(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> None:
-        limits = self.config.limits
-        rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
-        async for frames in incoming:
-            if not rate.allow(frames[0], trio.current_time()):
-                self.counters["rate_limited"] += 1
-                self.counters["dropped_node_frames"] += 1
-                continue
-            if len(frames) != 2:
-                self.counters["bad_node_frames"] += 1
-                self.counters["dropped_node_frames"] += 1
-                continue
-            identity, frame = frames
-            try:
-                msg = decode(frame, limits)
-                if isinstance(msg, XpmemMake):
-                    guard.check_node_range(msg.length, limits, msg.id)
-            except ProtocolError as exc:
-                self.counters["bad_node_frames"] += 1
-                logger.info("bad frame from node %r: %s", identity[:16], exc)
-                await self.send_node(identity, Error(ref=exc.ref or 0, code=exc.code, message=exc.message))
-                continue
-            if self.auth is not None:
-                problem = self._key_problem(identity, msg, user_id_of(frames))
-                if problem:
-                    self.counters["forbidden"] += 1
-                    ref = getattr(msg, "id", getattr(msg, "ref", 0))
-                    await self.send_node(identity, Error(ref=ref, code="forbidden", message=problem))
-                    continue
-            if isinstance(msg, CommandResult):
-                rslot = self.command_waiters.get(msg.ref)
-                if rslot is None or getattr(rslot, "identity", identity) != identity:
-                    self.counters["dropped_node_frames"] += 1  # a result nobody asked this peer for
-                    continue
-            await self._on_node_message(identity, msg)
-
-    def _key_problem(self, identity: bytes, msg: Message, key: str | None) -> str:
-        """With CURVE: why this connection's key may not send ``msg`` ("" if
-        it may).  A node registers only under its key's name (or
-        ``KEY-anything``), and every later message on the connection must
-        come from that same key -- a peer that took over another's routing
-        id with another key is refused, never mistaken for it."""
-        if not key:
-            return "no authenticated key"
-        if isinstance(msg, Register):
-            if not name_matches_key(msg.name, key):
-                return f"key {key!r} may not register as {msg.name!r}"
-            self._peer_keys[identity] = key
-            return ""
-        owner = self._peer_keys.get(identity)
-        if owner is not None and owner != key:
-            return f"this connection belongs to key {owner!r}"
-        return ""
-
-    async def _on_node_message(self, identity: bytes, msg: Message) -> None:
-        now = trio.current_time()
-        if isinstance(msg, CommandResult):
-            # Not epoch-checked: inject/heal/status reach a fenced node too
-            # (`mmn heal` of a hung node); only the connection asked counts.
-            rslot = self.command_waiters.get(msg.ref)
-            if rslot is not None and rslot.result is None and rslot.identity == identity:
-                self.sessions.touch(identity, now)
-                rslot.result = msg
-                rslot.event.set()
-            return
-        if isinstance(msg, Register):
-            dup = self._duplicate(identity, msg.id)
-            if isinstance(dup, Message):
-                await self.send_node(identity, dup)
-            elif not dup:
-                await self._on_register(identity, msg, now)
-            return
-        epoch = getattr(msg, "epoch", None)
-        try:
-            session = self.sessions.lookup(identity, epoch)
-        except Refused as exc:
-            self.counters["refused"] += 1
-            ref = getattr(msg, "id", getattr(msg, "ref", 0))
-            if not isinstance(msg, (Ack, Heartbeat)) or exc.code == "fenced":
-                await self.send_node(identity, Error(ref=ref, code=exc.code, message=exc.message))
-            else:
-                self.counters["dropped_node_frames"] += 1
-            return
-        session.last_seen = now
-        name = session.name
-        if isinstance(msg, _REQUESTS):
-            dup = self._duplicate(identity, msg.id)
-            if dup:
-                if isinstance(dup, Message):
-                    await self.send_node(identity, dup)
-                return
-        if isinstance(msg, Ack):
-            slot = self.ack_waiters.get((name, msg.ref))
-            self.publish("ack", node=name, ref=msg.ref, status=msg.status, late=slot is None)
-            if slot is None:
-                self.counters["acks_late"] += 1  # late, or a duplicate: harmless
-            elif slot.ack is None:
-                slot.ack = msg
-                slot.event.set()
-            return
-        if isinstance(msg, Heartbeat):
-            return
-        if isinstance(msg, DmaRead | DmaWrite):
-            await self.send_node(identity, self._dma(name, msg))
-            return
-        if isinstance(msg, Gup):
-            await self._on_gup(identity, name, msg)
-            return
-        if isinstance(msg, Unsubscribe):
-            self._nursery.start_soon(self._unsubscribe, identity, name, msg)
-            return
-        await self.send_node(identity, self.requests.answer(name, msg))
-
-    async def _on_register(self, identity: bytes, msg: Register, now: float) -> None:
-        try:
-            check_ops(msg.ops, msg.sleepable)  # before anything changes
-        except ValueError as exc:
-            await self.send_node(identity, Error(ref=msg.id, code="bad_message", message=str(exc)))
-            return
-        old = self.sessions.by_name.get(msg.name)
-        if old is not None and old.state == "live":
-            await self.fence(msg.name, "registered again (restarted)")
-        session, _ = self.sessions.register(identity, msg, now)
-        self.notifier.add_node(session.name, session.ops, session.sleepable)
-        self.publish("registered", node=session.name, kind=session.kind, epoch=session.epoch)
-        await self.send_node(
-            identity,
-            Registered(
-                ref=msg.id,
-                epoch=session.epoch,
-                host_incarnation=self.incarnation,
-                heartbeat_ms=self.config.heartbeat_ms,
-                ack_deadline_ms=self.config.ack_deadline_ms,
-                page_size=self.config.page_size,
-            ),
-        )
-
-    async def _unsubscribe(self, identity: bytes, name: str, msg: Unsubscribe) -> None:
-        # mmu_notifier_unregister: ->release, then nothing more; it waits for
-        # the callbacks in flight, here for the operation holding the lock.
-        async with self.lock:
-            await self.drive(self.notifier.unregister(name, msg.mm))
-        await self.send_node(identity, Ok(ref=msg.id))
-
-    def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
-        reply = self.requests.dma(name, msg)
-        if reply.errno == Errno.ESTALE.value:
-            self.publish("stale_access", node=name, mm=msg.mm, addr=msg.addr, pfn=msg.pfn)
-        return reply
-
-    async def _on_gup(self, identity: bytes, name: str, msg: Gup) -> None:
-        reply = self.requests.gup_fast(name, self.sessions.by_name[name].kind, msg)
-        if reply is None:
-            self._nursery.start_soon(self._gup_slow, identity, name, msg)
-            return
-        await self.send_node(identity, reply)
-
-    async def _gup_slow(self, identity: bytes, name: str, msg: Gup) -> None:
-        reply = await self.locked(self.requests.gup_slow(name, msg))
-        session = self.sessions.by_name.get(name)
-        if session is None or session.state != "live" or session.identity != identity:
-            self.requests.undeliverable(name, msg, reply)  # fenced meanwhile
-            return
-        await self.send_node(identity, reply)
-
-    # -- heartbeats --------------------------------------------------------------
-
-    async def _heartbeat_loop(self) -> None:
-        period = self.config.heartbeat_ms / 1000
-        liveness = period * self.config.liveness
-        while True:
-            await trio.sleep(period)
-            now = trio.current_time()
-            for session in self.sessions.silent(now, liveness):
-                self.counters["fenced_heartbeat"] += 1
-                await self.fence(session.name, f"silent for {now - session.last_seen:.1f}s")
-            for session in self.sessions.live():
-                await self.send_node(
-                    session.identity,
-                    Heartbeat(id=next(self._ids), epoch=session.epoch, incarnation=self.incarnation),
-                )
-
-    # -- ksmd ----------------------------------------------------------------------
-
-    async def _ksm_loop(self) -> None:
-        ksm = self.model.ksm
-        while True:
-            if ksm.run == 1:
-                await self.locked(ksm.scan())
-                await trio.sleep(max(ksm.sleep_millisecs, 1) / 1000)
-            else:
-                self._ksm_wakeup = trio.Event()
-                await self._ksm_wakeup.wait()
-
-    # -- admin channel -------------------------------------------------------------
-
-    async def _admin_loop(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> None:
-        limits = self.config.limits
-        rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
-        async for frames in incoming:
-            if not rate.allow(frames[0], trio.current_time()):
-                self.counters["rate_limited"] += 1
-                self.counters["dropped_admin_frames"] += 1
-                continue
-            if len(frames) != 2:
-                self.counters["bad_admin_frames"] += 1
-                self.counters["dropped_admin_frames"] += 1
-                continue
-            identity, frame = frames
-            try:
-                msg = decode(frame, limits)
-                if not isinstance(msg, AdminRequest):
-                    raise ProtocolError("bad_message", f"{msg.TYPE} is not an admin request", getattr(msg, "id", None))
-                args = check_admin(msg.command, msg.args)
-                guard.check_admin_limits(msg.command, args, limits, self.config.page_size, msg.id)
-                if self.auth is not None and user_id_of(frames) not in self.auth.admin_keys.values():
-                    # ZAP lets only admin keys in; this is the second lock.
-                    raise ProtocolError("forbidden", "not an admin key", msg.id)
-            except ProtocolError as exc:
-                self.counters["bad_admin_frames"] += 1
-                reply = AdminReply(ref=exc.ref or 0, ok=False, errno="EINVAL", error=f"{exc.code}: {exc.message}")
-                await self._admin_reply(identity, reply)
-                continue
-            self.counters["admin_requests"] += 1
-            self._nursery.start_soon(self._admin_request, identity, msg, args)
-
-    async def _admin_reply(self, identity: bytes, reply: AdminReply) -> None:
-        await self._admin_out.send([identity, encode(reply)])
-
-    async def _admin_request(self, identity: bytes, msg: AdminRequest, args: dict[str, Any]) -> None:
-        from .admin import ADMIN_HANDLERS
-
-        handler = ADMIN_HANDLERS[msg.command]
-        try:
-            result = await handler(self, **args)
-            reply = AdminReply(ref=msg.id, ok=True, result=result or {})
-        except KernelError as exc:
-            reply = AdminReply(ref=msg.id, ok=False, errno=exc.errno.value, error=exc.message)
-        except Exception as exc:  # a bug must not take the host down
-            logger.exception("admin %s failed", msg.command)
-            reply = AdminReply(ref=msg.id, ok=False, errno="EIO", error=f"internal error: {exc!r}")
-        await self._admin_reply(identity, reply)
-
-    async def relay(self, node: str, command: str, args: dict[str, Any], timeout_ms: int | None = None,
-                    *, fenced_too: bool = False) -> CommandResult:
-        """Relay an admin command to a node and await its result.
-
-        ``fenced_too``: also to a fenced node still connected (inject, heal).
+    async def admin(self, command: str, **args: Any) -> dict[str, Any]:
+        """An admin command from inside this process (the benchmark), through
+        the core exactly as one from the admin socket.
 
         Raises:
-            KernelError(ESRCH): no live node of that name.
-            KernelError(ETIMEDOUT): no result within the command timeout.
+            KernelError: the reply's errno.
         """
-        session = self.sessions.by_name.get(node)
-        if session is None or (session.state != "live" and not fenced_too):
-            raise KernelError(Errno.ESRCH, f"no live node {node!r}")
-        cmd = Command(id=next(self._ids), command=command, args=args)
-        slot = _ResultSlot(identity=session.identity, control=fenced_too)
-        self.command_waiters[cmd.id] = slot
-        try:
-            await self.send_node(session.identity, cmd)
-            timeout = (timeout_ms or self.config.command_timeout_ms) / 1000
-            with trio.move_on_after(timeout):
-                await slot.event.wait()
-        finally:
-            self.command_waiters.pop(cmd.id, None)
-        if slot.result is None:
-            raise KernelError(Errno.ETIMEDOUT, f"node {node!r} did not answer {command} in time")
-        return slot.result
+        ref = next(self._in_process_ids)
+        waiter = self._in_process[ref] = [trio.Event(), None]
+        self._execute(self.core.submit_admin(_IN_PROCESS, ref, command, args, trio.current_time()))
+        await waiter[0].wait()
+        return admin_result(waiter[1])
 
-    def wake_ksm(self) -> None:
-        self._ksm_wakeup.set()
+    async def locked(self, op: Op[Any]) -> Any:
+        """Run a mutating operation under the core's mm lock, as an admin
+        command does, and return what it returns (or raise what it raises)."""
+        done = trio.Event()
+        handle = self.core.submit(op, "op", lambda value, error: done.set())
+        self._execute(self.core.drain())
+        await done.wait()
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+
+#: The client of admin requests made in this process (:meth:`Host.admin`).
+_IN_PROCESS = object()
 
 
 def _ignore(frames: list[bytes], exc: Exception) -> None:
     """An admin client that left before its reply: nothing to do."""
 
 
-def _fields(msg: Message) -> dict[str, Any]:
-    out = {}
-    for name in ("id", "mm", "start", "end", "addr", "pfn", "event", "start_id"):
-        value = getattr(msg, name, None)
-        if value is not None:
-            out[name] = value
-    return out
+# -- refused handshakes (CURVE), from libzmq's socket monitor -------------------
+
+_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "zap_refused",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+}
+_MONITORED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
+def monitor(zsock: ZSocket) -> ZSocket:
+    """A monitor of ``zsock``'s refused handshakes (call before serving it)."""
+    return ZSocket(zsock.socket.get_monitor_socket(_MONITORED))
+
+
+async def count_handshake_failures(mon: ZSocket, channel: str, counters: MutableMapping[str, int]) -> None:
+    """Count refused handshakes of one channel until cancelled:
+
+    * ``zap_refused_<channel>``: CURVE clients whose key the ZAP handler
+      refused (unknown key, or a node key on the admin channel);
+    * ``handshake_failed_<channel>``: clients without CURVE, or garbage.
+
+    A refused client's libzmq retries its connection, so one persistent
+    intruder counts once per attempt.
+    """
+    for name in ("zap_refused", "handshake_failed"):
+        counters.setdefault(f"{name}_{channel}", 0)
+    try:
+        while True:
+            frames = await mon.recv_multipart()
+            try:
+                event = parse_monitor_message(frames)["event"]
+            except Exception:  # noqa: BLE001 - a malformed monitor message is nobody's fault
+                continue
+            name = _FAILED.get(event)
+            if name is not None:
+                counters[f"{name}_{channel}"] += 1
+                logger.info("%s channel: refused a handshake (%s)", channel, name)
+    except trio.ClosedResourceError:
+        return
 
 
 async def run_host(config: HostConfig, *, task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED) -> None:

@@ -3,7 +3,7 @@
 Sans-I/O.  Every operation that must tell secondary MMUs something is a
 generator (:data:`broker.effects.Op`) that yields the notifier core's
 :class:`~broker.effects.Deliver` effects; a driver (``run_sync``, the host's
-trio shell, ``mmn.local``) carries them and resumes the operation with the
+trio shell and the in-process cluster, through the host core) carries them and resumes the operation with the
 acks.  Between two yields an operation runs without interruption.
 
 Kernel references, by operation (DESIGN §2):

@@ -450,11 +450,7 @@ class Bench:
                 await trio.sleep(0.05)
 
     async def admin(self, command: str, **args: Any) -> dict[str, Any]:
-        from broker.admin import ADMIN_HANDLERS
-        from protocol.admin import check_admin
-
-        checked = check_admin(command, args)
-        return await ADMIN_HANDLERS[command](self.host, **checked)
+        return await self.host.admin(command, **args)
 
     async def _mm_with_page(self, npages: int = 1) -> tuple[int, int]:
         mm = (await self.admin("spawn"))["mm"]

@@ -730,6 +730,8 @@ class SecondaryMMU:
             },
             "subscribed": sorted(mm for mm, s in self._mms.items() if s.subscribed),
             "in_flight": {"requests": len(self._pending), "dma": len(self.dma_in_flight)},
+            # starts begun and not ended (kvm's mmu_invalidate_in_progress, gru's range_active)
+            "invalidations_in_progress": sum(len(s.open_starts) for s in self._mms.values()),
             "counters": dict(self.counters),
         }
 

@@ -87,6 +87,8 @@ class Errno(str, enum.Enum):
     EAGAIN = "EAGAIN"
     ESTALE = "ESTALE"
     ETIMEDOUT = "ETIMEDOUT"
+    #: an internal error of the host (a bug caught before it took the host down)
+    EIO = "EIO"
 
 
 class KernelError(Exception):
@@ -100,3 +102,13 @@ class KernelError(Exception):
         self.errno = Errno(errno)
         self.message = message or self.errno.value
         super().__init__(f"{self.errno.value}: {self.message}")
+
+
+def name_matches_key(name: str, key_id: str) -> bool:
+    """May a node holding CURVE key ``key_id`` register as ``name``?
+
+    Its own name, or ``KEYID-anything`` (a per-kind key ``xpmem`` covers the
+    ``xpmem-<container>`` names of ``--scale``d containers, which share it
+    and so are one principal).
+    """
+    return name == key_id or (name.startswith(key_id + "-") and len(name) > len(key_id) + 1)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mmn.local import LocalCluster, Stuck
+from mmnotify.local import LocalCluster, Stuck
 from node.kvm import KvmMMU
 from protocol.messages import Ack, DmaRead, Gup, InvalidateRangeStart, Unpin
 from protocol.types import Errno, KernelError

@@ -17,8 +17,8 @@ is left.
 Kernel errors are expected only where the kernel gives them (see
 :func:`expected_host_error` and :func:`expected_node_error`).
 
-Reproducible: derandomized, no example database.  Budget: ``MMN_STATEFUL_EXAMPLES``
-(default 1000) examples of up to 40 steps.
+Reproducible: derandomized, no example database.  Budget: 1,000 examples of up
+to 40 steps; ``HYPOTHESIS_PROFILE=long`` runs 20,000, ``MMN_STATEFUL_EXAMPLES`` any number.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from mmn.local import LocalCluster
+from mmnotify.local import LocalCluster
 from protocol.types import Errno, KernelError
 
 PS = 4096
@@ -37,7 +37,10 @@ FRAMES = 512
 SWAP_SLOTS = 512
 MAX_MMS = 4
 MAX_PAGES_PER_MM = 12
-EXAMPLES = int(os.environ.get("MMN_STATEFUL_EXAMPLES", "1000"))
+#: CI's budget; ``HYPOTHESIS_PROFILE=long`` for a nightly-style run; MMN_STATEFUL_EXAMPLES overrides both.
+PROFILES = {"ci": 1000, "long": 20_000}
+EXAMPLES = int(os.environ.get("MMN_STATEFUL_EXAMPLES",
+                              PROFILES.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), PROFILES["ci"])))
 
 #: Few distinct patterns at few offsets, so identical pages (KSM) are common.
 PATTERNS = [b"\x00" * 8, b"AAAAAAAA", b"BBBBBBBB", b"ksm-same", b"\xff\x01\xff\x01"]

@@ -46,6 +46,8 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
+from protocol.types import name_matches_key  # re-exported: the rule lives with the wire contract
+
 log = logging.getLogger(__name__)
 
 HOST_KEY_NAME = "host"
@@ -212,16 +214,6 @@ def load_public_keys(directory: str | os.PathLike[str]) -> dict[bytes, str]:
     for f in sorted(d.glob("*.key")):
         out[zmq.utils.z85.decode(load_public(f))] = f.stem
     return out
-
-
-def name_matches_key(name: str, key_id: str) -> bool:
-    """May a node holding key ``key_id`` register as ``name``?
-
-    Its own name, or ``KEYID-anything`` (a per-kind key ``xpmem`` covers the
-    ``xpmem-<container>`` names of ``--scale``d containers, which share it
-    and so are one principal).
-    """
-    return name == key_id or (name.startswith(key_id + "-") and len(name) > len(key_id) + 1)
 
 
 # --------------------------------------------------------------------------

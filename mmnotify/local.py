@@ -1,27 +1,27 @@
-"""The whole system in one process: no sockets, no clock, deterministic.
+"""The whole system in one process: the host's real core, no sockets, no clock.
 
-:class:`LocalCluster` holds the primary-MMU :class:`broker.mm.Model`, the
-host-side XPMEM :class:`broker.xpmem.Segments` and named secondary MMUs
-(``node.kvm`` / ``node.gru`` / ``node.xpmem``, the very classes the networked
-nodes run).  It plays the part of ``broker.host.Host`` and of the ZeroMQ node
-channel:
+:class:`LocalCluster` is a queue pump around :class:`broker.core.HostCore` --
+the very object ``mmn host`` runs -- and named secondary MMUs (``node.kvm`` /
+``node.gru`` / ``node.xpmem``, the very classes the networked nodes run).  It
+plays only the parts the core leaves to its shell: the node connections and
+the clock.
 
 * each node has two ordered FIFO queues, host→node and node→host, like its one
-  DEALER connection;
-* the host handles node→host messages in order, routing each one exactly as
-  ``Host._on_node_message`` does (Subscribe → ``notifier.register``; Gup →
-  ``model.gup_fast``, else the slow ``model.gup`` generator, deferred until no
-  other host operation holds the lock; Unsubscribe under the lock; Unpin;
-  DmaRead/DmaWrite → the model's oracle; Xpmem*; Ack → the pending Deliver);
-* :meth:`LocalCluster.deliver` is the synchronous twin of ``Host.deliver``:
-  it queues the sends and pumps until every addressed node has answered; a
-  node that cannot answer (held with :meth:`hold`, or with no progress
-  possible) is fenced and answered ``None``, as the ack deadline would.
+  DEALER connection; a (re)registration opens a new connection (identity);
+* the core's actions go into the queues; a node→host message is handed to the
+  core as the host's node loop hands it a frame;
+* time is virtual: when nothing can move and the core has a deadline (an ack
+  not coming from a held node), the clock jumps to it and the core ticks, so
+  the core fences exactly as the service does at its ack deadline;
+* the core runs deferred (``eager=False``): every continuation it makes ready
+  (an operation resumed after its acks, after an end, a slow GUP granted the
+  lock) is one more step the pump schedules among the queues.  With ``seed``
+  a seeded random generator picks the next step, so a property test explores
+  node traffic at every yield of every operation, reproducibly.
 
-One host lock (the real host's ``mmap_lock`` for every mm at once) serialises
-mutating operations.  GUP-fast and DMA never take it.  The stepping API
-(:meth:`begin` / :meth:`finish`) holds an operation open across its first
-Deliver, so a test can let faults and accesses race an invalidation::
+The stepping API (:meth:`begin` / :meth:`finish`) holds an operation open
+after its first Deliver, so a test can let faults and accesses race an
+invalidation::
 
     handle = c.begin(c.model.munmap(mm, addr, length))   # start queued, lock held
     token = c.submit_fault("kvm", mm, addr)              # node sends Gup
@@ -29,12 +29,12 @@ Deliver, so a test can let faults and accesses race an invalidation::
     c.finish(handle)                                     # end; the fault retries
     c.result("kvm", token)
 
-Scheduling is deterministic: by default queues are served in a fixed order
-(host→node before node→host, nodes in registration order); with ``seed`` a
-seeded random generator picks the next ready queue, so a property test can
-explore interleavings reproducibly.
+Frame safety is checked where it matters: every frame the model frees is
+checked against every live node's translations (none may point at it), and
+:meth:`check` asserts, at quiescence, that no node has an invalidation in
+progress when the host has none open.
 
-Run ``python -m mmn.local`` for a demonstration scenario.
+Run ``python -m mmnotify.local`` for a demonstration scenario.
 """
 
 from __future__ import annotations
@@ -43,36 +43,22 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.effects import Deliver, Outcomes
-from broker.requests import NodeRequests
-from broker.xpmem import Segments
+from broker.core import CoreConfig, HostCore, Publish, ReplyAdmin, SendNode, TaskHandle, admin_result
+from broker.effects import Op
 from node.base import Completion, Output, SecondaryMMU, node_class
-from protocol.messages import (
-    Ack,
-    CommandResult,
-    DmaRead,
-    DmaReply,
-    DmaWrite,
-    Error,
-    Fenced,
-    Gup,
-    GupReply,
-    Heartbeat,
-    Message,
-    Ok,
-    Registered,
-    Unsubscribe,
-)
+from protocol.messages import AdminReply, Message, Registered
 from protocol.types import Errno, KernelError
 
 logger = logging.getLogger(__name__)
 
 #: Host incarnation id the in-process nodes see.
 INCARNATION = "local"
+#: The in-process nodes' own incarnation (they never restart as processes).
+NODE_INCARNATION = "local-node"
 
 
 class Stuck(RuntimeError):
@@ -91,50 +77,57 @@ class Stuck(RuntimeError):
 
 @dataclass(eq=False)
 class Port:
-    """One node as the host sees it: its session and its connection.
+    """One node and its connection to the host.
 
     ``to_node`` / ``to_host`` are the two directions of the node's DEALER
     connection, each FIFO.  ``held``: the node has hung (it stops reading
-    ``to_node``; what it already sent still arrives).
+    ``to_node``; what it already sent still arrives).  ``identity``: the
+    connection's routing id (new at each registration).
     """
 
     name: str
     node: SecondaryMMU
-    epoch: int = 0
-    state: str = "live"  # live | fenced
-    fence_reason: str = ""
+    identity: bytes = b""
     held: bool = False
     to_node: deque[Message] = field(default_factory=deque)
     to_host: deque[Message] = field(default_factory=deque)
     completions: dict[int, Completion] = field(default_factory=dict)
+    cluster: Any = None
 
     @property
     def kind(self) -> str:
         return self.node.kind
 
+    @property
+    def session(self) -> Any:
+        session = self.cluster.core.sessions.by_name.get(self.name)
+        return session if session is not None and session.identity == self.identity else None
 
-@dataclass(eq=False)
-class _AckSlot:
-    node: str
-    ack: Ack | None = None
-    done: bool = False  # acked, or the node was fenced
+    @property
+    def state(self) -> str:
+        """``live`` or ``fenced``, as the core's session says."""
+        session = self.session
+        return session.state if session is not None else "fenced"
+
+    @property
+    def epoch(self) -> int:
+        session = self.session
+        return session.epoch if session is not None else 0
 
 
 @dataclass(eq=False)
 class Handle:
     """A host operation begun by :meth:`LocalCluster.begin`, holding the lock."""
 
-    op: Generator[Deliver, Outcomes, Any] | None
-    effect: Deliver | None = None
-    slots: dict[str, _AckSlot] = field(default_factory=dict)
-    done: bool = False
-    value: Any = None
-    #: The KernelError the operation raised before its first delivery (re-raised by finish).
-    error: KernelError | None = None
+    task: TaskHandle
+
+    @property
+    def done(self) -> bool:
+        return self.task.done
 
 
 class LocalCluster:
-    """A host and its nodes in one process (see the module docstring).
+    """A host core and its nodes in one process (see the module docstring).
 
     Args:
         frames: physical page frames of the model (the zero frame included).
@@ -143,9 +136,10 @@ class LocalCluster:
         wrap_change_pte: the 3.7–6.9 mode (change_pte wrapped in start/end).
         nodes: ``{name: kind}`` or a list of kinds (named ``kvm``, ``gru``,
             ``xpmem``, then ``kvm2``...) to register at once.
-        seed: None for a fixed service order of the queues; an int for a
-            seeded random order (reproducible interleavings).
+        seed: None for a fixed service order; an int for a seeded random
+            order of every step (reproducible interleavings).
         model: a ready :class:`broker.mm.Model` (the others are then ignored).
+        ack_deadline_ms: the core's ack deadline, on the virtual clock.
     Concurrency:
         Synchronous and single-threaded.  Not reentrant from node code.
     """
@@ -160,6 +154,7 @@ class LocalCluster:
         nodes: dict[str, str] | list[str] | tuple[str, ...] = (),
         seed: int | None = None,
         model: Any | None = None,
+        ack_deadline_ms: int = 2000,
     ) -> None:
         if model is None:
             from broker.mm import Model
@@ -173,33 +168,40 @@ class LocalCluster:
             )
         self.model = model
         self.notifier = model.notifier
-        self.page_size = model.page_size if hasattr(model, "page_size") else page_size
-        self.segments = Segments(self.page_size)
-        self.requests = NodeRequests(self.model, self.segments)
+        self.page_size = model.page_size
+        # heartbeat_ms 0: in-process nodes have no clock to heartbeat with.
+        self.core = HostCore(model, CoreConfig(
+            incarnation=INCARNATION,
+            page_size=self.page_size,
+            heartbeat_ms=0,
+            ack_deadline_ms=ack_deadline_ms,
+            wrap_change_pte=model.wrap_change_pte,
+        ), eager=False)
+        self.segments = self.core.segments
+        self.now = 0.0
         self.ports: dict[str, Port] = {}
-        self.retired: set[int] = set()
-        self._epochs = itertools.count(1)
-        self._ack_waiters: dict[tuple[str, int], _AckSlot] = {}
-        #: Node requests that need the host lock (slow GUP, unsubscribe), in arrival order.
-        self._deferred: deque[Callable[[], None]] = deque()
-        self._locked = False
+        self._by_identity: dict[bytes, Port] = {}
+        self._connections = itertools.count(1)
+        self._admin_ids = itertools.count(1)
+        self._admin_replies: dict[int, AdminReply] = {}
+        self._held_op: TaskHandle | None = None
         self._random = random.Random(seed) if seed is not None else None
-        self.counters: dict[str, int] = {
-            "messages_to_nodes": 0,
-            "messages_to_host": 0,
-            "refused": 0,
-            "acks_late": 0,
-            "fenced_ack_deadline": 0,
-            "gup_fast": 0,
-            "gup_slow": 0,
-            "dma": 0,
-        }
+        self.pump_counters: dict[str, int] = {"messages_to_nodes": 0, "messages_to_host": 0}
+        #: hand-driven connections (:meth:`connect_raw`): identity -> what the host sent them
+        self.raw: dict[bytes, deque[Message]] = {}
+        if hasattr(model.memory, "on_free"):
+            model.memory.on_free = self._on_free
         if isinstance(nodes, dict):
             for name, kind in nodes.items():
                 self.add_node(kind, name)
         else:
             for kind in nodes:
                 self.add_node(kind)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The core's counters and the pump's message counts."""
+        return {**self.core.counters, **self.pump_counters}
 
     # ------------------------------------------------------------------ nodes
 
@@ -220,41 +222,33 @@ class LocalCluster:
         name = node.name
         if name in self.ports:
             raise ValueError(f"node {name!r} exists")
-        self.ports[name] = Port(name, node, state="fenced")
+        self.ports[name] = Port(name, node, cluster=self)
         self.register(name)
         return name
 
     def register(self, name: str) -> int:
-        """(Re)register node ``name``: a new session with a fresh epoch.
-
-        Like ``Host._on_register``: a still-live previous session is fenced
-        first.  The node gets ``Registered`` (it drops everything it had);
-        messages of the old connection still queued are gone with it.
+        """(Re)register node ``name`` on a new connection: its ``Register``
+        goes to the core as the host's node loop would hand it over (a
+        still-live previous session is fenced there first); the node reads
+        its ``Registered`` (it drops everything it had).  Messages of the old
+        connection still queued are gone with it.
 
         Returns:
             The new epoch.
         """
         port = self.ports[name]
-        if port.state == "live":
-            self.fence(name, "registered again (restarted)")
+        self._by_identity.pop(port.identity, None)
         port.to_node.clear()
         port.to_host.clear()
         port.held = False
-        port.epoch = next(self._epochs)
-        port.state = "live"
-        port.fence_reason = ""
-        self.notifier.add_node(name, port.node.ops, port.node.sleepable)
-        outputs = port.node.receive(
-            Registered(
-                ref=0,
-                epoch=port.epoch,
-                host_incarnation=INCARNATION,
-                heartbeat_ms=0,
-                ack_deadline_ms=0,
-                page_size=self.page_size,
-            )
-        )
-        self._emit(port, outputs)
+        port.identity = f"{name}#{next(self._connections)}".encode()
+        self._by_identity[port.identity] = port
+        self._route(self.core.receive_node(port.identity, port.node.make_register(NODE_INCARNATION), None, self.now))
+        while port.to_node:
+            msg = port.to_node.popleft()
+            self._emit(port, port.node.receive(msg))
+            if isinstance(msg, Registered):
+                break
         return port.epoch
 
     def node(self, name: str) -> SecondaryMMU:
@@ -262,23 +256,10 @@ class LocalCluster:
         return self.ports[name].node
 
     def fence(self, name: str, reason: str = "fenced") -> None:
-        """Retire ``name``'s epoch (``Host.fence``): subscriptions, pins and
-        permits dropped, acks awaited from it answered None, ``Fenced`` queued
-        to it (it drops every translation when it reads it)."""
-        port = self.ports[name]
-        if port.state != "live":
-            return
-        logger.info("fenced %s (epoch %d): %s", name, port.epoch, reason)
-        port.state = "fenced"
-        port.fence_reason = reason
-        self.retired.add(port.epoch)
-        self.notifier.fence(name)
-        self.model.fence_node(name)
-        self.segments.forget_node(name)
-        for (node, _), slot in self._ack_waiters.items():
-            if node == name:
-                slot.done = True
-        self._to_node(port, Fenced(epoch=port.epoch, reason=reason))
+        """Fence ``name`` in the core (subscriptions, pins and permits
+        dropped, acks awaited from it answered None, ``Fenced`` queued to it:
+        it drops every translation when it reads it)."""
+        self._route(self.core.fence(name, reason, self.now))
 
     def hold(self, name: str) -> None:
         """The node hangs: it stops reading the host's messages."""
@@ -290,46 +271,59 @@ class LocalCluster:
 
     # ------------------------------------------------------------ transport
 
-    def _to_node(self, port: Port, msg: Message) -> None:
-        self.counters["messages_to_nodes"] += 1
-        port.to_node.append(msg)
+    def _route(self, actions: list[Any]) -> None:
+        for action in actions:
+            if type(action) is SendNode:
+                port = self._by_identity.get(action.identity)
+                if port is not None:
+                    self.pump_counters["messages_to_nodes"] += 1
+                    port.to_node.append(action.msg)
+                elif action.identity in self.raw:
+                    self.raw[action.identity].append(action.msg)
+                # else: that connection is gone
+            elif type(action) is ReplyAdmin:
+                self._admin_replies[action.reply.ref] = action.reply
+            elif type(action) is Publish:
+                pass
 
     def _emit(self, port: Port, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Completion):
                 port.completions[out.token] = out
             else:
-                self.counters["messages_to_host"] += 1
+                self.pump_counters["messages_to_host"] += 1
                 port.to_host.append(out)
 
-    def _ready(self) -> list[tuple[str, Port]]:
-        ready: list[tuple[str, Port]] = []
+    def _ready(self) -> list[tuple[str, Port | None]]:
+        ready: list[tuple[str, Port | None]] = []
         for port in self.ports.values():
             if port.to_node and not port.held:
                 ready.append(("node", port))
         for port in self.ports.values():
             if port.to_host:
                 ready.append(("host", port))
+        if self.core.has_ready:
+            ready.append(("core", None))
         return ready
 
     def step(self) -> bool:
-        """Move one message (or run one deferred request if the lock is free).
+        """Move one message, or run one continuation of the core.
 
         Returns:
             False when nothing can move.
         """
         ready = self._ready()
-        if ready:
-            side, port = ready[0] if self._random is None else self._random.choice(ready)
-            if side == "node":
-                self.step_node(port.name)
-            else:
-                self.step_host(port.name)
-            return True
-        if not self._locked and self._deferred:
-            self._deferred.popleft()()
-            return True
-        return False
+        if not ready:
+            return False
+        side, port = ready[0] if self._random is None else self._random.choice(ready)
+        if side == "node":
+            self.step_node(port.name)  # type: ignore[union-attr]
+        elif side == "host":
+            self.step_host(port.name)  # type: ignore[union-attr]
+        else:
+            self.core.run_one()
+            self._route(self.core.drain())
+        return True
 
     def step_node(self, name: str) -> bool:
         """Node ``name`` reads one message from the host (even if held)."""
@@ -341,143 +335,41 @@ class LocalCluster:
         return True
 
     def step_host(self, name: str) -> bool:
-        """The host handles one message from node ``name``."""
+        """The host core handles one message from node ``name``."""
         port = self.ports[name]
         if not port.to_host:
             return False
-        self._on_node_message(port, port.to_host.popleft())
+        self._route(self.core.receive_node(port.identity, port.to_host.popleft(), None, self.now))
+        return True
+
+    def _advance(self) -> bool:
+        """Nothing can move: jump the clock to the core's next deadline and
+        tick (a node that cannot answer is fenced there, as at the service's
+        ack deadline).  Not while :meth:`begin` holds an operation open."""
+        if self._held_op is not None:
+            return False
+        deadline = self.core.next_deadline()
+        if deadline is None:
+            return False
+        self.now = max(self.now, deadline)
+        self._route(self.core.tick(self.now))
         return True
 
     def pump(self) -> None:
-        """Move messages until nothing can move (deferred requests run when
-        no operation holds the lock)."""
-        while self.step():
+        """Move messages and run the core until nothing can move, letting the
+        clock reach the core's deadlines when that is all that is left."""
+        while self.step() or self._advance():
             pass
-
-    # --------------------------------------------------- host: node messages
-
-    def _reply(self, port: Port, msg: Message) -> None:
-        self._to_node(port, msg)
-
-    def _on_node_message(self, port: Port, msg: Message) -> None:
-        """``Host._on_node_message``, synchronously."""
-        epoch = getattr(msg, "epoch", None)
-        if port.state != "live" or (epoch is not None and (epoch in self.retired or epoch != port.epoch)):
-            # Sessions.lookup refuses it as "fenced"; the host answers even acks.
-            self.counters["refused"] += 1
-            ref = getattr(msg, "id", getattr(msg, "ref", 0))
-            self._reply(port, Error(ref=ref, code="fenced", message=f"{port.name} epoch {epoch} refused"))
-            return
-        name = port.name
-        if isinstance(msg, Ack):
-            slot = self._ack_waiters.get((name, msg.ref))
-            if slot is None or slot.done:
-                self.counters["acks_late"] += 1
-            else:
-                slot.ack = msg
-                slot.done = True
-            return
-        if isinstance(msg, CommandResult | Heartbeat):
-            return
-        if isinstance(msg, DmaRead | DmaWrite):
-            self._reply(port, self._dma(name, msg))
-            return
-        if isinstance(msg, Gup):
-            self._on_gup(port, msg)
-            return
-        if isinstance(msg, Unsubscribe):
-            self._deferred.append(lambda: self._unsubscribe(port, msg))
-            return
-        self._reply(port, self.requests.answer(name, msg))
-
-    def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
-        """``Host._dma``: the oracle.  Never takes the lock."""
-        self.counters["dma"] += 1
-        reply = self.requests.dma(name, msg)
-        if reply.errno == Errno.ESTALE.value:
-            logger.error("stale access by %s: mm %d addr %#x pfn %d", name, msg.mm, msg.addr, msg.pfn)
-        return reply
-
-    def _on_gup(self, port: Port, msg: Gup) -> None:
-        """``Host._on_gup``: permits, then GUP-fast, else the slow path under the lock."""
-        reply = self.requests.gup_fast(port.name, port.kind, msg)
-        if reply is None:
-            self._deferred.append(lambda: self._gup_slow(port, msg))
-            return
-        if isinstance(reply, GupReply) and not reply.errno:
-            self.counters["gup_fast"] += 1
-        self._reply(port, reply)
-
-    def _gup_slow(self, port: Port, msg: Gup) -> None:
-        """``Host._gup_slow``: ``model.gup`` under the lock."""
-        self.counters["gup_slow"] += 1
-        epoch = port.epoch
-        reply = self._locked_run(self.requests.gup_slow(port.name, msg))
-        if port.state != "live" or port.epoch != epoch or msg.epoch != epoch:
-            self.requests.undeliverable(port.name, msg, reply)  # fenced meanwhile
-            return
-        self._reply(port, reply)
-
-    def _unsubscribe(self, port: Port, msg: Unsubscribe) -> None:
-        self._locked_run(self.notifier.unregister(port.name, msg.mm))
-        self._reply(port, Ok(ref=msg.id))
 
     # ------------------------------------------------------ driving operations
 
-    def _send(self, effect: Deliver) -> dict[str, _AckSlot]:
-        """Queue a Deliver's messages; returns the ack slots to wait for."""
-        slots: dict[str, _AckSlot] = {}
-        for name, msg in effect.sends:
-            port = self.ports.get(name)
-            if port is None or port.state != "live":
-                continue
-            if effect.expect_ack:
-                slot = _AckSlot(name)
-                self._ack_waiters[(name, msg.id)] = slot
-                slots[name] = slot
-            self._to_node(port, msg)
-        return slots
+    def _until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            if not (self.step() or self._advance()):
+                raise RuntimeError("the in-process host cannot progress (an operation held open?)")
 
-    def _collect(self, effect: Deliver, slots: dict[str, _AckSlot]) -> Outcomes:
-        """Pump until every slot is answered; fence the nodes that cannot answer."""
-        while not all(slot.done for slot in slots.values()):
-            if not self.step():
-                for name, slot in slots.items():
-                    if not slot.done:
-                        self.counters["fenced_ack_deadline"] += 1
-                        self.fence(name, "no ack: node cannot answer")
-                break
-        for key in [k for k, s in self._ack_waiters.items() if s in slots.values()]:
-            del self._ack_waiters[key]
-        outcomes: Outcomes = {name: None for name in effect.nodes}
-        for name, slot in slots.items():
-            outcomes[name] = slot.ack
-        return outcomes
-
-    def deliver(self, effect: Deliver) -> Outcomes:
-        """``Host.deliver``, synchronously: queue the sends, pump until every
-        addressed node acked (none for ``expect_ack=False``: returns at once)."""
-        return self._collect(effect, self._send(effect))
-
-    def _drive(self, op: Generator[Deliver, Outcomes, Any], first: Outcomes | None = None) -> Any:
-        try:
-            effect = next(op) if first is None else op.send(first)
-            while True:
-                effect = op.send(self.deliver(effect))
-        except StopIteration as stop:
-            return stop.value
-
-    def _locked_run(self, op: Generator[Deliver, Outcomes, Any]) -> Any:
-        if self._locked:
-            raise RuntimeError("a host operation already holds the lock")
-        self._locked = True
-        try:
-            return self._drive(op)
-        finally:
-            self._locked = False
-
-    def run(self, op: Generator[Deliver, Outcomes, Any]) -> Any:
-        """Run a host operation to completion under the lock, then pump.
+    def run(self, op: Op[Any]) -> Any:
+        """Run a host operation to completion under the core's mm lock, then pump.
 
         Returns:
             What the operation returns.
@@ -485,54 +377,94 @@ class LocalCluster:
             Whatever it raises (``KernelError``...), after pumping.
             RuntimeError if an operation begun with :meth:`begin` is open.
         """
+        if self._held_op is not None:
+            raise RuntimeError("a host operation already holds the lock")
+        handle = self.core.submit(op)
         try:
-            return self._locked_run(op)
+            self._until(lambda: handle.done)
         finally:
             self.pump()
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
 
-    def begin(self, op: Generator[Deliver, Outcomes, Any]) -> Handle:
-        """Take the lock, run ``op`` to its first Deliver and queue its sends.
+    def begin(self, op: Op[Any]) -> Handle:
+        """Run ``op`` under the lock to its first Deliver and queue its sends;
+        the core then holds it there (acks are collected, it is not resumed)
+        until :meth:`finish`.
 
-        Nothing is pumped: the test may now let nodes fault and access
+        Nothing else is pumped: the test may now let nodes fault and access
         (GUP-fast and DMA are served; slow GUPs wait for the lock), then
         :meth:`finish`.
         """
-        if self._locked:
+        if self._held_op is not None or self.core.lock_held:
             raise RuntimeError("a host operation already holds the lock")
-        self._locked = True
-        try:
-            effect = next(op)
-        except StopIteration as stop:
-            self._locked = False
-            return Handle(None, done=True, value=stop.value)
-        except KernelError as exc:  # failed before talking to anyone: finish() raises it
-            self._locked = False
-            return Handle(None, done=True, error=exc)
-        except BaseException:
-            self._locked = False
-            raise
-        return Handle(op, effect, self._send(effect))
+        task = self.core.submit(op)
+        while not task.done and task.delivers == 0:
+            if not self.core.run_one():
+                raise RuntimeError("the operation did not start")
+            self._route(self.core.drain())
+        if not task.done:
+            self.core.hold(task)
+            self._held_op = task
+        return Handle(task)
 
     def finish(self, handle: Handle) -> Any:
         """Complete an operation begun with :meth:`begin`, release the lock, pump."""
-        if handle.done:
-            if handle.error is not None:
-                raise handle.error
-            return handle.value
-        assert handle.op is not None and handle.effect is not None
+        task = handle.task
+        if self._held_op is task:
+            self._held_op = None
+            self.core.release(task)
+            if self.core.run_one():  # the operation goes on first (if its acks are in)
+                self._route(self.core.drain())
         try:
-            outcomes = self._collect(handle.effect, handle.slots)
-            handle.value = self._drive(handle.op, outcomes)
-            return handle.value
+            self._until(lambda: task.done)
         finally:
-            handle.done = True
-            self._locked = False
             self.pump()
+        if task.error is not None:
+            raise task.error
+        return task.value
 
     @property
     def locked(self) -> bool:
         """An operation holds the host lock."""
-        return self._locked
+        return self.core.lock_held
+
+    def connect_raw(self, identity: bytes) -> deque[Message]:
+        """A hand-driven node connection (a test plays the node): returns the
+        queue of what the host sends it; :meth:`send_raw` sends from it."""
+        return self.raw.setdefault(identity, deque())
+
+    def send_raw(self, identity: bytes, msg: Message) -> None:
+        """A message from hand-driven connection ``identity`` to the core."""
+        self._route(self.core.receive_node(identity, msg, None, self.now))
+
+    # ------------------------------------------------------------ the admin API
+
+    def admin_begin(self, command: str, **args: Any) -> int:
+        """Send an admin request to the core without waiting; returns its ref
+        (:meth:`admin_reply` collects it)."""
+        ref = next(self._admin_ids)
+        self._route(self.core.submit_admin("local", ref, command, args, self.now))
+        return ref
+
+    def admin_reply(self, ref: int) -> AdminReply:
+        """Pump until the reply to admin request ``ref`` is in; returns it."""
+        self._until(lambda: ref in self._admin_replies)
+        return self._admin_replies.pop(ref)
+
+    def admin(self, command: str, **args: Any) -> dict[str, Any]:
+        """An admin command through the core, exactly as ``mmn`` sends it to
+        ``mmn host`` (``protocol.admin`` checks, the same handlers).
+
+        Returns:
+            The reply's result.
+        Raises:
+            KernelError: the reply's errno.
+        """
+        reply = self.admin_reply(self.admin_begin(command, **args))
+        self.pump()
+        return admin_result(reply)
 
     # ------------------------------------------------------- node commands
 
@@ -554,7 +486,7 @@ class LocalCluster:
         """
         port = self.ports[name]
         while token not in port.completions:
-            if not self.step():
+            if not (self.step() or self._advance()):
                 raise Stuck(name, token)
         return port.completions.pop(token)
 
@@ -629,10 +561,6 @@ class LocalCluster:
         drops everything of ``mm``), then its Ok; nothing more is delivered."""
         return self._value(self.wait(name, self._start(name, lambda n: n.unsubscribe(mm))))
 
-    def _to_host_direct(self, port: Port, msg: Message) -> None:
-        self.counters["messages_to_host"] += 1
-        port.to_host.append(msg)
-
     # --------------------------------------------- host operations (shortcuts)
 
     def spawn(self) -> int:
@@ -660,9 +588,9 @@ class LocalCluster:
         return self.run(self.model.fork(mm))
 
     def exit(self, mm: int) -> None:
-        """``exit_mmap`` (release first), then the mm's segments go, as the admin API does."""
-        self.run(self.model.exit_mm(mm))
-        self.segments.forget_mm(mm)
+        """``exit_mmap`` (release first), then the mm's segments go: the
+        admin API's ``exit``, through the core."""
+        self.admin("exit", mm=mm)
 
     def reclaim(self, mm: int, addr: int, length: int) -> int:
         return self.run(self.model.reclaim(mm, addr, length))
@@ -683,23 +611,40 @@ class LocalCluster:
         return self.model.stale_accesses
 
     def quiescent(self) -> bool:
-        """No operation open, no message queued, no request deferred."""
-        return not self._locked and not self._deferred and not any(
-            p.to_node or p.to_host for p in self.ports.values()
-        )
+        """No operation open or queued, no message queued, nothing ready."""
+        return not self.core.busy and not any(p.to_node or p.to_host for p in self.ports.values())
+
+    def _live(self) -> list[Port]:
+        return [p for p in self.ports.values() if p.state == "live"]
+
+    def _on_free(self, pfn: int) -> None:
+        """Frame safety, at the moment it matters: a frame the model frees is
+        mapped by no live node (every node that held it acked the
+        invalidation that unmapped it, or was fenced)."""
+        for port in self._live():
+            for mm, pages in port.node.translations().items():
+                for addr, held in pages.items():
+                    assert held != pfn, (
+                        f"pfn {pfn} freed while {port.name} still maps it at mm {mm} {addr:#x}")
 
     def check(self) -> int:
         """Assert the model's invariants and, when quiescent, that no live
-        node holds a translation the primary does not back.
+        node holds a translation the primary does not back and none has an
+        invalidation in progress (the host has none open).
 
         Returns:
             The stale access count (0 in a correct system).
         """
         self.model.check_invariants()
         if self.quiescent():
-            for port in self.ports.values():
-                if port.state == "live" and not port.held:
+            assert not any(self.notifier.open.values()), f"invalidations left open: {self.notifier.open}"
+            for port in self._live():
+                if not port.held:
                     self._check_translations(port)
+                    for mm, state in port.node._mms.items():
+                        assert not state.open_starts, (
+                            f"{port.name} has invalidations in progress on mm {mm} "
+                            f"({state.open_starts}) while the host has none open")
         return self.model.stale_accesses
 
     def _check_translations(self, port: Port) -> None:
@@ -763,6 +708,7 @@ def demo(out: Callable[[str], Any] = print) -> LocalCluster:
     out(f"exit mm {mm}: every node released; frames in use {c.model.memory.in_use}")
     out(f"stale_accesses {c.check()}")
     return c
+
 
 
 if __name__ == "__main__":  # pragma: no cover

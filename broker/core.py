@@ -1,0 +1,1094 @@
+"""The host core: every decision of the host, as one synchronous state machine.
+
+Events in, actions out, in the shape of h11's ``Connection``: no trio, no zmq,
+no clock of its own (every event carries ``now``, a monotonic reading in
+seconds).  ``mmn host`` (:mod:`broker.host`) is a thin trio shell that feeds
+it socket frames and timer ticks and carries out what it returns; the
+in-process cluster (:mod:`mmnotify.local`) is a queue pump around the very
+same object.  A rule of the host exists here once.
+
+Events (each returns the list of :data:`Action` to carry out, in order)::
+
+    receive_node_frame(frames, key, now)   a node channel message (routing id, payload)
+    receive_node(identity, msg, key, now)  the same, already decoded (in-process nodes)
+    receive_admin_frame(frames, key, now)  an admin request
+    submit_admin(client, command, args, now)  the same, already decoded
+    peer_gone(identity, now)               the transport cannot route to that peer
+    tick(now)                              time passed: deadlines, heartbeats, timers
+    fence(name, reason, now)               an operator or a test fences a node
+    run_one()                              deferred mode only: one ready continuation
+
+Actions::
+
+    SendNode(identity, msg)    to one node connection, in order with every other one
+    ReplyAdmin(client, reply)  the answer to one admin request
+    Publish(kind, fields)      an event for the stream (only while ``listening``)
+
+What it owns:
+
+* **Sessions** (:class:`broker.sessions.Sessions`): register, epochs, liveness,
+  fencing.  A node's key binds its name and its connection (CURVE).
+* **Duplicates**: a request (same connection, same id) is answered once; a
+  duplicate gets the first answer again, or nothing while it is being made.
+* **Routing** of every node message: acks to the operation waiting for them,
+  DMA to the oracle, GUP-fast at once, the slow GUP and unsubscribe as tasks
+  under the lock, Subscribe / Unpin / XPMEM answered from the model.
+* **The executor** of host operations and tasks (:mod:`broker.tasks`): one mm
+  lock (FIFO), each operation's Delivers sent, their acks collected under the
+  ack deadline, the late fenced, the operation resumed *from the event that
+  completed it* (no task switch: the ack that completes a start resumes the
+  operation, which sends the end, in the same call).
+* **Deadlines**: ack deadline, command timeouts, heartbeats and silence, ksmd's
+  sleeps: :meth:`next_deadline` says when to call :meth:`tick` next.
+
+The executor's contract with operations (``broker.effects``): an operation is
+always driven to completion -- never closed mid-way -- so every start it
+opened gets its end.  An admin client that goes away does not cancel its
+operation; a fence answers the fenced node's pending acks with None and the
+operation goes on.  Only :meth:`close` (host shutdown) abandons operations.
+
+Ordering (why a correct node never makes a stale access): each node has one
+ordered connection, and the core handles its messages in that order.  A DMA
+the node sent before its ack is handled (served by the oracle) before the ack
+is, so before the operation that waits for the ack can resume and change the
+primary ptes.  The shells keep that order: the node channel is read by one
+loop that hands each message to the core before reading the next.
+
+Eager vs deferred: by default (``eager=True``) every continuation that an
+event makes ready runs before the event returns.  With ``eager=False`` they
+wait in a ready queue until the driver calls :meth:`run_one`, so a driver
+(the in-process cluster under hypothesis) can let node traffic run at every
+yield of every operation -- between a start's last ack and the operation's
+resumption, while an end is in flight -- the interleavings an async host
+allows.  The same code decides either way.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from protocol import Limits, ProtocolError, decode
+from protocol.admin import check_admin
+from protocol.messages import (
+    Ack,
+    AdminReply,
+    AdminRequest,
+    Command,
+    CommandResult,
+    DmaRead,
+    DmaReply,
+    DmaWrite,
+    Error,
+    Fenced,
+    Gup,
+    GupReply,
+    Heartbeat,
+    Message,
+    Ok,
+    Register,
+    Registered,
+    Subscribe,
+    Unpin,
+    Unsubscribe,
+    XpmemGet,
+    XpmemMake,
+    XpmemRelease,
+    XpmemRemove,
+    XpmemReply,
+)
+from protocol.types import Errno, KernelError, name_matches_key
+
+from . import guard
+from .admin import ADMIN_HANDLERS
+from .effects import Deliver, Op, Outcomes
+from .notifier import check_ops
+from .sessions import Refused, Session, Sessions
+from .tasks import Locked, Relay, RelayAll, Sleep, Task, WaitKsm
+from .xpmem import Segments
+
+logger = logging.getLogger(__name__)
+
+
+# -- actions -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendNode:
+    """Send ``msg`` on the node connection ``identity``."""
+
+    identity: bytes
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyAdmin:
+    """Answer the admin request of ``client`` (an opaque token of the shell's)."""
+
+    client: Any
+    reply: AdminReply
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """An event for the stream."""
+
+    kind: str
+    fields: dict[str, Any]
+
+
+Action = SendNode | ReplyAdmin | Publish
+
+
+@dataclass
+class CoreConfig:
+    """What the core decides with.  Times are milliseconds.
+
+    ``heartbeat_ms`` 0: no heartbeats and no silence fencing (the in-process
+    cluster, whose nodes have no clock).  ``authenticated``: CURVE is on; every
+    node message must come with the key that registered the connection, and
+    admin requests with one of ``admin_keys``.
+    """
+
+    incarnation: str = "local"
+    page_size: int = 4096
+    heartbeat_ms: int = 500
+    liveness: int = 6
+    ack_deadline_ms: int = 2000
+    command_timeout_ms: int = 10_000
+    wrap_change_pte: bool = False
+    limits: Limits = field(default_factory=Limits)
+    authenticated: bool = False
+    admin_keys: Collection[str] = ()
+
+
+#: Node requests answered exactly once: a duplicate (same connection, same id)
+#: gets the first answer again, or nothing while that is still being made.
+_REQUESTS = (Register, Gup, Unpin, Subscribe, Unsubscribe, XpmemMake, XpmemGet, XpmemRelease, XpmemRemove,
+             DmaRead, DmaWrite)
+_REPLY_CACHE = 4096
+_REPLY_CONNECTIONS = 1024
+
+
+def admin_result(reply: AdminReply) -> dict[str, Any]:
+    """An admin reply's result, or its error as the ``KernelError`` it names
+    (EIO for an errno the kernel has not: an internal error, a refused request)."""
+    if reply.ok:
+        return dict(reply.result)
+    errno = Errno(reply.errno) if reply.errno in Errno._value2member_map_ else Errno.EIO
+    raise KernelError(errno, reply.error)
+
+
+def page_triples(pages: list[tuple[int, int, bool]]) -> list[list[int]]:
+    """GUP results as the wire carries them: ``[addr, pfn, writable 0/1]``
+    (the codec takes ints only, not bools)."""
+    return [[int(addr), int(pfn), int(writable)] for addr, pfn, writable in pages]
+
+
+# -- the executor's state -----------------------------------------------------------
+
+
+class TaskState(Enum):
+    """A task's life: ``READY -> (WAITING <-> READY)* -> DONE``."""
+
+    READY = "ready"
+    WAITING = "waiting"
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class TaskHandle:
+    """What a driver sees of a task it submitted (:meth:`HostCore.submit`).
+
+    ``delivers`` counts the Delivers its operations issued, so a driver can
+    hold an operation open after its first one.
+    """
+
+    name: str
+    state: TaskState = TaskState.READY
+    value: Any = None
+    error: BaseException | None = None
+    delivers: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state is TaskState.DONE
+
+
+@dataclass(eq=False)
+class _Task:
+    gen: Task[Any]
+    handle: TaskHandle
+    on_done: Callable[[Any, BaseException | None], None] | None = None
+
+
+@dataclass(eq=False)
+class _Run:
+    """One operation holding the mm lock, driven by the core."""
+
+    task: _Task
+    op: Op[Any]
+    started: bool = False
+    #: node -> id of the message whose ack it still owes
+    waiting: dict[str, int] = field(default_factory=dict)
+    outcomes: Outcomes = field(default_factory=dict)
+    timer: int = 0
+
+
+@dataclass(eq=False)
+class _Gather:
+    task: _Task
+    pending: int
+    results: dict[str, CommandResult | None]
+    single: str | None  # Relay (one node): resume with its result, or throw
+
+
+@dataclass(eq=False)
+class _CommandWait:
+    ref: int
+    gather: _Gather
+    node: str
+    identity: bytes
+    control: bool
+    timer: int = 0
+    result: CommandResult | None = None
+    error: KernelError | None = None
+
+
+_ACK, _COMMAND, _SLEEP, _HEARTBEAT = "ack", "command", "sleep", "heartbeat"
+
+
+class HostCore:
+    """The host's decisions (see the module docstring).
+
+    Args:
+        model: the primary MMU (:class:`broker.mm.Model`); the core owns it.
+        config: a :class:`CoreConfig`.
+        eager: run every continuation before an event returns (the service);
+            False: wait for :meth:`run_one` (a stepping driver).
+    Concurrency:
+        Synchronous, not thread-safe, not reentrant: one caller at a time,
+        each event runs to completion.  Nothing it does blocks.
+    """
+
+    def __init__(self, model: Any, config: CoreConfig | None = None, *, eager: bool = True) -> None:
+        self.config = config or CoreConfig(page_size=model.page_size)
+        self.model = model
+        self.notifier = model.notifier
+        self.sessions = Sessions()
+        self.segments = Segments(self.config.page_size)
+        self.eager = eager
+        self.now = 0.0
+        #: Someone listens to the event stream (the shell tells; else Publish is skipped).
+        self.listening = False
+        self.endpoints: dict[str, str] = {}
+        self.counters: dict[str, int] = {
+            "bad_node_frames": 0,
+            "bad_admin_frames": 0,
+            "refused": 0,
+            "acks_late": 0,
+            "fenced_ack_deadline": 0,
+            "fenced_heartbeat": 0,
+            "admin_requests": 0,
+            "rate_limited": 0,
+            "forbidden": 0,
+            "dropped_node_frames": 0,
+            "dropped_admin_frames": 0,
+            "duplicates": 0,
+            "ksmd_errors": 0,
+            "task_errors": 0,
+        }
+        limits = self.config.limits
+        self._node_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
+        self._admin_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
+        self._ids = itertools.count(1)
+        self._outbox: list[Action] = []
+        #: node connection -> request id -> its reply (None while in progress)
+        self._replies: OrderedDict[bytes, OrderedDict[int, Message | None]] = OrderedDict()
+        #: node connection -> the key that registered on it (CURVE)
+        self._peer_keys: dict[bytes, str] = {}
+        # the executor
+        self._ready: deque[tuple[Any, ...]] = deque()
+        self._holder: _Run | None = None
+        self._lock_queue: deque[tuple[_Task, Op[Any]]] = deque()
+        self._commands: dict[int, _CommandWait] = {}
+        self._timers: list[tuple[float, int, str, Any]] = []
+        self._timer_ids = itertools.count(1)
+        self._live_timers: set[int] = set()
+        self._ksm_waiters: list[_Task] = []
+        self._tasks: set[_Task] = set()
+        self._running = False
+        self._heartbeat_timer = 0
+        self._held: set[TaskHandle] = set()
+        self._parked: dict[TaskHandle, tuple[Any, ...]] = {}
+
+    # ================================================================ events
+
+    def start(self, now: float) -> list[Action]:
+        """The service starts: heartbeats and ksmd begin."""
+        self.now = now
+        if self.config.heartbeat_ms > 0:
+            self._heartbeat_timer = self._timer(now + self.config.heartbeat_ms / 1000, _HEARTBEAT, None)
+        self._spawn(self._ksmd(), "ksmd")
+        self.publish("host_started", incarnation=self.config.incarnation, **self.endpoints)
+        return self._settle()
+
+    def receive_node_frame(self, frames: list[bytes], key: str | None, now: float) -> list[Action]:
+        """A node channel message as the ROUTER delivers it: ``[identity, payload]``.
+
+        Rate-limited per connection before decoding; a malformed frame gets a
+        typed ``Error`` and changes nothing.
+        """
+        self.now = now
+        if not self._node_rate.allow(frames[0], now):
+            self.counters["rate_limited"] += 1
+            self.counters["dropped_node_frames"] += 1
+            return []
+        if len(frames) != 2:
+            self.counters["bad_node_frames"] += 1
+            self.counters["dropped_node_frames"] += 1
+            return []
+        identity, frame = frames
+        limits = self.config.limits
+        try:
+            msg = decode(frame, limits)
+            if isinstance(msg, XpmemMake):
+                guard.check_node_range(msg.length, limits, msg.id)
+        except ProtocolError as exc:
+            self.counters["bad_node_frames"] += 1
+            logger.info("bad frame from node %r: %s", bytes(identity[:16]), exc)
+            self._send(identity, Error(ref=exc.ref or 0, code=exc.code, message=exc.message))
+            return self._drain()
+        return self.receive_node(identity, msg, key, now)
+
+    def receive_node(self, identity: bytes, msg: Message, key: str | None, now: float) -> list[Action]:
+        """A decoded message from node connection ``identity`` (``key``: the
+        CURVE key it came with, None without CURVE)."""
+        self.now = now
+        if self.config.authenticated:
+            problem = self._key_problem(identity, msg, key)
+            if problem:
+                self.counters["forbidden"] += 1
+                ref = getattr(msg, "id", getattr(msg, "ref", 0))
+                self._send(identity, Error(ref=ref, code="forbidden", message=problem))
+                return self._drain()
+        self._on_node_message(identity, msg)
+        return self._settle()
+
+    def receive_admin_frame(self, frames: list[bytes], key: str | None, now: float) -> list[Action]:
+        """An admin channel request ``[identity, payload]``; the reply goes to
+        ``identity`` (as a :class:`ReplyAdmin` whose client is the identity)."""
+        self.now = now
+        if not self._admin_rate.allow(frames[0], now):
+            self.counters["rate_limited"] += 1
+            self.counters["dropped_admin_frames"] += 1
+            return []
+        if len(frames) != 2:
+            self.counters["bad_admin_frames"] += 1
+            self.counters["dropped_admin_frames"] += 1
+            return []
+        identity, frame = frames
+        limits = self.config.limits
+        try:
+            msg = decode(frame, limits)
+            if not isinstance(msg, AdminRequest):
+                raise ProtocolError("bad_message", f"{msg.TYPE} is not an admin request", getattr(msg, "id", None))
+            args = check_admin(msg.command, msg.args)
+            guard.check_admin_limits(msg.command, args, limits, self.config.page_size, msg.id)
+            if self.config.authenticated and key not in self.config.admin_keys:
+                # ZAP lets only admin keys in; this is the second lock.
+                raise ProtocolError("forbidden", "not an admin key", msg.id)
+        except ProtocolError as exc:
+            self.counters["bad_admin_frames"] += 1
+            reply = AdminReply(ref=exc.ref or 0, ok=False, errno="EINVAL", error=f"{exc.code}: {exc.message}")
+            self._outbox.append(ReplyAdmin(identity, reply))
+            return self._drain()
+        self._admin(identity, msg.id, msg.command, args)
+        return self._settle()
+
+    def submit_admin(self, client: Any, ref: int, command: str, args: dict[str, Any], now: float) -> list[Action]:
+        """An admin request already decoded (in-process drivers): checked as
+        the wire's are; the reply is a :class:`ReplyAdmin` to ``client``."""
+        self.now = now
+        try:
+            checked = check_admin(command, args)
+            guard.check_admin_limits(command, checked, self.config.limits, self.config.page_size, ref)
+        except ProtocolError as exc:
+            self.counters["bad_admin_frames"] += 1
+            reply = AdminReply(ref=ref, ok=False, errno="EINVAL", error=f"{exc.code}: {exc.message}")
+            self._outbox.append(ReplyAdmin(client, reply))
+            return self._drain()
+        self._admin(client, ref, command, checked)
+        return self._settle()
+
+    def peer_gone(self, identity: bytes, now: float) -> list[Action]:
+        """The node channel could not route to ``identity``: that node is gone."""
+        self.now = now
+        name = self.sessions.by_identity.get(identity)
+        session = self.sessions.by_name.get(name) if name else None
+        if session is not None and session.state == "live" and session.identity == identity:
+            self._fence(name, "connection gone")  # type: ignore[arg-type]
+        return self._settle()
+
+    def fence(self, name: str, reason: str, now: float | None = None) -> list[Action]:
+        """Fence ``name`` (see :meth:`_fence`)."""
+        if now is not None:
+            self.now = now
+        self._fence(name, reason)
+        return self._settle()
+
+    def tick(self, now: float) -> list[Action]:
+        """Time is ``now``: fire every deadline that has passed."""
+        self.now = now
+        while self._timers and self._timers[0][0] <= now:
+            _, tid, kind, target = heapq.heappop(self._timers)
+            if tid not in self._live_timers:
+                continue
+            self._live_timers.discard(tid)
+            self._fire(kind, target)
+        return self._settle()
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` must run next (None: no deadline pending)."""
+        timers = self._timers
+        while timers and timers[0][1] not in self._live_timers:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
+    def run_one(self) -> bool:
+        """Deferred mode: run one ready continuation.  False if none was ready."""
+        if not self._ready:
+            return False
+        self._run_ready_item(self._ready.popleft())
+        return True
+
+    @property
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def drain(self) -> list[Action]:
+        """The actions that continuations run by :meth:`run_one` produced."""
+        return self._drain()
+
+    # ----------------------------------------------------- driver-submitted work
+
+    def submit(self, op: Op[Any], name: str = "op",
+               on_done: Callable[[Any, BaseException | None], None] | None = None) -> TaskHandle:
+        """Run a host operation under the lock, as an admin command would.
+
+        Returns:
+            Its :class:`TaskHandle`; ``value`` or ``error`` once ``done``.
+        Concurrency: the operation starts when the lock is free (at once, in
+            eager mode, if it is); collect the actions with :meth:`drain`.
+        """
+
+        def task() -> Task[Any]:
+            return (yield Locked(op))
+
+        return self.spawn(task(), name, on_done)
+
+    def spawn(self, gen: Task[Any], name: str = "task",
+              on_done: Callable[[Any, BaseException | None], None] | None = None) -> TaskHandle:
+        """Start a host task (a generator of :mod:`broker.tasks` effects);
+        in eager mode it runs at once as far as it can."""
+        handle = self._spawn(gen, name, on_done)
+        if self.eager and not self._running:
+            self._run_all()
+        return handle
+
+    def _spawn(self, gen: Task[Any], name: str,
+               on_done: Callable[[Any, BaseException | None], None] | None = None) -> TaskHandle:
+        handle = TaskHandle(name)
+        task = _Task(gen, handle, on_done)
+        self._tasks.add(task)
+        self._ready.append(("task", task, None, None))
+        return handle
+
+    def hold(self, handle: TaskHandle) -> None:
+        """A stepping driver holds ``handle``'s operation between two yields:
+        its acks are still collected (and its deadline still fences), but it
+        is not resumed until :meth:`release`."""
+        self._held.add(handle)
+
+    def release(self, handle: TaskHandle) -> None:
+        """Undo :meth:`hold`: a continuation parked meanwhile is the next to run."""
+        self._held.discard(handle)
+        item = self._parked.pop(handle, None)
+        if item is not None:
+            self._ready.appendleft(item)
+
+    @property
+    def lock_held(self) -> bool:
+        """An operation holds the mm lock."""
+        return self._holder is not None
+
+    @property
+    def busy(self) -> bool:
+        """Anything but the idle ksmd waits: an operation, a queued one, a relay."""
+        return bool(self._holder or self._lock_queue or self._commands or self._ready or self._parked)
+
+    def wake_ksm(self) -> None:
+        """ksm's knobs changed: ksmd looks again."""
+        waiters, self._ksm_waiters = self._ksm_waiters, []
+        for task in waiters:
+            self._ready.append(("task", task, None, None))
+
+    def publish(self, kind: str, /, **fields: Any) -> None:
+        """An event for the stream (nothing while nobody listens)."""
+        if self.listening:
+            self._outbox.append(Publish(kind, fields))
+
+    def close(self) -> None:
+        """Host shutdown: abandon every task (their generators are closed)."""
+        for task in list(self._tasks):
+            try:
+                task.gen.close()
+            except Exception:  # noqa: BLE001 - shutting down
+                logger.exception("closing task %s", task.handle.name)
+        self._tasks.clear()
+        if self._holder is not None:
+            try:
+                self._holder.op.close()
+            except Exception:  # noqa: BLE001
+                logger.exception("closing the operation holding the lock")
+            self._holder = None
+
+    # ================================================================ sessions
+
+    def _key_problem(self, identity: bytes, msg: Message, key: str | None) -> str:
+        """With CURVE: why this connection's key may not send ``msg`` ("" if
+        it may).  A node registers only under its key's name (or
+        ``KEY-anything``), and every later message on the connection must
+        come from that same key -- a peer that took over another's routing
+        id with another key is refused, never mistaken for it."""
+        if not key:
+            return "no authenticated key"
+        if isinstance(msg, Register):
+            if not name_matches_key(msg.name, key):
+                return f"key {key!r} may not register as {msg.name!r}"
+            self._peer_keys[identity] = key
+            return ""
+        owner = self._peer_keys.get(identity)
+        if owner is not None and owner != key:
+            return f"this connection belongs to key {owner!r}"
+        return ""
+
+    def _on_node_message(self, identity: bytes, msg: Message) -> None:
+        now = self.now
+        if isinstance(msg, CommandResult):
+            # Not epoch-checked: inject/heal/status reach a fenced node too
+            # (`mmn heal` of a hung node); only the connection asked counts.
+            wait = self._commands.get(msg.ref)
+            if wait is None or wait.identity != identity:
+                self.counters["dropped_node_frames"] += 1  # a result nobody asked this peer for
+                return
+            self.sessions.touch(identity, now)
+            self._command_done(wait, msg, None)
+            return
+        if isinstance(msg, Register):
+            dup = self._duplicate(identity, msg.id)
+            if isinstance(dup, Message):
+                self._send(identity, dup)
+            elif not dup:
+                self._register(identity, msg)
+            return
+        epoch = getattr(msg, "epoch", None)
+        try:
+            session = self.sessions.lookup(identity, epoch)
+        except Refused as exc:
+            self.counters["refused"] += 1
+            ref = getattr(msg, "id", getattr(msg, "ref", 0))
+            if not isinstance(msg, (Ack, Heartbeat)) or exc.code == "fenced":
+                self._send(identity, Error(ref=ref, code=exc.code, message=exc.message))
+            else:
+                self.counters["dropped_node_frames"] += 1
+            return
+        session.last_seen = now
+        name = session.name
+        if isinstance(msg, _REQUESTS):
+            dup = self._duplicate(identity, msg.id)
+            if dup:
+                if isinstance(dup, Message):
+                    self._send(identity, dup)
+                return
+        if isinstance(msg, Ack):
+            self._on_ack(name, msg)
+            return
+        if isinstance(msg, Heartbeat):
+            return
+        if isinstance(msg, DmaRead | DmaWrite):
+            self._send(identity, self._dma(name, msg))
+            return
+        if isinstance(msg, Gup):
+            reply = self._gup_fast(name, session.kind, msg)
+            if reply is None:
+                self._spawn(self._gup_slow_task(session, msg), "gup")
+            else:
+                self._send(identity, reply)
+            return
+        if isinstance(msg, Unsubscribe):
+            self._spawn(self._unsubscribe_task(session, msg), "unsubscribe")
+            return
+        self._send(identity, self._answer(name, msg))
+
+    def _register(self, identity: bytes, msg: Register) -> None:
+        try:
+            check_ops(msg.ops, msg.sleepable)  # before anything changes
+        except ValueError as exc:
+            self._send(identity, Error(ref=msg.id, code="bad_message", message=str(exc)))
+            return
+        old = self.sessions.by_name.get(msg.name)
+        if old is not None and old.state == "live":
+            self._fence(msg.name, "registered again (restarted)")
+        session, _ = self.sessions.register(identity, msg, self.now)
+        self.notifier.add_node(session.name, session.ops, session.sleepable)
+        self.publish("registered", node=session.name, kind=session.kind, epoch=session.epoch)
+        cfg = self.config
+        self._send(identity, Registered(
+            ref=msg.id,
+            epoch=session.epoch,
+            host_incarnation=cfg.incarnation,
+            heartbeat_ms=cfg.heartbeat_ms,
+            ack_deadline_ms=cfg.ack_deadline_ms,
+            page_size=cfg.page_size,
+        ))
+
+    def _fence(self, name: str, reason: str) -> None:
+        """Retire ``name``'s epoch, drop its subscriptions, pins and permits,
+        answer whatever waits on it, and tell it (best effort)."""
+        session = self.sessions.fence(name, reason)
+        if session is None:
+            return
+        logger.warning("fenced %s (epoch %d): %s", name, session.epoch, reason)
+        self._replies.pop(session.identity, None)
+        self.model.fence_node(name)  # the notifier forgets it, its pins go
+        self.segments.forget_node(name)
+        run = self._holder
+        if run is not None and name in run.waiting:
+            del run.waiting[name]
+            run.outcomes[name] = None
+            if not run.waiting:
+                self._cancel_timer(run.timer)
+                self._ready.append(("run", run))
+        for wait in list(self._commands.values()):
+            # its relayed commands end now (a fenced node's answers would be
+            # refused anyway), except inject/heal/status, which reach it still
+            if wait.identity == session.identity and not wait.control:
+                self._command_done(wait, CommandResult(
+                    ref=0, ok=False, errno=Errno.EINTR.value, error=f"{name} fenced: {reason}"), None)
+        self.publish("fenced", node=name, epoch=session.epoch, reason=reason)
+        self._send(session.identity, Fenced(epoch=session.epoch, reason=reason))
+
+    def _duplicate(self, identity: bytes, msg_id: int) -> Message | bool:
+        """Remember request ``msg_id`` of this connection.  False if it is
+        new; else its reply (True while there is none yet)."""
+        seen = self._replies.get(identity)
+        if seen is None:
+            seen = self._replies[identity] = OrderedDict()
+            while len(self._replies) > _REPLY_CONNECTIONS:
+                self._replies.popitem(last=False)
+        if msg_id in seen:
+            self.counters["duplicates"] += 1
+            return seen[msg_id] or True
+        seen[msg_id] = None
+        while len(seen) > _REPLY_CACHE:
+            seen.popitem(last=False)
+        return False
+
+    def _send(self, identity: bytes, msg: Message) -> None:
+        seen = self._replies.get(identity)
+        if seen is not None:
+            ref = getattr(msg, "ref", None)
+            if ref in seen and seen[ref] is None:
+                seen[ref] = msg  # what a duplicate of that request gets
+        self._outbox.append(SendNode(identity, msg))
+
+    # ============================================================ node requests
+
+    def _answer(self, name: str, msg: Message) -> Message:
+        """The reply to Subscribe, Unpin or an XPMEM request from node ``name``;
+        an Error reply for anything else.  Never raises KernelError.
+
+        =================  ============================  ===============================
+        request            answer                        errors (``Error.code``)
+        =================  ============================  ===============================
+        Subscribe          Ok                            ESRCH (no mm), EINTR (exiting)
+        Unpin              Ok                            EINVAL (not pinned by it)
+        XpmemMake/Get/...  XpmemReply                    ENOENT, EACCES, ESRCH, EINVAL
+        =================  ============================  ===============================
+        """
+        model = self.model
+        try:
+            if isinstance(msg, Subscribe):
+                model.check_mm(msg.mm)
+                self.notifier.register(name, msg.mm)
+                return Ok(ref=msg.id)
+            if isinstance(msg, Unpin):
+                model.unpin(name, msg.mm, msg.pfns)
+                return Ok(ref=msg.id)
+            if isinstance(msg, XpmemMake):
+                model.check_mm(msg.mm)
+                seg = self.segments.make(name, msg.mm, msg.addr, msg.length, msg.mode)
+                return XpmemReply(ref=msg.id, value=seg.segid, mm=seg.mm, addr=seg.addr, length=seg.length)
+            if isinstance(msg, XpmemGet):
+                permit, seg = self.segments.get(name, msg.segid, msg.write)
+                return XpmemReply(
+                    ref=msg.id, value=permit.apid, mm=seg.mm, addr=seg.addr, length=seg.length, write=permit.write
+                )
+            if isinstance(msg, XpmemRelease):
+                self.segments.release(name, msg.apid)
+                return XpmemReply(ref=msg.id)
+            if isinstance(msg, XpmemRemove):
+                self.segments.remove(name, msg.segid)
+                return XpmemReply(ref=msg.id)
+        except KernelError as exc:
+            return Error(ref=getattr(msg, "id", 0), code=exc.errno.value, message=exc.message)
+        return Error(ref=getattr(msg, "id", 0), code="bad_message", message=f"{msg.TYPE} is not for the host")
+
+    def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
+        """A node's access through its translation, checked by the oracle
+        (``DmaReply.errno`` is ESTALE when refused; the model counts it).
+        Never takes the lock."""
+        try:
+            if isinstance(msg, DmaRead):
+                data = self.model.dma_read(name, msg.mm, msg.addr, msg.pfn, msg.offset, msg.length)
+                return DmaReply(ref=msg.id, data=bytes(data))
+            self.model.dma_write(name, msg.mm, msg.addr, msg.pfn, msg.offset, msg.data)
+            return DmaReply(ref=msg.id)
+        except KernelError as exc:
+            if exc.errno is Errno.ESTALE:
+                self.publish("stale_access", node=name, mm=msg.mm, addr=msg.addr, pfn=msg.pfn)
+            return DmaReply(ref=msg.id, errno=exc.errno.value)
+
+    def _gup_fast(self, name: str, kind: str, msg: Gup) -> Message | None:
+        """The permit checks, then GUP-fast (never takes the lock).
+
+        Returns:
+            The reply (a GupReply, or an Error for a missing permit), or None:
+            take the slow path under the lock.
+        """
+        end = msg.addr + msg.npages * self.config.page_size
+        if msg.pin and not self.segments.may_pin(name, msg.mm, msg.addr, end, msg.write):
+            return Error(ref=msg.id, code=Errno.EACCES.value, message="no xpmem permit covers this")
+        if kind == "xpmem" and not msg.pin:
+            return Error(ref=msg.id, code=Errno.EACCES.value, message="xpmem maps through permits")
+        try:
+            pages = self.model.gup_fast(msg.mm, msg.addr, msg.npages, msg.write, pin=msg.pin, node=name)
+        except KernelError as exc:
+            return GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value)
+        if pages is None:
+            return None
+        self.counters["gup_fast"] = self.counters.get("gup_fast", 0) + 1
+        return GupReply(ref=msg.id, mm=msg.mm, pages=page_triples(pages))
+
+    def _gup_slow(self, name: str, msg: Gup) -> Op[GupReply]:
+        """``get_user_pages`` with faults: an operation for the lock."""
+        try:
+            pages = yield from self.model.gup(msg.mm, msg.addr, msg.npages, msg.write, pin=msg.pin, node=name)
+        except KernelError as exc:
+            return GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value)
+        return GupReply(ref=msg.id, mm=msg.mm, pages=page_triples(pages))
+
+    def _still(self, session: Session) -> bool:
+        """``session`` is still the node's live session (not fenced, not replaced)."""
+        return session.state == "live" and self.sessions.by_name.get(session.name) is session
+
+    def _gup_slow_task(self, session: Session, msg: Gup) -> Task[None]:
+        self.counters["gup_slow"] = self.counters.get("gup_slow", 0) + 1
+        reply = yield Locked(self._gup_slow(session.name, msg))
+        if not self._still(session):
+            # fenced meanwhile: the fence dropped its pins, drop the ones this reply took too
+            if msg.pin and reply.pages:
+                self.model.unpin(session.name, msg.mm, [p[1] for p in reply.pages])
+            return
+        self._send(session.identity, reply)
+
+    def _unsubscribe_task(self, session: Session, msg: Unsubscribe) -> Task[None]:
+        # mmu_notifier_unregister: ->release, then nothing more; it waits for
+        # the callbacks in flight, here for the operation holding the lock.
+        yield Locked(self.notifier.unregister(session.name, msg.mm))
+        self._send(session.identity, Ok(ref=msg.id))
+
+    def _ksmd(self) -> Task[None]:
+        """ksmd: scan while ``run`` == 1, sleep ``sleep_millisecs`` between
+        batches.  A failing scan is counted and ksmd goes on, as the kernel's
+        ignores its merge failures."""
+        ksm = self.model.ksm
+        while True:
+            if ksm.run != 1:
+                yield WaitKsm()
+                continue
+            try:
+                yield Locked(ksm.scan())
+            except KernelError as exc:
+                self.counters["ksmd_errors"] += 1
+                logger.info("ksmd: %s", exc)
+            except Exception:  # a bug must not take the host down
+                self.counters["ksmd_errors"] += 1
+                logger.exception("ksmd scan failed")
+            yield Sleep(max(ksm.sleep_millisecs, 1) / 1000)
+
+    # ================================================================= admin
+
+    def _admin(self, client: Any, ref: int, command: str, args: dict[str, Any]) -> None:
+        self.counters["admin_requests"] += 1
+        handler = ADMIN_HANDLERS[command]
+
+        def done(value: Any, error: BaseException | None) -> None:
+            if error is None:
+                reply = AdminReply(ref=ref, ok=True, result=value or {})
+            elif isinstance(error, KernelError):
+                reply = AdminReply(ref=ref, ok=False, errno=error.errno.value, error=error.message)
+            else:
+                reply = AdminReply(ref=ref, ok=False, errno="EIO", error=f"internal error: {error!r}")
+            self._outbox.append(ReplyAdmin(client, reply))
+
+        self._spawn(handler(self, **args), f"admin {command}", done)
+
+    # ============================================================== executor
+
+    def _settle(self) -> list[Action]:
+        if self.eager and not self._running:
+            self._run_all()
+        return self._drain()
+
+    def _drain(self) -> list[Action]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _run_all(self) -> None:
+        self._running = True
+        try:
+            while self._ready:
+                self._run_ready_item(self._ready.popleft())
+        finally:
+            self._running = False
+
+    def _run_ready_item(self, item: tuple[Any, ...]) -> None:
+        if item[0] == "run":
+            handle = item[1].task.handle
+            if handle in self._held:
+                self._parked[handle] = item
+                return
+            self._step_run(item[1])
+        else:
+            _, task, value, error = item
+            self._step_task(task, value, error)
+
+    def _step_task(self, task: _Task, value: Any, error: BaseException | None) -> None:
+        try:
+            effect = task.gen.throw(error) if error is not None else task.gen.send(value)
+        except StopIteration as stop:
+            self._task_done(task, stop.value, None)
+            return
+        except KernelError as exc:
+            self._task_done(task, None, exc)
+            return
+        except Exception as exc:  # a bug in a task must not take the host down
+            logger.exception("host task %s failed", task.handle.name)
+            self.counters["task_errors"] += 1
+            self._task_done(task, None, exc)
+            return
+        task.handle.state = TaskState.WAITING
+        if isinstance(effect, Locked):
+            self._lock_queue.append((task, effect.op))
+            self._grant()
+        elif isinstance(effect, Relay):
+            self._relay(task, (effect.node,), effect.command, effect.args, effect.timeout_ms,
+                        effect.fenced_too, single=True)
+        elif isinstance(effect, RelayAll):
+            self._relay(task, effect.nodes, effect.command, effect.args, effect.timeout_ms, False, single=False)
+        elif isinstance(effect, Sleep):
+            self._timer(self.now + effect.seconds, _SLEEP, task)
+        elif isinstance(effect, WaitKsm):
+            self._ksm_waiters.append(task)
+        else:
+            self._ready.append(("task", task, None, TypeError(f"a host task yielded {effect!r}")))
+
+    def _task_done(self, task: _Task, value: Any, error: BaseException | None) -> None:
+        self._tasks.discard(task)
+        handle = task.handle
+        handle.state, handle.value, handle.error = TaskState.DONE, value, error
+        if task.on_done is not None:
+            task.on_done(value, error)
+
+    def _resume(self, task: _Task, value: Any = None, error: BaseException | None = None) -> None:
+        task.handle.state = TaskState.READY
+        self._ready.append(("task", task, value, error))
+
+    # -- the lock and the operation holding it ------------------------------------------
+
+    def _grant(self) -> None:
+        if self._holder is None and self._lock_queue:
+            task, op = self._lock_queue.popleft()
+            self._holder = _Run(task, op)
+            self._ready.append(("run", self._holder))
+
+    def _step_run(self, run: _Run) -> None:
+        """Resume the operation holding the lock with its outcomes, and issue
+        what it yields next (or hand its result to its task)."""
+        try:
+            if run.started:
+                outcomes, run.outcomes = run.outcomes, {}
+                effect = run.op.send(outcomes)
+            else:
+                run.started = True
+                effect = next(run.op)
+        except StopIteration as stop:
+            self._release(run, stop.value, None)
+            return
+        except KernelError as exc:
+            self._release(run, None, exc)
+            return
+        except Exception as exc:
+            logger.exception("host operation failed")
+            self.counters["task_errors"] += 1
+            self._release(run, None, exc)
+            return
+        self._issue(run, effect)
+
+    def _release(self, run: _Run, value: Any, error: BaseException | None) -> None:
+        self._holder = None
+        self._resume(run.task, value, error)
+        self._grant()
+
+    def _issue(self, run: _Run, effect: Deliver) -> None:
+        """Send a Deliver's messages; wait for the acks it expects (under the
+        ack deadline), or resume at once when it expects none."""
+        run.task.handle.delivers += 1
+        outcomes: Outcomes = {node: None for node in effect.nodes}
+        run.outcomes = outcomes
+        waiting = run.waiting
+        for node, msg in effect.sends:
+            session = self.sessions.by_name.get(node)
+            if session is None or session.state != "live":
+                continue
+            if effect.expect_ack:
+                waiting[node] = msg.id
+            if self.listening:
+                self.publish(msg.TYPE, node=node, **_fields(msg))
+            self._send(session.identity, msg)
+        if waiting:
+            run.timer = self._timer(self.now + self.config.ack_deadline_ms / 1000, _ACK, run)
+        else:
+            self._ready.append(("run", run))
+
+    def _on_ack(self, name: str, msg: Ack) -> None:
+        run = self._holder
+        waiting = run.waiting if run is not None else None
+        late = waiting is None or waiting.get(name) != msg.ref
+        if self.listening:
+            self.publish("ack", node=name, ref=msg.ref, status=msg.status, late=late)
+        if late:
+            self.counters["acks_late"] += 1  # late, or a duplicate: harmless
+            return
+        assert run is not None and waiting is not None
+        del waiting[name]
+        run.outcomes[name] = msg
+        if not waiting:
+            self._cancel_timer(run.timer)
+            # The operation resumes from here: in eager mode before this event
+            # returns, so the end it sends next leaves in the same pass.
+            self._ready.append(("run", run))
+
+    def _ack_deadline(self, run: _Run) -> None:
+        if run is not self._holder or not run.waiting:
+            return
+        late, run.waiting = run.waiting, {}
+        self._ready.append(("run", run))  # their outcomes stay None
+        for name, msg_id in late.items():
+            session = self.sessions.by_name.get(name)
+            if session is not None and session.state == "live":
+                self.counters["fenced_ack_deadline"] += 1
+                self._fence(name, f"no ack for {msg_id} within {self.config.ack_deadline_ms} ms")
+
+    # -- relayed commands ------------------------------------------------------------------
+
+    def _relay(self, task: _Task, nodes: tuple[str, ...], command: str, args: dict[str, Any],
+               timeout_ms: int | None, fenced_too: bool, *, single: bool) -> None:
+        gather = _Gather(task, 0, {node: None for node in nodes}, nodes[0] if single else None)
+        timeout = (timeout_ms or self.config.command_timeout_ms) / 1000
+        for node in nodes:
+            session = self.sessions.by_name.get(node)
+            if session is None or (session.state != "live" and not fenced_too):
+                if single:
+                    self._resume(task, None, KernelError(Errno.ESRCH, f"no live node {node!r}"))
+                    return
+                continue
+            cmd = Command(id=next(self._ids), command=command, args=args)
+            wait = _CommandWait(cmd.id, gather, node, session.identity, fenced_too)
+            wait.timer = self._timer(self.now + timeout, _COMMAND, wait)
+            self._commands[cmd.id] = wait
+            gather.pending += 1
+            self._send(session.identity, cmd)
+        if not gather.pending:
+            self._resume(task, gather.results)
+
+    def _command_done(self, wait: _CommandWait, result: CommandResult | None, error: KernelError | None) -> None:
+        if self._commands.get(wait.ref) is not wait:
+            return  # answered already
+        del self._commands[wait.ref]
+        self._cancel_timer(wait.timer)
+        gather = wait.gather
+        gather.results[wait.node] = result
+        gather.pending -= 1
+        if gather.single is not None:
+            if error is not None:
+                self._resume(gather.task, None, error)
+            else:
+                self._resume(gather.task, result)
+        elif gather.pending == 0:
+            self._resume(gather.task, gather.results)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _timer(self, when: float, kind: str, target: Any) -> int:
+        tid = next(self._timer_ids)
+        self._live_timers.add(tid)
+        heapq.heappush(self._timers, (when, tid, kind, target))
+        return tid
+
+    def _cancel_timer(self, tid: int) -> None:
+        self._live_timers.discard(tid)
+
+    def _fire(self, kind: str, target: Any) -> None:
+        if kind == _ACK:
+            self._ack_deadline(target)
+        elif kind == _COMMAND:
+            self._command_done(target, None, KernelError(
+                Errno.ETIMEDOUT, f"node {target.node!r} did not answer in time"))
+        elif kind == _SLEEP:
+            self._resume(target)
+        elif kind == _HEARTBEAT:
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        cfg = self.config
+        period = cfg.heartbeat_ms / 1000
+        now = self.now
+        for session in self.sessions.silent(now, period * cfg.liveness):
+            self.counters["fenced_heartbeat"] += 1
+            self._fence(session.name, f"silent for {now - session.last_seen:.1f}s")
+        for session in self.sessions.live():
+            self._send(session.identity,
+                       Heartbeat(id=next(self._ids), epoch=session.epoch, incarnation=cfg.incarnation))
+        self._heartbeat_timer = self._timer(now + period, _HEARTBEAT, None)
+
+
+def _fields(msg: Message) -> dict[str, Any]:
+    out = {}
+    for name in ("id", "mm", "start", "end", "addr", "pfn", "event", "start_id"):
+        value = getattr(msg, name, None)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+__all__ = ["Action", "admin_result", "CoreConfig", "HostCore", "Publish", "ReplyAdmin", "SendNode", "TaskHandle", "TaskState",
+           "page_triples"]
