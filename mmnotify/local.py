@@ -89,6 +89,8 @@ class Port:
     node: SecondaryMMU
     identity: bytes = b""
     held: bool = False
+    #: the host receives each of the node's next ``duplicate`` messages twice
+    duplicate: int = 0
     to_node: deque[Message] = field(default_factory=deque)
     to_host: deque[Message] = field(default_factory=deque)
     completions: dict[int, Completion] = field(default_factory=dict)
@@ -266,8 +268,14 @@ class LocalCluster:
         self.ports[name].held = True
 
     def heal(self, name: str) -> None:
-        """Undo :meth:`hold`: the node reads its backlog (at the next pump)."""
+        """Undo :meth:`hold` and :meth:`duplicate`: the node reads its backlog
+        (at the next pump)."""
         self.ports[name].held = False
+        self.ports[name].duplicate = 0
+
+    def duplicate(self, name: str, count: int = 1 << 30) -> None:
+        """The host receives each of the node's next ``count`` messages twice."""
+        self.ports[name].duplicate = count
 
     # ------------------------------------------------------------ transport
 
@@ -339,7 +347,11 @@ class LocalCluster:
         port = self.ports[name]
         if not port.to_host:
             return False
-        self._route(self.core.receive_node(port.identity, port.to_host.popleft(), None, self.now))
+        msg = port.to_host.popleft()
+        self._route(self.core.receive_node(port.identity, msg, None, self.now))
+        if port.duplicate > 0:  # the same frame again, right behind (``mmn inject duplicate``)
+            port.duplicate -= 1
+            self._route(self.core.receive_node(port.identity, msg, None, self.now))
         return True
 
     def _advance(self) -> bool:

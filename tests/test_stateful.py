@@ -426,17 +426,25 @@ class ClusterMachine(RuleBasedStateMachine):
     # -- races: an invalidation held open while a node access runs ------------------
 
     @precondition(lambda self: self.mms)
-    @rule(op=st.sampled_from(["munmap", "dontneed", "mprotect_r", "mprotect_none", "reclaim", "migrate", "ksm"]),
+    @rule(op=st.sampled_from(["munmap", "dontneed", "dontneed_nb", "mprotect_r", "mprotect_none", "reclaim",
+                              "migrate", "ksm"]),
           pick=picks, page=picks, npages=st.integers(1, 2), who=st.sampled_from(["kvm", "gru", "xpmem"]),
           nth=st.integers(0, 1), off=st.sampled_from(OFFSETS), write=st.booleans(),
-          data=st.sampled_from(PATTERNS), prefault=st.booleans())
+          data=st.sampled_from(PATTERNS), prefault=st.booleans(),
+          twist=st.sampled_from(["none", "none", "duplicate", "fence"]), victim=st.sampled_from(["kvm", "gru", "xpmem"]))
     def race(self, op: str, pick: int, page: int, npages: int, who: str, nth: int, off: int,
-             write: bool, data: bytes, prefault: bool) -> None:
+             write: bool, data: bytes, prefault: bool, twist: str, victim: str) -> None:
+        """An operation held open (``begin``) while a node access races it;
+        ``twist``: the racing node's messages arrive twice, or a node is fenced
+        in the middle (its acks still owed are answered None, its late ones
+        refused), then registers anew."""
         c = self.c
         mm = self.pick_mm(pick)
         addr, length = self.pick_range(mm, page, npages)
-        if op == "dontneed":
-            write = False  # a write racing DONTNEED may land before or after the zap
+        if op.startswith("dontneed") or (twist == "fence" and victim == who):
+            # a write racing DONTNEED may land before or after the zap; one
+            # cut short by a fence may or may not have landed
+            write = False
         taddr = addr + (nth % npages) * PS
         att = None
         if who == "xpmem":
@@ -457,12 +465,16 @@ class ClusterMachine(RuleBasedStateMachine):
         gen = {
             "munmap": lambda: c.model.munmap(mm, addr, length),
             "dontneed": lambda: c.model.madvise(mm, addr, length, "dontneed"),
+            # the OOM reaper's zap: a sleepable node may refuse it (EAGAIN, compensated)
+            "dontneed_nb": lambda: c.model.madvise(mm, addr, length, "dontneed", blockable=False),
             "mprotect_r": lambda: c.model.mprotect(mm, addr, length, "r"),
             "mprotect_none": lambda: c.model.mprotect(mm, addr, length, "none"),
             "reclaim": lambda: c.model.reclaim(mm, addr, length),
             "migrate": lambda: c.model.migrate(mm, addr, length),
             "ksm": lambda: c.model.ksm.full_scan(),
         }[op]()
+        if twist == "duplicate":
+            c.duplicate(who)
         handle = c.begin(gen)
         if att is not None:
             vaddr = att["vaddr"] + (taddr - att["addr"]) + off
@@ -470,16 +482,26 @@ class ClusterMachine(RuleBasedStateMachine):
         else:
             token = c.submit_access(who, mm, taddr + off, n, payload)
         c.pump()
+        if twist == "fence":
+            c.fence(victim, "fenced in the middle of an operation")
+            c.pump()  # its late ack, if any, is refused; it reads Fenced and drops everything
         error = None
         try:
             c.finish(handle)
         except KernelError as exc:
             error = exc
+        c.heal(who)
         # apply the operation to the shadow
         self.apply_op(op, mm, addr, length, error)
         done = c.wait(who, token)
         outcome = done.error if done.error is not None else (
             done.result["data"] if payload is None else done.result["written"])
+        if twist == "fence":
+            c.register(victim)
+            if victim == "xpmem":
+                self.atts.clear()  # the node dropped its permits and attachments
+            if victim == who and isinstance(outcome, KernelError):
+                return  # cut short by the fence: any error (EINTR, ...); a read served before it is judged below
         if att is not None:
             self.check_xpmem_access(att, taddr, off, 8, payload, outcome, before=before, racing=True)
         else:
@@ -490,7 +512,10 @@ class ClusterMachine(RuleBasedStateMachine):
         if op == "munmap":
             assert error is None, error
             self.forget(mm, addr, length)
-        elif op == "dontneed":
+        elif op.startswith("dontneed"):
+            if error is not None and error.errno is Errno.EAGAIN:
+                assert op == "dontneed_nb", error  # refused by a sleepable node: nothing changed
+                return
             if error is not None:
                 assert error.errno is Errno.ENOMEM and len(pages) < length // PS, error
             for p in range(addr, addr + length, PS):
