@@ -325,6 +325,7 @@ class HostCore:
         self._tasks: set[_Task] = set()
         self._running = False
         self._heartbeat_timer = 0
+        self._started = False
         self._held: set[TaskHandle] = set()
         self._parked: dict[TaskHandle, tuple[Any, ...]] = {}
 
@@ -333,6 +334,7 @@ class HostCore:
     def start(self, now: float) -> list[Action]:
         """The service starts: heartbeats and ksmd begin."""
         self.now = now
+        self._started = True
         if self.config.heartbeat_ms > 0:
             self._heartbeat_timer = self._timer(now + self.config.heartbeat_ms / 1000, _HEARTBEAT, None)
         self._spawn(self._ksmd(), "ksmd")
@@ -345,7 +347,7 @@ class HostCore:
         Rate-limited per connection before decoding; a malformed frame gets a
         typed ``Error`` and changes nothing.
         """
-        self.now = now
+        self._clock(now)
         if not self._node_rate.allow(frames[0], now):
             self.counters["rate_limited"] += 1
             self.counters["dropped_node_frames"] += 1
@@ -370,7 +372,7 @@ class HostCore:
     def receive_node(self, identity: bytes, msg: Message, key: str | None, now: float) -> list[Action]:
         """A decoded message from node connection ``identity`` (``key``: the
         CURVE key it came with, None without CURVE)."""
-        self.now = now
+        self._clock(now)
         if self.config.authenticated:
             problem = self._key_problem(identity, msg, key)
             if problem:
@@ -384,7 +386,7 @@ class HostCore:
     def receive_admin_frame(self, frames: list[bytes], key: str | None, now: float) -> list[Action]:
         """An admin channel request ``[identity, payload]``; the reply goes to
         ``identity`` (as a :class:`ReplyAdmin` whose client is the identity)."""
-        self.now = now
+        self._clock(now)
         if not self._admin_rate.allow(frames[0], now):
             self.counters["rate_limited"] += 1
             self.counters["dropped_admin_frames"] += 1
@@ -415,7 +417,7 @@ class HostCore:
     def submit_admin(self, client: Any, ref: int, command: str, args: dict[str, Any], now: float) -> list[Action]:
         """An admin request already decoded (in-process drivers): checked as
         the wire's are; the reply is a :class:`ReplyAdmin` to ``client``."""
-        self.now = now
+        self._clock(now)
         try:
             checked = check_admin(command, args)
             guard.check_admin_limits(command, checked, self.config.limits, self.config.page_size, ref)
@@ -429,7 +431,7 @@ class HostCore:
 
     def peer_gone(self, identity: bytes, now: float) -> list[Action]:
         """The node channel could not route to ``identity``: that node is gone."""
-        self.now = now
+        self._clock(now)
         name = self.sessions.by_identity.get(identity)
         session = self.sessions.by_name.get(name) if name else None
         if session is not None and session.state == "live" and session.identity == identity:
@@ -439,13 +441,13 @@ class HostCore:
     def fence(self, name: str, reason: str, now: float | None = None) -> list[Action]:
         """Fence ``name`` (see :meth:`_fence`)."""
         if now is not None:
-            self.now = now
+            self._clock(now)
         self._fence(name, reason)
         return self._settle()
 
     def tick(self, now: float) -> list[Action]:
         """Time is ``now``: fire every deadline that has passed."""
-        self.now = now
+        self._clock(now)
         while self._timers and self._timers[0][0] <= now:
             _, tid, kind, target = heapq.heappop(self._timers)
             if tid not in self._live_timers:
@@ -558,6 +560,30 @@ class HostCore:
             except Exception:  # noqa: BLE001
                 logger.exception("closing the operation holding the lock")
             self._holder = None
+
+    # ================================================================= time
+
+    def _clock(self, now: float) -> None:
+        """Time is ``now``.  A gap since the core last ran that is far longer
+        than the heartbeat period means the host itself was not running
+        (SIGSTOP, a long GC, a loaded machine): the shell wakes the core at
+        least once a period.  Nobody could be heard meanwhile, so the silence
+        of nodes and the acks owed are judged only over time the host ran:
+        last-seen times and ack / command deadlines move by the stall.  Every
+        deadline still passes (each stall moves it once, by a finite gap)."""
+        period = self.config.heartbeat_ms / 1000
+        gap = now - self.now
+        if self._started and period > 0 and gap > max(2 * period, period + 1.0):
+            stalled = gap - period
+            self.counters["host_stalls"] = self.counters.get("host_stalls", 0) + 1
+            logger.warning("the host did not run for %.1f s: node silence and deadlines judged without it", stalled)
+            for session in self.sessions.live():
+                session.last_seen += stalled
+            self._timers = [(when + stalled if kind in (_ACK, _COMMAND) else when, tid, kind, target)
+                            for when, tid, kind, target in self._timers]
+            heapq.heapify(self._timers)
+        if now > self.now:
+            self.now = now
 
     # ================================================================ sessions
 

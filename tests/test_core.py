@@ -354,3 +354,26 @@ async def test_the_service_and_the_in_process_cluster_decide_identically() -> No
     for wanted in ("EINVAL", "EFAULT", "ESRCH", "ENOMEM", "fenced"):
         assert wanted in kinds, (wanted, kinds)
     assert expected[-1]["stale_accesses"] == 1 and expected[-1]["counters"]["duplicates"] == 1
+
+
+def test_a_stalled_host_does_not_blame_the_nodes_for_its_own_silence() -> None:
+    """A host paused (SIGSTOP, a long GC) for longer than the liveness window
+    judges a node's silence only over time it was running to hear it; a node
+    that stays silent after the host resumes is still fenced, and an ack
+    deadline still passes."""
+    core = new_core(heartbeat_ms=500, liveness=2, ack_deadline_ms=1000)
+    core.start(0.0)
+    epoch = register(core, now=0.0).epoch
+    core.tick(0.5)
+    core.receive_node(b"n1", Heartbeat(id=5, epoch=epoch), None, 0.6)
+    out = core.tick(10.0)  # the host did not run from 0.6 to 10.0
+    assert Fenced not in [type(m) for m in sends(out)] and core.counters["host_stalls"] == 1
+    assert core.sessions.by_name["kvm9"].state == "live"
+    fenced_at = None
+    for step in range(1, 10):
+        now = 10.0 + step * 0.5
+        if Fenced in [type(m) for m in sends(core.tick(now))]:
+            fenced_at = now
+            break
+    assert fenced_at is not None and fenced_at <= 12.0, fenced_at  # silent past liveness while running
+    assert core.counters["fenced_heartbeat"] == 1
