@@ -35,6 +35,7 @@ nodes in use, ``pages_sharing`` the further mappings of them,
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
     from .mm import Model
 
 Key = tuple[int, int]  # (mm, addr)
+
+logger = logging.getLogger(__name__)
 
 
 def page_digest(page: bytes | memoryview) -> bytes:
@@ -320,8 +323,16 @@ class Ksm:
             if self.unstable.get(digest) == tree_key:
                 del self.unstable[digest]
             self._append(tree_key, tree_item, node)
-        else:
+            return
+        try:
             yield from self._break_ksm(m, key[1])
+        except KernelError as exc:
+            # mm/ksm.c try_to_merge_two_pages: "break_cow(rmap_item)" and its
+            # result is ignored; ksmd goes on.  The page stays a KSM page with
+            # one mapping (a stable node with one item), unshared by the next
+            # write fault or unmerge.
+            self.model.counters["ksm_break_cow_failed"] += 1
+            logger.info("ksm: break_cow of %s failed (%s); the page stays merged", key, exc)
 
     def _try_to_merge_with_ksm_page(self, m: Mm, addr: int, pfn: int, kpfn: int) -> Op[bool]:
         """``try_to_merge_one_page``: write-protect, compare, replace."""

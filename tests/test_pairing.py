@@ -380,6 +380,30 @@ def test_close_while_the_start_is_in_flight_owes_the_end_to_every_addressed_node
     bench.quiet()
 
 
+# -- defect 3: ksmd survives a failed break_cow --------------------------------------------
+
+
+def test_ksm_scan_survives_enomem_breaking_the_first_half_of_a_failed_two_page_merge() -> None:
+    m = Model(frames=16, page_size=PS, swap_slots=8)
+    mm = m.spawn()
+    base = run_sync(m.mmap(mm, 2, mergeable=True), lambda e: {})
+    for i in range(2):
+        run_sync(m.write(mm, base + i * PS, page(b"twin")), lambda e: {})
+    # pin the first page (scanned first: the unstable tree's candidate), so the
+    # second half of the merge fails and the KSM page must be broken again
+    run_sync(m.gup(mm, base, 1, True, pin=True, node="pinner"), lambda e: {})
+    fill_memory(m)
+    run_sync(m.ksm.full_scan(), lambda e: {})  # checksums recorded
+    run_sync(m.ksm.full_scan(), lambda e: {})  # merge attempt: break_cow finds no frame
+    assert m.counters["ksm_break_cow_failed"] == 1
+    kpfn = m.pte(mm, base + PS)[0]
+    assert m.memory.flags[kpfn] & PG_KSM and m.memory.pincount[kpfn] == 0
+    assert m.pte(mm, base)[0] != kpfn  # the pinned page was never merged
+    m.check_invariants()
+    run_sync(m.ksm.scan(10), lambda e: {})  # ksmd goes on
+    m.check_invariants()
+
+
 # -- frame safety under injected allocation failures ---------------------------------------
 
 
