@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from protocol.types import Errno, KernelError
 
 from .effects import Op
-from .memory import PG_DIRTY, PG_KSM, ZERO_PFN
+from .memory import PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, ZERO_PFN
 from .mm import PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, PTE_YOUNG, Mm, _present
 
 if TYPE_CHECKING:
@@ -353,8 +353,16 @@ class Ksm:
         pte = m.get(addr)
         if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn:
             return False
-        if not pte & (PTE_WRITE | PTE_DIRTY):
+        if not pte & (PTE_WRITE | PTE_DIRTY) and not mem.flags[pfn] & PG_ANON_EXCLUSIVE:
             return not mem.pincount[pfn]
+        if not pte & (PTE_WRITE | PTE_DIRTY):
+            # read-only and clean but AnonExclusive: no node can write it (it
+            # was invalidated when the pte lost write), the flag must still go
+            # (write_protect_page: "anon_exclusive" takes the clearing path)
+            if mem.pincount[pfn]:
+                return False
+            mem.flags[pfn] &= ~PG_ANON_EXCLUSIVE
+            return True
 
         def commit() -> bool:
             now = m.get(addr)
@@ -364,7 +372,11 @@ class Ksm:
             if mem.pincount[pfn]:
                 return False
             m.set(addr, now & ~(PTE_WRITE | PTE_DIRTY))
-            mem.flags[pfn] |= PG_DIRTY
+            # mm/ksm.c write_protect_page, after the refcount check:
+            # page_try_share_anon_rmap (folio_try_share_anon_rmap_pte since
+            # 6.8): no longer AnonExclusive, so GUP-fast FOLL_PIN refuses it
+            # from now on (mm/gup.c gup_must_unshare)
+            mem.flags[pfn] = (mem.flags[pfn] | PG_DIRTY) & ~PG_ANON_EXCLUSIVE
             return True
 
         return (yield from model._set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte))

@@ -48,6 +48,13 @@ PG_DIRTY = 0x02  #: ``PG_dirty``
 PG_REFERENCED = 0x04  #: ``PG_referenced``: accessed (young) since last aged
 PG_ANON = 0x08  #: ``PageAnon``: private anonymous memory
 PG_SHMEM = 0x10  #: in a shmem object's page cache (shared anonymous)
+#: ``PageAnonExclusive`` (mm/rmap.c, include/linux/page-flags.h): a private
+#: anonymous page known to be mapped by this one pte only and therefore safe to
+#: pin (``gup_must_unshare`` in mm/gup.c refuses FOLL_PIN of an anon page
+#: without it).  Set by a fresh exclusive fault, a COW copy, a swap-in or a
+#: reuse; cleared when the page may become shared: fork, KSM's
+#: ``write_protect_page`` (``folio_try_share_anon_rmap_pte``).  Never on a KSM page.
+PG_ANON_EXCLUSIVE = 0x20
 
 
 class PhysicalMemory:

@@ -70,7 +70,7 @@ from typing import Any, TypeVar
 from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
 
 from .effects import Op
-from .memory import PG_ANON, PG_DIRTY, PG_KSM, PG_SHMEM, ZERO_PFN, PhysicalMemory, SwapFile
+from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, PG_SHMEM, ZERO_PFN, PhysicalMemory, SwapFile
 from .notifier import NotifierCore
 
 logger = logging.getLogger(__name__)
@@ -607,7 +607,7 @@ class Model:
                     # the parent keeps the pinned page exclusive.
                     new = mem.alloc(zero=False)
                     mem.copy(new, pfn)
-                    mem.flags[new] = PG_ANON
+                    mem.flags[new] = PG_ANON | PG_ANON_EXCLUSIVE
                     mem.mapcount[new] = 1
                     child.set(addr, _present(new, bool(pte & PTE_WRITE), True))
                     continue
@@ -618,6 +618,8 @@ class Model:
                 if pfn != ZERO_PFN:
                     mem.mapcount[pfn] += 1
                     mem.get_page(pfn)
+                    # page_try_dup_anon_rmap: both mms map it now
+                    mem.flags[pfn] &= ~PG_ANON_EXCLUSIVE
                 elif pte & PTE_KSM_ZERO:
                     self.ksm.zero_mapped()
 
@@ -657,9 +659,19 @@ class Model:
         return vma
 
     def _exclusive(self, pfn: int) -> bool:
-        """``PageAnonExclusive``: a private page only this pte maps."""
+        """A private page only this pte maps (``wp_can_reuse_anon_folio``:
+        not KSM, one mapping): it may be reused by a write fault, reclaimed,
+        migrated.  Whether it may be *pinned* is :meth:`_anon_exclusive`."""
         mem = self.memory
         return pfn != ZERO_PFN and not mem.flags[pfn] & PG_KSM and mem.mapcount[pfn] == 1
+
+    def _anon_exclusive(self, pfn: int) -> bool:
+        """``PageAnonExclusive`` (the flag, not a guess from counts): a
+        FOLL_PIN of a private page needs it (mm/gup.c ``gup_must_unshare``).
+        KSM's ``write_protect_page`` clears it, so a page on its way to
+        becoming a KSM page cannot be pinned by GUP-fast in the window before
+        it is marked KSM."""
+        return pfn != ZERO_PFN and bool(self.memory.flags[pfn] & PG_ANON_EXCLUSIVE)
 
     def handle_mm_fault(self, mm: int, addr: int, write: bool, *, unshare: bool = False) -> Op[tuple[int, bool]]:
         """``handle_mm_fault`` for one page after the vma check.
@@ -691,7 +703,7 @@ class Model:
             slot = pte >> PTE_SHIFT
             pfn = mem.alloc(zero=False)
             mem.write(pfn, 0, self.swap.read(slot))
-            mem.flags[pfn] = PG_ANON
+            mem.flags[pfn] = PG_ANON | PG_ANON_EXCLUSIVE
             mem.mapcount[pfn] = 1
             self.swap.free(slot)
             m.set(page, _present(pfn, writable_vma and write, write))
@@ -711,7 +723,7 @@ class Model:
                 return pfn, writable_vma
             if write or unshare:
                 pfn = mem.alloc()
-                mem.flags[pfn] = PG_ANON
+                mem.flags[pfn] = PG_ANON | PG_ANON_EXCLUSIVE
                 mem.mapcount[pfn] = 1
                 m.set(page, _present(pfn, writable_vma and write, write))
                 return pfn, writable_vma and write
@@ -720,12 +732,20 @@ class Model:
         pfn = pte >> PTE_SHIFT
         if write and not pte & PTE_WRITE:
             if vma.shmem is not None or self._exclusive(pfn):
-                # wp_page_reuse: more permissive, no notifier traffic
+                # wp_page_reuse: more permissive, no notifier traffic; a
+                # reused anon page is exclusive again (do_wp_page)
+                if vma.shmem is None:
+                    mem.flags[pfn] |= PG_ANON_EXCLUSIVE
                 m.set(page, pte | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
                 return pfn, True
             pfn = yield from self._cow_break(m, page, pte, writable=True)
             return pfn, True
-        if unshare and vma.shmem is None and not self._exclusive(pfn):
+        if unshare and vma.shmem is None and not self._anon_exclusive(pfn):
+            if self._exclusive(pfn) and not mem.pincount[pfn]:
+                # do_wp_page(FAULT_FLAG_UNSHARE) -> wp_can_reuse_anon_folio:
+                # only we map it; mark it exclusive, no copy
+                mem.flags[pfn] |= PG_ANON_EXCLUSIVE
+                return pfn, bool(pte & PTE_WRITE)
             pfn = yield from self._cow_break(m, page, pte, writable=False)
             return pfn, False
         return pfn, bool(pte & PTE_WRITE)
@@ -750,7 +770,7 @@ class Model:
         def copy_and_set(_inv: Any) -> Op[None]:
             if old != ZERO_PFN:
                 mem.copy(new, old)  # after the acks: no node writes the old page any more
-            mem.flags[new] = PG_ANON
+            mem.flags[new] = PG_ANON | PG_ANON_EXCLUSIVE
             yield from self._set_pte_at_notify(m.id, page, new, writable, commit, wrap=False)
 
         try:
@@ -909,7 +929,10 @@ class Model:
             writable = bool(pte & PTE_WRITE)
             if write and not writable:
                 return None
-            if pin and vma.shmem is None and not self._exclusive(pfn):
+            if pin and vma.shmem is None and not self._anon_exclusive(pfn):
+                # gup_must_unshare: FOLL_PIN of an anon page that is not
+                # PageAnonExclusive (shared by fork, write-protected by KSM)
+                # goes to the slow path, which unshares it first
                 return None
             out.append((page, pfn, writable))
         for page, pfn, _ in out:
@@ -1183,6 +1206,9 @@ class Model:
                     if pte & PTE_PRESENT:
                         if pte >> PTE_SHIFT != ZERO_PFN:
                             maps[pte >> PTE_SHIFT] += 1
+                            if pte & PTE_WRITE and mem.flags[pte >> PTE_SHIFT] & PG_ANON:
+                                assert mem.flags[pte >> PTE_SHIFT] & PG_ANON_EXCLUSIVE, \
+                                    f"mm {m.id} {addr:#x}: writable anon pte of a page not AnonExclusive"
                     else:
                         assert pte & PTE_SWAP, f"mm {m.id} {addr:#x}: pte {pte:#x} neither present nor swap"
                         slots[pte >> PTE_SHIFT] += 1
@@ -1201,6 +1227,12 @@ class Model:
             ref = mem.refcount[pfn]
             assert mem.mapcount[pfn] == maps[pfn], f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != ptes {maps[pfn]}"
             assert mem.pincount[pfn] == pins[pfn], f"pfn {pfn}: pincount {mem.pincount[pfn]} != pins {pins[pfn]}"
+            flags = mem.flags[pfn]
+            if flags & PG_KSM:
+                assert not flags & PG_ANON_EXCLUSIVE, f"KSM page {pfn} is AnonExclusive"
+                assert not mem.pincount[pfn], f"KSM page {pfn} is pinned"
+            if mem.pincount[pfn] and flags & PG_ANON and not flags & PG_SHMEM:
+                assert flags & PG_ANON_EXCLUSIVE, f"pinned anon page {pfn} is not AnonExclusive"
             want = maps[pfn] + pins[pfn] + cache[pfn]
             assert ref == want, f"pfn {pfn}: refcount {ref} != ptes + pins + cache {want}"
             if ref:

@@ -404,6 +404,60 @@ def test_ksm_scan_survives_enomem_breaking_the_first_half_of_a_failed_two_page_m
     m.check_invariants()
 
 
+# -- defect 4: a page on its way to KSM cannot be pinned ----------------------------------
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_gup_fast_pin_cannot_take_a_page_that_is_becoming_a_ksm_page(wrap: bool) -> None:
+    m = Model(frames=16, page_size=PS, swap_slots=8, wrap_change_pte=wrap)
+    bench = Bench(m, KvmMMU("kvm"))
+    mm = m.spawn()
+    base = bench.run(m.mmap(mm, 2, mergeable=True))
+    for i in range(2):
+        bench.run(m.write(mm, base + i * PS, page(b"twin")))
+        assert bench.fault("kvm", mm, base + i * PS).ok  # kvm holds both: every step is delivered
+    bench.run(m.ksm.full_scan())  # checksums recorded
+    gen = m.ksm.full_scan()
+    pinned: list[int] = []
+    try:
+        effect = next(gen)
+        while True:
+            # at every delivery of the merge, a pinning GUP-fast races it
+            for i in range(2):
+                got = m.gup_fast(mm, base + i * PS, 1, False, pin=True, node="xpmem")
+                if got:
+                    pinned.append(got[0][1])
+            effect = gen.send(bench.deliver(effect))
+    except StopIteration:
+        pass
+    ksm_pages = [p for p in range(1, m.memory.nframes) if m.memory.flags[p] & PG_KSM and m.memory.refcount[p]]
+    for kpfn in ksm_pages:
+        assert m.memory.pincount[kpfn] == 0, f"KSM page {kpfn} pinned (pins taken on {pinned})"
+    m.check_invariants()
+    # the slow path unshares a KSM page before pinning it (FAULT_FLAG_UNSHARE)
+    got = bench.run(m.gup(mm, base, 1, False, pin=True, node="xpmem"))
+    assert got[0][1] not in ksm_pages
+    m.check_invariants()
+    assert m.stale_accesses == 0
+
+
+def test_fork_shares_pages_so_gup_fast_will_not_pin_them_until_unshared() -> None:
+    m = Model(frames=16, page_size=PS, swap_slots=8)
+    mm = m.spawn()
+    base = run_sync(m.mmap(mm, 1), lambda e: {})
+    run_sync(m.write(mm, base, b"x"), lambda e: {})
+    assert m.gup_fast(mm, base, 1, False, pin=True, node="p") is not None
+    m.unpin("p", mm, [m.pte(mm, base)[0]])
+    child = run_sync(m.fork(mm), lambda e: {})
+    assert m.gup_fast(mm, base, 1, False, pin=True, node="p") is None
+    run_sync(m.exit_mm(child), lambda e: {})
+    # only the parent maps it now; the slow path marks it exclusive without a copy
+    pfn = m.pte(mm, base)[0]
+    (got,) = run_sync(m.gup(mm, base, 1, False, pin=True, node="p"), lambda e: {})
+    assert got[1] == pfn
+    m.check_invariants()
+
+
 # -- frame safety under injected allocation failures ---------------------------------------
 
 
