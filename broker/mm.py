@@ -908,6 +908,12 @@ class Model:
                 missing vma or protection is the slow path's to report.
         """
         m = self._gup_args(mm, addr, npages)
+        if mm in self.notifier.tearing_down:
+            # exit_mmap has begun (mmu_notifier_release sent, subscriptions
+            # gone): nothing served now would ever be invalidated before the
+            # frames are freed.  In the kernel mm_users is 0, so GUP cannot
+            # even take the mm (mmget_not_zero).
+            return None
         vma = m.find_vma(addr)
         if vma is None or vma.prot == "none" or (write and vma.prot != "rw"):
             # GUP-fast looks at ptes only; the verdict on the vma belongs to the

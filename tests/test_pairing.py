@@ -458,6 +458,26 @@ def test_fork_shares_pages_so_gup_fast_will_not_pin_them_until_unshared() -> Non
     m.check_invariants()
 
 
+# -- exit: nothing is served once release went out ----------------------------------------
+
+
+def test_gup_fast_serves_nothing_while_exit_releases_the_nodes() -> None:
+    m = Model(frames=16, page_size=PS, swap_slots=8)
+    bench, mm, base = kvm_and_gru_holding(m, 1)
+    freed: list[int] = []
+    m.memory.on_free = freed.append
+    gen = m.exit_mm(mm)
+    effect = next(gen)
+    assert all(isinstance(msg, Release) for _, msg in effect.sends)
+    bench.deliver(effect)
+    # the release is out, the subscriptions are gone: whatever GUP-fast served
+    # now would never be invalidated before exit frees the frames
+    assert m.gup_fast(mm, base, 1, False, node="kvm") is None
+    with pytest.raises(StopIteration):
+        gen.send({name: None for name in effect.nodes})
+    assert freed and not any(bench.translations_of(p) for p in freed)
+
+
 # -- frame safety under injected allocation failures ---------------------------------------
 
 
