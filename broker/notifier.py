@@ -291,9 +291,12 @@ class NotifierCore:
         subs.pop(name, None)
 
     def forget_mm(self, mm: int) -> None:
-        """The mm is gone (after exit): drop every trace of it."""
+        """The mm is gone (after exit): drop every trace of it, ends owed for
+        it included (its subscribers got ``->release``, which drops
+        everything of the mm, and nobody is subscribed to deliver them to)."""
         self.subscriptions.pop(mm, None)
         self.open.pop(mm, None)
+        self.orphaned_ends = [inv for inv in self.orphaned_ends if inv.range.mm != mm]
         self.tearing_down.discard(mm)
 
     def subscribed(self, mm: int) -> list[str]:

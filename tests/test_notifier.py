@@ -395,3 +395,15 @@ def test_close_owes_the_end_and_never_leaves_it_open():
     assert [inv.nodes[0][0] for inv in core.orphaned_ends] == ["kvm"]
     run_sync(core.end_orphans(), rec)
     assert core.quiescent()
+
+
+def test_ends_owed_for_an_mm_that_is_gone_are_dropped_with_it():
+    core = core_with(("kvm", KVM_OPS, False))
+    core.note_served("kvm", 1, 0, PAGE)
+    gen = core.invalidate_range_start(Range(1, 0, PAGE, NotifyEvent.UNMAP))
+    next(gen)
+    gen.close()
+    assert not core.quiescent()
+    run_sync(core.release(1), Recorder())
+    core.forget_mm(1)
+    assert core.quiescent() and core.orphaned_ends == []
