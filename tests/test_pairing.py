@@ -15,7 +15,7 @@ from collections import deque
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from broker.effects import Deliver, Outcomes, run_sync
@@ -482,12 +482,13 @@ def test_gup_fast_serves_nothing_while_exit_releases_the_nodes() -> None:
 
 
 OPS = ("write", "read", "fault_kvm", "fault_gru", "fork", "migrate", "reclaim", "munmap", "dontneed",
-       "mprotect", "ksm", "exit_child", "access_kvm", "access_gru")
+       "mprotect", "ksm", "exit_child", "access_kvm", "access_gru", "pin", "unpin", "child_write",
+       "write", "write", "ksm", "ksm")  # weighted: twins and two passes make KSM merge
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.booleans(), st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(0, 3)),
-                               min_size=1, max_size=25))
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans(), st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(0, 1),
+                                         st.integers(0, 3)), min_size=8, max_size=30))
 def test_any_allocation_may_fail_and_no_node_keeps_a_freed_frame(wrap: bool, steps: list) -> None:
     m = Model(frames=24, page_size=PS, swap_slots=16, wrap_change_pte=wrap)
     bench = Bench(m, KvmMMU("kvm"), GruMMU("gru"))
@@ -499,13 +500,20 @@ def test_any_allocation_may_fail_and_no_node_keeps_a_freed_frame(wrap: bool, ste
         assert not bench.translations_of(pfn), f"frame {pfn} freed while {bench.translations_of(pfn)} map it"
 
     m.memory.on_free = no_translation
-    for op, i, fail in steps:
+    for op, i, v, fail in steps:
         addr = base + i * PS
         # fail: 0 never; else let fail-1 allocations succeed, then fail one
         m.memory.fail_allocs_after(None if fail == 0 else fail - 1, count=1)
         try:
-            if op == "write":
-                bench.run(m.write(parent, addr, bytes([i + 1]) * 8))
+            if op == "write":  # two contents only: KSM finds twins
+                bench.run(m.write(parent, addr, bytes([v + 1]) * 8))
+            elif op == "child_write" and children:
+                bench.run(m.write(children[-1], addr, bytes([v + 3]) * 8))
+            elif op == "pin":  # what xpmem does; fork must then copy the page
+                bench.run(m.gup(parent, addr, 1, bool(v), pin=True, node="pinner"))
+            elif op == "unpin" and m.pins.get("pinner"):
+                pin_mm, pin_pfn = sorted(m.pins["pinner"])[0]
+                m.unpin("pinner", pin_mm, [pin_pfn])
             elif op == "read":
                 bench.run(m.read(parent, addr, 8))
             elif op in ("fault_kvm", "fault_gru"):
@@ -526,11 +534,14 @@ def test_any_allocation_may_fail_and_no_node_keeps_a_freed_frame(wrap: bool, ste
             elif op == "mprotect":
                 bench.run(m.mprotect(parent, addr, PS, "r" if i % 2 else "rw"))
             elif op == "ksm":
-                bench.run(m.ksm.scan(8))
+                bench.run(m.ksm.scan(16))
+                if m.ksm.stats()["pages_sharing"]:
+                    event("ksm merged")
             elif op == "exit_child" and children:
                 bench.run(m.exit_mm(children.pop()))
         except KernelError as exc:
             assert exc.errno in (Errno.ENOMEM, Errno.EFAULT, Errno.ENOSPC, Errno.EPERM), exc
+            event(f"{op} {exc.errno.value}")
         finally:
             m.memory.fail_allocs_after(None)
         bench.flush()
