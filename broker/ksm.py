@@ -35,6 +35,7 @@ nodes in use, ``pages_sharing`` the further mappings of them,
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,13 +44,15 @@ from typing import TYPE_CHECKING
 from protocol.types import Errno, KernelError
 
 from .effects import Op
-from .memory import PG_DIRTY, PG_KSM, ZERO_PFN
+from .memory import PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, ZERO_PFN
 from .mm import PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, PTE_YOUNG, Mm, _present
 
 if TYPE_CHECKING:
     from .mm import Model
 
 Key = tuple[int, int]  # (mm, addr)
+
+logger = logging.getLogger(__name__)
 
 
 def page_digest(page: bytes | memoryview) -> bytes:
@@ -320,8 +323,16 @@ class Ksm:
             if self.unstable.get(digest) == tree_key:
                 del self.unstable[digest]
             self._append(tree_key, tree_item, node)
-        else:
+            return
+        try:
             yield from self._break_ksm(m, key[1])
+        except KernelError as exc:
+            # mm/ksm.c try_to_merge_two_pages: "break_cow(rmap_item)" and its
+            # result is ignored; ksmd goes on.  The page stays a KSM page with
+            # one mapping (a stable node with one item), unshared by the next
+            # write fault or unmerge.
+            self.model.counters["ksm_break_cow_failed"] += 1
+            logger.info("ksm: break_cow of %s failed (%s); the page stays merged", key, exc)
 
     def _try_to_merge_with_ksm_page(self, m: Mm, addr: int, pfn: int, kpfn: int) -> Op[bool]:
         """``try_to_merge_one_page``: write-protect, compare, replace."""
@@ -342,8 +353,16 @@ class Ksm:
         pte = m.get(addr)
         if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn:
             return False
-        if not pte & (PTE_WRITE | PTE_DIRTY):
+        if not pte & (PTE_WRITE | PTE_DIRTY) and not mem.flags[pfn] & PG_ANON_EXCLUSIVE:
             return not mem.pincount[pfn]
+        if not pte & (PTE_WRITE | PTE_DIRTY):
+            # read-only and clean but AnonExclusive: no node can write it (it
+            # was invalidated when the pte lost write), the flag must still go
+            # (write_protect_page: "anon_exclusive" takes the clearing path)
+            if mem.pincount[pfn]:
+                return False
+            mem.flags[pfn] &= ~PG_ANON_EXCLUSIVE
+            return True
 
         def commit() -> bool:
             now = m.get(addr)
@@ -353,7 +372,11 @@ class Ksm:
             if mem.pincount[pfn]:
                 return False
             m.set(addr, now & ~(PTE_WRITE | PTE_DIRTY))
-            mem.flags[pfn] |= PG_DIRTY
+            # mm/ksm.c write_protect_page, after the refcount check:
+            # page_try_share_anon_rmap (folio_try_share_anon_rmap_pte since
+            # 6.8): no longer AnonExclusive, so GUP-fast FOLL_PIN refuses it
+            # from now on (mm/gup.c gup_must_unshare)
+            mem.flags[pfn] = (mem.flags[pfn] | PG_DIRTY) & ~PG_ANON_EXCLUSIVE
             return True
 
         return (yield from model._set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte))

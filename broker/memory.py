@@ -35,6 +35,7 @@ import mmap
 import os
 import tempfile
 from array import array
+from collections.abc import Callable
 
 from protocol.types import Errno, KernelError
 
@@ -47,6 +48,13 @@ PG_DIRTY = 0x02  #: ``PG_dirty``
 PG_REFERENCED = 0x04  #: ``PG_referenced``: accessed (young) since last aged
 PG_ANON = 0x08  #: ``PageAnon``: private anonymous memory
 PG_SHMEM = 0x10  #: in a shmem object's page cache (shared anonymous)
+#: ``PageAnonExclusive`` (mm/rmap.c, include/linux/page-flags.h): a private
+#: anonymous page known to be mapped by this one pte only and therefore safe to
+#: pin (``gup_must_unshare`` in mm/gup.c refuses FOLL_PIN of an anon page
+#: without it).  Set by a fresh exclusive fault, a COW copy, a swap-in or a
+#: reuse; cleared when the page may become shared: fork, KSM's
+#: ``write_protect_page`` (``folio_try_share_anon_rmap_pte``).  Never on a KSM page.
+PG_ANON_EXCLUSIVE = 0x20
 
 
 class PhysicalMemory:
@@ -83,6 +91,16 @@ class PhysicalMemory:
         self._free_stack = array("I")
         self._zero_page = bytes(page_size)
         self.in_use = 0
+        #: Allocation-failure injection: called by every :meth:`alloc`; when it
+        #: returns True the allocation raises ``KernelError(ENOMEM)`` exactly as
+        #: running out of frames does (nothing allocated).  None: never fail.
+        #: See :meth:`fail_allocs_after`.
+        self.fail_alloc: Callable[[], bool] | None = None
+        #: Called with the pfn whenever a frame's refcount reaches 0 and it is
+        #: back on the free list (never for the zero frame), after the frame's
+        #: metadata is cleared.  An exception from it propagates to whoever
+        #: dropped the last reference.
+        self.on_free: Callable[[int], None] | None = None
 
     # -- allocation (mm/page_alloc.c) ------------------------------------------
 
@@ -96,8 +114,11 @@ class PhysicalMemory:
             zero: the contents must read as zeros (``__GFP_ZERO``); pass False
                 when the caller overwrites the whole page anyway (a copy).
         Raises:
-            KernelError(ENOMEM): no free frame.  Nothing is reclaimed first.
+            KernelError(ENOMEM): no free frame, or :attr:`fail_alloc` said so.
+                Nothing is reclaimed first.
         """
+        if self.fail_alloc is not None and self.fail_alloc():
+            raise KernelError(Errno.ENOMEM, "out of page frames")
         if self._free_stack:
             pfn = self._free_stack.pop()
             if zero:
@@ -111,6 +132,27 @@ class PhysicalMemory:
         self.refcount[pfn] = 1
         self.in_use += 1
         return pfn
+
+    def fail_allocs_after(self, n: int | None, *, count: int | None = None) -> None:
+        """Let ``n`` more allocations succeed, then fail ``count`` of them (all
+        later ones if None) with ENOMEM.  ``n=None`` removes the injection."""
+        if n is None:
+            self.fail_alloc = None
+            return
+        state = {"ok": n, "fail": count}
+
+        def fail() -> bool:
+            if state["ok"] > 0:
+                state["ok"] -= 1
+                return False
+            if state["fail"] is None:
+                return True
+            if state["fail"] > 0:
+                state["fail"] -= 1
+                return True
+            return False
+
+        self.fail_alloc = fail
 
     def get_page(self, pfn: int) -> None:
         """``get_page``: take a reference (no-op for the zero frame)."""
@@ -143,6 +185,8 @@ class PhysicalMemory:
         self.flags[pfn] = 0
         self._free_stack.append(pfn)
         self.in_use -= 1
+        if self.on_free is not None:
+            self.on_free(pfn)
 
     def is_free(self, pfn: int) -> bool:
         return pfn != ZERO_PFN and self.refcount[pfn] == 0

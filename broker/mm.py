@@ -44,6 +44,12 @@ mapped page costs 8 bytes of page table plus 13 bytes of frame metadata::
     bit 4 SWAP      bit 5 KSM_ZERO (a zero page KSM merged, is_ksm_zero_pte)
     bits 8.. pfn (present) or swap slot (swapped); 0 = pte_none
 
+Pairing: every operation that opens an invalidation does it through
+``NotifierCore.invalidate_range(rng, body)``, which sends the end after the
+body on every exit path (an ENOMEM in the middle of a migration or a fork, an
+exception thrown in by the driver); what the body did stays done.  See
+``broker/notifier.py`` for what a driver must do on cancel.
+
 Not modelled: reverse maps of pages mapped by more than one pte (reclaim and
 migration skip such pages, as they skip pinned, KSM and shmem pages);
 transparent huge pages; file mappings.
@@ -64,7 +70,7 @@ from typing import Any, TypeVar
 from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
 
 from .effects import Op
-from .memory import PG_ANON, PG_DIRTY, PG_KSM, PG_SHMEM, ZERO_PFN, PhysicalMemory, SwapFile
+from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, PG_SHMEM, ZERO_PFN, PhysicalMemory, SwapFile
 from .notifier import NotifierCore
 
 logger = logging.getLogger(__name__)
@@ -460,13 +466,15 @@ class Model:
         start, end = self._range(addr, length)
         if not m.vmas_in(start, end):
             return
-        inv = yield from self.notifier.invalidate_range_start(Range(mm, start, end, NotifyEvent.UNMAP))
-        self._zap(m, start, end)
-        for vma in m.isolate(start, end):
-            m.vmas.remove(vma)
-            self._drop_vma(vma)
-        m._reindex()
-        yield from self.notifier.invalidate_range_end(inv)
+
+        def unmap(_inv: Any) -> None:
+            self._zap(m, start, end)
+            for vma in m.isolate(start, end):
+                m.vmas.remove(vma)
+                self._drop_vma(vma)
+            m._reindex()
+
+        yield from self.notifier.invalidate_range(Range(mm, start, end, NotifyEvent.UNMAP), unmap)
 
     def exit_mm(self, mm: int) -> Op[None]:
         """``exit_mmap``: ``mmu_notifier_release`` first (every subscriber
@@ -503,17 +511,20 @@ class Model:
             raise KernelError(Errno.ENOMEM, f"{start:#x} is not mapped")
         stop = end if complete else vmas[-1].end
         downgrade = any(_RANK[prot] < _RANK[v.prot] for v in vmas)
-        inv = None
+
+        def change_protection(_inv: Any) -> None:
+            for vma in m.isolate(start, stop):
+                if _RANK[prot] < _RANK[vma.prot]:
+                    for page, pte in list(m.populated_in(vma.start, vma.end)):
+                        if pte & PTE_WRITE:
+                            m.set(page, pte & ~PTE_WRITE)
+                vma.prot = prot
+
         if downgrade:
-            inv = yield from self.notifier.invalidate_range_start(Range(mm, start, stop, NotifyEvent.PROTECTION_VMA))
-        for vma in m.isolate(start, stop):
-            if _RANK[prot] < _RANK[vma.prot]:
-                for page, pte in list(m.populated_in(vma.start, vma.end)):
-                    if pte & PTE_WRITE:
-                        m.set(page, pte & ~PTE_WRITE)
-            vma.prot = prot
-        if inv is not None:
-            yield from self.notifier.invalidate_range_end(inv)
+            rng = Range(mm, start, stop, NotifyEvent.PROTECTION_VMA)
+            yield from self.notifier.invalidate_range(rng, change_protection)
+        else:
+            change_protection(None)
         if not complete:
             raise KernelError(Errno.ENOMEM, f"[{start:#x}, {end:#x}) has an unmapped hole at {stop:#x}")
 
@@ -543,9 +554,7 @@ class Model:
         if advice == "dontneed":
             if vmas:
                 rng = Range(mm, start, end, NotifyEvent.CLEAR, blockable)
-                inv = yield from self.notifier.invalidate_range_start(rng)
-                self._zap(m, start, end)
-                yield from self.notifier.invalidate_range_end(inv)
+                yield from self.notifier.invalidate_range(rng, lambda _inv: self._zap(m, start, end))
         else:
             want = advice == "mergeable"
             if want and any(v.shared for v in vmas):
@@ -568,13 +577,52 @@ class Model:
             The child's mm id.
         Raises:
             KernelError: ESRCH, ENOMEM (not enough frames to copy pinned pages;
-                the child is torn down and nothing of the parent changed).
+                the child is torn down, the open invalidation is ended; parent
+                ptes already write-protected stay read-only, as after a failed
+                ``dup_mmap``, and a write fault reuses them).
         """
         parent = self.check_mm(mm)
         child_id = self.spawn()
         child = self.mms[child_id]
         child.next_addr = parent.next_addr
         mem = self.memory
+
+        def copy_ptes(vma: Vma, ptes: list[tuple[int, int]] | None) -> None:
+            """``copy_pte_range`` of one vma (after the start, if any)."""
+            if ptes is None:
+                ptes = list(parent.populated_in(vma.start, vma.end))
+            for addr, pte in ptes:
+                if pte & PTE_SWAP:
+                    self.swap.duplicate(pte >> PTE_SHIFT)
+                    child.set(addr, pte)
+                    continue
+                pfn = pte >> PTE_SHIFT
+                if vma.shared:
+                    child.set(addr, pte & ~PTE_YOUNG)
+                    mem.mapcount[pfn] += 1
+                    mem.get_page(pfn)
+                    continue
+                if pfn != ZERO_PFN and mem.pincount[pfn]:
+                    # copy_present_page: the child gets its own copy now,
+                    # the parent keeps the pinned page exclusive.
+                    new = mem.alloc(zero=False)
+                    mem.copy(new, pfn)
+                    mem.flags[new] = PG_ANON | PG_ANON_EXCLUSIVE
+                    mem.mapcount[new] = 1
+                    child.set(addr, _present(new, bool(pte & PTE_WRITE), True))
+                    continue
+                ro = pte & ~(PTE_WRITE | PTE_YOUNG)
+                if pte & PTE_WRITE:
+                    parent.set(addr, pte & ~PTE_WRITE)
+                child.set(addr, ro)
+                if pfn != ZERO_PFN:
+                    mem.mapcount[pfn] += 1
+                    mem.get_page(pfn)
+                    # page_try_dup_anon_rmap: both mms map it now
+                    mem.flags[pfn] &= ~PG_ANON_EXCLUSIVE
+                elif pte & PTE_KSM_ZERO:
+                    self.ksm.zero_mapped()
+
         try:
             for vma in parent.vmas:
                 copy = Vma(vma.start, vma.end, vma.prot, vma.shared, vma.mergeable, vma.shmem, vma.pgoff)
@@ -583,43 +631,13 @@ class Model:
                 child.vmas.append(copy)
                 child._reindex()
                 ptes = list(parent.populated_in(vma.start, vma.end))
-                cow = not vma.shared and any(p & PTE_WRITE for _, p in ptes)
-                inv = None
-                if cow:
+                if not vma.shared and any(p & PTE_WRITE for _, p in ptes):
+                    # An ENOMEM copying a pinned page ends the invalidation
+                    # (what was write-protected stays so, as in the kernel).
                     rng = Range(mm, vma.start, vma.end, NotifyEvent.PROTECTION_PAGE)
-                    inv = yield from self.notifier.invalidate_range_start(rng)
-                    ptes = list(parent.populated_in(vma.start, vma.end))
-                for addr, pte in ptes:
-                    if pte & PTE_SWAP:
-                        self.swap.duplicate(pte >> PTE_SHIFT)
-                        child.set(addr, pte)
-                        continue
-                    pfn = pte >> PTE_SHIFT
-                    if vma.shared:
-                        child.set(addr, pte & ~PTE_YOUNG)
-                        mem.mapcount[pfn] += 1
-                        mem.get_page(pfn)
-                        continue
-                    if pfn != ZERO_PFN and mem.pincount[pfn]:
-                        # copy_present_page: the child gets its own copy now,
-                        # the parent keeps the pinned page exclusive.
-                        new = mem.alloc(zero=False)
-                        mem.copy(new, pfn)
-                        mem.flags[new] = PG_ANON
-                        mem.mapcount[new] = 1
-                        child.set(addr, _present(new, bool(pte & PTE_WRITE), True))
-                        continue
-                    ro = pte & ~(PTE_WRITE | PTE_YOUNG)
-                    if pte & PTE_WRITE:
-                        parent.set(addr, pte & ~PTE_WRITE)
-                    child.set(addr, ro)
-                    if pfn != ZERO_PFN:
-                        mem.mapcount[pfn] += 1
-                        mem.get_page(pfn)
-                    elif pte & PTE_KSM_ZERO:
-                        self.ksm.zero_mapped()
-                if inv is not None:
-                    yield from self.notifier.invalidate_range_end(inv)
+                    yield from self.notifier.invalidate_range(rng, lambda _inv, vma=vma: copy_ptes(vma, None))
+                else:
+                    copy_ptes(vma, ptes)
         except KernelError:
             yield from self.exit_mm(child_id)
             raise
@@ -641,9 +659,19 @@ class Model:
         return vma
 
     def _exclusive(self, pfn: int) -> bool:
-        """``PageAnonExclusive``: a private page only this pte maps."""
+        """A private page only this pte maps (``wp_can_reuse_anon_folio``:
+        not KSM, one mapping): it may be reused by a write fault, reclaimed,
+        migrated.  Whether it may be *pinned* is :meth:`_anon_exclusive`."""
         mem = self.memory
         return pfn != ZERO_PFN and not mem.flags[pfn] & PG_KSM and mem.mapcount[pfn] == 1
+
+    def _anon_exclusive(self, pfn: int) -> bool:
+        """``PageAnonExclusive`` (the flag, not a guess from counts): a
+        FOLL_PIN of a private page needs it (mm/gup.c ``gup_must_unshare``).
+        KSM's ``write_protect_page`` clears it, so a page on its way to
+        becoming a KSM page cannot be pinned by GUP-fast in the window before
+        it is marked KSM."""
+        return pfn != ZERO_PFN and bool(self.memory.flags[pfn] & PG_ANON_EXCLUSIVE)
 
     def handle_mm_fault(self, mm: int, addr: int, write: bool, *, unshare: bool = False) -> Op[tuple[int, bool]]:
         """``handle_mm_fault`` for one page after the vma check.
@@ -675,7 +703,7 @@ class Model:
             slot = pte >> PTE_SHIFT
             pfn = mem.alloc(zero=False)
             mem.write(pfn, 0, self.swap.read(slot))
-            mem.flags[pfn] = PG_ANON
+            mem.flags[pfn] = PG_ANON | PG_ANON_EXCLUSIVE
             mem.mapcount[pfn] = 1
             self.swap.free(slot)
             m.set(page, _present(pfn, writable_vma and write, write))
@@ -695,7 +723,7 @@ class Model:
                 return pfn, writable_vma
             if write or unshare:
                 pfn = mem.alloc()
-                mem.flags[pfn] = PG_ANON
+                mem.flags[pfn] = PG_ANON | PG_ANON_EXCLUSIVE
                 mem.mapcount[pfn] = 1
                 m.set(page, _present(pfn, writable_vma and write, write))
                 return pfn, writable_vma and write
@@ -704,12 +732,20 @@ class Model:
         pfn = pte >> PTE_SHIFT
         if write and not pte & PTE_WRITE:
             if vma.shmem is not None or self._exclusive(pfn):
-                # wp_page_reuse: more permissive, no notifier traffic
+                # wp_page_reuse: more permissive, no notifier traffic; a
+                # reused anon page is exclusive again (do_wp_page)
+                if vma.shmem is None:
+                    mem.flags[pfn] |= PG_ANON_EXCLUSIVE
                 m.set(page, pte | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
                 return pfn, True
             pfn = yield from self._cow_break(m, page, pte, writable=True)
             return pfn, True
-        if unshare and vma.shmem is None and not self._exclusive(pfn):
+        if unshare and vma.shmem is None and not self._anon_exclusive(pfn):
+            if self._exclusive(pfn) and not mem.pincount[pfn]:
+                # do_wp_page(FAULT_FLAG_UNSHARE) -> wp_can_reuse_anon_folio:
+                # only we map it; mark it exclusive, no copy
+                mem.flags[pfn] |= PG_ANON_EXCLUSIVE
+                return pfn, bool(pte & PTE_WRITE)
             pfn = yield from self._cow_break(m, page, pte, writable=False)
             return pfn, False
         return pfn, bool(pte & PTE_WRITE)
@@ -717,27 +753,33 @@ class Model:
     def _cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]:
         """``wp_page_copy``: start(CLEAR) of the page, copy, ``set_pte_at_notify``
         of the new pte (nodes that re-took the old page in between drop it),
-        release the old page, end."""
+        release the old page, end.  The new page is allocated before the start
+        (ENOMEM opens nothing) and freed again on any exit before the commit."""
         mem = self.memory
         old = pte >> PTE_SHIFT
         new = mem.alloc(zero=old == ZERO_PFN)
-        try:
-            inv = yield from self.notifier.invalidate_range_start(
-                Range(m.id, page, page + self.page_size, NotifyEvent.CLEAR))
-        except BaseException:
-            mem.put_page(new)
-            raise
-        if old != ZERO_PFN:
-            mem.copy(new, old)  # after the acks: no node writes the old page any more
-        mem.flags[new] = PG_ANON
+        committed = False
 
         def commit() -> None:
+            nonlocal committed
             self._unmap_pte(m, page, m.get(page))
             mem.mapcount[new] = 1
             m.set(page, _present(new, writable, writable))
+            committed = True
 
-        yield from self._set_pte_at_notify(m.id, page, new, writable, commit, wrap=False)
-        yield from self.notifier.invalidate_range_end(inv)
+        def copy_and_set(_inv: Any) -> Op[None]:
+            if old != ZERO_PFN:
+                mem.copy(new, old)  # after the acks: no node writes the old page any more
+            mem.flags[new] = PG_ANON | PG_ANON_EXCLUSIVE
+            yield from self._set_pte_at_notify(m.id, page, new, writable, commit, wrap=False)
+
+        try:
+            yield from self.notifier.invalidate_range(
+                Range(m.id, page, page + self.page_size, NotifyEvent.CLEAR), copy_and_set)
+        finally:
+            if not committed:
+                mem.flags[new] = 0
+                mem.put_page(new)
         self.counters["cow_breaks"] += 1
         return new
 
@@ -748,7 +790,8 @@ class Model:
         ``commit()`` sets the primary pte.  While it is delivered GUP-fast does
         not serve ``addr`` (the kernel has cleared the pte) and a node that
         already repointed may read ``pfn``.  ``wrap``: the 3.7–6.9 kernels'
-        start/end(CLEAR) around it (KSM's ``write_protect_page``/``replace_page``).
+        start/end(CLEAR) around it (KSM's ``write_protect_page``/``replace_page``),
+        the end paired on every exit path.
 
         Returns:
             What ``commit`` returns.
@@ -758,19 +801,19 @@ class Model:
             # tell, nothing yielded, so no window for GUP-fast to see: set the pte.
             return commit()
         key = (mm, addr)
-        self.pending[key] = pfn
-        inv = None
-        try:
-            if wrap:
-                inv = yield from self.notifier.invalidate_range_start(
-                    Range(mm, addr, addr + self.page_size, NotifyEvent.CLEAR))
-            yield from self.notifier.change_pte(mm, addr, pfn, writable)
-            result = commit()
-        finally:
-            self.pending.pop(key, None)
-        if inv is not None:
-            yield from self.notifier.invalidate_range_end(inv)
-        return result
+
+        def notify_and_commit(_inv: Any) -> Op[T]:
+            self.pending[key] = pfn
+            try:
+                yield from self.notifier.change_pte(mm, addr, pfn, writable)
+                return commit()
+            finally:
+                self.pending.pop(key, None)
+
+        if wrap:
+            rng = Range(mm, addr, addr + self.page_size, NotifyEvent.CLEAR)
+            return (yield from self.notifier.invalidate_range(rng, notify_and_commit))
+        return (yield from notify_and_commit(None))
 
     # ------------------------------------------------------------ host accesses
 
@@ -865,6 +908,12 @@ class Model:
                 missing vma or protection is the slow path's to report.
         """
         m = self._gup_args(mm, addr, npages)
+        if mm in self.notifier.tearing_down:
+            # exit_mmap has begun (mmu_notifier_release sent, subscriptions
+            # gone): nothing served now would ever be invalidated before the
+            # frames are freed.  In the kernel mm_users is 0, so GUP cannot
+            # even take the mm (mmget_not_zero).
+            return None
         vma = m.find_vma(addr)
         if vma is None or vma.prot == "none" or (write and vma.prot != "rw"):
             # GUP-fast looks at ptes only; the verdict on the vma belongs to the
@@ -886,7 +935,10 @@ class Model:
             writable = bool(pte & PTE_WRITE)
             if write and not writable:
                 return None
-            if pin and vma.shmem is None and not self._exclusive(pfn):
+            if pin and vma.shmem is None and not self._anon_exclusive(pfn):
+                # gup_must_unshare: FOLL_PIN of an anon page that is not
+                # PageAnonExclusive (shared by fork, write-protected by KSM)
+                # goes to the slow path, which unshares it first
                 return None
             out.append((page, pfn, writable))
         for page, pfn, _ in out:
@@ -1064,18 +1116,27 @@ class Model:
                 self.counters["reclaim_referenced"] += 1
                 continue
             slot = self.swap.alloc()
-            inv = yield from self.notifier.invalidate_range_start(Range(mm, page, page + ps, NotifyEvent.CLEAR))
-            pte = m.get(page) if mm in self.mms else 0
-            if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or not self._exclusive(pfn) \
-                    or self.memory.pincount[pfn]:
-                self.swap.free(slot)  # pinned or changed meanwhile: try_to_unmap fails
-                yield from self.notifier.invalidate_range_end(inv)
-                continue
-            self.swap.write(slot, self.memory.page(pfn))
-            self._unmap_pte(m, page, pte)
-            m.set(page, (slot << PTE_SHIFT) | PTE_SWAP)
-            swapped += 1
-            yield from self.notifier.invalidate_range_end(inv)
+            used = False
+
+            def try_to_unmap(_inv: Any, page: int = page, pfn: int = pfn, slot: int = slot) -> bool:
+                nonlocal used
+                pte = m.get(page) if mm in self.mms else 0
+                if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or not self._exclusive(pfn) \
+                        or self.memory.pincount[pfn]:
+                    return False  # pinned or changed meanwhile: try_to_unmap fails
+                self.swap.write(slot, self.memory.page(pfn))
+                self._unmap_pte(m, page, pte)
+                m.set(page, (slot << PTE_SHIFT) | PTE_SWAP)
+                used = True
+                return True
+
+            try:
+                yield from self.notifier.invalidate_range(Range(mm, page, page + ps, NotifyEvent.CLEAR), try_to_unmap)
+            finally:
+                if not used:
+                    self.swap.free(slot)
+            if used:
+                swapped += 1
         self.counters["swapouts"] += swapped
         return swapped
 
@@ -1097,10 +1158,14 @@ class Model:
         if not candidates:
             return 0
         lo, hi = candidates[0][0], candidates[-1][0] + self.page_size
-        inv = yield from self.notifier.invalidate_range_start(Range(mm, lo, hi, NotifyEvent.MIGRATE))
-        moved = 0
         mem = self.memory
-        try:
+        moved = 0
+
+        def move(_inv: Any) -> None:
+            # An ENOMEM here ends the invalidation (NotifierCore.invalidate_range)
+            # with the pages moved so far staying moved, as migrate_pages leaves
+            # the folios it migrated (mm/migrate.c).
+            nonlocal moved
             for page, pfn in candidates:
                 pte = m.get(page) if mm in self.mms else 0
                 if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or not self._exclusive(pfn) or mem.pincount[pfn]:
@@ -1113,9 +1178,11 @@ class Model:
                 m.set(page, (new << PTE_SHIFT) | (pte & 0xFF))
                 self._put(pfn)
                 moved += 1
+
+        try:
+            yield from self.notifier.invalidate_range(Range(mm, lo, hi, NotifyEvent.MIGRATE), move)
         finally:
             self.counters["migrated"] += moved
-        yield from self.notifier.invalidate_range_end(inv)
         return moved
 
     # ---------------------------------------------------------------- checking
@@ -1145,6 +1212,9 @@ class Model:
                     if pte & PTE_PRESENT:
                         if pte >> PTE_SHIFT != ZERO_PFN:
                             maps[pte >> PTE_SHIFT] += 1
+                            if pte & PTE_WRITE and mem.flags[pte >> PTE_SHIFT] & PG_ANON:
+                                assert mem.flags[pte >> PTE_SHIFT] & PG_ANON_EXCLUSIVE, \
+                                    f"mm {m.id} {addr:#x}: writable anon pte of a page not AnonExclusive"
                     else:
                         assert pte & PTE_SWAP, f"mm {m.id} {addr:#x}: pte {pte:#x} neither present nor swap"
                         slots[pte >> PTE_SHIFT] += 1
@@ -1163,6 +1233,12 @@ class Model:
             ref = mem.refcount[pfn]
             assert mem.mapcount[pfn] == maps[pfn], f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != ptes {maps[pfn]}"
             assert mem.pincount[pfn] == pins[pfn], f"pfn {pfn}: pincount {mem.pincount[pfn]} != pins {pins[pfn]}"
+            flags = mem.flags[pfn]
+            if flags & PG_KSM:
+                assert not flags & PG_ANON_EXCLUSIVE, f"KSM page {pfn} is AnonExclusive"
+                assert not mem.pincount[pfn], f"KSM page {pfn} is pinned"
+            if mem.pincount[pfn] and flags & PG_ANON and not flags & PG_SHMEM:
+                assert flags & PG_ANON_EXCLUSIVE, f"pinned anon page {pfn} is not AnonExclusive"
             want = maps[pfn] + pins[pfn] + cache[pfn]
             assert ref == want, f"pfn {pfn}: refcount {ref} != ptes + pins + cache {want}"
             if ref:

@@ -24,11 +24,42 @@ State of one invalidation, per addressed node::
            is sent to it, the invalidation proceeds without it
 
 Served ranges shrink when a node acks a start (it zapped the range) and grow
-when a GUP serves it pages.  A GUP served while a start is in flight is
-forgotten with the range when the ack arrives: that is safe because the node
-discards such a reply by its own rule (kvm's ``mmu_invalidate_retry``, gru's
-``range_active``, xpmem's drain) and faults again after the end, which
-records the range again.  The DMA oracle would count any node that did not.
+when a GUP serves it pages.  They shrink only in the same synchronous step
+that processes the acks, never across a later yield: a GUP served while the
+compensating end (EAGAIN) or the end of a change_pte fallback is in flight is
+kept.  A GUP served while a start is in flight is forgotten with the range
+when the ack arrives: that is safe because GUP-fast serves nothing under an
+open start (:attr:`NotifierCore.open`) and a reply served before the start was
+sent is discarded by the node's own rule (kvm's ``mmu_invalidate_retry``,
+gru's ``range_active``, xpmem's drain); the node faults again after the end,
+which records the range again.  The DMA oracle would count any node that did not.
+
+Pairing (the contract for drivers and operations)
+-------------------------------------------------
+
+Every start a node acknowledged gets exactly one end, on every exit path.  The
+mechanism is :meth:`NotifierCore.invalidate_range` with a ``body``: start, the
+body (which changes the primary ptes), end -- and the end is also sent when
+the body raises (``KernelError`` such as ENOMEM, anything else) or when the
+driver throws an exception into the generator.  Operations never pair start
+and end by hand.  What the body did before it failed stays done (the kernel
+leaves migrated pages migrated); the end follows it; then the error propagates.
+
+A driver must either drive an operation to completion (``send`` the outcomes
+of every Deliver until StopIteration or an exception) or ``throw`` an exception
+(e.g. ``KernelError(ECANCELED)``) into it *and keep driving*: ``throw`` may
+return one more Deliver -- the end of the starts already sent -- which the
+driver delivers like any other, until the generator raises.  A start whose
+acks are unknown when the throw arrives gets its end at every node it was
+sent to (still alive); nodes ignore an end whose start they refused or never
+opened, and the node channel is ordered, so the end never overtakes the start.
+
+``close()`` (GeneratorExit, also what garbage collection of an abandoned
+generator does) cannot yield, so it cannot send an end.  It never leaves
+:attr:`NotifierCore.open` inconsistent: the invalidation leaves ``open`` and
+its end is queued in :attr:`NotifierCore.orphaned_ends`; the driver must then
+run :meth:`NotifierCore.end_orphans` (an operation) to deliver them, or the
+nodes stay in their invalidation (kvm's ``mmu_invalidate_in_progress``).
 """
 
 from __future__ import annotations
@@ -36,7 +67,9 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from protocol.messages import (
     Ack,
@@ -53,6 +86,8 @@ from protocol.types import NOTIFIER_OPS, Errno, KernelError, NotifyEvent, Range
 from .effects import Deliver, Op, Outcomes
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class IntervalSet:
@@ -191,6 +226,9 @@ class NotifierCore:
         self.tearing_down: set[int] = set()
         #: Invalidations between start and end, per mm (nesting is allowed).
         self.open: dict[int, list[Invalidation]] = {}
+        #: Ends owed to nodes by operations closed mid-invalidation (see the
+        #: module docstring); :meth:`end_orphans` delivers them.
+        self.orphaned_ends: list[Invalidation] = []
         self._ids = itertools.count(1)
         self._generations = itertools.count(1)
         self.counters: dict[str, int] = {
@@ -201,6 +239,7 @@ class NotifierCore:
             "young": 0,
             "release": 0,
             "eagain": 0,
+            "orphaned_ends": 0,
             "messages": 0,
         }
 
@@ -252,9 +291,12 @@ class NotifierCore:
         subs.pop(name, None)
 
     def forget_mm(self, mm: int) -> None:
-        """The mm is gone (after exit): drop every trace of it."""
+        """The mm is gone (after exit): drop every trace of it, ends owed for
+        it included (its subscribers got ``->release``, which drops
+        everything of the mm, and nobody is subscribed to deliver them to)."""
         self.subscriptions.pop(mm, None)
         self.open.pop(mm, None)
+        self.orphaned_ends = [inv for inv in self.orphaned_ends if inv.range.mm != mm]
         self.tearing_down.discard(mm)
 
     def subscribed(self, mm: int) -> list[str]:
@@ -295,12 +337,57 @@ class NotifierCore:
 
     # -- invalidation ------------------------------------------------------
 
+    def quiescent(self, mm: int | None = None) -> bool:
+        """No invalidation is open (for ``mm``, or for any mm) and no end is
+        owed to a node.  Cheap: for drivers and tests between operations."""
+        if self.orphaned_ends:
+            return False
+        if mm is None:
+            return not any(self.open.values())
+        return not self.open.get(mm)
+
+    def _end_message(self, inv: Invalidation) -> InvalidateRangeEnd:
+        rng = inv.range
+        return InvalidateRangeEnd(id=next(self._ids), mm=rng.mm, start=rng.start, end=rng.end, start_id=inv.id)
+
+    def _orphan(self, inv: Invalidation) -> None:
+        """The operation was closed while ``inv``'s nodes await their end:
+        take it out of ``open`` (GUP-fast would refuse its range forever) and
+        owe the end (:meth:`end_orphans`)."""
+        opened = self.open.get(inv.range.mm, [])
+        if inv in opened:
+            opened.remove(inv)
+        if inv.nodes:
+            self.orphaned_ends.append(inv)
+            self.counters["orphaned_ends"] += 1
+            logger.error("operation closed between start and end of %s: end owed to %s",
+                         inv.range, [name for name, _ in inv.nodes])
+
+    def end_orphans(self) -> Op[int]:
+        """Deliver the ends owed by operations that were closed mid-invalidation.
+
+        Returns:
+            The number of invalidations ended.
+        """
+        done = 0
+        while self.orphaned_ends:
+            inv = self.orphaned_ends.pop(0)
+            yield from self.invalidate_range_end(inv)
+            done += 1
+        return done
+
     def invalidate_range_start(self, rng: Range) -> Op[Invalidation]:
         """``mmu_notifier_invalidate_range_start``.
 
         Sends the start, in parallel, to every node holding part of the range
         and returns once all have answered.  The caller may then change the
-        primary ptes of the range and free their frames.
+        primary ptes of the range and free their frames.  Prefer
+        :meth:`invalidate_range` with a body: it pairs the end on every path.
+
+        An exception thrown in while the start awaits its acks: every node the
+        start was sent to (still alive) gets an end, then the exception
+        propagates.  ``close()`` meanwhile: the same ends are owed
+        (:attr:`orphaned_ends`).
 
         Raises:
             KernelError(EAGAIN): a sleepable node refused a non-blockable start;
@@ -328,19 +415,38 @@ class NotifierCore:
         # GUP-fast must not serve these pages meanwhile to a node the start
         # did not address (it held nothing here), which would never hear of
         # the zap that follows.
-        sent = Invalidation(rng, start_id, ())
+        sent = Invalidation(rng, start_id, tuple(generations.items()))
         self.open.setdefault(rng.mm, []).append(sent)
         try:
             outcomes: Outcomes = yield self._deliver([(s.node, msg) for s in holders])
-        finally:
+        except GeneratorExit:
+            self._orphan(sent)
+            raise
+        except BaseException:
+            # Thrown in by the driver: who acked is unknown.  Every node the
+            # start reached expects its end; those that refused or never saw
+            # the start ignore it.  Their served ranges stay (they may not
+            # have zapped).
             opened = self.open.get(rng.mm, [])
             if sent in opened:
                 opened.remove(sent)
+            yield from self.invalidate_range_end(sent)
+            raise
+        opened = self.open.get(rng.mm, [])
+        if sent in opened:
+            opened.remove(sent)
         started = [
             (name, generations[name])
             for name, ack in outcomes.items()
-            if ack is not None and ack.status == "ok" and self._alive(name, generations[name])
+            if name in generations and ack is not None and ack.status == "ok"
+            and self._alive(name, generations[name])
         ]
+        # The acks are processed now, in this step: the nodes that acked
+        # zapped the range.  Nothing is served to them across a later yield
+        # and then erased here (a GUP served while the compensating end below
+        # is in flight must stay recorded, or the next munmap misses the node).
+        for name, _ in started:
+            self.served(name, rng.mm).remove(rng.start, rng.end)
         refused = [name for name, ack in outcomes.items() if ack is not None and ack.status != "ok"]
         if refused:
             # mm/mmu_notifier.c mn_hlist_invalidate_range_start: "any that
@@ -350,22 +456,20 @@ class NotifierCore:
             self.counters["eagain"] += 1
             logger.info("invalidate_range_start %s refused (EAGAIN) by %s", rng, refused)
             if started:
-                end = InvalidateRangeEnd(id=next(self._ids), mm=rng.mm, start=rng.start, end=rng.end, start_id=start_id)
-                self.counters["invalidate_range_end"] += 1
-                yield self._deliver([(name, end) for name, _ in started], expect_ack=False)
-                for name, generation in started:
-                    if self._alive(name, generation):
-                        self.served(name, rng.mm).remove(rng.start, rng.end)
+                yield from self.invalidate_range_end(Invalidation(rng, start_id, tuple(started)))
             raise KernelError(Errno.EAGAIN, f"{', '.join(refused)} cannot sleep for a non-blockable invalidation")
-        for name, _ in started:
-            self.served(name, rng.mm).remove(rng.start, rng.end)
         inv = Invalidation(rng, start_id, tuple(started))
         self.open.setdefault(rng.mm, []).append(inv)
         return inv
 
     def invalidate_range_end(self, inv: Invalidation) -> Op[None]:
         """``mmu_notifier_invalidate_range_end``: exactly the nodes that acked
-        the start, still alive and subscribed, get the end.  Never fails."""
+        the start, still alive and subscribed, get the end.  Never fails.
+
+        The invalidation leaves ``open`` before the end is yielded (the ptes
+        have changed: GUP-fast may serve the new ones).  Closed while the end
+        is yielded: the end is owed again (a duplicate end is ignored by nodes,
+        a missing one leaves them in their invalidation)."""
         opened = self.open.get(inv.range.mm, [])
         if inv in opened:
             opened.remove(inv)
@@ -373,16 +477,44 @@ class NotifierCore:
         targets = [name for name, gen in inv.nodes if self._alive(name, gen) and name in subs]
         self.counters["invalidate_range_end"] += 1
         if targets:
-            rng = inv.range
-            end = InvalidateRangeEnd(id=next(self._ids), mm=rng.mm, start=rng.start, end=rng.end, start_id=inv.id)
-            yield self._deliver([(name, end) for name in targets], expect_ack=False)
+            end = self._end_message(inv)
+            try:
+                yield self._deliver([(name, end) for name in targets], expect_ack=False)
+            except GeneratorExit:
+                self._orphan(inv)
+                raise
 
-    def invalidate_range(self, rng: Range) -> Op[None]:
-        """start + end with nothing in between: for callers that change the
-        primary ptes themselves before calling end are better served by the two
-        calls; this is the one-page invalidation used by change_pte fallback."""
+    def invalidate_range(self, rng: Range, body: Callable[[Invalidation], Any] | None = None) -> Op[Any]:
+        """start, ``body``, end -- the end on every exit path.
+
+        ``body(inv)`` runs after every addressed node acked the start; it
+        changes the primary ptes and may return a value or be an operation
+        (a generator, driven with ``yield from``).  Whatever happens in it --
+        it returns, raises (ENOMEM, any ``KernelError``, any exception), or
+        the driver throws into one of its deliveries -- the end is delivered
+        after it, then its value is returned or its exception re-raised.
+        ``close()`` mid-body: the end is owed (:meth:`end_orphans`).
+
+        Without a body: start and end with nothing in between (the one-page
+        invalidation of the change_pte fallback).
+
+        Raises:
+            KernelError(EAGAIN): from the start (nothing ran, the compensating
+                end was sent); whatever ``body`` raises.
+        """
         inv = yield from self.invalidate_range_start(rng)
+        try:
+            result = body(inv) if body is not None else None
+            if isinstance(result, Generator):
+                result = yield from result
+        except GeneratorExit:
+            self._orphan(inv)
+            raise
+        except BaseException:
+            yield from self.invalidate_range_end(inv)
+            raise
         yield from self.invalidate_range_end(inv)
+        return result
 
     # -- change_pte (set_pte_at_notify) --------------------------------------
 
@@ -438,17 +570,27 @@ class NotifierCore:
         if not sends:
             return
         generations = {name: self.nodes[name].generation for name, _ in sends}
-        outcomes: Outcomes = yield self._deliver(sends)
+        rng = Range(mm, addr, end, NotifyEvent.CLEAR)
+        # the fallback's one-page start, for pairing its end on every path
+        sent = Invalidation(rng, start_id, tuple((s.node, generations[s.node]) for s in fallback))
+        try:
+            outcomes: Outcomes = yield self._deliver(sends)
+        except GeneratorExit:
+            self._orphan(sent)
+            raise
+        except BaseException:
+            yield from self.invalidate_range_end(sent)  # acks unknown: end to all it reached
+            raise
         started = []
         for s in fallback:
             ack = outcomes.get(s.node)
             if ack is not None and ack.status == "ok" and self._alive(s.node, generations[s.node]):
+                # removed now, with the acks: a GUP served while the end below
+                # is in flight stays recorded
                 s.served.remove(addr, end)
-                started.append(s.node)
+                started.append((s.node, generations[s.node]))
         if started:
-            self.counters["invalidate_range_end"] += 1
-            msg_end = InvalidateRangeEnd(id=next(self._ids), mm=mm, start=addr, end=end, start_id=start_id)
-            yield self._deliver([(name, msg_end) for name in started], expect_ack=False)
+            yield from self.invalidate_range_end(Invalidation(rng, start_id, tuple(started)))
 
     # -- aging -----------------------------------------------------------------
 

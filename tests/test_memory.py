@@ -63,6 +63,58 @@ def test_copy_compare_and_span_checks():
     assert err.value.errno is Errno.EINVAL
 
 
+def test_on_free_fires_exactly_when_a_frame_returns_to_the_free_list():
+    mem = PhysicalMemory(4, PAGE)
+    freed: list[int] = []
+    mem.on_free = freed.append
+    a, b = mem.alloc(), mem.alloc()
+    mem.get_page(a)
+    assert mem.put_page(a) is False and freed == []  # still referenced
+    mem.put_page(ZERO_PFN)
+    mem.get_page(ZERO_PFN)
+    assert freed == []  # never for the zero frame
+    assert mem.put_page(a) is True
+    assert freed == [a] and a in mem.free_pfns() and mem.is_free(a)  # called once it is free
+    assert mem.put_page(b) is True and freed == [a, b]
+    c = mem.alloc()  # reusing a frame is no free
+    assert freed == [a, b]
+
+    def check(pfn: int) -> None:
+        assert pfn in mem.free_pfns() and mem.flags[pfn] == 0 and mem.in_use == 0
+        raise RuntimeError(f"frame {pfn} still mapped by a node")
+
+    mem.on_free = check
+    with pytest.raises(RuntimeError):  # the hook's verdict reaches the caller
+        mem.put_page(c)
+
+
+def test_fail_alloc_raises_enomem_like_running_out_of_frames():
+    mem = PhysicalMemory(8, PAGE)
+    mem.fail_alloc = lambda: True
+    with pytest.raises(KernelError) as injected:
+        mem.alloc()
+    mem.fail_alloc = None
+    pfns = [mem.alloc() for _ in range(7)]
+    with pytest.raises(KernelError) as real:
+        mem.alloc()
+    assert (injected.value.errno, injected.value.message) == (real.value.errno, real.value.message)
+    assert mem.in_use == 7  # the injected failure allocated nothing
+    for pfn in pfns:
+        mem.put_page(pfn)
+    mem.fail_allocs_after(2, count=1)
+    first = [mem.alloc(), mem.alloc()]
+    with pytest.raises(KernelError) as err:
+        mem.alloc()
+    assert err.value.errno is Errno.ENOMEM and mem.in_use == 2
+    mem.alloc()  # count=1: the next one succeeds again
+    mem.fail_allocs_after(0)
+    for _ in range(3):
+        with pytest.raises(KernelError):
+            mem.alloc()
+    mem.fail_allocs_after(None)
+    assert mem.fail_alloc is None and mem.alloc() not in first
+
+
 def test_metadata_is_compact():
     mem = PhysicalMemory(1 << 16, PAGE)
     # refcount, mapcount, pincount (4 bytes each) and flags (1 byte) per frame

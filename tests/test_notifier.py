@@ -273,3 +273,137 @@ def test_change_pte_message_fields():
     (node, msg), = rec.log
     assert msg == ChangePte(id=msg.id, mm=1, addr=0, pfn=9, writable=False)
     assert not isinstance(msg, ClearFlushYoung)
+
+
+# -- pairing on every exit path (NotifierCore.invalidate_range with a body) -----------
+
+
+def test_served_ranges_shrink_with_the_acks_not_after_the_compensating_end():
+    core = core_with(("kvm", KVM_OPS, False), ("xpmem", GRU_OPS, True))
+    core.note_served("kvm", 1, 0, PAGE)
+    core.note_served("xpmem", 1, 0, PAGE)
+    gen = core.invalidate_range_start(Range(1, 0, PAGE, NotifyEvent.CLEAR, False))
+    start = next(gen)
+    sid = start.sends[0][1].id
+    end = gen.send({"kvm": Ack(ref=sid), "xpmem": Ack(ref=sid, status="EAGAIN")})
+    assert end.nodes == ("kvm",) and not end.expect_ack
+    assert not core.served("kvm", 1)  # kvm zapped: forgotten with its ack
+    core.note_served("kvm", 1, 0, PAGE)  # a GUP-fast while the end is in flight
+    with pytest.raises(KernelError) as err:
+        gen.send({"kvm": None})
+    assert err.value.errno is Errno.EAGAIN
+    assert core.served("kvm", 1).overlaps(0, PAGE)  # still known: the next start reaches kvm
+    assert core.served("xpmem", 1).overlaps(0, PAGE)  # refused: it zapped nothing
+    assert core.quiescent()
+
+
+def test_page_served_while_a_change_pte_fallback_end_is_in_flight_is_kept():
+    core = core_with(("gru", GRU_OPS, False))
+    core.note_served("gru", 1, 0, PAGE)
+    gen = core.change_pte(1, 0, 5, False)
+    start = next(gen)
+    end = gen.send({"gru": Ack(ref=start.sends[0][1].id)})
+    assert isinstance(end.sends[0][1], InvalidateRangeEnd)
+    core.note_served("gru", 1, 0, PAGE)  # served while the end is in flight
+    with pytest.raises(StopIteration):
+        gen.send({"gru": None})
+    assert core.served("gru", 1).overlaps(0, PAGE)
+
+
+def drive(gen, rec, throw_at=None, exc=None):
+    """run_sync, throwing ``exc`` instead of answering delivery number ``throw_at``."""
+    n = 0
+    try:
+        effect = next(gen)
+        while True:
+            n += 1
+            if n == throw_at:
+                rec(effect)
+                effect = gen.throw(exc)
+            else:
+                effect = gen.send(rec(effect))
+    except StopIteration as stop:
+        return stop.value
+
+
+def test_the_body_runs_between_start_and_end_and_its_value_is_returned():
+    core = core_with(("kvm", KVM_OPS, False))
+    core.note_served("kvm", 1, 0, PAGE)
+    rec = Recorder()
+    seen = []
+
+    def body(inv):
+        seen.append(([type(m).__name__ for _, m in rec.log], core.quiescent(1)))
+        yield Deliver((("kvm", ClearFlushYoung(id=99, mm=1, start=0, end=PAGE)),))
+        return "done"
+
+    assert run_sync(core.invalidate_range(Range(1, 0, PAGE, NotifyEvent.UNMAP), body), rec) == "done"
+    assert seen == [(["InvalidateRangeStart"], False)]
+    assert [type(m).__name__ for _, m in rec.log] == ["InvalidateRangeStart", "ClearFlushYoung", "InvalidateRangeEnd"]
+    assert run_sync(core.invalidate_range(Range(1, 0, PAGE, NotifyEvent.UNMAP), lambda inv: 7), rec) == 7
+    assert core.quiescent()
+
+
+@pytest.mark.parametrize("where", ["body raises", "thrown into the body", "thrown into the start"])
+def test_the_end_follows_on_every_exit_path(where):
+    core = core_with(("kvm", KVM_OPS, False), ("gru", GRU_OPS, False))
+    core.note_served("kvm", 1, 0, PAGE)
+    core.note_served("gru", 1, 0, PAGE)
+    rec = Recorder()
+    done = []
+
+    def body(inv):
+        done.append("before")
+        if where == "body raises":
+            raise KernelError(Errno.ENOMEM, "out of page frames")
+        yield Deliver((("kvm", ClearFlushYoung(id=99, mm=1, start=0, end=PAGE)),))
+        done.append("after")
+
+    gen = core.invalidate_range(Range(1, 0, PAGE, NotifyEvent.MIGRATE), body)
+    throw_at = {"body raises": None, "thrown into the body": 2, "thrown into the start": 1}[where]
+    with pytest.raises(KernelError) as err:
+        drive(gen, rec, throw_at, KernelError(Errno.EINTR, "cancelled"))
+    assert err.value.errno is (Errno.ENOMEM if where == "body raises" else Errno.EINTR)
+    starts = [m for _, m in rec.log if isinstance(m, InvalidateRangeStart)]
+    ends = [(n, m) for n, m in rec.log if isinstance(m, InvalidateRangeEnd)]
+    assert sorted(n for n, _ in ends) == ["gru", "kvm"] and all(m.start_id == starts[0].id for _, m in ends)
+    assert done == ([] if where == "thrown into the start" else ["before"])
+    assert core.quiescent()
+
+
+def test_close_owes_the_end_and_never_leaves_it_open():
+    core = core_with(("kvm", KVM_OPS, False))
+    core.note_served("kvm", 1, 0, PAGE)
+    rec = Recorder()
+
+    def body(inv):
+        yield Deliver((("kvm", ClearFlushYoung(id=99, mm=1, start=0, end=PAGE)),))
+
+    gen = core.invalidate_range(Range(1, 0, PAGE, NotifyEvent.MIGRATE), body)
+    gen.send(rec(next(gen)))  # started; the body's delivery is out
+    gen.close()
+    assert not core.open[1] and not core.quiescent() and core.counters["orphaned_ends"] == 1
+    assert run_sync(core.end_orphans(), rec) == 1
+    assert isinstance(rec.log[-1][1], InvalidateRangeEnd) and rec.log[-1][0] == "kvm"
+    assert core.quiescent()
+    # closed while the end itself was being delivered: owed again (nodes ignore a duplicate)
+    gen = core.invalidate_range(Range(1, 0, PAGE, NotifyEvent.MIGRATE))
+    core.note_served("kvm", 1, 0, PAGE)
+    end = gen.send(rec(next(gen)))
+    assert isinstance(end.sends[0][1], InvalidateRangeEnd)
+    gen.close()
+    assert [inv.nodes[0][0] for inv in core.orphaned_ends] == ["kvm"]
+    run_sync(core.end_orphans(), rec)
+    assert core.quiescent()
+
+
+def test_ends_owed_for_an_mm_that_is_gone_are_dropped_with_it():
+    core = core_with(("kvm", KVM_OPS, False))
+    core.note_served("kvm", 1, 0, PAGE)
+    gen = core.invalidate_range_start(Range(1, 0, PAGE, NotifyEvent.UNMAP))
+    next(gen)
+    gen.close()
+    assert not core.quiescent()
+    run_sync(core.release(1), Recorder())
+    core.forget_mm(1)
+    assert core.quiescent() and core.orphaned_ends == []
