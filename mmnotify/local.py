@@ -142,6 +142,8 @@ class LocalCluster:
             order of every step (reproducible interleavings).
         model: a ready :class:`broker.mm.Model` (the others are then ignored).
         ack_deadline_ms: the core's ack deadline, on the virtual clock.
+        check_frees: assert at every frame free that no live node maps the
+            frame (off only to watch the oracle catch a broken node later).
     Concurrency:
         Synchronous and single-threaded.  Not reentrant from node code.
     """
@@ -157,6 +159,7 @@ class LocalCluster:
         seed: int | None = None,
         model: Any | None = None,
         ack_deadline_ms: int = 2000,
+        check_frees: bool = True,
     ) -> None:
         if model is None:
             from broker.mm import Model
@@ -191,7 +194,7 @@ class LocalCluster:
         self.pump_counters: dict[str, int] = {"messages_to_nodes": 0, "messages_to_host": 0}
         #: hand-driven connections (:meth:`connect_raw`): identity -> what the host sent them
         self.raw: dict[bytes, deque[Message]] = {}
-        if hasattr(model.memory, "on_free"):
+        if check_frees:
             model.memory.on_free = self._on_free
         if isinstance(nodes, dict):
             for name, kind in nodes.items():

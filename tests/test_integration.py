@@ -1020,3 +1020,61 @@ def test_a_child_of_mmn_up_outlives_the_thread_that_spawned_it_but_not_its_paren
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)  # the child too: same process group
         parent.wait(timeout=10)
+
+
+async def test_a_migration_without_a_free_frame_fails_and_leaves_no_invalidation_in_progress(
+        fresh: Callable[..., Cluster]) -> None:
+    """The host-core issue's defect 2, as a user meets it: ``mmn host --frames
+    64``, two nodes fault 4 pages, the rest of memory filled, ``mmn migrate``
+    fails with ENOMEM -- and its start was paired with an end anyway: the next
+    kvm and gru faults in that range answer, and neither node has an
+    invalidation in progress (on main they waited forever)."""
+    c = fresh(("kvm", "gru"), host_args=("--frames", "64"))
+    mm = (await c.call("spawn"))["mm"]
+    addr = await c.mapping(mm, 4, fill=0x5A)
+    for node in ("kvm0", "gru0"):
+        await c.call("fault", node=node, mm=mm, addr=addr, pages=4, write=False)
+    filler = await c.mapping(mm, 128)
+    with pytest.raises(Failed) as full:
+        await c.call("write", mm=mm, addr=filler, data=b"\x01" * (128 * PS))
+    assert full.value.errno == "ENOMEM"
+    with pytest.raises(Failed) as failed:
+        await c.call("migrate", mm=mm, addr=addr, length=4 * PS)
+    assert failed.value.errno == "ENOMEM"
+    for node in ("kvm0", "gru0"):
+        got = await c.call("fault", node=node, mm=mm, addr=addr, pages=1, write=False)
+        assert [p[0] for p in got["pages"]] == [addr]
+        data = await c.call("access", node=node, mm=mm, addr=addr, length=4)
+        assert data["data"] == b"\x5a" * 4
+    status = await c.status()
+    assert all(n["invalidations_in_progress"] == 0 for n in status["nodes"]), status["nodes"]
+    assert status["stale_accesses"] == 0
+
+
+async def test_a_host_stopped_past_the_liveness_window_fences_nobody_on_resume(
+        fresh: Callable[..., Cluster]) -> None:
+    """SIGSTOP the host for 5 s (its liveness window is 6 x 500 ms = 3 s):
+    on resume it judges the nodes' silence only over time it was running to
+    hear them, so nobody is fenced and the xpmem attachment still reads.  The
+    nodes are told to be patient (40 missed heartbeats: 20 s), so what is
+    tested is the host's judgement."""
+    c = fresh(node_args=("--liveness", "40"))
+    mm = (await c.call("spawn"))["mm"]
+    addr = await c.mapping(mm, 2, fill=0x33)
+    vaddr = await c.xpmem_attach("xpmem0", mm, addr, 2 * PS, write=True)
+    await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=2, write=False)
+    before = (await c.status())["counters"]
+    host = c.procs["host"]
+    os.killpg(host.pid, signal.SIGSTOP)
+    try:
+        await trio.sleep(5)
+    finally:
+        os.killpg(host.pid, signal.SIGCONT)
+    await trio.sleep(1.5)  # three heartbeat periods of running time
+    status = await c.status()
+    assert all(n["state"] == "live" for n in status["nodes"]), status["nodes"]
+    assert status["counters"]["fenced_heartbeat"] == before["fenced_heartbeat"]
+    assert status["counters"]["host_stalls"] >= 1
+    got = await c.call("access", node="xpmem0", mm=mm, addr=vaddr, length=4)
+    assert got["data"] == b"\x33" * 4
+    assert status["stale_accesses"] == 0

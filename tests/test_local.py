@@ -382,8 +382,22 @@ class AcksBeforeZapping(KvmMMU):
 
 
 @pytest.mark.parametrize("broken", [NeverZaps, AcksBeforeZapping])
-def test_a_broken_node_makes_the_oracle_count_a_stale_access(broken: type[KvmMMU]) -> None:
+def test_a_broken_node_is_caught_at_the_frame_free(broken: type[KvmMMU]) -> None:
+    """Frame safety checked where it matters: the moment the model frees a
+    frame a live node still maps, before any access could go stale."""
     c = LocalCluster(frames=64)
+    c.add_node(node=broken("bad"))
+    mm = c.spawn()
+    base = c.mmap(mm, 1)
+    c.write(mm, base, page(b"mine"))
+    c.fault("bad", mm, base)
+    with pytest.raises(AssertionError, match="freed while bad still maps it"):
+        c.munmap(mm, base, PS)
+
+
+@pytest.mark.parametrize("broken", [NeverZaps, AcksBeforeZapping])
+def test_a_broken_node_makes_the_oracle_count_a_stale_access(broken: type[KvmMMU]) -> None:
+    c = LocalCluster(frames=64, check_frees=False)  # let the free happen: the oracle's turn
     c.add_node(node=broken("bad"))
     mm = c.spawn()
     base = c.mmap(mm, 1)

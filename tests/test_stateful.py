@@ -423,6 +423,55 @@ class ClusterMachine(RuleBasedStateMachine):
         if kind == "xpmem":
             self.atts.clear()  # the node dropped its permits and attachments
 
+    # -- allocation failures ----------------------------------------------------------
+
+    @precondition(lambda self: self.mms)
+    @rule(op=st.sampled_from(["write", "node_write", "migrate", "ksm", "reclaim", "race_migrate"]),
+          pick=picks, page=picks, npages=st.integers(1, 3), after=st.integers(0, 3),
+          who=st.sampled_from(["kvm", "gru"]), data=st.sampled_from(PATTERNS))
+    def memory_pressure(self, op: str, pick: int, page: int, npages: int, after: int, who: str,
+                        data: bytes) -> None:
+        """Every allocation after the first ``after`` fails with ENOMEM, in the
+        middle of whatever the operation is doing (a COW break, a swap-in, a
+        migration, a KSM merge's unsharing, a node's write fault): the
+        operation fails or not, but every start it opened is ended, and no
+        frame is freed while a node maps it (the cluster checks each free).
+        The contents of the mm are then re-read from the host: what a failed
+        write left half done is not the point here."""
+        c = self.c
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        memory = c.model.memory
+        memory.fail_allocs_after(after)
+        try:
+            try:
+                if op == "write":
+                    c.write(mm, addr, data * (length // len(data)))
+                elif op == "node_write":
+                    c.access(who, mm, addr, data=data)
+                elif op == "migrate":
+                    c.migrate(mm, addr, length)
+                elif op == "ksm":
+                    c.merge(1)
+                elif op == "reclaim":
+                    c.reclaim(mm, addr, length)
+                else:  # a migration held open while a node faults the range for write
+                    handle = c.begin(c.model.migrate(mm, addr, length))
+                    token = c.submit_fault(who, mm, addr, 1, True)
+                    c.pump()
+                    try:
+                        c.finish(handle)
+                    finally:
+                        c.wait(who, token)
+            except KernelError as exc:
+                assert exc.errno in (Errno.ENOMEM, Errno.EFAULT, Errno.EPERM, Errno.ENOSPC), exc
+        finally:
+            memory.fail_allocs_after(None)
+        c.pump()
+        for (m, p), prot in list(self.prot.items()):
+            if m == mm and prot != "none":
+                self.data[(m, p)] = bytes(c.read(m, p, PS))
+
     # -- races: an invalidation held open while a node access runs ------------------
 
     @precondition(lambda self: self.mms)
