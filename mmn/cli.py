@@ -54,6 +54,7 @@ from protocol.messages import AdminReply, AdminRequest, Error, Event
 from protocol.types import ADDRESS_LIMIT
 
 from transport import AdminClient, connect
+from transport.zsock import LinkFailed, LinkMonitor, handshake_probe
 
 from . import render
 
@@ -70,6 +71,9 @@ DEFAULT_EVENTS_PORT = 7783
 DEFAULT_ADMIN = f"tcp://127.0.0.1:{DEFAULT_ADMIN_PORT}"
 DEFAULT_NODE_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_NODE_PORT}"
 DEFAULT_TIMEOUT = 10.0
+#: Seconds of refused connections after which a command gives up (nothing
+#: listens); a handshake failure gives up at once.
+REFUSED_GRACE = 1.0
 
 PROG = "mmn"
 
@@ -83,7 +87,18 @@ class UsageError(Exception):
 
 
 class Unreachable(Exception):
-    """No answer from the host in time: exit 3."""
+    """No answer from the host: exit 3.
+
+    ``reason`` says why, for scripts (``--json`` carries it): ``timeout``
+    (nothing came in time), ``refused`` (nothing listens), ``key`` (the host
+    refused this client's key, or this client has none or the wrong host
+    key), ``insecure`` (the host runs plain TCP, this client CURVE),
+    ``not_admin`` (the port does not take admin requests).
+    """
+
+    def __init__(self, message: str, reason: str = "timeout") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class Failed(Exception):
@@ -277,18 +292,44 @@ def up_record_path(port: int) -> Path:
     return Path(base) / f"mmnotify-{os.getuid()}-up-{port}.json"
 
 
-def up_keys_for(endpoint: str) -> str | None:
-    """The key directory of the live ``mmn up`` whose admin endpoint is
-    ``endpoint`` (loopback only), or None."""
+def read_up_record(port: int) -> dict[str, Any] | None:
+    """The note of the live ``mmn up`` serving admin port ``port`` on this
+    machine (``{"pid", "keys", "admin", "ports", ...}``), or None (no note,
+    or its ``mmn up`` is gone)."""
     try:
-        hostpart, port = endpoint.rsplit(":", 1)
-        if not hostpart.endswith(("127.0.0.1", "localhost", "[::1]")):
-            return None
-        record = json.loads(up_record_path(int(port)).read_text())
+        record = json.loads(up_record_path(port).read_text())
         os.kill(int(record["pid"]), 0)  # a dead mmn up's record means nothing
-        return str(record["keys"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def live_up_records() -> list[dict[str, Any]]:
+    """Every live ``mmn up`` note of this user on this machine."""
+    base = up_record_path(0).parent
+    out = []
+    for path in sorted(base.glob(f"mmnotify-{os.getuid()}-up-*.json")):
+        port = path.stem.rsplit("-", 1)[-1]
+        record = read_up_record(int(port)) if port.isdigit() else None
+        if record is not None:
+            out.append(record)
+    return out
+
+
+def _loopback_port(endpoint: str) -> int | None:
+    hostpart, _, port = endpoint.rpartition(":")
+    if not hostpart.endswith(("127.0.0.1", "localhost", "[::1]")) or not port.isdigit():
+        return None
+    return int(port)
+
+
+def up_keys_for(endpoint: str) -> str | None:
+    """The key directory of the live ``mmn up`` whose admin endpoint is
+    ``endpoint`` (loopback only), or None (also for an ``--insecure`` one)."""
+    port = _loopback_port(endpoint)
+    record = read_up_record(port) if port is not None else None
+    keys = record.get("keys") if record else None
+    return str(keys) if keys else None
 
 
 def client_security(keys: str | None = None, env: Mapping[str, str] | None = None, *,
@@ -331,9 +372,87 @@ def client_security(keys: str | None = None, env: Mapping[str, str] | None = Non
 
 _FROM_ENV: Any = object()
 
+#: What each port of a host is, by the default numbers (compose publishes these).
+_DEFAULT_PORT_ROLES = {DEFAULT_NODE_PORT: "node", DEFAULT_ADMIN_PORT: "admin", DEFAULT_EVENTS_PORT: "events"}
+
+
+def port_hint(addr: str, want: str = "admin") -> str:
+    """Why ``addr`` may be the wrong port: it is the node or events port of a
+    local ``mmn up`` (from its note), or of the default numbering; "" if
+    nothing is known against it."""
+    hostpart, _, port_text = addr.rpartition(":")
+    if not port_text.isdigit():
+        return ""
+    port = int(port_text)
+    if _loopback_port(addr) is not None:
+        for record in live_up_records():
+            ports = record.get("ports") or {}
+            for role, number in ports.items():
+                if number == port and role != want and isinstance(ports.get(want), int):
+                    return (f"; port {port} is the {role} port of `mmn up` (pid {record.get('pid')}), "
+                            f"its {want} port is {hostpart}:{ports[want]}")
+    role = _DEFAULT_PORT_ROLES.get(port)
+    if role is not None and role != want:
+        wanted = next(p for p, r in _DEFAULT_PORT_ROLES.items() if r == want)
+        return f"; {port} is the default {role} port, the {want} port is {wanted} by default"
+    return ""
+
+
+def _no_keys_advice() -> str:
+    if os.environ.get("MMN_INSECURE", "") not in ("", "0"):
+        return "$MMN_INSECURE is set, so this client sent no key; unset it and give the cluster's keys " \
+               "(--keys DIR or $MMN_KEYS_DIR)"
+    return ("this client has no keys (no --keys, no $MMN_KEYS_DIR, and no note of a local `mmn up` for this port): "
+            "pass --keys DIR (the keys directory `mmn up` prints) or set $MMN_KEYS_DIR")
+
+
+async def link_failure(exc: LinkFailed, addr: str, security: Any, what: str = "admin") -> Unreachable:
+    """The :class:`Unreachable` (its message with the fix) for a failed link.
+
+    A handshake the host closes without detail is ambiguous (a refused key,
+    CURVE against plain TCP, the events port): a probe with a SUB socket
+    (the events port lets it in) and, for a CURVE client, one in plain TCP
+    tell which.  Concurrency: awaits the probes (at most 2 s, in a thread).
+    """
+    head = f"no answer from the host at {addr}"
+    hint = port_hint(addr, what)
+    reason = exc.reason
+    if reason in ("handshake", "closed", "protocol") and what == "admin":
+        if await trio.to_thread.run_sync(handshake_probe, addr, zmq.SUB, security):
+            return Unreachable(f"{head}: this is an event port, not the admin port (a subscriber gets in; "
+                               f"`mmn watch --events ADDR` reads it){hint}", "not_admin")
+        if security is not None and await trio.to_thread.run_sync(handshake_probe, addr, zmq.DEALER, None):
+            reason = "mechanism"
+    if reason == "refused":
+        return Unreachable(f"{head}: nothing listens there (connection refused); start a cluster (`mmn up`) "
+                           f"or name its {what} endpoint (--host ADDR or $MMN_HOST){hint}", "refused")
+    if reason == "mechanism" and security is not None:  # (a plain client: the host runs CURVE, below)
+        return Unreachable(f"{head}: it runs plain TCP and this client CURVE; set MMN_INSECURE=1 "
+                           f"for a cluster started with --insecure{hint}", "insecure")
+    if reason == "closed" and security is None:
+        return Unreachable(f"{head}: this is not an admin port (the peer closed the connection in the "
+                           f"ZeroMQ handshake: its socket type takes no requests){hint}", "not_admin")
+    if reason == "protocol":
+        return Unreachable(f"{head}: the ZeroMQ handshake failed (protocol error {exc.value:#x}): "
+                           f"is this a mmnotify {what} port?{hint}", "not_admin")
+    # auth, handshake (closed under CURVE): the host closed the handshake on us
+    if security is None:
+        return Unreachable(f"{head}: the host refused this client: it runs CURVE and {_no_keys_advice()}{hint}",
+                           "key")
+    detail = f"ZAP status {exc.value}" if reason == "auth" else "the CURVE handshake failed"
+    return Unreachable(f"{head}: the host refused this client's key ({detail}); use that cluster's admin key "
+                       f"and host key (--keys DIR: DIR/admin/admin.key_secret and DIR/host/host.key, or "
+                       f"$MMN_KEYS_DIR){hint}", "key")
+
 
 async def admin_call(
-    addr: str, command: str, args: Mapping[str, Any], *, timeout: float, security: Any = _FROM_ENV
+    addr: str,
+    command: str,
+    args: Mapping[str, Any],
+    *,
+    timeout: float,
+    security: Any = _FROM_ENV,
+    refused_grace: float | None = None,
 ) -> dict[str, Any]:
     """Send one admin request and wait for its reply.
 
@@ -341,24 +460,35 @@ async def admin_call(
         The reply's ``result``.
     Raises:
         Unreachable: no reply within ``timeout`` seconds (the DEALER is
-            ``IMMEDIATE``, so an absent host times out on the send too).
+            ``IMMEDIATE``, so an absent host times out on the send too); at
+            once when the handshake fails (a refused key, no keys against
+            CURVE, CURVE against plain TCP, a port that takes no requests),
+            and after ``refused_grace`` seconds of refused connections (None:
+            wait for a host that may be starting).  Its message says which,
+            and the fix.
         Failed: the host answered ``ok=False`` (its errno), a typed ``Error``
             (it refused the request), or a reply that does not decode.
     Concurrency: awaits; the client socket is private to this call and closed
     before it returns, also when cancelled.
 
     ``security``: a CURVE hook, None for plain TCP; by default
-    :func:`client_security` from the environment.  A host that refuses the
-    key (ZAP) never answers: that is :class:`Unreachable`.
+    :func:`client_security` from the environment.
     """
     if security is _FROM_ENV:
         security = client_security()
-    async with AdminClient(addr, security=security) as client:
+    grace = None if refused_grace is None else min(refused_grace, timeout)
+    async with AdminClient(addr, security=security, diagnose=True, refused_grace=grace) as client:
         request = AdminRequest(id=client.next_id(), command=command, args=dict(args))
         try:
             reply = await client.request(request, timeout)
+        except LinkFailed as exc:
+            raise await link_failure(exc, addr, security) from None
         except trio.TooSlowError:
-            raise Unreachable(f"no answer from the host at {addr} within {timeout:g}s") from None
+            state = client.link.state if client.link is not None else ""
+            why = ""
+            if state == "ready":
+                why = f" (connected, but nothing came back: is this its admin port?{port_hint(addr)})"
+            raise Unreachable(f"no answer from the host at {addr} within {timeout:g}s{why}") from None
         except ProtocolError as exc:
             raise Failed("bad_message", f"malformed reply from the host: {exc.message}") from exc
     if isinstance(reply, AdminReply):
@@ -366,6 +496,9 @@ async def admin_call(
             raise Failed(reply.errno, reply.error)
         return dict(reply.result)
     if isinstance(reply, Error):
+        if reply.code == "unregistered":  # the node channel: it wants a Register first
+            raise Unreachable(f"no answer from the host at {addr}: this is a node port, not the admin port (it "
+                              f"answered {reply.code}: {reply.message}){port_hint(addr)}", "not_admin")
         raise Failed(reply.code, reply.message)
     raise Failed("bad_message", f"the host answered {type(reply).TYPE!r} to an admin request")
 
@@ -786,7 +919,8 @@ def _run_control(ns: argparse.Namespace) -> int:
     command, args = build_request(ns)
     addr = _admin_endpoint(ns)
     security = _security(ns)
-    result = trio.run(lambda: admin_call(addr, command, args, timeout=_timeout(ns), security=security))
+    result = trio.run(lambda: admin_call(addr, command, args, timeout=_timeout(ns), security=security,
+                                         refused_grace=REFUSED_GRACE))
     if ns.json:
         _emit_json(result)
     else:
@@ -1123,7 +1257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except Unreachable as exc:
         if getattr(ns, "json", False):
-            _emit_json({"ok": False, "errno": "unreachable", "error": str(exc)})
+            _emit_json({"ok": False, "errno": "unreachable", "reason": exc.reason, "error": str(exc)})
         _error(f"unreachable: {exc}")
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
