@@ -28,6 +28,20 @@ ranges) and by ``protocol.admin.check_admin``, the host's own check.
 
 from __future__ import annotations
 
+import signal as _signal
+
+
+def _interrupted_while_importing(signum: int, frame: object) -> None:
+    raise SystemExit(130)  # quietly: Ctrl-C while the imports below run (slow on a busy machine)
+
+
+try:  # only where Python's own handler is in place (not SIG_IGN, not an embedding program's)
+    _QUIET_IMPORT = _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
+    if _QUIET_IMPORT:
+        _signal.signal(_signal.SIGINT, _interrupted_while_importing)
+except ValueError:  # imported off the main thread
+    _QUIET_IMPORT = False
+
 import argparse
 import json
 import logging
@@ -424,6 +438,9 @@ async def link_failure(exc: LinkFailed, addr: str, security: Any, what: str = "a
         if security is not None and await trio.to_thread.run_sync(handshake_probe, addr, zmq.DEALER, None):
             reason = "mechanism"
     if reason == "refused":
+        running = [str(r.get(what)) for r in live_up_records() if r.get(what)]
+        if running:
+            hint += f"; `mmn up` of yours runs here with {what} {', '.join(running)}"
         return Unreachable(f"{head}: nothing listens there (connection refused); start a cluster (`mmn up`) "
                            f"or name its {what} endpoint (--host ADDR or $MMN_HOST){hint}", "refused")
     if reason == "mechanism" and security is not None:  # (a plain client: the host runs CURVE, below)
@@ -714,8 +731,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = subs.add_parser("up", help="host plus default nodes on this machine, with a live status view")
     up_module.add_arguments(p)
     _host_options(p, service=False)
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="with --once: one JSON document")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="for scripts: one JSON ready line (endpoints, keys dir, pids, nodes) once every node is "
+                        "live, no live view; with --once the status as one JSON document")
     p.set_defaults(handler=up_module.run)
+
+    p = subs.add_parser("down", help="stop a `mmn up` of yours on this machine (e.g. one started with --detach)")
+    _common(p)
+    p.add_argument("--wait", type=seconds, default=10.0, metavar="S",
+                   help="seconds to wait for it to stop everything (default 10)")
+    p.set_defaults(handler=up_module.run_down)
 
     from . import soak as soak_module
 
@@ -1239,12 +1264,22 @@ def _run_node(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``mmn`` command; returns the exit status (see the module doc)."""
+    """Run one ``mmn`` command; returns the exit status (see the module doc).
+    Ctrl-C at any point is exit 130 (``mmn up``, ``mmn watch``: 0), never a
+    traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         ns = parser.parse_args(list(argv) if argv is not None else None)
     except _Exit as exc:
         return exc.code
+    ns.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return ns.handler(ns)
     except UsageError as exc:
@@ -1262,6 +1297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:  # trio wraps a Ctrl-C that lands inside a nursery
+        if group.split(KeyboardInterrupt)[0] is None:
+            raise
+        return 130
     except BrokenPipeError:
         # `mmn watch | head`: the reader left; do not print a traceback.
         try:
@@ -1269,3 +1308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return EXIT_OK
+
+
+if _QUIET_IMPORT and _signal.getsignal(_signal.SIGINT) is _interrupted_while_importing:
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)  # imported: Ctrl-C is KeyboardInterrupt again

@@ -13,6 +13,7 @@ Integration with the real host and nodes (``mmn up``) is at the end, marked
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -454,7 +455,7 @@ USAGE_ERRORS = [
     ["status", "--timeout", "0"],
     ["status", "--timeout", "-1"],
     ["watch", "--count", "0"],
-    ["up", "--json"],  # --json needs --once
+    ["down", "--wait", "0"],
     ["up", "--kvm", "-1"],
 ]
 
@@ -1047,3 +1048,266 @@ def test_a_second_terminal_reaches_mmn_up_with_curve_and_no_flags(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------
+# mmn up for scripts and second terminals
+
+
+def _free_port_triple() -> int:
+    """A base P with P, P+1, P+2 free right now (high ports the OS hands out)."""
+    import socket
+
+    for _ in range(50):
+        base = up.free_ports(1)[0]
+        if base + 2 > 65535:
+            continue
+        try:
+            up.check_ports("127.0.0.1", [base, base + 1, base + 2])
+        except up.PortsBusy:
+            continue
+        return base
+    pytest.fail("no three free consecutive ports")
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Notes of `mmn up` in a directory of this test's own (inherited by subprocesses)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(d))
+    return d
+
+
+def _ready_line(proc: subprocess.Popen[str], seconds: float = 60) -> dict[str, Any]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("{"):
+            return json.loads(line)
+        if not line and proc.poll() is not None:
+            break
+    pytest.fail(f"no ready line from mmn up: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def test_busy_ports_fail_fast_in_one_line_naming_the_mmn_up(
+    runtime_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Ports held by another mmn up (its note says which): one line, exit 1,
+    nothing started, no logs or keys made, and its note left alone."""
+    import socket
+
+    base = _free_port_triple()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    held = socket.socket()
+    try:
+        held.bind(("127.0.0.1", base + 1))
+        held.listen()
+        note = cli.up_record_path(base + 1)
+        note.write_text(json.dumps({"pid": holder.pid, "keys": None, "admin": f"tcp://127.0.0.1:{base + 1}"}))
+        started = time.monotonic()
+        logs = tmp_path / "logs"
+        assert main(["up", "--port-base", str(base), "--logs", str(logs)]) == 1
+        assert time.monotonic() - started < 3
+        out, err = capsys.readouterr()
+        assert (out, err) == ("", f"mmn up: ports {base}-{base + 2} are in use by mmn up pid {holder.pid}; "
+                                  "try --port-base 0\n")
+        assert json.loads(note.read_text())["pid"] == holder.pid
+        assert not logs.exists()
+        note.unlink()  # a port taken by anything else
+        assert main(["up", "--port-base", str(base)]) == 1
+        assert capsys.readouterr().err == f"mmn up: port {base + 1} of {base}-{base + 2} is in use; try --port-base 0\n"
+    finally:
+        held.close()
+        holder.kill()
+        holder.wait()
+
+
+def test_a_note_is_removed_only_by_its_own_mmn_up(runtime_dir: Path) -> None:
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        note = cli.up_record_path(12345)
+        note.write_text(json.dumps({"pid": other.pid, "keys": "/elsewhere"}))
+        up._remove_own_record(note)
+        assert note.exists()
+        note.write_text(json.dumps({"pid": os.getpid(), "keys": "/ours"}))
+        up._remove_own_record(note)
+        assert not note.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_up_json_prints_one_ready_line_once_every_node_is_live(
+    standin: list[str], tmp_path: Path, runtime_dir: Path
+) -> None:
+    proc = _up_subprocess(standin, "--json", "--logs", str(tmp_path))
+    try:
+        doc = _ready_line(proc)
+        assert doc["ready"] is True and doc["pid"] == proc.pid
+        assert [n["name"] for n in doc["nodes"]] == ["kvm0", "gru0", "xpmem0"]
+        assert all(_alive(n["pid"]) for n in doc["nodes"]) and _alive(doc["host"]["pid"])
+        assert doc["admin"].startswith("tcp://127.0.0.1:") and doc["events"].startswith("tcp://127.0.0.1:")
+        assert doc["keys"] is None and doc["logs"] == str(tmp_path)  # the stand-in runs plain TCP
+        note = json.loads(cli.up_record_path(int(doc["admin"].rsplit(":", 1)[1])).read_text())
+        assert note["pid"] == proc.pid and note["ports"]["events"] == int(doc["events"].rsplit(":", 1)[1])
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and out == ""  # the ready line was all; no view on stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_stops_when_the_process_that_started_it_dies(standin: list[str], tmp_path: Path) -> None:
+    """A test runner killed with -9 leaves no cluster: mmn up watches its parent."""
+    code = (
+        "import subprocess, sys, time\n"
+        f"up = subprocess.Popen({[sys.executable, '-c', 'import sys; import mmn.up as up; up.SERVICE_COMMAND = sys.argv[1:3]; from mmn.cli import main; sys.exit(main(sys.argv[3:]))', *standin, 'up', '--port-base', '0', '--interval', '0.1', '--grace', '1', '--json', '--logs', str(tmp_path)]!r},\n"
+        "                      stdout=subprocess.PIPE, cwd=sys.argv[1])\n"
+        "print(up.pid, up.stdout.readline().decode().strip(), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        pid_text, ready = parent.stdout.readline().split(" ", 1)
+        assert json.loads(ready)["ready"]
+        up_pid, pids = int(pid_text), _logged_pids(tmp_path)
+        assert _alive(up_pid) and len(pids) == 7
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (_alive(up_pid) or any(_alive(p) for p in pids)):
+            time.sleep(0.1)
+        assert not _alive(up_pid)
+        assert [p for p in pids if _alive(p)] == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+async def test_ctrl_c_inside_startup_is_no_traceback(
+    standin: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that lands in a trio task while up starts (before its signal
+    watcher runs) comes out of the nursery wrapped in a group: still no
+    traceback, and the host already started is stopped."""
+    spawned: list[up.Child] = []
+    real_spawn = up._spawn
+
+    async def spawn_then_interrupt(child: up.Child) -> None:
+        await real_spawn(child)
+        spawned.append(child)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(up, "_spawn", spawn_then_interrupt)
+    assert await mmn("up", "--port-base", "0", "--logs", str(tmp_path), seconds=60) == 0
+    assert capsys.readouterr().out == ""
+    assert spawned and all(c.process is not None and c.process.returncode is not None for c in spawned)
+
+
+@pytest.mark.integration
+def test_ctrl_c_at_any_moment_of_startup_prints_no_traceback(tmp_path: Path) -> None:
+    """SIGINT at several moments after our code starts (imports, keys, the
+    host starting, nodes registering): exit 0 or 130, no traceback, nothing
+    left running."""
+    code = ("import sys; sys.stderr.write('go\\n'); sys.stderr.flush(); "
+            "from mmn.cli import main; sys.exit(main(sys.argv[1:]))")
+    for i, delay in enumerate((0.3, 0.6, 1.0, 1.5, 2.5, 4.0)):
+        logs = tmp_path / f"run{i}"
+        proc = subprocess.Popen([sys.executable, "-c", code, "up", "--port-base", "0", "--logs", str(logs)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            assert proc.stderr is not None and proc.stderr.readline() == "go\n"
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            err = proc.communicate(timeout=30)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode in (0, 130), (delay, proc.returncode, err)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _processes_mentioning(str(logs)):
+            time.sleep(0.1)
+        assert _processes_mentioning(str(logs)) == [], delay
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and _alive(int(entry.name)):
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.integration
+def test_up_detach_then_down(tmp_path: Path, runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mmn up --detach --json` returns once the cluster is ready, the cluster
+    keeps running (a second terminal reaches it with no flags), `mmn down`
+    stops it and everything it started."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmn", "up", "--detach", "--json", "--port-base", "0", "--logs", str(tmp_path)],
+        capture_output=True, text=True, timeout=90, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    pids = [doc["pid"], doc["host"]["pid"], *(n["pid"] for n in doc["nodes"])]
+    try:
+        assert all(_alive(p) for p in pids)
+        assert Path(doc["keys"], "admin", "admin.key_secret").exists()
+        capsys.readouterr()
+        assert main(["--host", doc["admin"], "--json", "status"]) == 0
+        assert {n["name"] for n in json.loads(capsys.readouterr().out)["nodes"]} == {"kvm0", "gru0", "xpmem0"}
+        assert main(["down", "--host", doc["admin"]]) == 0
+        assert capsys.readouterr().out == f"stopped mmn up pid {doc['pid']} ({doc['admin']})\n"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        assert [p for p in pids if _alive(p)] == []
+        assert main(["down"]) == 1  # none left
+        assert "no mmn up of yours is running" in capsys.readouterr().err
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.integration
+def test_a_second_mmn_up_on_the_same_ports_leaves_the_first_reachable(
+    tmp_path: Path, runtime_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _free_port_triple()
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mmn", "up", "--json", "--port-base", str(base), "--logs", str(tmp_path / "first")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        doc = _ready_line(first)
+        note = cli.up_record_path(base + 1)
+        assert json.loads(note.read_text())["pid"] == first.pid
+        capsys.readouterr()
+        started = time.monotonic()
+        assert main(["up", "--port-base", str(base), "--logs", str(tmp_path / "second")]) == 1
+        assert time.monotonic() - started < 3
+        err = capsys.readouterr().err
+        assert err == f"mmn up: ports {base}-{base + 2} are in use by mmn up pid {first.pid}; try --port-base 0\n"
+        assert json.loads(note.read_text())["pid"] == first.pid
+        assert main(["--host", doc["admin"], "status"]) == 0  # with no flag: the note still leads to the keys
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=15) == 0
+        assert not note.exists()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
