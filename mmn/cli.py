@@ -68,7 +68,7 @@ from protocol.messages import AdminReply, AdminRequest, Error, Event
 from protocol.types import ADDRESS_LIMIT
 
 from transport import AdminClient, connect
-from transport.zsock import LinkFailed, LinkMonitor, handshake_probe
+from transport.zsock import LinkFailed, connect_monitored, handshake_probe
 
 from . import render
 
@@ -341,7 +341,11 @@ def up_keys_for(endpoint: str) -> str | None:
     """The key directory of the live ``mmn up`` whose admin endpoint is
     ``endpoint`` (loopback only), or None (also for an ``--insecure`` one)."""
     port = _loopback_port(endpoint)
-    record = read_up_record(port) if port is not None else None
+    if port is None:
+        return None
+    record = read_up_record(port)
+    if record is None:  # another of its ports (`mmn watch --events ADDR`)
+        record = next((r for r in live_up_records() if port in (r.get("ports") or {}).values()), None)
     keys = record.get("keys") if record else None
     return str(keys) if keys else None
 
@@ -447,7 +451,7 @@ async def link_failure(exc: LinkFailed, addr: str, security: Any, what: str = "a
         return Unreachable(f"{head}: it runs plain TCP and this client CURVE; set MMN_INSECURE=1 "
                            f"for a cluster started with --insecure{hint}", "insecure")
     if reason == "closed" and security is None:
-        return Unreachable(f"{head}: this is not an admin port (the peer closed the connection in the "
+        return Unreachable(f"{head}: this is not an {what} port (the peer closed the connection in the "
                            f"ZeroMQ handshake: its socket type takes no requests){hint}", "not_admin")
     if reason == "protocol":
         return Unreachable(f"{head}: the ZeroMQ handshake failed (protocol error {exc.value:#x}): "
@@ -895,7 +899,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--count", type=number(1), default=None, metavar="N", help="stop after N events")
     p.add_argument("--seconds", type=seconds, default=None, metavar="S", help="stop after S seconds")
-    p.add_argument("--events", type=endpoint, default=None, metavar="ADDR", help="event endpoint (default: from status)")
+    p.add_argument("--events", type=endpoint, default=None, metavar="ADDR",
+                   help="event endpoint, e.g. a published port (default $MMN_EVENTS, else the one the host's status "
+                        "names, a wildcard bind replaced by --host's address)")
     p.set_defaults(handler=_run_watch)
     return parser
 
@@ -963,37 +969,80 @@ def _show_event(event: Event) -> str:
     return f"{event.seq:>8}  {event.kind:<24} {' '.join(parts)}".rstrip()
 
 
+def _events_from(ns: argparse.Namespace) -> str | None:
+    """``--events``, else ``$MMN_EVENTS``, else None (ask the host)."""
+    return ns.events or (_env_endpoint("MMN_EVENTS", "") or None)
+
+
 async def _watch(ns: argparse.Namespace) -> None:
+    """Print events until ``--count``/``--seconds`` or Ctrl-C.
+
+    Raises:
+        Unreachable: the event endpoint never completed the handshake within
+            ``--timeout`` (nothing listens, a refused key...), or it went away
+            while watching (the host stopped).
+    """
     addr = _admin_endpoint(ns)
-    events = ns.events
+    events = _events_from(ns)
     if events is None:
-        status = await admin_call(addr, "status", {}, timeout=_timeout(ns), security=_security(ns))
+        status = await admin_call(addr, "status", {}, timeout=_timeout(ns), security=_security(ns),
+                                  refused_grace=REFUSED_GRACE)
         published = ((status.get("host") or {}).get("endpoints") or {}).get("events")
         if not isinstance(published, str) or not published:
             raise Failed("ENOENT", "the host's status names no event endpoint")
         events = _events_endpoint(published, addr)
+        security = _security(ns)
+    else:
+        security = client_security(getattr(ns, "keys", None), endpoint=events)
     limits = Limits()
-    async with connect(zmq.SUB, events, security=_security(ns)) as sub:
+    sub, link = connect_monitored(zmq.SUB, events, security=security, refused_grace=REFUSED_GRACE)
+    try:
         sub.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            with trio.fail_after(_timeout(ns)):
+                await link.ready()
+        except trio.TooSlowError:
+            raise Unreachable(f"no answer from the host's event endpoint {events} within {_timeout(ns):g}s") from None
+        except LinkFailed as exc:
+            raise await link_failure(exc, events, security, "events") from None
         if not ns.json:
             sys.stderr.write(f"{PROG}: watching {events} (Ctrl-C to stop)\n")
             sys.stderr.flush()
-        seen = 0
-        with trio.move_on_after(ns.seconds if ns.seconds is not None else math.inf):
-            while ns.count is None or seen < ns.count:
-                frames = await sub.recv_multipart()
-                try:
-                    event = decode(frames[-1], limits)
-                except ProtocolError as exc:
-                    log.debug("undecodable event: %s", exc)
-                    continue
-                if not isinstance(event, Event):
-                    continue
-                seen += 1
-                if ns.json:
-                    _emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
-                else:
-                    _emit(_show_event(event))
+        gone: list[LinkFailed] = []
+        async with trio.open_nursery() as nursery:
+
+            async def watch_link() -> None:
+                gone.append(await link.failure())  # the host went away for good
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_link)
+            await _print_events(ns, sub, limits)
+            nursery.cancel_scope.cancel()
+        if gone:
+            raise Unreachable(f"the host's event stream at {events} went away (nothing listens there any more)",
+                              "refused")
+    finally:
+        link.close()
+        sub.close()
+
+
+async def _print_events(ns: argparse.Namespace, sub: Any, limits: Limits) -> None:
+    seen = 0
+    with trio.move_on_after(ns.seconds if ns.seconds is not None else math.inf):
+        while ns.count is None or seen < ns.count:
+            frames = await sub.recv_multipart()
+            try:
+                event = decode(frames[-1], limits)
+            except ProtocolError as exc:
+                log.debug("undecodable event: %s", exc)
+                continue
+            if not isinstance(event, Event):
+                continue
+            seen += 1
+            if ns.json:
+                _emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
+            else:
+                _emit(_show_event(event))
 
 
 def _run_keygen(ns: argparse.Namespace) -> int:
@@ -1018,6 +1067,9 @@ def _run_watch(ns: argparse.Namespace) -> int:
         trio.run(_watch, ns)
     except KeyboardInterrupt:
         pass
+    except BaseExceptionGroup as group:  # Ctrl-C inside the nursery
+        if group.split(KeyboardInterrupt)[0] is None:
+            raise
     return EXIT_OK
 
 

@@ -557,6 +557,49 @@ async def test_watch_unreachable_exits_3(capsys: pytest.CaptureFixture[str]) -> 
     assert await mmn("watch", "--host", f"127.0.0.1:{port}", "--timeout", "0.3") == 3
 
 
+async def test_watch_finds_the_events_endpoint_in_the_environment(
+    host: FakeHost, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$MMN_EVENTS (e.g. compose's published port) as --events: the host's
+    status is not asked (--host points where nothing listens)."""
+    host.events = [Event(seq=1, kind="ack", fields={"node": "kvm0"})]
+    monkeypatch.setenv("MMN_EVENTS", host.events_endpoint.removeprefix("tcp://"))  # HOST:PORT works too
+    dead = up.free_ports(1)[0]
+    assert await mmn("watch", "--count", "1", "--host", f"127.0.0.1:{dead}") == 0
+    assert capsys.readouterr().out.split() == ["1", "ack", "node=kvm0"]
+    assert host.requests == []
+
+
+async def test_watching_a_dead_port_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    dead = up.free_ports(1)[0]
+    started = time.monotonic()
+    assert await mmn("watch", "--seconds", "30", "--events", f"127.0.0.1:{dead}") == 3
+    assert time.monotonic() - started < 5
+    out, err = capsys.readouterr()
+    assert out == "" and f"tcp://127.0.0.1:{dead}: nothing listens there" in err
+
+
+async def test_watch_ends_with_an_error_when_the_stream_goes_away(
+    nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    subscribed = trio.Event()
+    endpoint: list[str] = []
+
+    async def publisher(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with bind(zmq.XPUB, "tcp://127.0.0.1:0") as xpub:
+            endpoint.append(xpub.endpoint)
+            task_status.started()
+            await xpub.recv_multipart()  # the watcher subscribed
+            subscribed.set()
+        # closed: the "host" is gone
+
+    await nursery.start(publisher)
+    started = time.monotonic()
+    assert await mmn("watch", "--seconds", "30", "--events", endpoint[0]) == 3
+    assert subscribed.is_set() and time.monotonic() - started < 10
+    assert "went away" in capsys.readouterr().err
+
+
 def test_events_endpoint_replaces_wildcard_bind() -> None:
     assert cli._events_endpoint("tcp://0.0.0.0:7783", "tcp://10.0.0.5:7782") == "tcp://10.0.0.5:7783"
     assert cli._events_endpoint("tcp://*:7783", "tcp://h:7782") == "tcp://h:7783"

@@ -92,6 +92,7 @@ __all__ = [
     "TransportError",
     "LinkFailed",
     "LinkMonitor",
+    "connect_monitored",
     "handshake_probe",
     "ZSocket",
     "bind",
@@ -941,16 +942,30 @@ class LinkMonitor:
         Concurrency: awaits (for ever if the link stays up); cancel-safe.
         """
         while True:
-            deadline = math.inf
-            if self.refused_grace is not None and self.state == "connecting" and self._refused_since is not None:
-                deadline = self._refused_since + self.refused_grace
-            with trio.move_on_at(deadline):
-                frames = await self._monitor.recv_multipart()
-                failed = self._on_event(frames)
-                if failed is not None:
-                    return failed
-                continue
-            return LinkFailed("refused", self.endpoint)
+            failed = await self._step()
+            if failed is not None:
+                return failed
+
+    async def ready(self) -> None:
+        """Wait until the handshake has succeeded (at once if it has).
+
+        Raises:
+            LinkFailed: the link failed first.
+        Concurrency: awaits (callers own the timeout); cancel-safe.
+        """
+        while self.state != "ready":
+            failed = await self._step()
+            if failed is not None:
+                raise failed
+
+    async def _step(self) -> LinkFailed | None:
+        """Handle the next monitor event; a failure, or None."""
+        deadline = math.inf
+        if self.refused_grace is not None and self.state == "connecting" and self._refused_since is not None:
+            deadline = self._refused_since + self.refused_grace
+        with trio.move_on_at(deadline):
+            return self._on_event(await self._monitor.recv_multipart())
+        return LinkFailed("refused", self.endpoint)
 
     def _on_event(self, frames: list[bytes]) -> LinkFailed | None:
         from zmq.utils.monitor import parse_monitor_message
@@ -982,6 +997,37 @@ class LinkMonitor:
         with _suppress_zmq():
             self._sock.disable_monitor()
         self._monitor.close()
+
+
+def connect_monitored(
+    socket_type: int,
+    endpoint: str,
+    *,
+    context: zmq.Context[Any] | None = None,
+    options: SocketOptions | None = None,
+    security: Security | None = None,
+    refused_grace: float | None = None,
+) -> tuple[ZSocket, LinkMonitor]:
+    """:func:`connect`, with a :class:`LinkMonitor` that saw the first attempt.
+
+    Raises:
+        TransportError: bad endpoint.
+    Concurrency: synchronous; close the monitor (``LinkMonitor.close``)
+    before the socket.
+    """
+    sock, options = _new_socket(socket_type, context, options)
+    link: LinkMonitor | None = None
+    try:
+        if security is not None:
+            security.configure_client(sock)
+        link = LinkMonitor(sock, endpoint, refused_grace)
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        if link is not None:
+            link.close()
+        sock.close(linger=0)
+        raise TransportError(f"connect {endpoint}: {exc}") from exc
+    return ZSocket(sock, linger_ms=options.linger_ms), link
 
 
 def handshake_probe(
@@ -1100,19 +1146,15 @@ class AdminClient:
                 options=self._options,
                 security=self._security,
             )
-        else:  # connect() by hand: the monitor must see the first attempt
-            sock, options = _new_socket(zmq.DEALER, self._context, self._options)
-            try:
-                if self._security is not None:
-                    self._security.configure_client(sock)
-                self.link = LinkMonitor(sock, self.endpoint, self._refused_grace)
-                sock.connect(self.endpoint)
-            except zmq.ZMQError as exc:
-                if self.link is not None:
-                    self.link.close()
-                sock.close(linger=0)
-                raise TransportError(f"connect {self.endpoint}: {exc}") from exc
-            self._zsock = ZSocket(sock, linger_ms=options.linger_ms)
+        else:
+            self._zsock, self.link = connect_monitored(
+                zmq.DEALER,
+                self.endpoint,
+                context=self._context,
+                options=self._options,
+                security=self._security,
+                refused_grace=self._refused_grace,
+            )
         await trio.lowlevel.checkpoint()
         return self
 
