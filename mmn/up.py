@@ -52,6 +52,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -334,25 +335,57 @@ def _live(status: dict[str, Any]) -> set[str]:
     return {n.get("name") for n in status.get("nodes") or [] if n.get("state") == "live"}
 
 
-class View:
-    """The live status view: redraw on a TTY, a line per change otherwise."""
+def _rich_console(stream: Any) -> Any:
+    """A rich ``Console`` on ``stream`` if rich is installed (the ``bench``
+    extra), else None: the live view is the same text either way, rich only
+    colours it."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(file=stream, force_terminal=True, highlight=False, soft_wrap=True)
 
-    def __init__(self, plan: Plan, children: list[Child], stream: Any = None) -> None:
+
+#: How rich colours the live view (a word in a line -> style).
+_STYLES = (("live", "green"), ("fenced", "bold red"), ("dead", "red"), ("exited", "red"))
+
+
+class View:
+    """The live status view: redraw on a TTY (fitted to the terminal's size),
+    a line per change otherwise."""
+
+    def __init__(self, plan: Plan, children: list[Child], stream: Any = None,
+                 size: Any = None) -> None:
         self.plan = plan
         self.children = children
         self.stream = stream or sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.last = ""
+        #: () -> os.terminal_size; the real terminal's by default
+        self.size = size or (lambda: shutil.get_terminal_size((80, 24)))
+        self.console = _rich_console(self.stream) if self.tty else None
 
     def show(self, status: dict[str, Any] | None, note: str = "") -> None:
         if self.tty:
-            body = render.status(status) if status is not None else "(the host is not answering)"
+            cols, rows = self.size()
             procs = "  ".join(c.describe() for c in self.children)
-            footer = f"admin {self.plan.admin}  logs {self.plan.logs}  Ctrl-C stops\nprocesses  {procs}"
-            text = f"\x1b[H\x1b[2J{PROG} up  {time.strftime('%H:%M:%S')}\n\n{body}\n\n{footer}\n"
+            footer = [*render.fold("processes", procs.split("  "), cols, "  "), f"logs {self.plan.logs}"]
             if note:
-                text += note + "\n"
-            self.stream.write(text)
+                footer.append(note)
+            title = f"{PROG} up  {time.strftime('%H:%M:%S')}  admin {self.plan.admin}  Ctrl-C stops"
+            lines = render.live_view(status, cols, rows - 1, title=title, footer=footer)
+            self.stream.write("\x1b[H\x1b[2J")
+            if self.console is not None:
+                from rich.text import Text
+
+                text = Text("\n".join(lines) + "\n")
+                for word, style in _STYLES:
+                    text.highlight_words([f" {word} "], style)
+                if status is not None and status.get("stale_accesses"):
+                    text.highlight_words(["stale_accesses"], "bold red")
+                self.console.print(text, end="")
+            else:
+                self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
             return
         line = render.status_line(status) if status is not None else "the host is not answering"

@@ -764,6 +764,59 @@ def test_up_view_redraws_on_a_tty_and_prints_changes_otherwise(tmp_path: Path) -
     assert lines[2].endswith("the host is not answering")
 
 
+def _busy_status() -> dict[str, Any]:
+    """A status far taller and wider than 80x24: mappings, many mms, 60 counters."""
+    status = status_result()
+    status["nodes"].append({"name": "xpmem0", "kind": "xpmem", "state": "live", "epoch": 3, "mapped_pages": 12,
+                            "injected": {}, "mms": {"1": {hex(0x10000000 + i * 4096): i for i in range(12)}}})
+    status["mms"] = [{"mm": i, "vmas": [[0x10000000, 0x10010000, "rw", []]] * 3, "present": 16, "swapped": 0}
+                     for i in range(1, 11)]
+    status["counters"] = {f"counter_number_{i}": i * 1000 for i in range(60)}
+    status["stale_accesses"] = 2
+    return status
+
+
+def _visible(text: str) -> list[str]:
+    import re
+
+    frame = text.split("\x1b[H\x1b[2J")[-1]
+    return re.sub(r"\x1b\[[0-9;]*m", "", frame).splitlines()
+
+
+@pytest.mark.parametrize("rich", [True, False], ids=["rich-if-installed", "no-rich"])
+def test_up_view_fits_80x24_with_the_essentials_first(
+    tmp_path: Path, rich: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not rich:
+        monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError: the plain fallback
+        monkeypatch.setitem(sys.modules, "rich.console", None)
+    plan = up.make_plan(_parse("up", "--port-base", "9000", "--logs", str(tmp_path)))
+    children = [up.Child(n, ["true"], tmp_path / f"{n}.log") for n in ("host", "kvm0", "gru0", "xpmem0")]
+    tty = _Stream(tty=True)
+    view = up.View(plan, children, tty, size=lambda: os.terminal_size((80, 24)))
+    if not rich:
+        assert view.console is None
+    view.show(_busy_status(), "kvm0 exited with status 1")
+    lines = _visible(tty.getvalue())
+    assert len(lines) <= 23 and all(len(line) <= 80 for line in lines), lines
+    assert "admin tcp://127.0.0.1:9001" in lines[0]
+    assert lines[1] == "frames 1000 free of 1024   stale_accesses 2"
+    table = lines.index(next(line for line in lines if line.startswith("NODE ")))
+    assert [line.split()[0] for line in lines[table + 1: table + 4]] == ["kvm0", "gru0", "xpmem0"]
+    assert any("kvm0 exited with status 1" in line for line in lines)
+    assert lines[-1].startswith("(+") and "mmn status" in lines[-1]  # what did not fit, said once
+
+
+def test_live_view_folds_counters_to_the_width() -> None:
+    status = _busy_status()
+    status["mms"] = []
+    status["nodes"] = status["nodes"][:1]
+    lines = render.live_view(status, 100, 200, title="t")
+    counters = [line for line in lines if line.startswith("counters") or line.startswith("          counter")]
+    assert len(counters) > 5 and all(len(line) <= 100 for line in counters)
+    assert sum(line.count("counter_number_") for line in counters) == 60  # folded, none dropped
+
+
 def _stat(pid: int | str) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name: state, ppid, pgrp..."""
     try:
