@@ -893,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples and pages (CI: well under 2 minutes)")
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
-    parser.add_argument("--plot", metavar="FILE.png", default=None, help="latency against node count (matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, help="also plot latency against node count to FILE.png (matplotlib; default: no plot)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a figure is short of its goal (each is marked held or short)")

@@ -670,19 +670,26 @@ def _build_xpmem(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 # the parser
 
 
+_LOG_HELP = "DEBUG, INFO, WARNING or ERROR (default $MMN_LOG_LEVEL, else INFO)"
+_HOST_HELP = f"admin endpoint, tcp://HOST:PORT or HOST:PORT (default $MMN_HOST, else {DEFAULT_ADMIN})"
+_TIMEOUT_HELP = f"give up after S seconds (default $MMN_TIMEOUT, else {DEFAULT_TIMEOUT:g})"
+_KEYS_HELP = ("CURVE keys from `mmn keygen` (default $MMN_KEYS_DIR, else the note of a local `mmn up` "
+              "serving --host; none: plain TCP)")
+
+
 def _common(sub: argparse.ArgumentParser, *, host: bool = True) -> None:
     """``--json``, ``--host``, ``--timeout`` on a subcommand too, so both
     ``mmn --json status`` and ``mmn status --json`` work."""
     sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
     if host:
         sub.add_argument(
-            "--host", type=endpoint, default=argparse.SUPPRESS, metavar="ADDR", help="admin endpoint (or $MMN_HOST)"
+            "--host", type=endpoint, default=argparse.SUPPRESS, metavar="ADDR", help=_HOST_HELP
         )
         sub.add_argument(
-            "--timeout", type=seconds, default=argparse.SUPPRESS, metavar="S", help="give up after S seconds (10)"
+            "--timeout", type=seconds, default=argparse.SUPPRESS, metavar="S", help=_TIMEOUT_HELP
         )
         sub.add_argument(
-            "--keys", default=argparse.SUPPRESS, metavar="DIR", help="CURVE keys from `mmn keygen` ($MMN_KEYS_DIR)"
+            "--keys", default=argparse.SUPPRESS, metavar="DIR", help=_KEYS_HELP
         )
 
 
@@ -703,11 +710,14 @@ def _range_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``mmn`` command line (also used by the docs and the tests)."""
-    parser = _Parser(prog=PROG, description="A distributed model of Linux MMU notifiers.")
+    parser = _Parser(prog=PROG, description="A distributed model of Linux MMU notifiers.",
+                     epilog="example:\n  mmn up   # then, in another terminal: mmn status; mmn COMMAND --help",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     parser.add_argument("--json", action="store_true", default=False, help="print one JSON document")
-    parser.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help="admin endpoint (or $MMN_HOST)")
-    parser.add_argument("--timeout", type=seconds, default=None, metavar="S", help="give up after S seconds (10)")
-    parser.add_argument("--keys", default=None, metavar="DIR", help="CURVE keys from `mmn keygen` ($MMN_KEYS_DIR)")
+    parser.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help=_HOST_HELP)
+    parser.add_argument("--timeout", type=seconds, default=None, metavar="S", help=_TIMEOUT_HELP)
+    parser.add_argument("--keys", default=None, metavar="DIR", help=_KEYS_HELP)
     subs = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     # ---- services
@@ -718,18 +728,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_run_host)
 
     p = subs.add_parser("node", help="run one secondary-MMU node")
-    p.add_argument("--kind", choices=("kvm", "gru", "xpmem"), default=os.environ.get("MMN_KIND"), help="($MMN_KIND)")
-    p.add_argument("--name", type=node_name, default=None, help="unique node name ($MMN_NAME)")
-    p.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help="the host's node endpoint ($MMN_HOST_ENDPOINT)")
+    p.add_argument("--kind", choices=("kvm", "gru", "xpmem"), default=os.environ.get("MMN_KIND"),
+                   help="secondary MMU kind (default $MMN_KIND; required)")
+    p.add_argument("--name", type=node_name, default=None, help="unique node name (default $MMN_NAME, else KIND-6 random hex digits)")
+    p.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help=f"the host's node endpoint (default $MMN_HOST_ENDPOINT, else {DEFAULT_NODE_ENDPOINT})")
     for flag, dest, env, kind, help in NODE_OPTIONS:
         p.add_argument(flag, dest=dest, type=kind, default=None, help=f"{help} (${env})")
-    p.add_argument("--seed", type=number(0), default=None, help="seed of the injected failures' randomness")
+    p.add_argument("--seed", type=number(0), default=None, help="seed of the injected failures' randomness (default: random)")
     p.add_argument("--keys", dest="keys_dir", default=None, metavar="DIR",
-                   help="CURVE: nodes/NAME.key_secret (or nodes/KIND.key_secret) and host/host.key ($MMN_KEYS_DIR)")
-    p.add_argument("--key", default=None, metavar="FILE", help="CURVE: this node's secret key ($MMN_NODE_KEY)")
-    p.add_argument("--host-key", default=None, metavar="FILE", help="CURVE: the host's public key ($MMN_HOST_KEY)")
+                   help="CURVE: nodes/NAME.key_secret (or nodes/KIND.key_secret) and host/host.key "
+                        "(default $MMN_KEYS_DIR; none: plain TCP)")
+    p.add_argument("--key", default=None, metavar="FILE", help="CURVE: this node's secret key file (default $MMN_NODE_KEY, else from --keys)")
+    p.add_argument("--host-key", default=None, metavar="FILE", help="CURVE: the host's public key file (default $MMN_HOST_KEY, else from --keys)")
     p.add_argument("--insecure", action="store_true", default=None, help="plain TCP even with keys ($MMN_INSECURE=1)")
-    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"), help=_LOG_HELP)
     p.set_defaults(handler=_run_node)
 
     p = subs.add_parser("up", help="host plus default nodes on this machine, with a live status view")
@@ -775,10 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
     p.add_argument("--pages", type=number(1, what="pages"), required=True, metavar="N")
-    p.add_argument("--prot", choices=PROTS, default=None)
+    p.add_argument("--prot", choices=PROTS, default=None, help="protection (default rw)")
     p.add_argument("--mergeable", action="store_true", default=None, help="MADV_MERGEABLE (KSM)")
     p.add_argument("--shared", action="store_true", default=None, help="MAP_SHARED")
-    p.add_argument("--fill", type=number(0, 255, "byte"), default=None, metavar="BYTE", help="write every byte")
+    p.add_argument("--fill", type=number(0, 255, "byte"), default=None, metavar="BYTE", help="write every byte with BYTE, 0..255 (default: zero pages)")
 
     p = _control(subs, "write", _build_write, _r_kv, "host CPU write")
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
@@ -817,32 +829,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node", type=node_name, metavar="NODE")
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
     p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N")
+    p.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
+                   help="pages to fault from ADDR, 1..512 (default 1)")
     p.add_argument("--write", action="store_true", default=None)
 
     p = _control(subs, "access", _build_access, _r_data, "read or write through a node's translation")
     p.add_argument("node", type=node_name, metavar="NODE")
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
     p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("--len", type=number(1, 1 << 20, "length"), default=None, metavar="L")
-    p.add_argument("--write", type=hexbytes, default=None, metavar="HEX", help="write these bytes instead of reading")
+    p.add_argument("--len", type=number(1, 1 << 20, "length"), default=None, metavar="L",
+                   help="bytes to read, 1..1048576 (default 1)")
+    p.add_argument("--write", type=hexbytes, default=None, metavar="HEX", help="write these bytes instead of reading (default: read --len bytes)")
 
     p = _control(subs, "merge", _b("merge", full_scans="full_scans"), _r_ksm, "run KSM scans now")
-    p.add_argument("--full-scans", type=number(0, 1000), default=None, metavar="N")
+    p.add_argument("--full-scans", type=number(0, 1000), default=None, metavar="N",
+                   help="full passes over mergeable pages, 0..1000 (default 1)")
 
     p = _control(subs, "ksm", _build_ksm, _r_ksm, "show or set the KSM knobs")
-    p.add_argument("--run", type=number(0, 2), default=None, metavar="0|1|2", help="0 stop, 1 run, 2 unmerge all")
-    p.add_argument("--pages-to-scan", type=number(1), default=None, metavar="N")
-    p.add_argument("--sleep-millisecs", type=number(0), default=None, metavar="MS")
-    p.add_argument("--max-page-sharing", type=number(2), default=None, metavar="N")
-    p.add_argument("--use-zero-pages", type=number(0, 1), default=None, metavar="0|1")
+    p.add_argument("--run", type=number(0, 2), default=None, metavar="0|1|2", help="0 stop, 1 run, 2 unmerge all (default: unchanged)")
+    p.add_argument("--pages-to-scan", type=number(1), default=None, metavar="N",
+                   help="pages a KSM scan batch looks at (default: unchanged; the host starts at 100)")
+    p.add_argument("--sleep-millisecs", type=number(0), default=None, metavar="MS",
+                   help="ms between KSM batches (default: unchanged; the host starts at 20)")
+    p.add_argument("--max-page-sharing", type=number(2), default=None, metavar="N",
+                   help="most pages sharing one KSM page, at least 2 (default: unchanged)")
+    p.add_argument("--use-zero-pages", type=number(0, 1), default=None, metavar="0|1",
+                   help="merge empty pages with the zero page (default: unchanged)")
 
     p = _control(subs, "inject", _build_inject, _r_inject, "inject a failure into a node")
     p.add_argument("node", type=node_name, metavar="NODE")
     p.add_argument("kind", choices=INJECT_KINDS, metavar="KIND", help="|".join(INJECT_KINDS))
-    p.add_argument("--rate", type=probability, default=None, metavar="P", help="probability 0..1 (1)")
-    p.add_argument("--delay-ms", type=number(0, 600_000), default=None, metavar="D")
-    p.add_argument("--for", dest="for_s", type=seconds, default=None, metavar="SECONDS", help="heal after this long")
+    p.add_argument("--rate", type=probability, default=None, metavar="P", help="probability 0..1 of each message (default 1)")
+    p.add_argument("--delay-ms", type=number(0, 600_000), default=None, metavar="D",
+                   help="delay-acks, slow-drain: ms, 0..600000 (default 0)")
+    p.add_argument("--for", dest="for_s", type=seconds, default=None, metavar="SECONDS", help="heal after this many seconds (default: until `mmn heal`)")
     p = _control(subs, "heal", _b("heal", node="node"), _r_inject, "undo every injected failure of a node")
     p.add_argument("node", type=node_name, metavar="NODE")
 
@@ -868,13 +888,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
     q.add_argument("addr", type=address, metavar="ADDR")
     q.add_argument("length", type=number(1, what="length"), metavar="LEN")
-    q.add_argument("--mode", type=octal_mode, default=None, help="octal permission bits (0600)")
+    q.add_argument("--mode", type=octal_mode, default=None, help="octal permission bits (default 0600)")
     q = xp("get", "ask for access to a segment -> apid")
     q.add_argument("--segid", type=number(1, what="segid"), required=True, metavar="ID")
     q.add_argument("--write", action="store_true", default=False, help="read-write (default read-only)")
     q = xp("attach", "map part of a segment into the node -> vaddr")
     q.add_argument("--apid", type=number(1, what="apid"), required=True, metavar="ID")
-    q.add_argument("--offset", type=number(0, what="offset"), default=None, metavar="OFF")
+    q.add_argument("--offset", type=number(0, what="offset"), default=None, metavar="OFF",
+                   help="bytes into the segment (default 0)")
     q.add_argument("--len", dest="length", type=number(1, what="length"), required=True, metavar="LEN")
     q = xp("detach", "unmap an attachment")
     q.add_argument("addr", type=address, metavar="VADDR")
@@ -889,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="DIR/host, DIR/admin, DIR/nodes (secrets mode 0600)")
     p.add_argument("--node", action="append", default=None, metavar="NAME",
                    help="a node key (repeatable; default kvm, gru, xpmem: one per kind, covering KIND-*)")
-    p.add_argument("--admin", action="append", default=None, metavar="NAME", help="an operator key (admin)")
+    p.add_argument("--admin", action="append", default=None, metavar="NAME", help="an operator key, repeatable (default admin)")
     p.add_argument("--force", action="store_true", help="replace existing pairs")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
     p.set_defaults(handler=_run_keygen)
@@ -897,13 +918,89 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- event stream
     p = subs.add_parser("watch", help="print the host's events until Ctrl-C")
     _common(p)
-    p.add_argument("--count", type=number(1), default=None, metavar="N", help="stop after N events")
-    p.add_argument("--seconds", type=seconds, default=None, metavar="S", help="stop after S seconds")
+    p.add_argument("--count", type=number(1), default=None, metavar="N", help="stop after N events (default: no limit)")
+    p.add_argument("--seconds", type=seconds, default=None, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--events", type=endpoint, default=None, metavar="ADDR",
                    help="event endpoint, e.g. a published port (default $MMN_EVENTS, else the one the host's status "
                         "names, a wildcard bind replaced by --host's address)")
     p.set_defaults(handler=_run_watch)
+    _finish_help(parser)
     return parser
+
+
+#: One example per command, shown at the end of ``mmn COMMAND --help``.
+EXAMPLES: dict[str, str] = {
+    "host": "mmn host --keys keys --frames 4096 --ack-deadline-ms 500",
+    "node": "mmn node --kind kvm --name kvm0 --host tcp://127.0.0.1:7781 --keys keys",
+    "up": "mmn up --kvm 2 --port-base 0            # or, for scripts: mmn up --detach --json --port-base 0",
+    "down": "mmn down --host tcp://127.0.0.1:7782",
+    "soak": "mmn soak --seed 1 --ops 5000 --nodes 6 --faults 0.05",
+    "bench": "mmn bench --quick --check",
+    "status": "mmn status --json",
+    "spawn": "mmn spawn",
+    "fork": "mmn fork --mm 1",
+    "exit": "mmn exit --mm 2",
+    "mmap": "mmn mmap --mm 1 --pages 6 --fill 0x41 --mergeable",
+    "write": "mmn write --mm 1 0x10000000 6b766d21",
+    "read": "mmn read --mm 1 0x10000000 16",
+    "munmap": "mmn munmap --mm 1 0x10005000 4096",
+    "mprotect": "mmn mprotect --mm 1 0x10000000 8192 r",
+    "madvise": "mmn madvise --mm 1 0x10000000 4096 dontneed --no-block",
+    "swap": "mmn swap --mm 1 0x10000000 8192",
+    "migrate": "mmn migrate --mm 1 0x10000000 4096",
+    "fault": "mmn fault kvm0 --mm 1 0x10000000 --pages 6 --write",
+    "access": "mmn access gru0 --mm 1 0x10001000 --write 67727521",
+    "merge": "mmn merge --full-scans 2",
+    "ksm": "mmn ksm --run 1 --pages-to-scan 200",
+    "inject": "mmn inject xpmem0 slow-drain --delay-ms 3000 --for 10",
+    "heal": "mmn heal xpmem0",
+    "subscribe": "mmn subscribe kvm0 --mm 1",
+    "unsubscribe": "mmn unsubscribe kvm0 --mm 1",
+    "xpmem": "mmn xpmem make xpmem0 --mm 1 0x10000000 24576 --mode 0666",
+    "xpmem make": "mmn xpmem make xpmem0 --mm 1 0x10000000 24576 --mode 0666",
+    "xpmem get": "mmn xpmem get xpmem0 --segid 1 --write",
+    "xpmem attach": "mmn xpmem attach xpmem0 --apid 1 --len 24576",
+    "xpmem detach": "mmn xpmem detach xpmem0 0x600000000000",
+    "xpmem release": "mmn xpmem release xpmem0 --apid 1",
+    "xpmem remove": "mmn xpmem remove xpmem0 --segid 1",
+    "keygen": "mmn keygen keys --node kvm0 --admin alice",
+    "watch": "mmn watch --count 20 --json           # a published port: MMN_EVENTS=127.0.0.1:7783 mmn watch",
+}
+
+
+def _subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every (sub)command parser under ``parser``, named as typed (``xpmem get``)."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                full = f"{prefix}{name}"
+                out.append((full, sub))
+                out += _subparsers(sub, full + " ")
+    return out
+
+
+def _finish_help(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default (added from argparse's
+    default where the text gives none); every command gets its example."""
+    for name, sub in [("", parser), *_subparsers(parser)]:
+        for action in sub._actions:
+            if not action.option_strings or action.nargs == 0 or action.help in (None, argparse.SUPPRESS):
+                continue
+            if "default" not in action.help and not action.required and action.default not in (None, argparse.SUPPRESS):
+                action.help += f" (default {action.default})"
+        if name:
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            sub.epilog = f"example:\n  {EXAMPLES[name]}"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmnotify")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 # --------------------------------------------------------------------------
@@ -1091,28 +1188,28 @@ def _env(name: str, parse: Callable[[str], Any]) -> Any:
 #: argparse type, help).  ``HostConfig.from_env`` reads the variables; the
 #: flags override them.
 HOST_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
-    ("--bind", "bind", "MMN_BIND", str, "interface to bind (127.0.0.1; 0.0.0.0 in containers)"),
-    ("--node-port", "node_port", "MMN_NODE_PORT", number(0, 65535), f"node ROUTER port ({DEFAULT_NODE_PORT})"),
-    ("--admin-port", "admin_port", "MMN_ADMIN_PORT", number(0, 65535), f"admin ROUTER port ({DEFAULT_ADMIN_PORT})"),
-    ("--events-port", "events_port", "MMN_EVENTS_PORT", number(0, 65535), f"event PUB port ({DEFAULT_EVENTS_PORT})"),
-    ("--frames", "frames", "MMN_FRAMES", number(1), "physical page frames"),
-    ("--page-size", "page_size", "MMN_PAGE_SIZE", number(1), "page size in bytes"),
-    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval"),
-    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "heartbeats a node may miss before it is fenced"),
-    ("--ack-deadline-ms", "ack_deadline_ms", "MMN_ACK_DEADLINE_MS", number(1), "fence a node that acks later"),
-    ("--command-timeout-ms", "command_timeout_ms", "MMN_COMMAND_TIMEOUT_MS", number(1), "relayed node commands"),
+    ("--bind", "bind", "MMN_BIND", str, "interface to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
+    ("--node-port", "node_port", "MMN_NODE_PORT", number(0, 65535), f"node ROUTER port (default {DEFAULT_NODE_PORT})"),
+    ("--admin-port", "admin_port", "MMN_ADMIN_PORT", number(0, 65535), f"admin ROUTER port (default {DEFAULT_ADMIN_PORT})"),
+    ("--events-port", "events_port", "MMN_EVENTS_PORT", number(0, 65535), f"event PUB port (default {DEFAULT_EVENTS_PORT})"),
+    ("--frames", "frames", "MMN_FRAMES", number(1), "physical page frames, in pages (default 65536)"),
+    ("--page-size", "page_size", "MMN_PAGE_SIZE", number(1), "page size in bytes (default 4096)"),
+    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms (default 500)"),
+    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "heartbeats a node may miss before it is fenced (default 6)"),
+    ("--ack-deadline-ms", "ack_deadline_ms", "MMN_ACK_DEADLINE_MS", number(1), "fence a node that acks later than this many ms (default 2000)"),
+    ("--command-timeout-ms", "command_timeout_ms", "MMN_COMMAND_TIMEOUT_MS", number(1), "deadline of a relayed node command in ms (default 10000)"),
     ("--swap-path", "swap_path", "MMN_SWAP_PATH", str, "swap file (default: in memory)"),
-    ("--swap-slots", "swap_slots", "MMN_SWAP_SLOTS", number(1), "swap slots"),
-    ("--ksm-run", "ksm_run", "MMN_KSM_RUN", number(0, 2), "KSM run at start: 0 stop, 1 run, 2 unmerge"),
-    ("--keys", "keys_dir", "MMN_KEYS_DIR", str, "CURVE on every socket, keys from `mmn keygen DIR`"),
-    ("--server-key", "server_key", "MMN_SERVER_KEY", str, "CURVE: the host's secret key file (DIR/host)"),
-    ("--node-keys", "node_keys", "MMN_NODE_KEYS", str, "CURVE: directory of allowed node public keys (DIR/nodes)"),
-    ("--admin-keys", "admin_keys", "MMN_ADMIN_KEYS", str, "CURVE: directory of allowed admin public keys (DIR/admin)"),
-    ("--max-frame", "max_frame", "MMN_MAX_FRAME", number(1024), "bytes in one frame"),
-    ("--max-pages", "max_pages", "MMN_MAX_PAGES", number(1), "pages in one GUP request"),
-    ("--max-range", "max_range", "MMN_MAX_RANGE", number(1), "bytes in one requested range"),
-    ("--rate-limit", "max_rate", "MMN_RATE_LIMIT", number(0), "frames a second per peer, 0 = unlimited"),
-    ("--rate-burst", "rate_burst", "MMN_RATE_BURST", number(0), "burst before the rate limit bites"),
+    ("--swap-slots", "swap_slots", "MMN_SWAP_SLOTS", number(1), "swap slots, in pages (default 65536)"),
+    ("--ksm-run", "ksm_run", "MMN_KSM_RUN", number(0, 2), "KSM run at start: 0 stop, 1 run, 2 unmerge (default 0)"),
+    ("--keys", "keys_dir", "MMN_KEYS_DIR", str, "CURVE on every socket, keys from `mmn keygen DIR` (default: none, plain TCP)"),
+    ("--server-key", "server_key", "MMN_SERVER_KEY", str, "CURVE: the host's secret key file (default DIR/host/host.key_secret of --keys)"),
+    ("--node-keys", "node_keys", "MMN_NODE_KEYS", str, "CURVE: directory of allowed node public keys (default DIR/nodes of --keys)"),
+    ("--admin-keys", "admin_keys", "MMN_ADMIN_KEYS", str, "CURVE: directory of allowed admin public keys (default DIR/admin of --keys)"),
+    ("--max-frame", "max_frame", "MMN_MAX_FRAME", number(1024), "bytes in one frame (default 4194304, 4 MiB)"),
+    ("--max-pages", "max_pages", "MMN_MAX_PAGES", number(1), "pages in one GUP request (default 512)"),
+    ("--max-range", "max_range", "MMN_MAX_RANGE", number(1), "bytes in one requested range (default 1073741824, 1 GiB)"),
+    ("--rate-limit", "max_rate", "MMN_RATE_LIMIT", number(0), "frames a second per peer, 0 = unlimited (default 20000)"),
+    ("--rate-burst", "rate_burst", "MMN_RATE_BURST", number(0), "frames of burst before the rate limit bites (default 0: one second's worth)"),
 )
 
 #: Host options ``mmn up`` does not take (it chooses ports from --port-base).
@@ -1137,7 +1234,7 @@ def _host_options(p: argparse.ArgumentParser, *, service: bool = True) -> None:
         help="plain TCP, no CURVE, even if keys are configured ($MMN_INSECURE=1)",
     )
     if service:
-        p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"))
+        p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"), help=_LOG_HELP)
 
 
 def _check_env(options: Sequence[tuple[str, str, str, Callable[[str], Any], str]]) -> None:
@@ -1175,8 +1272,8 @@ def host_config(ns: argparse.Namespace) -> Any:
 
 #: ``mmn node`` options besides --kind/--name/--host.
 NODE_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
-    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval until registered"),
-    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "host heartbeats missed before reconnecting"),
+    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms until registered (default 500)"),
+    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "host heartbeats missed before reconnecting (default 6)"),
 )
 
 

@@ -104,21 +104,22 @@ _WILDCARDS = ("0.0.0.0", "*", "::", "[::]", "")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``mmn up`` options (the host options are added by the caller)."""
     for kind in KINDS:
-        p.add_argument(f"--{kind}", type=number(0, 64), default=1, metavar="N", help=f"{kind} nodes (1)")
+        p.add_argument(f"--{kind}", type=number(0, 64), default=1, metavar="N", help=f"{kind} nodes (default 1)")
     p.add_argument(
         "--port-base",
         type=number(0, 65533),
         default=DEFAULT_NODE_PORT,
         metavar="P",
-        help=f"node, admin, events ports are P, P+1, P+2 ({DEFAULT_NODE_PORT}); 0 = free ports",
+        help=f"node, admin, events ports are P, P+1, P+2 (default {DEFAULT_NODE_PORT}); 0 = free ports the OS picks",
     )
     p.add_argument("--once", action="store_true", help="print one status when everything is up, then stop")
-    p.add_argument("--timeout", type=seconds, default=20.0, metavar="S", help="startup deadline (20)")
-    p.add_argument("--grace", type=seconds, default=3.0, metavar="S", help="SIGTERM -> SIGKILL (3)")
-    p.add_argument("--interval", type=seconds, default=1.0, metavar="S", help="status refresh (1)")
+    p.add_argument("--timeout", type=seconds, default=20.0, metavar="S", help="startup deadline in seconds (default 20)")
+    p.add_argument("--grace", type=seconds, default=3.0, metavar="S", help="seconds from SIGTERM to SIGKILL at the end (default 3)")
+    p.add_argument("--interval", type=seconds, default=1.0, metavar="S", help="seconds between two status refreshes (default 1)")
     p.add_argument("--restart", action="store_true", help="restart nodes whose process exits")
-    p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="log directory (a fresh temp dir)")
-    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"))
+    p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="log directory (default: a fresh temp dir)")
+    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"),
+                   help="of every service: DEBUG, INFO, WARNING or ERROR (default $MMN_LOG_LEVEL, else INFO)")
     p.add_argument("--detach", action="store_true",
                    help="start in the background, print the ready line, exit 0; `mmn down` stops it")
     p.add_argument("--detached-child", action="store_true", help=argparse.SUPPRESS)
