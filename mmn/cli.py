@@ -19,7 +19,11 @@ Exit status:
 1     the operation failed: the host (or node) answered with an errno
       or refused the request
 2     usage error: bad syntax or a bad value; nothing was sent
-3     cannot reach the host: no answer within ``--timeout`` seconds
+3     cannot reach the host: no answer within ``--timeout`` seconds, or
+      at once when the link says why (nothing listens, the key was
+      refused or is missing, CURVE against plain TCP, not an admin
+      port); the line says which and the fix, ``--json`` a ``reason``
+130   interrupted (Ctrl-C) before anything was sent
 ====  ===============================================================
 
 Every argument is checked twice before anything is sent: by argparse (types,
