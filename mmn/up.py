@@ -636,8 +636,7 @@ def run(ns: argparse.Namespace) -> int:
     plan = make_plan(ns)
     children: list[Child] = []
     record = _leave_keys_for_the_cli(plan)
-    if not ns.detached_child:
-        _stop_with_parent()
+    orphaned = threading.Event() if ns.detached_child else _stop_with_parent()
     try:
         return trio.run(_up, ns, plan, children)
     except KeyboardInterrupt:
@@ -648,26 +647,37 @@ def run(ns: argparse.Namespace) -> int:
             raise
         return EXIT_OK
     finally:
+        orphaned.set()
         _kill_leftovers(children)
         if record is not None:
             _remove_own_record(record)
 
 
-def _stop_with_parent() -> None:
+def _stop_with_parent() -> threading.Event:
     """Stop (as on SIGTERM) when the process that started ``up`` dies -- a
     test runner that is killed leaves no cluster behind.  Not for a process
     started by init (there is no parent to lose), nor off the main thread
-    (no signal handler there: tests call ``main(["up", ...])`` in threads)."""
+    (no signal handler there: tests call ``main(["up", ...])`` in threads).
+
+    Returns:
+        Set it to stop watching (``up`` is over).
+    Concurrency: a daemon thread polls ``getppid()`` (no event exists for
+    "my parent died" short of ``PR_SET_PDEATHSIG``, which fires when the
+    parent's forking *thread* exits).
+    """
+    done = threading.Event()
     parent = os.getppid()
     if parent == 1 or threading.current_thread() is not threading.main_thread():
-        return
+        return done
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGTERM)
+        while not done.wait(0.2):
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+    return done
 
 
 def _remove_own_record(path: Path) -> None:
