@@ -475,6 +475,8 @@ async def _up(ns: argparse.Namespace, plan: Plan, children: list[Child]) -> int:
         tail = host.tail()
         if tail:
             _say(f"last lines of {host.log_path}:\n{tail}")
+        if "address already in use" in tail.lower():  # taken between our check and its bind
+            _say(f"ports {plan.ports[0]}, {plan.ports[1]}, {plan.ports[2]}: one is taken; try --port-base 0")
     return outcome.code
 
 

@@ -971,6 +971,7 @@ async def test_up_reports_a_host_that_fails_to_start(
     err = capsys.readouterr().err
     assert "mmn up: the host exited with status 7" in err
     assert "address already in use" in err  # the tail of its log
+    assert err.rstrip().endswith("one is taken; try --port-base 0")  # and what to do
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
