@@ -60,6 +60,7 @@ carrying the sender's ZAP ``User-Id`` (:func:`user_id_of`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -884,7 +885,9 @@ class LinkFailed(TransportError):
                         handler refused our key (``value`` is its status code)
     ``mechanism``       ``EVENT_HANDSHAKE_FAILED_PROTOCOL`` with
                         ``PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH``: one side
-                        runs CURVE, the other plain TCP (this client has CURVE)
+                        runs CURVE, the other plain TCP (either way round;
+                        which side notices first is a race, so the same
+                        mistake may also come as ``handshake``)
     ``protocol``        any other ``EVENT_HANDSHAKE_FAILED_PROTOCOL``
     ``handshake``       ``EVENT_HANDSHAKE_FAILED_NO_DETAIL``: the server closed
                         the connection in the handshake (an unknown key, a
@@ -994,7 +997,7 @@ class LinkMonitor:
         """Stop monitoring and close the monitor socket (idempotent)."""
         if self._monitor.closed:
             return
-        with _suppress_zmq():
+        with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
         self._monitor.close()
 
@@ -1067,18 +1070,10 @@ def handshake_probe(
         return False
     finally:
         if monitor is not None:
-            with _suppress_zmq():
+            with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()
             monitor.close(linger=0)
         sock.close(linger=0)
-
-
-class _suppress_zmq:  # noqa: N801 - a tiny context manager
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        return exc_type is not None and issubclass(exc_type, zmq.ZMQError)
 
 
 def _only_leaf(group: BaseExceptionGroup[Any]) -> BaseException | None:
