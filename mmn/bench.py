@@ -759,33 +759,71 @@ def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     return doc
 
 
-def figures(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every figure as one flat row: name, value, unit, floor, ratio, goal."""
+_CHECKS: dict[str, Callable[[float, float], bool]] = {
+    "<=": lambda x, limit: x <= limit,
+    ">=": lambda x, limit: x >= limit,
+    "==": lambda x, limit: x == limit,
+}
 
-    def row(name: str, value: float, unit: str, floor: float, ratio: float, goal: str = "") -> dict[str, Any]:
-        return {"figure": name, "value": value, "unit": unit, "floor": floor, "ratio": ratio, "goal": goal}
+
+def mark(row: dict[str, Any]) -> str:
+    """``held`` or ``short`` for a figure with a goal, ``""`` without one.
+
+    The goal is the row's ``"check"``: ``{"of": FIELD, "op": "<=" | ">=" |
+    "==", "limit": NUMBER}`` -- the row's FIELD (``ratio``, ``messages``)
+    against the limit.  A figure that was not measured (missing, NaN) is
+    short of its goal.
+    """
+    check = row.get("check")
+    if not check:
+        return ""
+    value = row.get(check["of"])
+    if not isinstance(value, int | float) or value != value:
+        return "short"
+    return "held" if _CHECKS[check["op"]](value, check["limit"]) else "short"
+
+
+def short_of_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures of ``doc`` that miss their goal (judged again by :func:`mark`)."""
+    return [r for r in doc.get("figures") or [] if mark(r) == "short"]
+
+
+def figures(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every figure as one flat row: name, value, unit, floor, ratio, goal,
+    and with a goal its ``check`` and ``mark`` (held or short)."""
+
+    def row(name: str, value: float, unit: str, floor: float, ratio: float, goal: str = "",
+            **extra: Any) -> dict[str, Any]:
+        r = {"figure": name, "value": value, "unit": unit, "floor": floor, "ratio": ratio, "goal": goal, **extra}
+        if goal:
+            what, op, limit = goal.split()
+            r["check"] = {"of": "ratio" if what == "ratio" else what, "op": op, "limit": float(limit)}
+            r["goal"] = f"{op} {limit}" if what == "ratio" else goal
+            r["mark"] = mark(r)
+        return r
 
     for what, rows in doc["invalidate"].items():
         for r in rows:
             for q in ("p50", "p99"):
                 yield row(f"invalidate {what} K={r['k']} {q}", r[f"{q}_us"], "us", r[f"floor_{q}_us"],
-                          r[f"{q}_ratio"], f"<= {GOAL_INVALIDATE}")
+                          r[f"{q}_ratio"], f"ratio <= {GOAL_INVALIDATE}")
     for r in doc["fault"]:
         yield row(f"fault {r['kind']} {r['mode']} ({r['pages_per_fault']} p, {r['inflight']} in flight)",
                   r["faults_per_s"], "faults/s", r["floor_rtt_per_s"], r["ratio"])
     for r in doc["munmap"]:
         yield row(f"munmap 1 GiB, {r['populated']} populated, {r['nodes']} nodes ({r['messages']} msgs)",
-                  r["time_us"], "us", r["floor_us"], r["ratio"], f"msgs == {r['messages_expected']}")
+                  r["time_us"], "us", r["floor_us"], r["ratio"], f"messages == {r['messages_expected']}",
+                  messages=r["messages"])
     k = doc["ksm"]
     yield row(f"ksm scan ({k['pages']} pages x {k['passes']})", k["scanned_per_s"], "pages/s", k["hash_per_s"],
-              k["ratio"], f">= {GOAL_KSM}")
+              k["ratio"], f"ratio >= {GOAL_KSM}")
     m = doc["memory"]
     yield row(f"memory ({m['pages']} pages)", m["bytes_per_page"], "B/page", m["kernel_bytes_per_page"], m["ratio"])
     s = doc["scale"]
     inv = s["invalidate"]
     for q in ("p50", "p99"):
         yield row(f"scale: invalidate K={inv['k']} {q}", inv[f"{q}_us"], "us", inv[f"floor_{q}_us"],
-                  inv[f"{q}_ratio"], f"<= {GOAL_INVALIDATE}")
+                  inv[f"{q}_ratio"], f"ratio <= {GOAL_INVALIDATE}")
     hb = s["heartbeat"]
     yield row(f"scale: idle host CPU, {s['nodes']} nodes heartbeating", hb["host_cpu_pct"], "%", hb["floor_cpu_pct"],
               hb["ratio"])
@@ -793,13 +831,13 @@ def figures(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def table(doc: dict[str, Any]) -> str:
     rows = doc["figures"]
-    head = ("figure", "value", "unit", "floor", "ratio", "goal")
-    cells = [head] + [(r["figure"], f"{r['value']:,}", r["unit"], f"{r['floor']:,}", f"{r['ratio']:.2f}", r["goal"])
-                      for r in rows]
+    head = ("figure", "value", "unit", "floor", "ratio", "goal", "")
+    cells = [head] + [(r["figure"], f"{r['value']:,}", r["unit"], f"{r['floor']:,}", f"{r['ratio']:.2f}", r["goal"],
+                       mark(r)) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = []
     for n, c in enumerate(cells):
-        lines.append("  ".join(c[i].ljust(widths[i]) if i in (0, 2, 5) else c[i].rjust(widths[i])
+        lines.append("  ".join(c[i].ljust(widths[i]) if i in (0, 2, 5, 6) else c[i].rjust(widths[i])
                                for i in range(len(head))).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -851,8 +889,10 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples and pages (CI: well under 2 minutes)")
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
-    parser.add_argument("--plot", metavar="FILE.png", default=None, help="latency against node count (matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, help="also plot latency against node count to FILE.png (matplotlib; default: no plot)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a figure is short of its goal (each is marked held or short)")
 
 
 def run_command(ns: argparse.Namespace) -> int:
@@ -870,6 +910,12 @@ def run_command(ns: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=1))
     else:
         print(table(doc))
+    short = short_of_goals(doc)
+    if ns.check and short:
+        print(f"mmn bench: {len(short)} figure{'s' if len(short) > 1 else ''} short of the goal: "
+              + "; ".join(f"{r['figure']} ({r['check']['of']} {r.get(r['check']['of'])}, goal {r['goal']})"
+                          for r in short), file=sys.stderr)
+        return 1
     return 0
 
 

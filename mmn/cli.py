@@ -19,7 +19,11 @@ Exit status:
 1     the operation failed: the host (or node) answered with an errno
       or refused the request
 2     usage error: bad syntax or a bad value; nothing was sent
-3     cannot reach the host: no answer within ``--timeout`` seconds
+3     cannot reach the host: no answer within ``--timeout`` seconds, or
+      at once when the link says why (nothing listens, the key was
+      refused or is missing, CURVE against plain TCP, not an admin
+      port); the line says which and the fix, ``--json`` a ``reason``
+130   interrupted (Ctrl-C) before anything was sent
 ====  ===============================================================
 
 Every argument is checked twice before anything is sent: by argparse (types,
@@ -27,6 +31,20 @@ ranges) and by ``protocol.admin.check_admin``, the host's own check.
 """
 
 from __future__ import annotations
+
+import signal as _signal
+
+
+def _interrupted_while_importing(signum: int, frame: object) -> None:
+    raise SystemExit(130)  # quietly: Ctrl-C while the imports below run (slow on a busy machine)
+
+
+try:  # only where Python's own handler is in place (not SIG_IGN, not an embedding program's)
+    _QUIET_IMPORT = _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
+    if _QUIET_IMPORT:
+        _signal.signal(_signal.SIGINT, _interrupted_while_importing)
+except ValueError:  # imported off the main thread
+    _QUIET_IMPORT = False
 
 import argparse
 import json
@@ -54,6 +72,7 @@ from protocol.messages import AdminReply, AdminRequest, Error, Event
 from protocol.types import ADDRESS_LIMIT
 
 from transport import AdminClient, connect
+from transport.zsock import LinkFailed, connect_monitored, handshake_probe
 
 from . import render
 
@@ -70,6 +89,9 @@ DEFAULT_EVENTS_PORT = 7783
 DEFAULT_ADMIN = f"tcp://127.0.0.1:{DEFAULT_ADMIN_PORT}"
 DEFAULT_NODE_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_NODE_PORT}"
 DEFAULT_TIMEOUT = 10.0
+#: Seconds of refused connections after which a command gives up (nothing
+#: listens); a handshake failure gives up at once.
+REFUSED_GRACE = 1.0
 
 PROG = "mmn"
 
@@ -83,7 +105,18 @@ class UsageError(Exception):
 
 
 class Unreachable(Exception):
-    """No answer from the host in time: exit 3."""
+    """No answer from the host: exit 3.
+
+    ``reason`` says why, for scripts (``--json`` carries it): ``timeout``
+    (nothing came in time), ``refused`` (nothing listens), ``key`` (the host
+    refused this client's key, or this client has none or the wrong host
+    key), ``insecure`` (the host runs plain TCP, this client CURVE),
+    ``not_admin`` (the port does not take admin requests).
+    """
+
+    def __init__(self, message: str, reason: str = "timeout") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class Failed(Exception):
@@ -277,18 +310,48 @@ def up_record_path(port: int) -> Path:
     return Path(base) / f"mmnotify-{os.getuid()}-up-{port}.json"
 
 
-def up_keys_for(endpoint: str) -> str | None:
-    """The key directory of the live ``mmn up`` whose admin endpoint is
-    ``endpoint`` (loopback only), or None."""
+def read_up_record(port: int) -> dict[str, Any] | None:
+    """The note of the live ``mmn up`` serving admin port ``port`` on this
+    machine (``{"pid", "keys", "admin", "ports", ...}``), or None (no note,
+    or its ``mmn up`` is gone)."""
     try:
-        hostpart, port = endpoint.rsplit(":", 1)
-        if not hostpart.endswith(("127.0.0.1", "localhost", "[::1]")):
-            return None
-        record = json.loads(up_record_path(int(port)).read_text())
+        record = json.loads(up_record_path(port).read_text())
         os.kill(int(record["pid"]), 0)  # a dead mmn up's record means nothing
-        return str(record["keys"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def live_up_records() -> list[dict[str, Any]]:
+    """Every live ``mmn up`` note of this user on this machine."""
+    base = up_record_path(0).parent
+    out = []
+    for path in sorted(base.glob(f"mmnotify-{os.getuid()}-up-*.json")):
+        port = path.stem.rsplit("-", 1)[-1]
+        record = read_up_record(int(port)) if port.isdigit() else None
+        if record is not None:
+            out.append(record)
+    return out
+
+
+def _loopback_port(endpoint: str) -> int | None:
+    hostpart, _, port = endpoint.rpartition(":")
+    if not hostpart.endswith(("127.0.0.1", "localhost", "[::1]")) or not port.isdigit():
+        return None
+    return int(port)
+
+
+def up_keys_for(endpoint: str) -> str | None:
+    """The key directory of the live ``mmn up`` whose admin endpoint is
+    ``endpoint`` (loopback only), or None (also for an ``--insecure`` one)."""
+    port = _loopback_port(endpoint)
+    if port is None:
+        return None
+    record = read_up_record(port)
+    if record is None:  # another of its ports (`mmn watch --events ADDR`)
+        record = next((r for r in live_up_records() if port in (r.get("ports") or {}).values()), None)
+    keys = record.get("keys") if record else None
+    return str(keys) if keys else None
 
 
 def client_security(keys: str | None = None, env: Mapping[str, str] | None = None, *,
@@ -331,9 +394,90 @@ def client_security(keys: str | None = None, env: Mapping[str, str] | None = Non
 
 _FROM_ENV: Any = object()
 
+#: What each port of a host is, by the default numbers (compose publishes these).
+_DEFAULT_PORT_ROLES = {DEFAULT_NODE_PORT: "node", DEFAULT_ADMIN_PORT: "admin", DEFAULT_EVENTS_PORT: "events"}
+
+
+def port_hint(addr: str, want: str = "admin") -> str:
+    """Why ``addr`` may be the wrong port: it is the node or events port of a
+    local ``mmn up`` (from its note), or of the default numbering; "" if
+    nothing is known against it."""
+    hostpart, _, port_text = addr.rpartition(":")
+    if not port_text.isdigit():
+        return ""
+    port = int(port_text)
+    if _loopback_port(addr) is not None:
+        for record in live_up_records():
+            ports = record.get("ports") or {}
+            for role, number in ports.items():
+                if number == port and role != want and isinstance(ports.get(want), int):
+                    return (f"; port {port} is the {role} port of `mmn up` (pid {record.get('pid')}), "
+                            f"its {want} port is {hostpart}:{ports[want]}")
+    role = _DEFAULT_PORT_ROLES.get(port)
+    if role is not None and role != want:
+        wanted = next(p for p, r in _DEFAULT_PORT_ROLES.items() if r == want)
+        return f"; {port} is the default {role} port, the {want} port is {wanted} by default"
+    return ""
+
+
+def _no_keys_advice() -> str:
+    if os.environ.get("MMN_INSECURE", "") not in ("", "0"):
+        return "$MMN_INSECURE is set, so this client sent no key; unset it and give the cluster's keys " \
+               "(--keys DIR or $MMN_KEYS_DIR)"
+    return ("this client has no keys (no --keys, no $MMN_KEYS_DIR, and no note of a local `mmn up` for this port): "
+            "pass --keys DIR (the keys directory `mmn up` prints) or set $MMN_KEYS_DIR")
+
+
+async def link_failure(exc: LinkFailed, addr: str, security: Any, what: str = "admin") -> Unreachable:
+    """The :class:`Unreachable` (its message with the fix) for a failed link.
+
+    A handshake the host closes without detail is ambiguous (a refused key,
+    CURVE against plain TCP, the events port): a probe with a SUB socket
+    (the events port lets it in) and, for a CURVE client, one in plain TCP
+    tell which.  Concurrency: awaits the probes (at most 2 s, in a thread).
+    """
+    head = f"no answer from the host at {addr}"
+    hint = port_hint(addr, what)
+    reason = exc.reason
+    if reason in ("handshake", "closed", "protocol") and what == "admin":
+        if await trio.to_thread.run_sync(handshake_probe, addr, zmq.SUB, security):
+            return Unreachable(f"{head}: this is an event port, not the admin port (a subscriber gets in; "
+                               f"`mmn watch --events ADDR` reads it){hint}", "not_admin")
+        if security is not None and await trio.to_thread.run_sync(handshake_probe, addr, zmq.DEALER, None):
+            reason = "mechanism"
+    if reason == "refused":
+        running = [str(r.get(what)) for r in live_up_records() if r.get(what)]
+        if running:
+            hint += f"; `mmn up` of yours runs here with {what} {', '.join(running)}"
+        return Unreachable(f"{head}: nothing listens there (connection refused); start a cluster (`mmn up`) "
+                           f"or name its {what} endpoint (--host ADDR or $MMN_HOST){hint}", "refused")
+    if reason == "mechanism" and security is not None:  # (a plain client: the host runs CURVE, below)
+        return Unreachable(f"{head}: it runs plain TCP and this client CURVE; set MMN_INSECURE=1 "
+                           f"for a cluster started with --insecure{hint}", "insecure")
+    if reason == "closed" and security is None:
+        return Unreachable(f"{head}: this is not an {what} port (the peer closed the connection in the "
+                           f"ZeroMQ handshake: its socket type takes no requests){hint}", "not_admin")
+    if reason == "protocol":
+        return Unreachable(f"{head}: the ZeroMQ handshake failed (protocol error {exc.value:#x}): "
+                           f"is this a mmnotify {what} port?{hint}", "not_admin")
+    # auth, handshake (closed under CURVE): the host closed the handshake on us
+    if security is None:
+        return Unreachable(f"{head}: the host refused this client: it runs CURVE and {_no_keys_advice()}{hint}",
+                           "key")
+    detail = f"ZAP status {exc.value}" if reason == "auth" else "the CURVE handshake failed"
+    return Unreachable(f"{head}: the host refused this client's key ({detail}); use that cluster's admin key "
+                       f"and host key (--keys DIR: DIR/admin/admin.key_secret and DIR/host/host.key, or "
+                       f"$MMN_KEYS_DIR){hint}", "key")
+
 
 async def admin_call(
-    addr: str, command: str, args: Mapping[str, Any], *, timeout: float, security: Any = _FROM_ENV
+    addr: str,
+    command: str,
+    args: Mapping[str, Any],
+    *,
+    timeout: float,
+    security: Any = _FROM_ENV,
+    refused_grace: float | None = None,
 ) -> dict[str, Any]:
     """Send one admin request and wait for its reply.
 
@@ -341,24 +485,35 @@ async def admin_call(
         The reply's ``result``.
     Raises:
         Unreachable: no reply within ``timeout`` seconds (the DEALER is
-            ``IMMEDIATE``, so an absent host times out on the send too).
+            ``IMMEDIATE``, so an absent host times out on the send too); at
+            once when the handshake fails (a refused key, no keys against
+            CURVE, CURVE against plain TCP, a port that takes no requests),
+            and after ``refused_grace`` seconds of refused connections (None:
+            wait for a host that may be starting).  Its message says which,
+            and the fix.
         Failed: the host answered ``ok=False`` (its errno), a typed ``Error``
             (it refused the request), or a reply that does not decode.
     Concurrency: awaits; the client socket is private to this call and closed
     before it returns, also when cancelled.
 
     ``security``: a CURVE hook, None for plain TCP; by default
-    :func:`client_security` from the environment.  A host that refuses the
-    key (ZAP) never answers: that is :class:`Unreachable`.
+    :func:`client_security` from the environment.
     """
     if security is _FROM_ENV:
         security = client_security()
-    async with AdminClient(addr, security=security) as client:
+    grace = None if refused_grace is None else min(refused_grace, timeout)
+    async with AdminClient(addr, security=security, diagnose=True, refused_grace=grace) as client:
         request = AdminRequest(id=client.next_id(), command=command, args=dict(args))
         try:
             reply = await client.request(request, timeout)
+        except LinkFailed as exc:
+            raise await link_failure(exc, addr, security) from None
         except trio.TooSlowError:
-            raise Unreachable(f"no answer from the host at {addr} within {timeout:g}s") from None
+            state = client.link.state if client.link is not None else ""
+            why = ""
+            if state == "ready":
+                why = f" (connected, but nothing came back: is this its admin port?{port_hint(addr)})"
+            raise Unreachable(f"no answer from the host at {addr} within {timeout:g}s{why}") from None
         except ProtocolError as exc:
             raise Failed("bad_message", f"malformed reply from the host: {exc.message}") from exc
     if isinstance(reply, AdminReply):
@@ -366,6 +521,9 @@ async def admin_call(
             raise Failed(reply.errno, reply.error)
         return dict(reply.result)
     if isinstance(reply, Error):
+        if reply.code == "unregistered":  # the node channel: it wants a Register first
+            raise Unreachable(f"no answer from the host at {addr}: this is a node port, not the admin port (it "
+                              f"answered {reply.code}: {reply.message}){port_hint(addr)}", "not_admin")
         raise Failed(reply.code, reply.message)
     raise Failed("bad_message", f"the host answered {type(reply).TYPE!r} to an admin request")
 
@@ -516,19 +674,26 @@ def _build_xpmem(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 # the parser
 
 
+_LOG_HELP = "DEBUG, INFO, WARNING or ERROR (default $MMN_LOG_LEVEL, else INFO)"
+_HOST_HELP = f"admin endpoint, tcp://HOST:PORT or HOST:PORT (default $MMN_HOST, else {DEFAULT_ADMIN})"
+_TIMEOUT_HELP = f"give up after S seconds (default $MMN_TIMEOUT, else {DEFAULT_TIMEOUT:g})"
+_KEYS_HELP = ("CURVE keys from `mmn keygen` (default $MMN_KEYS_DIR, else the note of a local `mmn up` "
+              "serving --host; none: plain TCP)")
+
+
 def _common(sub: argparse.ArgumentParser, *, host: bool = True) -> None:
     """``--json``, ``--host``, ``--timeout`` on a subcommand too, so both
     ``mmn --json status`` and ``mmn status --json`` work."""
     sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
     if host:
         sub.add_argument(
-            "--host", type=endpoint, default=argparse.SUPPRESS, metavar="ADDR", help="admin endpoint (or $MMN_HOST)"
+            "--host", type=endpoint, default=argparse.SUPPRESS, metavar="ADDR", help=_HOST_HELP
         )
         sub.add_argument(
-            "--timeout", type=seconds, default=argparse.SUPPRESS, metavar="S", help="give up after S seconds (10)"
+            "--timeout", type=seconds, default=argparse.SUPPRESS, metavar="S", help=_TIMEOUT_HELP
         )
         sub.add_argument(
-            "--keys", default=argparse.SUPPRESS, metavar="DIR", help="CURVE keys from `mmn keygen` ($MMN_KEYS_DIR)"
+            "--keys", default=argparse.SUPPRESS, metavar="DIR", help=_KEYS_HELP
         )
 
 
@@ -549,11 +714,14 @@ def _range_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``mmn`` command line (also used by the docs and the tests)."""
-    parser = _Parser(prog=PROG, description="A distributed model of Linux MMU notifiers.")
+    parser = _Parser(prog=PROG, description="A distributed model of Linux MMU notifiers.",
+                     epilog="example:\n  mmn up   # then, in another terminal: mmn status; mmn COMMAND --help",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     parser.add_argument("--json", action="store_true", default=False, help="print one JSON document")
-    parser.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help="admin endpoint (or $MMN_HOST)")
-    parser.add_argument("--timeout", type=seconds, default=None, metavar="S", help="give up after S seconds (10)")
-    parser.add_argument("--keys", default=None, metavar="DIR", help="CURVE keys from `mmn keygen` ($MMN_KEYS_DIR)")
+    parser.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help=_HOST_HELP)
+    parser.add_argument("--timeout", type=seconds, default=None, metavar="S", help=_TIMEOUT_HELP)
+    parser.add_argument("--keys", default=None, metavar="DIR", help=_KEYS_HELP)
     subs = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     # ---- services
@@ -564,25 +732,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_run_host)
 
     p = subs.add_parser("node", help="run one secondary-MMU node")
-    p.add_argument("--kind", choices=("kvm", "gru", "xpmem"), default=os.environ.get("MMN_KIND"), help="($MMN_KIND)")
-    p.add_argument("--name", type=node_name, default=None, help="unique node name ($MMN_NAME)")
-    p.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help="the host's node endpoint ($MMN_HOST_ENDPOINT)")
+    p.add_argument("--kind", choices=("kvm", "gru", "xpmem"), default=os.environ.get("MMN_KIND"),
+                   help="secondary MMU kind (default $MMN_KIND; required)")
+    p.add_argument("--name", type=node_name, default=None, help="unique node name (default $MMN_NAME, else KIND-6 random hex digits)")
+    p.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help=f"the host's node endpoint (default $MMN_HOST_ENDPOINT, else {DEFAULT_NODE_ENDPOINT})")
     for flag, dest, env, kind, help in NODE_OPTIONS:
         p.add_argument(flag, dest=dest, type=kind, default=None, help=f"{help} (${env})")
-    p.add_argument("--seed", type=number(0), default=None, help="seed of the injected failures' randomness")
+    p.add_argument("--seed", type=number(0), default=None, help="seed of the injected failures' randomness (default: random)")
     p.add_argument("--keys", dest="keys_dir", default=None, metavar="DIR",
-                   help="CURVE: nodes/NAME.key_secret (or nodes/KIND.key_secret) and host/host.key ($MMN_KEYS_DIR)")
-    p.add_argument("--key", default=None, metavar="FILE", help="CURVE: this node's secret key ($MMN_NODE_KEY)")
-    p.add_argument("--host-key", default=None, metavar="FILE", help="CURVE: the host's public key ($MMN_HOST_KEY)")
+                   help="CURVE: nodes/NAME.key_secret (or nodes/KIND.key_secret) and host/host.key "
+                        "(default $MMN_KEYS_DIR; none: plain TCP)")
+    p.add_argument("--key", default=None, metavar="FILE", help="CURVE: this node's secret key file (default $MMN_NODE_KEY, else from --keys)")
+    p.add_argument("--host-key", default=None, metavar="FILE", help="CURVE: the host's public key file (default $MMN_HOST_KEY, else from --keys)")
     p.add_argument("--insecure", action="store_true", default=None, help="plain TCP even with keys ($MMN_INSECURE=1)")
-    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"), help=_LOG_HELP)
     p.set_defaults(handler=_run_node)
 
     p = subs.add_parser("up", help="host plus default nodes on this machine, with a live status view")
     up_module.add_arguments(p)
     _host_options(p, service=False)
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="with --once: one JSON document")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="for scripts: one JSON ready line (endpoints, keys dir, pids, nodes) once every node is "
+                        "live, no live view; with --once the status as one JSON document")
     p.set_defaults(handler=up_module.run)
+
+    p = subs.add_parser("down", help="stop a `mmn up` of yours on this machine (e.g. one started with --detach)")
+    _common(p)
+    p.add_argument("--wait", type=seconds, default=10.0, metavar="S",
+                   help="seconds to wait for it to stop everything (default 10)")
+    p.set_defaults(handler=up_module.run_down)
 
     from . import soak as soak_module
 
@@ -613,10 +791,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
     p.add_argument("--pages", type=number(1, what="pages"), required=True, metavar="N")
-    p.add_argument("--prot", choices=PROTS, default=None)
+    p.add_argument("--prot", choices=PROTS, default=None, help="protection (default rw)")
     p.add_argument("--mergeable", action="store_true", default=None, help="MADV_MERGEABLE (KSM)")
     p.add_argument("--shared", action="store_true", default=None, help="MAP_SHARED")
-    p.add_argument("--fill", type=number(0, 255, "byte"), default=None, metavar="BYTE", help="write every byte")
+    p.add_argument("--fill", type=number(0, 255, "byte"), default=None, metavar="BYTE", help="write every byte with BYTE, 0..255 (default: zero pages)")
 
     p = _control(subs, "write", _build_write, _r_kv, "host CPU write")
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
@@ -655,32 +833,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node", type=node_name, metavar="NODE")
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
     p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N")
+    p.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
+                   help="pages to fault from ADDR, 1..512 (default 1)")
     p.add_argument("--write", action="store_true", default=None)
 
     p = _control(subs, "access", _build_access, _r_data, "read or write through a node's translation")
     p.add_argument("node", type=node_name, metavar="NODE")
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
     p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("--len", type=number(1, 1 << 20, "length"), default=None, metavar="L")
-    p.add_argument("--write", type=hexbytes, default=None, metavar="HEX", help="write these bytes instead of reading")
+    p.add_argument("--len", type=number(1, 1 << 20, "length"), default=None, metavar="L",
+                   help="bytes to read, 1..1048576 (default 1)")
+    p.add_argument("--write", type=hexbytes, default=None, metavar="HEX", help="write these bytes instead of reading (default: read --len bytes)")
 
     p = _control(subs, "merge", _b("merge", full_scans="full_scans"), _r_ksm, "run KSM scans now")
-    p.add_argument("--full-scans", type=number(0, 1000), default=None, metavar="N")
+    p.add_argument("--full-scans", type=number(0, 1000), default=None, metavar="N",
+                   help="full passes over mergeable pages, 0..1000 (default 1)")
 
     p = _control(subs, "ksm", _build_ksm, _r_ksm, "show or set the KSM knobs")
-    p.add_argument("--run", type=number(0, 2), default=None, metavar="0|1|2", help="0 stop, 1 run, 2 unmerge all")
-    p.add_argument("--pages-to-scan", type=number(1), default=None, metavar="N")
-    p.add_argument("--sleep-millisecs", type=number(0), default=None, metavar="MS")
-    p.add_argument("--max-page-sharing", type=number(2), default=None, metavar="N")
-    p.add_argument("--use-zero-pages", type=number(0, 1), default=None, metavar="0|1")
+    p.add_argument("--run", type=number(0, 2), default=None, metavar="0|1|2", help="0 stop, 1 run, 2 unmerge all (default: unchanged)")
+    p.add_argument("--pages-to-scan", type=number(1), default=None, metavar="N",
+                   help="pages a KSM scan batch looks at (default: unchanged; the host starts at 100)")
+    p.add_argument("--sleep-millisecs", type=number(0), default=None, metavar="MS",
+                   help="ms between KSM batches (default: unchanged; the host starts at 20)")
+    p.add_argument("--max-page-sharing", type=number(2), default=None, metavar="N",
+                   help="most pages sharing one KSM page, at least 2 (default: unchanged)")
+    p.add_argument("--use-zero-pages", type=number(0, 1), default=None, metavar="0|1",
+                   help="merge empty pages with the zero page (default: unchanged)")
 
     p = _control(subs, "inject", _build_inject, _r_inject, "inject a failure into a node")
     p.add_argument("node", type=node_name, metavar="NODE")
     p.add_argument("kind", choices=INJECT_KINDS, metavar="KIND", help="|".join(INJECT_KINDS))
-    p.add_argument("--rate", type=probability, default=None, metavar="P", help="probability 0..1 (1)")
-    p.add_argument("--delay-ms", type=number(0, 600_000), default=None, metavar="D")
-    p.add_argument("--for", dest="for_s", type=seconds, default=None, metavar="SECONDS", help="heal after this long")
+    p.add_argument("--rate", type=probability, default=None, metavar="P", help="probability 0..1 of each message (default 1)")
+    p.add_argument("--delay-ms", type=number(0, 600_000), default=None, metavar="D",
+                   help="delay-acks, slow-drain: ms, 0..600000 (default 0)")
+    p.add_argument("--for", dest="for_s", type=seconds, default=None, metavar="SECONDS", help="heal after this many seconds (default: until `mmn heal`)")
     p = _control(subs, "heal", _b("heal", node="node"), _r_inject, "undo every injected failure of a node")
     p.add_argument("node", type=node_name, metavar="NODE")
 
@@ -706,13 +892,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
     q.add_argument("addr", type=address, metavar="ADDR")
     q.add_argument("length", type=number(1, what="length"), metavar="LEN")
-    q.add_argument("--mode", type=octal_mode, default=None, help="octal permission bits (0600)")
+    q.add_argument("--mode", type=octal_mode, default=None, help="octal permission bits (default 0600)")
     q = xp("get", "ask for access to a segment -> apid")
     q.add_argument("--segid", type=number(1, what="segid"), required=True, metavar="ID")
     q.add_argument("--write", action="store_true", default=False, help="read-write (default read-only)")
     q = xp("attach", "map part of a segment into the node -> vaddr")
     q.add_argument("--apid", type=number(1, what="apid"), required=True, metavar="ID")
-    q.add_argument("--offset", type=number(0, what="offset"), default=None, metavar="OFF")
+    q.add_argument("--offset", type=number(0, what="offset"), default=None, metavar="OFF",
+                   help="bytes into the segment (default 0)")
     q.add_argument("--len", dest="length", type=number(1, what="length"), required=True, metavar="LEN")
     q = xp("detach", "unmap an attachment")
     q.add_argument("addr", type=address, metavar="VADDR")
@@ -727,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="DIR/host, DIR/admin, DIR/nodes (secrets mode 0600)")
     p.add_argument("--node", action="append", default=None, metavar="NAME",
                    help="a node key (repeatable; default kvm, gru, xpmem: one per kind, covering KIND-*)")
-    p.add_argument("--admin", action="append", default=None, metavar="NAME", help="an operator key (admin)")
+    p.add_argument("--admin", action="append", default=None, metavar="NAME", help="an operator key, repeatable (default admin)")
     p.add_argument("--force", action="store_true", help="replace existing pairs")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
     p.set_defaults(handler=_run_keygen)
@@ -735,11 +922,89 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- event stream
     p = subs.add_parser("watch", help="print the host's events until Ctrl-C")
     _common(p)
-    p.add_argument("--count", type=number(1), default=None, metavar="N", help="stop after N events")
-    p.add_argument("--seconds", type=seconds, default=None, metavar="S", help="stop after S seconds")
-    p.add_argument("--events", type=endpoint, default=None, metavar="ADDR", help="event endpoint (default: from status)")
+    p.add_argument("--count", type=number(1), default=None, metavar="N", help="stop after N events (default: no limit)")
+    p.add_argument("--seconds", type=seconds, default=None, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--events", type=endpoint, default=None, metavar="ADDR",
+                   help="event endpoint, e.g. a published port (default $MMN_EVENTS, else the one the host's status "
+                        "names, a wildcard bind replaced by --host's address)")
     p.set_defaults(handler=_run_watch)
+    _finish_help(parser)
     return parser
+
+
+#: One example per command, shown at the end of ``mmn COMMAND --help``.
+EXAMPLES: dict[str, str] = {
+    "host": "mmn host --keys keys --frames 4096 --ack-deadline-ms 500",
+    "node": "mmn node --kind kvm --name kvm0 --host tcp://127.0.0.1:7781 --keys keys",
+    "up": "mmn up --kvm 2 --port-base 0            # or, for scripts: mmn up --detach --json --port-base 0",
+    "down": "mmn down --host tcp://127.0.0.1:7782",
+    "soak": "mmn soak --seed 1 --ops 5000 --nodes 6 --faults 0.05",
+    "bench": "mmn bench --quick --check",
+    "status": "mmn status --json",
+    "spawn": "mmn spawn",
+    "fork": "mmn fork --mm 1",
+    "exit": "mmn exit --mm 2",
+    "mmap": "mmn mmap --mm 1 --pages 6 --fill 0x41 --mergeable",
+    "write": "mmn write --mm 1 0x10000000 6b766d21",
+    "read": "mmn read --mm 1 0x10000000 16",
+    "munmap": "mmn munmap --mm 1 0x10005000 4096",
+    "mprotect": "mmn mprotect --mm 1 0x10000000 8192 r",
+    "madvise": "mmn madvise --mm 1 0x10000000 4096 dontneed --no-block",
+    "swap": "mmn swap --mm 1 0x10000000 8192",
+    "migrate": "mmn migrate --mm 1 0x10000000 4096",
+    "fault": "mmn fault kvm0 --mm 1 0x10000000 --pages 6 --write",
+    "access": "mmn access gru0 --mm 1 0x10001000 --write 67727521",
+    "merge": "mmn merge --full-scans 2",
+    "ksm": "mmn ksm --run 1 --pages-to-scan 200",
+    "inject": "mmn inject xpmem0 slow-drain --delay-ms 3000 --for 10",
+    "heal": "mmn heal xpmem0",
+    "subscribe": "mmn subscribe kvm0 --mm 1",
+    "unsubscribe": "mmn unsubscribe kvm0 --mm 1",
+    "xpmem": "mmn xpmem make xpmem0 --mm 1 0x10000000 24576 --mode 0666",
+    "xpmem make": "mmn xpmem make xpmem0 --mm 1 0x10000000 24576 --mode 0666",
+    "xpmem get": "mmn xpmem get xpmem0 --segid 1 --write",
+    "xpmem attach": "mmn xpmem attach xpmem0 --apid 1 --len 24576",
+    "xpmem detach": "mmn xpmem detach xpmem0 0x600000000000",
+    "xpmem release": "mmn xpmem release xpmem0 --apid 1",
+    "xpmem remove": "mmn xpmem remove xpmem0 --segid 1",
+    "keygen": "mmn keygen keys --node kvm0 --admin alice",
+    "watch": "mmn watch --count 20 --json           # a published port: MMN_EVENTS=127.0.0.1:7783 mmn watch",
+}
+
+
+def _subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every (sub)command parser under ``parser``, named as typed (``xpmem get``)."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                full = f"{prefix}{name}"
+                out.append((full, sub))
+                out += _subparsers(sub, full + " ")
+    return out
+
+
+def _finish_help(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default (added from argparse's
+    default where the text gives none); every command gets its example."""
+    for name, sub in [("", parser), *_subparsers(parser)]:
+        for action in sub._actions:
+            if not action.option_strings or action.nargs == 0 or action.help in (None, argparse.SUPPRESS):
+                continue
+            if "default" not in action.help and not action.required and action.default not in (None, argparse.SUPPRESS):
+                action.help += f" (default {action.default})"
+        if name:
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            sub.epilog = f"example:\n  {EXAMPLES[name]}"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmnotify")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 # --------------------------------------------------------------------------
@@ -786,7 +1051,8 @@ def _run_control(ns: argparse.Namespace) -> int:
     command, args = build_request(ns)
     addr = _admin_endpoint(ns)
     security = _security(ns)
-    result = trio.run(lambda: admin_call(addr, command, args, timeout=_timeout(ns), security=security))
+    result = trio.run(lambda: admin_call(addr, command, args, timeout=_timeout(ns), security=security,
+                                         refused_grace=REFUSED_GRACE))
     if ns.json:
         _emit_json(result)
     else:
@@ -804,37 +1070,80 @@ def _show_event(event: Event) -> str:
     return f"{event.seq:>8}  {event.kind:<24} {' '.join(parts)}".rstrip()
 
 
+def _events_from(ns: argparse.Namespace) -> str | None:
+    """``--events``, else ``$MMN_EVENTS``, else None (ask the host)."""
+    return ns.events or (_env_endpoint("MMN_EVENTS", "") or None)
+
+
 async def _watch(ns: argparse.Namespace) -> None:
+    """Print events until ``--count``/``--seconds`` or Ctrl-C.
+
+    Raises:
+        Unreachable: the event endpoint never completed the handshake within
+            ``--timeout`` (nothing listens, a refused key...), or it went away
+            while watching (the host stopped).
+    """
     addr = _admin_endpoint(ns)
-    events = ns.events
+    events = _events_from(ns)
     if events is None:
-        status = await admin_call(addr, "status", {}, timeout=_timeout(ns), security=_security(ns))
+        status = await admin_call(addr, "status", {}, timeout=_timeout(ns), security=_security(ns),
+                                  refused_grace=REFUSED_GRACE)
         published = ((status.get("host") or {}).get("endpoints") or {}).get("events")
         if not isinstance(published, str) or not published:
             raise Failed("ENOENT", "the host's status names no event endpoint")
         events = _events_endpoint(published, addr)
+        security = _security(ns)
+    else:
+        security = client_security(getattr(ns, "keys", None), endpoint=events)
     limits = Limits()
-    async with connect(zmq.SUB, events, security=_security(ns)) as sub:
+    sub, link = connect_monitored(zmq.SUB, events, security=security, refused_grace=REFUSED_GRACE)
+    try:
         sub.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            with trio.fail_after(_timeout(ns)):
+                await link.ready()
+        except trio.TooSlowError:
+            raise Unreachable(f"no answer from the host's event endpoint {events} within {_timeout(ns):g}s") from None
+        except LinkFailed as exc:
+            raise await link_failure(exc, events, security, "events") from None
         if not ns.json:
             sys.stderr.write(f"{PROG}: watching {events} (Ctrl-C to stop)\n")
             sys.stderr.flush()
-        seen = 0
-        with trio.move_on_after(ns.seconds if ns.seconds is not None else math.inf):
-            while ns.count is None or seen < ns.count:
-                frames = await sub.recv_multipart()
-                try:
-                    event = decode(frames[-1], limits)
-                except ProtocolError as exc:
-                    log.debug("undecodable event: %s", exc)
-                    continue
-                if not isinstance(event, Event):
-                    continue
-                seen += 1
-                if ns.json:
-                    _emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
-                else:
-                    _emit(_show_event(event))
+        gone: list[LinkFailed] = []
+        async with trio.open_nursery() as nursery:
+
+            async def watch_link() -> None:
+                gone.append(await link.failure())  # the host went away for good
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_link)
+            await _print_events(ns, sub, limits)
+            nursery.cancel_scope.cancel()
+        if gone:
+            raise Unreachable(f"the host's event stream at {events} went away (nothing listens there any more)",
+                              "refused")
+    finally:
+        link.close()
+        sub.close()
+
+
+async def _print_events(ns: argparse.Namespace, sub: Any, limits: Limits) -> None:
+    seen = 0
+    with trio.move_on_after(ns.seconds if ns.seconds is not None else math.inf):
+        while ns.count is None or seen < ns.count:
+            frames = await sub.recv_multipart()
+            try:
+                event = decode(frames[-1], limits)
+            except ProtocolError as exc:
+                log.debug("undecodable event: %s", exc)
+                continue
+            if not isinstance(event, Event):
+                continue
+            seen += 1
+            if ns.json:
+                _emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
+            else:
+                _emit(_show_event(event))
 
 
 def _run_keygen(ns: argparse.Namespace) -> int:
@@ -859,6 +1168,9 @@ def _run_watch(ns: argparse.Namespace) -> int:
         trio.run(_watch, ns)
     except KeyboardInterrupt:
         pass
+    except BaseExceptionGroup as group:  # Ctrl-C inside the nursery
+        if group.split(KeyboardInterrupt)[0] is None:
+            raise
     return EXIT_OK
 
 
@@ -880,28 +1192,28 @@ def _env(name: str, parse: Callable[[str], Any]) -> Any:
 #: argparse type, help).  ``HostConfig.from_env`` reads the variables; the
 #: flags override them.
 HOST_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
-    ("--bind", "bind", "MMN_BIND", str, "interface to bind (127.0.0.1; 0.0.0.0 in containers)"),
-    ("--node-port", "node_port", "MMN_NODE_PORT", number(0, 65535), f"node ROUTER port ({DEFAULT_NODE_PORT})"),
-    ("--admin-port", "admin_port", "MMN_ADMIN_PORT", number(0, 65535), f"admin ROUTER port ({DEFAULT_ADMIN_PORT})"),
-    ("--events-port", "events_port", "MMN_EVENTS_PORT", number(0, 65535), f"event PUB port ({DEFAULT_EVENTS_PORT})"),
-    ("--frames", "frames", "MMN_FRAMES", number(1), "physical page frames"),
-    ("--page-size", "page_size", "MMN_PAGE_SIZE", number(1), "page size in bytes"),
-    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval"),
-    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "heartbeats a node may miss before it is fenced"),
-    ("--ack-deadline-ms", "ack_deadline_ms", "MMN_ACK_DEADLINE_MS", number(1), "fence a node that acks later"),
-    ("--command-timeout-ms", "command_timeout_ms", "MMN_COMMAND_TIMEOUT_MS", number(1), "relayed node commands"),
+    ("--bind", "bind", "MMN_BIND", str, "interface to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
+    ("--node-port", "node_port", "MMN_NODE_PORT", number(0, 65535), f"node ROUTER port (default {DEFAULT_NODE_PORT})"),
+    ("--admin-port", "admin_port", "MMN_ADMIN_PORT", number(0, 65535), f"admin ROUTER port (default {DEFAULT_ADMIN_PORT})"),
+    ("--events-port", "events_port", "MMN_EVENTS_PORT", number(0, 65535), f"event PUB port (default {DEFAULT_EVENTS_PORT})"),
+    ("--frames", "frames", "MMN_FRAMES", number(1), "physical page frames, in pages (default 65536)"),
+    ("--page-size", "page_size", "MMN_PAGE_SIZE", number(1), "page size in bytes (default 4096)"),
+    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms (default 500)"),
+    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "heartbeats a node may miss before it is fenced (default 6)"),
+    ("--ack-deadline-ms", "ack_deadline_ms", "MMN_ACK_DEADLINE_MS", number(1), "fence a node that acks later than this many ms (default 2000)"),
+    ("--command-timeout-ms", "command_timeout_ms", "MMN_COMMAND_TIMEOUT_MS", number(1), "deadline of a relayed node command in ms (default 10000)"),
     ("--swap-path", "swap_path", "MMN_SWAP_PATH", str, "swap file (default: in memory)"),
-    ("--swap-slots", "swap_slots", "MMN_SWAP_SLOTS", number(1), "swap slots"),
-    ("--ksm-run", "ksm_run", "MMN_KSM_RUN", number(0, 2), "KSM run at start: 0 stop, 1 run, 2 unmerge"),
-    ("--keys", "keys_dir", "MMN_KEYS_DIR", str, "CURVE on every socket, keys from `mmn keygen DIR`"),
-    ("--server-key", "server_key", "MMN_SERVER_KEY", str, "CURVE: the host's secret key file (DIR/host)"),
-    ("--node-keys", "node_keys", "MMN_NODE_KEYS", str, "CURVE: directory of allowed node public keys (DIR/nodes)"),
-    ("--admin-keys", "admin_keys", "MMN_ADMIN_KEYS", str, "CURVE: directory of allowed admin public keys (DIR/admin)"),
-    ("--max-frame", "max_frame", "MMN_MAX_FRAME", number(1024), "bytes in one frame"),
-    ("--max-pages", "max_pages", "MMN_MAX_PAGES", number(1), "pages in one GUP request"),
-    ("--max-range", "max_range", "MMN_MAX_RANGE", number(1), "bytes in one requested range"),
-    ("--rate-limit", "max_rate", "MMN_RATE_LIMIT", number(0), "frames a second per peer, 0 = unlimited"),
-    ("--rate-burst", "rate_burst", "MMN_RATE_BURST", number(0), "burst before the rate limit bites"),
+    ("--swap-slots", "swap_slots", "MMN_SWAP_SLOTS", number(1), "swap slots, in pages (default 65536)"),
+    ("--ksm-run", "ksm_run", "MMN_KSM_RUN", number(0, 2), "KSM run at start: 0 stop, 1 run, 2 unmerge (default 0)"),
+    ("--keys", "keys_dir", "MMN_KEYS_DIR", str, "CURVE on every socket, keys from `mmn keygen DIR` (default: none, plain TCP)"),
+    ("--server-key", "server_key", "MMN_SERVER_KEY", str, "CURVE: the host's secret key file (default DIR/host/host.key_secret of --keys)"),
+    ("--node-keys", "node_keys", "MMN_NODE_KEYS", str, "CURVE: directory of allowed node public keys (default DIR/nodes of --keys)"),
+    ("--admin-keys", "admin_keys", "MMN_ADMIN_KEYS", str, "CURVE: directory of allowed admin public keys (default DIR/admin of --keys)"),
+    ("--max-frame", "max_frame", "MMN_MAX_FRAME", number(1024), "bytes in one frame (default 4194304, 4 MiB)"),
+    ("--max-pages", "max_pages", "MMN_MAX_PAGES", number(1), "pages in one GUP request (default 512)"),
+    ("--max-range", "max_range", "MMN_MAX_RANGE", number(1), "bytes in one requested range (default 1073741824, 1 GiB)"),
+    ("--rate-limit", "max_rate", "MMN_RATE_LIMIT", number(0), "frames a second per peer, 0 = unlimited (default 20000)"),
+    ("--rate-burst", "rate_burst", "MMN_RATE_BURST", number(0), "frames of burst before the rate limit bites (default 0: one second's worth)"),
 )
 
 #: Host options ``mmn up`` does not take (it chooses ports from --port-base).
@@ -926,7 +1238,7 @@ def _host_options(p: argparse.ArgumentParser, *, service: bool = True) -> None:
         help="plain TCP, no CURVE, even if keys are configured ($MMN_INSECURE=1)",
     )
     if service:
-        p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"))
+        p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"), help=_LOG_HELP)
 
 
 def _check_env(options: Sequence[tuple[str, str, str, Callable[[str], Any], str]]) -> None:
@@ -964,8 +1276,8 @@ def host_config(ns: argparse.Namespace) -> Any:
 
 #: ``mmn node`` options besides --kind/--name/--host.
 NODE_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
-    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval until registered"),
-    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "host heartbeats missed before reconnecting"),
+    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms until registered (default 500)"),
+    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "host heartbeats missed before reconnecting (default 6)"),
 )
 
 
@@ -1105,12 +1417,22 @@ def _run_node(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``mmn`` command; returns the exit status (see the module doc)."""
+    """Run one ``mmn`` command; returns the exit status (see the module doc).
+    Ctrl-C at any point is exit 130 (``mmn up``, ``mmn watch``: 0), never a
+    traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         ns = parser.parse_args(list(argv) if argv is not None else None)
     except _Exit as exc:
         return exc.code
+    ns.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return ns.handler(ns)
     except UsageError as exc:
@@ -1123,10 +1445,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except Unreachable as exc:
         if getattr(ns, "json", False):
-            _emit_json({"ok": False, "errno": "unreachable", "error": str(exc)})
+            _emit_json({"ok": False, "errno": "unreachable", "reason": exc.reason, "error": str(exc)})
         _error(f"unreachable: {exc}")
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
+        return 130
+    except BaseExceptionGroup as group:  # trio wraps a Ctrl-C that lands inside a nursery
+        if group.split(KeyboardInterrupt)[0] is None:
+            raise
         return 130
     except BrokenPipeError:
         # `mmn watch | head`: the reader left; do not print a traceback.
@@ -1135,3 +1461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return EXIT_OK
+
+
+if _QUIET_IMPORT and _signal.getsignal(_signal.SIGINT) is _interrupted_while_importing:
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)  # imported: Ctrl-C is KeyboardInterrupt again

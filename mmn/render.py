@@ -1,6 +1,7 @@
 """Plain-text rendering for people: tables, key/value blocks, hex dumps, status.
 
-No third-party dependency (rich is not one of ours).  Everything returns a
+No third-party dependency (``mmn up`` colours the live view with rich when it
+is installed, the ``bench`` extra; see :mod:`mmn.up`).  Everything returns a
 string; the caller prints it.  ``--json`` output does not come through here
 except :func:`jsonable`, which turns a result into something ``json`` can
 write (bytes become hex strings).
@@ -231,3 +232,66 @@ def status_line(result: Mapping[str, Any]) -> str:
         f" ksm shared={ksm.get('pages_shared', '-')} sharing={ksm.get('pages_sharing', '-')}"
         f" full_scans={ksm.get('full_scans', '-')}"
     )
+
+
+def fold(label: str, items: Iterable[str], width: int, sep: str = " ") -> list[str]:
+    """``label  a b c ...`` wrapped at ``width`` columns, continuation lines
+    indented under the first item; items joined by ``sep``."""
+    indent = len(label) + 2
+    lines: list[str] = []
+    line = label
+    for item in items:
+        if line.strip() != label and len(line) + len(sep) + len(item) > width:
+            lines.append(line)
+            line = " " * indent + item
+        elif line == label:
+            line = f"{label}  {item}"
+        else:
+            line = line + (sep if line.strip() else "") + item
+    lines.append(line)
+    return lines
+
+
+def clip(line: str, width: int) -> str:
+    """``line`` cut to ``width`` columns, an ellipsis marking the cut."""
+    return line if len(line) <= width else line[: max(0, width - 1)] + "…"
+
+
+def live_view(
+    result: Mapping[str, Any] | None, width: int, height: int, *, title: str, footer: Sequence[str] = ()
+) -> list[str]:
+    """The live status of ``mmn up`` in at most ``height`` lines of at most
+    ``width`` columns: what matters first (frames, ``stale_accesses``, the
+    node table, the processes and notes), then mms, mappings, KSM and the
+    counters folded to the width, as far as they fit; a last line says what
+    was left out (``mmn status`` shows everything)."""
+    width, height = max(width, 20), max(height, 4)
+    if result is None:
+        first = [title, "", "(the host is not answering)", "", *footer]
+        rest: list[str] = []
+    else:
+        frames = result.get("frames") or {}
+        head = (f"frames {frames.get('free', '?')} free of {frames.get('total', '?')}   "
+                f"stale_accesses {result.get('stale_accesses')}")
+        nodes = result.get("nodes") or []
+        first = [title, head, "", *nodes_table(nodes).splitlines(), "", *footer]
+        rest = []
+        if any(isinstance(n.get("mms"), Mapping) for n in nodes):
+            rest += ["", *mappings_table(nodes).splitlines()]
+        rest += ["", *mms_table(result.get("mms") or []).splitlines()]
+        ksm = result.get("ksm") or {}
+        if ksm:
+            rest += ["", *fold("ksm", (f"{k}={cell(v)}" for k, v in ksm_pairs(ksm)), width)]
+        counters = result.get("counters") or {}
+        if counters:
+            rest += ["", *fold("counters", (f"{k}={cell(v)}" for k, v in counters.items()), width)]
+    lines = [clip(line, width) for line in first]
+    if len(lines) > height:  # even the essentials overflow: keep the top, say so
+        cut = len(lines) - height + 1
+        return [*lines[: height - 1], clip(f"(+{cut} lines: a taller terminal, or mmn status)", width)]
+    room = height - len(lines)
+    extra = [clip(line, width) for line in rest]
+    if len(extra) <= room:
+        return lines + extra
+    shown = extra[: max(0, room - 1)]
+    return [*lines, *shown, clip(f"(+{len(extra) - len(shown)} lines: mmn status shows everything)", width)]

@@ -24,8 +24,25 @@ adds the missing ones to ``--keys DIR`` / ``$MMN_KEYS_DIR``, and hands the
 directory to every service; ``mmn --keys LOGS/keys status`` reaches the host
 from another terminal.  ``--insecure`` (or ``$MMN_INSECURE=1``) runs plain TCP.
 
+Before anything is made or started, ``--port-base P`` checks that P, P+1, P+2
+are free: if not, one line names the ``mmn up`` holding them (from its note)
+and says ``try --port-base 0``.  The note (``$XDG_RUNTIME_DIR`` or the temp
+dir, ``mmnotify-UID-up-ADMINPORT.json``: pid, keys directory, ports) is
+written only when no other live ``mmn up`` owns it, and removed at exit only
+if it is this process's own.
+
+For scripts: ``--json`` prints one ready line once every node is live
+(``{"ready": true, "pid", "admin", "node", "events", "keys", "logs",
+"nodes": [{"name", "pid"}], "host": {"pid", "incarnation"}}``) and no live
+view; ``--detach`` runs that in the background (its own session, stderr in
+``LOGS/up.log``), prints the line and exits; ``mmn down`` stops it.  A
+foreground ``up`` stops (as on SIGTERM) when the process that started it dies,
+and on SIGHUP.  Ctrl-C at any moment of start-up stops what was started, with
+no traceback.
+
 Exit status: 0 stopped on request (or ``--once`` with every node live), 1 the
-host died or a node did not come up, 2 usage, 3 the host never answered.
+host died, a node did not come up, or the ports are taken, 2 usage, 3 the host
+never answered.
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +61,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +82,9 @@ from .cli import (
     UsageError,
     admin_call,
     client_security,
+    live_up_records,
     number,
+    read_up_record,
     seconds,
     up_record_path,
 )
@@ -75,27 +96,33 @@ KINDS = ("kvm", "gru", "xpmem")
 #: How services are started: ``SERVICE_COMMAND + ["host", ...]``.  Tests point
 #: it at a stand-in to check the process lifecycle without the real host.
 SERVICE_COMMAND: list[str] = [sys.executable, "-m", "mmn"]
+#: How ``--detach`` starts the background ``mmn up`` (tests: with a stand-in host).
+UP_COMMAND: list[str] = [sys.executable, "-m", "mmn"]
 _WILDCARDS = ("0.0.0.0", "*", "::", "[::]", "")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``mmn up`` options (the host options are added by the caller)."""
     for kind in KINDS:
-        p.add_argument(f"--{kind}", type=number(0, 64), default=1, metavar="N", help=f"{kind} nodes (1)")
+        p.add_argument(f"--{kind}", type=number(0, 64), default=1, metavar="N", help=f"{kind} nodes (default 1)")
     p.add_argument(
         "--port-base",
         type=number(0, 65533),
         default=DEFAULT_NODE_PORT,
         metavar="P",
-        help=f"node, admin, events ports are P, P+1, P+2 ({DEFAULT_NODE_PORT}); 0 = free ports",
+        help=f"node, admin, events ports are P, P+1, P+2 (default {DEFAULT_NODE_PORT}); 0 = free ports the OS picks",
     )
     p.add_argument("--once", action="store_true", help="print one status when everything is up, then stop")
-    p.add_argument("--timeout", type=seconds, default=20.0, metavar="S", help="startup deadline (20)")
-    p.add_argument("--grace", type=seconds, default=3.0, metavar="S", help="SIGTERM -> SIGKILL (3)")
-    p.add_argument("--interval", type=seconds, default=1.0, metavar="S", help="status refresh (1)")
+    p.add_argument("--timeout", type=seconds, default=20.0, metavar="S", help="startup deadline in seconds (default 20)")
+    p.add_argument("--grace", type=seconds, default=3.0, metavar="S", help="seconds from SIGTERM to SIGKILL at the end (default 3)")
+    p.add_argument("--interval", type=seconds, default=1.0, metavar="S", help="seconds between two status refreshes (default 1)")
     p.add_argument("--restart", action="store_true", help="restart nodes whose process exits")
-    p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="log directory (a fresh temp dir)")
-    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"))
+    p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="log directory (default: a fresh temp dir)")
+    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"),
+                   help="of every service: DEBUG, INFO, WARNING or ERROR (default $MMN_LOG_LEVEL, else INFO)")
+    p.add_argument("--detach", action="store_true",
+                   help="start in the background, print the ready line, exit 0; `mmn down` stops it")
+    p.add_argument("--detached-child", action="store_true", help=argparse.SUPPRESS)
 
 
 # --------------------------------------------------------------------------
@@ -309,25 +336,57 @@ def _live(status: dict[str, Any]) -> set[str]:
     return {n.get("name") for n in status.get("nodes") or [] if n.get("state") == "live"}
 
 
-class View:
-    """The live status view: redraw on a TTY, a line per change otherwise."""
+def _rich_console(stream: Any) -> Any:
+    """A rich ``Console`` on ``stream`` if rich is installed (the ``bench``
+    extra), else None: the live view is the same text either way, rich only
+    colours it."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(file=stream, force_terminal=True, highlight=False, soft_wrap=True)
 
-    def __init__(self, plan: Plan, children: list[Child], stream: Any = None) -> None:
+
+#: How rich colours the live view (a word in a line -> style).
+_STYLES = (("live", "green"), ("fenced", "bold red"), ("dead", "red"), ("exited", "red"))
+
+
+class View:
+    """The live status view: redraw on a TTY (fitted to the terminal's size),
+    a line per change otherwise."""
+
+    def __init__(self, plan: Plan, children: list[Child], stream: Any = None,
+                 size: Any = None) -> None:
         self.plan = plan
         self.children = children
         self.stream = stream or sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.last = ""
+        #: () -> os.terminal_size; the real terminal's by default
+        self.size = size or (lambda: shutil.get_terminal_size((80, 24)))
+        self.console = _rich_console(self.stream) if self.tty else None
 
     def show(self, status: dict[str, Any] | None, note: str = "") -> None:
         if self.tty:
-            body = render.status(status) if status is not None else "(the host is not answering)"
+            cols, rows = self.size()
             procs = "  ".join(c.describe() for c in self.children)
-            footer = f"admin {self.plan.admin}  logs {self.plan.logs}  Ctrl-C stops\nprocesses  {procs}"
-            text = f"\x1b[H\x1b[2J{PROG} up  {time.strftime('%H:%M:%S')}\n\n{body}\n\n{footer}\n"
+            footer = [*render.fold("processes", procs.split("  "), cols, "  "), f"logs {self.plan.logs}"]
             if note:
-                text += note + "\n"
-            self.stream.write(text)
+                footer.append(note)
+            title = f"{PROG} up  {time.strftime('%H:%M:%S')}  admin {self.plan.admin}  Ctrl-C stops"
+            lines = render.live_view(status, cols, rows - 1, title=title, footer=footer)
+            self.stream.write("\x1b[H\x1b[2J")
+            if self.console is not None:
+                from rich.text import Text
+
+                text = Text("\n".join(lines) + "\n")
+                for word, style in _STYLES:
+                    text.highlight_words([f" {word} "], style)
+                if status is not None and status.get("stale_accesses"):
+                    text.highlight_words(["stale_accesses"], "bold red")
+                self.console.print(text, end="")
+            else:
+                self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
             return
         line = render.status_line(status) if status is not None else "the host is not answering"
@@ -370,7 +429,7 @@ async def _watch_children(
 async def _signals(scope: trio.CancelScope, caught: list[int]) -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # tests drive `up --once` from a worker thread
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
         async for signum in received:
             caught.append(signum)
             scope.cancel()
@@ -416,6 +475,8 @@ async def _up(ns: argparse.Namespace, plan: Plan, children: list[Child]) -> int:
         tail = host.tail()
         if tail:
             _say(f"last lines of {host.log_path}:\n{tail}")
+        if "address already in use" in tail.lower():  # taken between our check and its bind
+            _say(f"ports {plan.ports[0]}, {plan.ports[1]}, {plan.ports[2]}: one is taken; try --port-base 0")
     return outcome.code
 
 
@@ -446,6 +507,10 @@ async def _start_and_show(
     want = {c.name for c in nodes}
     status = await _wait_for_nodes(plan, host, want, deadline)
     missing = want - _live(status)
+    if as_json and not ns.once:
+        if missing:
+            raise _Stop(EXIT_FAILED, f"nodes not registered in time: {', '.join(sorted(missing))}")
+        _emit_ready(plan, host, nodes, status)
     if ns.once:
         if as_json:
             sys.stdout.write(json.dumps(render.jsonable(status), separators=(",", ":")) + "\n")
@@ -460,6 +525,33 @@ async def _start_and_show(
     await _live_view(ns, plan, children, notes)
 
 
+def ready_doc(plan: Plan, host: Child, nodes: list[Child], status: dict[str, Any]) -> dict[str, Any]:
+    """The ready line of ``mmn up --json``: everything a script needs to use
+    the cluster and to stop it."""
+    info = status.get("host") or {}
+    return {
+        "ready": True,
+        "pid": os.getpid(),
+        "admin": plan.admin,
+        "node": plan.node_endpoint,
+        "events": f"tcp://{plan.connect_host}:{plan.ports[2]}",
+        "keys": None if plan.keys is None else str(Path(plan.keys).resolve()),
+        "logs": str(plan.logs),
+        "nodes": [{"name": c.name, "pid": c.process.pid if c.process else None} for c in nodes],
+        "host": {"pid": host.process.pid if host.process else None, "incarnation": info.get("incarnation")},
+    }
+
+
+def _emit_ready(plan: Plan, host: Child, nodes: list[Child], status: dict[str, Any]) -> None:
+    doc = ready_doc(plan, host, nodes, status)
+    sys.stdout.write(json.dumps(doc, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+    if os.environ.get(_DETACHED_ENV):  # the parent read it and left: nothing more goes to its pipe
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+
 async def _wait_for_nodes(plan: Plan, host: Child, want: set[str], deadline: float) -> dict[str, Any]:
     """Poll ``status`` until every node in ``want`` is live or the deadline."""
     while True:
@@ -470,6 +562,13 @@ async def _wait_for_nodes(plan: Plan, host: Child, want: set[str], deadline: flo
 
 
 async def _live_view(ns: argparse.Namespace, plan: Plan, children: list[Child], notes: list[str]) -> None:
+    if getattr(ns, "json", False):  # scripts: the ready line was all; notes on stderr, until stopped
+        shown = 0
+        while True:
+            for note in notes[shown:]:
+                _say(note)
+            shown = len(notes)
+            await trio.sleep(ns.interval)
     view = View(plan, children)
     shown = 0
     while True:
@@ -490,37 +589,234 @@ async def _live_view(ns: argparse.Namespace, plan: Plan, children: list[Child], 
         await trio.sleep(ns.interval)
 
 
+#: Set in the environment of the background ``mmn up`` that ``--detach`` starts.
+_DETACHED_ENV = "MMN_UP_DETACHED"
+
+
+class PortsBusy(Exception):
+    """A port ``mmn up`` would bind is taken: nothing was started."""
+
+
+def check_ports(bind: str, ports: Sequence[int]) -> None:
+    """Fail before touching anything if one of ``ports`` is taken.
+
+    Raises:
+        PortsBusy: with the one-line message for people (the ``mmn up``
+            holding them, from its note, and the fix).
+    """
+    host = "127.0.0.1" if bind in _WILDCARDS else bind
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds: TIME_WAIT is no conflict
+            try:
+                s.bind((host.strip("[]"), port))
+            except OSError:
+                busy.append(port)
+    if not busy:
+        return
+    span = f"{ports[0]}-{ports[-1]}"
+    for port in ports:
+        record = read_up_record(port)
+        if record is not None:
+            raise PortsBusy(f"ports {span} are in use by mmn up pid {record['pid']}; try --port-base 0")
+    raise PortsBusy(f"port{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} of {span} "
+                    f"{'are' if len(busy) > 1 else 'is'} in use; try --port-base 0")
+
+
 def run(ns: argparse.Namespace) -> int:
     """``mmn up``: returns the exit status."""
-    if ns.once is False and getattr(ns, "json", False):
-        raise UsageError("up: --json needs --once")
+    if ns.detach:
+        return _detach(ns)
+    if ns.port_base != 0:
+        bind = ns.bind or os.environ.get("MMN_BIND") or "127.0.0.1"
+        try:
+            check_ports(bind, [ns.port_base, ns.port_base + 1, ns.port_base + 2])
+        except PortsBusy as exc:
+            _say(str(exc))
+            return EXIT_FAILED
     plan = make_plan(ns)
     children: list[Child] = []
     record = _leave_keys_for_the_cli(plan)
+    orphaned = threading.Event() if ns.detached_child else _stop_with_parent()
     try:
         return trio.run(_up, ns, plan, children)
     except KeyboardInterrupt:
         return EXIT_OK
+    except BaseExceptionGroup as group:  # Ctrl-C inside a nursery, before the signal watcher ran
+        rest = group.split(KeyboardInterrupt)[1]
+        if rest is not None and rest.split(trio.Cancelled)[1] is not None:
+            raise
+        return EXIT_OK
     finally:
+        orphaned.set()
         _kill_leftovers(children)
         if record is not None:
-            with contextlib.suppress(OSError):
-                record.unlink()
+            _remove_own_record(record)
+
+
+def _stop_with_parent() -> threading.Event:
+    """Stop (as on SIGTERM) when the process that started ``up`` dies -- a
+    test runner that is killed leaves no cluster behind.  Not for a process
+    started by init (there is no parent to lose), nor off the main thread
+    (no signal handler there: tests call ``main(["up", ...])`` in threads).
+
+    Returns:
+        Set it to stop watching (``up`` is over).
+    Concurrency: a daemon thread polls ``getppid()`` (no event exists for
+    "my parent died" short of ``PR_SET_PDEATHSIG``, which fires when the
+    parent's forking *thread* exits).
+    """
+    done = threading.Event()
+    parent = os.getppid()
+    if parent == 1 or threading.current_thread() is not threading.main_thread():
+        return done
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+    return done
+
+
+def _remove_own_record(path: Path) -> None:
+    """Remove the note at ``path`` only if it is this process's."""
+    try:
+        if json.loads(path.read_text()).get("pid") != os.getpid():
+            return
+        path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _leave_keys_for_the_cli(plan: Plan) -> Path | None:
-    """Tell the CLI of a second terminal where this cluster's keys are, so
-    ``mmn status`` against this admin port works with no flag
-    (:func:`mmn.cli.up_keys_for`)."""
-    if plan.keys is None:
-        return None
+    """Tell the CLI of a second terminal where this cluster is and where its
+    keys are, so ``mmn status`` against this admin port works with no flag
+    (:func:`mmn.cli.up_keys_for`), and ``mmn down`` finds it.  Never replaces
+    the note of another live ``mmn up``."""
     path = up_record_path(plan.ports[1])
+    other = read_up_record(plan.ports[1])
+    if other is not None and other.get("pid") != os.getpid():
+        logger.warning("%s belongs to mmn up pid %s; not replacing it", path, other.get("pid"))
+        return None
     try:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "keys": str(Path(plan.keys).resolve()),
-                                   "admin": f"tcp://{plan.connect_host}:{plan.ports[1]}"}))
+        tmp.write_text(json.dumps({
+            "pid": os.getpid(),
+            "keys": None if plan.keys is None else str(Path(plan.keys).resolve()),
+            "admin": plan.admin,
+            "ports": {"node": plan.ports[0], "admin": plan.ports[1], "events": plan.ports[2]},
+            "logs": str(plan.logs),
+        }))
         os.replace(tmp, path)
     except OSError as exc:
         logger.warning("cannot record the keys for the CLI at %s: %s", path, exc)
         return None
     return path
+
+
+# --------------------------------------------------------------------------
+# in the background: mmn up --detach, mmn down
+
+
+def _detach(ns: argparse.Namespace) -> int:
+    """Start ``mmn up --json`` in a session of its own (it outlives us), wait
+    for its ready line and print it (``--json``) or say where it is; exit 0.
+    Its stderr goes to ``LOGS/up.log``."""
+    logs = ns.logs if ns.logs is not None else Path(tempfile.mkdtemp(prefix="mmn-up-"))
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--logs {logs}: {exc.strerror}") from None
+    argv = [a for a in getattr(ns, "argv", None) or sys.argv[1:] if a != "--detach"]
+    argv = [*argv, "--json", "--detached-child", "--logs", str(logs)]
+    env = {k: v for k, v in _child_env().items() if k != "MMN_PARENT_PID"}
+    env[_DETACHED_ENV] = "1"
+    log_path = logs / "up.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([*UP_COMMAND, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=log_file, env=env, start_new_session=True)
+    assert proc.stdout is not None
+    line = b""
+    deadline = time.monotonic() + ns.timeout + 10
+    try:
+        import selectors
+
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n") and time.monotonic() < deadline:
+                if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                    if not chunk:
+                        break
+                    line += chunk
+    except KeyboardInterrupt:
+        proc.terminate()
+        return EXIT_OK
+    finally:
+        proc.stdout.close()
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or not doc.get("ready"):
+        if proc.poll() is None:
+            proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=ns.grace + 3)
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-5:]) if log_path.exists() else ""
+        _say(f"the background mmn up did not get ready (see {log_path}){':' + chr(10) + tail if tail else ''}")
+        return EXIT_FAILED if proc.returncode in (None, 0) else proc.returncode
+    if getattr(ns, "json", False):
+        sys.stdout.write(json.dumps(doc, separators=(",", ":")) + "\n")
+    else:
+        sys.stdout.write(f"mmn up running in the background: pid {doc['pid']}, admin {doc['admin']}, "
+                         f"events {doc['events']}, keys {doc['keys']}, logs {doc['logs']}\n"
+                         f"stop it with: mmn down --host {doc['admin']}\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def run_down(ns: argparse.Namespace) -> int:
+    """``mmn down``: SIGTERM the ``mmn up`` serving ``--host`` (or the only
+    one running), wait until it has stopped everything."""
+    addr = ns.host or os.environ.get("MMN_HOST")
+    if addr:
+        port = addr.rpartition(":")[2]
+        record = read_up_record(int(port)) if port.isdigit() else None
+        if record is None:
+            raise Failed("ESRCH", f"no mmn up of yours serves {addr} on this machine")
+    else:
+        records = live_up_records()
+        if not records:
+            raise Failed("ESRCH", "no mmn up of yours is running on this machine")
+        if len(records) > 1:
+            raise UsageError("several mmn up are running; name one with --host: "
+                             + ", ".join(str(r.get("admin")) for r in records))
+        record = records[0]
+    pid = int(record["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + ns.wait
+    while _pid_alive(pid):
+        if time.monotonic() >= deadline:
+            raise Failed("ETIMEDOUT", f"mmn up pid {pid} is still running after {ns.wait:g}s")
+        time.sleep(0.05)
+    if getattr(ns, "json", False):
+        sys.stdout.write(json.dumps({"stopped": pid, "admin": record.get("admin")}) + "\n")
+    else:
+        sys.stdout.write(f"stopped mmn up pid {pid} ({record.get('admin')})\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has stopped: its parent will reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -60,6 +60,7 @@ carrying the sender's ZAP ``User-Id`` (:func:`user_id_of`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -90,6 +91,10 @@ __all__ = [
     "SocketOptions",
     "SyncAdminClient",
     "TransportError",
+    "LinkFailed",
+    "LinkMonitor",
+    "connect_monitored",
+    "handshake_probe",
     "ZSocket",
     "bind",
     "connect",
@@ -867,6 +872,220 @@ def _reply_ref(msg: Message) -> int | None:
     return ref if type(ref) is int else None
 
 
+class LinkFailed(TransportError):
+    """A client's connection failed below the messages, as libzmq's socket
+    monitor saw it (so no answer will ever come; waiting longer is useless).
+
+    ``reason``:
+
+    ==================  ======================================================
+    ``refused``         no TCP connection for ``refused_grace`` seconds
+                        (nothing listens there)
+    ``auth``            ``EVENT_HANDSHAKE_FAILED_AUTH``: the server's ZAP
+                        handler refused our key (``value`` is its status code)
+    ``mechanism``       ``EVENT_HANDSHAKE_FAILED_PROTOCOL`` with
+                        ``PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH``: one side
+                        runs CURVE, the other plain TCP (either way round;
+                        which side notices first is a race, so the same
+                        mistake may also come as ``handshake``)
+    ``protocol``        any other ``EVENT_HANDSHAKE_FAILED_PROTOCOL``
+    ``handshake``       ``EVENT_HANDSHAKE_FAILED_NO_DETAIL``: the server closed
+                        the connection in the handshake (an unknown key, a
+                        wrong server key, or no CURVE against a CURVE server)
+    ``closed``          connected, then closed before any handshake result:
+                        the peer's socket type does not talk to ours
+    ==================  ======================================================
+    """
+
+    def __init__(self, reason: str, endpoint: str, value: int = 0) -> None:
+        self.reason = reason
+        self.endpoint = endpoint
+        self.value = value
+        super().__init__(f"{endpoint}: {reason} ({value:#x})")
+
+
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake",
+}
+
+
+class LinkMonitor:
+    """What libzmq's socket monitor says about one connecting socket.
+
+    States (``state``)::
+
+        connecting --CONNECTED--> connected --HANDSHAKE_SUCCEEDED--> ready
+            |  CLOSED / CONNECT_RETRIED: refused       |  HANDSHAKE_FAILED_*  -> LinkFailed
+            |  for refused_grace s -> LinkFailed       |  DISCONNECTED        -> LinkFailed("closed")
+        ready --DISCONNECTED--> connecting (the server went away; libzmq reconnects)
+
+    Args:
+        sock: the socket, *before* it connects (events from the first attempt on).
+        refused_grace: seconds of refused connections after which
+            :meth:`failure` reports ``refused``; None waits for ever (a server
+            that is starting may come).
+
+    Concurrency: one task at a time awaits :meth:`failure`; the monitor
+    socket belongs to this object and is closed by :meth:`close`.
+    """
+
+    def __init__(self, sock: zmq.Socket[Any], endpoint: str, refused_grace: float | None = None) -> None:
+        self._sock = sock
+        self.endpoint = endpoint
+        self.refused_grace = refused_grace
+        self._monitor = ZSocket(sock.get_monitor_socket(), linger_ms=0)
+        self.state = "connecting"
+        self._refused_since: float | None = None
+
+    async def failure(self) -> LinkFailed:
+        """Wait until the link fails for good; return why.
+
+        Concurrency: awaits (for ever if the link stays up); cancel-safe.
+        """
+        while True:
+            failed = await self._step()
+            if failed is not None:
+                return failed
+
+    async def ready(self) -> None:
+        """Wait until the handshake has succeeded (at once if it has).
+
+        Raises:
+            LinkFailed: the link failed first.
+        Concurrency: awaits (callers own the timeout); cancel-safe.
+        """
+        while self.state != "ready":
+            failed = await self._step()
+            if failed is not None:
+                raise failed
+
+    async def _step(self) -> LinkFailed | None:
+        """Handle the next monitor event; a failure, or None."""
+        deadline = math.inf
+        if self.refused_grace is not None and self.state == "connecting" and self._refused_since is not None:
+            deadline = self._refused_since + self.refused_grace
+        with trio.move_on_at(deadline):
+            return self._on_event(await self._monitor.recv_multipart())
+        return LinkFailed("refused", self.endpoint)
+
+    def _on_event(self, frames: list[bytes]) -> LinkFailed | None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        event = parse_monitor_message(frames)
+        kind, value = event["event"], int(event["value"])
+        if kind == zmq.EVENT_CONNECTED:
+            self.state = "connected"
+        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.state = "ready"
+        elif kind in _HANDSHAKE_FAILURES:
+            reason = _HANDSHAKE_FAILURES[kind]
+            if reason == "protocol" and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                reason = "mechanism"
+            return LinkFailed(reason, self.endpoint, value)
+        elif kind == zmq.EVENT_DISCONNECTED:
+            if self.state == "connected":
+                return LinkFailed("closed", self.endpoint)
+            self.state, self._refused_since = "connecting", None
+        elif kind in (zmq.EVENT_CLOSED, zmq.EVENT_CONNECT_RETRIED) and self.state == "connecting":
+            if self._refused_since is None:
+                self._refused_since = trio.current_time()
+        return None
+
+    def close(self) -> None:
+        """Stop monitoring and close the monitor socket (idempotent)."""
+        if self._monitor.closed:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close()
+
+
+def connect_monitored(
+    socket_type: int,
+    endpoint: str,
+    *,
+    context: zmq.Context[Any] | None = None,
+    options: SocketOptions | None = None,
+    security: Security | None = None,
+    refused_grace: float | None = None,
+) -> tuple[ZSocket, LinkMonitor]:
+    """:func:`connect`, with a :class:`LinkMonitor` that saw the first attempt.
+
+    Raises:
+        TransportError: bad endpoint.
+    Concurrency: synchronous; close the monitor (``LinkMonitor.close``)
+    before the socket.
+    """
+    sock, options = _new_socket(socket_type, context, options)
+    link: LinkMonitor | None = None
+    try:
+        if security is not None:
+            security.configure_client(sock)
+        link = LinkMonitor(sock, endpoint, refused_grace)
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        if link is not None:
+            link.close()
+        sock.close(linger=0)
+        raise TransportError(f"connect {endpoint}: {exc}") from exc
+    return ZSocket(sock, linger_ms=options.linger_ms), link
+
+
+def handshake_probe(
+    endpoint: str, socket_type: int, security: Security | None = None, timeout: float = 1.0,
+    context: zmq.Context[Any] | None = None,
+) -> bool:
+    """Whether a ``socket_type`` socket with ``security`` completes the ZeroMQ
+    handshake with ``endpoint`` within ``timeout`` seconds (nothing is sent).
+
+    For telling apart what :class:`LinkFailed` cannot: a handshake the server
+    closes without detail may be a refused key, CURVE against plain TCP, or a
+    socket type that does not talk to ours -- a probe of another kind tells.
+
+    Concurrency: blocks the calling thread (run it with ``trio.to_thread``).
+    """
+    from zmq.utils.monitor import parse_monitor_message
+
+    sock = (context or zmq.Context.instance()).socket(socket_type)
+    sock.setsockopt(zmq.LINGER, 0)
+    monitor = None
+    try:
+        if security is not None:
+            security.configure_client(sock)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                          | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
+        sock.connect(endpoint)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not monitor.poll(int(left * 1000) + 1):
+                break
+            event = parse_monitor_message(monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
+            if event != zmq.EVENT_DISCONNECTED:
+                return False
+        return False
+    finally:
+        if monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
+        sock.close(linger=0)
+
+
+def _only_leaf(group: BaseExceptionGroup[Any]) -> BaseException | None:
+    """The single exception inside nested one-member groups, or None."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
 class AdminClient:
     """A request/reply client over a DEALER (a lost reply times out instead
     of wedging a REQ socket).
@@ -877,6 +1096,12 @@ class AdminClient:
         endpoint: the host's admin endpoint.
         limits: what a reply may be (decoding is strict).
         options / security / context: as for :func:`connect`.
+        diagnose: watch the connection with libzmq's socket monitor, so that
+            :meth:`request` raises :class:`LinkFailed` as soon as the handshake
+            fails (a refused key, CURVE against plain TCP, not a ROUTER)
+            instead of waiting out its timeout.
+        refused_grace: with ``diagnose``, also raise ``LinkFailed("refused")``
+            after this many seconds of refused connections (None: wait).
 
     Concurrency: requests on one client are serialised (one in flight, a
     lock); open one client per concurrent caller.  A reply that arrives after
@@ -891,6 +1116,8 @@ class AdminClient:
         options: SocketOptions | None = None,
         security: Security | None = None,
         context: zmq.Context[Any] | None = None,
+        diagnose: bool = False,
+        refused_grace: float | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._limits = limits or Limits()
@@ -900,15 +1127,29 @@ class AdminClient:
         self._zsock: ZSocket | None = None
         self._lock = trio.Lock()
         self._next_id = 1
+        self._diagnose = diagnose
+        self._refused_grace = refused_grace
+        #: the socket monitor (``diagnose=True``), None otherwise
+        self.link: LinkMonitor | None = None
 
     async def __aenter__(self) -> AdminClient:
-        self._zsock = connect(
-            zmq.DEALER,
-            self.endpoint,
-            context=self._context,
-            options=self._options,
-            security=self._security,
-        )
+        if not self._diagnose:
+            self._zsock = connect(
+                zmq.DEALER,
+                self.endpoint,
+                context=self._context,
+                options=self._options,
+                security=self._security,
+            )
+        else:
+            self._zsock, self.link = connect_monitored(
+                zmq.DEALER,
+                self.endpoint,
+                context=self._context,
+                options=self._options,
+                security=self._security,
+                refused_grace=self._refused_grace,
+            )
         await trio.lowlevel.checkpoint()
         return self
 
@@ -921,6 +1162,8 @@ class AdminClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self.link is not None:
+            self.link.close()
         if self._zsock is not None:
             await self._zsock.aclose()
 
@@ -936,11 +1179,13 @@ class AdminClient:
 
         Raises:
             trio.TooSlowError: no reply within ``timeout`` seconds.
+            LinkFailed: (``diagnose=True``) the connection failed for good.
             ProtocolError: the reply to this request did not decode.
             trio.ClosedResourceError: the client was closed.
 
         Concurrency: awaits; cancel-safe (a cancelled request's late reply is
-        discarded by the next one).
+        discarded by the next one).  With ``diagnose``, a second task watches
+        the socket monitor for the length of the request.
         """
         ref = getattr(msg, "id", None)
         if type(ref) is not int:
@@ -948,21 +1193,48 @@ class AdminClient:
         if self._zsock is None:
             raise trio.ClosedResourceError("AdminClient used outside 'async with'")
         zsock = self._zsock
+        link = self.link
         with trio.fail_after(math.inf if timeout is None else timeout):
             async with self._lock:
-                await zsock.send_multipart([encode(msg)])
-                while True:
-                    frames = await zsock.recv_multipart()
-                    try:
-                        reply = decode(frames[-1], self._limits)
-                    except ProtocolError as exc:
-                        if exc.ref == ref:
-                            raise
-                        log.warning("undecodable reply discarded: %s", exc)
-                        continue
-                    if _reply_ref(reply) == ref:
-                        return reply
-                    log.debug("discarded a reply to %r (waiting for %d)", _reply_ref(reply), ref)
+                if link is None:
+                    return await self._exchange(zsock, msg, ref)
+                failed: list[LinkFailed] = []
+                replies: list[Message] = []
+
+                async def watch(cancel: trio.CancelScope) -> None:
+                    failed.append(await link.failure())
+                    cancel.cancel()
+
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(watch, nursery.cancel_scope)
+                        replies.append(await self._exchange(zsock, msg, ref))
+                        nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    leaf = _only_leaf(group)
+                    if leaf is None:
+                        raise
+                    raise leaf from None
+                if replies:
+                    return replies[0]
+                raise failed[0]
+        raise AssertionError("unreachable")  # pragma: no cover - fail_after raised
+
+    async def _exchange(self, zsock: ZSocket, msg: Message, ref: int) -> Message:
+        """Send ``msg``, return the reply naming ``ref`` (others discarded)."""
+        await zsock.send_multipart([encode(msg)])
+        while True:
+            frames = await zsock.recv_multipart()
+            try:
+                reply = decode(frames[-1], self._limits)
+            except ProtocolError as exc:
+                if exc.ref == ref:
+                    raise
+                log.warning("undecodable reply discarded: %s", exc)
+                continue
+            if _reply_ref(reply) == ref:
+                return reply
+            log.debug("discarded a reply to %r (waiting for %d)", _reply_ref(reply), ref)
 
     async def admin(
         self, command: str, args: dict[str, Any] | None = None, timeout: float | None = None
