@@ -4,15 +4,31 @@
 oversized frame, not MessagePack, not a map, wrong version, unknown type,
 missing / unknown / wrongly typed field, out-of-range integer, impossible
 address or range, too deep a nesting.  Nothing is half-decoded.
+
+Two decoders, one contract.  The *reference* decoder (``_decode_reference``:
+msgpack, then every rule checked in Python) decides every frame it sees and
+names what is wrong with a frame.  The *fast path* (msgspec, in C) sees the
+frames of the message types without free-form map fields first: a
+``msgspec.Struct`` per type, generated from the dataclass schema and the
+limits (``forbid_unknown_fields``, the tag and version as literals, ``Meta``
+bounds for addresses, counts, strings and lists), validates the frame; the
+frame is then decoded into the message dataclass itself.  Whatever the fast
+path refuses -- and every frame it is not sure to decide exactly as the
+reference would (large frames, maps that are not fixmaps, other types) -- goes
+to the reference decoder, so every error, its code and its ``ref`` come from
+one place, and the fast path only ever accepts what the reference accepts,
+with the same result (``tests/test_codec.py`` checks the two against each
+other).  ``benchmarks/codec.py`` measures both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgpack
+import msgspec
 
 from .errors import ProtocolError
 from .limits import Limits
@@ -21,6 +37,8 @@ from .types import ADDRESS_LIMIT
 
 _INT64_MIN = -(1 << 63)
 _UINT64_MAX = (1 << 64) - 1
+#: Integer fields that must not be negative, in any message that has them.
+_NON_NEGATIVE = ("npages", "length", "offset", "epoch", "mm", "pfn")
 
 
 def _kind_of(annotation: Any) -> str:
@@ -73,12 +91,24 @@ class _TooManyContainers(Exception):
 
 
 def encode(msg: Message) -> bytes:
-    """Serialise one message.
+    """Serialise one message: ``{"v": PROTOCOL_VERSION, "t": TYPE, **fields}``,
+    fields in declaration order (the same bytes on either path).
 
     Raises:
         ProtocolError: the message is not a registered type (a programming
             error on our side, reported the same way as a bad peer frame).
     """
+    prefix = _FAST_PREFIX.get(type(msg))
+    if prefix is not None:
+        # msgspec writes the dataclass as a fixmap of its fields; the version
+        # and the tag go in front, and the map header counts them.
+        return prefix + _ENCODER.encode(msg)[1:]
+    return _encode_reference(msg)
+
+
+def _encode_reference(msg: Message) -> bytes:
+    """msgpack from a dict: the message types with free-form map fields,
+    whose values stay with msgpack's rules both ways."""
     tag = type(msg).TYPE
     if tag not in _SCHEMAS:
         raise ProtocolError("bad_message", f"unregistered message type {type(msg).__name__}")
@@ -198,15 +228,9 @@ def _peek_ref(frame: bytes, limits: Limits) -> int | None:
     return None
 
 
-def decode(frame: bytes, limits: Limits | None = None) -> Message:
-    """Parse and validate one frame.
-
-    Raises:
-        ProtocolError: with ``code`` ``bad_message`` (or ``too_large``,
-            ``bad_version``, ``unknown_type``) and, when the frame carried one,
-            the request ``ref`` to answer.
-    """
-    limits = limits or Limits()
+def _decode_reference(frame: bytes, limits: Limits) -> Message:
+    """Parse and validate one frame with msgpack and Python checks (see the
+    module docstring): the decoder of record."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError("bad_message", "frame is not bytes")
     size = frame.nbytes if isinstance(frame, memoryview) else len(frame)
@@ -285,9 +309,147 @@ def decode(frame: bytes, limits: Limits | None = None) -> Message:
     if "start" in cls.ADDRESSES and "end" in cls.ADDRESSES:
         if "start" in kwargs and "end" in kwargs and not kwargs["start"] < kwargs["end"]:
             raise ProtocolError("bad_message", f"{tag}: impossible range", ref)
-    for name in ("npages", "length", "offset", "epoch", "mm", "pfn"):
+    for name in _NON_NEGATIVE:
         if name in kwargs and kwargs[name] < 0:
             raise ProtocolError("bad_message", f"{tag}: {name} is negative", ref)
     if "npages" in kwargs and not (1 <= kwargs["npages"] <= limits.max_pages):
         raise ProtocolError("bad_message", f"{tag}: npages must be 1..{limits.max_pages}", ref)
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# the fast path (msgspec)
+
+#: Types whose every field has a fixed shape; the others (free-form ``args``,
+#: ``result``, ``fields`` maps) are decoded by the reference decoder only.
+_FAST_TYPES: tuple[type[Message], ...] = tuple(
+    cls for tag, cls in REGISTRY.items() if all(f.kind not in ("dict", "float") for f in _SCHEMAS[tag])
+)
+_RANGE_TYPES = frozenset(cls for cls in _FAST_TYPES if {"start", "end"} <= set(cls.ADDRESSES))
+_ENCODER = msgspec.msgpack.Encoder()
+#: The message dataclass decoders: msgspec decodes a frame straight into the
+#: dataclass (ignoring ``v`` and ``t``) once the Struct has validated it.
+_DATACLASS_DECODERS = {cls: msgspec.msgpack.Decoder(cls) for cls in _FAST_TYPES}
+
+
+def _fast_prefix(cls: type[Message]) -> bytes:
+    count = len(_SCHEMAS[cls.TYPE]) + 2
+    if count > 15:  # pragma: no cover - a fixmap holds 15 entries
+        raise TypeError(f"{cls.__name__} has too many fields for the fast path")
+    head = msgpack.packb("v") + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb("t") + msgpack.packb(cls.TYPE)
+    return bytes([0x80 | count]) + head
+
+
+_FAST_PREFIX: dict[type[Message], bytes] = {cls: _fast_prefix(cls) for cls in _FAST_TYPES}
+
+
+def _fast_annotation(cls: type[Message], f: _Field, limits: Limits) -> Any:
+    """The msgspec type of one field: exactly what ``_check_field`` and the
+    per-message rules of ``_decode_reference`` accept."""
+    name, kind = f.name, f.kind
+    string = Annotated[str, msgspec.Meta(max_length=limits.max_string)]
+    if kind == "int":
+        if name in cls.ADDRESSES:
+            top = ADDRESS_LIMIT if name == "end" else ADDRESS_LIMIT - 1
+            return Annotated[int, msgspec.Meta(ge=0, le=top)]
+        if name == "npages":
+            return Annotated[int, msgspec.Meta(ge=1, le=limits.max_pages)]
+        if name in _NON_NEGATIVE:
+            return Annotated[int, msgspec.Meta(ge=0)]
+        return int  # MessagePack integers are all within int64..uint64
+    if kind == "bool":
+        return bool
+    if kind == "str":
+        if name in cls.CHOICES:
+            return Literal[tuple(sorted(cls.CHOICES[name]))]
+        return string
+    if kind == "bytes":
+        return bytes
+    if kind == "list_int":
+        return Annotated[list[int], msgspec.Meta(max_length=limits.max_items)]
+    if kind == "list_str":
+        return Annotated[list[string], msgspec.Meta(max_length=limits.max_items)]
+    if kind == "list_list_int":
+        return Annotated[list[Annotated[list[int], msgspec.Meta(max_length=8)]], msgspec.Meta(max_length=limits.max_items)]
+    raise TypeError(f"no fast-path type for {cls.__name__}.{name}")  # pragma: no cover
+
+
+def _fast_struct(cls: type[Message], limits: Limits) -> type[msgspec.Struct]:
+    fields: list[Any] = [("v", Literal[PROTOCOL_VERSION])]
+    for dc_field, f in zip(dataclasses.fields(cls), _SCHEMAS[cls.TYPE]):
+        annotation = _fast_annotation(cls, f, limits)
+        fields.append((f.name, annotation) if f.required else (f.name, annotation, dc_field.default))
+    return msgspec.defstruct(
+        f"_{cls.__name__}Frame", fields, tag_field="t", tag=cls.TYPE, forbid_unknown_fields=True, kw_only=True
+    )
+
+
+class _FastPath(typing.NamedTuple):
+    limits: Limits
+    #: The Struct union validating frames under ``limits``.
+    validator: msgspec.msgpack.Decoder
+    #: Struct type -> (the message dataclass's decoder, whether it is a range).
+    targets: dict[type, tuple[msgspec.msgpack.Decoder, bool]]
+    #: Frames up to this many bytes may take the fast path...
+    max_size: int
+    #: ... if their first byte (a fixmap header) is at most this.
+    max_head: int
+
+
+def _fast_path(limits: Limits) -> _FastPath:
+    """The fast path for ``limits``, kept per Limits object: looked up by
+    identity (hashing the dataclass would cost as much as the decode); the
+    Structs are shared by every Limits with the same bounds."""
+    fast = _FAST_PATHS.get(id(limits))
+    if fast is None or fast.limits is not limits:
+        bounds = (limits.max_string, limits.max_items, limits.max_pages)
+        union = _UNIONS.get(bounds)
+        if union is None:
+            structs = {_fast_struct(cls, limits): cls for cls in _FAST_TYPES}
+            union = (
+                msgspec.msgpack.Decoder(typing.Union[tuple(structs)]),  # noqa: UP007
+                {s: (_DATACLASS_DECODERS[cls], cls in _RANGE_TYPES) for s, cls in structs.items()},
+            )
+            if len(_UNIONS) >= 16:
+                _UNIONS.clear()
+            _UNIONS[bounds] = union
+        fast = _FastPath(limits, *union, min(limits.max_containers, limits.max_frame), 0x80 + min(15, limits.max_items))
+        if len(_FAST_PATHS) >= 64:  # Limits made per call: keep the memory bounded
+            _FAST_PATHS.clear()
+        _FAST_PATHS[id(limits)] = fast  # holds ``limits``: its id is not reused
+    return fast
+
+
+_FAST_PATHS: dict[int, _FastPath] = {}
+_UNIONS: dict[tuple[int, int, int], tuple[msgspec.msgpack.Decoder, dict[type, tuple[msgspec.msgpack.Decoder, bool]]]] = {}
+_DEFAULT_LIMITS = Limits()
+_FRAME_TYPES = (bytes, bytearray)
+#: msgspec skips an unknown value recursively: deep nesting raises RecursionError.
+_FAST_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+
+
+def decode(frame: bytes, limits: Limits | None = None) -> Message:
+    """Parse and validate one frame.
+
+    Raises:
+        ProtocolError: with ``code`` ``bad_message`` (or ``too_large``,
+            ``bad_version``, ``unknown_type``) and, when the frame carried one,
+            the request ``ref`` to answer.
+    """
+    limits = limits or _DEFAULT_LIMITS
+    fast = _FAST_PATHS.get(id(limits))
+    if fast is None or fast.limits is not limits:
+        fast = _fast_path(limits)
+    # The fast path only for frames on which the reference's container rules
+    # cannot bite: at most max_containers bytes (each container takes a byte)
+    # and a fixmap at the top with at most max_items keys.  The Struct fields
+    # bound every list, and refuse unknown keys, so no other map occurs.
+    if type(frame) in _FRAME_TYPES and 0 < len(frame) <= fast.max_size and 0x80 <= frame[0] <= fast.max_head:
+        try:
+            checked = fast.validator.decode(frame)
+            target, ranged = fast.targets[type(checked)]
+            if not ranged or checked.start < checked.end:
+                return target.decode(frame)
+        except _FAST_ERRORS:
+            pass
+    return _decode_reference(frame, limits)
