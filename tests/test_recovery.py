@@ -14,8 +14,10 @@ What each test proves is in its docstring.  Every wait has a deadline.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -423,3 +425,81 @@ def test_inject_and_heal_through_the_cli_show_in_status(tmp_path: Path, capsys: 
                 nursery.cancel_scope.cancel()
 
     trio.run(scenario)
+
+
+# --------------------------------------------------------------------------
+# a connection reset under a live node
+
+
+def node_connection(pid: int, port: int) -> int:
+    """The local port of process ``pid``'s established TCP connection to
+    ``127.0.0.1:port`` (its DEALER to the host's node endpoint)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", "dst", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    ports = [int(line.split()[2].rsplit(":", 1)[1]) for line in out.splitlines() if f"pid={pid}," in line]
+    assert len(ports) == 1, out
+    return ports[0]
+
+
+def reset_connection(local_port: int, port: int) -> None:
+    """Destroy the node's socket of that connection in the kernel
+    (``ss -K``, SOCK_DESTROY): the node gets ECONNABORTED, the host a RST,
+    as when a middlebox or a peer's kernel resets a connection."""
+    subprocess.run(["ss", "-K", "-tn", "state", "established", "src", f"127.0.0.1:{local_port}",
+                    "dst", f"127.0.0.1:{port}"], capture_output=True, text=True, check=True, timeout=10)
+    left = subprocess.run(["ss", "-tnH", "state", "established", "src", f"127.0.0.1:{local_port}",
+                           "dst", f"127.0.0.1:{port}"], capture_output=True, text=True, check=True,
+                          timeout=10).stdout
+    assert left.strip() == "", left  # the connection really is gone
+
+
+async def cli_status(admin: str, capsys: Any) -> dict[str, Any]:
+    """``mmn status --json``, as a user runs it."""
+    capsys.readouterr()
+    assert await trio.to_thread.run_sync(main, ["--host", admin, "status", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+async def test_a_node_whose_connection_is_reset_registers_anew_within_its_liveness_window(make: Any,
+                                                                                         capsys: Any) -> None:
+    """kvm0 maps two pages; then its TCP connection to the host is reset
+    under it (``ss -K`` on loopback).  libzmq reconnects the DEALER by
+    itself, but the host has lost the session's connection: it fences
+    kvm0, and answers the heartbeats arriving on the new connection with
+    ``Error(fenced)``.  kvm0 takes that refusal for what it is: it drops
+    every translation and registers anew, within its liveness window (the
+    host's heartbeat period times its liveness count) -- not never, as when
+    refusals counted as traffic from the host.  Its old sptes are gone: a
+    page the host rewrote meanwhile reads new, nothing stale reaches the
+    host (``stale_accesses`` 0 in ``mmn status --json``), and gru0, whose
+    connection was left alone, keeps its session."""
+    heartbeat_ms, liveness = 200, 10
+    window = heartbeat_ms * liveness / 1000
+    c = await make(heartbeat_ms=heartbeat_ms, liveness=liveness)
+    cluster = c.cluster
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 2, fill=0x52)
+        await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=2, write=True)
+        await c.call("fault", node="gru0", mm=mm, addr=addr, pages=1)
+        before = by_name(await c.status())
+        assert len(mapped(before["kvm0"], mm)) == 2
+        port = int(cluster.node_endpoint.rsplit(":", 1)[1])
+        local = node_connection(cluster.procs["kvm0"].pid, port)
+        reset_connection(local, port)
+        t0 = trio.current_time()
+        status = await c.wait(live_again("kvm0", before["kvm0"]["epoch"]), timeout=window)
+        took = trio.current_time() - t0
+        kvm0 = by_name(status)["kvm0"]
+        assert kvm0["fenced_count"] == before["kvm0"]["fenced_count"] + 1, kvm0
+        assert kvm0["mapped_pages"] == 0 and mapped(kvm0, mm) == {}, kvm0
+        assert by_name(status)["gru0"]["epoch"] == before["gru0"]["epoch"]
+        assert node_connection(cluster.procs["kvm0"].pid, port) != local  # a new connection
+        await c.call("write", mm=mm, addr=addr, data=b"after")
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr, length=5))["data"] == b"after"
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr + PS, length=1))["data"] == b"R"
+        shown = await cli_status(cluster.admin, capsys)
+        assert shown["stale_accesses"] == 0
+        assert {n["name"]: n["state"] for n in shown["nodes"]} == {"kvm0": "live", "gru0": "live", "xpmem0": "live"}
+    assert took < window
+
