@@ -410,7 +410,7 @@ class Cluster:
 
     def __init__(self, nodes: list[tuple[str, str]], *, seed: int = 0, logs: Path | None = None,
                  host_options: dict[str, int] | None = None, node_env: dict[str, str] | None = None,
-                 restart: bool = True) -> None:
+                 restart: bool = True, host_args: list[str] | None = None) -> None:
         from .up import free_ports
 
         self.nodes = nodes
@@ -419,6 +419,8 @@ class Cluster:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.host_options = {**SOAK_HOST, **(host_options or {})}
         self.node_env = node_env or {}
+        #: more ``mmn host`` flags (``--swap-path P``...)
+        self.host_args = list(host_args or [])
         self.ports = free_ports(3)
         self.admin = f"tcp://127.0.0.1:{self.ports[1]}"
         self.node_endpoint = f"tcp://127.0.0.1:{self.ports[0]}"
@@ -451,7 +453,7 @@ class Cluster:
                 "--events-port", str(self.ports[2]), "--frames", str(SOAK_FRAMES),
                 "--heartbeat-ms", str(o["heartbeat_ms"]), "--liveness", str(o["liveness"]),
                 "--ack-deadline-ms", str(o["ack_deadline_ms"]), "--command-timeout-ms", str(o["command_timeout_ms"]),
-                "--log-level", "WARNING"]
+                "--log-level", "WARNING", *self.host_args]
 
     def node_argv(self, i: int, name: str, kind: str) -> list[str]:
         return ["node", "--kind", kind, "--name", name, "--host", self.node_endpoint, "--seed",

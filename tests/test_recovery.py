@@ -503,3 +503,84 @@ async def test_a_node_whose_connection_is_reset_registers_anew_within_its_livene
         assert {n["name"]: n["state"] for n in shown["nodes"]} == {"kvm0": "live", "gru0": "live", "xpmem0": "live"}
     assert took < window
 
+
+# --------------------------------------------------------------------------
+# durability: the swap file
+
+
+async def test_the_swap_file_is_private_and_a_restarted_host_never_reads_it(tmp_path: Path,
+                                                                          nursery: trio.Nursery) -> None:
+    """``mmn host --swap-path P`` over a file left world-readable (0644)
+    with old bytes in it: the host truncates it and makes it 0600 before it
+    writes a page there.  Reclaim writes the pages of its mms into it (so
+    the mode matters).  The host is killed (-9) and started again on the
+    same path: the new host knows no mm, and the file is truncated again --
+    the swapped-out pages are lost with the host, as a machine crash loses
+    its swap; nothing of them can be read back through the new host."""
+    path = tmp_path / "swap"
+    path.write_bytes(b"left over " * 1000)
+    os.chmod(path, 0o644)
+    cluster = Cluster([("kvm0", "kvm")], logs=tmp_path / "logs", restart=False,
+                      host_options={"heartbeat_ms": 100, "liveness": 10}, host_args=["--swap-path", str(path)])
+    c = C(cluster)
+    try:
+        await cluster.start(nursery)
+        with trio.fail_after(60):
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            assert b"left over" not in path.read_bytes()
+            mm = (await c.call("spawn"))["mm"]
+            addr = await c.mapping(mm, 3, fill=0x53)
+            await c.call("write", mm=mm, addr=addr, data=b"swapped secret")
+            swapped = 0
+            for _ in range(3):  # a young page gets a second chance, as in shrink_page_list
+                swapped += (await c.call("swap", mm=mm, addr=addr, length=3 * PS))["swapped"]
+            assert swapped == 3
+            on_disk = path.read_bytes()
+            assert b"swapped secret" in on_disk and on_disk.count(b"S" * PS) >= 2
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            assert (await c.call("read", mm=mm, addr=addr, length=14))["data"] == b"swapped secret"  # swap-in
+
+            for _ in range(3):
+                if (await c.call("status"))["mms"][0]["swapped"] == 3:
+                    break
+                await c.call("swap", mm=mm, addr=addr, length=3 * PS)
+            assert (await c.call("status"))["mms"][0]["swapped"] == 3
+            assert b"swapped secret" in path.read_bytes()
+            cluster.kill("host", signal.SIGKILL)
+            await cluster.procs["host"].wait()
+            await cluster.start_host()
+            status = await c.wait(lambda st: any(n["state"] == "live" for n in st["nodes"]), timeout=30)
+            assert status["mms"] == []
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            left = path.read_bytes()
+            assert b"swapped secret" not in left and b"S" * PS not in left
+            with pytest.raises(Failed) as gone:
+                await c.call("read", mm=mm, addr=addr, length=14)
+            assert gone.value.errno == "ESRCH"
+    finally:
+        await cluster.stop()
+
+
+def test_a_swap_path_that_is_a_symlink_is_refused_not_followed(tmp_path: Path) -> None:
+    """The host truncates its swap file: through a symlink it would truncate
+    whatever the link points at.  Refused (ELOOP), the target untouched; a
+    new file is created 0600 whatever the umask allows."""
+    from broker.memory import SwapFile
+
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    link = tmp_path / "swap"
+    link.symlink_to(target)
+    with pytest.raises(OSError):
+        SwapFile(4, PS, link)
+    assert target.read_bytes() == b"keep me"
+    old = os.umask(0)
+    try:
+        swap = SwapFile(4, PS, tmp_path / "fresh")
+    finally:
+        os.umask(old)
+    try:
+        assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o600
+        assert os.path.getsize(tmp_path / "fresh") == 4 * PS
+    finally:
+        swap.close()
