@@ -91,9 +91,10 @@ async def make(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Callable[
     made: list[Cluster] = []
 
     async def start(nodes: tuple[tuple[str, str], ...] = (("kvm0", "kvm"), ("gru0", "gru"), ("xpmem0", "xpmem")),
-                    restart: bool = False, **host: int) -> C:
+                    restart: bool = False, host_args: list[str] | None = None, **host: int) -> C:
         options = {"heartbeat_ms": 100, "liveness": 10, "ack_deadline_ms": 500, "command_timeout_ms": 5000, **host}
-        cluster = Cluster(list(nodes), logs=tmp_path / f"c{len(made)}", host_options=options, restart=restart)
+        cluster = Cluster(list(nodes), logs=tmp_path / f"c{len(made)}", host_options=options, restart=restart,
+                          host_args=host_args)
         made.append(cluster)
         await cluster.start(nursery)
         return C(cluster)
@@ -502,6 +503,38 @@ async def test_a_node_whose_connection_is_reset_registers_anew_within_its_livene
         assert shown["stale_accesses"] == 0
         assert {n["name"]: n["state"] for n in shown["nodes"]} == {"kvm0": "live", "gru0": "live", "xpmem0": "live"}
     assert took < window
+
+
+
+async def test_a_node_whose_oversized_frame_costs_it_the_connection_registers_anew(make: Any) -> None:
+    """The other way a node loses its connection under it: one frame over
+    the host's ``MAXMSGSIZE`` (``--max-frame`` plus the 64 KiB the host
+    allows so that a frame just too large still gets a typed error), here
+    the result of a 96 KiB read relayed to kvm0.  libzmq drops the
+    connection without a word to either process and the DEALER reconnects
+    by itself; the host fences kvm0 (connection gone) and refuses its
+    heartbeats on the new connection.  kvm0 registers anew within its
+    liveness window, holding nothing, and serves reads of a size that
+    fits."""
+    heartbeat_ms, liveness = 200, 10
+    window = heartbeat_ms * liveness / 1000
+    c = await make(nodes=(("kvm0", "kvm"), ("gru0", "gru")), heartbeat_ms=heartbeat_ms, liveness=liveness,
+                   host_args=["--max-frame", "16384"])
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 24, fill=0x4F)
+        before = await c.node("kvm0")
+        t0 = trio.current_time()
+        with pytest.raises(Failed) as lost:
+            await c.call("access", node="kvm0", mm=mm, addr=addr, length=24 * PS)
+        assert lost.value.errno in ("EINTR", "ETIMEDOUT"), lost.value
+        status = await c.wait(live_again("kvm0", before["epoch"]), timeout=window)
+        took = trio.current_time() - t0
+        kvm0 = by_name(status)["kvm0"]
+        assert kvm0["fenced_count"] == before["fenced_count"] + 1 and kvm0["mapped_pages"] == 0, kvm0
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr + 5 * PS, length=3))["data"] == b"OOO"
+        assert (await c.status())["stale_accesses"] == 0
+    assert took < window + 1.0  # the liveness window after the read's own time
 
 
 # --------------------------------------------------------------------------
