@@ -230,8 +230,6 @@ class NodeRuntime:
         self.last_host_traffic = 0.0
         self.counters = {"reconnects": 0, "dropped_acks": 0, "delayed_acks": 0, "duplicated": 0,
                          "partition_dropped": 0, "bad_frames": 0, "stale_fences": 0, "refused": 0}
-        #: Why the last session ended ("" before the first).
-        self.last_loss = ""
         self._healed = trio.Event()
         #: Held while hung or partitioned, handled / sent in order once healed.
         self._held_in: deque[Message] = deque()
@@ -371,7 +369,6 @@ class NodeRuntime:
                         t0 = trio.current_time()
                         reason = await self._session(nursery, channels.incoming, registered)
                         lasted = trio.current_time() - t0
-                        self.last_loss = reason
                         logger.warning("%s: leaving session: %s", cfg.name, reason)
                         nursery.cancel_scope.cancel()
             finally:

@@ -506,6 +506,47 @@ async def test_a_node_whose_connection_is_reset_registers_anew_within_its_livene
 
 
 
+def test_a_refusal_of_this_sessions_epoch_ends_the_session_one_of_an_earlier_does_not() -> None:
+    """The sans-I/O rule (node/base.py ``ends_session``): an Error with code
+    ``fenced`` or ``unregistered`` refusing a message sent in the current
+    session -- a heartbeat, here -- ends it as Fenced does: every translation
+    dropped, commands in flight fail EINTR, epoch 0.  One refusing a message
+    of an earlier session, a Fenced naming an earlier epoch (commit 1deaea0),
+    or an Error of another code changes nothing."""
+    from node.base import Completion
+    from node.kvm import KvmMMU
+    from protocol.messages import Error, Fenced, Gup, GupReply, Heartbeat, Ok, Registered, Subscribe
+    from protocol.types import Errno
+
+    EPOCH, MM, BASE = 7, 1, 0x10_0000
+
+    def register(epoch: int) -> None:
+        assert kvm.receive(Registered(ref=0, epoch=epoch, host_incarnation="h", heartbeat_ms=1000,
+                                      ack_deadline_ms=1000, page_size=PS)) == []
+
+    kvm = KvmMMU("k")
+    register(EPOCH)
+    old = kvm.next_id()  # a message of the previous session
+    register(EPOCH + 1)
+    _, (sub,) = kvm.fault(MM, BASE, 1)
+    assert isinstance(sub, Subscribe)
+    (gup,) = kvm.receive(Ok(ref=sub.id))
+    assert isinstance(gup, Gup)
+    (done,) = kvm.receive(GupReply(ref=gup.id, mm=MM, pages=[[BASE, 10, True]]))
+    assert isinstance(done, Completion) and done.ok and kvm.mapped_pages() == 1
+    beat = Heartbeat(id=kvm.next_id(), epoch=kvm.epoch)
+    token, _ = kvm.fault(MM, BASE + PS, 1)
+    for stale in (Fenced(epoch=EPOCH), Error(ref=old, code="fenced", message="epoch 7 was retired"),
+                  Error(ref=beat.id, code="rate_limited"), Error(ref=beat.id + 50, code="fenced")):
+        assert not kvm.ends_session(stale)
+        assert kvm.receive(stale) == [] and kvm.mapped_pages() == 1 and kvm.epoch == EPOCH + 1
+    for code in ("fenced", "unregistered"):
+        assert kvm.ends_session(Error(ref=beat.id, code=code))
+    (failed,) = kvm.receive(Error(ref=beat.id, code="fenced", message=f"epoch {EPOCH + 1} was retired"))
+    assert failed.token == token and failed.error.errno is Errno.EINTR
+    assert kvm.mapped_pages() == 0 and kvm.epoch == 0 and not kvm.ends_session(Error(ref=beat.id, code="fenced"))
+
+
 async def test_a_node_whose_oversized_frame_costs_it_the_connection_registers_anew(make: Any) -> None:
     """The other way a node loses its connection under it: one frame over
     the host's ``MAXMSGSIZE`` (``--max-frame`` plus the 64 KiB the host
