@@ -50,8 +50,8 @@ of a multi-page kvm/gru write only on the pages before the one that failed
 was not reached (ESRCH) or the write could not start.
 
 XPMEM attachments die with the node's session (a fence, a restart): the
-runner knows each node's epoch (from ``status`` around every attach and
-after a denied access), and an access planned on an attachment of an
+runner knows each node's epoch (from ``status`` before every group with an
+xpmem operation, after one that attached or was denied), and an access planned on an attachment of an
 earlier session first attaches the same span again in the current one, so
 the xpmem data path stays exercised after fences; a detach of one is
 skipped.  The schedule itself stays a function of the seed.
@@ -750,8 +750,10 @@ class Soak:
         pre = {k: set(v) for k, v in self.pages.items()}
         self._made = {}
         self._op_gen = {}
-        if any(op["op"] == "xpmem_attach" for op in group):
-            await self.refresh_epochs()  # the session each attach is made in
+        if any(op["op"] in ("xpmem_attach", "xpmem_read", "xpmem_write", "xpmem_detach") for op in group):
+            # the session each attach is made in, and which attachments a
+            # fence or a restart dropped since (attached again before use)
+            await self.refresh_epochs()
         async with trio.open_nursery() as nursery:
             for i, op in enumerate(group):
                 nursery.start_soon(one, i, op)

@@ -239,3 +239,63 @@ async def test_a_node_that_is_not_live_again_after_the_final_heal_fails_the_soak
         else:
             assert report.ok(), report.violations
             assert report.recovery_s < SOAK_HOST["heartbeat_ms"] * SOAK_HOST["liveness"] / 1000
+
+
+@pytest.mark.integration
+async def test_an_xpmem_attachment_a_restart_dropped_is_attached_again_before_it_is_used(tmp_path: Path,
+                                                                                       nursery: Any) -> None:
+    """xpmem0 attaches a span and reads through it; then its process is
+    killed and its supervisor starts it again: the new process holds no
+    attachment.  The next read and write planned on that attachment are
+    not wasted on an EFAULT: the runner sees the new epoch, attaches the
+    span again in the new session, and both succeed -- the write readable
+    by the host."""
+    import contextlib
+
+    from mmn.soak import STATUS_LANE
+    from transport import AdminClient
+
+    nodes = [("xpmem0", "xpmem")]
+    cluster = Cluster(nodes, logs=tmp_path)
+    await cluster.start(nursery)
+    report = Report(seed=0)
+    runner = Soak(cluster.admin, [], nodes, report, dict(SOAK_HOST), cluster=cluster)
+
+    def access(kind: str, **more: Any) -> dict[str, Any]:
+        return {"op": kind, "att": 1, "node": "xpmem0", "mm": 1, "rid": 1, "page": 1, "index": 1, "offset": 8,
+                "length": 4, **more}
+
+    try:
+        with trio.fail_after(90):
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(STATUS_LANE + 1):
+                    runner.clients.append(await stack.enter_async_context(AdminClient(cluster.admin)))
+                runner.t_start = 0.0
+                runner.trace = stack.enter_context(open(tmp_path / "soak.trace", "w"))
+                await runner.run_group([{"op": "spawn", "mm": 1}])
+                await runner.run_group([{"op": "mmap", "mm": 1, "rid": 1, "pages": 2, "fill": 0x41,
+                                         "mergeable": False}])
+                await runner.run_group([{"op": "xpmem_attach", "att": 1, "node": "xpmem0", "mm": 1, "rid": 1,
+                                         "page": 0, "npages": 2, "write": True}])
+                await runner.run_group([access("xpmem_read")])
+                assert (report.xpmem_reads_ok, report.reattached) == (1, 0)
+                epoch = runner.epochs["xpmem0"][0]
+                cluster.kill("xpmem0", signal.SIGKILL)
+
+                async def back() -> bool:
+                    ok, st, _ = await runner.call(0, "status", {}, 5.0)
+                    node = st["nodes"][0] if ok else {}
+                    return node.get("state") == "live" and node.get("epoch", 0) > epoch
+
+                while not await back():
+                    await trio.sleep(0.1)
+                assert cluster.restarts == 1
+                await runner.run_group([access("xpmem_read")])
+                await runner.run_group([access("xpmem_write", data=b"new!")])
+                await runner.run_group([access("host_read")])
+    finally:
+        await cluster.stop()
+    assert report.ok(), report.violations
+    assert report.reattached == 1 and runner.epochs["xpmem0"][0] > epoch
+    assert (report.xpmem_reads_ok, report.xpmem_reads, report.xpmem_writes_ok) == (2, 2, 1)
+    assert runner.pages[(1, 1, 1)] == {b"A" * 8 + b"new!" + b"A" * (PS - 12)}
