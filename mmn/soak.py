@@ -1338,7 +1338,7 @@ def run(ns: argparse.Namespace) -> int:
         print(f"seed {report.seed}: {report.ops} operations in {report.groups} groups, {report.runtime_s}s")
         print(f"injected {report.injected} {report.injected_by_kind}")
         print(f"nodes fenced {report.nodes_fenced}, recovered {report.nodes_recovered}, "
-              f"restarted {report.node_restarts}; node errors (benign) {report.node_errors}")
+              f"restarted {report.node_restarts}; node errors (explained by the failures) {report.node_errors}")
         print(f"xpmem reads ok {report.xpmem_reads_ok}/{report.xpmem_reads}, writes ok "
               f"{report.xpmem_writes_ok}/{report.xpmem_writes}; attached again after a fence {report.reattached}; "
               f"all nodes live {report.recovery_s}s after the final heal")
