@@ -258,7 +258,15 @@ class SwapFile:
     Args:
         slots: number of slots, slot 0 included.
         page_size: bytes per slot.
-        path: the file; a private temporary file when None (deleted on close).
+        path: the file; when None, an unnamed temporary file (unlinked from
+            the start, gone with the process).
+    Durability: none, as a machine's swap.  The host keeps which slot holds
+    which page only in memory, so the file means nothing to another process:
+    it is truncated when a swap area opens on it, and a restarted host starts
+    with empty mms and never reads what a predecessor left there.  The pages
+    of the host's mms are written to it, so a named file is made ``0600``
+    (an existing one is changed to it), and a symlink is refused rather than
+    followed (the truncation would hit whatever it points at).
     Concurrency:
         Synchronous file I/O (``os.pwrite``/``os.pread``); owned by the Model.
     """
@@ -272,7 +280,14 @@ class SwapFile:
             self._file = tempfile.TemporaryFile(prefix="mmnotify-", suffix=".swap")
             self.path = None
         else:
-            self._file = open(path, "w+b")  # noqa: SIM115 - lives as long as the swap area
+            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(path, flags, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # O_CREAT's mode only applies to a new file
+                self._file = os.fdopen(fd, "w+b")  # noqa: SIM115 - lives as long as the swap area
+            except BaseException:
+                os.close(fd)
+                raise
             self.path = os.fspath(path)
         self._fd = self._file.fileno()
         os.ftruncate(self._fd, slots * page_size)  # sparse

@@ -1202,7 +1202,9 @@ HOST_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--liveness", "liveness", "MMN_LIVENESS", number(1), "heartbeats a node may miss before it is fenced (default 6)"),
     ("--ack-deadline-ms", "ack_deadline_ms", "MMN_ACK_DEADLINE_MS", number(1), "fence a node that acks later than this many ms (default 2000)"),
     ("--command-timeout-ms", "command_timeout_ms", "MMN_COMMAND_TIMEOUT_MS", number(1), "deadline of a relayed node command in ms (default 10000)"),
-    ("--swap-path", "swap_path", "MMN_SWAP_PATH", str, "swap file (default: in memory)"),
+    ("--swap-path", "swap_path", "MMN_SWAP_PATH", str,
+     "swap file, truncated at start, mode 0600; a restart never reuses what is in it "
+     "(default: an unlinked temporary file)"),
     ("--swap-slots", "swap_slots", "MMN_SWAP_SLOTS", number(1), "swap slots, in pages (default 65536)"),
     ("--ksm-run", "ksm_run", "MMN_KSM_RUN", number(0, 2), "KSM run at start: 0 stop, 1 run, 2 unmerge (default 0)"),
     ("--keys", "keys_dir", "MMN_KEYS_DIR", str, "CURVE on every socket, keys from `mmn keygen DIR` (default: none, plain TCP)"),

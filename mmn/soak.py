@@ -31,7 +31,30 @@ see the page before or after, nothing else.  Violations:
   before an acknowledged write,
 * ``unexpected``: a host operation failed that must succeed, an access that
   must fail succeeded, an internal error (EIO), or a reply never came,
+* ``wrong_errors``: a node access (read, write, fault; kvm, gru or xpmem)
+  was denied (EFAULT, EPERM, EACCES) where the shadow says it may not be: a
+  page mapped with the protection it needs, no operation of its group
+  changing that, and for xpmem an attachment made in the node's current
+  session -- or failed with an errno no failure explains,
+* ``unrecovered``: at the end, healed, a node not deliberately killed was
+  not live again within its liveness window (heartbeat period x liveness),
 * ``late``: an operation finished after its deadline.
+
+Node failures the injected faults explain -- the node fenced, hung,
+restarting or not answering (EINTR, ESRCH, ETIMEDOUT, EAGAIN) -- are
+counted as ``node_errors``.  A node write that failed widens the contents
+the shadow accepts only where the failure says it may have landed: an
+outcome unknown (EINTR, ETIMEDOUT, no reply) on any page; a denial or EAGAIN
+of a multi-page kvm/gru write only on the pages before the one that failed
+(one DMA per page, in order: those before it did land); never when the node
+was not reached (ESRCH) or the write could not start.
+
+XPMEM attachments die with the node's session (a fence, a restart): the
+runner knows each node's epoch (from ``status`` before every group with an
+xpmem operation, after one that attached or was denied), and an access planned on an attachment of an
+earlier session first attaches the same span again in the current one, so
+the xpmem data path stays exercised after fences; a detach of one is
+skipped.  The schedule itself stays a function of the seed.
 """
 
 from __future__ import annotations
@@ -41,6 +64,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import subprocess
@@ -72,8 +96,24 @@ SOAK_HOST = {"heartbeat_ms": 100, "liveness": 8, "ack_deadline_ms": 400, "comman
 SOAK_FRAMES = 16384
 MAX_MMS = 5
 MAX_PAGES_PER_MM = 48
+#: xpmem make/get/attach/detach may fail in these ways under the failures
 BENIGN_NODE_ERRNOS = {"ESRCH", "ETIMEDOUT", "EINTR", "EAGAIN", "EFAULT", "EACCES", "EPERM", "EINVAL", "ENOMEM",
                       "EBUSY", "ENOENT"}
+#: A node access may fail in these ways whatever the shadow says: the node
+#: fenced or restarting meanwhile (EINTR), not live (ESRCH), not answering in
+#: time (ETIMEDOUT), invalidations racing its fault past the retries (EAGAIN).
+SESSION_ERRNOS = {"EINTR", "ESRCH", "ETIMEDOUT", "EAGAIN"}
+#: Denials: only where the shadow says the access cannot succeed.
+DENIAL_ERRNOS = {"EFAULT", "EPERM", "EACCES"}
+#: A write that failed in one of these ways may have landed anywhere.
+UNKNOWN_OUTCOME = {"EINTR", "ETIMEDOUT", "TIMEOUT"}
+#: Seconds a node the soak crashed has, after the final heal, to be live again
+#: (its supervisor starts a new process: imports, connect, register).
+RESTART_S = 30.0
+#: The admin client of the runner's own status calls (lanes below it: ops of a group).
+STATUS_LANE = 8
+#: Node accesses: their failures are checked against the shadow.
+ACCESS_OPS = ("node_read", "node_write", "node_fault", "xpmem_read", "xpmem_write")
 
 
 # --------------------------------------------------------------------------
@@ -169,6 +209,12 @@ class Planner:
         n = self.rng.randint(1, r.npages - first)
         return rid, first, n
 
+    def _reachable(self, at: _Attach) -> list[int]:
+        """Indices of the pages of ``at`` an access through it can map."""
+        r = self.mms[at.mm].regions[at.rid]
+        prots = ("rw",) if at.write else ("r", "rw")
+        return [j for j in range(at.npages) if r.mapped[at.first + j] and r.prot[at.first + j] in prots]
+
     def _window(self) -> tuple[int, int]:
         n = self.rng.randint(1, 48)
         return self.rng.randrange(0, self.ps - n + 1), n
@@ -203,14 +249,27 @@ class Planner:
             atts = [a for a, at in self.attachments.items() if at.mm in self.mms and -1000000 - a not in self.fresh]
             if not atts:
                 return None
-            aid = rng.choice(atts)
-            at = self.attachments[aid]
             if kind == "xpmem_detach":
-                del self.attachments[aid]
+                aid = rng.choice(atts)
+                at = self.attachments.pop(aid)
                 return {"op": "xpmem_detach", "att": aid, "node": at.node}
+            # Mostly a page an attachment can reach: mapped, and protected no
+            # more than its permit needs (a read-write permit pins writable,
+            # even to read).  Now and then any page of any attachment, so the
+            # denials the shadow predicts are exercised too.
+            reach = {a: self._reachable(self.attachments[a]) for a in atts}
+            if kind == "xpmem_write":
+                reach = {a: pages for a, pages in reach.items() if self.attachments[a].write}
+            reach = {a: pages for a, pages in reach.items() if pages}
+            if reach and rng.random() < 0.9:
+                aid = rng.choice(sorted(reach))
+                i = rng.choice(reach[aid])
+            else:
+                aid = rng.choice(atts)
+                i = rng.randrange(self.attachments[aid].npages)
+            at = self.attachments[aid]
             if kind == "xpmem_write" and (at.mm in busy or not at.write):
                 return None
-            i = rng.randrange(at.npages)
             off, n = self._window()
             out = {"op": kind, "att": aid, "node": at.node, "mm": at.mm, "rid": at.rid, "page": at.first + i,
                    "index": i, "offset": off, "length": n}
@@ -410,7 +469,7 @@ class Cluster:
 
     def __init__(self, nodes: list[tuple[str, str]], *, seed: int = 0, logs: Path | None = None,
                  host_options: dict[str, int] | None = None, node_env: dict[str, str] | None = None,
-                 restart: bool = True) -> None:
+                 restart: bool = True, host_args: list[str] | None = None) -> None:
         from .up import free_ports
 
         self.nodes = nodes
@@ -419,11 +478,17 @@ class Cluster:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.host_options = {**SOAK_HOST, **(host_options or {})}
         self.node_env = node_env or {}
+        #: more ``mmn host`` flags (``--swap-path P``...)
+        self.host_args = list(host_args or [])
         self.ports = free_ports(3)
         self.admin = f"tcp://127.0.0.1:{self.ports[1]}"
         self.node_endpoint = f"tcp://127.0.0.1:{self.ports[0]}"
         self.procs: dict[str, trio.Process] = {}
+        #: name -> trio clock when its current process was started
+        self.spawned: dict[str, float] = {}
         self.restarts = 0
+        #: nodes the supervisor started again after their process exited
+        self.restarted: set[str] = set()
         self.stopping = False
         self.restart = restart
         self._index = {name: (i, kind) for i, (name, kind) in enumerate(nodes)}
@@ -439,6 +504,7 @@ class Cluster:
         return env
 
     async def _spawn(self, name: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
+        self.spawned[name] = trio.current_time()
         with open(self.logs / f"{name}.log", "ab") as out:
             self.procs[name] = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "mmn", *argv], stdin=subprocess.DEVNULL, stdout=out,
@@ -451,7 +517,7 @@ class Cluster:
                 "--events-port", str(self.ports[2]), "--frames", str(SOAK_FRAMES),
                 "--heartbeat-ms", str(o["heartbeat_ms"]), "--liveness", str(o["liveness"]),
                 "--ack-deadline-ms", str(o["ack_deadline_ms"]), "--command-timeout-ms", str(o["command_timeout_ms"]),
-                "--log-level", "WARNING"]
+                "--log-level", "WARNING", *self.host_args]
 
     def node_argv(self, i: int, name: str, kind: str) -> list[str]:
         return ["node", "--kind", kind, "--name", name, "--host", self.node_endpoint, "--seed",
@@ -482,6 +548,7 @@ class Cluster:
                 return
             log.info("%s exited (%s): starting it again", name, proc.returncode)
             self.restarts += 1
+            self.restarted.add(name)
             await self._spawn(name, self.node_argv(i, name, kind), self.node_env)
 
     async def status(self, timeout: float = 3.0) -> dict[str, Any] | None:
@@ -532,14 +599,25 @@ class Report:
     wrong_reads: int = 0
     unexpected: int = 0
     late: int = 0
+    wrong_errors: int = 0
+    unrecovered: int = 0
     node_errors: int = 0
+    xpmem_reads: int = 0
+    xpmem_reads_ok: int = 0
+    xpmem_writes: int = 0
+    xpmem_writes_ok: int = 0
+    #: accesses planned on an attachment a fence dropped, attached again first
+    reattached: int = 0
+    #: after the final heal: seconds until the last node was live again
+    recovery_s: float = 0.0
     slowest: dict[str, Any] = field(default_factory=dict)
     runtime_s: float = 0.0
     schedule_digest: str = ""
     violations: list[str] = field(default_factory=list)
 
     def ok(self) -> bool:
-        return not (self.stale_accesses or self.lost_writes or self.wrong_reads or self.unexpected or self.late)
+        return not (self.stale_accesses or self.lost_writes or self.wrong_reads or self.unexpected or self.late
+                    or self.wrong_errors or self.unrecovered)
 
 
 class HostDied(Exception):
@@ -571,6 +649,19 @@ class Soak:
         self.history: dict[tuple[int, int, int], list[bytes]] = {}
         self.prot: dict[tuple[int, int, int], str] = {}
         self.atts: dict[int, tuple[int, int]] = {}  # att -> (vaddr, exporter offset page)
+        #: node -> (epoch, live) as the last ``status`` showed it
+        self.epochs: dict[str, tuple[int, bool]] = {}
+        #: att -> its xpmem_attach op (to attach the span again after a fence)
+        self.att_spec: dict[int, dict[str, Any]] = {}
+        #: att -> generation (one per attach); generation -> the epoch of the
+        #: session it was made in, None while (or if) that is not certain
+        self.att_gen: dict[int, int] = {}
+        self.gen_epoch: dict[int, int | None] = {}
+        self._gens = 0
+        #: generations made in the group running: gen -> (node, epoch seen before)
+        self._made: dict[int, tuple[str, int | None]] = {}
+        #: id(access op) -> the generation it used
+        self._op_gen: dict[int, int] = {}
         self.clients: list[Any] = []
         self.trace: Any = None  # a file: one line per operation and outcome
 
@@ -613,7 +704,7 @@ class Soak:
         from transport import AdminClient
 
         async with contextlib.AsyncExitStack() as stack:
-            for _ in range(8):
+            for _ in range(STATUS_LANE + 1):
                 self.clients.append(await stack.enter_async_context(AdminClient(self.admin, security=self.security)))
             ok, st, _ = await self.call(0, "status", {}, 10.0)
             self.counts0 = (st["counters"].get("fences", 0), st["counters"].get("registrations", 0)) if ok else (0, 0)
@@ -657,9 +748,31 @@ class Soak:
 
         # pre-state of every page a mutator in this group touches
         pre = {k: set(v) for k, v in self.pages.items()}
+        self._made = {}
+        self._op_gen = {}
+        if any(op["op"] in ("xpmem_attach", "xpmem_read", "xpmem_write", "xpmem_detach") for op in group):
+            # the session each attach is made in, and which attachments a
+            # fence or a restart dropped since (attached again before use)
+            await self.refresh_epochs()
         async with trio.open_nursery() as nursery:
             for i, op in enumerate(group):
                 nursery.start_soon(one, i, op)
+        denied = any(op["op"].startswith("xpmem_") and not res[0] and res[1] in DENIAL_ERRNOS
+                     for op, res in zip(group, results))
+        if self._made or denied:
+            await self.refresh_epochs()
+            for gen, (node, before) in self._made.items():
+                # made in the session seen before it and still current after it
+                self.gen_epoch[gen] = before if before is not None and self.epochs.get(node, (None,))[0] == before \
+                    else None
+        for op, res in zip(group, results):
+            kind = op["op"]
+            if kind == "xpmem_read":
+                rep.xpmem_reads += 1
+                rep.xpmem_reads_ok += bool(res[0])
+            elif kind == "xpmem_write":
+                rep.xpmem_writes += 1
+                rep.xpmem_writes_ok += bool(res[0])
         # mutators first, then the reads against before-or-after
         mutated: set[tuple[int, int, int]] = set()
         for op, res in zip(group, results):
@@ -668,6 +781,8 @@ class Soak:
         for op, res in zip(group, results):
             if op["op"] in ("host_read", "node_read", "xpmem_read", "node_fault"):
                 self.check_read(op, res, pre, mutated)
+            if op["op"] in ACCESS_OPS and not res[0]:
+                self._access_failed(op, res, mutated)
         rep.ops += size
 
     def key(self, op: dict[str, Any], page: int | None = None) -> tuple[int, int, int]:
@@ -705,11 +820,21 @@ class Soak:
             att = self.atts.get(op["att"])
             if att is None:
                 return False, "SKIPPED", ""
+            if not self._current(op["att"]):
+                return False, "SKIPPED", "the attachment went with an earlier session"
             return await self.call(lane, "xpmem", {"node": op["node"], "op": "detach", "addr": att[0]}, timeout)
         if kind in ("xpmem_read", "xpmem_write"):
             att = self.atts.get(op["att"])
-            if att is None:
+            if att is None and op["att"] not in self.att_spec:
                 return False, "SKIPPED", ""
+            if att is None or not self._current(op["att"]):
+                # made in a session that ended since, or never made (its node
+                # was down): attach the span in the node's current session
+                ok, res, err = await self.reattach(lane, op["att"], timeout)
+                if not ok:
+                    return False, "SKIPPED", f"attaching again: {res} {err}"
+                att = self.atts[op["att"]]
+            self._op_gen[id(op)] = self.att_gen[op["att"]]
             vaddr = att[0] + op["index"] * self.ps + op["offset"]
             args = {"node": op["node"], "mm": mm, "addr": vaddr, "length": op["length"]}
             if kind == "xpmem_write":
@@ -719,18 +844,7 @@ class Soak:
         if addr is None:
             return False, "SKIPPED", ""
         if kind == "xpmem_attach":
-            node = op["node"]
-            ok, res, err = await self.call(lane, "xpmem", {"node": node, "op": "make", "mm": mm, "addr": addr,
-                                                           "length": op["npages"] * self.ps, "mode": 0o666},
-                                           timeout / 3)
-            if not ok:
-                return ok, res, err
-            ok, res, err = await self.call(lane, "xpmem", {"node": node, "op": "get", "segid": res["segid"],
-                                                           "write": op["write"]}, timeout / 3)
-            if not ok:
-                return ok, res, err
-            return await self.call(lane, "xpmem", {"node": node, "op": "attach", "apid": res["apid"],
-                                                   "length": op["npages"] * self.ps}, timeout / 3)
+            return await self.attach(lane, op, mm, addr, timeout)
         if kind == "host_write":
             return await self.call(lane, "write", {"mm": mm, "addr": addr + op["offset"], "data": op["data"]},
                                    timeout)
@@ -761,6 +875,61 @@ class Soak:
             return await self.call(lane, "migrate", {"mm": mm, "addr": addr, "length": length}, timeout)
         raise AssertionError(kind)
 
+    async def attach(self, lane: int, op: dict[str, Any], mm: int, addr: int,
+                     timeout: float) -> tuple[bool, Any, str]:
+        """make, get, attach of ``op``'s span on its node; a new generation of
+        ``op["att"]`` on success, in the session :attr:`epochs` shows now."""
+        node = op["node"]
+        self.att_spec[op["att"]] = op
+        seen = self.epochs.get(node)
+        before = seen[0] if seen is not None and seen[1] else None
+        ok, res, err = await self.call(lane, "xpmem", {"node": node, "op": "make", "mm": mm, "addr": addr,
+                                                       "length": op["npages"] * self.ps, "mode": 0o666},
+                                       timeout / 3)
+        if not ok:
+            return ok, res, err
+        ok, res, err = await self.call(lane, "xpmem", {"node": node, "op": "get", "segid": res["segid"],
+                                                       "write": op["write"]}, timeout / 3)
+        if not ok:
+            return ok, res, err
+        result = await self.call(lane, "xpmem", {"node": node, "op": "attach", "apid": res["apid"],
+                                                 "length": op["npages"] * self.ps}, timeout / 3)
+        if result[0]:
+            self._gens += 1
+            self.att_gen[op["att"]] = self._gens
+            self.gen_epoch[self._gens] = before
+            self._made[self._gens] = (node, before)
+            self.atts[op["att"]] = (result[1]["vaddr"], op["page"])
+        return result
+
+    async def reattach(self, lane: int, att: int, timeout: float) -> tuple[bool, Any, str]:
+        """The attachment ``att`` went with an earlier session of its node:
+        attach the same span again in the current one."""
+        await self.refresh_epochs()
+        spec = self.att_spec[att]
+        seen = self.epochs.get(spec["node"])
+        if seen is None or not seen[1]:
+            return False, "ESRCH", f"{spec['node']} is not live"
+        addr = self.addr(spec)
+        if addr is None:
+            return False, "SKIPPED", ""
+        self.report.reattached += 1
+        return await self.attach(lane, spec, self.mm.get(spec["mm"], 0), addr, timeout)
+
+    def _current(self, att: int) -> bool:
+        """Was ``att`` made in the session its node is in now (as last seen)?"""
+        gen = self.att_gen.get(att)
+        epoch = self.gen_epoch.get(gen) if gen is not None else None
+        seen = self.epochs.get(self.att_spec[att]["node"]) if att in self.att_spec else None
+        return epoch is not None and seen is not None and seen == (epoch, True)
+
+    async def refresh_epochs(self) -> None:
+        """Learn every node's epoch and state (its own admin client: any op's
+        lane may be busy)."""
+        ok, st, _ = await self.call(STATUS_LANE, "status", {}, 5.0)
+        if ok:
+            self.epochs = {n["name"]: (n["epoch"], n["state"] == "live") for n in st["nodes"]}
+
     # -- the shadow
     def _host_failed(self, op: dict[str, Any], res: tuple[bool, Any, str], allowed: tuple[str, ...] = ()) -> bool:
         ok, errno, err = res
@@ -784,6 +953,69 @@ class Soak:
         else:
             self.report.node_errors += 1
         return True
+
+    def _write_landed(self, op: dict[str, Any], errno: str,
+                      keys: list[tuple[int, int, int]]) -> tuple[list[Any], list[Any]]:
+        """A node's write failed with ``errno``: (pages it did land on, pages
+        it may have landed on).  One DMA per page, in order, each all or
+        nothing, the next only once the last was answered."""
+        if errno in UNKNOWN_OUTCOME or errno not in SESSION_ERRNOS | DENIAL_ERRNOS | {"SKIPPED"}:
+            return [], keys  # the outcome is unknown (or the failure is itself a violation)
+        if errno in ("ESRCH", "SKIPPED") or op["op"] == "xpmem_write" or len(keys) == 1:
+            return [], []  # not reached, or failed before its only DMA
+        # a denial, or EAGAIN (a fault racing invalidations past its retries),
+        # at some page p: the pages before p landed, p and the rest did not
+        if errno == "EAGAIN":
+            failing = list(range(len(keys)))
+        else:
+            failing = [j for j, k in enumerate(keys) if not self._accessible(k, True)]
+            if not failing:
+                return [], keys  # a denial the shadow cannot explain: _access_failed says so
+        return keys[:failing[0]], keys[failing[0]:failing[-1]]
+
+    def _may_deny(self, op: dict[str, Any], mutated: set[tuple[int, int, int]]) -> bool:
+        """May node access ``op`` be denied (EFAULT, EPERM, EACCES)?  Only if
+        a page it needs is not mapped with the protection it needs, or its
+        group changed one, or (xpmem) its attachment may be gone."""
+        kind = op["op"]
+        if kind in ("xpmem_read", "xpmem_write"):
+            gen = self._op_gen.get(id(op))
+            epoch = self.gen_epoch.get(gen) if gen is not None else None
+            if epoch is None or self.epochs.get(op["node"], (None,))[0] != epoch:
+                return True  # made in a session that may have ended (a fence drops attachments)
+            k = self.key(op)
+            spec = self.att_spec.get(op["att"], {})
+            if k in mutated or not spec.get("write", False) and kind == "xpmem_write":
+                return True
+            # a read-write permit pins writable, even to read (xpmem's GUP)
+            return not self._accessible(k, bool(spec.get("write")) or kind == "xpmem_write")
+        if kind == "node_fault":
+            keys = [self.key(op)]  # GUP stops at the first page it cannot map
+            write = op["write"]
+        else:
+            keys = [self.key(op, page) for page, *_ in segments(op, self.ps)]
+            write = kind == "node_write"
+        return any(k in mutated or not self._accessible(k, write) for k in keys)
+
+    def _access_failed(self, op: dict[str, Any], res: tuple[bool, Any, str],
+                       mutated: set[tuple[int, int, int]]) -> None:
+        """A node access failed: is that what the shadow says may happen?"""
+        ok, errno, err = res
+        if errno == "SKIPPED":
+            return
+        if errno == "ESTALE":
+            self.violation("stale_accesses", f"{_short(op)}: {err}")
+        elif errno in SESSION_ERRNOS:
+            self.report.node_errors += 1
+        elif errno in DENIAL_ERRNOS:
+            if self._may_deny(op, mutated):
+                self.report.node_errors += 1
+            else:
+                self.violation("wrong_errors", f"{_short(op)} failed {errno} ({err}) on pages the shadow says "
+                                               "are mapped for it" + (", attached in the node's current session"
+                                                                      if op["op"].startswith("xpmem") else ""))
+        else:
+            self.violation("unexpected", f"{_short(op)} failed: {errno} {err}")
 
     def _accessible(self, key: tuple[int, int, int], write: bool) -> bool:
         if key not in self.pages:
@@ -858,23 +1090,17 @@ class Soak:
                     return touched
                 if self._host_failed(op, res):
                     return touched
-            landed = res[0]
-            # a node's write that failed may have landed on some pages (one
-            # DMA per page, each all or nothing) -- or not
-            maybe = not res[0] and res[1] not in ("SKIPPED", "ESRCH", "EACCES")
-            if landed or maybe:
-                data = op["data"]
-                for (page, off, n, pos), k in zip(segs, keys):
-                    if k not in self.pages:
-                        continue
-                    new = {c[:off] + data[pos:pos + n] + c[off + n:] for c in self.pages[k]}
-                    if landed:
-                        self.history[k] = (self.history[k] + list(self.pages[k]))[-6:]
-                        self.pages[k] = new
-                    else:
-                        self.pages[k] |= new
-            if not res[0] and kind != "host_write":
-                self._node_failed(op, res)
+            landed, maybe = (keys, []) if res[0] else self._write_landed(op, res[1], keys)
+            data = op["data"]
+            for (page, off, n, pos), k in zip(segs, keys):
+                if k not in self.pages or (k not in landed and k not in maybe):
+                    continue
+                new = {c[:off] + data[pos:pos + n] + c[off + n:] for c in self.pages[k]}
+                if k in landed:
+                    self.history[k] = (self.history[k] + list(self.pages[k]))[-6:]
+                    self.pages[k] = new
+                else:
+                    self.pages[k] |= new
             return touched
         # range operations
         keys = [(op["mm"], op["rid"], op["page"] + j) for j in range(op["npages"])]
@@ -901,8 +1127,8 @@ class Soak:
         if kind == "node_fault":
             k = self.key(op)
             if not res[0]:
-                self._node_failed(op, res)
-            elif (k not in mutated and not self._accessible(k, op["write"]) and not res[1].get("errno")
+                return  # checked by _access_failed
+            if (k not in mutated and not self._accessible(k, op["write"]) and not res[1].get("errno")
                   and res[1].get("pages")):
                 self.violation("unexpected", f"{_short(op)} mapped a page it may not: {res[1]}")
             return
@@ -913,9 +1139,7 @@ class Soak:
             if kind == "host_read":
                 if not racing and all(self._accessible(k, False) for k in keys):
                     self._host_failed(op, res)
-            else:
-                self._node_failed(op, res)
-            return
+            return  # a node's: checked by _access_failed
         if not all(self._accessible(k, False) or (k in mutated and k in pre) for k in keys):
             self.violation("unexpected", f"{_short(op)} read a page it may not")
             return
@@ -938,19 +1162,59 @@ class Soak:
                 self.violation("wrong_reads", f"{_short(op)} page {page} read {got[:16].hex()}, "
                                               f"expected one of {[c[off:off + 16].hex() for c in cands]}")
 
+    def liveness_window(self) -> float:
+        """Seconds a node has to be live again: the host's heartbeat period
+        times the heartbeats it may miss."""
+        return self.timing["heartbeat_ms"] * self.timing.get("liveness", SOAK_HOST["liveness"]) / 1000
+
+    async def heal_all(self, names: list[str], timeout: float) -> None:
+        async with trio.open_nursery() as nursery:
+            for lane, name in enumerate(names):
+                nursery.start_soon(self.call, lane % STATUS_LANE, "heal", {"node": name}, timeout)
+
     async def finish(self) -> None:
-        """Heal every node, wait for all of them, read every page back."""
-        for name, _ in self.nodes:
-            await self.call(0, "heal", {"node": name}, 3.0)
-        with trio.move_on_after(30):
-            while True:
-                ok, st, _ = await self.call(0, "status", {}, 5.0)
-                if ok and all(n["state"] == "live" and not n.get("injected") for n in st["nodes"]
-                              if n["name"] in dict(self.nodes)):
+        """Heal every node, check each is live again in time, read every page back.
+
+        A node not deliberately killed has its liveness window after the heal
+        (a hung or partitioned one finds its Fenced among what was held, and
+        registers anew); one the soak crashed, and its supervisor started
+        again, has :data:`RESTART_S` to come up.  Either late is ``unrecovered``.
+        """
+        names = [name for name, _ in self.nodes]
+        await self.heal_all(names, 3.0)
+        healed = time.monotonic()
+        killed = self.cluster.restarted if self.cluster is not None else set()
+        window = self.liveness_window()
+        due = {name: healed + (RESTART_S if name in killed else window) for name in names}
+        back: dict[str, float] = {}
+        last: dict[str, dict[str, Any]] = {}
+        while True:
+            ok, st, _ = await self.call(STATUS_LANE, "status", {}, 5.0)
+            now = time.monotonic()
+            if ok:
+                last = {n["name"]: n for n in st["nodes"]}
+                live = {name for name in names
+                        if last.get(name, {}).get("state") == "live" and not last[name].get("injected")}
+                for name in live:
+                    back.setdefault(name, now)
+                if live == set(names):
                     break
-                for name, _ in self.nodes:
-                    await self.call(0, "heal", {"node": name}, 2.0)
-                await trio.sleep(0.2)
+                if now > max(due.values()):
+                    break
+                stuck = [name for name in names if name not in live and last.get(name, {}).get("injected")]
+                if stuck:  # a restarted node, or a heal that did not reach it
+                    await self.heal_all(stuck, 2.0)
+            elif now > max(due.values()):
+                break
+            await trio.sleep(0.05)
+        for name in names:
+            if back.get(name, math.inf) > due[name]:
+                n = last.get(name, {})
+                self.violation("unrecovered", f"{name} not live {due[name] - healed:.1f}s after the heal "
+                                              f"(state {n.get('state')}, epoch {n.get('epoch')}, "
+                                              f"{n.get('fence_reason', '')!r})")
+        if back:
+            self.report.recovery_s = round(max(back.values()) - healed, 3)
         for k in sorted(self.pages):
             sid, rid, page = k
             if self.prot.get(k) not in ("r", "rw"):
@@ -1074,9 +1338,13 @@ def run(ns: argparse.Namespace) -> int:
         print(f"seed {report.seed}: {report.ops} operations in {report.groups} groups, {report.runtime_s}s")
         print(f"injected {report.injected} {report.injected_by_kind}")
         print(f"nodes fenced {report.nodes_fenced}, recovered {report.nodes_recovered}, "
-              f"restarted {report.node_restarts}; node errors (benign) {report.node_errors}")
+              f"restarted {report.node_restarts}; node errors (explained by the failures) {report.node_errors}")
+        print(f"xpmem reads ok {report.xpmem_reads_ok}/{report.xpmem_reads}, writes ok "
+              f"{report.xpmem_writes_ok}/{report.xpmem_writes}; attached again after a fence {report.reattached}; "
+              f"all nodes live {report.recovery_s}s after the final heal")
         print(f"stale_accesses {report.stale_accesses}  lost_writes {report.lost_writes}  "
-              f"wrong_reads {report.wrong_reads}  unexpected {report.unexpected}  late {report.late}")
+              f"wrong_reads {report.wrong_reads}  wrong_errors {report.wrong_errors}  unexpected {report.unexpected}  "
+              f"unrecovered {report.unrecovered}  late {report.late}")
         if s:
             print(f"slowest: {s['op']} {s['took_s']}s of its {s['deadline_s']}s deadline")
         for v in report.violations[:20]:

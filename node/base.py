@@ -85,6 +85,11 @@ MAX_FAULT_RETRIES = 8
 ANSWERED_CACHE = 4096
 #: pfns per Unpin message.
 UNPIN_BATCH = 4096
+#: ``Error.code`` of a host refusal that means "I hold no session of yours on
+#: this connection" (broker/sessions.py ``Refused``): a retired epoch, a fenced
+#: session, or a connection the host does not know (it lost the one we
+#: registered on, e.g. after a TCP reset, and libzmq reconnected by itself).
+SESSION_REFUSALS = frozenset({"fenced", "unregistered"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +252,9 @@ class SecondaryMMU:
         self.max_gup_pages = max_gup_pages
         self.epoch = 0
         self._next_id = 0
+        #: The first message id of the current session (set by Registered):
+        #: every id from here on was stamped with ``epoch``.
+        self._session_first_id = 0
         self._next_token = 0
         self._mms: dict[int, MmState] = {}
         # request id -> handler of its reply (GupReply/DmaReply/XpmemReply/Ok/Error)
@@ -294,6 +302,30 @@ class SecondaryMMU:
             incarnation=incarnation,
         )
 
+    # ------------------------------------------------------------ sessions
+
+    def ends_session(self, msg: Message) -> bool:
+        """Does ``msg`` tell this node the host holds no current session of it?
+
+        * ``Fenced`` of the current epoch (or with no epoch, or while not
+          registered) does.  A ``Fenced`` naming an earlier epoch does not:
+          it is the fence of a previous session (a restarted process reusing
+          the routing id gets the host's Fenced for its predecessor).
+        * An ``Error`` with a :data:`SESSION_REFUSALS` code refusing a message
+          of the current session does: that message carried the current
+          epoch, so the host retired it (or lost the connection).  One
+          refusing a message sent before this session's ``Registered`` does
+          not (it carried an epoch this node already left).
+
+        Whoever gets True hands the message to :meth:`receive`, which drops
+        everything, then registers anew.
+        """
+        if isinstance(msg, Fenced):
+            return not (self.epoch and msg.epoch and msg.epoch != self.epoch)
+        if isinstance(msg, Error) and msg.code in SESSION_REFUSALS:
+            return bool(self.epoch) and self._session_first_id <= msg.ref <= self._next_id
+        return False
+
     # ------------------------------------------------------------ receive
 
     def receive(self, msg: Message) -> list[Output]:
@@ -322,6 +354,13 @@ class SecondaryMMU:
             if isinstance(msg, ChangePte):
                 return self._change_pte(msg)
             return self._young(msg)
+        if isinstance(msg, Error) and self.ends_session(msg):
+            # Refused for the epoch it carried: the session is over on the
+            # host, whatever request this answers (a heartbeat, a DMA...).
+            # Every command in flight fails with EINTR, as for Fenced.
+            outputs = self.drop_all(f"{msg.code}: {msg.message}" if msg.message else msg.code)
+            self.epoch = 0
+            return outputs
         if isinstance(msg, (GupReply, DmaReply, XpmemReply, Ok, Error)):
             handler = self._pending.pop(msg.ref, None)
             if handler is None:
@@ -329,7 +368,7 @@ class SecondaryMMU:
                 return []
             return handler(msg)
         if isinstance(msg, Fenced):
-            if self.epoch and msg.epoch and msg.epoch != self.epoch:
+            if not self.ends_session(msg):
                 logger.info("%s: fence of old epoch %d ignored", self.name, msg.epoch)
                 return []
             outputs = self.drop_all(f"fenced: {msg.reason}" if msg.reason else "fenced")
@@ -340,6 +379,7 @@ class SecondaryMMU:
             outputs = self.drop_all("registered anew")
             self.epoch = msg.epoch
             self.page_size = msg.page_size
+            self._session_first_id = self._next_id + 1
             return outputs
         if isinstance(msg, Heartbeat):
             return []

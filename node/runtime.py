@@ -11,8 +11,21 @@ Life of a node::
          |                             |
          |        session: receive loop + heartbeats + liveness watchdog
          |                             |
-         +---- host silent past liveness, Fenced, or a heartbeat from a new
-               host incarnation: drop every translation, register anew
+         +---- host silent past liveness, told it is fenced (Fenced, or an
+               Error(fenced|unregistered) refusing a message of this
+               session), or a heartbeat from a new host incarnation: drop
+               every translation, back off, register anew
+
+Only what the host sends a live session counts as traffic for the liveness
+watchdog: a refusal says the opposite.  (A node whose connection was reset
+kept getting ``Error(fenced)`` for its heartbeats on the connection libzmq
+re-made by itself; counted as traffic and otherwise ignored, it stayed
+fenced until the process was restarted.)
+
+Backoff: every new registration after a lost session waits the backoff,
+which doubles (to a cap) while sessions keep ending young -- younger than
+their liveness window -- so a node the host keeps refusing does not spin --
+and is back to its initial value after a session that lasted.
 
 In-line kinds (kvm, gru) acknowledge a start inside the receive loop with no
 await in between.  A sleepable kind (xpmem) may hold a start's ack until its
@@ -64,6 +77,7 @@ from protocol.messages import (
     Ack,
     Command,
     CommandResult,
+    Error,
     Fenced,
     Heartbeat,
     InvalidateRangeStart,
@@ -74,7 +88,7 @@ from protocol.types import Errno, KernelError
 from transport import SocketOptions, connect, serve_socket
 from transport.curve import CurveClient, KeyError_, KeyLayout
 
-from .base import Completion, Output, SecondaryMMU, node_class
+from .base import SESSION_REFUSALS, Completion, Output, SecondaryMMU, node_class
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +229,7 @@ class NodeRuntime:
         self.sessions = 0
         self.last_host_traffic = 0.0
         self.counters = {"reconnects": 0, "dropped_acks": 0, "delayed_acks": 0, "duplicated": 0,
-                         "partition_dropped": 0, "bad_frames": 0, "stale_fences": 0}
+                         "partition_dropped": 0, "bad_frames": 0, "stale_fences": 0, "refused": 0}
         self._healed = trio.Event()
         #: Held while hung or partitioned, handled / sent in order once healed.
         self._held_in: deque[Message] = deque()
@@ -336,6 +350,7 @@ class NodeRuntime:
             logger.warning("%s: no CURVE keys configured: plain TCP to %s", cfg.name, cfg.host)
         while True:
             registered: Registered | None = None
+            lasted = 0.0
             options = SocketOptions.from_limits(cfg.limits)
             sock = connect(zmq.DEALER, cfg.host, options=options, security=security)
             try:
@@ -348,19 +363,21 @@ class NodeRuntime:
                     if registered is None:
                         nursery.cancel_scope.cancel()
                     else:
-                        backoff = cfg.backoff_initial_ms / 1000
                         if not started:
                             started = True
                             task_status.started(cfg.name)
+                        t0 = trio.current_time()
                         reason = await self._session(nursery, channels.incoming, registered)
+                        lasted = trio.current_time() - t0
                         logger.warning("%s: leaving session: %s", cfg.name, reason)
                         nursery.cancel_scope.cancel()
             finally:
                 sock.close()
                 self._fail_commands("session lost")
-            if registered is None:
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, cfg.backoff_max_ms / 1000)
+            if registered is not None and lasted > registered.heartbeat_ms / 1000 * cfg.liveness:
+                backoff = cfg.backoff_initial_ms / 1000  # that session lasted: start over
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, cfg.backoff_max_ms / 1000)
             self.counters["reconnects"] += 1
 
     async def _register(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> Registered | None:
@@ -419,7 +436,7 @@ class NodeRuntime:
                         continue
                     async with self._rx:
                         await self._release_held()
-                        self.last_host_traffic = trio.current_time()
+                        self._heard(msg)
                         await self._on_message(msg)
                         if self._hit(self._active("duplicate")) and not isinstance(msg, (Command, Heartbeat)):
                             self.counters["duplicated"] += 1
@@ -439,8 +456,9 @@ class NodeRuntime:
         while self._held_out:
             await self.send(self._held_out.popleft(), late=True)
         while self._held_in and not self._holding():
-            self.last_host_traffic = trio.current_time()
-            await self._on_message(self._held_in.popleft())
+            msg = self._held_in.popleft()
+            self._heard(msg)
+            await self._on_message(msg)
 
     async def _release_when_healed(self) -> None:
         """Release what was held once a hang or partition ends (healed, or
@@ -469,21 +487,30 @@ class NodeRuntime:
             if silent > liveness:
                 raise _Reconnect(f"host silent for {silent:.1f}s")
 
+    def _heard(self, msg: Message) -> None:
+        """Note traffic from the host for the watchdog -- unless ``msg`` says
+        the host holds no session of ours (a Fenced, a refusal)."""
+        if isinstance(msg, Fenced) or (isinstance(msg, Error) and msg.code in SESSION_REFUSALS):
+            return
+        self.last_host_traffic = trio.current_time()
+
     async def _on_message(self, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
             if msg.incarnation and msg.incarnation != self.host_incarnation:
                 raise _Reconnect("new host incarnation")
             return
+        if isinstance(msg, (Fenced, Error)) and self.mmu.ends_session(msg):
+            await self.emit(self.mmu.receive(msg))  # drops every translation
+            if isinstance(msg, Fenced):
+                raise _Reconnect(f"fenced: {msg.reason}")
+            self.counters["refused"] += 1
+            raise _Reconnect(f"refused by the host ({msg.code}: {msg.message})")
         if isinstance(msg, Fenced):
-            epoch = self.mmu.epoch
-            if epoch and msg.epoch and msg.epoch != epoch:
-                # The fence of a previous session (a restarted process reusing
-                # the routing id gets the host's Fenced for its predecessor):
-                # this session is not fenced.
-                self.counters["stale_fences"] += 1
-                return
-            await self.emit(self.mmu.receive(msg))
-            raise _Reconnect(f"fenced: {msg.reason}")
+            # The fence of a previous session (a restarted process reusing
+            # the routing id gets the host's Fenced for its predecessor):
+            # this session is not fenced.
+            self.counters["stale_fences"] += 1
+            return
         if isinstance(msg, Command):
             await self._on_command(msg)
             return

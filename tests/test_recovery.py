@@ -14,8 +14,10 @@ What each test proves is in its docstring.  Every wait has a deadline.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -89,9 +91,10 @@ async def make(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Callable[
     made: list[Cluster] = []
 
     async def start(nodes: tuple[tuple[str, str], ...] = (("kvm0", "kvm"), ("gru0", "gru"), ("xpmem0", "xpmem")),
-                    restart: bool = False, **host: int) -> C:
+                    restart: bool = False, host_args: list[str] | None = None, **host: int) -> C:
         options = {"heartbeat_ms": 100, "liveness": 10, "ack_deadline_ms": 500, "command_timeout_ms": 5000, **host}
-        cluster = Cluster(list(nodes), logs=tmp_path / f"c{len(made)}", host_options=options, restart=restart)
+        cluster = Cluster(list(nodes), logs=tmp_path / f"c{len(made)}", host_options=options, restart=restart,
+                          host_args=host_args)
         made.append(cluster)
         await cluster.start(nursery)
         return C(cluster)
@@ -423,3 +426,235 @@ def test_inject_and_heal_through_the_cli_show_in_status(tmp_path: Path, capsys: 
                 nursery.cancel_scope.cancel()
 
     trio.run(scenario)
+
+
+# --------------------------------------------------------------------------
+# a connection reset under a live node
+
+
+def node_connection(pid: int, port: int) -> int:
+    """The local port of process ``pid``'s established TCP connection to
+    ``127.0.0.1:port`` (its DEALER to the host's node endpoint)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", "dst", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    ports = [int(line.split()[2].rsplit(":", 1)[1]) for line in out.splitlines() if f"pid={pid}," in line]
+    assert len(ports) == 1, out
+    return ports[0]
+
+
+def reset_connection(local_port: int, port: int) -> None:
+    """Destroy the node's socket of that connection in the kernel
+    (``ss -K``, SOCK_DESTROY): the node gets ECONNABORTED, the host a RST,
+    as when a middlebox or a peer's kernel resets a connection."""
+    subprocess.run(["ss", "-K", "-tn", "state", "established", "src", f"127.0.0.1:{local_port}",
+                    "dst", f"127.0.0.1:{port}"], capture_output=True, text=True, check=True, timeout=10)
+    left = subprocess.run(["ss", "-tnH", "state", "established", "src", f"127.0.0.1:{local_port}",
+                           "dst", f"127.0.0.1:{port}"], capture_output=True, text=True, check=True,
+                          timeout=10).stdout
+    assert left.strip() == "", left  # the connection really is gone
+
+
+async def cli_status(admin: str, capsys: Any) -> dict[str, Any]:
+    """``mmn status --json``, as a user runs it."""
+    capsys.readouterr()
+    assert await trio.to_thread.run_sync(main, ["--host", admin, "status", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+async def test_a_node_whose_connection_is_reset_registers_anew_within_its_liveness_window(make: Any,
+                                                                                         capsys: Any) -> None:
+    """kvm0 maps two pages; then its TCP connection to the host is reset
+    under it (``ss -K`` on loopback).  libzmq reconnects the DEALER by
+    itself, but the host has lost the session's connection: it fences
+    kvm0, and answers the heartbeats arriving on the new connection with
+    ``Error(fenced)``.  kvm0 takes that refusal for what it is: it drops
+    every translation and registers anew, within its liveness window (the
+    host's heartbeat period times its liveness count) -- not never, as when
+    refusals counted as traffic from the host.  Its old sptes are gone: a
+    page the host rewrote meanwhile reads new, nothing stale reaches the
+    host (``stale_accesses`` 0 in ``mmn status --json``), and gru0, whose
+    connection was left alone, keeps its session."""
+    heartbeat_ms, liveness = 200, 10
+    window = heartbeat_ms * liveness / 1000
+    c = await make(heartbeat_ms=heartbeat_ms, liveness=liveness)
+    cluster = c.cluster
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 2, fill=0x52)
+        await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=2, write=True)
+        await c.call("fault", node="gru0", mm=mm, addr=addr, pages=1)
+        before = by_name(await c.status())
+        assert len(mapped(before["kvm0"], mm)) == 2
+        port = int(cluster.node_endpoint.rsplit(":", 1)[1])
+        local = node_connection(cluster.procs["kvm0"].pid, port)
+        reset_connection(local, port)
+        t0 = trio.current_time()
+        status = await c.wait(live_again("kvm0", before["kvm0"]["epoch"]), timeout=window)
+        took = trio.current_time() - t0
+        kvm0 = by_name(status)["kvm0"]
+        assert kvm0["fenced_count"] == before["kvm0"]["fenced_count"] + 1, kvm0
+        assert kvm0["mapped_pages"] == 0 and mapped(kvm0, mm) == {}, kvm0
+        assert by_name(status)["gru0"]["epoch"] == before["gru0"]["epoch"]
+        assert node_connection(cluster.procs["kvm0"].pid, port) != local  # a new connection
+        await c.call("write", mm=mm, addr=addr, data=b"after")
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr, length=5))["data"] == b"after"
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr + PS, length=1))["data"] == b"R"
+        shown = await cli_status(cluster.admin, capsys)
+        assert shown["stale_accesses"] == 0
+        assert {n["name"]: n["state"] for n in shown["nodes"]} == {"kvm0": "live", "gru0": "live", "xpmem0": "live"}
+    assert took < window
+
+
+
+def test_a_refusal_of_this_sessions_epoch_ends_the_session_one_of_an_earlier_does_not() -> None:
+    """The sans-I/O rule (node/base.py ``ends_session``): an Error with code
+    ``fenced`` or ``unregistered`` refusing a message sent in the current
+    session -- a heartbeat, here -- ends it as Fenced does: every translation
+    dropped, commands in flight fail EINTR, epoch 0.  One refusing a message
+    of an earlier session, a Fenced naming an earlier epoch (commit 1deaea0),
+    or an Error of another code changes nothing."""
+    from node.base import Completion
+    from node.kvm import KvmMMU
+    from protocol.messages import Error, Fenced, Gup, GupReply, Heartbeat, Ok, Registered, Subscribe
+    from protocol.types import Errno
+
+    EPOCH, MM, BASE = 7, 1, 0x10_0000
+
+    def register(epoch: int) -> None:
+        assert kvm.receive(Registered(ref=0, epoch=epoch, host_incarnation="h", heartbeat_ms=1000,
+                                      ack_deadline_ms=1000, page_size=PS)) == []
+
+    kvm = KvmMMU("k")
+    register(EPOCH)
+    old = kvm.next_id()  # a message of the previous session
+    register(EPOCH + 1)
+    _, (sub,) = kvm.fault(MM, BASE, 1)
+    assert isinstance(sub, Subscribe)
+    (gup,) = kvm.receive(Ok(ref=sub.id))
+    assert isinstance(gup, Gup)
+    (done,) = kvm.receive(GupReply(ref=gup.id, mm=MM, pages=[[BASE, 10, True]]))
+    assert isinstance(done, Completion) and done.ok and kvm.mapped_pages() == 1
+    beat = Heartbeat(id=kvm.next_id(), epoch=kvm.epoch)
+    token, _ = kvm.fault(MM, BASE + PS, 1)
+    for stale in (Fenced(epoch=EPOCH), Error(ref=old, code="fenced", message="epoch 7 was retired"),
+                  Error(ref=beat.id, code="rate_limited"), Error(ref=beat.id + 50, code="fenced")):
+        assert not kvm.ends_session(stale)
+        assert kvm.receive(stale) == [] and kvm.mapped_pages() == 1 and kvm.epoch == EPOCH + 1
+    for code in ("fenced", "unregistered"):
+        assert kvm.ends_session(Error(ref=beat.id, code=code))
+    (failed,) = kvm.receive(Error(ref=beat.id, code="fenced", message=f"epoch {EPOCH + 1} was retired"))
+    assert failed.token == token and failed.error.errno is Errno.EINTR
+    assert kvm.mapped_pages() == 0 and kvm.epoch == 0 and not kvm.ends_session(Error(ref=beat.id, code="fenced"))
+
+
+async def test_a_node_whose_oversized_frame_costs_it_the_connection_registers_anew(make: Any) -> None:
+    """The other way a node loses its connection under it: one frame over
+    the host's ``MAXMSGSIZE`` (``--max-frame`` plus the 64 KiB the host
+    allows so that a frame just too large still gets a typed error), here
+    the result of a 96 KiB read relayed to kvm0.  libzmq drops the
+    connection without a word to either process and the DEALER reconnects
+    by itself; the host fences kvm0 (connection gone) and refuses its
+    heartbeats on the new connection.  kvm0 registers anew within its
+    liveness window, holding nothing, and serves reads of a size that
+    fits."""
+    heartbeat_ms, liveness = 200, 10
+    window = heartbeat_ms * liveness / 1000
+    c = await make(nodes=(("kvm0", "kvm"), ("gru0", "gru")), heartbeat_ms=heartbeat_ms, liveness=liveness,
+                   host_args=["--max-frame", "16384"])
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 24, fill=0x4F)
+        before = await c.node("kvm0")
+        t0 = trio.current_time()
+        with pytest.raises(Failed) as lost:
+            await c.call("access", node="kvm0", mm=mm, addr=addr, length=24 * PS)
+        assert lost.value.errno in ("EINTR", "ETIMEDOUT"), lost.value
+        status = await c.wait(live_again("kvm0", before["epoch"]), timeout=window)
+        took = trio.current_time() - t0
+        kvm0 = by_name(status)["kvm0"]
+        assert kvm0["fenced_count"] == before["fenced_count"] + 1 and kvm0["mapped_pages"] == 0, kvm0
+        assert (await c.call("access", node="kvm0", mm=mm, addr=addr + 5 * PS, length=3))["data"] == b"OOO"
+        assert (await c.status())["stale_accesses"] == 0
+    assert took < window + 1.0  # the liveness window after the read's own time
+
+
+# --------------------------------------------------------------------------
+# durability: the swap file
+
+
+async def test_the_swap_file_is_private_and_a_restarted_host_never_reads_it(tmp_path: Path,
+                                                                          nursery: trio.Nursery) -> None:
+    """``mmn host --swap-path P`` over a file left world-readable (0644)
+    with old bytes in it: the host truncates it and makes it 0600 before it
+    writes a page there.  Reclaim writes the pages of its mms into it (so
+    the mode matters).  The host is killed (-9) and started again on the
+    same path: the new host knows no mm, and the file is truncated again --
+    the swapped-out pages are lost with the host, as a machine crash loses
+    its swap; nothing of them can be read back through the new host."""
+    path = tmp_path / "swap"
+    path.write_bytes(b"left over " * 1000)
+    os.chmod(path, 0o644)
+    cluster = Cluster([("kvm0", "kvm")], logs=tmp_path / "logs", restart=False,
+                      host_options={"heartbeat_ms": 100, "liveness": 10}, host_args=["--swap-path", str(path)])
+    c = C(cluster)
+    try:
+        await cluster.start(nursery)
+        with trio.fail_after(60):
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            assert b"left over" not in path.read_bytes()
+            mm = (await c.call("spawn"))["mm"]
+            addr = await c.mapping(mm, 3, fill=0x53)
+            await c.call("write", mm=mm, addr=addr, data=b"swapped secret")
+            swapped = 0
+            for _ in range(3):  # a young page gets a second chance, as in shrink_page_list
+                swapped += (await c.call("swap", mm=mm, addr=addr, length=3 * PS))["swapped"]
+            assert swapped == 3
+            on_disk = path.read_bytes()
+            assert b"swapped secret" in on_disk and on_disk.count(b"S" * PS) >= 2
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            assert (await c.call("read", mm=mm, addr=addr, length=14))["data"] == b"swapped secret"  # swap-in
+
+            for _ in range(3):
+                if (await c.call("status"))["mms"][0]["swapped"] == 3:
+                    break
+                await c.call("swap", mm=mm, addr=addr, length=3 * PS)
+            assert (await c.call("status"))["mms"][0]["swapped"] == 3
+            assert b"swapped secret" in path.read_bytes()
+            cluster.kill("host", signal.SIGKILL)
+            await cluster.procs["host"].wait()
+            await cluster.start_host()
+            status = await c.wait(lambda st: any(n["state"] == "live" for n in st["nodes"]), timeout=30)
+            assert status["mms"] == []
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            left = path.read_bytes()
+            assert b"swapped secret" not in left and b"S" * PS not in left
+            with pytest.raises(Failed) as gone:
+                await c.call("read", mm=mm, addr=addr, length=14)
+            assert gone.value.errno == "ESRCH"
+    finally:
+        await cluster.stop()
+
+
+def test_a_swap_path_that_is_a_symlink_is_refused_not_followed(tmp_path: Path) -> None:
+    """The host truncates its swap file: through a symlink it would truncate
+    whatever the link points at.  Refused (ELOOP), the target untouched; a
+    new file is created 0600 whatever the umask allows."""
+    from broker.memory import SwapFile
+
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    link = tmp_path / "swap"
+    link.symlink_to(target)
+    with pytest.raises(OSError):
+        SwapFile(4, PS, link)
+    assert target.read_bytes() == b"keep me"
+    old = os.umask(0)
+    try:
+        swap = SwapFile(4, PS, tmp_path / "fresh")
+    finally:
+        os.umask(old)
+    try:
+        assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o600
+        assert os.path.getsize(tmp_path / "fresh") == 4 * PS
+    finally:
+        swap.close()
