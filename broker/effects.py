@@ -69,6 +69,26 @@ def run_sync(op: Generator[Deliver, Outcomes, T], deliver: Callable[[Deliver], O
         return stop.value
 
 
+def throw_sync(op: Generator[Deliver, Outcomes, T], exc: BaseException,
+               deliver: Callable[[Deliver], Outcomes]) -> T:
+    """Cancel ``op`` (suspended at a yield) by throwing ``exc`` into it, and
+    drive what follows to the end with ``deliver``: the ends of the starts
+    already sent, the operation's own cleanup (see the pairing contract in
+    :mod:`broker.notifier`).
+
+    Returns:
+        What the operation returns if it absorbs ``exc`` (a partial GUP).
+    Raises:
+        ``exc`` (usually) or whatever the operation raises instead.
+    """
+    try:
+        effect = op.throw(exc)
+        while True:
+            effect = op.send(deliver(effect))
+    except StopIteration as stop:
+        return stop.value
+
+
 def no_nodes(effect: Deliver) -> Outcomes:
     """A ``deliver`` for a host with no secondary MMUs: every node is gone.
 

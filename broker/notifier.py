@@ -47,9 +47,16 @@ leaves migrated pages migrated); the end follows it; then the error propagates.
 
 A driver must either drive an operation to completion (``send`` the outcomes
 of every Deliver until StopIteration or an exception) or ``throw`` an exception
-(e.g. ``KernelError(ECANCELED)``) into it *and keep driving*: ``throw`` may
-return one more Deliver -- the end of the starts already sent -- which the
-driver delivers like any other, until the generator raises.  A start whose
+(e.g. ``KernelError(EINTR)``) into it *and keep driving*: ``throw`` may
+return further Deliver effects -- the ends of the starts already sent
+(``expect_ack=False``), and whatever cleanup the operation does on a
+``KernelError`` (fork releases its half-built child) -- which the driver
+delivers like any others until the generator stops.  Usually it re-raises
+the exception; an operation that tolerates a partial failure may return
+normally instead (GUP returns the pages it already had).
+:func:`broker.effects.throw_sync` is the synchronous form.  A node the driver
+fences meanwhile is answered ``None`` as always: it gets no end (a fenced
+node drops every translation and registers anew).  A start whose
 acks are unknown when the throw arrives gets its end at every node it was
 sent to (still alive); nodes ignore an end whose start they refused or never
 opened, and the node channel is ordered, so the end never overtakes the start.
@@ -58,8 +65,10 @@ opened, and the node channel is ordered, so the end never overtakes the start.
 generator does) cannot yield, so it cannot send an end.  It never leaves
 :attr:`NotifierCore.open` inconsistent: the invalidation leaves ``open`` and
 its end is queued in :attr:`NotifierCore.orphaned_ends`; the driver must then
-run :meth:`NotifierCore.end_orphans` (an operation) to deliver them, or the
+run :meth:`NotifierCore.end_orphans` (an operation whose deliveries are all
+ends, ``expect_ack=False``, so it needs no ack wait) to deliver them, or the
 nodes stay in their invalidation (kvm's ``mmu_invalidate_in_progress``).
+:meth:`NotifierCore.quiescent` is False while any end is owed.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from broker.effects import Deliver, Outcomes, run_sync
+from broker.effects import Deliver, Outcomes, run_sync, throw_sync
 from broker.memory import PG_KSM
 from broker.mm import Model
 from node.base import Completion, SecondaryMMU
@@ -339,15 +339,31 @@ def test_an_exception_thrown_into_a_ksm_change_pte_ends_the_wrapping_start(wrap:
         effect = gen.send(bench.deliver(effect))
     for name, msg in effect.sends:
         bench.answer(name, msg)
-    try:
-        effect = gen.throw(KernelError(Errno.EINTR, "cancelled"))
-        while True:
-            effect = gen.send(bench.deliver(effect))
-    except KernelError as exc:
-        assert exc.errno is Errno.EINTR
+    with pytest.raises(KernelError) as err:
+        throw_sync(gen, KernelError(Errno.EINTR, "cancelled"), bench.deliver)
+    assert err.value.errno is Errno.EINTR
     bench.quiet()
     assert not m.pending
     assert m.pte(mm, base)[1]  # not committed: still writable
+    m.check_invariants()
+
+
+def test_a_cancelled_slow_gup_ends_its_cow_break_and_keeps_the_pages_it_had() -> None:
+    m = Model(frames=16, page_size=PS, swap_slots=8)
+    bench, mm, base = kvm_and_gru_holding(m)
+    child = bench.run(m.fork(mm))  # both pages COW-shared now
+    for i in range(2):  # read again by kvm: each COW break has a node to tell
+        assert bench.fault("kvm", mm, base + i * PS).ok
+    gen = m.gup(mm, base, 2, True, node="kvm")  # a write GUP breaks both
+    effect = next(gen)
+    while not any(isinstance(msg, InvalidateRangeStart) and msg.start == base + PS for _, msg in effect.sends):
+        effect = gen.send(bench.deliver(effect))
+    for name, msg in effect.sends:  # the second page's start is out
+        bench.answer(name, msg)
+    pages = throw_sync(gen, KernelError(Errno.EINTR, "cancelled"), bench.deliver)
+    assert [p[0] for p in pages] == [base]  # GUP keeps the first page, as on any error
+    bench.quiet()
+    assert m.pte(mm, base + PS)[0] == m.pte(child, base + PS)[0]  # the second stayed shared
     m.check_invariants()
 
 
