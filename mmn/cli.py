@@ -919,6 +919,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
     p.set_defaults(handler=_run_keygen)
 
+    # ---- Docker Swarm: the keys as secrets (all of it in mmn/swarm.py)
+    from . import swarm as swarm_module
+
+    swarm_module.add_parser(subs)
+
     # ---- event stream
     p = subs.add_parser("watch", help="print the host's events until Ctrl-C")
     _common(p)
