@@ -973,6 +973,7 @@ EXAMPLES: dict[str, str] = {
     "xpmem release": "mmn xpmem release xpmem0 --apid 1",
     "xpmem remove": "mmn xpmem remove xpmem0 --segid 1",
     "keygen": "mmn keygen keys --node kvm0 --admin alice",
+    "swarm-secrets": "mmn swarm-secrets --prefix mmn   # then: docker stack deploy -c docker-stack.yml mmn",
     "watch": "mmn watch --count 20 --json           # a published port: MMN_EVENTS=127.0.0.1:7783 mmn watch",
 }
 
