@@ -652,6 +652,12 @@ class HostCore:
             self._send(identity, self._dma(name, msg))
             return
         if isinstance(msg, Gup):
+            if name not in self.notifier.subscriptions.get(msg.mm, ()):
+                # A secondary MMU maps an mm only after mmu_notifier_register:
+                # pages served to a node that is not subscribed would be
+                # recorded nowhere, and the next munmap would free them under it.
+                self._send(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=Errno.EINVAL.value))
+                return
             reply = self._gup_fast(name, session.kind, msg)
             if reply is None:
                 self._spawn(self._gup_slow_task(session, msg), "gup")

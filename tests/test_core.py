@@ -377,3 +377,16 @@ def test_a_stalled_host_does_not_blame_the_nodes_for_its_own_silence() -> None:
             break
     assert fenced_at is not None and fenced_at <= 12.0, fenced_at  # silent past liveness while running
     assert core.counters["fenced_heartbeat"] == 1
+
+
+def test_a_node_gets_no_page_of_an_mm_it_is_not_subscribed_to() -> None:
+    """Pages served to a node outside any subscription would be recorded
+    nowhere (no invalidation would ever reach it): refused, nothing pinned."""
+    core = new_core()
+    epoch = register(core).epoch
+    mm = admin_replies(core.submit_admin("cli", 1, "spawn", {}, 0.0))[0].result["mm"]
+    addr = admin_replies(core.submit_admin("cli", 2, "mmap", {"mm": mm, "pages": 1, "fill": 1}, 0.0))[0].result["addr"]
+    (reply,) = sends(core.receive_node(b"n1", Gup(id=3, epoch=epoch, mm=mm, addr=addr, npages=1, write=False, pin=True),
+                                       None, 0.0))
+    assert isinstance(reply, GupReply) and reply.errno == "EINVAL" and not reply.pages
+    assert sum(core.model.memory.pincount) == 0 and not core.notifier.served("kvm9", mm)
