@@ -1228,24 +1228,35 @@ class Model:
         for held in self.pins.values():
             for (_mm, pfn), have in held.items():
                 pins[pfn] += sum(have.values())
-        in_use = 0
-        for pfn in range(1, mem.nframes):
-            ref = mem.refcount[pfn]
-            assert mem.mapcount[pfn] == maps[pfn], f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != ptes {maps[pfn]}"
-            assert mem.pincount[pfn] == pins[pfn], f"pfn {pfn}: pincount {mem.pincount[pfn]} != pins {pins[pfn]}"
-            flags = mem.flags[pfn]
+        n = mem.nframes
+        counted = [[0] * n, [0] * n, [0] * n]
+        for table, counter in zip(counted, (maps, pins, cache), strict=True):
+            for pfn, count in counter.items():
+                table[pfn] = count
+        mapc, pinc, refc, flag_list = list(mem.mapcount), list(mem.pincount), list(mem.refcount), list(mem.flags)
+        want_ref = [a + b + c for a, b, c in zip(*counted, strict=True)]
+        if mapc[1:] != counted[0][1:] or pinc[1:] != counted[1][1:] or refc[1:] != want_ref[1:]:
+            for pfn in range(1, n):  # the slow walk only to name the first mismatch
+                assert mapc[pfn] == maps[pfn], f"pfn {pfn}: mapcount {mapc[pfn]} != ptes {maps[pfn]}"
+                assert pinc[pfn] == pins[pfn], f"pfn {pfn}: pincount {pinc[pfn]} != pins {pins[pfn]}"
+                assert refc[pfn] == want_ref[pfn], \
+                    f"pfn {pfn}: refcount {refc[pfn]} != ptes + pins + cache {want_ref[pfn]}"
+        for pfn in range(1, n):
+            flags = flag_list[pfn]
             if flags & PG_KSM:
                 assert not flags & PG_ANON_EXCLUSIVE, f"KSM page {pfn} is AnonExclusive"
-                assert not mem.pincount[pfn], f"KSM page {pfn} is pinned"
-            if mem.pincount[pfn] and flags & PG_ANON and not flags & PG_SHMEM:
+                assert not pinc[pfn], f"KSM page {pfn} is pinned"
+            if pinc[pfn] and flags & PG_ANON and not flags & PG_SHMEM:
                 assert flags & PG_ANON_EXCLUSIVE, f"pinned anon page {pfn} is not AnonExclusive"
-            want = maps[pfn] + pins[pfn] + cache[pfn]
-            assert ref == want, f"pfn {pfn}: refcount {ref} != ptes + pins + cache {want}"
-            if ref:
-                in_use += 1
+        in_use = sum(1 for ref in refc[1:] if ref)
         assert in_use == mem.in_use, f"frames in use {mem.in_use}, counted {in_use}"
-        for slot in range(1, self.swap.nslots):
-            assert self.swap.swap_map[slot] == slots[slot], f"swap slot {slot}: {self.swap.swap_map[slot]} != {slots[slot]}"
+        swap_map = list(self.swap.swap_map)
+        want_slots = [0] * self.swap.nslots
+        for slot, count in slots.items():
+            want_slots[slot] = count
+        if swap_map[1:] != want_slots[1:]:
+            for slot in range(1, self.swap.nslots):
+                assert swap_map[slot] == slots[slot], f"swap slot {slot}: {swap_map[slot]} != {slots[slot]}"
         for key, pfn in self.pending.items():
             raise AssertionError(f"set_pte_at_notify {key} -> {pfn} left pending")
         self.ksm.check_invariants()
