@@ -303,6 +303,8 @@ class HostCore:
             "duplicates": 0,
             "ksmd_errors": 0,
             "task_errors": 0,
+            "gup_fast": 0,
+            "gup_slow": 0,
         }
         limits = self.config.limits
         self._node_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
@@ -324,7 +326,6 @@ class HostCore:
         self._ksm_waiters: list[_Task] = []
         self._tasks: set[_Task] = set()
         self._running = False
-        self._heartbeat_timer = 0
         self._started = False
         self._held: set[TaskHandle] = set()
         self._parked: dict[TaskHandle, tuple[Any, ...]] = {}
@@ -336,7 +337,7 @@ class HostCore:
         self.now = now
         self._started = True
         if self.config.heartbeat_ms > 0:
-            self._heartbeat_timer = self._timer(now + self.config.heartbeat_ms / 1000, _HEARTBEAT, None)
+            self._timer(now + self.config.heartbeat_ms / 1000, _HEARTBEAT, None)
         self._spawn(self._ksmd(), "ksmd")
         self.publish("host_started", incarnation=self.config.incarnation, **self.endpoints)
         return self._settle()
@@ -816,7 +817,7 @@ class HostCore:
             return GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value)
         if pages is None:
             return None
-        self.counters["gup_fast"] = self.counters.get("gup_fast", 0) + 1
+        self.counters["gup_fast"] += 1
         return GupReply(ref=msg.id, mm=msg.mm, pages=page_triples(pages))
 
     def _gup_slow(self, name: str, msg: Gup) -> Op[GupReply]:
@@ -832,7 +833,7 @@ class HostCore:
         return session.state == "live" and self.sessions.by_name.get(session.name) is session
 
     def _gup_slow_task(self, session: Session, msg: Gup) -> Task[None]:
-        self.counters["gup_slow"] = self.counters.get("gup_slow", 0) + 1
+        self.counters["gup_slow"] += 1
         reply = yield Locked(self._gup_slow(session.name, msg))
         if not self._still(session):
             # fenced meanwhile: the fence dropped its pins, drop the ones this reply took too
@@ -1110,7 +1111,7 @@ class HostCore:
         for session in self.sessions.live():
             self._send(session.identity,
                        Heartbeat(id=next(self._ids), epoch=session.epoch, incarnation=cfg.incarnation))
-        self._heartbeat_timer = self._timer(now + period, _HEARTBEAT, None)
+        self._timer(now + period, _HEARTBEAT, None)
 
 
 def _fields(msg: Message) -> dict[str, Any]:
