@@ -14,6 +14,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from protocol.status import (
+    MMS_PAGE,
+    NODE_PREVIEW,
+    PAGES_PAGE,
+    check_limit,
+    mm_cursor,
+    parse_mm_cursor,
+    parse_page_cursor,
+)
 from protocol.types import Errno, KernelError
 
 from .tasks import Locked, Relay, RelayAll, Task
@@ -40,15 +49,44 @@ def _pages(core: Any, addr: int, length: int) -> None:
 
 
 @handler("status")
-def status(core: Any) -> Task[dict[str, Any]]:
+def status(core: Any, mm: int | None = None, node: str | None = None, cursor: str | None = None,
+           limit: int | None = None) -> Task[dict[str, Any]]:
+    """Bounded whatever the host holds (``protocol.status``): every node's
+    summary and the first page of mms; ``mm`` narrows both to one mm,
+    ``node`` to one node with its translations a page at a time, ``cursor``
+    continues the page a previous reply's ``mms_next`` named.
+
+    Raises:
+        KernelError: ESRCH (no such mm or node), EINVAL (bad cursor).
+    """
+    model = core.model
+    if mm is not None:
+        model.check_mm(mm)
     sessions = list(core.sessions.by_name.values())
+    if node is not None:
+        sessions = [s for s in sessions if s.name == node]
+        if not sessions:
+            raise KernelError(Errno.ESRCH, f"no node {node!r}")
+        ask: dict[str, Any] = {"cursor": cursor, "limit": check_limit(limit, PAGES_PAGE)}
+        parse_page_cursor(cursor)  # checked here too: a bad one is EINVAL before anything is asked
+        mm_page: list[dict[str, Any]] = [] if mm is None else [model.describe_mm(mm)]
+        mms_next = None
+    else:
+        ask = {"limit": NODE_PREVIEW}
+        mm_page, mms_next = _mms_page(model, mm, cursor, limit)
+    if mm is not None:
+        ask["mm"] = mm
     live = tuple(s.name for s in sessions if s.state == "live")
-    results = yield RelayAll(live, "status", {}, timeout_ms=1000)
+    results = yield RelayAll(live, "status", {k: v for k, v in ask.items() if v is not None}, timeout_ms=1000)
     nodes = []
     for s in sessions:
         result = results.get(s.name)
         report = (result.result if result is not None and result.ok else None) or {}
-        served = sum(core.notifier.served(s.name, mm).total() for mm in core.notifier.subscriptions) // core.config.page_size
+        if report:
+            translations, rest = report.get("mms", {}), report.get("mms_next")
+        else:  # no answer: the host's own count, and no detail
+            translations, rest = {}, None
+        served = sum(core.notifier.served(s.name, m).total() for m in core.notifier.subscriptions) // core.config.page_size
         nodes.append(
             {
                 "name": s.name,
@@ -59,13 +97,13 @@ def status(core: Any) -> Task[dict[str, Any]]:
                 "injected": report.get("injected", s.injected),
                 "fenced_count": s.fenced_count,
                 "fence_reason": s.fence_reason,
-                # the node's own view: {mm: {page address (hex): pfn}} and its counters
-                "mms": report.get("mms", {}),
+                # the node's own view, a page of it: {mm: {page address (hex): pfn}}, and its counters
+                "mms": translations,
+                "mms_next": rest,
                 "invalidations_in_progress": report.get("invalidations_in_progress", 0),
                 "counters": report.get("counters", {}),
             }
         )
-    model = core.model
     return {
         "host": {
             "incarnation": core.config.incarnation,
@@ -76,13 +114,26 @@ def status(core: Any) -> Task[dict[str, Any]]:
             "wrap_change_pte": core.config.wrap_change_pte,
         },
         "nodes": nodes,
-        "mms": model.describe_mms(),
+        "mms": mm_page,
+        "mms_total": len(model.mms),
+        "mms_next": mms_next,
         "frames": {"total": model.memory.nframes, "free": model.memory.nr_free()},
         "stale_accesses": model.stale_accesses,
         "ksm": model.ksm.stats(),
         "counters": {**core.counters, **{f"notifier_{k}": v for k, v in core.notifier.counters.items()},
                      "fences": core.sessions.fences, "registrations": core.sessions.registrations},
     }
+
+
+def _mms_page(model: Any, mm: int | None, cursor: str | None, limit: int | None) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of the mm list (or mm ``mm`` alone), and the cursor of the rest."""
+    if mm is not None:
+        return [model.describe_mm(mm)], None
+    after = parse_mm_cursor(cursor)
+    size = check_limit(limit, MMS_PAGE)
+    ids = sorted(i for i in model.mms if i > after) if after else sorted(model.mms)
+    page = [model.describe_mm(i) for i in ids[:size]]
+    return page, (mm_cursor(ids[size - 1]) if len(ids) > size else None)
 
 
 @handler("spawn")

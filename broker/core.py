@@ -305,6 +305,8 @@ class HostCore:
             "task_errors": 0,
             "gup_fast": 0,
             "gup_slow": 0,
+            # replies too large for the peer, answered with an error instead (broker/host.py)
+            "oversized_replies": 0,
         }
         limits = self.config.limits
         self._node_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)

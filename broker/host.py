@@ -40,8 +40,10 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol import Limits, encode
+from protocol.codec import encode_within
+from protocol.errors import ProtocolError
 from protocol.limits import ENV_VARS as LIMIT_ENV
-from protocol.messages import Event
+from protocol.messages import AdminReply, Event
 from transport import PeerGone, SocketOptions, ZSocket, bind, serve_socket, user_id_of
 from transport.curve import DOMAIN_ADMIN, DOMAIN_EVENTS, DOMAIN_NODE, HostAuth, KeyLayout
 
@@ -290,6 +292,17 @@ class Host:
 
     # -- carrying out the core's actions ----------------------------------------
 
+    def _admin_frame(self, reply: AdminReply) -> bytes:
+        """The reply's frame, or an error reply in its place when the client
+        could not take it (no reply exceeds the frame limit: ``status``
+        pages, and this is the net under it)."""
+        try:
+            return encode_within(reply, self.core.config.limits)
+        except ProtocolError as exc:
+            self.core.counters["oversized_replies"] += 1
+            return encode(AdminReply(ref=reply.ref, ok=False, errno="EIO",
+                                     error=f"{exc.message}; ask for less (status --mm, --node, --cursor)"))
+
     def _execute(self, actions: list[Action]) -> None:
         """Send what the core said, in its order; then let the timer know if
         the core's next deadline moved earlier.
@@ -314,7 +327,7 @@ class Host:
                             waiter[1] = action.reply
                             waiter[0].set()
                         else:
-                            self._admin_out.send_nowait([action.client, encode(action.reply)])
+                            self._admin_out.send_nowait([action.client, self._admin_frame(action.reply)])
                     elif type(action) is Publish:
                         self._publish(action)
                 if not self._gone:

@@ -67,6 +67,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from protocol.status import VMAS_SHOWN
 from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
 
 from .effects import Op
@@ -414,18 +415,23 @@ class Model:
         self.mms[mm_id] = Mm(mm_id, self.page_size)
         return mm_id
 
-    def describe_mms(self) -> list[dict[str, Any]]:
-        out = []
-        for mm in self.mms.values():
-            present, swapped = mm.rss()
-            out.append({
-                "mm": mm.id,
-                "vmas": [v.describe() for v in mm.vmas],
-                "present": present,
-                "swapped": swapped,
-                "subscribers": sorted(self.notifier.subscribed(mm.id)),
-            })
-        return out
+    def describe_mm(self, mm_id: int) -> dict[str, Any]:
+        """One mm for ``status``: its first vmas (``protocol.status.VMAS_SHOWN``;
+        ``vmas_total`` counts them all), rss and subscribers.
+
+        Raises:
+            KernelError(ESRCH): no such mm.
+        """
+        mm = self.check_mm(mm_id)
+        present, swapped = mm.rss()
+        return {
+            "mm": mm.id,
+            "vmas": [v.describe() for v in mm.vmas[:VMAS_SHOWN]],
+            "vmas_total": len(mm.vmas),
+            "present": present,
+            "swapped": swapped,
+            "subscribers": sorted(self.notifier.subscribed(mm.id)),
+        }
 
     def mmap(self, mm: int, npages: int, prot: str = "rw", *, shared: bool = False,
              mergeable: bool = False) -> Op[int]:

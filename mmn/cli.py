@@ -775,7 +775,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=bench_module.run_command)
 
     # ---- control
-    _control(subs, "status", _b("status"), _r_status, "nodes, mms, frames, stale accesses, KSM")
+    p = _control(subs, "status", _b("status", mm="mm", node="node", cursor="cursor", limit="limit"), _r_status,
+                 "nodes, mms, frames, stale accesses, KSM")
+    p.add_argument("--mm", type=number(1, what="mm"), default=None, metavar="ID",
+                   help="only this mm: its vmas and every node's translations of it (default: all, paged)")
+    p.add_argument("--node", default=None, metavar="NAME",
+                   help="only this node, its translations a page at a time (default: every node's summary)")
+    p.add_argument("--cursor", default=None, metavar="C",
+                   help="continue where a previous reply's mms_next left off (default: the first page)")
+    p.add_argument("--limit", type=number(1, 8192, "limit"), default=None, metavar="N",
+                   help="entries in one page, 1..8192 (default 256 mms; 4096 translations with --node)")
     _control(subs, "spawn", _b("spawn"), _r_kv, "create an address space")
     p = _control(subs, "fork", _b("fork", mm="mm"), _r_kv, "fork an mm (COW)")
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")

@@ -191,6 +191,20 @@ def mms_table(mms: Sequence[Mapping[str, Any]]) -> str:
     return table(("mm", "vmas", "present", "swapped"), rows)
 
 
+def more_hints(result: Mapping[str, Any]) -> list[str]:
+    """Where a paged status left things out, the command that shows the rest."""
+    hints = []
+    mms = result.get("mms") or []
+    if result.get("mms_next"):
+        hints.append(f"(mms: {len(mms)} of {result.get('mms_total', '?')} shown; "
+                     f"next: mmn status --cursor {result['mms_next']})")
+    for n in result.get("nodes") or []:
+        if n.get("mms_next"):
+            hints.append(f"({n.get('name')}: {n.get('mapped_pages', '?')} pages mapped, a page shown; "
+                         f"next: mmn status --node {n.get('name')} --cursor {n['mms_next']})")
+    return ["", *hints] if hints else []
+
+
 def status(result: Mapping[str, Any]) -> str:
     """The whole ``status`` result for people: host, frames, nodes, mms, KSM."""
     host = result.get("host") or {}
@@ -208,6 +222,7 @@ def status(result: Mapping[str, Any]) -> str:
     if any(isinstance(n.get("mms"), Mapping) for n in nodes):  # hosts that report the nodes' own views
         parts += ["", mappings_table(nodes)]
     parts += ["", mms_table(result.get("mms") or [])]
+    parts += more_hints(result)
     ksm = result.get("ksm") or {}
     if ksm:
         parts += ["", "ksm  " + "  ".join(f"{k}={cell(v)}" for k, v in ksm_pairs(ksm))]

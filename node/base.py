@@ -72,6 +72,7 @@ from protocol.messages import (
     Unsubscribe,
     XpmemReply,
 )
+from protocol.status import LIST_SHOWN, NODE_PREVIEW, check_limit, page_translations, parse_page_cursor
 from protocol.types import NOTIFIER_OPS, Errno, KernelError
 
 logger = logging.getLogger(__name__)
@@ -756,24 +757,39 @@ class SecondaryMMU:
         """``{mm: {page address: pfn}}`` of the host pages this node maps."""
         raise NotImplementedError
 
-    def status(self) -> dict[str, Any]:
+    def status(self, mm: int | None = None, cursor: str | None = None, limit: int | None = None) -> dict[str, Any]:
         """A JSON-friendly snapshot for ``mmn status``: keys are strings,
-        addresses hex."""
+        addresses hex.  Bounded whatever the node maps (``protocol.status``):
+        the translations come a page at a time (``mm`` filters, ``cursor``
+        continues, ``limit`` pages at most), ``mms_next`` is the rest.
+
+        Raises:
+            KernelError(EINVAL): a bad cursor or limit.
+        """
+        page, rest = page_translations(self.translations(), mm=mm, after=parse_page_cursor(cursor),
+                                       limit=check_limit(limit, NODE_PREVIEW))
+        subscribed = sorted(m for m, s in self._mms.items() if s.subscribed)
         return {
             "name": self.name,
             "kind": self.kind,
             "epoch": self.epoch,
             "mapped_pages": self.mapped_pages(),
-            "mms": {
-                str(mm): {hex(addr): pfn for addr, pfn in sorted(pages.items())}
-                for mm, pages in sorted(self.translations().items())
-            },
-            "subscribed": sorted(mm for mm, s in self._mms.items() if s.subscribed),
+            "mms": page,
+            "mms_next": rest,
+            "subscribed": subscribed[:LIST_SHOWN],
+            "subscribed_total": len(subscribed),
             "in_flight": {"requests": len(self._pending), "dma": len(self.dma_in_flight)},
             # starts begun and not ended (kvm's mmu_invalidate_in_progress, gru's range_active)
             "invalidations_in_progress": sum(len(s.open_starts) for s in self._mms.values()),
             "counters": dict(self.counters),
         }
+
+    def shown_mms(self, mm: int | None = None) -> list[int]:
+        """The mms whose per-mm state a status shows: ``mm`` alone, or the
+        first :data:`protocol.status.LIST_SHOWN`."""
+        if mm is not None:
+            return [mm] if mm in self._mms else []
+        return sorted(self._mms)[:LIST_SHOWN]
 
     # ------------------------------------------------------------- kind hooks
 

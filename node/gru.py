@@ -179,11 +179,12 @@ class GruMMU(SecondaryMMU):
             out.setdefault(mm, {})[page] = pfn
         return out
 
-    def status(self) -> dict[str, Any]:
-        status = super().status()
+    def status(self, mm: int | None = None, cursor: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        status = super().status(mm, cursor, limit)
+        states = ((m, self._mms[m]) for m in self.shown_mms(mm))
         status["gru"] = {
-            str(mm): {"range_active": s.range_active, "tlb_epoch": s.tlb_epoch}
-            for mm, s in self._mms.items()
+            str(m): {"range_active": s.range_active, "tlb_epoch": s.tlb_epoch}
+            for m, s in states
             if isinstance(s, GruMm)
         }
         return status

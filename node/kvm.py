@@ -278,12 +278,13 @@ class KvmMMU(SecondaryMMU):
     def translations(self) -> dict[int, dict[int, int]]:
         return {mm: {a: s.pfn for a, s in table.items()} for mm, table in self.sptes.items() if table}
 
-    def status(self) -> dict[str, Any]:
-        status = super().status()
+    def status(self, mm: int | None = None, cursor: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        status = super().status(mm, cursor, limit)
         status["tlb"] = len(self.tlb)
+        states = ((m, self._mms[m]) for m in self.shown_mms(mm))
         status["mmu_invalidate"] = {
-            str(mm): {"seq": s.mmu_invalidate_seq, "in_progress": s.mmu_invalidate_in_progress}
-            for mm, s in self._mms.items()
+            str(m): {"seq": s.mmu_invalidate_seq, "in_progress": s.mmu_invalidate_in_progress}
+            for m, s in states
             if isinstance(s, KvmMm)
         }
         return status

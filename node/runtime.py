@@ -73,6 +73,7 @@ import zmq
 
 from protocol import Limits, ProtocolError, decode, encode
 from protocol.admin import INJECT_KINDS
+from protocol.codec import encode_within
 from protocol.messages import (
     Ack,
     Command,
@@ -229,7 +230,8 @@ class NodeRuntime:
         self.sessions = 0
         self.last_host_traffic = 0.0
         self.counters = {"reconnects": 0, "dropped_acks": 0, "delayed_acks": 0, "duplicated": 0,
-                         "partition_dropped": 0, "bad_frames": 0, "stale_fences": 0, "refused": 0}
+                         "partition_dropped": 0, "bad_frames": 0, "stale_fences": 0, "refused": 0,
+                         "oversized_replies": 0}
         self._healed = trio.Event()
         #: Held while hung or partitioned, handled / sent in order once healed.
         self._held_in: deque[Message] = deque()
@@ -306,12 +308,23 @@ class NodeRuntime:
                 self.counters["delayed_acks"] += 1
                 self._nursery.start_soon(self._send_later, msg, delay.delay_ms / 1000)
                 return
-        frame = encode(msg)
+        frame = self._frame(msg) if type(msg) is CommandResult else encode(msg)
         if not self._send_now([frame]):  # straight to libzmq when nothing is queued
             await self._send.send([frame])
         if self._hit(self._active("duplicate")):
             self.counters["duplicated"] += 1
             await self._send.send([frame])
+
+    def _frame(self, result: CommandResult) -> bytes:
+        """A command's result, or an error in its place when the host could
+        not take it: a frame over the limit would cost this node its
+        connection (libzmq drops a peer that sends more than ``MAXMSGSIZE``)."""
+        try:
+            return encode_within(result, self.config.limits)
+        except ProtocolError as exc:
+            self.counters["oversized_replies"] += 1
+            return encode(CommandResult(ref=result.ref, ok=False, errno="EIO",
+                                        error=f"{exc.message}; ask for less (a page: mm, cursor, limit)"))
 
     async def _send_later(self, msg: Message, delay: float) -> None:
         await trio.sleep(delay)
@@ -548,7 +561,7 @@ class NodeRuntime:
         a = cmd.args
         mmu = self.mmu
         if cmd.command == "status":
-            status = mmu.status()
+            status = mmu.status(a.get("mm"), a.get("cursor"), a.get("limit"))
             status["injected"] = self.injected_status()
             status["counters"] = {**status.get("counters", {}), **self.counters}
             return None, status

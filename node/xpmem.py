@@ -54,6 +54,7 @@ from protocol.messages import (
     XpmemRemove,
     XpmemReply,
 )
+from protocol.status import LIST_SHOWN
 from protocol.types import ADDRESS_LIMIT, Errno, KernelError
 
 from .base import Fault, MmState, Output, SecondaryMMU, Translation, kernel_error, pages_in
@@ -485,8 +486,11 @@ class XpmemMMU(SecondaryMMU):
                 out.setdefault(att.mm, {})[page] = pfn
         return out
 
-    def status(self) -> dict[str, Any]:
-        status = super().status()
+    def status(self, mm: int | None = None, cursor: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        status = super().status(mm, cursor, limit)
+        permits = [p for p in self.permits.values() if mm is None or p.mm == mm]
+        attachments = [a for a in self.attachments.values() if mm is None or a.mm == mm]
+        status["permits_total"], status["attachments_total"] = len(permits), len(attachments)
         status["permits"] = [
             {
                 "apid": p.apid,
@@ -496,7 +500,7 @@ class XpmemMMU(SecondaryMMU):
                 "length": p.length,
                 "write": p.write,
             }
-            for p in self.permits.values()
+            for p in permits[:LIST_SHOWN]
         ]
         status["attachments"] = [
             {
@@ -508,7 +512,7 @@ class XpmemMMU(SecondaryMMU):
                 "write": a.write,
                 "mapped": len(a.ptes),
             }
-            for a in self.attachments.values()
+            for a in attachments[:LIST_SHOWN]
         ]
         status["pinned_pages"] = self.pinned_pages()
         status["draining"] = len(self._drains)

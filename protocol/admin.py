@@ -44,7 +44,12 @@ _NODE = _a("node", "str")
 
 #: command -> its arguments.  Append only.
 COMMANDS: dict[str, tuple[Arg, ...]] = {
-    "status": (),
+    "status": (
+        _a("mm", required=False, default=None, minimum=1),
+        _a("node", "str", required=False, default=None),
+        _a("cursor", "str", required=False, default=None),
+        _a("limit", required=False, default=None, minimum=1, maximum=8192),
+    ),
     "spawn": (),
     "fork": (_MM,),
     "exit": (_MM,),

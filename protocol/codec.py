@@ -106,6 +106,30 @@ def encode(msg: Message) -> bytes:
     return _encode_reference(msg)
 
 
+def encode_within(msg: Message, limits: Limits) -> bytes:
+    """:func:`encode`, for a frame a peer decoding with ``limits`` accepts.
+
+    A large reply (a status, a relayed command's result) is checked the way
+    the peer will check it, so the sender can answer with an error instead
+    of a frame the peer's socket or decoder refuses (libzmq drops the
+    connection of a peer that sends more than ``MAXMSGSIZE``).  A frame of
+    at most ``min(max_values, max_containers)`` bytes cannot break a count
+    limit (every value takes a byte), so only larger ones are decoded again.
+
+    Raises:
+        ProtocolError("too_large"): the peer would refuse the frame.
+    """
+    frame = encode(msg)
+    if len(frame) > limits.max_frame:
+        raise ProtocolError("too_large", f"{msg.TYPE} of {len(frame)} bytes exceeds the frame limit of {limits.max_frame}")
+    if len(frame) > min(limits.max_values, limits.max_containers):
+        try:
+            decode(frame, limits)
+        except ProtocolError as exc:
+            raise ProtocolError("too_large", f"{msg.TYPE} too large for a peer to decode: {exc.message}") from None
+    return frame
+
+
 def _encode_reference(msg: Message) -> bytes:
     """msgpack from a dict: the message types with free-form map fields,
     whose values stay with msgpack's rules both ways."""

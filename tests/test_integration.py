@@ -1078,3 +1078,53 @@ async def test_a_host_stopped_past_the_liveness_window_fences_nobody_on_resume(
     got = await c.call("access", node="xpmem0", mm=mm, addr=vaddr, length=4)
     assert got["data"] == b"\x33" * 4
     assert status["stale_accesses"] == 0
+
+
+async def test_status_and_the_health_check_stay_within_the_frame_at_500000_mapped_pages(
+        fresh: Callable[..., Cluster], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kvm node mapping 500,000 pages: ``mmn status`` answers (a bounded
+    summary, the node live), the container health check says healthy, and
+    ``status --node kvm0 --cursor`` pages through every translation the node
+    holds.  Before the paging the node's status reply was over the frame
+    limit: the status failed and the node lost its connection for good."""
+    from mmn import health
+
+    c = fresh(kinds=("kvm",))
+    mm = (await c.call("spawn"))["mm"]
+    half = 250_000
+    starts = [await c.mapping(mm, half) for _ in range(2)]
+    chunks = [(s + i * PS, min(512, half - i)) for s in starts for i in range(0, half, 512)]
+
+    async def worker(todo: list[tuple[int, int]]) -> None:
+        while todo:
+            addr, pages = todo.pop()
+            await c.call("fault", node="kvm0", mm=mm, addr=addr, pages=pages)
+
+    with trio.fail_after(240):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(worker, chunks)
+    status = await c.status()
+    kvm = nodes(status)["kvm0"]
+    assert kvm["state"] == "live" and kvm["mapped_pages"] == 2 * half
+    assert sum(len(p) for p in kvm["mms"].values()) < 2 * half and kvm["mms_next"]
+    assert len(encode(AdminReply(ref=1, ok=True, result=status))) < 1 << 20
+
+    for name in list(os.environ):
+        if name.startswith("MMN_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MMN_HOST", c.admin)
+    assert await trio.to_thread.run_sync(main, ["status"]) == 0
+    assert re.search(r"^kvm0\s+kvm\s+live\s+\d+\s+500000", capsys.readouterr().out, re.M)
+    assert await trio.to_thread.run_sync(health.main, ["--host", c.admin]) == 0
+
+    seen, cursor = 0, None
+    with trio.fail_after(120):
+        while True:
+            page = nodes(await c.call("status", node="kvm0", cursor=cursor, limit=8192))["kvm0"]
+            seen += sum(len(p) for p in page["mms"].values())
+            cursor = page["mms_next"]
+            if cursor is None:
+                break
+    assert seen == 2 * half
+    assert nodes(await c.status())["kvm0"]["state"] == "live"  # nothing cost it its connection
