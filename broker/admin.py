@@ -151,8 +151,9 @@ def fork(core: Any, mm: int) -> Task[dict[str, Any]]:
 
 @handler("exit")
 def exit_mm(core: Any, mm: int) -> Task[dict[str, Any]]:
-    yield Locked(core.model.exit_mm(mm))
+    yield Locked(core.model.exit_mm(mm))  # its pins go with it
     core.segments.forget_mm(mm)
+    core.grants.forget_mm(mm)
     core.publish("exit", mm=mm)
     return {}
 
@@ -254,13 +255,21 @@ def _relay(core: Any, node: str, command: str, args: dict[str, Any], *,
     return result.result
 
 
+def _point(core: Any, node: str, mm: int | None) -> None:
+    """An operator directs ``node`` at ``mm``: that grants it (broker/grants.py)."""
+    if mm is not None and node in core.sessions.by_name:
+        core.grants.point(node, mm)
+
+
 @handler("fault")
 def fault(core: Any, node: str, mm: int, addr: int, pages: int, write: bool) -> Task[dict[str, Any]]:
+    _point(core, node, mm)
     return (yield from _relay(core, node, "fault", {"mm": mm, "addr": addr, "pages": pages, "write": write}))
 
 
 @handler("access")
 def access(core: Any, node: str, mm: int, addr: int, length: int, data: bytes | None) -> Task[dict[str, Any]]:
+    _point(core, node, mm)
     args: dict[str, Any] = {"mm": mm, "addr": addr, "length": length}
     if data is not None:
         args["data"] = data
@@ -272,6 +281,8 @@ def xpmem(core: Any, node: str, op: str, **args: Any) -> Task[dict[str, Any]]:
     session = core.sessions.by_name.get(node)
     if session is not None and session.kind != "xpmem":
         raise KernelError(Errno.EINVAL, f"{node} is a {session.kind} node, not xpmem")
+    if op == "make":
+        _point(core, node, args.get("mm"))
     return (yield from _relay(core, node, "xpmem", {"op": op, **{k: v for k, v in args.items() if v is not None}}))
 
 
@@ -297,9 +308,44 @@ def heal(core: Any, node: str) -> Task[dict[str, Any]]:
 
 @handler("subscribe")
 def subscribe(core: Any, node: str, mm: int) -> Task[dict[str, Any]]:
+    _point(core, node, mm)
     return (yield from _relay(core, node, "subscribe", {"mm": mm}))
 
 
 @handler("unsubscribe")
 def unsubscribe(core: Any, node: str, mm: int) -> Task[dict[str, Any]]:
     return (yield from _relay(core, node, "unsubscribe", {"mm": mm}))
+
+
+@handler("grant")
+def grant(core: Any, node: str, mm: int, read_only: bool) -> Task[dict[str, Any]]:
+    """Let ``node`` reach ``mm`` (read-only: no write faults, no DMA writes).
+
+    Raises:
+        KernelError: ESRCH (no such mm, or a node that never registered).
+    """
+    core.model.check_mm(mm)
+    if node not in core.sessions.by_name:
+        raise KernelError(Errno.ESRCH, f"no node {node!r}")
+    core.grants.grant(node, mm, write=not read_only)
+    return {"node": node, "mm": mm, "write": not read_only}
+    yield  # pragma: no cover - a task, for a uniform calling convention
+
+
+@handler("revoke")
+def revoke(core: Any, node: str, mm: int) -> Task[dict[str, Any]]:
+    """End ``node``'s grant of ``mm``: as ``->release`` does, the node drops
+    everything of the mm (the host waits for its ack), its pins and permits
+    there go; later subscribes, GUPs and accesses get EACCES.
+
+    Raises:
+        KernelError(ENOENT): the node holds no grant of ``mm``.
+    """
+    if not core.grants.revoke(node, mm):
+        raise KernelError(Errno.ENOENT, f"{node} holds no grant of mm {mm}")
+    core.segments.forget_node_mm(node, mm)
+    if mm in core.model.mms:
+        yield Locked(core.notifier.unregister(node, mm))
+    dropped = core.model.drop_pins(node, mm)
+    core.publish("revoked", node=node, mm=mm)
+    return {"node": node, "mm": mm, "unpinned": dropped}

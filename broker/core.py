@@ -80,6 +80,7 @@ from protocol.messages import (
     Ack,
     AdminReply,
     AdminRequest,
+    ChangePte,
     Command,
     CommandResult,
     DmaRead,
@@ -108,6 +109,7 @@ from protocol.types import Errno, KernelError, name_matches_key
 from . import guard
 from .admin import ADMIN_HANDLERS
 from .effects import Deliver, Op, Outcomes
+from .grants import Grants
 from .notifier import check_ops
 from .sessions import Refused, Session, Sessions
 from .tasks import Locked, Relay, RelayAll, Sleep, Task, WaitKsm
@@ -283,6 +285,10 @@ class HostCore:
         self.notifier = model.notifier
         self.sessions = Sessions()
         self.segments = Segments(self.config.page_size)
+        self.grants = Grants()
+        #: node -> bitmap of the frames ever handed to it (a GUP reply, a
+        #: change_pte): an access to any other frame was forged, not stale.
+        self._handed: dict[str, bytearray] = {}
         self.eager = eager
         self.now = 0.0
         #: Someone listens to the event stream (the shell tells; else Publish is skipped).
@@ -307,6 +313,10 @@ class HostCore:
             "gup_slow": 0,
             # replies too large for the peer, answered with an error instead (broker/host.py)
             "oversized_replies": 0,
+            # a node acting on an mm no operator granted it (EACCES, broker/grants.py)
+            "refused_accesses": 0,
+            # a DMA naming a frame never handed to that node: a guess, not a stale translation
+            "forged_accesses": 0,
         }
         limits = self.config.limits
         self._node_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
@@ -655,6 +665,10 @@ class HostCore:
             self._send(identity, self._dma(name, msg))
             return
         if isinstance(msg, Gup):
+            if not self.may_reach(name, msg.mm, msg.write):
+                self._send(identity, Error(ref=msg.id, code=Errno.EACCES.value,
+                                           message=self._refused(name, msg.mm, "gup")))
+                return
             if name not in self.notifier.subscriptions.get(msg.mm, ()):
                 # A secondary MMU maps an mm only after mmu_notifier_register:
                 # pages served to a node that is not subscribed would be
@@ -762,6 +776,8 @@ class HostCore:
         try:
             if isinstance(msg, Subscribe):
                 model.check_mm(msg.mm)
+                if not self.may_reach(name, msg.mm):
+                    raise KernelError(Errno.EACCES, self._refused(name, msg.mm, "subscribe"))
                 self.notifier.register(name, msg.mm)
                 return Ok(ref=msg.id)
             if isinstance(msg, Unpin):
@@ -769,6 +785,8 @@ class HostCore:
                 return Ok(ref=msg.id)
             if isinstance(msg, XpmemMake):
                 model.check_mm(msg.mm)
+                if not self.grants.may(name, msg.mm):  # a node exports only memory it was given
+                    raise KernelError(Errno.EACCES, self._refused(name, msg.mm, "xpmem make"))
                 seg = self.segments.make(name, msg.mm, msg.addr, msg.length, msg.mode)
                 return XpmemReply(ref=msg.id, value=seg.segid, mm=seg.mm, addr=seg.addr, length=seg.length)
             if isinstance(msg, XpmemGet):
@@ -789,7 +807,18 @@ class HostCore:
     def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
         """A node's access through its translation, checked by the oracle
         (``DmaReply.errno`` is ESTALE when refused; the model counts it).
-        Never takes the lock."""
+        Never takes the lock.  Before the oracle: an access to an mm the node
+        may not reach is refused (EACCES, ``refused_accesses``), and one
+        naming a frame never handed to it is a forgery (EACCES,
+        ``forged_accesses``); neither is a stale access."""
+        write = not isinstance(msg, DmaRead)
+        if not self.may_reach(name, msg.mm, write):
+            self._refused(name, msg.mm, "dma")
+            return DmaReply(ref=msg.id, errno=Errno.EACCES.value)
+        if not self._was_handed(name, msg.pfn):
+            self.counters["forged_accesses"] += 1
+            self.publish("forged_access", node=name, mm=msg.mm, addr=msg.addr, pfn=msg.pfn)
+            return DmaReply(ref=msg.id, errno=Errno.EACCES.value)
         try:
             if isinstance(msg, DmaRead):
                 data = self.model.dma_read(name, msg.mm, msg.addr, msg.pfn, msg.offset, msg.length)
@@ -820,15 +849,45 @@ class HostCore:
         if pages is None:
             return None
         self.counters["gup_fast"] += 1
+        self._hand(name, pages)
         return GupReply(ref=msg.id, mm=msg.mm, pages=page_triples(pages))
 
     def _gup_slow(self, name: str, msg: Gup) -> Op[GupReply]:
-        """``get_user_pages`` with faults: an operation for the lock."""
+        """``get_user_pages`` with faults: an operation for the lock.  The
+        grant and the subscription are checked again now that it holds the
+        lock: a revoke or an unsubscribe that ran first wins."""
+        if not self.may_reach(name, msg.mm, msg.write) or name not in self.notifier.subscriptions.get(msg.mm, ()):
+            return GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=Errno.EACCES.value)
         try:
             pages = yield from self.model.gup(msg.mm, msg.addr, msg.npages, msg.write, pin=msg.pin, node=name)
         except KernelError as exc:
             return GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=exc.errno.value)
+        self._hand(name, pages)
         return GupReply(ref=msg.id, mm=msg.mm, pages=page_triples(pages))
+
+    # -- grants (broker/grants.py) ---------------------------------------------------
+
+    def may_reach(self, name: str, mm: int, write: bool = False) -> bool:
+        """May node ``name`` reach ``mm``: an operator granted it, or it holds
+        an XPMEM permit on a segment of it."""
+        return self.grants.may(name, mm, write) or self.segments.reaches(name, mm, write)
+
+    def _refused(self, name: str, mm: int, what: str) -> str:
+        self.counters["refused_accesses"] += 1
+        self.publish("refused_access", node=name, mm=mm, what=what)
+        return f"{name} was not granted mm {mm} ({what})"
+
+    def _hand(self, name: str, pages: Collection[tuple[int, int, bool]]) -> None:
+        """Record the frames a reply hands to ``name``."""
+        handed = self._handed.get(name)
+        if handed is None:
+            handed = self._handed[name] = bytearray((self.model.memory.nframes + 7) // 8)
+        for _addr, pfn, _w in pages:
+            handed[pfn >> 3] |= 1 << (pfn & 7)
+
+    def _was_handed(self, name: str, pfn: int) -> bool:
+        handed = self._handed.get(name)
+        return handed is not None and 0 <= pfn < len(handed) * 8 and bool(handed[pfn >> 3] & (1 << (pfn & 7)))
 
     def _still(self, session: Session) -> bool:
         """``session`` is still the node's live session (not fenced, not replaced)."""
@@ -1008,6 +1067,8 @@ class HostCore:
                 waiting[node] = msg.id
             if self.listening:
                 self.publish(msg.TYPE, node=node, **_fields(msg))
+            if type(msg) is ChangePte:  # the node may map the new frame now
+                self._hand(node, ((msg.addr, msg.pfn, msg.writable),))
             self._send(session.identity, msg)
         if waiting:
             run.timer = self._timer(self.now + self.config.ack_deadline_ms / 1000, _ACK, run)

@@ -487,6 +487,7 @@ class Model:
         drops everything), then every pte and vma goes, then the mm."""
         m = self.check_mm(mm)
         yield from self.notifier.release(mm)
+        self.drop_pins(mm=mm)  # after ->release nothing of the mm may stay pinned
         for vma in list(m.vmas):
             self._zap(m, vma.start, vma.end)
             self._drop_vma(vma)
@@ -1026,11 +1027,29 @@ class Model:
             Pins dropped.
         """
         self.notifier.fence(node)
+        return self.drop_pins(node)
+
+    def drop_pins(self, node: str | None = None, mm: int | None = None) -> int:
+        """Drop the pins ``node`` holds (every node's: None) in ``mm`` (in
+        every mm: None): a fence, a revoke, or the mm's exit.  A driver
+        unpins in its ``->release`` (hpc/xpmem's ``xpmem_mmu_notifier_release``
+        ends every attachment); a node of this model is another process, so
+        the host drops them itself rather than trust it to.
+
+        Returns:
+            Pins dropped.
+        """
         dropped = 0
-        for (_mm, pfn), have in self.pins.pop(node, {}).items():
-            for _ in range(sum(have.values())):
-                self._unpin_one(pfn)
-                dropped += 1
+        for name in [node] if node is not None else list(self.pins):
+            held = self.pins.get(name)
+            if not held:
+                continue
+            for key in [k for k in held if mm is None or k[0] == mm]:
+                for _ in range(sum(held.pop(key).values())):
+                    self._unpin_one(key[1])
+                    dropped += 1
+            if not held:
+                del self.pins[name]
         return dropped
 
     # ---------------------------------------------------------------- the oracle

@@ -108,6 +108,22 @@ class Segments:
                 return True
         return False
 
+    def reaches(self, node: str, mm: int, write: bool = False) -> bool:
+        """Does ``node`` hold a permit on some segment of ``mm`` (read-write
+        for a write)?  A permit is how a node reaches another's memory."""
+        for permit in self.permits.values():
+            if permit.node == node and (permit.write or not write):
+                seg = self.segments.get(permit.segid)
+                if seg is not None and seg.mm == mm:
+                    return True
+        return False
+
+    def forget_node_mm(self, node: str, mm: int) -> None:
+        """``revoke``: ``node``'s permits on segments of ``mm`` end."""
+        for apid in [a for a, p in self.permits.items()
+                     if p.node == node and (seg := self.segments.get(p.segid)) is not None and seg.mm == mm]:
+            del self.permits[apid]
+
     def forget_node(self, node: str) -> None:
         """A fenced node's permits are gone (its segments stay: the exporting
         mm still exists)."""

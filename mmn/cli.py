@@ -885,6 +885,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _control(subs, "unsubscribe", _b("unsubscribe", node="node", mm="mm"), _r_kv, "unsubscribe a node")
     p.add_argument("node", type=node_name, metavar="NODE")
     p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
+    p = _control(subs, "grant", _b("grant", node="node", mm="mm", read_only="read_only"), _r_kv,
+                 "let a node reach an mm (fault, access, subscribe); any command that directs it there grants too")
+    p.add_argument("node", type=node_name, metavar="NODE")
+    p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
+    p.add_argument("--read-only", action="store_true", default=None,
+                   help="no write faults and no writes through it (default: read-write)")
+    p = _control(subs, "revoke", _b("revoke", node="node", mm="mm"), _r_kv,
+                 "end a node's grant of an mm: it drops everything of the mm, its pins there go")
+    p.add_argument("node", type=node_name, metavar="NODE")
+    p.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
 
     # ---- xpmem, on behalf of an xpmem node
     p = subs.add_parser("xpmem", help="XPMEM operations issued on behalf of an xpmem node")
@@ -974,6 +984,8 @@ EXAMPLES: dict[str, str] = {
     "heal": "mmn heal xpmem0",
     "subscribe": "mmn subscribe kvm0 --mm 1",
     "unsubscribe": "mmn unsubscribe kvm0 --mm 1",
+    "grant": "mmn grant kvm0 --mm 1 --read-only",
+    "revoke": "mmn revoke kvm0 --mm 1",
     "xpmem": "mmn xpmem make xpmem0 --mm 1 0x10000000 24576 --mode 0666",
     "xpmem make": "mmn xpmem make xpmem0 --mm 1 0x10000000 24576 --mode 0666",
     "xpmem get": "mmn xpmem get xpmem0 --segid 1 --write",

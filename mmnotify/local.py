@@ -511,11 +511,15 @@ class LocalCluster:
         return c.result or {}
 
     def submit_fault(self, name: str, mm: int, addr: int, npages: int = 1, write: bool = False) -> int:
-        """Start a secondary fault on node ``name``; nothing is pumped."""
+        """Start a secondary fault on node ``name``; nothing is pumped.  As
+        ``mmn fault`` does, this points the node at ``mm`` (a grant)."""
+        self.core.grants.point(name, mm)
         return self._start(name, lambda n: n.fault(mm, addr, npages, write))
 
     def submit_access(self, name: str, mm: int, addr: int, length: int | None = None, data: bytes | None = None) -> int:
-        """Start a node access (a read, or a write of ``data``); nothing is pumped."""
+        """Start a node access (a read, or a write of ``data``); nothing is
+        pumped.  Grants ``mm``, as ``mmn access`` does."""
+        self.core.grants.point(name, mm)
         return self._start(name, lambda n: n.access(mm, addr, length, data))
 
     def fault(self, name: str, mm: int, addr: int, npages: int = 1, write: bool = False) -> dict[str, Any]:
@@ -546,6 +550,7 @@ class LocalCluster:
 
     def xpmem_make(self, name: str, mm: int, addr: int, length: int, mode: int = 0o666) -> int:
         """Export ``[addr, addr+length)`` of ``mm``; returns the segid."""
+        self.core.grants.point(name, mm)
         return self._xpmem(name, "make", mm, addr, length, mode)["segid"]
 
     def xpmem_get(self, name: str, segid: int, write: bool = True) -> int:
@@ -568,6 +573,7 @@ class LocalCluster:
     def subscribe(self, name: str, mm: int) -> dict[str, Any]:
         """``mmu_notifier_register`` of node ``name`` on ``mm``, as the
         ``subscribe`` command does it (a fault does it implicitly)."""
+        self.core.grants.point(name, mm)
         return self._value(self.wait(name, self._start(name, lambda n: n.subscribe(mm))))
 
     def unsubscribe(self, name: str, mm: int) -> dict[str, Any]:

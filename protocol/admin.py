@@ -112,6 +112,8 @@ COMMANDS: dict[str, tuple[Arg, ...]] = {
     "heal": (_NODE,),
     "subscribe": (_NODE, _MM),
     "unsubscribe": (_NODE, _MM),
+    "grant": (_NODE, _MM, _a("read_only", "bool", required=False, default=False)),
+    "revoke": (_NODE, _MM),
 }
 
 

@@ -83,6 +83,7 @@ def mapped_and_served(core: HostCore, identity: bytes = b"n1") -> tuple[int, int
     mm = admin_replies(out)[0].result["mm"]
     out = core.submit_admin("cli", 2, "mmap", {"mm": mm, "pages": 2, "fill": 7}, 0.0)
     addr = admin_replies(out)[0].result["addr"]
+    assert admin_replies(core.submit_admin("cli", 3, "grant", {"node": "kvm9", "mm": mm}, 0.0))[0].ok
     assert sends(core.receive_node(identity, Subscribe(id=2, epoch=epoch, mm=mm), None, 0.0)) == [Ok(ref=2)]
     (reply,) = sends(core.receive_node(identity, Gup(id=3, epoch=epoch, mm=mm, addr=addr, npages=1, write=False),
                                        None, 0.0))
@@ -219,6 +220,7 @@ async def scenario(world: World) -> list[dict[str, Any]]:
     await admin("write", mm=mm, addr=addr + PS, data=b"second")
     registered = await node(Register(id=1, name="kvm9", kind="kvm", ops=OPS, sleepable=False, incarnation="s"))
     epoch = registered.epoch  # type: ignore[attr-defined]
+    await admin("grant", node="kvm9", mm=mm)
     await node(Subscribe(id=2, epoch=epoch, mm=mm))
     gup = await node(Gup(id=3, epoch=epoch, mm=mm, addr=addr, npages=2, write=False))
     pfn = gup.pages[0][1]  # type: ignore[attr-defined]
@@ -386,6 +388,7 @@ def test_a_node_gets_no_page_of_an_mm_it_is_not_subscribed_to() -> None:
     epoch = register(core).epoch
     mm = admin_replies(core.submit_admin("cli", 1, "spawn", {}, 0.0))[0].result["mm"]
     addr = admin_replies(core.submit_admin("cli", 2, "mmap", {"mm": mm, "pages": 1, "fill": 1}, 0.0))[0].result["addr"]
+    assert admin_replies(core.submit_admin("cli", 4, "grant", {"node": "kvm9", "mm": mm}, 0.0))[0].ok
     (reply,) = sends(core.receive_node(b"n1", Gup(id=3, epoch=epoch, mm=mm, addr=addr, npages=1, write=False, pin=True),
                                        None, 0.0))
     assert isinstance(reply, GupReply) and reply.errno == "EINVAL" and not reply.pages

@@ -38,7 +38,22 @@ import zmq
 
 from mmn.cli import Failed, admin_call, main
 from protocol import Limits, decode, encode
-from protocol.messages import AdminReply, AdminRequest, Error, Event, Gup, Heartbeat, Register
+from protocol.messages import (
+    Ack,
+    AdminReply,
+    AdminRequest,
+    DmaRead,
+    DmaReply,
+    Error,
+    Event,
+    Gup,
+    GupReply,
+    Heartbeat,
+    Ok,
+    Register,
+    Registered,
+    Subscribe,
+)
 from protocol.types import ADDRESS_LIMIT
 from transport import connect
 
@@ -1128,3 +1143,78 @@ async def test_status_and_the_health_check_stay_within_the_frame_at_500000_mappe
                 break
     assert seen == 2 * half
     assert nodes(await c.status())["kvm0"]["state"] == "live"  # nothing cost it its connection
+
+
+async def test_a_node_reaches_only_the_mm_an_operator_granted_it(
+        cluster: Cluster, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node acting on its own (here a raw node socket: what any holder of a
+    node key can send) gets EACCES for an mm no operator pointed it at:
+    subscribe, GUP and DMA are refused and counted as refused, not stale.
+    After ``mmn grant NODE --mm M`` it may subscribe and fault; after
+    ``mmn revoke`` it is refused again."""
+    c = cluster
+    for name in list(os.environ):
+        if name.startswith("MMN_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MMN_HOST", c.admin)
+    ops = ["invalidate_range_start", "invalidate_range_end", "change_pte", "release"]
+    with trio.fail_after(60):
+        mm = (await c.call("spawn"))["mm"]
+        addr = await c.mapping(mm, 1, fill=0x42)
+        await c.call("fault", node="kvm0", mm=mm, addr=addr)
+        pfn = node_pfns(await c.node("kvm0"), mm)[addr]
+        before = await c.status()
+        async with connect(zmq.DEALER, c.endpoints["node"]) as sock:
+            reg = await _answer(sock, [encode(Register(id=1, name="kvm-rogue", kind="kvm", ops=ops, sleepable=False,
+                                                         incarnation="r"))])
+            assert isinstance(reg, Registered)
+            e = reg.epoch
+            for msg in (Subscribe(id=2, epoch=e, mm=mm), Gup(id=3, epoch=e, mm=mm, addr=addr, npages=1, write=False)):
+                refused = await _answer(sock, [encode(msg)])
+                assert isinstance(refused, Error) and refused.code == "EACCES", refused
+            read = await _answer(sock, [encode(DmaRead(id=4, epoch=e, mm=mm, addr=addr, pfn=pfn, offset=0, length=4))])
+            assert read == DmaReply(ref=4, errno="EACCES")
+            after = await c.status()
+            assert after["stale_accesses"] == before["stale_accesses"]
+            assert after["counters"]["refused_accesses"] == before["counters"]["refused_accesses"] + 3
+
+            assert await trio.to_thread.run_sync(main, ["grant", "kvm-rogue", "--mm", str(mm)]) == 0
+            assert await _answer(sock, [encode(Subscribe(id=5, epoch=e, mm=mm))]) == Ok(ref=5)
+            gup = await _answer(sock, [encode(Gup(id=6, epoch=e, mm=mm, addr=addr, npages=1, write=False))])
+            assert isinstance(gup, GupReply) and not gup.errno and gup.pages[0][1] == pfn
+            read = await _answer(sock, [encode(DmaRead(id=7, epoch=e, mm=mm, addr=addr, pfn=pfn, offset=0, length=2))])
+            assert read == DmaReply(ref=7, data=b"\x42\x42")
+
+            # revoke: the host sends ->release and waits for this node's ack
+            async with trio.open_nursery() as nursery:
+                codes: list[int] = []
+                nursery.start_soon(lambda: _run_into(codes, ["revoke", "kvm-rogue", "--mm", str(mm)]))
+                release = await _next(sock, lambda m: m.TYPE == "release")
+                assert release.TYPE == "release" and release.mm == mm
+                await sock.send_multipart([encode(Ack(ref=release.id))])
+            assert codes == [0]
+            refused = await _answer(sock, [encode(Gup(id=8, epoch=e, mm=mm, addr=addr, npages=1, write=False))])
+            assert isinstance(refused, Error) and refused.code == "EACCES"
+        capsys.readouterr()
+
+
+async def _run_into(codes: list[int], argv: list[str]) -> None:
+    codes.append(await trio.to_thread.run_sync(main, argv))
+
+
+async def _next(sock: Any, want: Callable[[Any], bool]) -> Any:
+    """The next message ``want`` accepts; what the host sends any node
+    meanwhile (heartbeats, status commands) is passed over."""
+    with trio.fail_after(10):
+        while True:
+            (frame,) = await sock.recv_multipart()
+            msg = decode(frame, Limits())
+            if want(msg):
+                return msg
+
+
+async def _answer(sock: Any, frames: list[bytes]) -> Any:
+    """Send one request of a hand-driven node; its answer (by ref)."""
+    ref = getattr(decode(frames[0], Limits()), "id", None)
+    await sock.send_multipart(frames)
+    return await _next(sock, lambda m: getattr(m, "ref", None) == ref)

@@ -255,6 +255,7 @@ async def test_a_replayed_frame_from_a_fenced_epoch_is_refused(tmp_path: Path) -
 
             first = await ask(register)
             assert isinstance(first, Registered)
+            await c.ok("grant", node="kvm9", mm=mm)
             gup = Gup(id=2, epoch=first.epoch, mm=mm, addr=addr, npages=1, write=False)
             assert (await ask(gup)).TYPE == "gup_reply"
             # the node restarts: a new epoch; the old one is retired (fenced)
