@@ -317,6 +317,8 @@ class HostCore:
             "refused_accesses": 0,
             # a DMA naming a frame never handed to that node: a guess, not a stale translation
             "forged_accesses": 0,
+            # status requests answered by one already under way (HostCore._admin)
+            "status_coalesced": 0,
         }
         limits = self.config.limits
         self._node_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
@@ -327,6 +329,9 @@ class HostCore:
         self._replies: OrderedDict[bytes, OrderedDict[int, Message | None]] = OrderedDict()
         #: node connection -> the key that registered on it (CURVE)
         self._peer_keys: dict[bytes, str] = {}
+        #: status arguments -> the (client, ref) pairs waiting for that answer
+        self._status_askers: dict[tuple[Any, ...], list[tuple[Any, int]]] = {}
+        self._admin_completed = 0
         # the executor
         self._ready: deque[tuple[Any, ...]] = deque()
         self._holder: _Run | None = None
@@ -400,7 +405,10 @@ class HostCore:
         """An admin channel request ``[identity, payload]``; the reply goes to
         ``identity`` (as a :class:`ReplyAdmin` whose client is the identity)."""
         self._clock(now)
-        if not self._admin_rate.allow(frames[0], now):
+        # Per client: its CURVE key, which it cannot change at will (the CLI
+        # opens a fresh socket, so a fresh routing id, for every call).
+        client = key if self.config.authenticated and key else frames[0]
+        if not self._admin_rate.allow(client, now):
             self.counters["rate_limited"] += 1
             self.counters["dropped_admin_frames"] += 1
             return []
@@ -643,7 +651,11 @@ class HostCore:
         except Refused as exc:
             self.counters["refused"] += 1
             ref = getattr(msg, "id", getattr(msg, "ref", 0))
-            if not isinstance(msg, (Ack, Heartbeat)) or exc.code == "fenced":
+            # An Ack is not answered (its ref is the host's, the node could
+            # not place the refusal); a heartbeat is, so a node whose
+            # connection the host lost learns it at once (node/base.py
+            # SESSION_REFUSALS), not only by its silence watchdog.
+            if not isinstance(msg, Ack) or exc.code == "fenced":
                 self._send(identity, Error(ref=ref, code=exc.code, message=exc.message))
             else:
                 self.counters["dropped_node_frames"] += 1
@@ -692,10 +704,23 @@ class HostCore:
         except ValueError as exc:
             self._send(identity, Error(ref=msg.id, code="bad_message", message=str(exc)))
             return
+        key = self._peer_keys.get(identity) if self.config.authenticated else None
+        problem, forget = self.sessions.admit(msg, key)
+        if problem:
+            self.counters["forbidden"] += 1
+            self._send(identity, Error(ref=msg.id, code="forbidden", message=problem))
+            return
+        for name in forget:  # room for it: the oldest fenced sessions go
+            self.sessions.forget(name)
+            self.grants.by_node.pop(name, None)
+            self._handed.pop(name, None)
         old = self.sessions.by_name.get(msg.name)
         if old is not None and old.state == "live":
             self._fence(msg.name, "registered again (restarted)")
-        session, _ = self.sessions.register(identity, msg, self.now)
+        if old is not None and old.key != key:  # another principal takes a free name: nothing of the old one's
+            self.grants.by_node.pop(msg.name, None)
+            self._handed.pop(msg.name, None)
+        session, _ = self.sessions.register(identity, msg, self.now, key)
         self.notifier.add_node(session.name, session.ops, session.sleepable)
         self.publish("registered", node=session.name, kind=session.kind, epoch=session.epoch)
         cfg = self.config
@@ -933,15 +958,35 @@ class HostCore:
     def _admin(self, client: Any, ref: int, command: str, args: dict[str, Any]) -> None:
         self.counters["admin_requests"] += 1
         handler = ADMIN_HANDLERS[command]
+        askers = [(client, ref)]
+        if command == "status":
+            # The most expensive call, and read-only: requests that arrive
+            # while one with the same arguments is being answered share its
+            # answer, so a flood of them costs one round of node status
+            # commands, not one per request, and cannot starve other clients.
+            # Only while no other admin request completed since it began: a
+            # client that saw its own spawn answered sees it in its status.
+            same = (self._admin_completed, *sorted(args.items()))
+            waiting = self._status_askers.get(same)
+            if waiting is not None:
+                self.counters["status_coalesced"] += 1
+                waiting.append((client, ref))
+                return
+            self._status_askers[same] = askers
 
         def done(value: Any, error: BaseException | None) -> None:
-            if error is None:
-                reply = AdminReply(ref=ref, ok=True, result=value or {})
-            elif isinstance(error, KernelError):
-                reply = AdminReply(ref=ref, ok=False, errno=error.errno.value, error=error.message)
+            if command == "status":
+                self._status_askers.pop(same, None)
             else:
-                reply = AdminReply(ref=ref, ok=False, errno="EIO", error=f"internal error: {error!r}")
-            self._outbox.append(ReplyAdmin(client, reply))
+                self._admin_completed += 1
+            for asker, asked in askers:
+                if error is None:
+                    reply = AdminReply(ref=asked, ok=True, result=value or {})
+                elif isinstance(error, KernelError):
+                    reply = AdminReply(ref=asked, ok=False, errno=error.errno.value, error=error.message)
+                else:
+                    reply = AdminReply(ref=asked, ok=False, errno="EIO", error=f"internal error: {error!r}")
+                self._outbox.append(ReplyAdmin(asker, reply))
 
         self._spawn(handler(self, **args), f"admin {command}", done)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.messages import Register
+from protocol.types import kind_of_key
 
 
 class Refused(Exception):
@@ -48,6 +49,15 @@ class Session:
     fence_reason: str = ""
     injected: dict[str, Any] = field(default_factory=dict)
     fenced_count: int = 0
+    #: the CURVE key that registered it (None without CURVE)
+    key: str | None = None
+
+
+#: Names one node key may hold sessions under (a per-kind key shared by
+#: scaled containers registers ``KIND-<container>`` names).
+MAX_SESSIONS_PER_KEY = 64
+#: Fenced sessions kept for ``status`` (the oldest are forgotten beyond it).
+MAX_FENCED = 1024
 
 
 class Sessions:
@@ -60,8 +70,58 @@ class Sessions:
         self.retired: set[int] = set()
         self.fences = 0
         self.registrations = 0
+        #: CURVE key -> the node kind it registered first (a key serves one kind)
+        self.key_kinds: dict[str, str] = {}
 
-    def register(self, identity: bytes, msg: Register, now: float) -> tuple[Session, Session | None]:
+    def admit(self, msg: Register, key: str | None) -> tuple[str, list[str]]:
+        """May ``key`` register ``msg``?  Without CURVE (``key`` None) anyone may.
+
+        * A key serves one kind: the kind its name says (``kvm0``, ``kvm``,
+          ``kvm-a`` are kvm keys), else the kind it first registered.
+        * A live session is replaced (a restart) only by the key that
+          registered it.
+        * A key holds at most :data:`MAX_SESSIONS_PER_KEY` names: beyond
+          that its oldest fenced ones are forgotten, and if all are live the
+          registration is refused.
+
+        Returns:
+            ``(problem, forget)``: why it is refused ("" if it is not), and
+            the fenced sessions to forget first to make room.
+        """
+        if key is None:
+            return "", self._overflow(msg.name)
+        kind = kind_of_key(key) or self.key_kinds.get(key)
+        if kind is not None and kind != msg.kind:
+            return f"key {key!r} is a {kind} key, not a {msg.kind} one", []
+        old = self.by_name.get(msg.name)
+        if old is not None and old.state == "live" and old.key != key:
+            return f"{msg.name} is live under another key", []
+        mine = [s for s in self.by_name.values() if s.key == key and s.name != msg.name]
+        forget: list[str] = []
+        if len(mine) >= MAX_SESSIONS_PER_KEY:
+            fenced = sorted((s for s in mine if s.state != "live"), key=lambda s: s.last_seen)
+            need = len(mine) - MAX_SESSIONS_PER_KEY + 1
+            if len(fenced) < need:
+                return f"key {key!r} already holds {len(mine)} live sessions", []
+            forget = [s.name for s in fenced[:need]]
+        return "", forget + [n for n in self._overflow(msg.name) if n not in forget]
+
+    def _overflow(self, name: str) -> list[str]:
+        """The oldest fenced sessions beyond :data:`MAX_FENCED`."""
+        fenced = [s for s in self.by_name.values() if s.state != "live" and s.name != name]
+        if len(fenced) < MAX_FENCED:
+            return []
+        fenced.sort(key=lambda s: s.last_seen)
+        return [s.name for s in fenced[: len(fenced) - MAX_FENCED + 1]]
+
+    def forget(self, name: str) -> None:
+        """Drop a fenced session from the table (its epoch stays retired)."""
+        session = self.by_name.pop(name, None)
+        if session is not None and self.by_identity.get(session.identity) == name:
+            del self.by_identity[session.identity]
+
+    def register(self, identity: bytes, msg: Register, now: float, key: str | None = None
+                 ) -> tuple[Session, Session | None]:
         """A node (re)registers.
 
         Returns:
@@ -93,7 +153,10 @@ class Sessions:
             last_seen=now,
             injected=dict(old.injected) if old is not None else {},
             fenced_count=old.fenced_count if old is not None else 0,
+            key=key,
         )
+        if key is not None:
+            self.key_kinds.setdefault(key, msg.kind)
         self.by_name[msg.name] = session
         self.by_identity[identity] = msg.name
         self.registrations += 1

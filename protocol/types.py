@@ -112,3 +112,18 @@ def name_matches_key(name: str, key_id: str) -> bool:
     and so are one principal).
     """
     return name == key_id or (name.startswith(key_id + "-") and len(name) > len(key_id) + 1)
+
+
+#: The node kinds a key's name can say (``kind_of_key``).
+NODE_KINDS = ("kvm", "gru", "xpmem")
+
+
+def kind_of_key(key_id: str) -> str | None:
+    """The kind a node key serves, by its name: ``kvm``, ``kvm0``, ``kvm-a``
+    are kvm keys (as ``mmn keygen --node kvm0`` and the per-kind keys of
+    scaled containers name them).  None: the name says no kind."""
+    for kind in sorted(NODE_KINDS, key=len, reverse=True):
+        rest = key_id[len(kind):] if key_id.startswith(kind) else None
+        if rest is not None and (rest == "" or rest[0].isdigit() or rest[0] == "-"):
+            return kind
+    return None

@@ -393,3 +393,13 @@ def test_a_node_gets_no_page_of_an_mm_it_is_not_subscribed_to() -> None:
                                        None, 0.0))
     assert isinstance(reply, GupReply) and reply.errno == "EINVAL" and not reply.pages
     assert sum(core.model.memory.pincount) == 0 and not core.notifier.served("kvm9", mm)
+
+
+def test_a_heartbeat_from_a_connection_the_host_does_not_know_is_answered_unregistered() -> None:
+    """After a reset the node's heartbeats arrive on a connection the host
+    never saw register: it says so, and the node registers anew at once
+    (node/base.py SESSION_REFUSALS) instead of waiting out its watchdog."""
+    core = new_core()
+    (reply,) = sends(core.receive_node(b"stranger", Heartbeat(id=5, epoch=3), None, 0.0))
+    assert isinstance(reply, Error) and reply.code == "unregistered" and reply.ref == 5
+    assert sends(core.receive_node(b"stranger", Ack(ref=77), None, 0.0)) == []  # an ack it could not place

@@ -162,3 +162,96 @@ def test_grant_checks_its_arguments_and_changes_nothing_when_refused() -> None:
     bad = admin("grant", node="never-registered", mm=mm)
     assert not bad.ok and bad.errno == "ESRCH"
     assert core.grants.by_node == {}
+
+
+# -- who may register what: kinds bound to keys, sessions bounded per key
+
+
+def reg(core: HostCore, identity: bytes, name: str, kind: str, key: str) -> Any:
+    from protocol.messages import Register
+
+    out = core.receive_node(identity, Register(id=1, name=name, kind=kind, ops=_ops(kind), sleepable=kind == "xpmem",
+                                               incarnation="i"), key, 0.0)
+    (reply,) = sends(out, identity)
+    return reply
+
+
+def _ops(kind: str) -> list[str]:
+    if kind == "xpmem":
+        return ["invalidate_range_start", "invalidate_range_end", "release"]
+    return ["invalidate_range_start", "invalidate_range_end", "change_pte", "release"]
+
+
+def curve_core() -> HostCore:
+    return HostCore(Model(frames=16, page_size=PS, swap_slots=8), CoreConfig(page_size=PS, authenticated=True))
+
+
+def test_a_kvm_key_cannot_register_an_xpmem_node_and_an_unnamed_key_keeps_its_first_kind() -> None:
+    core = curve_core()
+    refused = reg(core, b"a", "kvm0", "xpmem", "kvm0")
+    assert isinstance(refused, Error) and refused.code == "forbidden" and "kvm key" in refused.message
+    assert reg(core, b"b", "vm-alpha", "gru", "vm-alpha").TYPE == "registered"
+    refused = reg(core, b"c", "vm-alpha", "kvm", "vm-alpha")  # the same key, another kind
+    assert isinstance(refused, Error) and refused.code == "forbidden"
+    assert core.sessions.by_name["vm-alpha"].kind == "gru" and core.sessions.by_name["vm-alpha"].state == "live"
+
+
+def test_a_live_node_is_replaced_only_by_the_key_that_registered_it() -> None:
+    core = curve_core()
+    first = reg(core, b"real", "kvm-a", "kvm", "kvm-a")
+    assert first.TYPE == "registered"
+    # the per-kind key "kvm" may also claim the name kvm-a (name_matches_key), but not while it is live
+    refused = reg(core, b"other", "kvm-a", "kvm", "kvm")
+    assert isinstance(refused, Error) and refused.code == "forbidden"
+    assert core.sessions.by_name["kvm-a"].state == "live" and core.sessions.by_name["kvm-a"].epoch == first.epoch
+    again = reg(core, b"real2", "kvm-a", "kvm", "kvm-a")  # its own restart
+    assert again.TYPE == "registered" and again.epoch != first.epoch
+
+
+def test_sessions_are_bounded_per_key_the_oldest_fenced_go_first() -> None:
+    from broker.sessions import MAX_SESSIONS_PER_KEY
+
+    core = curve_core()
+    for i in range(MAX_SESSIONS_PER_KEY):
+        assert reg(core, b"id%d" % i, f"kvm-{i}", "kvm", "kvm").TYPE == "registered"
+    refused = reg(core, b"more", "kvm-more", "kvm", "kvm")
+    assert isinstance(refused, Error) and refused.code == "forbidden"
+    for i in range(3):
+        core.fence(f"kvm-{i}", "test", 0.0)
+    for i in range(3):
+        assert reg(core, b"new%d" % i, f"kvm-new{i}", "kvm", "kvm").TYPE == "registered"
+    names = set(core.sessions.by_name)
+    assert len(names) == MAX_SESSIONS_PER_KEY and not names & {"kvm-0", "kvm-1", "kvm-2"}
+
+
+# -- admin fairness
+
+
+def test_a_flood_of_status_requests_costs_one_round_of_node_commands_and_others_go_first() -> None:
+    from protocol.messages import Command
+
+    core, _admin, _epoch, _mm, _addr = setup()
+    commands = 0
+    for i in range(500):
+        commands += sum(isinstance(m, Command) for m in sends(core.submit_admin("flood", i, "status", {}, 0.0)))
+    assert commands == 1 and core.counters["status_coalesced"] == 499
+    out = core.submit_admin("other", 9999, "spawn", {}, 0.0)  # not behind the flood
+    (spawned,) = admin_replies(out)
+    assert spawned.ok and spawned.ref == 9999
+    # a status asked after the spawn completed is a new one: it sees the new mm
+    out = core.submit_admin("other", 10000, "status", {}, 0.0)
+    (cmd,) = [m for m in sends(out) if isinstance(m, Command)]
+    out = core.receive_node(b"n1", _result(cmd.id), None, 0.1)
+    replies = admin_replies(out)
+    assert [r.ref for r in replies] == [10000] and replies[0].result["mms_total"] == 2
+    # the flood's one round ends (the node never answered it: the 1 s status
+    # timeout); every one of its 500 requests gets that round's answer
+    flood = admin_replies(core.tick(1.5))
+    assert sorted(r.ref for r in flood) == list(range(500))
+    assert all(r.ok and r.result is flood[0].result for r in flood)  # one answer, built once
+
+
+def _result(ref: int) -> Any:
+    from protocol.messages import CommandResult
+
+    return CommandResult(ref=ref, ok=True, result={"mapped_pages": 0})
