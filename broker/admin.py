@@ -111,6 +111,9 @@ def status(core: Any, mm: int | None = None, node: str | None = None, cursor: st
             "endpoints": dict(core.endpoints),
             "ack_deadline_ms": core.config.ack_deadline_ms,
             "heartbeat_ms": core.config.heartbeat_ms,
+            # a node silent for liveness heartbeats is fenced; a relayed command gives up after command_timeout_ms
+            "liveness": core.config.liveness,
+            "command_timeout_ms": core.config.command_timeout_ms,
             "wrap_change_pte": core.config.wrap_change_pte,
         },
         "nodes": nodes,

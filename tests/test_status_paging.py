@@ -114,3 +114,11 @@ def test_a_node_reports_a_page_of_its_translations_and_the_cursor_of_the_rest() 
     assert sum(len(p) for p in rest["mms"].values()) == 40 and rest["mms_next"] is None
     with pytest.raises(KernelError):
         node.status(cursor="m1")
+
+
+def test_the_status_says_the_hosts_liveness_rules() -> None:
+    c = LocalCluster(frames=16)
+    host = c.admin("status")["host"]
+    cfg = c.core.config
+    assert (host["liveness"], host["command_timeout_ms"], host["heartbeat_ms"]) == \
+        (cfg.liveness, cfg.command_timeout_ms, cfg.heartbeat_ms)
