@@ -34,23 +34,39 @@ nodes in use, ``pages_sharing`` the further mappings of them,
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
-from collections import deque
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from protocol.types import Errno, KernelError
 
 from .effects import Op
-from .memory import PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, ZERO_PFN
-from .mm import PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, PTE_YOUNG, Mm, _present
-
-if TYPE_CHECKING:
-    from .mm import Model
+from .memory import PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, ZERO_PFN, PhysicalMemory
+from .pagetable import PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, PTE_YOUNG, Mm, Prot, present_pte
 
 Key = tuple[int, int]  # (mm, addr)
+T = TypeVar("T")
+
+
+class PrimaryMmu(Protocol):
+    """What KSM uses of the primary MMU (:class:`broker.mm.Model`), by its public names."""
+
+    memory: PhysicalMemory
+    mms: dict[int, Mm]
+    counters: Counter[str]
+    wrap_change_pte: bool
+    page_size: int
+
+    def set_pte_at_notify(self, mm: int, addr: int, pfn: int, writable: bool, commit: Callable[[], T],
+                          *, wrap: bool) -> Op[T]: ...
+
+    def put_page(self, pfn: int) -> None: ...
+
+    def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]: ...
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +76,20 @@ def page_digest(page: bytes | memoryview) -> bytes:
     return hashlib.blake2b(page, digest_size=16).digest()
 
 
+class RmapState(enum.Enum):
+    """Where an rmap item hangs (mm/ksm.c ``UNSTABLE_FLAG`` / ``STABLE_FLAG``)."""
+
+    VOLATILE = "volatile"  #: on no tree: volatile, or not looked at yet
+    UNSTABLE = "unstable"  #: a candidate in this pass's unstable tree
+    STABLE = "stable"  #: merged: on its stable node's list
+
+
 @dataclass(slots=True)
 class RmapItem:
     """``struct ksm_rmap_item``: one scanned page of a MERGEABLE vma."""
 
     oldchecksum: bytes | None = None
-    #: None (volatile or skipped), "unstable" (a candidate), "stable" (merged)
-    state: str | None = None
+    state: RmapState = RmapState.VOLATILE
     kpfn: int = 0
 
 
@@ -80,14 +103,14 @@ class StableNode:
 
 
 class Ksm:
-    """KSM for one :class:`broker.mm.Model`.
+    """KSM for one primary MMU (:class:`broker.mm.Model`).
 
     Knobs as ``/sys/kernel/mm/ksm``: ``run`` (0 stop, 1 run, 2 unmerge all),
     ``pages_to_scan``, ``sleep_millisecs``, ``max_page_sharing``,
     ``use_zero_pages``.
     """
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: PrimaryMmu) -> None:
         self.model = model
         self.run = 0
         self.pages_to_scan = 100
@@ -95,6 +118,8 @@ class Ksm:
         self.max_page_sharing = 256
         self.use_zero_pages = False
         self.rmap: dict[Key, RmapItem] = {}
+        #: mm -> rmap items of it (so that a zap of an mm KSM never looked at costs nothing here)
+        self._items_per_mm: Counter[int] = Counter()
         self.stable: dict[int, StableNode] = {}
         self.stable_index: dict[bytes, list[int]] = {}
         self.unstable: dict[bytes, Key] = {}
@@ -133,7 +158,7 @@ class Ksm:
                 shared += 1
                 sharing += len(node.items) - 1
         for item in self.rmap.values():
-            if item.state == "unstable":
+            if item.state is RmapState.UNSTABLE:
                 unshared += 1
         return {
             "run": self.run,
@@ -156,14 +181,27 @@ class Ksm:
     def forget(self, mm: int, addr: int) -> None:
         """The pte at (mm, addr) went away or changed page: drop its rmap item."""
         item = self.rmap.pop((mm, addr), None)
-        if item is not None and item.state == "stable":
+        if item is None:
+            return
+        self._items_per_mm[mm] -= 1
+        if item.state is RmapState.STABLE:
             node = self.stable.get(item.kpfn)
             if node is not None:
                 node.items.discard((mm, addr))
 
     def forget_mm(self, mm: int) -> None:
-        for key in [k for k in self.rmap if k[0] == mm]:
-            self.forget(*key)
+        if self._items_per_mm[mm] > 0:
+            for key in [k for k in self.rmap if k[0] == mm]:
+                self.forget(*key)
+        del self._items_per_mm[mm]
+
+    def _rmap_item(self, key: Key) -> RmapItem:
+        """``get_next_rmap_item``: the page's rmap item, made on first sight."""
+        item = self.rmap.get(key)
+        if item is None:
+            item = self.rmap[key] = RmapItem()
+            self._items_per_mm[key[0]] += 1
+        return item
 
     def page_freed(self, pfn: int) -> None:
         """A KSM page's last reference went: its stable node goes too."""
@@ -177,8 +215,8 @@ class Ksm:
             self.stable_index.pop(node.digest, None)
         for key in node.items:
             item = self.rmap.get(key)
-            if item is not None and item.state == "stable":
-                item.state = None
+            if item is not None and item.state is RmapState.STABLE:
+                item.state = RmapState.VOLATILE
 
     def zero_mapped(self) -> None:
         self.ksm_zero_pages += 1
@@ -245,7 +283,7 @@ class Ksm:
         if m is None:
             return None
         vma = m.find_vma(key[1])
-        if vma is None or not vma.mergeable or vma.shmem is not None or vma.prot == "none":
+        if vma is None or not vma.mergeable or vma.shmem is not None or vma.prot is Prot.NONE:
             return None
         pte = m.get(key[1])
         if not pte & PTE_PRESENT or pte >> PTE_SHIFT == ZERO_PFN:
@@ -259,17 +297,17 @@ class Ksm:
             return
         m, _pte, pfn = got
         mem = self.model.memory
-        item = self.rmap.setdefault(key, RmapItem())
-        if item.state == "unstable":
-            item.state = None  # revisited: it leaves last pass's unstable tree
+        item = self._rmap_item(key)
+        if item.state is RmapState.UNSTABLE:
+            item.state = RmapState.VOLATILE  # revisited: it leaves last pass's unstable tree
         if mem.flags[pfn] & PG_KSM:
             node = self.stable.get(pfn)
-            if node is not None and not (item.state == "stable" and item.kpfn == pfn):
+            if node is not None and not (item.state is RmapState.STABLE and item.kpfn == pfn):
                 self._append(key, item, node)
             return
-        if item.state == "stable":  # its KSM page was replaced by a copy
+        if item.state is RmapState.STABLE:  # its KSM page was replaced by a copy
             self.forget(*key)
-            item = self.rmap.setdefault(key, RmapItem())
+            item = self._rmap_item(key)
         digest = page_digest(mem.page(pfn))
         kpfn = self._stable_search(digest, pfn)
         if kpfn is not None:
@@ -287,7 +325,7 @@ class Ksm:
         if tree is None or tree[2] == pfn or mem.flags[tree[2]] & PG_KSM \
                 or not mem.pages_identical(pfn, tree[2]):
             self.unstable[digest] = key
-            item.state = "unstable"
+            item.state = RmapState.UNSTABLE
             return
         assert tree_key is not None
         yield from self._try_to_merge_two_pages(m, key, item, pfn, digest, tree_key, tree[0], tree[2])
@@ -295,7 +333,7 @@ class Ksm:
     def _append(self, key: Key, item: RmapItem, node: StableNode) -> None:
         """``stable_tree_append``."""
         node.items.add(key)
-        item.state = "stable"
+        item.state = RmapState.STABLE
         item.kpfn = node.kpfn
 
     def _stable_search(self, digest: bytes, pfn: int) -> int | None:
@@ -318,7 +356,7 @@ class Ksm:
         self.stable[pfn] = node
         self.stable_index.setdefault(digest, []).append(pfn)
         self._append(key, item, node)
-        tree_item = self.rmap.setdefault(tree_key, RmapItem())
+        tree_item = self._rmap_item(tree_key)
         if (yield from self._try_to_merge_with_ksm_page(tm, tree_key[1], tpfn, pfn)):
             if self.unstable.get(digest) == tree_key:
                 del self.unstable[digest]
@@ -379,7 +417,7 @@ class Ksm:
             mem.flags[pfn] = (mem.flags[pfn] | PG_DIRTY) & ~PG_ANON_EXCLUSIVE
             return True
 
-        return (yield from model._set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte))
+        return (yield from model.set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte))
 
     def _replace_page(self, m: Mm, addr: int, pfn: int, kpfn: int) -> Op[bool]:
         """``replace_page``: change_pte to the KSM page, set the pte, drop the old page."""
@@ -395,12 +433,12 @@ class Ksm:
                 return False
             mem.mapcount[kpfn] += 1
             mem.get_page(kpfn)
-            m.set(addr, _present(kpfn, False, False, bool(now & PTE_YOUNG)))
+            m.set(addr, present_pte(kpfn, False, False, bool(now & PTE_YOUNG)))
             mem.mapcount[pfn] -= 1
-            model._put(pfn)
+            model.put_page(pfn)
             return True
 
-        return (yield from model._set_pte_at_notify(m.id, addr, kpfn, False, commit, wrap=model.wrap_change_pte))
+        return (yield from model.set_pte_at_notify(m.id, addr, kpfn, False, commit, wrap=model.wrap_change_pte))
 
     def _merge_with_zero_page(self, m: Mm, addr: int, pfn: int) -> Op[bool]:
         """``use_zero_pages``: an all-zero page is replaced by the zero page."""
@@ -415,13 +453,13 @@ class Ksm:
             now = m.get(addr)
             if now >> PTE_SHIFT != pfn or not now & PTE_PRESENT or mem.pincount[pfn]:
                 return False
-            m.set(addr, _present(ZERO_PFN, False) | PTE_KSM_ZERO)
+            m.set(addr, present_pte(ZERO_PFN, False) | PTE_KSM_ZERO)
             mem.mapcount[pfn] -= 1
-            model._put(pfn)
+            model.put_page(pfn)
             self.ksm_zero_pages += 1
             return True
 
-        return (yield from model._set_pte_at_notify(m.id, addr, ZERO_PFN, False, commit, wrap=model.wrap_change_pte))
+        return (yield from model.set_pte_at_notify(m.id, addr, ZERO_PFN, False, commit, wrap=model.wrap_change_pte))
 
     # -- unmerging ----------------------------------------------------------------------
 
@@ -435,8 +473,8 @@ class Ksm:
         if not (self.model.memory.flags[pfn] & PG_KSM if pfn != ZERO_PFN else pte & PTE_KSM_ZERO):
             return
         vma = m.find_vma(addr)
-        writable = vma is not None and vma.prot == "rw" and not vma.shared
-        yield from self.model._cow_break(m, addr, pte, writable=writable)
+        writable = vma is not None and vma.prot is Prot.RW and not vma.shared
+        yield from self.model.cow_break(m, addr, pte, writable=writable)
 
     def unmerge_range(self, m: Mm, start: int, end: int) -> Op[None]:
         """``unmerge_ksm_pages`` (MADV_UNMERGEABLE): every KSM page of the range unshared."""
@@ -456,6 +494,7 @@ class Ksm:
                 if vma.mergeable:
                     yield from self.unmerge_range(m, vma.start, vma.end)
         self.rmap.clear()
+        self._items_per_mm.clear()
         self.unstable.clear()
         self._queue.clear()
         self._in_pass = False
@@ -468,7 +507,7 @@ class Ksm:
             assert mem.flags[kpfn] & PG_KSM and mem.refcount[kpfn], f"stable node {kpfn} without its page"
             for key in node.items:
                 item = self.rmap.get(key)
-                assert item is not None and item.state == "stable" and item.kpfn == kpfn, (key, item)
+                assert item is not None and item.state is RmapState.STABLE and item.kpfn == kpfn, (key, item)
                 m = self.model.mms[key[0]]
                 assert m.get(key[1]) >> PTE_SHIFT == kpfn, f"{key} merged into {kpfn} maps another page"
         zero = 0

@@ -354,11 +354,6 @@ class SwapFile:
         data = os.pread(self._fd, self.page_size, slot * self.page_size)
         return data.ljust(self.page_size, b"\0")
 
-    def free_slots(self) -> set[int]:
-        free = set(self._free_stack)
-        free.update(range(self._next_unused, self.nslots))
-        return free
-
     def metadata_bytes(self) -> int:
         return sum(a.buffer_info()[1] * a.itemsize for a in (self.swap_map, self._free_stack))
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from broker.effects import Deliver, Outcomes, run_sync
 from broker.memory import PG_KSM, ZERO_PFN
-from broker.mm import CHUNK_PAGES, MMAP_BASE, Mm, Model, run_op
+from broker.mm import Model, run_op
+from broker.pagetable import CHUNK_PAGES, MMAP_BASE, Mm
 from protocol.messages import Ack, ChangePte, ClearFlushYoung, InvalidateRangeEnd, InvalidateRangeStart, Release
 from protocol.types import Errno, KernelError
 
@@ -592,3 +593,4 @@ def test_clear_flush_young_messages_carry_the_page() -> None:
     r.run(m.reclaim(mm, a, PS))
     (msg,) = [msg for _, msg in r.log]
     assert isinstance(msg, ClearFlushYoung) and (msg.start, msg.end) == (a, a + PS)
+
