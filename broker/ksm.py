@@ -189,6 +189,12 @@ class Ksm:
             if node is not None:
                 node.items.discard((mm, addr))
 
+    def forget_many(self, mm: int, addrs: Iterable[int]) -> None:
+        """:meth:`forget` of each of ``addrs`` (a zap); free when KSM has no item of ``mm``."""
+        if self._items_per_mm[mm] > 0:
+            for addr in addrs:
+                self.forget(mm, int(addr))
+
     def forget_mm(self, mm: int) -> None:
         if self._items_per_mm[mm] > 0:
             for key in [k for k in self.rmap if k[0] == mm]:
@@ -221,8 +227,8 @@ class Ksm:
     def zero_mapped(self) -> None:
         self.ksm_zero_pages += 1
 
-    def zero_unmapped(self) -> None:
-        self.ksm_zero_pages -= 1
+    def zero_unmapped(self, count: int = 1) -> None:
+        self.ksm_zero_pages -= count
 
     # -- scanning -------------------------------------------------------------------
 
