@@ -291,14 +291,24 @@ class Model:
         return out
 
     def mmap(self, mm: int, npages: int, prot: str = "rw", *, shared: bool = False,
-             mergeable: bool = False) -> Op[int]:
+             mergeable: bool = False, fill: int | None = None) -> Op[int]:
         """``mmap(NULL, npages * page_size, prot, MAP_ANONYMOUS | ...)``.
 
+        Args:
+            fill: a byte every page is then written with, by host writes (each
+                page faulted in, as a ``MAP_POPULATE`` that also stores).  All
+                or nothing: if a write fails, the mapping and every frame it
+                took are unmapped again before the error is raised, as
+                ``mmap_region`` undoes a mapping whose setup failed
+                (mm/mmap.c, ``unmap_and_free_vma``).
         Returns:
-            The start address.  Nothing is populated; no notifier traffic.
+            The start address.  Without ``fill`` nothing is populated; no
+            notifier traffic either way (no node can have served the new pages).
         Raises:
             KernelError: ESRCH (no mm), EINVAL (npages < 1, unknown prot,
-                MERGEABLE on a shared mapping), ENOMEM (address space full).
+                MERGEABLE on a shared mapping), ENOMEM (address space full; or
+                no frame for the fill), EFAULT (a fill of a mapping that is not
+                writable).  Nothing is left mapped.
         """
         m = self.check_mm(mm)
         if not isinstance(npages, int) or npages < 1:
@@ -314,8 +324,16 @@ class Model:
         vma = Vma(start, end, vm_prot, shared, mergeable, Shmem(users=1) if shared else None)
         m.vmas.append(vma)
         m._reindex()
+        if fill is not None:
+            data = bytes([fill]) * self.page_size
+            try:
+                for page in range(start, end, self.page_size):
+                    yield from self.write(mm, page, data)
+            except BaseException:
+                if mm in self.mms:
+                    yield from self.munmap(mm, start, end - start)
+                raise
         return start
-        yield  # pragma: no cover - an operation, for a uniform calling convention
 
     def munmap(self, mm: int, addr: int, length: int) -> Op[None]:
         """``munmap``: one start/end(UNMAP) over the range, ptes zapped between.

@@ -691,3 +691,27 @@ def test_unmap_and_put_drops_one_mapping_per_entry_and_frees_at_the_last() -> No
     assert (mem.refcount[2], mem.mapcount[2]) == (1, 1)  # refused whole: nothing changed
     with pytest.raises(AssertionError, match="frame 1"):
         mem.unmap_and_put(np.array([1], dtype=np.uint64))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_failed_mmap_fill_leaves_nothing_behind(shared: bool) -> None:
+    m = model(frames=64)
+    mm = m.spawn()
+    keep = run_op(m.mmap(mm, 2, fill=1))
+    rec = Recorder(m)
+    subscribed(m, mm)
+    m.memory.fail_allocs_after(5)
+    with pytest.raises(KernelError) as err:
+        rec.run(m.mmap(mm, 16, shared=shared, fill=7))
+    assert err.value.errno == Errno.ENOMEM
+    assert [(v.start, v.end) for v in m.mms[mm].vmas] == [(keep, keep + 2 * PS)]  # the new mapping is gone
+    assert m.memory.in_use == 2 and m.mms[mm].rss() == (2, 0)  # and every frame its fill took
+    assert rec.types() == []  # no node had served a page of it: nothing to tell
+    m.check_invariants()
+    m.memory.fail_allocs_after(None)
+    addr = run_op(m.mmap(mm, 16, shared=shared, fill=7))  # the frames are there for the next one
+    assert run_op(m.read(mm, addr + 15 * PS, 2)) == b"\x07\x07" and m.memory.in_use == 18
+    with pytest.raises(KernelError) as err:
+        run_op(m.mmap(mm, 4, "r", fill=1))
+    assert err.value.errno == Errno.EFAULT and len(m.mms[mm].vmas) == 2
+    m.check_invariants()
