@@ -270,7 +270,9 @@ class Ksm:
             key = self._queue.popleft()
             done += 1
             self.pages_scanned += 1
-            yield from self._cmp_and_merge_page(key)
+            merge = self._cmp_and_merge_page(key)
+            if merge is not None:
+                yield from merge
         return done
 
     def full_scan(self) -> Op[int]:
@@ -296,45 +298,51 @@ class Ksm:
             return None
         return m, pte, pte >> PTE_SHIFT
 
-    def _cmp_and_merge_page(self, key: Key) -> Op[None]:
+    def _cmp_and_merge_page(self, key: Key) -> Op[object] | None:
+        """``cmp_and_merge_page``.  The look (trees, checksum) is synchronous;
+        what it returns, if not None, is the merge it decided on: an operation,
+        since merging tells the nodes."""
         got = self._page(key)
         if got is None:
             self.forget(*key)
-            return
+            return None
         m, _pte, pfn = got
         mem = self.model.memory
         item = self._rmap_item(key)
-        if item.state is RmapState.UNSTABLE:
+        state = item.state
+        if state is RmapState.UNSTABLE:
             item.state = RmapState.VOLATILE  # revisited: it leaves last pass's unstable tree
         if mem.flags[pfn] & PG_KSM:
             node = self.stable.get(pfn)
-            if node is not None and not (item.state is RmapState.STABLE and item.kpfn == pfn):
+            if node is not None and not (state is RmapState.STABLE and item.kpfn == pfn):
                 self._append(key, item, node)
-            return
-        if item.state is RmapState.STABLE:  # its KSM page was replaced by a copy
+            return None
+        if state is RmapState.STABLE:  # its KSM page was replaced by a copy
             self.forget(*key)
             item = self._rmap_item(key)
         digest = page_digest(mem.page(pfn))
-        kpfn = self._stable_search(digest, pfn)
+        kpfn = self._stable_search(digest, pfn) if self.stable_index else None
         if kpfn is not None:
-            if (yield from self._try_to_merge_with_ksm_page(m, key[1], pfn, kpfn)):
-                self._append(key, item, self.stable[kpfn])
-            return
+            return self._merge_with_stable_page(m, key, item, pfn, kpfn)
         if item.oldchecksum != digest:
             item.oldchecksum = digest  # volatile: look again next pass
-            return
+            return None
         if self.use_zero_pages and digest == self._zero_digest and mem.is_zero_filled(pfn):
-            yield from self._merge_with_zero_page(m, key[1], pfn)
-            return
+            return self._merge_with_zero_page(m, key[1], pfn)
         tree_key = self.unstable.get(digest)
         tree = self._page(tree_key) if tree_key is not None and tree_key != key else None
         if tree is None or tree[2] == pfn or mem.flags[tree[2]] & PG_KSM \
                 or not mem.pages_identical(pfn, tree[2]):
             self.unstable[digest] = key
             item.state = RmapState.UNSTABLE
-            return
+            return None
         assert tree_key is not None
-        yield from self._try_to_merge_two_pages(m, key, item, pfn, digest, tree_key, tree[0], tree[2])
+        return self._try_to_merge_two_pages(m, key, item, pfn, digest, tree_key, tree[0], tree[2])
+
+    def _merge_with_stable_page(self, m: Mm, key: Key, item: RmapItem, pfn: int, kpfn: int) -> Op[None]:
+        """``try_to_merge_with_ksm_page`` then ``stable_tree_append``."""
+        if (yield from self._try_to_merge_with_ksm_page(m, key[1], pfn, kpfn)):
+            self._append(key, item, self.stable[kpfn])
 
     def _append(self, key: Key, item: RmapItem, node: StableNode) -> None:
         """``stable_tree_append``."""
@@ -343,10 +351,21 @@ class Ksm:
         item.kpfn = node.kpfn
 
     def _stable_search(self, digest: bytes, pfn: int) -> int | None:
-        mem = self.model.memory
-        for kpfn in self.stable_index.get(digest, []):
-            node = self.stable[kpfn]
-            if kpfn != pfn and len(node.items) < self.max_page_sharing and mem.pages_identical(pfn, kpfn):
+        """``stable_tree_search``: a KSM page with these contents and room
+        (``max_page_sharing``; the further ones are the kernel's
+        ``stable_node_dup`` chain).
+
+        The kernel walks its tree with ``memcmp_pages`` because the tree is
+        ordered by contents; here the digest, taken from the page a moment ago
+        in this same step, is the walk, and a KSM page never changes (it is
+        write-protected everywhere), so equal digests mean equal pages.  The
+        one compare that matters stays: ``pages_identical`` after
+        ``write_protect_page``, once every node has acked
+        (:meth:`_try_to_merge_with_ksm_page`), which also catches a digest
+        collision.
+        """
+        for kpfn in self.stable_index.get(digest, ()):
+            if kpfn != pfn and len(self.stable[kpfn].items) < self.max_page_sharing:
                 return kpfn
         return None
 
