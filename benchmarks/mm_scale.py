@@ -10,6 +10,11 @@ and the time of munmap of a 1 GiB range with 1, 1,000 and 100,000 pages
 populated, each next to the time of a plain Python loop over the same number
 of pages (the floor measured in the same run), so the ratio is what to compare.
 No node is subscribed (the notifier fan-out is measured by ``mmn bench``).
+
+With ``--ksm-pages N`` it also measures the KSM scan as ``mmn bench`` does:
+two full passes of ksmd over N mergeable pages of 64 distinct contents
+(the first takes checksums, the second merges), in pages per second, against
+plain BLAKE2b of the same pages (the floor); the ratio is the figure.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from broker.ksm import page_digest  # noqa: E402
 from broker.mm import Model, run_op  # noqa: E402
+from broker.pagetable import PTE_SHIFT  # noqa: E402
 
 PS = 4096
 GIB_PAGES = (1 << 30) // PS
@@ -105,13 +112,52 @@ def munmap_1gib(populated: int, repeat: int = 3) -> dict[str, Any]:
     }
 
 
+def ksm_scan(pages: int) -> dict[str, Any]:
+    """Two full KSM passes over ``pages`` pages against BLAKE2b of them."""
+    model = Model(frames=pages + 16, page_size=PS, swap_slots=16)
+    try:
+        mm = model.spawn()
+        addr = run_op(model.mmap(mm, pages, mergeable=True))
+        for i in range(pages):
+            run_op(model.write(mm, addr + i * PS, bytes([1 + i % 64]) * 64))
+        m = model.mms[mm]
+        pfns = [m.get(addr + i * PS) >> PTE_SHIFT for i in range(pages)]
+        page = model.memory.page
+
+        def hash_all() -> float:
+            t0 = time.perf_counter()
+            for pfn in pfns:
+                page_digest(page(pfn))
+            return time.perf_counter() - t0
+
+        hash_t = min(hash_all(), hash_all())
+        gc.collect()
+        t0 = time.perf_counter()
+        scanned = run_op(model.ksm.full_scan())
+        scanned += run_op(model.ksm.full_scan())
+        ksm_t = time.perf_counter() - t0
+        hash_t = min(hash_t, hash_all())
+        stats = model.ksm.stats()
+        model.check_invariants()
+    finally:
+        model.close()
+    ksm_rate, hash_rate = scanned / ksm_t, pages / hash_t
+    return {"pages": pages, "pages_scanned": scanned, "pages_shared": stats["pages_shared"],
+            "pages_sharing": stats["pages_sharing"], "scanned_per_s": round(ksm_rate),
+            "hash_per_s": round(hash_rate), "ratio": round(ksm_rate / hash_rate, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=1 << 20, help="pages populated for the memory figure")
     parser.add_argument("--populated", type=int, nargs="*", default=[1, 1000, 100_000])
+    parser.add_argument("--ksm-pages", type=int, default=0, help="also measure the KSM scan over this many pages")
     parser.add_argument("--json", action="store_true")
     ns = parser.parse_args(argv)
-    result = {"memory": metadata_per_page(ns.pages), "munmap_1gib": [munmap_1gib(n) for n in ns.populated]}
+    result: dict[str, Any] = {"memory": metadata_per_page(ns.pages),
+                              "munmap_1gib": [munmap_1gib(n) for n in ns.populated]}
+    if ns.ksm_pages:
+        result["ksm"] = ksm_scan(ns.ksm_pages)
     if ns.json:
         print(json.dumps(result))
         return 0
@@ -125,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in result["munmap_1gib"]:
         print(f"  {row['populated']:>10,} {row['munmap_s']:>10.6f} {row['us_per_populated_page']:>9} "
               f"{row['floor_s']:>10.6f} {row['ratio_to_floor']:>6}")
+    if "ksm" in result:
+        k = result["ksm"]
+        print(f"KSM: {k['pages_scanned']:,} pages scanned in two passes over {k['pages']:,}, "
+              f"{k['scanned_per_s']:,}/s against BLAKE2b {k['hash_per_s']:,}/s: {k['ratio']}x "
+              f"({k['pages_shared']} shared, {k['pages_sharing']:,} sharing)")
     return 0
 
 

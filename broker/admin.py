@@ -163,9 +163,8 @@ def exit_mm(core: Any, mm: int) -> Task[dict[str, Any]]:
 
 @handler("mmap")
 def mmap(core: Any, mm: int, pages: int, prot: str, mergeable: bool, shared: bool, fill: int | None) -> Task[dict[str, Any]]:
-    addr = yield Locked(core.model.mmap(mm, pages, prot, shared=shared, mergeable=mergeable))
-    if fill is not None:
-        yield Locked(core.model.write(mm, addr, bytes([fill]) * (pages * core.config.page_size)))
+    # one operation: a fill that fails undoes the mapping and every frame it took
+    addr = yield Locked(core.model.mmap(mm, pages, prot, shared=shared, mergeable=mergeable, fill=fill))
     core.publish("mmap", mm=mm, addr=addr, pages=pages, prot=prot)
     return {"addr": addr}
 

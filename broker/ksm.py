@@ -34,23 +34,39 @@ nodes in use, ``pages_sharing`` the further mappings of them,
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
-from collections import deque
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from protocol.types import Errno, KernelError
 
 from .effects import Op
-from .memory import PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, ZERO_PFN
-from .mm import PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, PTE_YOUNG, Mm, _present
-
-if TYPE_CHECKING:
-    from .mm import Model
+from .memory import PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, ZERO_PFN, PhysicalMemory
+from .pagetable import PTE_DIRTY, PTE_KSM_ZERO, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, PTE_YOUNG, Mm, Prot, present_pte
 
 Key = tuple[int, int]  # (mm, addr)
+T = TypeVar("T")
+
+
+class PrimaryMmu(Protocol):
+    """What KSM uses of the primary MMU (:class:`broker.mm.Model`), by its public names."""
+
+    memory: PhysicalMemory
+    mms: dict[int, Mm]
+    counters: Counter[str]
+    wrap_change_pte: bool
+    page_size: int
+
+    def set_pte_at_notify(self, mm: int, addr: int, pfn: int, writable: bool, commit: Callable[[], T],
+                          *, wrap: bool) -> Op[T]: ...
+
+    def put_page(self, pfn: int) -> None: ...
+
+    def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]: ...
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +76,20 @@ def page_digest(page: bytes | memoryview) -> bytes:
     return hashlib.blake2b(page, digest_size=16).digest()
 
 
+class RmapState(enum.Enum):
+    """Where an rmap item hangs (mm/ksm.c ``UNSTABLE_FLAG`` / ``STABLE_FLAG``)."""
+
+    VOLATILE = "volatile"  #: on no tree: volatile, or not looked at yet
+    UNSTABLE = "unstable"  #: a candidate in this pass's unstable tree
+    STABLE = "stable"  #: merged: on its stable node's list
+
+
 @dataclass(slots=True)
 class RmapItem:
     """``struct ksm_rmap_item``: one scanned page of a MERGEABLE vma."""
 
     oldchecksum: bytes | None = None
-    #: None (volatile or skipped), "unstable" (a candidate), "stable" (merged)
-    state: str | None = None
+    state: RmapState = RmapState.VOLATILE
     kpfn: int = 0
 
 
@@ -80,14 +103,14 @@ class StableNode:
 
 
 class Ksm:
-    """KSM for one :class:`broker.mm.Model`.
+    """KSM for one primary MMU (:class:`broker.mm.Model`).
 
     Knobs as ``/sys/kernel/mm/ksm``: ``run`` (0 stop, 1 run, 2 unmerge all),
     ``pages_to_scan``, ``sleep_millisecs``, ``max_page_sharing``,
     ``use_zero_pages``.
     """
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: PrimaryMmu) -> None:
         self.model = model
         self.run = 0
         self.pages_to_scan = 100
@@ -95,6 +118,8 @@ class Ksm:
         self.max_page_sharing = 256
         self.use_zero_pages = False
         self.rmap: dict[Key, RmapItem] = {}
+        #: mm -> rmap items of it (so that a zap of an mm KSM never looked at costs nothing here)
+        self._items_per_mm: Counter[int] = Counter()
         self.stable: dict[int, StableNode] = {}
         self.stable_index: dict[bytes, list[int]] = {}
         self.unstable: dict[bytes, Key] = {}
@@ -133,7 +158,7 @@ class Ksm:
                 shared += 1
                 sharing += len(node.items) - 1
         for item in self.rmap.values():
-            if item.state == "unstable":
+            if item.state is RmapState.UNSTABLE:
                 unshared += 1
         return {
             "run": self.run,
@@ -156,14 +181,33 @@ class Ksm:
     def forget(self, mm: int, addr: int) -> None:
         """The pte at (mm, addr) went away or changed page: drop its rmap item."""
         item = self.rmap.pop((mm, addr), None)
-        if item is not None and item.state == "stable":
+        if item is None:
+            return
+        self._items_per_mm[mm] -= 1
+        if item.state is RmapState.STABLE:
             node = self.stable.get(item.kpfn)
             if node is not None:
                 node.items.discard((mm, addr))
 
+    def forget_many(self, mm: int, addrs: Iterable[int]) -> None:
+        """:meth:`forget` of each of ``addrs`` (a zap); free when KSM has no item of ``mm``."""
+        if self._items_per_mm[mm] > 0:
+            for addr in addrs:
+                self.forget(mm, int(addr))
+
     def forget_mm(self, mm: int) -> None:
-        for key in [k for k in self.rmap if k[0] == mm]:
-            self.forget(*key)
+        if self._items_per_mm[mm] > 0:
+            for key in [k for k in self.rmap if k[0] == mm]:
+                self.forget(*key)
+        del self._items_per_mm[mm]
+
+    def _rmap_item(self, key: Key) -> RmapItem:
+        """``get_next_rmap_item``: the page's rmap item, made on first sight."""
+        item = self.rmap.get(key)
+        if item is None:
+            item = self.rmap[key] = RmapItem()
+            self._items_per_mm[key[0]] += 1
+        return item
 
     def page_freed(self, pfn: int) -> None:
         """A KSM page's last reference went: its stable node goes too."""
@@ -177,14 +221,14 @@ class Ksm:
             self.stable_index.pop(node.digest, None)
         for key in node.items:
             item = self.rmap.get(key)
-            if item is not None and item.state == "stable":
-                item.state = None
+            if item is not None and item.state is RmapState.STABLE:
+                item.state = RmapState.VOLATILE
 
     def zero_mapped(self) -> None:
         self.ksm_zero_pages += 1
 
-    def zero_unmapped(self) -> None:
-        self.ksm_zero_pages -= 1
+    def zero_unmapped(self, count: int = 1) -> None:
+        self.ksm_zero_pages -= count
 
     # -- scanning -------------------------------------------------------------------
 
@@ -226,7 +270,9 @@ class Ksm:
             key = self._queue.popleft()
             done += 1
             self.pages_scanned += 1
-            yield from self._cmp_and_merge_page(key)
+            merge = self._cmp_and_merge_page(key)
+            if merge is not None:
+                yield from merge
         return done
 
     def full_scan(self) -> Op[int]:
@@ -245,64 +291,81 @@ class Ksm:
         if m is None:
             return None
         vma = m.find_vma(key[1])
-        if vma is None or not vma.mergeable or vma.shmem is not None or vma.prot == "none":
+        if vma is None or not vma.mergeable or vma.shmem is not None or vma.prot is Prot.NONE:
             return None
         pte = m.get(key[1])
         if not pte & PTE_PRESENT or pte >> PTE_SHIFT == ZERO_PFN:
             return None
         return m, pte, pte >> PTE_SHIFT
 
-    def _cmp_and_merge_page(self, key: Key) -> Op[None]:
+    def _cmp_and_merge_page(self, key: Key) -> Op[object] | None:
+        """``cmp_and_merge_page``.  The look (trees, checksum) is synchronous;
+        what it returns, if not None, is the merge it decided on: an operation,
+        since merging tells the nodes."""
         got = self._page(key)
         if got is None:
             self.forget(*key)
-            return
+            return None
         m, _pte, pfn = got
         mem = self.model.memory
-        item = self.rmap.setdefault(key, RmapItem())
-        if item.state == "unstable":
-            item.state = None  # revisited: it leaves last pass's unstable tree
+        item = self._rmap_item(key)
+        state = item.state
+        if state is RmapState.UNSTABLE:
+            item.state = RmapState.VOLATILE  # revisited: it leaves last pass's unstable tree
         if mem.flags[pfn] & PG_KSM:
             node = self.stable.get(pfn)
-            if node is not None and not (item.state == "stable" and item.kpfn == pfn):
+            if node is not None and not (state is RmapState.STABLE and item.kpfn == pfn):
                 self._append(key, item, node)
-            return
-        if item.state == "stable":  # its KSM page was replaced by a copy
+            return None
+        if state is RmapState.STABLE:  # its KSM page was replaced by a copy
             self.forget(*key)
-            item = self.rmap.setdefault(key, RmapItem())
+            item = self._rmap_item(key)
         digest = page_digest(mem.page(pfn))
-        kpfn = self._stable_search(digest, pfn)
+        kpfn = self._stable_search(digest, pfn) if self.stable_index else None
         if kpfn is not None:
-            if (yield from self._try_to_merge_with_ksm_page(m, key[1], pfn, kpfn)):
-                self._append(key, item, self.stable[kpfn])
-            return
+            return self._merge_with_stable_page(m, key, item, pfn, kpfn)
         if item.oldchecksum != digest:
             item.oldchecksum = digest  # volatile: look again next pass
-            return
+            return None
         if self.use_zero_pages and digest == self._zero_digest and mem.is_zero_filled(pfn):
-            yield from self._merge_with_zero_page(m, key[1], pfn)
-            return
+            return self._merge_with_zero_page(m, key[1], pfn)
         tree_key = self.unstable.get(digest)
         tree = self._page(tree_key) if tree_key is not None and tree_key != key else None
         if tree is None or tree[2] == pfn or mem.flags[tree[2]] & PG_KSM \
                 or not mem.pages_identical(pfn, tree[2]):
             self.unstable[digest] = key
-            item.state = "unstable"
-            return
+            item.state = RmapState.UNSTABLE
+            return None
         assert tree_key is not None
-        yield from self._try_to_merge_two_pages(m, key, item, pfn, digest, tree_key, tree[0], tree[2])
+        return self._try_to_merge_two_pages(m, key, item, pfn, digest, tree_key, tree[0], tree[2])
+
+    def _merge_with_stable_page(self, m: Mm, key: Key, item: RmapItem, pfn: int, kpfn: int) -> Op[None]:
+        """``try_to_merge_with_ksm_page`` then ``stable_tree_append``."""
+        if (yield from self._try_to_merge_with_ksm_page(m, key[1], pfn, kpfn)):
+            self._append(key, item, self.stable[kpfn])
 
     def _append(self, key: Key, item: RmapItem, node: StableNode) -> None:
         """``stable_tree_append``."""
         node.items.add(key)
-        item.state = "stable"
+        item.state = RmapState.STABLE
         item.kpfn = node.kpfn
 
     def _stable_search(self, digest: bytes, pfn: int) -> int | None:
-        mem = self.model.memory
-        for kpfn in self.stable_index.get(digest, []):
-            node = self.stable[kpfn]
-            if kpfn != pfn and len(node.items) < self.max_page_sharing and mem.pages_identical(pfn, kpfn):
+        """``stable_tree_search``: a KSM page with these contents and room
+        (``max_page_sharing``; the further ones are the kernel's
+        ``stable_node_dup`` chain).
+
+        The kernel walks its tree with ``memcmp_pages`` because the tree is
+        ordered by contents; here the digest, taken from the page a moment ago
+        in this same step, is the walk, and a KSM page never changes (it is
+        write-protected everywhere), so equal digests mean equal pages.  The
+        one compare that matters stays: ``pages_identical`` after
+        ``write_protect_page``, once every node has acked
+        (:meth:`_try_to_merge_with_ksm_page`), which also catches a digest
+        collision.
+        """
+        for kpfn in self.stable_index.get(digest, ()):
+            if kpfn != pfn and len(self.stable[kpfn].items) < self.max_page_sharing:
                 return kpfn
         return None
 
@@ -318,7 +381,7 @@ class Ksm:
         self.stable[pfn] = node
         self.stable_index.setdefault(digest, []).append(pfn)
         self._append(key, item, node)
-        tree_item = self.rmap.setdefault(tree_key, RmapItem())
+        tree_item = self._rmap_item(tree_key)
         if (yield from self._try_to_merge_with_ksm_page(tm, tree_key[1], tpfn, pfn)):
             if self.unstable.get(digest) == tree_key:
                 del self.unstable[digest]
@@ -379,7 +442,7 @@ class Ksm:
             mem.flags[pfn] = (mem.flags[pfn] | PG_DIRTY) & ~PG_ANON_EXCLUSIVE
             return True
 
-        return (yield from model._set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte))
+        return (yield from model.set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte))
 
     def _replace_page(self, m: Mm, addr: int, pfn: int, kpfn: int) -> Op[bool]:
         """``replace_page``: change_pte to the KSM page, set the pte, drop the old page."""
@@ -395,12 +458,12 @@ class Ksm:
                 return False
             mem.mapcount[kpfn] += 1
             mem.get_page(kpfn)
-            m.set(addr, _present(kpfn, False, False, bool(now & PTE_YOUNG)))
+            m.set(addr, present_pte(kpfn, False, False, bool(now & PTE_YOUNG)))
             mem.mapcount[pfn] -= 1
-            model._put(pfn)
+            model.put_page(pfn)
             return True
 
-        return (yield from model._set_pte_at_notify(m.id, addr, kpfn, False, commit, wrap=model.wrap_change_pte))
+        return (yield from model.set_pte_at_notify(m.id, addr, kpfn, False, commit, wrap=model.wrap_change_pte))
 
     def _merge_with_zero_page(self, m: Mm, addr: int, pfn: int) -> Op[bool]:
         """``use_zero_pages``: an all-zero page is replaced by the zero page."""
@@ -415,13 +478,13 @@ class Ksm:
             now = m.get(addr)
             if now >> PTE_SHIFT != pfn or not now & PTE_PRESENT or mem.pincount[pfn]:
                 return False
-            m.set(addr, _present(ZERO_PFN, False) | PTE_KSM_ZERO)
+            m.set(addr, present_pte(ZERO_PFN, False) | PTE_KSM_ZERO)
             mem.mapcount[pfn] -= 1
-            model._put(pfn)
+            model.put_page(pfn)
             self.ksm_zero_pages += 1
             return True
 
-        return (yield from model._set_pte_at_notify(m.id, addr, ZERO_PFN, False, commit, wrap=model.wrap_change_pte))
+        return (yield from model.set_pte_at_notify(m.id, addr, ZERO_PFN, False, commit, wrap=model.wrap_change_pte))
 
     # -- unmerging ----------------------------------------------------------------------
 
@@ -435,8 +498,8 @@ class Ksm:
         if not (self.model.memory.flags[pfn] & PG_KSM if pfn != ZERO_PFN else pte & PTE_KSM_ZERO):
             return
         vma = m.find_vma(addr)
-        writable = vma is not None and vma.prot == "rw" and not vma.shared
-        yield from self.model._cow_break(m, addr, pte, writable=writable)
+        writable = vma is not None and vma.prot is Prot.RW and not vma.shared
+        yield from self.model.cow_break(m, addr, pte, writable=writable)
 
     def unmerge_range(self, m: Mm, start: int, end: int) -> Op[None]:
         """``unmerge_ksm_pages`` (MADV_UNMERGEABLE): every KSM page of the range unshared."""
@@ -456,6 +519,7 @@ class Ksm:
                 if vma.mergeable:
                     yield from self.unmerge_range(m, vma.start, vma.end)
         self.rmap.clear()
+        self._items_per_mm.clear()
         self.unstable.clear()
         self._queue.clear()
         self._in_pass = False
@@ -468,7 +532,7 @@ class Ksm:
             assert mem.flags[kpfn] & PG_KSM and mem.refcount[kpfn], f"stable node {kpfn} without its page"
             for key in node.items:
                 item = self.rmap.get(key)
-                assert item is not None and item.state == "stable" and item.kpfn == kpfn, (key, item)
+                assert item is not None and item.state is RmapState.STABLE and item.kpfn == kpfn, (key, item)
                 m = self.model.mms[key[0]]
                 assert m.get(key[1]) >> PTE_SHIFT == kpfn, f"{key} merged into {kpfn} maps another page"
         zero = 0

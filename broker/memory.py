@@ -37,6 +37,8 @@ import tempfile
 from array import array
 from collections.abc import Callable
 
+import numpy as np
+
 from protocol.types import Errno, KernelError
 
 #: The shared zero frame (``ZERO_PAGE(0)``; ``my_zero_pfn``).
@@ -176,6 +178,61 @@ class PhysicalMemory:
             return False
         self._free(pfn)
         return True
+
+    def unmap_and_put(self, pfns: np.ndarray) -> list[int]:
+        """Per entry, one mapping and one reference dropped, as array operations.
+
+        The batched release of a zap: ``folio_remove_rmap_ptes`` for the
+        mapcount, then ``free_pages_and_swap_cache`` / ``folios_put_refs``
+        (mm/swap.c, called from ``tlb_finish_mmu``) for the references.  The
+        same as ``mapcount[pfn] -= 1; put_page(pfn)`` per entry in order,
+        :attr:`on_free` included, but a handful of C loops for the lot.
+
+        Args:
+            pfns: an integer array; a pfn may appear several times (a KSM page
+                mapped at several addresses).  Never the zero frame.
+        Returns:
+            The frames freed, in the order the per-entry loop frees them
+            (at each one's last entry).
+        Raises:
+            AssertionError: a frame with fewer mappings or references than
+                entries, or freed while still pinned (nothing is changed).
+        """
+        if not len(pfns):
+            return []
+        mapc = np.frombuffer(self.mapcount, dtype=np.uint32)
+        refc = np.frombuffer(self.refcount, dtype=np.uint32)
+        uniq, counts = np.unique(pfns, return_counts=True)
+        if uniq[0] == ZERO_PFN:
+            raise AssertionError("unmap_and_put of the zero frame")
+        short = (mapc[uniq] < counts) | (refc[uniq] < counts)
+        if short.any():
+            pfn = int(uniq[short][0])
+            raise AssertionError(f"unmap_and_put of frame {pfn}: mapcount {mapc[pfn]}, refcount {refc[pfn]}")
+        ending = refc[uniq] == counts  # their last reference goes
+        gone = uniq[ending]
+        kept_maps = mapc[gone] != counts[ending]
+        pinned = np.frombuffer(self.pincount, dtype=np.uint32)[gone] != 0
+        if (kept_maps | pinned).any():
+            pfn = int(gone[kept_maps | pinned][0])
+            raise AssertionError(f"freeing frame {pfn} still mapped {mapc[pfn] - 1} / pinned {self.pincount[pfn]}")
+        mapc[uniq] -= counts.astype(np.uint32)
+        refc[uniq] -= counts.astype(np.uint32)
+        if not len(gone):
+            return []
+        if len(uniq) == len(pfns):
+            freed = pfns[refc[pfns] == 0]  # in entry order
+        else:  # each at its last entry
+            last = len(pfns) - 1 - np.unique(pfns[::-1], return_index=True)[1]
+            freed = pfns[np.sort(last[ending])]
+        np.frombuffer(self.flags, dtype=np.uint8)[freed] = 0
+        self._free_stack.frombytes(freed.astype(np.uint32).tobytes())
+        self.in_use -= len(freed)
+        out: list[int] = freed.tolist()
+        if self.on_free is not None:
+            for pfn in out:
+                self.on_free(pfn)
+        return out
 
     def _free(self, pfn: int) -> None:
         if self.mapcount[pfn] or self.pincount[pfn]:
@@ -353,11 +410,6 @@ class SwapFile:
         self.reads += 1
         data = os.pread(self._fd, self.page_size, slot * self.page_size)
         return data.ljust(self.page_size, b"\0")
-
-    def free_slots(self) -> set[int]:
-        free = set(self._free_stack)
-        free.update(range(self._next_unused, self.nslots))
-        return free
 
     def metadata_bytes(self) -> int:
         return sum(a.buffer_info()[1] * a.itemsize for a in (self.swap_map, self._free_stack))

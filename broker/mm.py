@@ -36,13 +36,7 @@ exit                      ``mm/mmap.c`` ``exit_mmap``: ``mmu_notifier_release``
                           first
 ========================  ===============================================
 
-Page table entries are 64-bit integers in per-mm chunks of 512 (one
-``array('Q')`` per populated 2 MiB of address space with 4 KiB pages), so a
-mapped page costs 8 bytes of page table plus 13 bytes of frame metadata::
-
-    bit 0 PRESENT   bit 1 WRITE   bit 2 DIRTY   bit 3 YOUNG
-    bit 4 SWAP      bit 5 KSM_ZERO (a zero page KSM merged, is_ksm_zero_pte)
-    bits 8.. pfn (present) or swap slot (swapped); 0 = pte_none
+The page tables, vmas and the pte encoding are :mod:`broker.pagetable`.
 
 Pairing: every operation that opens an invalidation does it through
 ``NotifierCore.invalidate_range(rng, body)``, which sends the end after the
@@ -59,224 +53,46 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
-from array import array
-from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, TypeVar
+
+import numpy as np
 
 from protocol.status import VMAS_SHOWN
 from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
 
 from .effects import Op
+from .ksm import Ksm
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, PG_SHMEM, ZERO_PFN, PhysicalMemory, SwapFile
 from .notifier import NotifierCore
+from .pagetable import (
+    CHUNK_PAGES,
+    MMAP_BASE,
+    PROTS,
+    PTE_DIRTY,
+    PTE_KSM_ZERO,
+    PTE_PRESENT,
+    PTE_SHIFT,
+    PTE_SWAP,
+    PTE_WRITE,
+    PTE_YOUNG,
+    Mm,
+    Prot,
+    Shmem,
+    Vma,
+    present_pte,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PTE_PRESENT = 0x01
-PTE_WRITE = 0x02
-PTE_DIRTY = 0x04
-PTE_YOUNG = 0x08
-PTE_SWAP = 0x10
-PTE_KSM_ZERO = 0x20
-PTE_SHIFT = 8
-
-CHUNK_PAGES = 512
-PROTS = ("none", "r", "rw")
-#: First address mmap hands out (below it: nothing, like mmap_min_addr and the binary).
-MMAP_BASE = 0x10000000
 #: Largest number of pages one GUP may ask for.
 MAX_GUP_PAGES = 4096
-
-_NONZERO = re.compile(rb"[^\x00]")
-
-_RANK = {"none": 0, "r": 1, "rw": 2}
-
-
-def _present(pfn: int, writable: bool, dirty: bool = False, young: bool = False) -> int:
-    return (
-        (pfn << PTE_SHIFT)
-        | PTE_PRESENT
-        | (PTE_WRITE if writable else 0)
-        | (PTE_DIRTY if dirty else 0)
-        | (PTE_YOUNG if young else 0)
-    )
-
-
-@dataclass(slots=True)
-class Shmem:
-    """A shared anonymous object (``shmem_zero_setup``): its page cache.
-
-    Each cached page holds one reference.  The object lives while a vma maps it.
-    """
-
-    pages: dict[int, int] = field(default_factory=dict)  # page offset -> pfn
-    users: int = 0
-
-
-@dataclass(slots=True)
-class Vma:
-    """``struct vm_area_struct`` of an anonymous mapping."""
-
-    start: int
-    end: int
-    prot: str
-    shared: bool = False
-    mergeable: bool = False
-    shmem: Shmem | None = None
-    #: Page offset of ``start`` in the shmem object.
-    pgoff: int = 0
-
-    def split(self, at: int, page_size: int) -> Vma:
-        """Cut at ``at``; self keeps ``[start, at)``, returns ``[at, end)``."""
-        tail = Vma(at, self.end, self.prot, self.shared, self.mergeable, self.shmem,
-                   self.pgoff + (at - self.start) // page_size)
-        if self.shmem is not None:
-            self.shmem.users += 1
-        self.end = at
-        return tail
-
-    def describe(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "prot": self.prot, "shared": self.shared,
-                "mergeable": self.mergeable}
-
-
-class Mm:
-    """``struct mm_struct``: vmas (sorted, disjoint) and a chunked page table."""
-
-    __slots__ = ("id", "vmas", "starts", "pgd", "populated", "swapped", "next_addr", "page_size", "chunk_bytes")
-
-    def __init__(self, mm_id: int, page_size: int) -> None:
-        self.id = mm_id
-        self.vmas: list[Vma] = []
-        self.starts: list[int] = []
-        #: chunk index -> 512 ptes; populated[chunk] = number of non-none ptes in it
-        self.pgd: dict[int, array] = {}
-        self.populated: dict[int, int] = {}
-        #: swap entries among the ptes (the rest of the populated ones are present)
-        self.swapped = 0
-        self.next_addr = MMAP_BASE
-        self.page_size = page_size
-        self.chunk_bytes = page_size * CHUNK_PAGES
-
-    # -- vmas -------------------------------------------------------------------
-
-    def find_vma(self, addr: int) -> Vma | None:
-        i = bisect_right(self.starts, addr) - 1
-        if i >= 0 and self.vmas[i].end > addr:
-            return self.vmas[i]
-        return None
-
-    def _reindex(self) -> None:
-        self.vmas.sort(key=lambda v: v.start)
-        self.starts = [v.start for v in self.vmas]
-
-    def vmas_in(self, start: int, end: int) -> list[Vma]:
-        i = max(bisect_right(self.starts, start) - 1, 0)
-        out = []
-        for vma in self.vmas[i:]:
-            if vma.start >= end:
-                break
-            if vma.end > start:
-                out.append(vma)
-        return out
-
-    def split_at(self, addr: int) -> None:
-        """Make ``addr`` a vma boundary if a vma spans it (``split_vma``)."""
-        vma = self.find_vma(addr)
-        if vma is not None and vma.start < addr:
-            self.vmas.append(vma.split(addr, self.page_size))
-            self._reindex()
-
-    def isolate(self, start: int, end: int) -> list[Vma]:
-        """Split so that ``[start, end)`` is covered by whole vmas; return them."""
-        self.split_at(start)
-        self.split_at(end)
-        return self.vmas_in(start, end)
-
-    def covered_prefix(self, start: int, end: int) -> tuple[list[Vma], bool]:
-        """The vmas covering ``[start, end)`` from ``start`` up to the first hole.
-
-        Returns:
-            (vmas, complete): complete is False if a hole lies in the range.
-        """
-        out: list[Vma] = []
-        at = start
-        for vma in self.vmas_in(start, end):
-            if vma.start > at:
-                return out, False
-            out.append(vma)
-            at = vma.end
-        return out, at >= end
-
-    # -- page table ---------------------------------------------------------------
-
-    def get(self, addr: int) -> int:
-        chunk = self.pgd.get(addr // self.chunk_bytes)
-        if chunk is None:
-            return 0
-        return chunk[(addr % self.chunk_bytes) // self.page_size]
-
-    def set(self, addr: int, pte: int) -> None:
-        index = addr // self.chunk_bytes
-        chunk = self.pgd.get(index)
-        slot = (addr % self.chunk_bytes) // self.page_size
-        if chunk is None:
-            if not pte:
-                return
-            chunk = self.pgd[index] = array("Q", bytes(8 * CHUNK_PAGES))
-            self.populated[index] = 0
-        old = chunk[slot]
-        chunk[slot] = pte
-        if (old ^ pte) & PTE_SWAP:
-            self.swapped += 1 if pte & PTE_SWAP else -1
-        if bool(old) != bool(pte):
-            count = self.populated[index] + (1 if pte else -1)
-            if count:
-                self.populated[index] = count
-            else:
-                del self.pgd[index]
-                del self.populated[index]
-
-    def populated_in(self, start: int, end: int) -> Iterator[tuple[int, int]]:
-        """(addr, pte) of every non-none pte in ``[start, end)``, ascending.
-
-        Costs O(populated chunks of the mm + ptes in the chunks touched): a
-        1 GiB range with one page populated visits one chunk.
-        """
-        first, last = start // self.chunk_bytes, (end - 1) // self.chunk_bytes
-        if last - first + 1 <= len(self.pgd):
-            indexes: Any = (i for i in range(first, last + 1) if i in self.pgd)
-        else:
-            indexes = sorted(i for i in self.pgd if first <= i <= last)
-        ps = self.page_size
-        for index in indexes:
-            chunk = self.pgd.get(index)
-            if chunk is None:
-                continue
-            base = index * self.chunk_bytes
-            lo = max(0, (start - base) // ps)
-            hi = min(CHUNK_PAGES, -(-(end - base) // ps))
-            if self.populated[index] * 16 < hi - lo:
-                # sparse: every non-none pte has PRESENT or SWAP in its low
-                # byte, so the nonzero low bytes (found in C) are the ptes
-                low = chunk.tobytes()[lo * 8 : hi * 8 : 8]
-                slots: Any = (lo + m.start() for m in _NONZERO.finditer(low))
-            else:
-                slots = range(lo, hi)
-            for slot in slots:
-                pte = chunk[slot]
-                if pte:
-                    yield base + slot * ps, pte
-
-    def rss(self) -> tuple[int, int]:
-        """(present ptes, swapped ptes), from the counts ``set`` keeps."""
-        return sum(self.populated.values()) - self.swapped, self.swapped
+#: Ptes from which a zap releases them in batches of array operations
+#: (measured: the batch's fixed cost is about that of 48 ptes one by one).
+ZAP_BATCH_MIN = 48
 
 
 class Model:
@@ -305,8 +121,6 @@ class Model:
         swap_slots: int = 4096,
         wrap_change_pte: bool = False,
     ) -> None:
-        from .ksm import Ksm  # ksm.py imports this module's constants
-
         self.page_size = page_size
         self.memory = PhysicalMemory(frames, page_size)
         self.swap = SwapFile(swap_slots, page_size, swap_path)
@@ -333,6 +147,14 @@ class Model:
         except (KeyError, TypeError):
             raise KernelError(Errno.ESRCH, f"no mm {mm}") from None
 
+    @staticmethod
+    def _prot(prot: str) -> Prot:
+        """Raises KernelError(EINVAL) for a protection that is not one of :data:`PROTS`."""
+        try:
+            return Prot(prot)
+        except ValueError:
+            raise KernelError(Errno.EINVAL, f"protection {prot!r} is not one of {', '.join(PROTS)}") from None
+
     def _range(self, addr: int, length: int, *, allow_empty: bool = False) -> tuple[int, int]:
         """Validate ``addr`` (page aligned) and round ``length`` up to pages."""
         ps = self.page_size
@@ -347,8 +169,11 @@ class Model:
             raise KernelError(Errno.ENOMEM, f"[{addr:#x}, {end:#x}) is beyond the address space")
         return addr, end
 
-    def _put(self, pfn: int) -> None:
-        """``put_page`` that also retires a freed KSM page's stable node."""
+    def put_page(self, pfn: int) -> None:
+        """``put_page`` that also retires a freed KSM page's stable node
+        (mm/ksm.c: a KSM folio's last put frees its stable node,
+        ``folio_migrate_ksm`` / ``remove_node_from_stable_tree``).  The zero
+        frame is not refcounted."""
         if pfn == ZERO_PFN:
             return
         was_ksm = self.memory.flags[pfn] & PG_KSM
@@ -361,7 +186,7 @@ class Model:
             pfn = pte >> PTE_SHIFT
             if pfn != ZERO_PFN:
                 self.memory.mapcount[pfn] -= 1
-                self._put(pfn)
+                self.put_page(pfn)
             elif pte & PTE_KSM_ZERO:
                 self.ksm.zero_unmapped()
         elif pte & PTE_SWAP:
@@ -370,12 +195,50 @@ class Model:
         self.ksm.forget(mm.id, addr)
 
     def _zap(self, mm: Mm, start: int, end: int) -> int:
-        """``zap_pte_range`` over ``[start, end)``; returns ptes zapped."""
-        zapped = 0
-        for addr, pte in list(mm.populated_in(start, end)):
-            self._unmap_pte(mm, addr, pte)
-            zapped += 1
-        return zapped
+        """``zap_pte_range`` over ``[start, end)``, batched as the kernel's
+        ``mmu_gather`` batches it (mm/memory.c ``zap_present_ptes``,
+        mm/mmu_gather.c ``tlb_finish_mmu``): the ptes are cleared a chunk at a
+        time, then the frames they mapped lose their mappings and references
+        together, the swap slots their uses, and KSM its rmap items.  The
+        cost follows the populated ptes, in array operations, not the range.
+        Below :data:`ZAP_BATCH_MIN` ptes a plain loop per pte does the same
+        (the array operations' fixed cost is some 50 us).
+
+        Returns:
+            Ptes zapped.
+        """
+        if mm.count_upto(start, end) < ZAP_BATCH_MIN:
+            zapped = 0
+            for addr, pte in list(mm.populated_in(start, end)):
+                self._unmap_pte(mm, addr, pte)
+                zapped += 1
+            return zapped
+        addrs, ptes = mm.clear_range(start, end)
+        if not len(ptes):
+            return 0
+        present = (ptes & PTE_PRESENT) != 0
+        pfns = ptes >> PTE_SHIFT
+        zero = present & (pfns == ZERO_PFN)
+        self.ksm.zero_unmapped(int(np.count_nonzero(zero & ((ptes & PTE_KSM_ZERO) != 0))))
+        self.unmap_pages(pfns[present & ~zero])
+        for slot in pfns[~present & ((ptes & PTE_SWAP) != 0)].tolist():
+            self.swap.free(slot)
+        self.ksm.forget_many(mm.id, addrs)
+        return len(ptes)
+
+    def unmap_pages(self, pfns: np.ndarray) -> None:
+        """Each entry's mapping and reference dropped (``folio_remove_rmap_ptes``
+        + ``free_pages_and_swap_cache``); freed KSM pages retire their stable
+        nodes as :meth:`put_page` does.  A pfn may be listed several times
+        (a KSM page mapped at several addresses); not the zero frame."""
+        if not len(pfns):
+            return
+        flags = np.frombuffer(self.memory.flags, dtype=np.uint8)
+        ksm = np.unique(pfns[(flags[pfns] & PG_KSM) != 0]).tolist()
+        self.memory.unmap_and_put(pfns)
+        for pfn in ksm:
+            if self.memory.is_free(pfn):
+                self.ksm.page_freed(pfn)
 
     def _drop_vma(self, vma: Vma) -> None:
         if vma.shmem is not None:
@@ -383,7 +246,7 @@ class Model:
             if vma.shmem.users == 0:
                 for pfn in vma.shmem.pages.values():
                     self.memory.flags[pfn] &= ~PG_SHMEM
-                    self._put(pfn)
+                    self.put_page(pfn)
                 vma.shmem.pages.clear()
 
     def pte(self, mm: int, addr: int) -> tuple[int, bool, bool, bool] | None:
@@ -399,7 +262,7 @@ class Model:
         if not pte & PTE_PRESENT:
             return None
         vma = m.find_vma(page)
-        if vma is None or vma.prot == "none":
+        if vma is None or vma.prot is Prot.NONE:
             return None
         return (pte >> PTE_SHIFT, bool(pte & PTE_WRITE), bool(pte & PTE_DIRTY), bool(pte & PTE_YOUNG))
 
@@ -434,20 +297,29 @@ class Model:
         }
 
     def mmap(self, mm: int, npages: int, prot: str = "rw", *, shared: bool = False,
-             mergeable: bool = False) -> Op[int]:
+             mergeable: bool = False, fill: int | None = None) -> Op[int]:
         """``mmap(NULL, npages * page_size, prot, MAP_ANONYMOUS | ...)``.
 
+        Args:
+            fill: a byte every page is then written with, by host writes (each
+                page faulted in, as a ``MAP_POPULATE`` that also stores).  All
+                or nothing: if a write fails, the mapping and every frame it
+                took are unmapped again before the error is raised, as
+                ``mmap_region`` undoes a mapping whose setup failed
+                (mm/mmap.c, ``unmap_and_free_vma``).
         Returns:
-            The start address.  Nothing is populated; no notifier traffic.
+            The start address.  Without ``fill`` nothing is populated; no
+            notifier traffic either way (no node can have served the new pages).
         Raises:
             KernelError: ESRCH (no mm), EINVAL (npages < 1, unknown prot,
-                MERGEABLE on a shared mapping), ENOMEM (address space full).
+                MERGEABLE on a shared mapping), ENOMEM (address space full; or
+                no frame for the fill), EFAULT (a fill of a mapping that is not
+                writable).  Nothing is left mapped.
         """
         m = self.check_mm(mm)
         if not isinstance(npages, int) or npages < 1:
             raise KernelError(Errno.EINVAL, f"cannot map {npages!r} pages")
-        if prot not in PROTS:
-            raise KernelError(Errno.EINVAL, f"protection {prot!r} is not one of {', '.join(PROTS)}")
+        vm_prot = self._prot(prot)
         if shared and mergeable:
             raise KernelError(Errno.EINVAL, "KSM merges private anonymous memory only")
         start = m.next_addr
@@ -455,11 +327,19 @@ class Model:
         if end > ADDRESS_LIMIT:
             raise KernelError(Errno.ENOMEM, "address space exhausted")
         m.next_addr = end + self.page_size  # a guard gap: mappings stay separate vmas
-        vma = Vma(start, end, prot, shared, mergeable, Shmem(users=1) if shared else None)
+        vma = Vma(start, end, vm_prot, shared, mergeable, Shmem(users=1) if shared else None)
         m.vmas.append(vma)
         m._reindex()
+        if fill is not None:
+            data = bytes([fill]) * self.page_size
+            try:
+                for page in range(start, end, self.page_size):
+                    yield from self.write(mm, page, data)
+            except BaseException:
+                if mm in self.mms:
+                    yield from self.munmap(mm, start, end - start)
+                raise
         return start
-        yield  # pragma: no cover - an operation, for a uniform calling convention
 
     def munmap(self, mm: int, addr: int, length: int) -> Op[None]:
         """``munmap``: one start/end(UNMAP) over the range, ptes zapped between.
@@ -509,23 +389,22 @@ class Model:
         """
         m = self.check_mm(mm)
         start, end = self._range(addr, length, allow_empty=True)
-        if prot not in PROTS:
-            raise KernelError(Errno.EINVAL, f"protection {prot!r} is not one of {', '.join(PROTS)}")
+        new = self._prot(prot)
         if start == end:
             return
         vmas, complete = m.covered_prefix(start, end)
         if not vmas:
             raise KernelError(Errno.ENOMEM, f"{start:#x} is not mapped")
         stop = end if complete else vmas[-1].end
-        downgrade = any(_RANK[prot] < _RANK[v.prot] for v in vmas)
+        downgrade = any(new.rank < v.prot.rank for v in vmas)
 
         def change_protection(_inv: Any) -> None:
             for vma in m.isolate(start, stop):
-                if _RANK[prot] < _RANK[vma.prot]:
+                if new.rank < vma.prot.rank:
                     for page, pte in list(m.populated_in(vma.start, vma.end)):
                         if pte & PTE_WRITE:
                             m.set(page, pte & ~PTE_WRITE)
-                vma.prot = prot
+                vma.prot = new
 
         if downgrade:
             rng = Range(mm, start, stop, NotifyEvent.PROTECTION_VMA)
@@ -616,7 +495,7 @@ class Model:
                     mem.copy(new, pfn)
                     mem.flags[new] = PG_ANON | PG_ANON_EXCLUSIVE
                     mem.mapcount[new] = 1
-                    child.set(addr, _present(new, bool(pte & PTE_WRITE), True))
+                    child.set(addr, present_pte(new, bool(pte & PTE_WRITE), True))
                     continue
                 ro = pte & ~(PTE_WRITE | PTE_YOUNG)
                 if pte & PTE_WRITE:
@@ -659,9 +538,9 @@ class Model:
         vma = m.find_vma(addr)
         if vma is None:
             raise KernelError(Errno.EFAULT, f"no vma at {addr:#x} in mm {m.id}")
-        if vma.prot == "none":
+        if vma.prot is Prot.NONE:
             raise KernelError(Errno.EFAULT, f"{addr:#x} in mm {m.id} is PROT_NONE")
-        if write and vma.prot != "rw":
+        if write and vma.prot is not Prot.RW:
             raise KernelError(Errno.EPERM if gup else Errno.EFAULT, f"{addr:#x} in mm {m.id} is read-only")
         return vma
 
@@ -703,7 +582,7 @@ class Model:
         vma = m.find_vma(page)
         assert vma is not None
         mem = self.memory
-        writable_vma = vma.prot == "rw"
+        writable_vma = vma.prot is Prot.RW
         pte = m.get(page)
         if pte & PTE_SWAP:
             # do_swap_page: the copy is exclusive to this mm.
@@ -713,7 +592,7 @@ class Model:
             mem.flags[pfn] = PG_ANON | PG_ANON_EXCLUSIVE
             mem.mapcount[pfn] = 1
             self.swap.free(slot)
-            m.set(page, _present(pfn, writable_vma and write, write))
+            m.set(page, present_pte(pfn, writable_vma and write, write))
             self.counters["swapins"] += 1
             pte = m.get(page)
         if not pte:
@@ -726,15 +605,15 @@ class Model:
                     vma.shmem.pages[pgoff] = pfn
                 mem.get_page(pfn)  # the pte's
                 mem.mapcount[pfn] += 1
-                m.set(page, _present(pfn, writable_vma, write))
+                m.set(page, present_pte(pfn, writable_vma, write))
                 return pfn, writable_vma
             if write or unshare:
                 pfn = mem.alloc()
                 mem.flags[pfn] = PG_ANON | PG_ANON_EXCLUSIVE
                 mem.mapcount[pfn] = 1
-                m.set(page, _present(pfn, writable_vma and write, write))
+                m.set(page, present_pte(pfn, writable_vma and write, write))
                 return pfn, writable_vma and write
-            m.set(page, _present(ZERO_PFN, False))
+            m.set(page, present_pte(ZERO_PFN, False))
             return ZERO_PFN, False
         pfn = pte >> PTE_SHIFT
         if write and not pte & PTE_WRITE:
@@ -745,7 +624,7 @@ class Model:
                     mem.flags[pfn] |= PG_ANON_EXCLUSIVE
                 m.set(page, pte | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
                 return pfn, True
-            pfn = yield from self._cow_break(m, page, pte, writable=True)
+            pfn = yield from self.cow_break(m, page, pte, writable=True)
             return pfn, True
         if unshare and vma.shmem is None and not self._anon_exclusive(pfn):
             if self._exclusive(pfn) and not mem.pincount[pfn]:
@@ -753,11 +632,11 @@ class Model:
                 # only we map it; mark it exclusive, no copy
                 mem.flags[pfn] |= PG_ANON_EXCLUSIVE
                 return pfn, bool(pte & PTE_WRITE)
-            pfn = yield from self._cow_break(m, page, pte, writable=False)
+            pfn = yield from self.cow_break(m, page, pte, writable=False)
             return pfn, False
         return pfn, bool(pte & PTE_WRITE)
 
-    def _cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]:
+    def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]:
         """``wp_page_copy``: start(CLEAR) of the page, copy, ``set_pte_at_notify``
         of the new pte (nodes that re-took the old page in between drop it),
         release the old page, end.  The new page is allocated before the start
@@ -771,14 +650,14 @@ class Model:
             nonlocal committed
             self._unmap_pte(m, page, m.get(page))
             mem.mapcount[new] = 1
-            m.set(page, _present(new, writable, writable))
+            m.set(page, present_pte(new, writable, writable))
             committed = True
 
         def copy_and_set(_inv: Any) -> Op[None]:
             if old != ZERO_PFN:
                 mem.copy(new, old)  # after the acks: no node writes the old page any more
             mem.flags[new] = PG_ANON | PG_ANON_EXCLUSIVE
-            yield from self._set_pte_at_notify(m.id, page, new, writable, commit, wrap=False)
+            yield from self.set_pte_at_notify(m.id, page, new, writable, commit, wrap=False)
 
         try:
             yield from self.notifier.invalidate_range(
@@ -790,7 +669,7 @@ class Model:
         self.counters["cow_breaks"] += 1
         return new
 
-    def _set_pte_at_notify(self, mm: int, addr: int, pfn: int, writable: bool, commit: Callable[[], T],
+    def set_pte_at_notify(self, mm: int, addr: int, pfn: int, writable: bool, commit: Callable[[], T],
                            *, wrap: bool) -> Op[T]:
         """``set_pte_at_notify`` (include/linux/mmu_notifier.h): tell the nodes
         (change_pte, or a one-page invalidation for those without it), then
@@ -922,7 +801,7 @@ class Model:
             # even take the mm (mmget_not_zero).
             return None
         vma = m.find_vma(addr)
-        if vma is None or vma.prot == "none" or (write and vma.prot != "rw"):
+        if vma is None or vma.prot is Prot.NONE or (write and vma.prot is not Prot.RW):
             # GUP-fast looks at ptes only; the verdict on the vma belongs to the
             # slow path, under the lock an mprotect or munmap may be holding.
             return None
@@ -1018,7 +897,7 @@ class Model:
 
     def _unpin_one(self, pfn: int) -> None:
         self.memory.pincount[pfn] -= 1
-        self._put(pfn)
+        self.put_page(pfn)
 
     def fence_node(self, node: str) -> int:
         """The node is fenced: no more notifier traffic to it, its pins dropped.
@@ -1201,7 +1080,7 @@ class Model:
                 mem.mapcount[new] = 1
                 mem.mapcount[pfn] -= 1
                 m.set(page, (new << PTE_SHIFT) | (pte & 0xFF))
-                self._put(pfn)
+                self.put_page(pfn)
                 moved += 1
 
         try:

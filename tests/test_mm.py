@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from broker.effects import Deliver, Outcomes, run_sync
 from broker.memory import PG_KSM, ZERO_PFN
-from broker.mm import CHUNK_PAGES, MMAP_BASE, Mm, Model, run_op
+from broker.mm import Model, run_op
+from broker.pagetable import CHUNK_PAGES, MMAP_BASE, Mm
 from protocol.messages import Ack, ChangePte, ClearFlushYoung, InvalidateRangeEnd, InvalidateRangeStart, Release
 from protocol.types import Errno, KernelError
 
@@ -592,3 +593,125 @@ def test_clear_flush_young_messages_carry_the_page() -> None:
     r.run(m.reclaim(mm, a, PS))
     (msg,) = [msg for _, msg in r.log]
     assert isinstance(msg, ClearFlushYoung) and (msg.start, msg.end) == (a, a + PS)
+
+
+def _zap_world(freed: list[int]) -> tuple[Model, int, int, int]:
+    """An mm whose range holds every kind of pte: private pages (one pinned,
+    one shared with a fork child), KSM pages mapped several times, KSM zero
+    pages, zero-page reads, swap entries (one shared with the child) and a
+    shared anonymous mapping; a second mergeable mm keeps rmap items too."""
+    m = model(frames=1024, swap_slots=64)
+    m.ksm.use_zero_pages = True
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 3 * CHUNK_PAGES, mergeable=True))
+    for i in range(0, 3 * CHUNK_PAGES, 7):
+        fill = b"\0" if i % 5 == 0 else bytes([1 + i % 3]) if i % 2 else bytes([i % 251 + 1, 9])
+        run_op(m.write(mm, a + i * PS, page(fill)))
+    for i in range(3, 3 * CHUNK_PAGES, 50):
+        run_op(m.read(mm, a + i * PS, 1))
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    assert m.ksm.stats()["pages_sharing"] and m.ksm.ksm_zero_pages
+    run_op(m.madvise(mm, a + 600 * PS, 400 * PS, "unmergeable"))
+    run_op(m.reclaim(mm, a + 600 * PS, 200 * PS))
+    run_op(m.reclaim(mm, a + 600 * PS, 200 * PS))  # the second look swaps the aged pages
+    assert m.swap.in_use
+    run_op(m.gup(mm, a + 805 * PS, 1, True, pin=True, node="x"))
+    s = run_op(m.mmap(mm, 100, shared=True))
+    for i in range(0, 100, 3):
+        run_op(m.write(mm, s + i * PS, page(b"sh")))
+    child = run_op(m.fork(mm))
+    for i in range(2, 3 * CHUNK_PAGES, 4):  # the parent's own pages again, COW breaks among them
+        run_op(m.write(mm, a + i * PS, page(bytes([i % 7 + 1]))))
+    other = m.spawn()
+    o = run_op(m.mmap(other, 64, mergeable=True))
+    for i in range(64):
+        run_op(m.write(other, o + i * PS, page(bytes([1 + i % 3]))))
+    run_op(m.ksm.full_scan())
+    m.memory.on_free = freed.append
+    m.check_invariants()
+    return m, mm, child, a
+
+
+def _state(m: Model) -> Any:
+    mem = m.memory
+    return (list(mem.refcount), list(mem.mapcount), list(mem.pincount), list(mem.flags), list(mem._free_stack),
+            mem.in_use, list(m.swap.swap_map), list(m.swap._free_stack), m.ksm.stats(), sorted(m.ksm.rmap),
+            {k: sorted(v.items) for k, v in m.ksm.stable.items()},
+            {mm: (dict(x.populated), x.swapped, [(v.start, v.end) for v in x.vmas]) for mm, x in m.mms.items()})
+
+
+@pytest.mark.parametrize("op", ["munmap_part", "munmap_all", "dontneed", "exit"])
+def test_a_batched_zap_leaves_exactly_what_zapping_pte_by_pte_leaves(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import broker.mm
+
+    results = []
+    for batch_min in (1 << 30, 0):  # pte by pte, then always batched
+        monkeypatch.setattr(broker.mm, "ZAP_BATCH_MIN", batch_min)
+        freed: list[int] = []
+        m, mm, child, a = _zap_world(freed)
+        if op == "munmap_part":  # starts and ends inside chunks
+            run_op(m.munmap(mm, a + 5 * PS, (3 * CHUNK_PAGES - 300) * PS))
+        elif op == "munmap_all":
+            run_op(m.munmap(mm, MMAP_BASE, 1 << 30))
+        elif op == "dontneed":
+            run_op(m.madvise(mm, a + 100 * PS, 1200 * PS, "dontneed"))
+        else:
+            run_op(m.exit_mm(mm))
+            run_op(m.exit_mm(child))
+        m.check_invariants()
+        results.append((_state(m), freed))
+        m.close()
+    assert results[0] == results[1]
+    assert results[0][1]  # frames were freed, and on_free heard of each in the same order
+
+
+def test_unmap_and_put_drops_one_mapping_per_entry_and_frees_at_the_last() -> None:
+    import numpy as np
+
+    from broker.memory import PhysicalMemory
+
+    mem = PhysicalMemory(8, PS)
+    pfns = [mem.alloc() for _ in range(4)]  # 1, 2, 3, 4
+    for pfn in pfns:
+        mem.mapcount[pfn] = 1
+    mem.mapcount[2] = 3  # mapped three times, one more reference held elsewhere
+    mem.refcount[2] = 4
+    mem.mapcount[3] = 2
+    mem.refcount[3] = 2
+    freed: list[int] = []
+    mem.on_free = freed.append
+    assert mem.unmap_and_put(np.array([3, 1, 2, 2, 3, 4, 2], dtype=np.uint64)) == [1, 3, 4]
+    assert freed == [1, 3, 4] and list(mem._free_stack) == [1, 3, 4] and mem.in_use == 1
+    assert (mem.refcount[2], mem.mapcount[2]) == (1, 0)
+    mem.pincount[2] = 1
+    mem.mapcount[2] = 1
+    with pytest.raises(AssertionError, match="pinned"):
+        mem.unmap_and_put(np.array([2], dtype=np.uint64))
+    assert (mem.refcount[2], mem.mapcount[2]) == (1, 1)  # refused whole: nothing changed
+    with pytest.raises(AssertionError, match="frame 1"):
+        mem.unmap_and_put(np.array([1], dtype=np.uint64))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_failed_mmap_fill_leaves_nothing_behind(shared: bool) -> None:
+    m = model(frames=64)
+    mm = m.spawn()
+    keep = run_op(m.mmap(mm, 2, fill=1))
+    rec = Recorder(m)
+    subscribed(m, mm)
+    m.memory.fail_allocs_after(5)
+    with pytest.raises(KernelError) as err:
+        rec.run(m.mmap(mm, 16, shared=shared, fill=7))
+    assert err.value.errno == Errno.ENOMEM
+    assert [(v.start, v.end) for v in m.mms[mm].vmas] == [(keep, keep + 2 * PS)]  # the new mapping is gone
+    assert m.memory.in_use == 2 and m.mms[mm].rss() == (2, 0)  # and every frame its fill took
+    assert rec.types() == []  # no node had served a page of it: nothing to tell
+    m.check_invariants()
+    m.memory.fail_allocs_after(None)
+    addr = run_op(m.mmap(mm, 16, shared=shared, fill=7))  # the frames are there for the next one
+    assert run_op(m.read(mm, addr + 15 * PS, 2)) == b"\x07\x07" and m.memory.in_use == 18
+    with pytest.raises(KernelError) as err:
+        run_op(m.mmap(mm, 4, "r", fill=1))
+    assert err.value.errno == Errno.EFAULT and len(m.mms[mm].vmas) == 2
+    m.check_invariants()

@@ -122,3 +122,19 @@ def test_the_status_says_the_hosts_liveness_rules() -> None:
     cfg = c.core.config
     assert (host["liveness"], host["command_timeout_ms"], host["heartbeat_ms"]) == \
         (cfg.liveness, cfg.command_timeout_ms, cfg.heartbeat_ms)
+
+
+def test_a_failed_mmap_fill_through_the_admin_api_leaves_nothing_behind() -> None:
+    """``mmn mmap --fill`` with too few frames: ENOMEM, no mapping, every
+    frame back, and the next writer is not starved (issue 13)."""
+    c = LocalCluster(frames=8)
+    mm = c.admin("spawn")["mm"]
+    free = c.admin("status")["frames"]["free"]
+    with pytest.raises(KernelError) as err:
+        c.admin("mmap", mm=mm, pages=16, fill=0x11)
+    assert err.value.errno is Errno.ENOMEM
+    after = c.admin("status")
+    assert after["frames"]["free"] == free and after["mms"][0]["vmas"] == []
+    addr = c.admin("mmap", mm=mm, pages=4, fill=0x22)["addr"]
+    assert c.admin("read", mm=mm, addr=addr, length=2)["data"] == b"\x22\x22"
+    c.check()
