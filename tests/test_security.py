@@ -309,8 +309,8 @@ async def test_limits_range_and_rate(tmp_path: Path) -> None:
         assert not too_big.ok and "too_large" in too_big.error
         assert (await c.ok("mmap", mm=mm, pages=8))["addr"]
         reg = await raw_request(c.endpoints["node"], node_security(c.layout, "kvm9"),
-                                Register(id=1, name="kvm9", kind="xpmem", ops=["invalidate_range_start",
-                                         "invalidate_range_end"], sleepable=True, incarnation="z"))
+                                Register(id=1, name="kvm9", kind="kvm", ops=["invalidate_range_start",
+                                         "invalidate_range_end"], sleepable=False, incarnation="z"))
         assert isinstance(reg, Registered)
         # a flood from one admin connection: the first 50 answered, the rest dropped and counted
         before = (await c.ok("status"))["counters"]
