@@ -49,7 +49,8 @@ from typing import Any
 
 from broker.core import CoreConfig, HostCore, Publish, ReplyAdmin, SendNode, TaskHandle, admin_result
 from broker.effects import Op
-from node.base import Completion, Output, SecondaryMMU, node_class
+from node.base import Completion, Output, SecondaryMMU
+from node.kinds import node_class
 from protocol.messages import AdminReply, Message, Registered
 from protocol.types import Errno, KernelError
 

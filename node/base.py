@@ -852,27 +852,6 @@ class SecondaryMMU:
         raise NotImplementedError
 
 
-def node_class(kind: str) -> type[SecondaryMMU]:
-    """The class of a node kind: ``"kvm"``, ``"gru"`` or ``"xpmem"``.
-
-    Raises:
-        KernelError(EINVAL) for an unknown kind.
-    """
-    if kind == "kvm":
-        from .kvm import KvmMMU
-
-        return KvmMMU
-    if kind == "gru":
-        from .gru import GruMMU
-
-        return GruMMU
-    if kind == "xpmem":
-        from .xpmem import XpmemMMU
-
-        return XpmemMMU
-    raise KernelError(Errno.EINVAL, f"unknown node kind {kind!r}")
-
-
 def iter_messages(outputs: Iterable[Output]) -> list[Message]:
     """The protocol messages among ``outputs``, in order."""
     return [o for o in outputs if isinstance(o, Message)]

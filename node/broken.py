@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import MmState, Output, SecondaryMMU, node_class
+from .base import MmState, Output, SecondaryMMU
+from .kinds import node_class
 from .kvm import KvmMMU
 
 

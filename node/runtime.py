@@ -89,7 +89,8 @@ from protocol.types import Errno, KernelError
 from transport import SocketOptions, connect, serve_socket
 from transport.curve import CurveClient, KeyError_, KeyLayout
 
-from .base import SESSION_REFUSALS, Completion, Output, SecondaryMMU, node_class
+from .base import SESSION_REFUSALS, Completion, Output, SecondaryMMU
+from .kinds import node_class
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from node.base import Completion, SecondaryMMU, node_class
+from node.base import Completion, SecondaryMMU
+from node.kinds import node_class
 from node.gru import GruMMU
 from node.kvm import KvmMMU, Spte
 from node.xpmem import XpmemMMU
