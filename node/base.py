@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
@@ -850,16 +850,6 @@ class SecondaryMMU:
 
     def _drop_kind_state(self) -> None:
         raise NotImplementedError
-
-
-def iter_messages(outputs: Iterable[Output]) -> list[Message]:
-    """The protocol messages among ``outputs``, in order."""
-    return [o for o in outputs if isinstance(o, Message)]
-
-
-def iter_completions(outputs: Iterable[Output]) -> list[Completion]:
-    """The completions among ``outputs``, in order."""
-    return [o for o in outputs if isinstance(o, Completion)]
 
 
 @dataclass(slots=True)

@@ -612,11 +612,6 @@ class NodeRuntime:
 
 
 def _make_mmu(config: NodeConfig) -> SecondaryMMU:
-    broken = os.environ.get("MMN_TEST_BROKEN", "")
-    if broken:  # a deliberately broken kind, for tests that must catch it
-        from .broken import broken_class
-
-        return broken_class(config.kind, broken)(config.name)
     return node_class(config.kind)(config.name)
 
 

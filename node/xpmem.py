@@ -32,10 +32,8 @@ Invalidation is **sleepable**::
 
 GUP replies follow KVM's rule (``node.kvm``): discarded (and unpinned) if an
 invalidation in progress overlaps them or the seq moved since the request.
-
-Failure injection hook: ``drain_delay`` (seconds, default 0) is for the
-runtime, which may hold back the Ack of a start by that much; nothing here
-reads a clock.
+(A slow drain is injected by the runtime, ``slow-drain``: nothing here reads
+a clock.)
 """
 
 from __future__ import annotations
@@ -139,7 +137,6 @@ class XpmemMMU(SecondaryMMU):
     def __init__(self, name: str, *, attach_base: int = DEFAULT_ATTACH_BASE, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
         self.attach_base = attach_base
-        self.drain_delay = 0.0
         self._next_vaddr = attach_base
         self.permits: dict[int, AccessPermit] = {}
         self.attachments: dict[int, Attachment] = {}  # by vaddr

@@ -1,19 +1,19 @@
-"""Deliberately broken node kinds, for the tests that must catch them.
+"""Deliberately broken kvm kinds, for the tests that must catch them.
 
-Selected in a node process by the hidden environment variable
-``MMN_TEST_BROKEN`` (``acks-before-zap`` or ``never-zaps``; kvm nodes only,
-other kinds are left correct).  ``mmn soak`` and tests/test_soak.py use it to
-show that the soak's oracle and shadow model do fail a build that breaks the
-notifier contract.  Never set it otherwise.
+They live with the tests, not in the shipped ``node`` package.  In-process
+tests use the classes directly (``LocalCluster.add_node(node=NeverZaps("bad"))``);
+a test that needs them in node *processes* starts those with
+``tests/broken_site`` on ``PYTHONPATH`` and ``MMN_TEST_BROKEN`` set, and that
+directory's ``sitecustomize`` calls :func:`install` in each process.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import MmState, Output, SecondaryMMU
-from .kinds import node_class
-from .kvm import KvmMMU
+from node.base import MmState, Output
+from node.kinds import KINDS
+from node.kvm import KvmMMU
 
 
 class AcksBeforeZapping(KvmMMU):
@@ -35,18 +35,21 @@ class AcksBeforeZapping(KvmMMU):
 class NeverZaps(KvmMMU):
     """Acks every start and keeps its sptes."""
 
-    def _zap(self, mm: int, start: int, end: int) -> list:  # type: ignore[override]
+    def _zap(self, mm: int, start: int, end: int) -> list[Output]:
         return []
 
 
-BROKEN = {"acks-before-zap": AcksBeforeZapping, "never-zaps": NeverZaps}
+BROKEN: dict[str, type[KvmMMU]] = {"acks-before-zap": AcksBeforeZapping, "never-zaps": NeverZaps}
 
 
-def broken_class(kind: str, broken: str) -> type[SecondaryMMU]:
-    """The broken class ``broken`` for kvm nodes; other kinds stay correct."""
-    if kind != "kvm":
-        return node_class(kind)
+def install(broken: str) -> None:
+    """Make ``broken`` the class of every kvm node this process starts
+    (``node.kinds.KINDS["kvm"]``); the other kinds stay correct.
+
+    Raises:
+        ValueError: ``broken`` is not a name of :data:`BROKEN`.
+    """
     try:
-        return BROKEN[broken]
+        KINDS["kvm"] = BROKEN[broken]
     except KeyError:
         raise ValueError(f"MMN_TEST_BROKEN must be one of {', '.join(BROKEN)}, not {broken!r}") from None
