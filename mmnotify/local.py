@@ -561,7 +561,7 @@ class LocalCluster:
         return self._xpmem(name, "detach", vaddr)
 
     def xpmem_release(self, name: str, apid: int) -> dict[str, Any]:
-        return self._xpmem(name, "release", apid)
+        return self._xpmem(name, "xpmem_release", apid)
 
     def xpmem_remove(self, name: str, segid: int) -> dict[str, Any]:
         return self._xpmem(name, "remove", segid)

@@ -212,10 +212,17 @@ def pages_in(table: dict[int, Any], start: int, end: int, page_size: int) -> lis
 class SecondaryMMU:
     """Base of the kvm, gru and xpmem kinds (``struct mmu_notifier`` + its device).
 
+    The ops table (``struct mmu_notifier_ops``): a kind implements a callback
+    by overriding the public method of the same name (``invalidate_range_start``,
+    ``invalidate_range_end``, ``change_pte``, ``clear_flush_young``,
+    ``clear_young``, ``test_young``, ``release``).  ``ops`` -- what ``Register``
+    announces and the only callbacks the host sends -- is derived from the
+    overrides when the class is created, never listed by hand.
+
     Class attributes:
         kind: ``"kvm"``, ``"gru"`` or ``"xpmem"``.
-        ops: the ``struct mmu_notifier_ops`` callbacks implemented
-            (a subset of ``protocol.types.NOTIFIER_OPS``).
+        ops: the callbacks this kind overrides (derived; a subset of
+            ``protocol.types.NOTIFIER_OPS``).
         sleepable: whether ``invalidate_range_start`` may block (xpmem).
 
     Args:
@@ -235,6 +242,21 @@ class SecondaryMMU:
     ops: ClassVar[frozenset[str]] = frozenset()
     sleepable: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Derive ``cls.ops`` from the callbacks ``cls`` overrides (once, at
+        class creation, as trio's instrumentation finds the hooks an
+        instrument defines).
+
+        Raises:
+            TypeError: a kind overrides only one of ``invalidate_range_start``
+                and ``invalidate_range_end`` (the host pairs every start with
+                an end: ``mn_hlist_invalidate_range_start`` in mm/mmu_notifier.c).
+        """
+        super().__init_subclass__(**kwargs)
+        cls.ops = frozenset(op for op in NOTIFIER_OPS if getattr(cls, op) is not getattr(SecondaryMMU, op))
+        if ("invalidate_range_start" in cls.ops) != ("invalidate_range_end" in cls.ops):
+            raise TypeError(f"{cls.__name__}: invalidate_range_start and invalidate_range_end go together")
+
     def __init__(
         self,
         name: str,
@@ -243,10 +265,6 @@ class SecondaryMMU:
         max_fault_retries: int = MAX_FAULT_RETRIES,
         max_gup_pages: int = MAX_GUP_PAGES,
     ) -> None:
-        if not self.ops <= set(NOTIFIER_OPS):
-            raise ValueError(f"unknown notifier ops {sorted(self.ops - set(NOTIFIER_OPS))}")
-        if ("invalidate_range_start" in self.ops) != ("invalidate_range_end" in self.ops):
-            raise ValueError("invalidate_range_start and _end go together")
         self.name = name
         self.page_size = page_size
         self.max_fault_retries = max_fault_retries
@@ -353,8 +371,12 @@ class SecondaryMMU:
             if isinstance(msg, Release):
                 return self._receive_release(msg)
             if isinstance(msg, ChangePte):
-                return self._change_pte(msg)
-            return self._young(msg)
+                return self.change_pte(msg)
+            if isinstance(msg, ClearFlushYoung):
+                return self.clear_flush_young(msg)
+            if isinstance(msg, ClearYoung):
+                return self.clear_young(msg)
+            return self.test_young(msg)
         if isinstance(msg, Error) and self.ends_session(msg):
             # Refused for the epoch it carried: the session is over on the
             # host, whatever request this answers (a heartbeat, a DMA...).
@@ -414,7 +436,7 @@ class SecondaryMMU:
             self.counters["duplicates"] += 1
             return self._duplicate_start(state, msg)
         self.counters["invalidations"] += 1
-        return self._invalidate_range_start(state, msg)
+        return self.invalidate_range_start(state, msg)
 
     def _duplicate_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         """A start delivered again while open: answer, change nothing."""
@@ -437,12 +459,12 @@ class SecondaryMMU:
         if rng is None:  # duplicate end, or the end of a start refused with EAGAIN
             logger.debug("%s: end without open start %d ignored", self.name, start_id)
             return []
-        outputs = self._invalidate_range_end(state, start_id, rng)
+        outputs = self.invalidate_range_end(state, start_id, rng)
         return outputs + self._wake(state)
 
     def _receive_release(self, msg: Release) -> list[Output]:
         state = self._mm(msg.mm)
-        outputs = self._release(state)
+        outputs = self.release(state)
         # ->release ends the subscription (mmu_notifier_release in mm/mmu_notifier.c
         # unhooks every subscriber); a later fault subscribes again.
         state.subscribed = False
@@ -793,25 +815,103 @@ class SecondaryMMU:
 
     # ------------------------------------------------------------- kind hooks
 
-    def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
-        raise NotImplementedError
+    # ---------------------------------------------------------- the ops table
+    #
+    # struct mmu_notifier_ops, one method per callback.  A kind overrides the
+    # ones it implements (that is its ``ops``); the host never sends the
+    # others, and the defaults below are the safe answer should one arrive.
+    # Every op returns its outputs; all but invalidate_range_end answer with
+    # an Ack of the message (a sleepable kind may hold a start's Ack).
 
-    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
-        raise NotImplementedError
+    def invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+        """``invalidate_range_start``: the primary MMU is about to change
+        ``[msg.start, msg.end)`` of ``state.mm``.
 
-    def _release(self, state: MmState) -> list[Output]:
-        """Drop everything of ``state.mm`` (before the Ack)."""
-        raise NotImplementedError
+        Kernel contract (include/linux/mmu_notifier.h): before the start
+        returns, the secondary MMU must have dropped every translation of the
+        range and must not establish new ones until the matching
+        ``invalidate_range_end``; the pages may be freed right after the end,
+        so no reference may outlive it.  Starts nest (several ranges may be
+        open at once) and every start is paired with exactly one end.  If
+        ``msg.blockable`` is false the callback must not sleep; a subscriber
+        that would have to answers ``EAGAIN`` and the host ends the others.
 
-    def _change_pte(self, msg: ChangePte) -> list[Output]:
-        # A kind without ->change_pte should never get one (the core sends it a
-        # one-page invalidation instead).  If it does, the safe answer is to
-        # drop the page, as a one-page invalidation would.
+        Returns the Ack (``status="EAGAIN"`` to refuse a non-blockable start).
+        Call :meth:`_open_start` for a start accepted, so its end finds it.
+        """
+        self._open_start(state, msg)
+        return [self._ack(msg.id)]
+
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+        """``invalidate_range_end``: the change begun by start ``start_id``
+        (over ``rng``) is done; translations of the range may be rebuilt.
+
+        Kernel contract: called after the primary page tables were updated and
+        the pages possibly freed; paired with exactly one
+        ``invalidate_range_start``.  It is never acknowledged.  The base wakes
+        the faults parked on the mm once it returns.
+        """
+        return []
+
+    def change_pte(self, msg: ChangePte) -> list[Output]:
+        """``change_pte``: the pte of ``msg.addr`` now maps ``msg.pfn``
+        (KSM merging a page, or a COW break).
+
+        Kernel contract: a notification that the primary pte was changed
+        in place (``set_pte_at_notify``) to point at a new page; the secondary
+        MMU may update its own mapping to the new pfn instead of dropping it.
+        Since 3.7 (to 6.9) the host wraps it in ``invalidate_range_start`` /
+        ``_end``, so the page is already gone and it finds nothing to change.
+
+        Without the op, the safe answer is to drop the page, as a one-page
+        invalidation would (the host sends those instead, so this is a bug's
+        path).
+        """
         logger.warning("%s: change_pte without the op: dropping the page", self.name)
         self._zap(msg.mm, msg.addr, msg.addr + self.page_size)
         return [self._ack(msg.id)]
 
-    def _young(self, msg: ClearFlushYoung | ClearYoung | TestYoung) -> list[Output]:
+    def clear_flush_young(self, msg: ClearFlushYoung) -> list[Output]:
+        """``clear_flush_young``: was ``[msg.start, msg.end)`` accessed through
+        this secondary MMU since the last check?  Clear the accessed bits and
+        flush the secondary TLB, so that the next access is seen.
+
+        Kernel contract: called by page aging (``ptep_clear_flush_young_notify``);
+        the answer is OR-ed across subscribers, and a young page is kept.
+        Returns ``Ack(young=...)``; without the op: not young.
+        """
+        return self._not_young(msg)
+
+    def clear_young(self, msg: ClearYoung) -> list[Output]:
+        """``clear_young``: as ``clear_flush_young`` but without the TLB flush.
+
+        Kernel contract: cheaper and less exact -- accesses through cached
+        translations may be missed until the TLB is flushed otherwise.
+        Returns ``Ack(young=...)``; without the op: not young.
+        """
+        return self._not_young(msg)
+
+    def test_young(self, msg: TestYoung) -> list[Output]:
+        """``test_young``: is the range young?  Nothing is cleared.
+
+        Kernel contract: a query only, used to decide whether to age a page;
+        the first subscriber that says young answers for all.
+        Returns ``Ack(young=...)``; without the op: not young.
+        """
+        return self._not_young(msg)
+
+    def release(self, state: MmState) -> list[Output]:
+        """``release``: the mm is going (exit, or ``mmu_notifier_unregister``);
+        drop everything of ``state.mm``.
+
+        Kernel contract: called before the pages of the mm are freed; after it
+        returns the secondary MMU must not access the mm's memory any more.  It
+        may run concurrently with other callbacks of the same mm.  The base
+        ends the subscription and sends the Ack after it.
+        """
+        return []
+
+    def _not_young(self, msg: ClearFlushYoung | ClearYoung | TestYoung) -> list[Output]:
         logger.warning("%s: %s without the op: not young", self.name, msg.TYPE)
         return [self._ack(msg.id, young=False)]
 

@@ -63,7 +63,6 @@ class GruMMU(SecondaryMMU):
     """
 
     kind: ClassVar[str] = "gru"
-    ops: ClassVar[frozenset[str]] = frozenset({"release", "invalidate_range_start", "invalidate_range_end"})
     sleepable: ClassVar[bool] = False
 
     def __init__(self, name: str, *, tlb_entries: int = DEFAULT_TLB_ENTRIES, **kwargs: Any) -> None:
@@ -86,7 +85,7 @@ class GruMMU(SecondaryMMU):
 
     # --------------------------------------------------------- notifier
 
-    def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+    def invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         # gru_invalidate_range_start: atomic_inc(&gms->ms_range_active), then
         # gru_flush_tlb_range; in-line, never blocks.
         assert isinstance(state, GruMm)
@@ -95,14 +94,14 @@ class GruMMU(SecondaryMMU):
         self._purge(state, msg.start, msg.end)
         return [self._ack(msg.id)]
 
-    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
         # gru_invalidate_range_end: atomic_dec(&gms->ms_range_active) and
         # wake_up_all(&gms->ms_wait_queue) -- the base wakes the parked misses.
         assert isinstance(state, GruMm)
         state.range_active -= 1
         return []
 
-    def _release(self, state: MmState) -> list[Output]:
+    def release(self, state: MmState) -> list[Output]:
         # gru_release: the mm is going; nothing of it may stay in the TLB.
         assert isinstance(state, GruMm)
         self._purge(state, 0, 1 << 64)

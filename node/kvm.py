@@ -84,17 +84,6 @@ class KvmMMU(SecondaryMMU):
     """
 
     kind: ClassVar[str] = "kvm"
-    ops: ClassVar[frozenset[str]] = frozenset(
-        {
-            "release",
-            "clear_flush_young",
-            "clear_young",
-            "test_young",
-            "change_pte",
-            "invalidate_range_start",
-            "invalidate_range_end",
-        }
-    )
     sleepable: ClassVar[bool] = False
 
     def __init__(self, name: str, *, tlb_entries: int = DEFAULT_TLB_ENTRIES, **kwargs: Any) -> None:
@@ -122,7 +111,7 @@ class KvmMMU(SecondaryMMU):
 
     # --------------------------------------------------------- notifier
 
-    def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+    def invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         # kvm_mmu_notifier_invalidate_range_start -> kvm_mmu_invalidate_begin,
         # then kvm_unmap_gfn_range and a remote TLB flush; never blocks.
         assert isinstance(state, KvmMm)
@@ -137,7 +126,7 @@ class KvmMMU(SecondaryMMU):
         self._zap(msg.mm, msg.start, msg.end)
         return [self._ack(msg.id)]
 
-    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
         # kvm_mmu_invalidate_end: "This sequence increase will notify the kvm
         # page fault that the page that is going to be mapped in the spte could
         # have been freed."  seq first, then the counter.
@@ -146,7 +135,7 @@ class KvmMMU(SecondaryMMU):
         state.mmu_invalidate_in_progress -= 1
         return []
 
-    def _change_pte(self, msg: ChangePte) -> list[Output]:
+    def change_pte(self, msg: ChangePte) -> list[Output]:
         # kvm_mmu_notifier_change_pte -> kvm_set_spte_gfn -> kvm_set_pte_rmap
         # (arch/x86/kvm/mmu/mmu.c): a writable new pte zaps the spte; a
         # read-only one repoints it in place, write-protected and marked for
@@ -174,11 +163,21 @@ class KvmMMU(SecondaryMMU):
             self._flush_tlb(msg.mm)
         return [self._ack(msg.id)]
 
-    def _young(self, msg: ClearFlushYoung | ClearYoung | TestYoung) -> list[Output]:
-        # kvm_mmu_notifier_clear_flush_young / _clear_young / _test_young ->
-        # kvm_age_rmap / kvm_test_age_rmap.  The A bit is set when an access
-        # walks the sptes (a TLB fill), so clearing it without a flush
-        # (clear_young) lets accesses through cached entries go unseen.
+    def clear_flush_young(self, msg: ClearFlushYoung) -> list[Output]:
+        # kvm_mmu_notifier_clear_flush_young -> kvm_age_rmap, then a remote flush.
+        return self._age(msg)
+
+    def clear_young(self, msg: ClearYoung) -> list[Output]:
+        # kvm_mmu_notifier_clear_young: "we never issue secondary TLB flushes
+        # from clear_young" -- accesses through cached entries go unseen.
+        return self._age(msg)
+
+    def test_young(self, msg: TestYoung) -> list[Output]:
+        # kvm_mmu_notifier_test_young -> kvm_test_age_rmap: nothing cleared.
+        return self._age(msg)
+
+    def _age(self, msg: ClearFlushYoung | ClearYoung | TestYoung) -> list[Output]:
+        # The A bit is set when an access walks the sptes (a TLB fill).
         table = self.sptes.get(msg.mm, {})
         young = False
         for page in pages_in(table, msg.start, msg.end, self.page_size):
@@ -190,7 +189,7 @@ class KvmMMU(SecondaryMMU):
             self._flush_tlb(msg.mm)
         return [self._ack(msg.id, young=young)]
 
-    def _release(self, state: MmState) -> list[Output]:
+    def release(self, state: MmState) -> list[Output]:
         # kvm_mmu_notifier_release -> kvm_flush_shadow_all: every spte goes.
         assert isinstance(state, KvmMm)
         state.mmu_invalidate_seq += 1

@@ -600,7 +600,7 @@ class NodeRuntime:
         if op == "detach":
             return mmu.detach(int(a["addr"]))  # type: ignore[attr-defined]
         if op == "release":
-            return mmu.release(int(a["apid"]))  # type: ignore[attr-defined]
+            return mmu.xpmem_release(int(a["apid"]))  # type: ignore[attr-defined]
         if op == "remove":
             return mmu.remove(int(a["segid"]))  # type: ignore[attr-defined]
         raise KernelError(Errno.EINVAL, f"unknown xpmem op {op!r}")

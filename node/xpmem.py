@@ -13,7 +13,7 @@ Objects (node-side)::
     make(mm, addr, length, mode) ── XpmemMake ──▶ segid        (host keeps the segment)
     get(segid, write)            ── XpmemGet  ──▶ apid + mode  (an access permit)
     attach(apid, offset, length)  ─ local ─────▶ vaddr        (in the node's own space)
-    detach(vaddr) / release(apid) / remove(segid): unmap, Unpin, tell the host
+    detach(vaddr) / xpmem_release(apid) / remove(segid): unmap, Unpin, tell the host
 
 A fault on an attachment GUPs the exporter's mm with ``pin=True``; every page
 mapped holds one pin, dropped (``Unpin``) whenever the page is unmapped:
@@ -131,7 +131,6 @@ class XpmemMMU(SecondaryMMU):
     """
 
     kind: ClassVar[str] = "xpmem"
-    ops: ClassVar[frozenset[str]] = frozenset({"release", "invalidate_range_start", "invalidate_range_end"})
     sleepable: ClassVar[bool] = True
 
     def __init__(self, name: str, *, attach_base: int = DEFAULT_ATTACH_BASE, **kwargs: Any) -> None:
@@ -247,7 +246,7 @@ class XpmemMMU(SecondaryMMU):
         outputs = self._detach(att)
         return token, outputs + self._complete(token, {"vaddr": att.user_vaddr, "unpinned": unpinned})
 
-    def release(self, apid: int) -> tuple[int, list[Output]]:
+    def xpmem_release(self, apid: int) -> tuple[int, list[Output]]:
         """``xpmem_release``: detach every attachment of ``apid``, give the permit back.
 
         Returns:
@@ -308,7 +307,7 @@ class XpmemMMU(SecondaryMMU):
 
     # --------------------------------------------------------- notifier
 
-    def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+    def invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         assert isinstance(state, XpmemMm)
         if not msg.blockable and self._maps_any(state.mm, msg.start, msg.end):
             # A sleepable subscriber cannot wait here: mn_hlist_invalidate_range_start
@@ -348,7 +347,7 @@ class XpmemMMU(SecondaryMMU):
         drain = self._drains.pop(start_id)
         return [*self._unpin(drain.mm, drain.pfns), self._ack(start_id)]
 
-    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
         assert isinstance(state, XpmemMm)
         outputs: list[Output] = []
         if start_id in self._drains:
@@ -359,7 +358,7 @@ class XpmemMMU(SecondaryMMU):
         state.invalidate_in_progress -= 1
         return outputs
 
-    def _release(self, state: MmState) -> list[Output]:
+    def release(self, state: MmState) -> list[Output]:
         # xpmem_mmu_release: the exporter's mm is going; nothing of it stays mapped.
         assert isinstance(state, XpmemMm)
         state.invalidate_seq += 1

@@ -20,14 +20,14 @@ class AcksBeforeZapping(KvmMMU):
     """Acks a start at once and zaps only when its end arrives: between the
     ack and the end it still reaches the old pages."""
 
-    def _invalidate_range_start(self, state: MmState, msg: Any) -> list[Output]:
+    def invalidate_range_start(self, state: MmState, msg: Any) -> list[Output]:
         self._open_start(state, msg)
         state.mmu_invalidate_in_progress += 1  # type: ignore[attr-defined]
         state.mmu_invalidate_range_start, state.mmu_invalidate_range_end = msg.start, msg.end  # type: ignore[attr-defined]
         return [self._ack(msg.id)]
 
-    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
-        out = super()._invalidate_range_end(state, start_id, rng)
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+        out = super().invalidate_range_end(state, start_id, rng)
         self._zap(state.mm, *rng)
         return out
 

@@ -116,6 +116,23 @@ def test_kinds_declare_their_ops():
     assert (reg.name, reg.kind, reg.ops, reg.sleepable) == ("k", "kvm", sorted(NOTIFIER_OPS), False)
 
 
+def test_a_kinds_ops_are_the_callbacks_it_overrides():
+    """``ops`` is derived when the class is created: one source of truth (the
+    methods), and a start without an end is refused there and then."""
+
+    class Ager(GruMMU):
+        def test_young(self, msg):  # type: ignore[no-untyped-def]
+            return [self._ack(msg.id, young=True)]
+
+    assert Ager.ops == GruMMU.ops | {"test_young"}
+    assert Ager("a").make_register("i").ops == sorted(Ager.ops)
+    with pytest.raises(TypeError, match="go together"):
+
+        class StartOnly(SecondaryMMU):
+            def invalidate_range_start(self, state, msg):  # type: ignore[no-untyped-def]
+                return []
+
+
 # -- kvm -------------------------------------------------------------------------
 
 
@@ -563,7 +580,7 @@ def test_xpmem_read_only_permit_cannot_write():
 def test_xpmem_release_and_remove():
     xp, vaddr = xpmem_attached()
     xpmem_fault(xp, vaddr, [10])
-    token, out = xp.release(9)
+    token, out = xp.xpmem_release(9)
     unpin, rel = out
     assert unpin.pfns == [10] and rel == XpmemRelease(id=rel.id, epoch=EPOCH, apid=9)
     assert xp.receive(XpmemReply(ref=rel.id)) == [Completion(token, {"apid": 9})]
