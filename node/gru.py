@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 
 from protocol.messages import InvalidateRangeStart
 
-from .base import Fault, MmState, Output, SecondaryMMU, Translation
+from .base import MmState, Output, SecondaryMMU, Translation
+from .fault import Fault
 
 #: TLB entries of one GRU context.
 DEFAULT_TLB_ENTRIES = 64
@@ -123,22 +124,19 @@ class GruMMU(SecondaryMMU):
 
     # ----------------------------------------------------------- faults
 
-    def _fault_must_wait(self, state: MmState, f: Fault) -> bool:
+    def read_begin(self, state: MmState, f: Fault) -> int | None:
         # gru_try_dropin: "range invalidate active" -> the miss waits for the
-        # end (no spinning: it is parked and woken by the end).
+        # end (no spinning: it is parked and woken by the end).  Otherwise the
+        # drop-in is judged against the TLB epoch it started under.
         assert isinstance(state, GruMm)
         if state.range_active > 0:
             self.counters["waits"] += 1
-            return True
-        return False
-
-    def _fault_snapshot(self, state: MmState, f: Fault) -> int:
-        assert isinstance(state, GruMm)
+            return None
         return state.tlb_epoch
 
-    def _fault_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
+    def read_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
         assert isinstance(state, GruMm)
-        return state.tlb_epoch != f.snapshot
+        return state.tlb_epoch != f.seq
 
     def _fault_install(
         self, state: MmState, f: Fault, pages: list[list[int]]

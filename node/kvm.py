@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 
 from protocol.messages import ChangePte, ClearFlushYoung, ClearYoung, InvalidateRangeStart, TestYoung
 
-from .base import Fault, MmState, Output, SecondaryMMU, Translation, pages_in
+from .base import MmState, Output, SecondaryMMU, Translation, pages_in
+from .fault import Fault
 
 #: Entries of the secondary TLB.
 DEFAULT_TLB_ENTRIES = 64
@@ -219,23 +220,22 @@ class KvmMMU(SecondaryMMU):
 
     # ----------------------------------------------------------- faults
 
-    def _fault_must_wait(self, state: MmState, f: Fault) -> bool:
-        # kvm_faultin_pfn's mmu_invalidate_retry_gfn_unsafe() pre-check: do not
-        # even GUP while an invalidation covers the gfn; the guest retries the
-        # fault, modelled as parking it until an end.
+    def read_begin(self, state: MmState, f: Fault) -> int | None:
+        # kvm_faultin_pfn: mmu_seq = kvm->mmu_invalidate_seq, and the
+        # mmu_invalidate_retry_gfn_unsafe() pre-check: do not even GUP while an
+        # invalidation covers the gfn; the guest retries the fault, modelled
+        # as parking it until an end.
         assert isinstance(state, KvmMm)
-        return state.invalidating(f.addr, f.addr + f.npages * self.page_size)
-
-    def _fault_snapshot(self, state: MmState, f: Fault) -> int:
-        assert isinstance(state, KvmMm)
+        if state.invalidating(f.addr, f.addr + f.npages * self.page_size):
+            return None
         return state.mmu_invalidate_seq
 
-    def _fault_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
+    def read_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
         # mmu_invalidate_retry_gfn (include/linux/kvm_host.h).
         assert isinstance(state, KvmMm)
         if state.invalidating(start, end):
             return True
-        return state.mmu_invalidate_seq != f.snapshot
+        return state.mmu_invalidate_seq != f.seq
 
     def _fault_install(
         self, state: MmState, f: Fault, pages: list[list[int]]

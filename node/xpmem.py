@@ -55,7 +55,8 @@ from protocol.messages import (
 from protocol.status import LIST_SHOWN
 from protocol.types import ADDRESS_LIMIT, Errno, KernelError
 
-from .base import Fault, MmState, Output, SecondaryMMU, Translation, kernel_error, pages_in
+from .base import MmState, Output, SecondaryMMU, Translation, kernel_error, pages_in
+from .fault import Fault
 
 #: Where attachments are placed in the node's own address space.
 DEFAULT_ATTACH_BASE = 0x6000_0000_0000
@@ -98,11 +99,22 @@ class Attachment:
 class XpmemMm(MmState):
     """Invalidation state of an exporter's mm, as KVM keeps it."""
 
-    invalidate_seq: int = 0
-    invalidate_in_progress: int = 0
+    mmu_invalidate_seq: int = 0
+    mmu_invalidate_in_progress: int = 0
 
     def invalidating(self, start: int, end: int) -> bool:
         return any(s < end and start < e for s, e in self.open_starts.values())
+
+
+@dataclass(eq=False, slots=True)
+class _XpmemCall:
+    """An xpmem request waiting for its XpmemReply (``op``: make, get,
+    release or remove; ``segid``/``apid``: what the result names)."""
+
+    token: int
+    op: str
+    segid: int = 0
+    apid: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -161,7 +173,7 @@ class XpmemMMU(SecondaryMMU):
         """
         token = self._new_token()
         rid = self.next_id()
-        self._pending[rid] = lambda reply: self._xpmem_done(token, reply, lambda r: {"segid": r.value})
+        self._pending[rid] = _XpmemCall(token, "make")
         return token, [XpmemMake(id=rid, epoch=self.epoch, mm=mm, addr=addr, length=length, mode=mode)]
 
     def get(self, segid: int, write: bool = True) -> tuple[int, list[Output]]:
@@ -174,20 +186,7 @@ class XpmemMMU(SecondaryMMU):
         """
         token = self._new_token()
         rid = self.next_id()
-
-        def got(reply: XpmemReply) -> dict[str, Any]:
-            permit = AccessPermit(reply.value, segid, reply.mm, reply.addr, reply.length, reply.write)
-            self.permits[permit.apid] = permit
-            return {
-                "apid": permit.apid,
-                "segid": segid,
-                "mm": permit.mm,
-                "addr": permit.addr,
-                "length": permit.length,
-                "write": permit.write,
-            }
-
-        self._pending[rid] = lambda reply: self._xpmem_done(token, reply, got)
+        self._pending[rid] = _XpmemCall(token, "get", segid=segid)
         return token, [XpmemGet(id=rid, epoch=self.epoch, segid=segid, write=write)]
 
     def attach(self, apid: int, offset: int = 0, length: int | None = None) -> tuple[int, list[Output]]:
@@ -257,7 +256,7 @@ class XpmemMMU(SecondaryMMU):
             return token, self._complete(token, error=KernelError(Errno.EINVAL, f"unknown apid {apid}"))
         outputs = self._drop_permit(apid)
         rid = self.next_id()
-        self._pending[rid] = lambda reply: self._xpmem_done(token, reply, lambda r: {"apid": apid})
+        self._pending[rid] = _XpmemCall(token, "release", apid=apid)
         return token, [*outputs, XpmemRelease(id=rid, epoch=self.epoch, apid=apid)]
 
     def remove(self, segid: int) -> tuple[int, list[Output]]:
@@ -272,17 +271,35 @@ class XpmemMMU(SecondaryMMU):
         for apid in [a for a, p in self.permits.items() if p.segid == segid]:
             outputs += self._drop_permit(apid)
         rid = self.next_id()
-        self._pending[rid] = lambda reply: self._xpmem_done(token, reply, lambda r: {"segid": segid})
+        self._pending[rid] = _XpmemCall(token, "remove", segid=segid)
         return token, [*outputs, XpmemRemove(id=rid, epoch=self.epoch, segid=segid)]
 
-    def _xpmem_done(self, token: int, reply: Message, result: Any) -> list[Output]:
+    def _reply(self, request: Any, reply: Message) -> list[Output]:
+        if not isinstance(request, _XpmemCall):
+            return super()._reply(request, reply)
+        token = request.token
         if isinstance(reply, Error):
             return self._complete(token, error=kernel_error(reply.code, reply.message))
         if not isinstance(reply, XpmemReply):
             return self._complete(token, error=KernelError(Errno.EINVAL, f"unexpected {reply.TYPE}"))
         if reply.errno:
             return self._complete(token, error=kernel_error(reply.errno))
-        return self._complete(token, result(reply))
+        if request.op == "make":
+            return self._complete(token, {"segid": reply.value})
+        if request.op == "release":
+            return self._complete(token, {"apid": request.apid})
+        if request.op == "remove":
+            return self._complete(token, {"segid": request.segid})
+        permit = AccessPermit(reply.value, request.segid, reply.mm, reply.addr, reply.length, reply.write)
+        self.permits[permit.apid] = permit
+        return self._complete(token, {
+            "apid": permit.apid,
+            "segid": permit.segid,
+            "mm": permit.mm,
+            "addr": permit.addr,
+            "length": permit.length,
+            "write": permit.write,
+        })
 
     def _drop_permit(self, apid: int) -> list[Output]:
         self.permits.pop(apid, None)
@@ -317,7 +334,7 @@ class XpmemMMU(SecondaryMMU):
             self.counters["eagain"] += 1
             return [self._ack(msg.id, status="EAGAIN")]
         self._open_start(state, msg)
-        state.invalidate_in_progress += 1
+        state.mmu_invalidate_in_progress += 1
         pfns = self._unmap(state.mm, msg.start, msg.end)
         dma = {
             i
@@ -354,20 +371,20 @@ class XpmemMMU(SecondaryMMU):
             # The host ended the range without our ack (it gave up waiting):
             # stop draining, give the pins back.
             outputs = self._finish_drain(start_id)
-        state.invalidate_seq += 1
-        state.invalidate_in_progress -= 1
+        state.mmu_invalidate_seq += 1
+        state.mmu_invalidate_in_progress -= 1
         return outputs
 
     def release(self, state: MmState) -> list[Output]:
         # xpmem_mmu_release: the exporter's mm is going; nothing of it stays mapped.
         assert isinstance(state, XpmemMm)
-        state.invalidate_seq += 1
+        state.mmu_invalidate_seq += 1
         return self._unpin(state.mm, self._unmap(state.mm, 0, ADDRESS_LIMIT))
 
     def _zap(self, mm: int, start: int, end: int) -> list[Output]:
         state = self._mm(mm)
         assert isinstance(state, XpmemMm)
-        state.invalidate_seq += 1
+        state.mmu_invalidate_seq += 1
         return self._unpin(mm, self._unmap(mm, start, end))
 
     def _maps_any(self, mm: int, start: int, end: int) -> bool:
@@ -392,7 +409,7 @@ class XpmemMMU(SecondaryMMU):
 
     # ----------------------------------------------------------- faults
 
-    def _make_fault(self, mm: int, addr: int, npages: int, write: bool, done: Any) -> Fault:
+    def _make_fault(self, mm: int, addr: int, npages: int, write: bool) -> Fault:
         att = self._attachment_at(addr)
         if att is None or mm not in (0, att.mm) or not att.user_vaddr <= addr < att.user_vaddr + att.user_length:
             raise KernelError(Errno.EFAULT, f"no attachment at {addr:#x}")
@@ -408,25 +425,22 @@ class XpmemMMU(SecondaryMMU):
             addr=att.exporter_addr(page),
             npages=npages,
             write=att.write,
-            done=done,
             pin=True,
             context=att,
         )
 
-    def _fault_must_wait(self, state: MmState, f: Fault) -> bool:
+    def read_begin(self, state: MmState, f: Fault) -> int | None:
         # An invalidation (XPMEM's recall) in progress over the range: wait for its end.
         assert isinstance(state, XpmemMm)
-        return state.invalidating(f.addr, f.addr + f.npages * self.page_size)
+        if state.invalidating(f.addr, f.addr + f.npages * self.page_size):
+            return None
+        return state.mmu_invalidate_seq
 
-    def _fault_snapshot(self, state: MmState, f: Fault) -> int:
-        assert isinstance(state, XpmemMm)
-        return state.invalidate_seq
-
-    def _fault_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
+    def read_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
         assert isinstance(state, XpmemMm)
         if state.invalidating(start, end):
             return True
-        return state.invalidate_seq != f.snapshot
+        return state.mmu_invalidate_seq != f.seq
 
     def _fault_install(
         self, state: MmState, f: Fault, pages: list[list[int]]
