@@ -49,7 +49,8 @@ from typing import Any
 
 from broker.core import CoreConfig, HostCore, Publish, ReplyAdmin, SendNode, TaskHandle, admin_result
 from broker.effects import Op
-from node.base import Completion, Output, SecondaryMMU, node_class
+from node.base import Completion, Output, SecondaryMMU
+from node.kinds import node_class
 from protocol.messages import AdminReply, Message, Registered
 from protocol.types import Errno, KernelError
 
@@ -565,7 +566,7 @@ class LocalCluster:
         return self._xpmem(name, "detach", vaddr)
 
     def xpmem_release(self, name: str, apid: int) -> dict[str, Any]:
-        return self._xpmem(name, "release", apid)
+        return self._xpmem(name, "xpmem_release", apid)
 
     def xpmem_remove(self, name: str, segid: int) -> dict[str, Any]:
         return self._xpmem(name, "remove", segid)

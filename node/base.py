@@ -6,7 +6,7 @@ Two kinds of input drive it:
 * :meth:`SecondaryMMU.receive` -- every host->node message (notifier callbacks,
   replies to the node's own requests, ``fenced``, ``registered``);
 * local commands -- :meth:`SecondaryMMU.fault`, :meth:`SecondaryMMU.access` and,
-  for xpmem, ``make/get/attach/detach/release/remove``.  Each returns
+  for xpmem, ``make/get/attach/detach/xpmem_release/remove``.  Each returns
   ``(token, outputs)``; the command finishes later with a :class:`Completion`
   carrying that token (possibly among these very outputs).
 
@@ -15,15 +15,16 @@ host, in order, and :class:`Completion` objects for local callers.  Nothing
 here awaits, sleeps, reads a clock or touches a socket, so ``node.runtime`` (trio
 over ZeroMQ) and the in-process harness run exactly this code.
 
-Faults (``get_user_pages`` on behalf of the node) share one skeleton; a kind
-supplies only the rules the kernel gives it::
+Faults (``get_user_pages`` on behalf of the node) are one state machine,
+:mod:`node.fault` (its states, events and transition table); a kind supplies
+only the read side the kernel gives it::
 
-    fault begins ──▶ not subscribed?  ──▶ Subscribe, park until Ok
-                 ──▶ _fault_must_wait? ──▶ park on the mm until an end wakes it
-                 ──▶ snapshot = _fault_snapshot(); send Gup
-    GupReply     ──▶ _fault_retry(snapshot)? ──▶ discard (+Unpin if pinned),
-                                                 begin again (bounded: EAGAIN)
-                 ──▶ _fault_install(pages)   ──▶ done
+    fault begins ──▶ not subscribed?        ──▶ SUBSCRIBING: Subscribe, wait for Ok
+                 ──▶ read_begin() is None?  ──▶ PARKED on the mm until an end wakes it
+                 ──▶ seq = read_begin()     ──▶ GUP_SENT: send Gup
+    GupReply     ──▶ read_retry(seq)?       ──▶ RETRYING: discard (+Unpin if pinned),
+                                                begin again (bounded: FAILED, EAGAIN)
+                 ──▶ _fault_install(pages)  ──▶ DONE
 
 That is ``mmu_interval_read_begin`` / ``mmu_interval_read_retry`` of
 mm/mmu_notifier.c and KVM's ``mmu_invalidate_seq`` (virt/kvm/kvm_main.c) in
@@ -40,9 +41,9 @@ Concurrency: none.  One caller at a time (the runtime's node task, or a test).
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
@@ -74,6 +75,8 @@ from protocol.messages import (
 )
 from protocol.status import LIST_SHOWN, NODE_PREVIEW, check_limit, page_translations, parse_page_cursor
 from protocol.types import NOTIFIER_OPS, Errno, KernelError
+
+from .fault import Fault, FaultEvent, FaultState
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +116,6 @@ class Completion:
 #: What a node call returns, in order: messages for the host, completions for callers.
 Output: TypeAlias = Message | Completion
 
-#: ``done`` of a fault: (pages installed as [addr, pfn, writable], error) -> outputs.
-FaultDone: TypeAlias = Callable[[list[list[int]], KernelError | None], list[Output]]
 
 
 def kernel_error(code: str, message: str = "") -> KernelError:
@@ -136,25 +137,31 @@ def kernel_error(code: str, message: str = "") -> KernelError:
         return KernelError(errno, f"{code}: {message}" if message else code)
 
 
-@dataclass(eq=False, slots=True)
-class Fault:
-    """One ``get_user_pages`` a node needs: ``npages`` pages of ``mm`` from ``addr``.
+class Session(enum.Enum):
+    """The node's session with the host, as the node sees it.
 
-    ``mm``/``addr`` are in the address space GUP walks (for xpmem: the
-    exporter's).  ``snapshot`` is the kind's sequence value taken when the Gup
-    was sent; ``context`` is kind data (xpmem: the attachment).
+    ::
+
+        UNREGISTERED ──Registered──▶ REGISTERED ──Fenced / a refusal of this
+             ▲                           │        session (ends_session)──▶ ENDED
+             └───────── (the runtime registers anew: Registered) ◀─────────┘
     """
 
-    mm: int
-    addr: int
-    npages: int
-    write: bool
-    done: FaultDone
-    pin: bool = False
-    context: Any = None
-    retries: int = 0
-    snapshot: int = 0
-    request: int = 0
+    UNREGISTERED = "unregistered"
+    REGISTERED = "registered"
+    ENDED = "ended"
+
+
+class Subscription(enum.Enum):
+    """An mm's ``mmu_notifier_register`` as the node sees it::
+
+        NONE ──Subscribe sent──▶ SUBSCRIBING ──Ok──▶ SUBSCRIBED ──release / Unsubscribe's Ok──▶ NONE
+                                      └──Error──▶ NONE
+    """
+
+    NONE = "none"
+    SUBSCRIBING = "subscribing"
+    SUBSCRIBED = "subscribed"
 
 
 @dataclass(eq=False, slots=True)
@@ -162,17 +169,25 @@ class MmState:
     """What a node keeps per subscribed mm, whatever its kind.
 
     ``open_starts``: start id -> ``[start, end)`` of invalidations begun and not
-    yet ended (nesting: several at once).  ``waiting``: faults parked by the
-    kind's wait rule, woken when an end closes a range.
+    yet ended (nesting: several at once).  ``subscribing``: faults waiting for
+    the Subscribe's Ok (``FaultState.SUBSCRIBING``); ``subscribe_commands``: the
+    tokens of explicit ``subscribe`` commands waiting for the same Ok;
+    ``parked``: faults ``read_begin`` parked (``FaultState.PARKED``), woken
+    when an end closes a range.
     """
 
     mm: int
-    subscribed: bool = False
+    subscription: Subscription = Subscription.NONE
+    #: id of the Subscribe in flight (0: none); a reply to another is superseded
     subscribe_id: int = 0
-    #: Faults (and explicit subscribe commands) waiting for the Subscribe's Ok
-    subscribe_waiters: list[Any] = field(default_factory=list)
-    waiting: list[Fault] = field(default_factory=list)
+    subscribing: list[Fault] = field(default_factory=list)
+    subscribe_commands: list[int] = field(default_factory=list)
+    parked: list[Fault] = field(default_factory=list)
     open_starts: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def subscribed(self) -> bool:
+        return self.subscription is Subscription.SUBSCRIBED
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +212,30 @@ class _Access:
     faults_here: int = 0  # faults taken for the current page
 
 
+# What a request in flight waits for, by the id of the message that asked
+# (``SecondaryMMU._pending``): the reply goes to the record's handler.  A Gup
+# waits as its Fault; the kinds may add their own records (xpmem's calls).
+
+
+@dataclass(eq=False, slots=True)
+class _SubscribeRequest:
+    state: MmState
+    sid: int
+
+
+@dataclass(eq=False, slots=True)
+class _UnsubscribeRequest:
+    state: MmState
+    token: int
+
+
+@dataclass(eq=False, slots=True)
+class _DmaRequest:
+    access: _Access
+    dma_id: int
+    length: int
+
+
 def pages_in(table: dict[int, Any], start: int, end: int, page_size: int) -> list[int]:
     """Keys of ``table`` (page addresses) in ``[start, end)``.
 
@@ -212,10 +251,17 @@ def pages_in(table: dict[int, Any], start: int, end: int, page_size: int) -> lis
 class SecondaryMMU:
     """Base of the kvm, gru and xpmem kinds (``struct mmu_notifier`` + its device).
 
+    The ops table (``struct mmu_notifier_ops``): a kind implements a callback
+    by overriding the public method of the same name (``invalidate_range_start``,
+    ``invalidate_range_end``, ``change_pte``, ``clear_flush_young``,
+    ``clear_young``, ``test_young``, ``release``).  ``ops`` -- what ``Register``
+    announces and the only callbacks the host sends -- is derived from the
+    overrides when the class is created, never listed by hand.
+
     Class attributes:
         kind: ``"kvm"``, ``"gru"`` or ``"xpmem"``.
-        ops: the ``struct mmu_notifier_ops`` callbacks implemented
-            (a subset of ``protocol.types.NOTIFIER_OPS``).
+        ops: the callbacks this kind overrides (derived; a subset of
+            ``protocol.types.NOTIFIER_OPS``).
         sleepable: whether ``invalidate_range_start`` may block (xpmem).
 
     Args:
@@ -235,6 +281,21 @@ class SecondaryMMU:
     ops: ClassVar[frozenset[str]] = frozenset()
     sleepable: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Derive ``cls.ops`` from the callbacks ``cls`` overrides (once, at
+        class creation, as trio's instrumentation finds the hooks an
+        instrument defines).
+
+        Raises:
+            TypeError: a kind overrides only one of ``invalidate_range_start``
+                and ``invalidate_range_end`` (the host pairs every start with
+                an end: ``mn_hlist_invalidate_range_start`` in mm/mmu_notifier.c).
+        """
+        super().__init_subclass__(**kwargs)
+        cls.ops = frozenset(op for op in NOTIFIER_OPS if getattr(cls, op) is not getattr(SecondaryMMU, op))
+        if ("invalidate_range_start" in cls.ops) != ("invalidate_range_end" in cls.ops):
+            raise TypeError(f"{cls.__name__}: invalidate_range_start and invalidate_range_end go together")
+
     def __init__(
         self,
         name: str,
@@ -243,23 +304,24 @@ class SecondaryMMU:
         max_fault_retries: int = MAX_FAULT_RETRIES,
         max_gup_pages: int = MAX_GUP_PAGES,
     ) -> None:
-        if not self.ops <= set(NOTIFIER_OPS):
-            raise ValueError(f"unknown notifier ops {sorted(self.ops - set(NOTIFIER_OPS))}")
-        if ("invalidate_range_start" in self.ops) != ("invalidate_range_end" in self.ops):
-            raise ValueError("invalidate_range_start and _end go together")
         self.name = name
         self.page_size = page_size
         self.max_fault_retries = max_fault_retries
         self.max_gup_pages = max_gup_pages
         self.epoch = 0
+        self.session = Session.UNREGISTERED
         self._next_id = 0
         #: The first message id of the current session (set by Registered):
         #: every id from here on was stamped with ``epoch``.
         self._session_first_id = 0
         self._next_token = 0
         self._mms: dict[int, MmState] = {}
-        # request id -> handler of its reply (GupReply/DmaReply/XpmemReply/Ok/Error)
-        self._pending: dict[int, Callable[[Message], list[Output]]] = {}
+        # request id -> what waits for its reply (GupReply/DmaReply/XpmemReply/Ok/Error):
+        # a Fault (its Gup), a _SubscribeRequest, ... (see _reply)
+        self._pending: dict[int, Any] = {}
+        # Gup id -> a fault failed by a drop while its Gup was on the wire: its
+        # reply is the table's FAILED --REPLY--> FAILED (bounded, oldest out)
+        self._dropped: OrderedDict[int, Fault] = OrderedDict()
         # DMA id -> (mm, page address): accesses on the wire
         self.dma_in_flight: dict[int, tuple[int, int]] = {}
         self._open_tokens: set[int] = set()
@@ -324,7 +386,7 @@ class SecondaryMMU:
         if isinstance(msg, Fenced):
             return not (self.epoch and msg.epoch and msg.epoch != self.epoch)
         if isinstance(msg, Error) and msg.code in SESSION_REFUSALS:
-            return bool(self.epoch) and self._session_first_id <= msg.ref <= self._next_id
+            return self.session is Session.REGISTERED and self._session_first_id <= msg.ref <= self._next_id
         return False
 
     # ------------------------------------------------------------ receive
@@ -353,32 +415,37 @@ class SecondaryMMU:
             if isinstance(msg, Release):
                 return self._receive_release(msg)
             if isinstance(msg, ChangePte):
-                return self._change_pte(msg)
-            return self._young(msg)
+                return self.change_pte(msg)
+            if isinstance(msg, ClearFlushYoung):
+                return self.clear_flush_young(msg)
+            if isinstance(msg, ClearYoung):
+                return self.clear_young(msg)
+            return self.test_young(msg)
         if isinstance(msg, Error) and self.ends_session(msg):
             # Refused for the epoch it carried: the session is over on the
             # host, whatever request this answers (a heartbeat, a DMA...).
             # Every command in flight fails with EINTR, as for Fenced.
             outputs = self.drop_all(f"{msg.code}: {msg.message}" if msg.message else msg.code)
-            self.epoch = 0
+            self._end_session()
             return outputs
         if isinstance(msg, (GupReply, DmaReply, XpmemReply, Ok, Error)):
-            handler = self._pending.pop(msg.ref, None)
-            if handler is None:
+            request = self._pending.pop(msg.ref, None) or self._dropped.pop(msg.ref, None)
+            if request is None:
                 logger.debug("%s: reply to unknown request %d ignored", self.name, msg.ref)
                 return []
-            return handler(msg)
+            return self._reply(request, msg)
         if isinstance(msg, Fenced):
             if not self.ends_session(msg):
                 logger.info("%s: fence of old epoch %d ignored", self.name, msg.epoch)
                 return []
             outputs = self.drop_all(f"fenced: {msg.reason}" if msg.reason else "fenced")
-            self.epoch = 0
+            self._end_session()
             return outputs
         if isinstance(msg, Registered):
             # A new session: the host holds no subscription or pin of ours.
             outputs = self.drop_all("registered anew")
             self.epoch = msg.epoch
+            self.session = Session.REGISTERED
             self.page_size = msg.page_size
             self._session_first_id = self._next_id + 1
             return outputs
@@ -386,6 +453,23 @@ class SecondaryMMU:
             return []
         logger.warning("%s: unexpected %s ignored", self.name, msg.TYPE)
         return []
+
+    def _end_session(self) -> None:
+        self.epoch = 0
+        self.session = Session.ENDED
+
+    def _reply(self, request: Any, reply: Message) -> list[Output]:
+        """Hand ``reply`` to what waited for it (a kind with requests of its
+        own extends this)."""
+        if isinstance(request, Fault):
+            return self._gup_reply(request, reply)
+        if isinstance(request, _DmaRequest):
+            return self._dma_reply(request, reply)
+        if isinstance(request, _SubscribeRequest):
+            return self._subscribed(request, reply)
+        if isinstance(request, _UnsubscribeRequest):
+            return self._unsubscribed(request, reply)
+        raise TypeError(f"{self.name}: no handler for a reply to {type(request).__name__}")
 
     def _ack(self, ref: int, status: str = "ok", young: bool = False) -> Ack:
         ack = Ack(ref=ref, status=status, young=young)
@@ -414,7 +498,7 @@ class SecondaryMMU:
             self.counters["duplicates"] += 1
             return self._duplicate_start(state, msg)
         self.counters["invalidations"] += 1
-        return self._invalidate_range_start(state, msg)
+        return self.invalidate_range_start(state, msg)
 
     def _duplicate_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         """A start delivered again while open: answer, change nothing."""
@@ -437,15 +521,15 @@ class SecondaryMMU:
         if rng is None:  # duplicate end, or the end of a start refused with EAGAIN
             logger.debug("%s: end without open start %d ignored", self.name, start_id)
             return []
-        outputs = self._invalidate_range_end(state, start_id, rng)
+        outputs = self.invalidate_range_end(state, start_id, rng)
         return outputs + self._wake(state)
 
     def _receive_release(self, msg: Release) -> list[Output]:
         state = self._mm(msg.mm)
-        outputs = self._release(state)
+        outputs = self.release(state)
         # ->release ends the subscription (mmu_notifier_release in mm/mmu_notifier.c
         # unhooks every subscriber); a later fault subscribes again.
-        state.subscribed = False
+        state.subscription = Subscription.NONE
         return [*outputs, self._ack(msg.id)]
 
     # ---------------------------------------------------- subscriptions
@@ -462,12 +546,17 @@ class SecondaryMMU:
         state = self._mm(mm)
         if state.subscribed:
             return token, self._complete(token, {"mm": mm, "subscribed": True})
-        state.subscribe_waiters.append(_SubscribeCommand(self, token, mm))
+        state.subscribe_commands.append(token)
+        return token, self._send_subscribe(state)
+
+    def _send_subscribe(self, state: MmState) -> list[Output]:
+        """The mm's Subscribe, unless one is in flight (its Ok serves all)."""
         if state.subscribe_id:
-            return token, []
+            return []
         sid = state.subscribe_id = self.next_id()
-        self._pending[sid] = lambda reply: self._subscribed(state, sid, reply)
-        return token, [Subscribe(id=sid, epoch=self.epoch, mm=mm)]
+        state.subscription = Subscription.SUBSCRIBING
+        self._pending[sid] = _SubscribeRequest(state, sid)
+        return [Subscribe(id=sid, epoch=self.epoch, mm=state.mm)]
 
     def unsubscribe(self, mm: int) -> tuple[int, list[Output]]:
         """``mmu_notifier_unregister``: the host calls ``->release`` (this
@@ -482,19 +571,50 @@ class SecondaryMMU:
         if state is None or not state.subscribed:
             return token, self._complete(token, {"mm": mm, "subscribed": False})
         uid = self.next_id()
-
-        def done(reply: Message) -> list[Output]:
-            if isinstance(reply, Ok):
-                state.subscribed = False
-                return self._complete(token, {"mm": mm, "subscribed": False})
-            err = (kernel_error(reply.code, reply.message) if isinstance(reply, Error)
-                   else KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to unsubscribe"))
-            return self._complete(token, error=err)
-
-        self._pending[uid] = done
+        self._pending[uid] = _UnsubscribeRequest(state, token)
         return token, [Unsubscribe(id=uid, epoch=self.epoch, mm=mm)]
 
+    def _unsubscribed(self, request: _UnsubscribeRequest, reply: Message) -> list[Output]:
+        state = request.state
+        if isinstance(reply, Ok):
+            state.subscription = Subscription.NONE
+            return self._complete(request.token, {"mm": state.mm, "subscribed": False})
+        err = (kernel_error(reply.code, reply.message) if isinstance(reply, Error)
+               else KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to unsubscribe"))
+        return self._complete(request.token, error=err)
+
+    def _subscribed(self, request: _SubscribeRequest, reply: Message) -> list[Output]:
+        state = request.state
+        if state.subscribe_id != request.sid:  # superseded (release, drop_all)
+            return []
+        faults, state.subscribing = state.subscribing, []
+        commands, state.subscribe_commands = state.subscribe_commands, []
+        state.subscribe_id = 0
+        outputs: list[Output] = []
+        if isinstance(reply, Ok):
+            state.subscription = Subscription.SUBSCRIBED
+            for token in commands:
+                outputs += self._complete(token, {"mm": state.mm, "subscribed": True})
+            for f in faults:
+                outputs += self._fault_begin(f)
+            return outputs
+        state.subscription = Subscription.NONE
+        err = (
+            kernel_error(reply.code, reply.message)
+            if isinstance(reply, Error)
+            else KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to subscribe")
+        )
+        for token in commands:
+            outputs += self._complete(token, error=err)
+        for f in faults:
+            outputs += self._fault_failed(f, err)
+        return outputs
+
     # ---------------------------------------------------------- faults
+    #
+    # The fault path is the state machine of node/fault.py: every transition
+    # is a rule of its TRANSITIONS table; the code below decides which event
+    # happened and acts on the state the table gives.
 
     def fault(self, mm: int, addr: int, npages: int = 1, write: bool = False) -> tuple[int, list[Output]]:
         """A secondary page fault: map ``npages`` pages from ``addr``.
@@ -512,41 +632,33 @@ class SecondaryMMU:
         if not 1 <= npages <= self.max_gup_pages:
             return token, self._complete(token, error=KernelError(Errno.EINVAL, f"npages {npages}"))
         try:
-            f = self._make_fault(mm, addr, npages, write, None)
+            f = self._make_fault(mm, addr, npages, write)
         except KernelError as err:
             return token, self._complete(token, error=err)
-
-        def done(pages: list[list[int]], err: KernelError | None) -> list[Output]:
-            if err is not None and not pages:
-                return self._complete(token, error=err)
-            result: dict[str, Any] = {"mm": f.mm, "addr": f.addr, "pages": pages}
-            if err is not None:
-                result["errno"] = err.errno.value
-            return self._complete(token, result)
-
-        f.done = done
+        f.token = token
         return token, self._fault_begin(f)
 
-    def _make_fault(self, mm: int, addr: int, npages: int, write: bool, done: Any) -> Fault:
+    def _make_fault(self, mm: int, addr: int, npages: int, write: bool) -> Fault:
         """Build the GUP for a fault at ``addr`` of ``mm`` (kind may remap: xpmem)."""
         page = addr - addr % self.page_size
-        return Fault(mm=mm, addr=page, npages=npages, write=write, done=done)
+        return Fault(mm=mm, addr=page, npages=npages, write=write)
 
     def _fault_begin(self, f: Fault) -> list[Output]:
+        """Begin ``f``, or begin it again: SUBSCRIBE, PARK or SEND_GUP."""
         state = self._mm(f.mm)
         if not state.subscribed:
-            state.subscribe_waiters.append(f)
-            if state.subscribe_id:
-                return []
-            sid = state.subscribe_id = self.next_id()
-            self._pending[sid] = lambda reply: self._subscribed(state, sid, reply)
-            return [Subscribe(id=sid, epoch=self.epoch, mm=f.mm)]
-        if self._fault_must_wait(state, f):
-            state.waiting.append(f)
+            f.fire(FaultEvent.SUBSCRIBE)
+            state.subscribing.append(f)
+            return self._send_subscribe(state)
+        seq = self.read_begin(state, f)
+        if seq is None:
+            f.fire(FaultEvent.PARK)
+            state.parked.append(f)
             return []
-        f.snapshot = self._fault_snapshot(state, f)
+        f.fire(FaultEvent.SEND_GUP)
+        f.seq = seq
         f.request = self.next_id()
-        self._pending[f.request] = lambda reply: self._gup_reply(f, reply)
+        self._pending[f.request] = f
         self.counters["gups"] += 1
         return [
             Gup(
@@ -560,67 +672,71 @@ class SecondaryMMU:
             )
         ]
 
-    def _subscribed(self, state: MmState, sid: int, reply: Message) -> list[Output]:
-        if state.subscribe_id != sid:  # superseded (release, drop_all)
-            return []
-        waiters, state.subscribe_waiters = state.subscribe_waiters, []
-        state.subscribe_id = 0
-        outputs: list[Output] = []
-        if isinstance(reply, Ok):
-            state.subscribed = True
-            for f in waiters:
-                outputs += f.begin() if isinstance(f, _SubscribeCommand) else self._fault_begin(f)
-            return outputs
-        err = (
-            kernel_error(reply.code, reply.message)
-            if isinstance(reply, Error)
-            else KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to subscribe")
-        )
-        for f in waiters:
-            outputs += f.done([], err)
-        return outputs
-
     def _gup_reply(self, f: Fault, reply: Message) -> list[Output]:
+        if f.fire(FaultEvent.REPLY) is FaultState.FAILED:
+            # Failed by a drop while the Gup was on the wire: the host retired
+            # that session's pins, and the command already failed with EINTR.
+            logger.debug("%s: reply to gup %d of a dropped fault ignored", self.name, f.request)
+            return []
         if isinstance(reply, Error):
-            return f.done([], kernel_error(reply.code, reply.message))
+            return self._fault_failed(f, kernel_error(reply.code, reply.message))
         if not isinstance(reply, GupReply):
-            return f.done([], KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to gup"))
+            return self._fault_failed(f, KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to gup"))
         pages = [list(p) for p in reply.pages]
         if f.pin:
             self.counters["pins_taken"] += len(pages)
         state = self._mm(f.mm)
-        if self._fault_retry(state, f, f.addr, f.addr + f.npages * self.page_size):
+        end = f.addr + f.npages * self.page_size
+        if self.read_retry(state, f, f.addr, end):
             # The reply may predate an invalidation that reached us first:
             # mmu_invalidate_retry() says so; drop it and fault again.
+            f.fire(FaultEvent.STALE)
             self.counters["stale_replies"] += 1
             outputs: list[Output] = self._unpin(f.mm, [p[1] for p in pages]) if f.pin else []
             f.retries += 1
             if f.retries > self.max_fault_retries:
-                return outputs + f.done([], KernelError(Errno.EAGAIN, "invalidations kept racing the fault"))
+                return outputs + self._fault_failed(f, KernelError(Errno.EAGAIN, "invalidations kept racing the fault"))
             self.counters["gup_retries"] += 1
             return outputs + self._fault_begin(f)
         # Pages beyond the request (the host's fault-around) pass the same rule
         # one by one; those that fail it are dropped, not retried.
-        end = f.addr + f.npages * self.page_size
         extra = [
             p
             for p in pages
-            if not f.addr <= p[0] < end and self._fault_retry(state, f, p[0], p[0] + self.page_size)
+            if not f.addr <= p[0] < end and self.read_retry(state, f, p[0], p[0] + self.page_size)
         ]
         outputs = self._unpin(f.mm, [p[1] for p in extra]) if f.pin and extra else []
         pages = [p for p in pages if p not in extra]
         if not pages:
-            return outputs + f.done([], kernel_error(reply.errno or "EFAULT"))
+            return outputs + self._fault_failed(f, kernel_error(reply.errno or "EFAULT"))
+        f.fire(FaultEvent.INSTALL)
         installed, more = self._fault_install(state, f, pages)
         outputs += more
-        err = kernel_error(reply.errno) if reply.errno else None
-        return outputs + f.done(installed, err)
+        return outputs + self._fault_finished(f, installed, kernel_error(reply.errno) if reply.errno else None)
+
+    def _fault_failed(self, f: Fault, err: KernelError) -> list[Output]:
+        f.fire(FaultEvent.FAIL)
+        return self._fault_finished(f, [], err)
+
+    def _fault_finished(self, f: Fault, pages: list[list[int]], err: KernelError | None) -> list[Output]:
+        """Give the outcome of a fault (DONE or FAILED) to what it served: the
+        ``fault`` command of ``f.token``, or the access it was taken for."""
+        if f.access is not None:
+            if err is not None and not pages:
+                return self._complete(f.access.token, error=err)
+            return self._access_step(f.access)
+        if err is not None and not pages:
+            return self._complete(f.token, error=err)
+        result: dict[str, Any] = {"mm": f.mm, "addr": f.addr, "pages": pages}
+        if err is not None:
+            result["errno"] = err.errno.value
+        return self._complete(f.token, result)
 
     def _wake(self, state: MmState) -> list[Output]:
         """Re-begin the faults parked on ``state`` (an end closed a range)."""
-        waiting, state.waiting = state.waiting, []
+        parked, state.parked = state.parked, []
         outputs: list[Output] = []
-        for f in waiting:
+        for f in parked:
             outputs += self._fault_begin(f)
         return outputs
 
@@ -677,20 +793,14 @@ class SecondaryMMU:
                 return self._complete(a.token, error=KernelError(Errno.EFAULT, f"no translation for {vaddr:#x}"))
             a.faults_here += 1
             try:
-                f = self._make_fault(a.mm, vaddr, 1, write, None)
+                f = self._make_fault(a.mm, vaddr, 1, write)
             except KernelError as err:
                 return self._complete(a.token, error=err)
-
-            def resume(pages: list[list[int]], err: KernelError | None) -> list[Output]:
-                if err is not None and not pages:
-                    return self._complete(a.token, error=err)
-                return self._access_step(a)
-
-            f.done = resume
+            f.access = a
             return self._fault_begin(f)
         dma_id = self.next_id()
         self.dma_in_flight[dma_id] = (t.mm, t.addr)
-        self._pending[dma_id] = lambda reply: self._dma_reply(a, dma_id, n, reply)
+        self._pending[dma_id] = _DmaRequest(a, dma_id, n)
         self.counters["dma"] += 1
         if a.data is None:
             return [DmaRead(id=dma_id, epoch=self.epoch, mm=t.mm, addr=t.addr, pfn=t.pfn, offset=offset, length=n)]
@@ -699,7 +809,8 @@ class SecondaryMMU:
             DmaWrite(id=dma_id, epoch=self.epoch, mm=t.mm, addr=t.addr, pfn=t.pfn, offset=offset, data=chunk)
         ]
 
-    def _dma_reply(self, a: _Access, dma_id: int, n: int, reply: Message) -> list[Output]:
+    def _dma_reply(self, request: _DmaRequest, reply: Message) -> list[Output]:
+        a, dma_id, n = request.access, request.dma_id, request.length
         self.dma_in_flight.pop(dma_id, None)
         outputs = self._dma_finished(dma_id)
         if isinstance(reply, Error):
@@ -740,6 +851,12 @@ class SecondaryMMU:
             The failing Completions.
         """
         self.counters["drops"] += 1
+        for f in self.faults():
+            if f.state is FaultState.GUP_SENT:
+                self._dropped[f.request] = f
+            f.fire(FaultEvent.DROP)
+        while len(self._dropped) > ANSWERED_CACHE:
+            self._dropped.popitem(last=False)
         self._drop_kind_state()
         self._mms.clear()
         self._pending.clear()
@@ -748,6 +865,12 @@ class SecondaryMMU:
         tokens, self._open_tokens = sorted(self._open_tokens), set()
         err = KernelError(Errno.EINTR, reason)
         return [Completion(token, None, err) for token in tokens]
+
+    def faults(self) -> list[Fault]:
+        """Every fault the node holds: subscribing, parked, or its Gup in flight
+        (``FaultState`` SUBSCRIBING, PARKED, GUP_SENT)."""
+        faults = [f for state in self._mms.values() for f in (*state.subscribing, *state.parked)]
+        return faults + [r for r in self._pending.values() if isinstance(r, Fault)]
 
     def mapped_pages(self) -> int:
         """How many page translations the node holds now."""
@@ -793,25 +916,103 @@ class SecondaryMMU:
 
     # ------------------------------------------------------------- kind hooks
 
-    def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
-        raise NotImplementedError
+    # ---------------------------------------------------------- the ops table
+    #
+    # struct mmu_notifier_ops, one method per callback.  A kind overrides the
+    # ones it implements (that is its ``ops``); the host never sends the
+    # others, and the defaults below are the safe answer should one arrive.
+    # Every op returns its outputs; all but invalidate_range_end answer with
+    # an Ack of the message (a sleepable kind may hold a start's Ack).
 
-    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
-        raise NotImplementedError
+    def invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+        """``invalidate_range_start``: the primary MMU is about to change
+        ``[msg.start, msg.end)`` of ``state.mm``.
 
-    def _release(self, state: MmState) -> list[Output]:
-        """Drop everything of ``state.mm`` (before the Ack)."""
-        raise NotImplementedError
+        Kernel contract (include/linux/mmu_notifier.h): before the start
+        returns, the secondary MMU must have dropped every translation of the
+        range and must not establish new ones until the matching
+        ``invalidate_range_end``; the pages may be freed right after the end,
+        so no reference may outlive it.  Starts nest (several ranges may be
+        open at once) and every start is paired with exactly one end.  If
+        ``msg.blockable`` is false the callback must not sleep; a subscriber
+        that would have to answers ``EAGAIN`` and the host ends the others.
 
-    def _change_pte(self, msg: ChangePte) -> list[Output]:
-        # A kind without ->change_pte should never get one (the core sends it a
-        # one-page invalidation instead).  If it does, the safe answer is to
-        # drop the page, as a one-page invalidation would.
+        Returns the Ack (``status="EAGAIN"`` to refuse a non-blockable start).
+        Call :meth:`_open_start` for a start accepted, so its end finds it.
+        """
+        self._open_start(state, msg)
+        return [self._ack(msg.id)]
+
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+        """``invalidate_range_end``: the change begun by start ``start_id``
+        (over ``rng``) is done; translations of the range may be rebuilt.
+
+        Kernel contract: called after the primary page tables were updated and
+        the pages possibly freed; paired with exactly one
+        ``invalidate_range_start``.  It is never acknowledged.  The base wakes
+        the faults parked on the mm once it returns.
+        """
+        return []
+
+    def change_pte(self, msg: ChangePte) -> list[Output]:
+        """``change_pte``: the pte of ``msg.addr`` now maps ``msg.pfn``
+        (KSM merging a page, or a COW break).
+
+        Kernel contract: a notification that the primary pte was changed
+        in place (``set_pte_at_notify``) to point at a new page; the secondary
+        MMU may update its own mapping to the new pfn instead of dropping it.
+        Since 3.7 (to 6.9) the host wraps it in ``invalidate_range_start`` /
+        ``_end``, so the page is already gone and it finds nothing to change.
+
+        Without the op, the safe answer is to drop the page, as a one-page
+        invalidation would (the host sends those instead, so this is a bug's
+        path).
+        """
         logger.warning("%s: change_pte without the op: dropping the page", self.name)
         self._zap(msg.mm, msg.addr, msg.addr + self.page_size)
         return [self._ack(msg.id)]
 
-    def _young(self, msg: ClearFlushYoung | ClearYoung | TestYoung) -> list[Output]:
+    def clear_flush_young(self, msg: ClearFlushYoung) -> list[Output]:
+        """``clear_flush_young``: was ``[msg.start, msg.end)`` accessed through
+        this secondary MMU since the last check?  Clear the accessed bits and
+        flush the secondary TLB, so that the next access is seen.
+
+        Kernel contract: called by page aging (``ptep_clear_flush_young_notify``);
+        the answer is OR-ed across subscribers, and a young page is kept.
+        Returns ``Ack(young=...)``; without the op: not young.
+        """
+        return self._not_young(msg)
+
+    def clear_young(self, msg: ClearYoung) -> list[Output]:
+        """``clear_young``: as ``clear_flush_young`` but without the TLB flush.
+
+        Kernel contract: cheaper and less exact -- accesses through cached
+        translations may be missed until the TLB is flushed otherwise.
+        Returns ``Ack(young=...)``; without the op: not young.
+        """
+        return self._not_young(msg)
+
+    def test_young(self, msg: TestYoung) -> list[Output]:
+        """``test_young``: is the range young?  Nothing is cleared.
+
+        Kernel contract: a query only, used to decide whether to age a page;
+        the first subscriber that says young answers for all.
+        Returns ``Ack(young=...)``; without the op: not young.
+        """
+        return self._not_young(msg)
+
+    def release(self, state: MmState) -> list[Output]:
+        """``release``: the mm is going (exit, or ``mmu_notifier_unregister``);
+        drop everything of ``state.mm``.
+
+        Kernel contract: called before the pages of the mm are freed; after it
+        returns the secondary MMU must not access the mm's memory any more.  It
+        may run concurrently with other callbacks of the same mm.  The base
+        ends the subscription and sends the Ack after it.
+        """
+        return []
+
+    def _not_young(self, msg: ClearFlushYoung | ClearYoung | TestYoung) -> list[Output]:
         logger.warning("%s: %s without the op: not young", self.name, msg.TYPE)
         return [self._ack(msg.id, young=False)]
 
@@ -819,14 +1020,21 @@ class SecondaryMMU:
         """Remove translations of ``[start, end)`` of ``mm``; outputs (xpmem: Unpin)."""
         raise NotImplementedError
 
-    def _fault_must_wait(self, state: MmState, f: Fault) -> bool:
-        return False
+    # -- the read side (mmu_interval_read_begin / _read_retry, KVM's
+    #    mmu_invalidate_seq and mmu_invalidate_retry)
 
-    def _fault_snapshot(self, state: MmState, f: Fault) -> int:
+    def read_begin(self, state: MmState, f: Fault) -> int | None:
+        """``mmu_interval_read_begin``: the sequence to send ``f``'s Gup under,
+        or None while an invalidation in progress covers ``f`` (the kernel
+        sleeps there; the node parks the fault until an end wakes it).
+        """
         raise NotImplementedError
 
-    def _fault_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
-        """Must the reply to ``f``, covering ``[start, end)``, be discarded?"""
+    def read_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
+        """``mmu_interval_read_retry``: must the reply to ``f``, covering
+        ``[start, end)``, be discarded because an invalidation may have
+        changed those pages since ``read_begin`` gave ``f.seq``?
+        """
         raise NotImplementedError
 
     def _fault_install(
@@ -850,50 +1058,3 @@ class SecondaryMMU:
 
     def _drop_kind_state(self) -> None:
         raise NotImplementedError
-
-
-def node_class(kind: str) -> type[SecondaryMMU]:
-    """The class of a node kind: ``"kvm"``, ``"gru"`` or ``"xpmem"``.
-
-    Raises:
-        KernelError(EINVAL) for an unknown kind.
-    """
-    if kind == "kvm":
-        from .kvm import KvmMMU
-
-        return KvmMMU
-    if kind == "gru":
-        from .gru import GruMMU
-
-        return GruMMU
-    if kind == "xpmem":
-        from .xpmem import XpmemMMU
-
-        return XpmemMMU
-    raise KernelError(Errno.EINVAL, f"unknown node kind {kind!r}")
-
-
-def iter_messages(outputs: Iterable[Output]) -> list[Message]:
-    """The protocol messages among ``outputs``, in order."""
-    return [o for o in outputs if isinstance(o, Message)]
-
-
-def iter_completions(outputs: Iterable[Output]) -> list[Completion]:
-    """The completions among ``outputs``, in order."""
-    return [o for o in outputs if isinstance(o, Completion)]
-
-
-@dataclass(slots=True)
-class _SubscribeCommand:
-    """An explicit ``subscribe`` command parked with the faults that wait
-    for the same Subscribe; completes with them."""
-
-    mmu: SecondaryMMU
-    token: int
-    mm: int
-
-    def begin(self) -> list[Output]:
-        return self.mmu._complete(self.token, {"mm": self.mm, "subscribed": True})
-
-    def done(self, pages: list[list[int]], err: KernelError | None) -> list[Output]:
-        return self.mmu._complete(self.token, error=err)

@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 
 from protocol.messages import InvalidateRangeStart
 
-from .base import Fault, MmState, Output, SecondaryMMU, Translation
+from .base import MmState, Output, SecondaryMMU, Translation
+from .fault import Fault
 
 #: TLB entries of one GRU context.
 DEFAULT_TLB_ENTRIES = 64
@@ -63,7 +64,6 @@ class GruMMU(SecondaryMMU):
     """
 
     kind: ClassVar[str] = "gru"
-    ops: ClassVar[frozenset[str]] = frozenset({"release", "invalidate_range_start", "invalidate_range_end"})
     sleepable: ClassVar[bool] = False
 
     def __init__(self, name: str, *, tlb_entries: int = DEFAULT_TLB_ENTRIES, **kwargs: Any) -> None:
@@ -86,7 +86,7 @@ class GruMMU(SecondaryMMU):
 
     # --------------------------------------------------------- notifier
 
-    def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+    def invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         # gru_invalidate_range_start: atomic_inc(&gms->ms_range_active), then
         # gru_flush_tlb_range; in-line, never blocks.
         assert isinstance(state, GruMm)
@@ -95,14 +95,14 @@ class GruMMU(SecondaryMMU):
         self._purge(state, msg.start, msg.end)
         return [self._ack(msg.id)]
 
-    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
         # gru_invalidate_range_end: atomic_dec(&gms->ms_range_active) and
         # wake_up_all(&gms->ms_wait_queue) -- the base wakes the parked misses.
         assert isinstance(state, GruMm)
         state.range_active -= 1
         return []
 
-    def _release(self, state: MmState) -> list[Output]:
+    def release(self, state: MmState) -> list[Output]:
         # gru_release: the mm is going; nothing of it may stay in the TLB.
         assert isinstance(state, GruMm)
         self._purge(state, 0, 1 << 64)
@@ -124,22 +124,19 @@ class GruMMU(SecondaryMMU):
 
     # ----------------------------------------------------------- faults
 
-    def _fault_must_wait(self, state: MmState, f: Fault) -> bool:
+    def read_begin(self, state: MmState, f: Fault) -> int | None:
         # gru_try_dropin: "range invalidate active" -> the miss waits for the
-        # end (no spinning: it is parked and woken by the end).
+        # end (no spinning: it is parked and woken by the end).  Otherwise the
+        # drop-in is judged against the TLB epoch it started under.
         assert isinstance(state, GruMm)
         if state.range_active > 0:
             self.counters["waits"] += 1
-            return True
-        return False
-
-    def _fault_snapshot(self, state: MmState, f: Fault) -> int:
-        assert isinstance(state, GruMm)
+            return None
         return state.tlb_epoch
 
-    def _fault_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
+    def read_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
         assert isinstance(state, GruMm)
-        return state.tlb_epoch != f.snapshot
+        return state.tlb_epoch != f.seq
 
     def _fault_install(
         self, state: MmState, f: Fault, pages: list[list[int]]

@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 
 from protocol.messages import ChangePte, ClearFlushYoung, ClearYoung, InvalidateRangeStart, TestYoung
 
-from .base import Fault, MmState, Output, SecondaryMMU, Translation, pages_in
+from .base import MmState, Output, SecondaryMMU, Translation, pages_in
+from .fault import Fault
 
 #: Entries of the secondary TLB.
 DEFAULT_TLB_ENTRIES = 64
@@ -84,17 +85,6 @@ class KvmMMU(SecondaryMMU):
     """
 
     kind: ClassVar[str] = "kvm"
-    ops: ClassVar[frozenset[str]] = frozenset(
-        {
-            "release",
-            "clear_flush_young",
-            "clear_young",
-            "test_young",
-            "change_pte",
-            "invalidate_range_start",
-            "invalidate_range_end",
-        }
-    )
     sleepable: ClassVar[bool] = False
 
     def __init__(self, name: str, *, tlb_entries: int = DEFAULT_TLB_ENTRIES, **kwargs: Any) -> None:
@@ -122,7 +112,7 @@ class KvmMMU(SecondaryMMU):
 
     # --------------------------------------------------------- notifier
 
-    def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+    def invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         # kvm_mmu_notifier_invalidate_range_start -> kvm_mmu_invalidate_begin,
         # then kvm_unmap_gfn_range and a remote TLB flush; never blocks.
         assert isinstance(state, KvmMm)
@@ -137,7 +127,7 @@ class KvmMMU(SecondaryMMU):
         self._zap(msg.mm, msg.start, msg.end)
         return [self._ack(msg.id)]
 
-    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
         # kvm_mmu_invalidate_end: "This sequence increase will notify the kvm
         # page fault that the page that is going to be mapped in the spte could
         # have been freed."  seq first, then the counter.
@@ -146,7 +136,7 @@ class KvmMMU(SecondaryMMU):
         state.mmu_invalidate_in_progress -= 1
         return []
 
-    def _change_pte(self, msg: ChangePte) -> list[Output]:
+    def change_pte(self, msg: ChangePte) -> list[Output]:
         # kvm_mmu_notifier_change_pte -> kvm_set_spte_gfn -> kvm_set_pte_rmap
         # (arch/x86/kvm/mmu/mmu.c): a writable new pte zaps the spte; a
         # read-only one repoints it in place, write-protected and marked for
@@ -174,11 +164,21 @@ class KvmMMU(SecondaryMMU):
             self._flush_tlb(msg.mm)
         return [self._ack(msg.id)]
 
-    def _young(self, msg: ClearFlushYoung | ClearYoung | TestYoung) -> list[Output]:
-        # kvm_mmu_notifier_clear_flush_young / _clear_young / _test_young ->
-        # kvm_age_rmap / kvm_test_age_rmap.  The A bit is set when an access
-        # walks the sptes (a TLB fill), so clearing it without a flush
-        # (clear_young) lets accesses through cached entries go unseen.
+    def clear_flush_young(self, msg: ClearFlushYoung) -> list[Output]:
+        # kvm_mmu_notifier_clear_flush_young -> kvm_age_rmap, then a remote flush.
+        return self._age(msg)
+
+    def clear_young(self, msg: ClearYoung) -> list[Output]:
+        # kvm_mmu_notifier_clear_young: "we never issue secondary TLB flushes
+        # from clear_young" -- accesses through cached entries go unseen.
+        return self._age(msg)
+
+    def test_young(self, msg: TestYoung) -> list[Output]:
+        # kvm_mmu_notifier_test_young -> kvm_test_age_rmap: nothing cleared.
+        return self._age(msg)
+
+    def _age(self, msg: ClearFlushYoung | ClearYoung | TestYoung) -> list[Output]:
+        # The A bit is set when an access walks the sptes (a TLB fill).
         table = self.sptes.get(msg.mm, {})
         young = False
         for page in pages_in(table, msg.start, msg.end, self.page_size):
@@ -190,7 +190,7 @@ class KvmMMU(SecondaryMMU):
             self._flush_tlb(msg.mm)
         return [self._ack(msg.id, young=young)]
 
-    def _release(self, state: MmState) -> list[Output]:
+    def release(self, state: MmState) -> list[Output]:
         # kvm_mmu_notifier_release -> kvm_flush_shadow_all: every spte goes.
         assert isinstance(state, KvmMm)
         state.mmu_invalidate_seq += 1
@@ -220,23 +220,22 @@ class KvmMMU(SecondaryMMU):
 
     # ----------------------------------------------------------- faults
 
-    def _fault_must_wait(self, state: MmState, f: Fault) -> bool:
-        # kvm_faultin_pfn's mmu_invalidate_retry_gfn_unsafe() pre-check: do not
-        # even GUP while an invalidation covers the gfn; the guest retries the
-        # fault, modelled as parking it until an end.
+    def read_begin(self, state: MmState, f: Fault) -> int | None:
+        # kvm_faultin_pfn: mmu_seq = kvm->mmu_invalidate_seq, and the
+        # mmu_invalidate_retry_gfn_unsafe() pre-check: do not even GUP while an
+        # invalidation covers the gfn; the guest retries the fault, modelled
+        # as parking it until an end.
         assert isinstance(state, KvmMm)
-        return state.invalidating(f.addr, f.addr + f.npages * self.page_size)
-
-    def _fault_snapshot(self, state: MmState, f: Fault) -> int:
-        assert isinstance(state, KvmMm)
+        if state.invalidating(f.addr, f.addr + f.npages * self.page_size):
+            return None
         return state.mmu_invalidate_seq
 
-    def _fault_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
+    def read_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
         # mmu_invalidate_retry_gfn (include/linux/kvm_host.h).
         assert isinstance(state, KvmMm)
         if state.invalidating(start, end):
             return True
-        return state.mmu_invalidate_seq != f.snapshot
+        return state.mmu_invalidate_seq != f.seq
 
     def _fault_install(
         self, state: MmState, f: Fault, pages: list[list[int]]

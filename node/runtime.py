@@ -57,6 +57,7 @@ through a hang or a partition: that is how ``mmn heal`` reaches the node.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 import random
@@ -65,7 +66,7 @@ import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -89,7 +90,8 @@ from protocol.types import Errno, KernelError
 from transport import SocketOptions, connect, serve_socket
 from transport.curve import CurveClient, KeyError_, KeyLayout
 
-from .base import SESSION_REFUSALS, Completion, Output, SecondaryMMU, node_class
+from .base import SESSION_REFUSALS, Completion, Output, SecondaryMMU
+from .kinds import node_class
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +234,12 @@ class NodeRuntime:
         self.counters = {"reconnects": 0, "dropped_acks": 0, "delayed_acks": 0, "duplicated": 0,
                          "partition_dropped": 0, "bad_frames": 0, "stale_fences": 0, "refused": 0,
                          "oversized_replies": 0}
-        self._healed = trio.Event()
+        #: Set (and replaced) whenever the injections change: injected, healed,
+        #: or one ran out.  What waits for a hang or partition to end waits here.
+        self._injections_changed = trio.Event()
+        #: (delay in seconds, what to do then): the connection's _run_later task
+        #: runs each in its own nursery (late acks, an injected crash)
+        self._later: trio.MemorySendChannel[tuple[float, Callable[[], Awaitable[None]]]] | None = None
         #: Held while hung or partitioned, handled / sent in order once healed.
         self._held_in: deque[Message] = deque()
         self._held_out: deque[Message] = deque()
@@ -246,8 +253,7 @@ class NodeRuntime:
             return None
         if inj.until is not None and trio.current_time() >= inj.until:
             del self.injected[kind]
-            if not self.injected:
-                self._healed.set()
+            self._changed()
             return None
         return inj
 
@@ -261,15 +267,23 @@ class NodeRuntime:
             raise KernelError(Errno.EINVAL, "slow-drain is for xpmem nodes")
         until = trio.current_time() + for_s if for_s else None
         self.injected[kind] = Injection(kind, rate, delay_ms, until)
-        self._healed = trio.Event()
+        self._changed()
         if kind == "crash":
             # Answer the inject first, then die: the caller learns it landed.
-            self._nursery.start_soon(self._crash)
+            self._run_after(0.05, self._crash)
 
     async def _crash(self) -> None:
-        await trio.sleep(0.05)
         logger.warning("%s: injected crash", self.config.name)
         os._exit(17)
+
+    def _changed(self) -> None:
+        self._injections_changed.set()
+        self._injections_changed = trio.Event()
+
+    def _hold_ends(self) -> float:
+        """When the current hang / partition runs out (inf: when healed)."""
+        holds = [inj for inj in (self._active("hang"), self._active("partition")) if inj is not None]
+        return min((inj.until if inj.until is not None else math.inf for inj in holds), default=math.inf)
 
     def _holding(self) -> bool:
         """Hung or partitioned: host messages are held, not handled."""
@@ -277,7 +291,7 @@ class NodeRuntime:
 
     def heal(self) -> None:
         self.injected.clear()
-        self._healed.set()
+        self._changed()
 
     def injected_status(self) -> dict[str, Any]:
         for kind in list(self.injected):
@@ -306,7 +320,7 @@ class NodeRuntime:
             delay = self._active("delay-acks")
             if self._hit(delay):
                 self.counters["delayed_acks"] += 1
-                self._nursery.start_soon(self._send_later, msg, delay.delay_ms / 1000)
+                self._send_later(msg, delay.delay_ms / 1000)
                 return
         frame = self._frame(msg) if type(msg) is CommandResult else encode(msg)
         if not self._send_now([frame]):  # straight to libzmq when nothing is queued
@@ -326,9 +340,25 @@ class NodeRuntime:
             return encode(CommandResult(ref=result.ref, ok=False, errno="EIO",
                                         error=f"{exc.message}; ask for less (a page: mm, cursor, limit)"))
 
-    async def _send_later(self, msg: Message, delay: float) -> None:
+    def _send_later(self, msg: Message, delay: float) -> None:
+        self._run_after(delay, partial(self.send, msg, late=True))
+
+    def _run_after(self, delay: float, action: Callable[[], Awaitable[None]]) -> None:
+        """Have the connection's :meth:`_run_later` task do ``action`` in
+        ``delay`` seconds (dropped if the connection ends first)."""
+        assert self._later is not None
+        self._later.send_nowait((delay, action))
+
+    async def _run_later(self, nursery: trio.Nursery,
+                         later: trio.MemoryReceiveChannel[tuple[float, Callable[[], Awaitable[None]]]]) -> None:
+        """Run each delayed action in ``nursery`` (the connection's), as it comes."""
+        async for delay, action in later:
+            nursery.start_soon(self._after, delay, action)
+
+    @staticmethod
+    async def _after(delay: float, action: Callable[[], Awaitable[None]]) -> None:
         await trio.sleep(delay)
-        await self.send(msg, late=True)
+        await action()
 
     async def emit(self, outputs: list[Output]) -> None:
         """Send the messages among ``outputs`` and answer finished commands."""
@@ -368,7 +398,8 @@ class NodeRuntime:
             sock = connect(zmq.DEALER, cfg.host, options=options, security=security)
             try:
                 async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
+                    self._later, later = trio.open_memory_channel(math.inf)
+                    nursery.start_soon(self._run_later, nursery, later)
                     channels = await nursery.start(partial(serve_socket, sock, direct_incoming=True))
                     self._send = channels.outgoing
                     self._send_now = channels.send_now
@@ -475,12 +506,21 @@ class NodeRuntime:
 
     async def _release_when_healed(self) -> None:
         """Release what was held once a hang or partition ends (healed, or
-        its ``--for`` ran out) even if nothing more arrives."""
+        its ``--for`` ran out) even if nothing more arrives.
+
+        Waits for the injections to change, or for the hold's end time.
+        """
         while True:
-            await trio.sleep(0.02)
-            if (self._held_in or self._held_out) and not self._holding():
+            changed = self._injections_changed
+            if self._holding():
+                with trio.move_on_at(self._hold_ends()):
+                    await changed.wait()
+                continue
+            if self._held_in or self._held_out:
                 async with self._rx:
                     await self._release_held()
+                continue
+            await changed.wait()
 
     async def _heartbeats(self, period: float) -> None:
         while True:
@@ -534,7 +574,7 @@ class NodeRuntime:
             acks = [o for o in outputs if isinstance(o, Ack)]
             await self.emit([o for o in outputs if not isinstance(o, Ack)])
             for ack in acks:
-                self._nursery.start_soon(self._send_later, ack, slow.delay_ms / 1000)
+                self._send_later(ack, slow.delay_ms / 1000)
             return
         await self.emit(outputs)
 
@@ -599,7 +639,7 @@ class NodeRuntime:
         if op == "detach":
             return mmu.detach(int(a["addr"]))  # type: ignore[attr-defined]
         if op == "release":
-            return mmu.release(int(a["apid"]))  # type: ignore[attr-defined]
+            return mmu.xpmem_release(int(a["apid"]))  # type: ignore[attr-defined]
         if op == "remove":
             return mmu.remove(int(a["segid"]))  # type: ignore[attr-defined]
         raise KernelError(Errno.EINVAL, f"unknown xpmem op {op!r}")
@@ -611,11 +651,6 @@ class NodeRuntime:
 
 
 def _make_mmu(config: NodeConfig) -> SecondaryMMU:
-    broken = os.environ.get("MMN_TEST_BROKEN", "")
-    if broken:  # a deliberately broken kind, for tests that must catch it
-        from .broken import broken_class
-
-        return broken_class(config.kind, broken)(config.name)
     return node_class(config.kind)(config.name)
 
 

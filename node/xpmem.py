@@ -13,7 +13,7 @@ Objects (node-side)::
     make(mm, addr, length, mode) ── XpmemMake ──▶ segid        (host keeps the segment)
     get(segid, write)            ── XpmemGet  ──▶ apid + mode  (an access permit)
     attach(apid, offset, length)  ─ local ─────▶ vaddr        (in the node's own space)
-    detach(vaddr) / release(apid) / remove(segid): unmap, Unpin, tell the host
+    detach(vaddr) / xpmem_release(apid) / remove(segid): unmap, Unpin, tell the host
 
 A fault on an attachment GUPs the exporter's mm with ``pin=True``; every page
 mapped holds one pin, dropped (``Unpin``) whenever the page is unmapped:
@@ -32,10 +32,8 @@ Invalidation is **sleepable**::
 
 GUP replies follow KVM's rule (``node.kvm``): discarded (and unpinned) if an
 invalidation in progress overlaps them or the seq moved since the request.
-
-Failure injection hook: ``drain_delay`` (seconds, default 0) is for the
-runtime, which may hold back the Ack of a start by that much; nothing here
-reads a clock.
+(A slow drain is injected by the runtime, ``slow-drain``: nothing here reads
+a clock.)
 """
 
 from __future__ import annotations
@@ -57,7 +55,8 @@ from protocol.messages import (
 from protocol.status import LIST_SHOWN
 from protocol.types import ADDRESS_LIMIT, Errno, KernelError
 
-from .base import Fault, MmState, Output, SecondaryMMU, Translation, kernel_error, pages_in
+from .base import MmState, Output, SecondaryMMU, Translation, kernel_error, pages_in
+from .fault import Fault
 
 #: Where attachments are placed in the node's own address space.
 DEFAULT_ATTACH_BASE = 0x6000_0000_0000
@@ -100,11 +99,22 @@ class Attachment:
 class XpmemMm(MmState):
     """Invalidation state of an exporter's mm, as KVM keeps it."""
 
-    invalidate_seq: int = 0
-    invalidate_in_progress: int = 0
+    mmu_invalidate_seq: int = 0
+    mmu_invalidate_in_progress: int = 0
 
     def invalidating(self, start: int, end: int) -> bool:
         return any(s < end and start < e for s, e in self.open_starts.values())
+
+
+@dataclass(eq=False, slots=True)
+class _XpmemCall:
+    """An xpmem request waiting for its XpmemReply (``op``: make, get,
+    release or remove; ``segid``/``apid``: what the result names)."""
+
+    token: int
+    op: str
+    segid: int = 0
+    apid: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -133,13 +143,11 @@ class XpmemMMU(SecondaryMMU):
     """
 
     kind: ClassVar[str] = "xpmem"
-    ops: ClassVar[frozenset[str]] = frozenset({"release", "invalidate_range_start", "invalidate_range_end"})
     sleepable: ClassVar[bool] = True
 
     def __init__(self, name: str, *, attach_base: int = DEFAULT_ATTACH_BASE, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
         self.attach_base = attach_base
-        self.drain_delay = 0.0
         self._next_vaddr = attach_base
         self.permits: dict[int, AccessPermit] = {}
         self.attachments: dict[int, Attachment] = {}  # by vaddr
@@ -165,7 +173,7 @@ class XpmemMMU(SecondaryMMU):
         """
         token = self._new_token()
         rid = self.next_id()
-        self._pending[rid] = lambda reply: self._xpmem_done(token, reply, lambda r: {"segid": r.value})
+        self._pending[rid] = _XpmemCall(token, "make")
         return token, [XpmemMake(id=rid, epoch=self.epoch, mm=mm, addr=addr, length=length, mode=mode)]
 
     def get(self, segid: int, write: bool = True) -> tuple[int, list[Output]]:
@@ -178,20 +186,7 @@ class XpmemMMU(SecondaryMMU):
         """
         token = self._new_token()
         rid = self.next_id()
-
-        def got(reply: XpmemReply) -> dict[str, Any]:
-            permit = AccessPermit(reply.value, segid, reply.mm, reply.addr, reply.length, reply.write)
-            self.permits[permit.apid] = permit
-            return {
-                "apid": permit.apid,
-                "segid": segid,
-                "mm": permit.mm,
-                "addr": permit.addr,
-                "length": permit.length,
-                "write": permit.write,
-            }
-
-        self._pending[rid] = lambda reply: self._xpmem_done(token, reply, got)
+        self._pending[rid] = _XpmemCall(token, "get", segid=segid)
         return token, [XpmemGet(id=rid, epoch=self.epoch, segid=segid, write=write)]
 
     def attach(self, apid: int, offset: int = 0, length: int | None = None) -> tuple[int, list[Output]]:
@@ -250,7 +245,7 @@ class XpmemMMU(SecondaryMMU):
         outputs = self._detach(att)
         return token, outputs + self._complete(token, {"vaddr": att.user_vaddr, "unpinned": unpinned})
 
-    def release(self, apid: int) -> tuple[int, list[Output]]:
+    def xpmem_release(self, apid: int) -> tuple[int, list[Output]]:
         """``xpmem_release``: detach every attachment of ``apid``, give the permit back.
 
         Returns:
@@ -261,7 +256,7 @@ class XpmemMMU(SecondaryMMU):
             return token, self._complete(token, error=KernelError(Errno.EINVAL, f"unknown apid {apid}"))
         outputs = self._drop_permit(apid)
         rid = self.next_id()
-        self._pending[rid] = lambda reply: self._xpmem_done(token, reply, lambda r: {"apid": apid})
+        self._pending[rid] = _XpmemCall(token, "release", apid=apid)
         return token, [*outputs, XpmemRelease(id=rid, epoch=self.epoch, apid=apid)]
 
     def remove(self, segid: int) -> tuple[int, list[Output]]:
@@ -276,17 +271,35 @@ class XpmemMMU(SecondaryMMU):
         for apid in [a for a, p in self.permits.items() if p.segid == segid]:
             outputs += self._drop_permit(apid)
         rid = self.next_id()
-        self._pending[rid] = lambda reply: self._xpmem_done(token, reply, lambda r: {"segid": segid})
+        self._pending[rid] = _XpmemCall(token, "remove", segid=segid)
         return token, [*outputs, XpmemRemove(id=rid, epoch=self.epoch, segid=segid)]
 
-    def _xpmem_done(self, token: int, reply: Message, result: Any) -> list[Output]:
+    def _reply(self, request: Any, reply: Message) -> list[Output]:
+        if not isinstance(request, _XpmemCall):
+            return super()._reply(request, reply)
+        token = request.token
         if isinstance(reply, Error):
             return self._complete(token, error=kernel_error(reply.code, reply.message))
         if not isinstance(reply, XpmemReply):
             return self._complete(token, error=KernelError(Errno.EINVAL, f"unexpected {reply.TYPE}"))
         if reply.errno:
             return self._complete(token, error=kernel_error(reply.errno))
-        return self._complete(token, result(reply))
+        if request.op == "make":
+            return self._complete(token, {"segid": reply.value})
+        if request.op == "release":
+            return self._complete(token, {"apid": request.apid})
+        if request.op == "remove":
+            return self._complete(token, {"segid": request.segid})
+        permit = AccessPermit(reply.value, request.segid, reply.mm, reply.addr, reply.length, reply.write)
+        self.permits[permit.apid] = permit
+        return self._complete(token, {
+            "apid": permit.apid,
+            "segid": permit.segid,
+            "mm": permit.mm,
+            "addr": permit.addr,
+            "length": permit.length,
+            "write": permit.write,
+        })
 
     def _drop_permit(self, apid: int) -> list[Output]:
         self.permits.pop(apid, None)
@@ -311,7 +324,7 @@ class XpmemMMU(SecondaryMMU):
 
     # --------------------------------------------------------- notifier
 
-    def _invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
+    def invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         assert isinstance(state, XpmemMm)
         if not msg.blockable and self._maps_any(state.mm, msg.start, msg.end):
             # A sleepable subscriber cannot wait here: mn_hlist_invalidate_range_start
@@ -321,7 +334,7 @@ class XpmemMMU(SecondaryMMU):
             self.counters["eagain"] += 1
             return [self._ack(msg.id, status="EAGAIN")]
         self._open_start(state, msg)
-        state.invalidate_in_progress += 1
+        state.mmu_invalidate_in_progress += 1
         pfns = self._unmap(state.mm, msg.start, msg.end)
         dma = {
             i
@@ -351,27 +364,27 @@ class XpmemMMU(SecondaryMMU):
         drain = self._drains.pop(start_id)
         return [*self._unpin(drain.mm, drain.pfns), self._ack(start_id)]
 
-    def _invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
         assert isinstance(state, XpmemMm)
         outputs: list[Output] = []
         if start_id in self._drains:
             # The host ended the range without our ack (it gave up waiting):
             # stop draining, give the pins back.
             outputs = self._finish_drain(start_id)
-        state.invalidate_seq += 1
-        state.invalidate_in_progress -= 1
+        state.mmu_invalidate_seq += 1
+        state.mmu_invalidate_in_progress -= 1
         return outputs
 
-    def _release(self, state: MmState) -> list[Output]:
+    def release(self, state: MmState) -> list[Output]:
         # xpmem_mmu_release: the exporter's mm is going; nothing of it stays mapped.
         assert isinstance(state, XpmemMm)
-        state.invalidate_seq += 1
+        state.mmu_invalidate_seq += 1
         return self._unpin(state.mm, self._unmap(state.mm, 0, ADDRESS_LIMIT))
 
     def _zap(self, mm: int, start: int, end: int) -> list[Output]:
         state = self._mm(mm)
         assert isinstance(state, XpmemMm)
-        state.invalidate_seq += 1
+        state.mmu_invalidate_seq += 1
         return self._unpin(mm, self._unmap(mm, start, end))
 
     def _maps_any(self, mm: int, start: int, end: int) -> bool:
@@ -396,7 +409,7 @@ class XpmemMMU(SecondaryMMU):
 
     # ----------------------------------------------------------- faults
 
-    def _make_fault(self, mm: int, addr: int, npages: int, write: bool, done: Any) -> Fault:
+    def _make_fault(self, mm: int, addr: int, npages: int, write: bool) -> Fault:
         att = self._attachment_at(addr)
         if att is None or mm not in (0, att.mm) or not att.user_vaddr <= addr < att.user_vaddr + att.user_length:
             raise KernelError(Errno.EFAULT, f"no attachment at {addr:#x}")
@@ -412,25 +425,22 @@ class XpmemMMU(SecondaryMMU):
             addr=att.exporter_addr(page),
             npages=npages,
             write=att.write,
-            done=done,
             pin=True,
             context=att,
         )
 
-    def _fault_must_wait(self, state: MmState, f: Fault) -> bool:
+    def read_begin(self, state: MmState, f: Fault) -> int | None:
         # An invalidation (XPMEM's recall) in progress over the range: wait for its end.
         assert isinstance(state, XpmemMm)
-        return state.invalidating(f.addr, f.addr + f.npages * self.page_size)
+        if state.invalidating(f.addr, f.addr + f.npages * self.page_size):
+            return None
+        return state.mmu_invalidate_seq
 
-    def _fault_snapshot(self, state: MmState, f: Fault) -> int:
-        assert isinstance(state, XpmemMm)
-        return state.invalidate_seq
-
-    def _fault_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
+    def read_retry(self, state: MmState, f: Fault, start: int, end: int) -> bool:
         assert isinstance(state, XpmemMm)
         if state.invalidating(start, end):
             return True
-        return state.invalidate_seq != f.snapshot
+        return state.mmu_invalidate_seq != f.seq
 
     def _fault_install(
         self, state: MmState, f: Fault, pages: list[list[int]]

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from broken_kinds import AcksBeforeZapping, NeverZaps
 from mmnotify.local import LocalCluster, Stuck
 from node.kvm import KvmMMU
 from protocol.messages import Ack, DmaRead, Gup, InvalidateRangeStart, Unpin
@@ -357,28 +358,6 @@ def test_exit_releases_every_node_and_frees_everything() -> None:
 
 
 # -- the oracle can fail ----------------------------------------------------------------
-
-
-class NeverZaps(KvmMMU):
-    """A broken kvm: acks every start at once and keeps its sptes."""
-
-    def _zap(self, mm: int, start: int, end: int) -> list:
-        return []
-
-
-class AcksBeforeZapping(KvmMMU):
-    """A broken kvm: acks a start, and zaps only when the end arrives."""
-
-    def _invalidate_range_start(self, state, msg):  # type: ignore[no-untyped-def]
-        self._open_start(state, msg)
-        state.mmu_invalidate_in_progress += 1
-        state.mmu_invalidate_range_start, state.mmu_invalidate_range_end = msg.start, msg.end
-        return [self._ack(msg.id)]
-
-    def _invalidate_range_end(self, state, start_id, rng):  # type: ignore[no-untyped-def]
-        out = super()._invalidate_range_end(state, start_id, rng)
-        self._zap(state.mm, *rng)
-        return out
 
 
 @pytest.mark.parametrize("broken", [NeverZaps, AcksBeforeZapping])

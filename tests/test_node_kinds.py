@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from node.base import Completion, SecondaryMMU, node_class
+from node.base import Completion, SecondaryMMU
+from node.fault import TRANSITIONS, Fault, FaultEvent, FaultState, FaultStateError
+from node.kinds import node_class
 from node.gru import GruMMU
 from node.kvm import KvmMMU, Spte
 from node.xpmem import XpmemMMU
@@ -113,6 +115,71 @@ def test_kinds_declare_their_ops():
     assert node_class("gru") is GruMMU
     reg = KvmMMU("k").make_register("inc-1")
     assert (reg.name, reg.kind, reg.ops, reg.sleepable) == ("k", "kvm", sorted(NOTIFIER_OPS), False)
+
+
+def test_a_kinds_ops_are_the_callbacks_it_overrides():
+    """``ops`` is derived when the class is created: one source of truth (the
+    methods), and a start without an end is refused there and then."""
+
+    class Ager(GruMMU):
+        def test_young(self, msg):  # type: ignore[no-untyped-def]
+            return [self._ack(msg.id, young=True)]
+
+    assert Ager.ops == GruMMU.ops | {"test_young"}
+    assert Ager("a").make_register("i").ops == sorted(Ager.ops)
+    with pytest.raises(TypeError, match="go together"):
+
+        class StartOnly(SecondaryMMU):
+            def invalidate_range_start(self, state, msg):  # type: ignore[no-untyped-def]
+                return []
+
+
+# -- the fault's state machine ---------------------------------------------------
+
+
+def test_a_fault_walks_the_table_subscribing_parked_gup_sent_retrying_done():
+    """One fault through every waiting state, as node/fault.py's table says."""
+    kvm = registered(KvmMMU("k"))
+    token, out = kvm.fault(MM, page(0))
+    (fault,) = kvm.mm_state(MM).subscribing
+    assert fault.state is FaultState.SUBSCRIBING
+    assert start(kvm, 1, 0, 1)  # acked while the Subscribe is in flight
+    assert subscribed(kvm, out) == []
+    assert fault.state is FaultState.PARKED and kvm.mm_state(MM).parked == [fault]
+    gup = only(end(kvm, 1, 0, 1), Gup)
+    assert fault.state is FaultState.GUP_SENT and fault.seq == kvm.mm_state(MM).mmu_invalidate_seq
+    start(kvm, 2, 5, 1)
+    end(kvm, 2, 5, 1)  # elsewhere, but the seq moved: read_retry says stale
+    again = only(kvm.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(0), 40, 0]])), Gup)
+    assert fault.state is FaultState.GUP_SENT and fault.retries == 1  # RETRYING, then begun again
+    done = only(kvm.receive(GupReply(ref=again.id, mm=MM, pages=[[page(0), 41, 0]])), Completion)
+    assert done.token == token and done.ok and fault.state is FaultState.DONE
+
+
+def test_the_gup_reply_of_a_fault_a_drop_failed_is_a_rule_of_the_table():
+    """FAILED --REPLY--> FAILED: the reply on the wire when the session ended
+    is absorbed (no install, no Unpin, no second completion)."""
+    xp, vaddr = xpmem_attached()
+    _, out = xp.fault(0, vaddr)
+    gup = only(subscribed(xp, out), Gup)
+    (fault,) = xp.faults()
+    assert fault.request == gup.id and fault.pin
+    failed = only(xp.receive(Fenced(epoch=EPOCH, reason="test")), Completion)
+    assert failed.error.errno is Errno.EINTR and fault.state is FaultState.FAILED
+    assert xp.faults() == []
+    assert xp.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(0), 40, 1]])) == []
+    assert fault.state is FaultState.FAILED and xp.mapped_pages() == 0 and xp.counters["pins_taken"] == 0
+    assert xp.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(0), 40, 1]])) == []  # a duplicate: unknown
+
+
+def test_an_event_the_table_has_no_rule_for_raises_a_typed_error():
+    fault = Fault(mm=MM, addr=page(0), npages=1, write=False)
+    assert fault.fire(FaultEvent.SEND_GUP) is FaultState.GUP_SENT
+    assert fault.fire(FaultEvent.INSTALL) is FaultState.DONE
+    with pytest.raises(FaultStateError) as exc:
+        fault.fire(FaultEvent.REPLY)
+    assert (exc.value.state, exc.value.event) == (FaultState.DONE, FaultEvent.REPLY)
+    assert set(TRANSITIONS) == set(FaultState)
 
 
 # -- kvm -------------------------------------------------------------------------
@@ -476,9 +543,9 @@ def test_xpmem_start_drains_in_flight_dma_before_ack():
     assert out == [unpin, Ack(ref=50), Completion(token, {"data": b"data"})]
     assert unpin == Unpin(id=unpin.id, epoch=EPOCH, mm=MM, pfns=[10])
     assert start(xp, 50, 0, 1) == [Ack(ref=50)]  # duplicate after the drain
-    assert xp.mm_state(MM).invalidate_in_progress == 1
+    assert xp.mm_state(MM).mmu_invalidate_in_progress == 1
     end(xp, 50, 0, 1)
-    assert xp.mm_state(MM).invalidate_in_progress == 0
+    assert xp.mm_state(MM).mmu_invalidate_in_progress == 0
 
 
 def test_xpmem_start_without_dma_in_range_acks_at_once():
@@ -496,7 +563,7 @@ def test_xpmem_not_blockable_with_nothing_mapped_in_range_acks():
     assert start(xp, 50, 1, 3, blockable=False) == [Ack(ref=50)]
     assert xp.translations() == {MM: {page(0): 10}}
     end(xp, 50, 1, 3)
-    assert xp.mm_state(MM).invalidate_in_progress == 0
+    assert xp.mm_state(MM).mmu_invalidate_in_progress == 0
 
 
 def test_xpmem_not_blockable_answers_eagain_and_changes_nothing():
@@ -504,9 +571,9 @@ def test_xpmem_not_blockable_answers_eagain_and_changes_nothing():
     xpmem_fault(xp, vaddr, [10])
     assert start(xp, 50, 0, 4, blockable=False) == [Ack(ref=50, status="EAGAIN")]
     assert xp.translations() == {MM: {page(0): 10}}
-    assert xp.mm_state(MM).invalidate_in_progress == 0
+    assert xp.mm_state(MM).mmu_invalidate_in_progress == 0
     assert end(xp, 50, 0, 4) == []  # the core never ends a refused start; harmless anyway
-    assert xp.mm_state(MM).invalidate_in_progress == 0
+    assert xp.mm_state(MM).mmu_invalidate_in_progress == 0
 
 
 def test_xpmem_fault_waits_and_racing_reply_is_unpinned():
@@ -562,7 +629,7 @@ def test_xpmem_read_only_permit_cannot_write():
 def test_xpmem_release_and_remove():
     xp, vaddr = xpmem_attached()
     xpmem_fault(xp, vaddr, [10])
-    token, out = xp.release(9)
+    token, out = xp.xpmem_release(9)
     unpin, rel = out
     assert unpin.pfns == [10] and rel == XpmemRelease(id=rel.id, epoch=EPOCH, apid=9)
     assert xp.receive(XpmemReply(ref=rel.id)) == [Completion(token, {"apid": 9})]
@@ -767,7 +834,7 @@ class Interleavings(RuleBasedStateMachine):
             counter = {
                 "kvm": "mmu_invalidate_in_progress",
                 "gru": "range_active",
-                "xpmem": "invalidate_in_progress",
+                "xpmem": "mmu_invalidate_in_progress",
             }[self.KIND]
             counter = getattr(state, counter)
         assert counter == len(self.open)

@@ -72,10 +72,12 @@ async def test_a_ci_soak_with_failures_that_fence_several_nodes_finds_nothing(tm
 @pytest.mark.integration
 def test_a_node_that_acks_before_it_zaps_fails_the_soak(tmp_path: Path) -> None:
     """The same soak against a build whose kvm nodes ack a start and zap only
-    at its end (node/broken.py, selected by MMN_TEST_BROKEN): accesses that
+    at its end (tests/broken_kinds.py, put in every process of the soak by
+    tests/broken_site/sitecustomize.py when MMN_TEST_BROKEN is set): accesses that
     cross a page being invalidated reach the old page after the host
     changed it; the oracle refuses them, and ``mmn soak`` exits non-zero."""
-    env = {**os.environ, "MMN_TEST_BROKEN": "acks-before-zap", "PYTHONPATH": str(ROOT)}
+    site = ROOT / "tests" / "broken_site"
+    env = {**os.environ, "MMN_TEST_BROKEN": "acks-before-zap", "PYTHONPATH": os.pathsep.join((str(site), str(ROOT)))}
     proc = subprocess.run(
         [sys.executable, "-m", "mmn", "soak", "--seed", "7", "--ops", "4000", "--nodes", "4", "--faults", "0",
          "--json", "--logs", str(tmp_path)],

@@ -1,0 +1,55 @@
+"""Deliberately broken kvm kinds, for the tests that must catch them.
+
+They live with the tests, not in the shipped ``node`` package.  In-process
+tests use the classes directly (``LocalCluster.add_node(node=NeverZaps("bad"))``);
+a test that needs them in node *processes* starts those with
+``tests/broken_site`` on ``PYTHONPATH`` and ``MMN_TEST_BROKEN`` set, and that
+directory's ``sitecustomize`` calls :func:`install` in each process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from node.base import MmState, Output
+from node.kinds import KINDS
+from node.kvm import KvmMMU
+
+
+class AcksBeforeZapping(KvmMMU):
+    """Acks a start at once and zaps only when its end arrives: between the
+    ack and the end it still reaches the old pages."""
+
+    def invalidate_range_start(self, state: MmState, msg: Any) -> list[Output]:
+        self._open_start(state, msg)
+        state.mmu_invalidate_in_progress += 1  # type: ignore[attr-defined]
+        state.mmu_invalidate_range_start, state.mmu_invalidate_range_end = msg.start, msg.end  # type: ignore[attr-defined]
+        return [self._ack(msg.id)]
+
+    def invalidate_range_end(self, state: MmState, start_id: int, rng: tuple[int, int]) -> list[Output]:
+        out = super().invalidate_range_end(state, start_id, rng)
+        self._zap(state.mm, *rng)
+        return out
+
+
+class NeverZaps(KvmMMU):
+    """Acks every start and keeps its sptes."""
+
+    def _zap(self, mm: int, start: int, end: int) -> list[Output]:
+        return []
+
+
+BROKEN: dict[str, type[KvmMMU]] = {"acks-before-zap": AcksBeforeZapping, "never-zaps": NeverZaps}
+
+
+def install(broken: str) -> None:
+    """Make ``broken`` the class of every kvm node this process starts
+    (``node.kinds.KINDS["kvm"]``); the other kinds stay correct.
+
+    Raises:
+        ValueError: ``broken`` is not a name of :data:`BROKEN`.
+    """
+    try:
+        KINDS["kvm"] = BROKEN[broken]
+    except KeyError:
+        raise ValueError(f"MMN_TEST_BROKEN must be one of {', '.join(BROKEN)}, not {broken!r}") from None
