@@ -236,7 +236,7 @@ class Client:
         try:
             return await self._transport(command, clean, self.timeout)
         except Failed as exc:
-            raise _typed(exc.errno, exc.message) from None
+            raise typed_error(exc.errno, exc.message) from None
 
     # -- address spaces, on the host
     async def spawn(self) -> int:
@@ -406,7 +406,8 @@ def _where(host: str | None, keys: str | None) -> tuple[str, Any]:
         raise ValueError(str(exc)) from None
 
 
-def _typed(code: str, message: str) -> Exception:
+def typed_error(code: str, message: str) -> Exception:
+    """The typed exception of an error reply: KernelError for an errno, else ClientError."""
     try:
         return KernelError(Errno(code), message)
     except ValueError:

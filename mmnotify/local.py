@@ -50,8 +50,9 @@ from typing import Any
 from broker.core import CoreConfig, HostCore, Publish, ReplyAdmin, SendNode, TaskHandle, admin_result
 from broker.effects import Op
 from node.base import Completion, Output, SecondaryMMU
+from node.commands import start_command
 from node.kinds import node_class
-from protocol.messages import AdminReply, Message, Registered
+from protocol.messages import AdminReply, Command, CommandResult, Message, Registered
 from protocol.types import Errno, KernelError
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Port:
     to_node: deque[Message] = field(default_factory=deque)
     to_host: deque[Message] = field(default_factory=deque)
     completions: dict[int, Completion] = field(default_factory=dict)
+    #: token of a command the host relayed -> the Command's id (its result goes to the host)
+    relayed: dict[int, int] = field(default_factory=dict)
     cluster: Any = None
 
     @property
@@ -252,7 +255,7 @@ class LocalCluster:
         self._route(self.core.receive_node(port.identity, port.node.make_register(NODE_INCARNATION), None, self.now))
         while port.to_node:
             msg = port.to_node.popleft()
-            self._emit(port, port.node.receive(msg))
+            self._node_receive(port, msg)
             if isinstance(msg, Registered):
                 break
         return port.epoch
@@ -301,7 +304,14 @@ class LocalCluster:
     def _emit(self, port: Port, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Completion):
-                port.completions[out.token] = out
+                ref = port.relayed.pop(out.token, None)
+                if ref is None:
+                    port.completions[out.token] = out
+                elif out.error is not None:
+                    port.to_host.append(CommandResult(ref=ref, ok=False, errno=out.error.errno.value,
+                                                      error=out.error.message))
+                else:
+                    port.to_host.append(CommandResult(ref=ref, ok=True, result=out.result or {}))
             else:
                 self.pump_counters["messages_to_host"] += 1
                 port.to_host.append(out)
@@ -343,8 +353,29 @@ class LocalCluster:
         if not port.to_node:
             return False
         msg = port.to_node.popleft()
-        self._emit(port, port.node.receive(msg))
+        self._node_receive(port, msg)
         return True
+
+    def _node_receive(self, port: Port, msg: Message) -> None:
+        """Node ``port`` reads ``msg``: a relayed admin command runs as
+        ``mmn node`` runs it (``node.commands``), its result going back to the
+        host; anything else goes to the kind."""
+        if not isinstance(msg, Command):
+            self._emit(port, port.node.receive(msg))
+            return
+        try:
+            token, outputs = start_command(port.node, msg.command, dict(msg.args))
+        except KernelError as exc:
+            port.to_host.append(CommandResult(ref=msg.id, ok=False, errno=exc.errno.value, error=exc.message))
+            return
+        except (KeyError, TypeError, ValueError) as exc:
+            port.to_host.append(CommandResult(ref=msg.id, ok=False, errno="EINVAL", error=f"bad arguments: {exc}"))
+            return
+        if token is None:
+            port.to_host.append(CommandResult(ref=msg.id, ok=True, result=outputs))
+            return
+        port.relayed[token] = msg.id
+        self._emit(port, outputs)
 
     def step_host(self, name: str) -> bool:
         """The host core handles one message from node ``name``."""
@@ -481,6 +512,21 @@ class LocalCluster:
         reply = self.admin_reply(self.admin_begin(command, **args))
         self.pump()
         return admin_result(reply)
+
+    def client(self, *, timeout: float = 10.0) -> Any:
+        """A :class:`mmnotify.Client` of this cluster: the same interface as
+        for a real one, every call pumped here to its reply (``events`` is
+        not offered).  Calls run one at a time: the cluster is one process."""
+        from .client import Client, typed_error
+
+        async def carry(command: str, args: dict[str, Any], _timeout: float) -> dict[str, Any]:
+            reply = self.admin_reply(self.admin_begin(command, **args))
+            self.pump()
+            if not reply.ok:
+                raise typed_error(reply.errno, reply.error)
+            return dict(reply.result)
+
+        return Client(carry, timeout=timeout)
 
     # ------------------------------------------------------- node commands
 

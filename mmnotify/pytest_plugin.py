@@ -199,7 +199,9 @@ def mmn_cluster(request: pytest.FixtureRequest, mmn_cluster_factory: Callable[..
 
 @pytest.fixture
 def mmn_local() -> Any:
-    """The whole system in this process (no sockets), one node of each kind."""
+    """The whole system in this process (no sockets), one node of each kind:
+    a :class:`mmnotify.LocalCluster`; ``mmn_local.client()`` is a
+    :class:`mmnotify.Client` of it, the interface ``mmn_cluster.client`` has."""
     from .local import LocalCluster
 
     return LocalCluster(nodes={"kvm0": "kvm", "gru0": "gru", "xpmem0": "xpmem"})

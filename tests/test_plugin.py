@@ -108,3 +108,26 @@ def test_failures_injected_before_the_test_gets_its_cluster(mmn_cluster_factory)
     status = trio.run(cluster.client.status)
     assert status.node("kvm0").injected.get("delay-acks")
 
+
+
+async def test_the_in_process_cluster_answers_the_same_client_calls(mmn_local) -> None:  # type: ignore[no-untyped-def]
+    """The README's example, against ``mmn_local.client()``: the relayed
+    commands run on the in-process nodes as ``mmn node`` runs them."""
+    import mmnotify
+
+    c = mmn_local.client()
+    mm = await c.spawn()
+    addr = await c.mmap(mm, pages=4, fill=0x5A)
+    fault = await c.fault("kvm0", mm=mm, addr=addr, pages=4)
+    assert [p.addr for p in fault.pages] == [addr + i * 4096 for i in range(4)]
+    assert (await c.access("gru0", mm=mm, addr=addr, length=3)).data == b"ZZZ"
+    segid = await c.xpmem_make("xpmem0", mm=mm, addr=addr, length=2 * 4096, mode=0o666)
+    apid = await c.xpmem_get("xpmem0", segid=segid, write=True)
+    assert await c.xpmem_attach("xpmem0", apid=apid, length=2 * 4096)
+    await c.munmap(mm, addr, 4 * 4096)
+    status = await c.status()
+    assert status.node("kvm0").translations.get(mm, {}) == {} and status.stale_accesses == 0
+    with pytest.raises(mmnotify.KernelError) as err:
+        await c.fault("kvm0", mm=mm, addr=addr)
+    assert err.value.errno is mmnotify.Errno.EFAULT
+    mmn_local.check()
