@@ -71,10 +71,10 @@ from protocol.limits import Limits
 from protocol.messages import AdminReply, AdminRequest, Error, Event
 from protocol.types import ADDRESS_LIMIT
 
-from transport import AdminClient, connect
-from transport.zsock import LinkFailed, connect_monitored, handshake_probe
+from transport import LinkFailed, connect_monitored, handshake_probe
 
 from . import render
+from .client import AdminClient
 
 log = logging.getLogger(__name__)
 

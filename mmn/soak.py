@@ -6,7 +6,7 @@ What it does::
     schedule = plan(seed, ops, nodes, faults)      pure: random.Random(seed) only
     cluster  = start host + nodes (or --host ADDR)  real processes, loopback
     for group in schedule:                          1-3 ops at once, some injections
-        run them concurrently over the admin API    (one AdminClient per lane)
+        run them concurrently over the admin API    (one mmn.client.AdminClient per lane)
         check every result against the shadow      bytes per (mm, page)
     heal everything, wait for every node, read every page back
     report                                          non-zero exit on any violation
@@ -701,7 +701,7 @@ class Soak:
 
     # -- running
     async def run(self) -> None:
-        from transport import AdminClient
+        from .client import AdminClient
 
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(STATUS_LANE + 1):
@@ -1244,7 +1244,7 @@ def segments(op: dict[str, Any], ps: int) -> list[tuple[int, int, int, int]]:
 
 
 async def _status(admin: str, security: Any, timeout: float) -> dict[str, Any] | None:
-    from transport import AdminClient
+    from .client import AdminClient
 
     try:
         async with AdminClient(admin, security=security) as c:
