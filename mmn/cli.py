@@ -54,78 +54,51 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import trio
-import zmq
 
 from protocol.admin import ADVICE, COMMANDS, INJECT_KINDS, PROTS, XPMEM_OPS, check_admin
-from protocol.codec import decode
 from protocol.errors import ProtocolError
-from protocol.limits import Limits
-from protocol.messages import AdminReply, AdminRequest, Error, Event
+from protocol.messages import Event
 from protocol.types import ADDRESS_LIMIT
 
-from transport import LinkFailed, connect_monitored, handshake_probe
-
 from . import render
-from .client import AdminClient
+from .client import (
+    DEFAULT_ADMIN,
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_EVENTS_PORT,
+    DEFAULT_NODE_ENDPOINT,
+    DEFAULT_NODE_PORT,
+    DEFAULT_TIMEOUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    REFUSED_GRACE,
+    BadEndpoint,
+    EventStream,
+    Failed,
+    Unreachable,
+    UsageError,
+    admin_call,
+    client_security,
+    env_endpoint,
+    host_events_endpoint,
+    parse_endpoint,
+    subscribe_events,
+)
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-
-DEFAULT_NODE_PORT = 7781
-DEFAULT_ADMIN_PORT = 7782
-DEFAULT_EVENTS_PORT = 7783
-DEFAULT_ADMIN = f"tcp://127.0.0.1:{DEFAULT_ADMIN_PORT}"
-DEFAULT_NODE_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_NODE_PORT}"
-DEFAULT_TIMEOUT = 10.0
-#: Seconds of refused connections after which a command gives up (nothing
-#: listens); a handshake failure gives up at once.
-REFUSED_GRACE = 1.0
 
 PROG = "mmn"
 
 
 # --------------------------------------------------------------------------
 # errors
-
-
-class UsageError(Exception):
-    """Bad input found before anything was sent: exit 2."""
-
-
-class Unreachable(Exception):
-    """No answer from the host: exit 3.
-
-    ``reason`` says why, for scripts (``--json`` carries it): ``timeout``
-    (nothing came in time), ``refused`` (nothing listens), ``key`` (the host
-    refused this client's key, or this client has none or the wrong host
-    key), ``insecure`` (the host runs plain TCP, this client CURVE),
-    ``not_admin`` (the port does not take admin requests).
-    """
-
-    def __init__(self, message: str, reason: str = "timeout") -> None:
-        self.reason = reason
-        super().__init__(message)
-
-
-class Failed(Exception):
-    """The host or node answered with an error: exit 1."""
-
-    def __init__(self, errno: str, message: str = "") -> None:
-        self.errno = errno or "error"
-        self.message = message
-        super().__init__(f"{self.errno}: {message}" if message else self.errno)
 
 
 class _Exit(Exception):
@@ -266,280 +239,15 @@ def node_name(text: str) -> str:
 node_name.__name__ = "node"
 
 
-_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.*-]+):(\d{1,5})$")
-
-
 def endpoint(text: str) -> str:
-    """A ZeroMQ endpoint: ``tcp://H:P``, ``ipc://PATH``, ``inproc://N`` or ``H:P``."""
-    t = text.strip()
-    if "://" in t:
-        scheme, _, rest = t.partition("://")
-        if scheme not in ("tcp", "ipc", "inproc") or not rest:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint")
-        if scheme == "tcp" and not _HOSTPORT.match(rest):
-            raise argparse.ArgumentTypeError(f"{text!r}: want tcp://HOST:PORT")
-        return t
-    m = _HOSTPORT.match(t)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT or a ZeroMQ endpoint")
-    return f"tcp://{t}"
+    """A ZeroMQ endpoint: ``tcp://H:P``, ``ipc://PATH``, ``inproc://N`` or ``H:P`` (:func:`mmn.client.parse_endpoint`)."""
+    try:
+        return parse_endpoint(text)
+    except BadEndpoint as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 endpoint.__name__ = "endpoint"
-
-
-def _env_endpoint(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        return endpoint(value)
-    except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"${name}: {exc}") from None
-
-
-# --------------------------------------------------------------------------
-# the admin client
-
-
-def up_record_path(port: int) -> Path:
-    """Where ``mmn up`` serving the admin port ``port`` on this machine leaves
-    its key directory for the CLI of a second terminal (paths only, no
-    secret: the keys themselves stay in their 0700 directory)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"mmnotify-{os.getuid()}-up-{port}.json"
-
-
-def read_up_record(port: int) -> dict[str, Any] | None:
-    """The note of the live ``mmn up`` serving admin port ``port`` on this
-    machine (``{"pid", "keys", "admin", "ports", ...}``), or None (no note,
-    or its ``mmn up`` is gone)."""
-    try:
-        record = json.loads(up_record_path(port).read_text())
-        os.kill(int(record["pid"]), 0)  # a dead mmn up's record means nothing
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def live_up_records() -> list[dict[str, Any]]:
-    """Every live ``mmn up`` note of this user on this machine."""
-    base = up_record_path(0).parent
-    out = []
-    for path in sorted(base.glob(f"mmnotify-{os.getuid()}-up-*.json")):
-        port = path.stem.rsplit("-", 1)[-1]
-        record = read_up_record(int(port)) if port.isdigit() else None
-        if record is not None:
-            out.append(record)
-    return out
-
-
-def _loopback_port(endpoint: str) -> int | None:
-    hostpart, _, port = endpoint.rpartition(":")
-    if not hostpart.endswith(("127.0.0.1", "localhost", "[::1]")) or not port.isdigit():
-        return None
-    return int(port)
-
-
-def up_keys_for(endpoint: str) -> str | None:
-    """The key directory of the live ``mmn up`` whose admin endpoint is
-    ``endpoint`` (loopback only), or None (also for an ``--insecure`` one)."""
-    port = _loopback_port(endpoint)
-    if port is None:
-        return None
-    record = read_up_record(port)
-    if record is None:  # another of its ports (`mmn watch --events ADDR`)
-        record = next((r for r in live_up_records() if port in (r.get("ports") or {}).values()), None)
-    keys = record.get("keys") if record else None
-    return str(keys) if keys else None
-
-
-def client_security(keys: str | None = None, env: Mapping[str, str] | None = None, *,
-                    endpoint: str | None = None) -> Any:
-    """The CURVE hook of an operator's client (CLI, ``mmn up``, healthchecks),
-    or None for plain TCP.
-
-    ``keys`` (``--keys DIR``), else ``$MMN_KEYS_DIR``: the admin pair
-    ``DIR/admin/admin.key_secret`` (or ``$MMN_ADMIN_KEY``) and the host's
-    public key ``DIR/host/host.key`` (or ``$MMN_HOST_KEY``).
-    ``$MMN_INSECURE=1`` means plain TCP whatever else is set.
-
-    Raises:
-        UsageError: a key file is missing or malformed.
-    """
-    from pathlib import Path
-
-    from transport.curve import CurveClient, KeyError_, KeyLayout
-
-    env = os.environ if env is None else env
-    if env.get("MMN_INSECURE", "") not in ("", "0"):
-        return None
-    root = keys or env.get("MMN_KEYS_DIR") or None
-    secret = env.get("MMN_ADMIN_KEY") or None
-    host_key = env.get("MMN_HOST_KEY") or None
-    if root is None and secret is None and host_key is None and endpoint is not None:
-        root = up_keys_for(endpoint)  # the local `mmn up` serving that endpoint, if any
-    if root is None and secret is None and host_key is None:
-        return None
-    layout = KeyLayout(Path(root)) if root else None
-    secret = secret or (str(layout.admin_secret()) if layout else None)
-    host_key = host_key or (str(layout.host_public) if layout else None)
-    if secret is None or host_key is None:
-        raise UsageError("CURVE needs the admin secret key and the host's public key (--keys DIR or $MMN_KEYS_DIR)")
-    try:
-        return CurveClient.from_files(secret, host_key)
-    except KeyError_ as exc:
-        raise UsageError(str(exc)) from None
-
-
-_FROM_ENV: Any = object()
-
-#: What each port of a host is, by the default numbers (compose publishes these).
-_DEFAULT_PORT_ROLES = {DEFAULT_NODE_PORT: "node", DEFAULT_ADMIN_PORT: "admin", DEFAULT_EVENTS_PORT: "events"}
-
-
-def port_hint(addr: str, want: str = "admin") -> str:
-    """Why ``addr`` may be the wrong port: it is the node or events port of a
-    local ``mmn up`` (from its note), or of the default numbering; "" if
-    nothing is known against it."""
-    hostpart, _, port_text = addr.rpartition(":")
-    if not port_text.isdigit():
-        return ""
-    port = int(port_text)
-    if _loopback_port(addr) is not None:
-        for record in live_up_records():
-            ports = record.get("ports") or {}
-            for role, number in ports.items():
-                if number == port and role != want and isinstance(ports.get(want), int):
-                    return (f"; port {port} is the {role} port of `mmn up` (pid {record.get('pid')}), "
-                            f"its {want} port is {hostpart}:{ports[want]}")
-    role = _DEFAULT_PORT_ROLES.get(port)
-    if role is not None and role != want:
-        wanted = next(p for p, r in _DEFAULT_PORT_ROLES.items() if r == want)
-        return f"; {port} is the default {role} port, the {want} port is {wanted} by default"
-    return ""
-
-
-def _no_keys_advice() -> str:
-    if os.environ.get("MMN_INSECURE", "") not in ("", "0"):
-        return "$MMN_INSECURE is set, so this client sent no key; unset it and give the cluster's keys " \
-               "(--keys DIR or $MMN_KEYS_DIR)"
-    return ("this client has no keys (no --keys, no $MMN_KEYS_DIR, and no note of a local `mmn up` for this port): "
-            "pass --keys DIR (the keys directory `mmn up` prints) or set $MMN_KEYS_DIR")
-
-
-async def link_failure(exc: LinkFailed, addr: str, security: Any, what: str = "admin") -> Unreachable:
-    """The :class:`Unreachable` (its message with the fix) for a failed link.
-
-    A handshake the host closes without detail is ambiguous (a refused key,
-    CURVE against plain TCP, the events port): a probe with a SUB socket
-    (the events port lets it in) and, for a CURVE client, one in plain TCP
-    tell which.  Concurrency: awaits the probes (at most 2 s, in a thread).
-    """
-    head = f"no answer from the host at {addr}"
-    hint = port_hint(addr, what)
-    reason = exc.reason
-    if reason in ("handshake", "closed", "protocol") and what == "admin":
-        if await trio.to_thread.run_sync(handshake_probe, addr, zmq.SUB, security):
-            return Unreachable(f"{head}: this is an event port, not the admin port (a subscriber gets in; "
-                               f"`mmn watch --events ADDR` reads it){hint}", "not_admin")
-        if security is not None and await trio.to_thread.run_sync(handshake_probe, addr, zmq.DEALER, None):
-            reason = "mechanism"
-    if reason == "refused":
-        running = [str(r.get(what)) for r in live_up_records() if r.get(what)]
-        if running:
-            hint += f"; `mmn up` of yours runs here with {what} {', '.join(running)}"
-        return Unreachable(f"{head}: nothing listens there (connection refused); start a cluster (`mmn up`) "
-                           f"or name its {what} endpoint (--host ADDR or $MMN_HOST){hint}", "refused")
-    if reason == "mechanism" and security is not None:  # (a plain client: the host runs CURVE, below)
-        return Unreachable(f"{head}: it runs plain TCP and this client CURVE; set MMN_INSECURE=1 "
-                           f"for a cluster started with --insecure{hint}", "insecure")
-    if reason == "closed" and security is None:
-        return Unreachable(f"{head}: this is not an {what} port (the peer closed the connection in the "
-                           f"ZeroMQ handshake: its socket type takes no requests){hint}", "not_admin")
-    if reason == "protocol":
-        return Unreachable(f"{head}: the ZeroMQ handshake failed (protocol error {exc.value:#x}): "
-                           f"is this a mmnotify {what} port?{hint}", "not_admin")
-    # auth, handshake (closed under CURVE): the host closed the handshake on us
-    if security is None:
-        return Unreachable(f"{head}: the host refused this client: it runs CURVE and {_no_keys_advice()}{hint}",
-                           "key")
-    detail = f"ZAP status {exc.value}" if reason == "auth" else "the CURVE handshake failed"
-    return Unreachable(f"{head}: the host refused this client's key ({detail}); use that cluster's admin key "
-                       f"and host key (--keys DIR: DIR/admin/admin.key_secret and DIR/host/host.key, or "
-                       f"$MMN_KEYS_DIR){hint}", "key")
-
-
-async def admin_call(
-    addr: str,
-    command: str,
-    args: Mapping[str, Any],
-    *,
-    timeout: float,
-    security: Any = _FROM_ENV,
-    refused_grace: float | None = None,
-) -> dict[str, Any]:
-    """Send one admin request and wait for its reply.
-
-    Returns:
-        The reply's ``result``.
-    Raises:
-        Unreachable: no reply within ``timeout`` seconds (the DEALER is
-            ``IMMEDIATE``, so an absent host times out on the send too); at
-            once when the handshake fails (a refused key, no keys against
-            CURVE, CURVE against plain TCP, a port that takes no requests),
-            and after ``refused_grace`` seconds of refused connections (None:
-            wait for a host that may be starting).  Its message says which,
-            and the fix.
-        Failed: the host answered ``ok=False`` (its errno), a typed ``Error``
-            (it refused the request), or a reply that does not decode.
-    Concurrency: awaits; the client socket is private to this call and closed
-    before it returns, also when cancelled.
-
-    ``security``: a CURVE hook, None for plain TCP; by default
-    :func:`client_security` from the environment.
-    """
-    if security is _FROM_ENV:
-        security = client_security()
-    grace = None if refused_grace is None else min(refused_grace, timeout)
-    async with AdminClient(addr, security=security, diagnose=True, refused_grace=grace) as client:
-        request = AdminRequest(id=client.next_id(), command=command, args=dict(args))
-        try:
-            reply = await client.request(request, timeout)
-        except LinkFailed as exc:
-            raise await link_failure(exc, addr, security) from None
-        except trio.TooSlowError:
-            state = client.link.state if client.link is not None else ""
-            why = ""
-            if state == "ready":
-                why = f" (connected, but nothing came back: is this its admin port?{port_hint(addr)})"
-            raise Unreachable(f"no answer from the host at {addr} within {timeout:g}s{why}") from None
-        except ProtocolError as exc:
-            raise Failed("bad_message", f"malformed reply from the host: {exc.message}") from exc
-    if isinstance(reply, AdminReply):
-        if not reply.ok:
-            raise Failed(reply.errno, reply.error)
-        return dict(reply.result)
-    if isinstance(reply, Error):
-        if reply.code == "unregistered":  # the node channel: it wants a Register first
-            raise Unreachable(f"no answer from the host at {addr}: this is a node port, not the admin port (it "
-                              f"answered {reply.code}: {reply.message}){port_hint(addr)}", "not_admin")
-        raise Failed(reply.code, reply.message)
-    raise Failed("bad_message", f"the host answered {type(reply).TYPE!r} to an admin request")
-
-
-def _events_endpoint(published: str, admin: str) -> str:
-    """Where to SUBscribe: the host's event endpoint, with a wildcard bind
-    address replaced by the host part of the admin endpoint we reached."""
-    m = re.match(r"^tcp://(.*):(\d+)$", published)
-    if not m:
-        return published
-    bind_host = m.group(1)
-    if bind_host in ("*", "0.0.0.0", "::", "[::]", ""):
-        am = re.match(r"^tcp://(.*):(\d+)$", admin)
-        peer = am.group(1) if am else "127.0.0.1"
-        return f"tcp://{peer}:{m.group(2)}"
-    return published
 
 
 # --------------------------------------------------------------------------
@@ -1043,7 +751,7 @@ def _security(ns: argparse.Namespace) -> Any:
 
 
 def _admin_endpoint(ns: argparse.Namespace) -> str:
-    return ns.host or _env_endpoint("MMN_HOST", DEFAULT_ADMIN)
+    return ns.host or env_endpoint("MMN_HOST", DEFAULT_ADMIN)
 
 
 def _timeout(ns: argparse.Namespace) -> float:
@@ -1099,7 +807,7 @@ def _show_event(event: Event) -> str:
 
 def _events_from(ns: argparse.Namespace) -> str | None:
     """``--events``, else ``$MMN_EVENTS``, else None (ask the host)."""
-    return ns.events or (_env_endpoint("MMN_EVENTS", "") or None)
+    return ns.events or (env_endpoint("MMN_EVENTS", "") or None)
 
 
 async def _watch(ns: argparse.Namespace) -> None:
@@ -1113,59 +821,35 @@ async def _watch(ns: argparse.Namespace) -> None:
     addr = _admin_endpoint(ns)
     events = _events_from(ns)
     if events is None:
-        status = await admin_call(addr, "status", {}, timeout=_timeout(ns), security=_security(ns),
-                                  refused_grace=REFUSED_GRACE)
-        published = ((status.get("host") or {}).get("endpoints") or {}).get("events")
-        if not isinstance(published, str) or not published:
-            raise Failed("ENOENT", "the host's status names no event endpoint")
-        events = _events_endpoint(published, addr)
+        events = await host_events_endpoint(addr, timeout=_timeout(ns), security=_security(ns),
+                                            refused_grace=REFUSED_GRACE)
         security = _security(ns)
     else:
         security = client_security(getattr(ns, "keys", None), endpoint=events)
-    limits = Limits()
-    sub, link = connect_monitored(zmq.SUB, events, security=security, refused_grace=REFUSED_GRACE)
-    try:
-        sub.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        try:
-            with trio.fail_after(_timeout(ns)):
-                await link.ready()
-        except trio.TooSlowError:
-            raise Unreachable(f"no answer from the host's event endpoint {events} within {_timeout(ns):g}s") from None
-        except LinkFailed as exc:
-            raise await link_failure(exc, events, security, "events") from None
+    async with subscribe_events(events, security=security, timeout=_timeout(ns),
+                                refused_grace=REFUSED_GRACE) as stream:
         if not ns.json:
             sys.stderr.write(f"{PROG}: watching {events} (Ctrl-C to stop)\n")
             sys.stderr.flush()
-        gone: list[LinkFailed] = []
+        gone: list[Unreachable] = []
         async with trio.open_nursery() as nursery:
 
             async def watch_link() -> None:
-                gone.append(await link.failure())  # the host went away for good
+                gone.append(await stream.gone())  # the host went away for good
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_link)
-            await _print_events(ns, sub, limits)
+            await _print_events(ns, stream)
             nursery.cancel_scope.cancel()
         if gone:
-            raise Unreachable(f"the host's event stream at {events} went away (nothing listens there any more)",
-                              "refused")
-    finally:
-        link.close()
-        sub.close()
+            raise gone[0]
 
 
-async def _print_events(ns: argparse.Namespace, sub: Any, limits: Limits) -> None:
+async def _print_events(ns: argparse.Namespace, stream: EventStream) -> None:
     seen = 0
     with trio.move_on_after(ns.seconds if ns.seconds is not None else math.inf):
         while ns.count is None or seen < ns.count:
-            frames = await sub.recv_multipart()
-            try:
-                event = decode(frames[-1], limits)
-            except ProtocolError as exc:
-                log.debug("undecodable event: %s", exc)
-                continue
-            if not isinstance(event, Event):
-                continue
+            event = await stream.receive()
             seen += 1
             if ns.json:
                 _emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
@@ -1326,7 +1010,7 @@ def node_config(ns: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {
         "kind": kind,
         "name": ns.name,
-        "host": ns.host or _env_endpoint("MMN_HOST_ENDPOINT", DEFAULT_NODE_ENDPOINT),
+        "host": ns.host or env_endpoint("MMN_HOST_ENDPOINT", DEFAULT_NODE_ENDPOINT),
         "seed": ns.seed,
         "keys_dir": getattr(ns, "keys_dir", None),
         "key": getattr(ns, "key", None),

@@ -1276,7 +1276,7 @@ async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | 
                 await cluster.stop()
                 raise
         else:
-            from .cli import client_security
+            from .client import client_security
 
             admin = host
             security = client_security(keys)

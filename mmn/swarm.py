@@ -179,7 +179,8 @@ def add_parser(subs: Any) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from .cli import EXIT_OK, Failed, UsageError, _emit, _emit_json
+    from .cli import _emit, _emit_json
+    from .client import EXIT_OK, Failed, UsageError
 
     docker = Docker([ns.docker])
     keys = getattr(ns, "keys", None) if not ns.remove else None

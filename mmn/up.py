@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -70,26 +69,22 @@ import trio
 from transport.curve import KeyError_, keygen
 
 from . import render
-from .cli import (
+from .cli import HOST_OPTIONS, PROG, number, seconds
+from .client import (
     DEFAULT_NODE_PORT,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
-    HOST_OPTIONS,
-    PROG,
     Failed,
     Unreachable,
     UsageError,
     admin_call,
     client_security,
     live_up_records,
-    number,
     read_up_record,
-    seconds,
-    up_record_path,
+    remove_up_record,
+    write_up_record,
 )
-
-logger = logging.getLogger(__name__)
 
 KINDS = ("kvm", "gru", "xpmem")
 
@@ -652,7 +647,7 @@ def run(ns: argparse.Namespace) -> int:
         orphaned.set()
         _kill_leftovers(children)
         if record is not None:
-            _remove_own_record(record)
+            remove_up_record(record)
 
 
 def _stop_with_parent() -> threading.Event:
@@ -682,40 +677,17 @@ def _stop_with_parent() -> threading.Event:
     return done
 
 
-def _remove_own_record(path: Path) -> None:
-    """Remove the note at ``path`` only if it is this process's."""
-    try:
-        if json.loads(path.read_text()).get("pid") != os.getpid():
-            return
-        path.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
 def _leave_keys_for_the_cli(plan: Plan) -> Path | None:
     """Tell the CLI of a second terminal where this cluster is and where its
     keys are, so ``mmn status`` against this admin port works with no flag
-    (:func:`mmn.cli.up_keys_for`), and ``mmn down`` finds it.  Never replaces
+    (:func:`mmn.client.up_keys_for`), and ``mmn down`` finds it.  Never replaces
     the note of another live ``mmn up``."""
-    path = up_record_path(plan.ports[1])
-    other = read_up_record(plan.ports[1])
-    if other is not None and other.get("pid") != os.getpid():
-        logger.warning("%s belongs to mmn up pid %s; not replacing it", path, other.get("pid"))
-        return None
-    try:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({
-            "pid": os.getpid(),
-            "keys": None if plan.keys is None else str(Path(plan.keys).resolve()),
-            "admin": plan.admin,
-            "ports": {"node": plan.ports[0], "admin": plan.ports[1], "events": plan.ports[2]},
-            "logs": str(plan.logs),
-        }))
-        os.replace(tmp, path)
-    except OSError as exc:
-        logger.warning("cannot record the keys for the CLI at %s: %s", path, exc)
-        return None
-    return path
+    return write_up_record(plan.ports[1], {
+        "keys": None if plan.keys is None else str(Path(plan.keys).resolve()),
+        "admin": plan.admin,
+        "ports": {"node": plan.ports[0], "admin": plan.ports[1], "events": plan.ports[2]},
+        "logs": str(plan.logs),
+    })
 
 
 # --------------------------------------------------------------------------

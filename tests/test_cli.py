@@ -30,7 +30,7 @@ import pytest
 import trio
 import zmq
 
-from mmn import cli, render, up
+from mmn import cli, client, render, up
 from mmn.cli import main
 from protocol.admin import check_admin
 from protocol.codec import decode, encode
@@ -470,7 +470,7 @@ def no_client(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             attempts.append(endpoint)
             raise AssertionError("a usage error must not reach the host")
 
-    monkeypatch.setattr(cli, "AdminClient", Refuse)
+    monkeypatch.setattr(client, "AdminClient", Refuse)
     monkeypatch.setattr(up, "make_plan", lambda ns: pytest.fail("up must not start"))
     return attempts
 
@@ -601,9 +601,9 @@ async def test_watch_ends_with_an_error_when_the_stream_goes_away(
 
 
 def test_events_endpoint_replaces_wildcard_bind() -> None:
-    assert cli._events_endpoint("tcp://0.0.0.0:7783", "tcp://10.0.0.5:7782") == "tcp://10.0.0.5:7783"
-    assert cli._events_endpoint("tcp://*:7783", "tcp://h:7782") == "tcp://h:7783"
-    assert cli._events_endpoint("tcp://127.0.0.1:7783", "tcp://h:7782") == "tcp://127.0.0.1:7783"
+    assert client.events_endpoint("tcp://0.0.0.0:7783", "tcp://10.0.0.5:7782") == "tcp://10.0.0.5:7783"
+    assert client.events_endpoint("tcp://*:7783", "tcp://h:7782") == "tcp://h:7783"
+    assert client.events_endpoint("tcp://127.0.0.1:7783", "tcp://h:7782") == "tcp://127.0.0.1:7783"
 
 
 # --------------------------------------------------------------------------
@@ -1126,7 +1126,7 @@ def test_a_second_terminal_reaches_mmn_up_with_curve_and_no_flags(
     proc = _start_up(tmp_path)
     try:
         _wait_for_line(proc, "xpmem0:live")  # the first status line means everything is up
-        records = [p for p in cli.up_record_path(0).parent.glob(f"mmnotify-{os.getuid()}-up-*.json")
+        records = [p for p in client.up_record_path(0).parent.glob(f"mmnotify-{os.getuid()}-up-*.json")
                    if json.loads(p.read_text()).get("pid") == proc.pid]
         assert len(records) == 1, records
         record = records[0]
@@ -1201,7 +1201,7 @@ def test_busy_ports_fail_fast_in_one_line_naming_the_mmn_up(
     try:
         held.bind(("127.0.0.1", base + 1))
         held.listen()
-        note = cli.up_record_path(base + 1)
+        note = client.up_record_path(base + 1)
         note.write_text(json.dumps({"pid": holder.pid, "keys": None, "admin": f"tcp://127.0.0.1:{base + 1}"}))
         started = time.monotonic()
         logs = tmp_path / "logs"
@@ -1224,12 +1224,12 @@ def test_busy_ports_fail_fast_in_one_line_naming_the_mmn_up(
 def test_a_note_is_removed_only_by_its_own_mmn_up(runtime_dir: Path) -> None:
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        note = cli.up_record_path(12345)
+        note = client.up_record_path(12345)
         note.write_text(json.dumps({"pid": other.pid, "keys": "/elsewhere"}))
-        up._remove_own_record(note)
+        client.remove_up_record(note)
         assert note.exists()
         note.write_text(json.dumps({"pid": os.getpid(), "keys": "/ours"}))
-        up._remove_own_record(note)
+        client.remove_up_record(note)
         assert not note.exists()
     finally:
         other.kill()
@@ -1247,7 +1247,7 @@ def test_up_json_prints_one_ready_line_once_every_node_is_live(
         assert all(_alive(n["pid"]) for n in doc["nodes"]) and _alive(doc["host"]["pid"])
         assert doc["admin"].startswith("tcp://127.0.0.1:") and doc["events"].startswith("tcp://127.0.0.1:")
         assert doc["keys"] is None and doc["logs"] == str(tmp_path)  # the stand-in runs plain TCP
-        note = json.loads(cli.up_record_path(int(doc["admin"].rsplit(":", 1)[1])).read_text())
+        note = json.loads(client.up_record_path(int(doc["admin"].rsplit(":", 1)[1])).read_text())
         assert note["pid"] == proc.pid and note["ports"]["events"] == int(doc["events"].rsplit(":", 1)[1])
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
@@ -1391,7 +1391,7 @@ def test_a_second_mmn_up_on_the_same_ports_leaves_the_first_reachable(
     )
     try:
         doc = _ready_line(first)
-        note = cli.up_record_path(base + 1)
+        note = client.up_record_path(base + 1)
         assert json.loads(note.read_text())["pid"] == first.pid
         capsys.readouterr()
         started = time.monotonic()
