@@ -61,6 +61,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
+from .supervisor import Child, fork_child, spawn, stop_all
+
 GOAL_INVALIDATE = 1.5  # at most this many times the floor
 GOAL_KSM = 0.5  # at least this fraction of plain hashing
 KERNEL_BYTES_PER_PAGE = 72  # struct page (64) + pte (8)
@@ -108,17 +112,6 @@ class Plan:
 # child processes: a launcher that forks echoes and nodes
 
 
-def _die_with_parent(sig: int = signal.SIGKILL) -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
-    except Exception:  # best effort: the parent also kills its children by pid
-        pass
-
-
 def _echo_child(endpoint: str, ident: bytes) -> None:
     import zmq
 
@@ -137,8 +130,6 @@ def _echo_child(endpoint: str, ident: bytes) -> None:
 
 
 def _node_child(kind: str, name: str, endpoint: str) -> None:
-    import trio
-
     from node.runtime import NodeConfig, run_node
 
     logging.basicConfig(level=logging.ERROR)
@@ -151,17 +142,16 @@ def launcher_main() -> int:
 
     Reads JSON lines on stdin: ``{"echo": [ENDPOINT, [IDENT, ...]]}`` or
     ``{"nodes": [ENDPOINT, [[KIND, NAME], ...]]}``; answers each with a JSON
-    line of the children's pids.  At end of input kills every child it forked.
+    line of the children's pids.  At end of input (the bench closed the pipe,
+    or died) kills every child it forked and exits.  The children
+    (:func:`mmn.supervisor.fork_child`) die with it.
     """
-    _die_with_parent()
-    import trio  # noqa: F401  -- imported once here, shared by every fork
-    import zmq  # noqa: F401
+    import zmq  # noqa: F401  -- imported once here (and trio), shared by every fork
 
     import node.runtime  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
     children: list[int] = []
-    devnull = os.open(os.devnull, os.O_RDWR)
     for line in sys.stdin:
         spec = json.loads(line)
         jobs: list[Callable[[], None]] = []
@@ -171,22 +161,7 @@ def launcher_main() -> int:
         elif "nodes" in spec:
             endpoint, nodes = spec["nodes"]
             jobs = [lambda k=k, n=n: _node_child(k, n, endpoint) for k, n in nodes]
-        pids = []
-        for job in jobs:
-            pid = os.fork()
-            if pid == 0:
-                code = 0
-                try:
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    _die_with_parent()
-                    os.dup2(devnull, 0)
-                    os.dup2(devnull, 1)
-                    job()
-                except BaseException:
-                    code = 1
-                finally:
-                    os._exit(code)
-            pids.append(pid)
+        pids = [fork_child(job) for job in jobs]
         children.extend(pids)
         print(json.dumps(pids), flush=True)
     for pid in children:
@@ -196,43 +171,47 @@ def launcher_main() -> int:
 
 
 class Launcher:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mmn.bench", "--launcher"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": _source_root() + os.pathsep + os.environ.get("PYTHONPATH", "")},
-        )
+    """The launcher process (:func:`launcher_main`), a child of the
+    supervisor: its own process group (its forks are in it too), stopped by
+    closing its input, then by :func:`mmn.supervisor.stop_all`."""
 
-    def _ask(self, spec: dict[str, Any]) -> list[int]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(spec) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the bench launcher died")
+    def __init__(self) -> None:
+        self.child = Child("bench-launcher", [sys.executable, "-m", "mmn.bench", "--launcher"], None)
+        self._buffer = b""
+
+    async def start(self) -> None:
+        await spawn(self.child, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    async def _ask(self, spec: dict[str, Any]) -> list[int]:
+        proc = self.child.process
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        await proc.stdin.send_all((json.dumps(spec) + "\n").encode())
+        while b"\n" not in self._buffer:
+            chunk = await proc.stdout.receive_some()
+            if not chunk:
+                raise RuntimeError("the bench launcher died")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
         return json.loads(line)
 
-    def echoes(self, endpoint: str, idents: list[str]) -> list[int]:
-        return self._ask({"echo": [endpoint, idents]})
+    async def echoes(self, endpoint: str, idents: list[str]) -> list[int]:
+        return await self._ask({"echo": [endpoint, idents]})
 
-    def nodes(self, endpoint: str, nodes: list[tuple[str, str]]) -> list[int]:
-        return self._ask({"nodes": [endpoint, [list(n) for n in nodes]]})
+    async def nodes(self, endpoint: str, nodes: list[tuple[str, str]]) -> list[int]:
+        return await self._ask({"nodes": [endpoint, [list(n) for n in nodes]]})
 
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    async def close(self) -> None:
+        """End its input (it kills its children and exits), then stop its
+        group: at most 10 s for it to go, then SIGKILL.
 
-
-def _source_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        Concurrency: shielded; awaits at most 12 s.
+        """
+        with trio.CancelScope(shield=True):
+            proc = self.child.process
+            if proc is not None and proc.stdin is not None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await proc.stdin.aclose()
+            await stop_all([self.child], grace=10)
 
 
 # ==========================================================================
@@ -404,9 +383,23 @@ class Bench:
 
     # ---------------------------------------------------------------- setup
 
-    async def run_cluster(self, launcher: Launcher, floor: RawFloor) -> None:
-        import trio
+    async def run_processes(self) -> None:
+        """The echo processes and the floor, then the cluster figures."""
+        launcher = Launcher()
+        await launcher.start()
+        floor = RawFloor(_payload())
+        try:
+            idents = [f"e{i:02d}" for i in range(self.plan.scale_nodes)]
+            await launcher.echoes(floor.endpoint, idents)
+            floor.wait_connected([i.encode() for i in idents])
+            self.progress.step("echo processes up")
+            logging.getLogger("broker.host").setLevel(logging.ERROR)
+            await self.run_cluster(launcher, floor)
+        finally:
+            floor.close()
+            await launcher.close()
 
+    async def run_cluster(self, launcher: Launcher, floor: RawFloor) -> None:
         from broker.host import Host, HostConfig
 
         plan = self.plan
@@ -419,7 +412,7 @@ class Bench:
             inline = [NodeInfo(f"{'kvm' if i % 2 == 0 else 'gru'}-b{i:02d}", "kvm" if i % 2 == 0 else "gru")
                       for i in range(max(plan.ks))]
             xp = [NodeInfo(f"xpmem-b{i:02d}", "xpmem") for i in range(max(plan.xpmem_ks))]
-            self.pids = launcher.nodes(endpoints["node"], [(n.kind, n.name) for n in inline + xp])
+            self.pids = await launcher.nodes(endpoints["node"], [(n.kind, n.name) for n in inline + xp])
             await self._wait_live([n.name for n in inline + xp])
             self.progress.step("nodes registered")
 
@@ -432,7 +425,7 @@ class Bench:
 
             more = [NodeInfo(f"{'kvm' if i % 2 == 0 else 'gru'}-b{i:02d}", "kvm" if i % 2 == 0 else "gru")
                     for i in range(len(inline), plan.scale_nodes - len(xp))]
-            self.pids += launcher.nodes(endpoints["node"], [(n.kind, n.name) for n in more])
+            self.pids += await launcher.nodes(endpoints["node"], [(n.kind, n.name) for n in more])
             everyone = inline + more + xp
             await self._wait_live([n.name for n in everyone])
             self.progress.step("scale nodes registered")
@@ -440,8 +433,6 @@ class Bench:
             nursery.cancel_scope.cancel()
 
     async def _wait_live(self, names: list[str], timeout: float = 60.0) -> None:
-        import trio
-
         with trio.fail_after(timeout):
             while True:
                 by_name = self.host.sessions.by_name
@@ -471,8 +462,6 @@ class Bench:
         return where
 
     async def _fault_all(self, nodes: list[NodeInfo], mm: int, where: dict[str, int], pages: int = 1) -> None:
-        import trio
-
         async def one(n: NodeInfo) -> None:
             await self.admin("fault", node=n.name, mm=mm, addr=where[n.name], pages=pages, write=True)
 
@@ -532,8 +521,6 @@ class Bench:
     # ------------------------------------------------------------ 2. faults
 
     async def faults(self, floor: RawFloor, node: NodeInfo, what: str, pages: int) -> None:
-        import trio
-
         plan = self.plan
         count = plan.fault_count
         mm, addr = await self._mm_with_page(count * pages)
@@ -610,8 +597,6 @@ class Bench:
     # ------------------------------------------------------------- 6. scale
 
     async def scale(self, floor: RawFloor, nodes: list[NodeInfo]) -> None:
-        import trio
-
         plan = self.plan
         row = await self._measure_k(floor, nodes, plan.scale_samples)
         self.progress.step(f"invalidate K={len(nodes)}")
@@ -724,24 +709,11 @@ def _payload() -> bytes:
 
 def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     """Measure everything; returns the JSON document."""
-    import trio
-
     steps = (1 + len(plan.ks) + len(plan.xpmem_ks) + 3 + len(plan.munmap_pages) + 1 + 2 + 1 + 2)
     bar = Progress(steps, progress)
     started = time.perf_counter()
-    launcher = Launcher()
-    floor = RawFloor(_payload())
     bench = Bench(plan, bar)
-    try:
-        idents = [f"e{i:02d}" for i in range(plan.scale_nodes)]
-        launcher.echoes(floor.endpoint, idents)
-        floor.wait_connected([i.encode() for i in idents])
-        bar.step("echo processes up")
-        logging.getLogger("broker.host").setLevel(logging.ERROR)
-        trio.run(bench.run_cluster, launcher, floor)
-    finally:
-        floor.close()
-        launcher.close()
+    trio.run(bench.run_processes)
     bench.results["ksm"] = measure_ksm(plan.ksm_pages)
     bar.step("ksm")
     bench.results["memory"] = measure_memory(plan.memory_pages)

@@ -55,7 +55,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -67,6 +66,7 @@ from protocol.messages import Event
 from protocol.types import ADDRESS_LIMIT
 
 from . import render
+from .supervisor import die_with_parent
 from .client import (
     DEFAULT_ADMIN,
     DEFAULT_ADMIN_PORT,
@@ -1033,32 +1033,6 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _die_with_parent() -> None:
-    """Under ``mmn up`` (``$MMN_PARENT_PID``): stop when the parent is gone, so
-    a SIGKILLed ``mmn up`` leaves no orphan behind.
-
-    Not ``PR_SET_PDEATHSIG``: that fires when the *thread* that forked us
-    exits, and trio's ``open_process`` forks from a worker thread that trio
-    retires after 10 s idle -- every child of ``mmn up`` got SIGTERM 10 s
-    after it started.  A daemon thread watches ``getppid()`` instead (we are
-    reparented when the parent dies) and sends us SIGTERM: the service stops
-    as on Ctrl-C.
-    """
-    parent = os.environ.get("MMN_PARENT_PID")
-    if not parent or not parent.isdigit():
-        return
-    parent_pid = int(parent)
-    if os.getppid() != parent_pid:  # the parent died before we looked
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-
-
 async def _cancel_on_signals(scope: trio.CancelScope, what: str) -> None:
     """Cancel ``scope`` at the first SIGTERM or SIGINT (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
@@ -1111,7 +1085,7 @@ def _run_service(service: Callable[..., Any], config: Any, what: str) -> int:
 def _run_host(ns: argparse.Namespace) -> int:
     config = host_config(ns)
     _configure_logging(ns.log_level)
-    _die_with_parent()
+    die_with_parent()
     from broker.host import run_host
 
     return _run_service(run_host, config, "host")
@@ -1120,7 +1094,7 @@ def _run_host(ns: argparse.Namespace) -> int:
 def _run_node(ns: argparse.Namespace) -> int:
     config = node_config(ns)
     _configure_logging(ns.log_level)
-    _die_with_parent()
+    die_with_parent()
     from node.runtime import run_node
 
     return _run_service(run_node, config, f"node {config.name}")

@@ -16,7 +16,7 @@ Process lifetimes::
     Ctrl-C / SIGTERM -> SIGTERM to every group -> grace -> SIGKILL -> reaped
 
 Children get ``MMN_PARENT_PID`` and stop when ``up`` is gone, even if it is
-SIGKILLed (they watch ``getppid()``, see ``mmn.cli._die_with_parent``).
+SIGKILLed (they watch ``getppid()``, see :mod:`mmn.supervisor`).
 
 Security: every socket is CURVE by default.  ``up`` writes the key pairs
 (``mmn keygen``: the host's, an operator's, one per node) to ``LOGS/keys``, or
@@ -59,7 +59,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ from transport.curve import KeyError_, keygen
 
 from . import render
 from .cli import HOST_OPTIONS, PROG, number, seconds
+from .supervisor import Child, child_env, free_ports, kill_leftovers, signal_group, spawn, stop_all
 from .client import (
     DEFAULT_NODE_PORT,
     EXIT_FAILED,
@@ -149,21 +150,6 @@ class Plan:
         return f"tcp://{self.connect_host}:{self.ports[0]}"
 
 
-def free_ports(n: int, bind: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports the OS reports free right now (racy by nature:
-    another process may take one before the host binds it)."""
-    held = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((bind if bind not in _WILDCARDS else "127.0.0.1", 0))
-            held.append(s)
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
-
-
 def make_plan(ns: argparse.Namespace) -> Plan:
     bind = ns.bind or os.environ.get("MMN_BIND") or "127.0.0.1"
     if ns.port_base == 0:
@@ -202,100 +188,6 @@ def _keys(ns: argparse.Namespace, nodes: list[tuple[str, str]], logs: Path) -> s
     except (KeyError_, OSError) as exc:
         raise UsageError(f"keys {keys}: {exc}") from None
     return keys
-
-
-# --------------------------------------------------------------------------
-# children
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    log_path: Path
-    process: trio.Process | None = None
-    exits: list[int] = field(default_factory=list)
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    def describe(self) -> str:
-        if self.process is None:
-            return f"{self.name}: not started"
-        if self.alive:
-            return f"{self.name}: pid {self.process.pid}"
-        return f"{self.name}: exited {self.process.returncode}"
-
-    def tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["MMN_PARENT_PID"] = str(os.getpid())
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-async def _spawn(child: Child) -> None:
-    """Start ``child`` in its own process group, output to its log file."""
-    with open(child.log_path, "ab") as log_file:
-        child.process = await trio.lowlevel.open_process(
-            child.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=_child_env(),
-            process_group=0,
-        )
-
-
-def _signal_group(child: Child, signum: int) -> None:
-    """Signal the child's whole process group -- also after the leader has
-    exited, so a grandchild it left behind goes too.  (Linux does not reuse a
-    pid while a process group of that id exists.)"""
-    proc = child.process
-    if proc is None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signum)
-
-
-async def stop_all(children: list[Child], grace: float) -> None:
-    """SIGTERM every live child's process group, SIGKILL what is left after
-    ``grace`` seconds, reap them all.
-
-    Concurrency: awaits at most ``grace`` + 2 seconds; call it shielded.
-    """
-    for child in children:
-        if child.alive:
-            _signal_group(child, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        for child in children:
-            if child.process is not None:
-                await child.process.wait()
-    for child in children:
-        _signal_group(child, signal.SIGKILL)
-    with trio.move_on_after(2):
-        for child in children:
-            if child.process is not None:
-                await child.process.wait()
-
-
-def _kill_leftovers(children: list[Child]) -> None:
-    """Last resort, outside trio: SIGKILL any group still alive."""
-    for child in children:
-        _signal_group(child, signal.SIGKILL)
-        if child.process is not None:
-            with contextlib.suppress(Exception):
-                child.process.poll()
 
 
 # --------------------------------------------------------------------------
@@ -406,13 +298,13 @@ async def _watch_children(
         while True:
             assert child.process is not None
             code = await child.process.wait()
-            _signal_group(child, signal.SIGKILL)  # whatever it left in its group goes with it
+            signal_group(child, signal.SIGKILL)  # whatever it left in its group goes with it
             child.exits.append(code)
             notes.append(f"{child.name} exited with status {code}")
             if not restart:
                 return
             await trio.sleep(1.0)  # do not spin on a node that dies at once
-            await _spawn(child)
+            await spawn(child)
             notes.append(f"{child.name} restarted (pid {child.process.pid})")
 
     async with trio.open_nursery() as nursery:
@@ -493,11 +385,11 @@ async def _start_and_show(
     as_json = getattr(ns, "json", False)
     if not as_json:
         _say(f"starting host ({plan.admin}) and {len(nodes)} nodes; logs in {plan.logs}")
-    await _spawn(host)
+    await spawn(host)
     deadline = trio.current_time() + ns.timeout
     await _wait_for_host(plan, host, deadline)
     for child in nodes:
-        await _spawn(child)
+        await spawn(child)
     nursery.start_soon(_watch_children, plan, host, nodes, ns.restart, notes, everything)
     want = {c.name for c in nodes}
     status = await _wait_for_nodes(plan, host, want, deadline)
@@ -645,7 +537,7 @@ def run(ns: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         orphaned.set()
-        _kill_leftovers(children)
+        kill_leftovers(children)
         if record is not None:
             remove_up_record(record)
 
@@ -705,7 +597,7 @@ def _detach(ns: argparse.Namespace) -> int:
         raise UsageError(f"--logs {logs}: {exc.strerror}") from None
     argv = [a for a in getattr(ns, "argv", None) or sys.argv[1:] if a != "--detach"]
     argv = [*argv, "--json", "--detached-child", "--logs", str(logs)]
-    env = {k: v for k, v in _child_env().items() if k != "MMN_PARENT_PID"}
+    env = child_env({"MMN_PARENT_PID": None})
     env[_DETACHED_ENV] = "1"
     log_path = logs / "up.log"
     with open(log_path, "ab") as log_file:

@@ -30,7 +30,7 @@ import pytest
 import trio
 import zmq
 
-from mmn import cli, client, render, up
+from mmn import cli, client, render, supervisor, up
 from mmn.cli import main
 from protocol.admin import check_admin
 from protocol.codec import decode, encode
@@ -743,7 +743,7 @@ class _Stream(io.StringIO):
 
 def test_up_view_redraws_on_a_tty_and_prints_changes_otherwise(tmp_path: Path) -> None:
     plan = up.make_plan(_parse("up", "--port-base", "9000", "--logs", str(tmp_path)))
-    children = [up.Child("host", ["true"], tmp_path / "host.log")]
+    children = [supervisor.Child("host", ["true"], tmp_path / "host.log")]
     tty = _Stream(tty=True)
     view = up.View(plan, children, tty)
     view.show(status_result())
@@ -791,7 +791,7 @@ def test_up_view_fits_80x24_with_the_essentials_first(
         monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError: the plain fallback
         monkeypatch.setitem(sys.modules, "rich.console", None)
     plan = up.make_plan(_parse("up", "--port-base", "9000", "--logs", str(tmp_path)))
-    children = [up.Child(n, ["true"], tmp_path / f"{n}.log") for n in ("host", "kvm0", "gru0", "xpmem0")]
+    children = [supervisor.Child(n, ["true"], tmp_path / f"{n}.log") for n in ("host", "kvm0", "gru0", "xpmem0")]
     tty = _Stream(tty=True)
     view = up.View(plan, children, tty, size=lambda: os.terminal_size((80, 24)))
     if not rich:
@@ -837,17 +837,17 @@ def _group_alive(pgid: int) -> bool:
 
 
 async def test_stop_all_kills_every_process_group(tmp_path: Path) -> None:
-    polite = up.Child("polite", ["sh", "-c", "sleep 60 & wait"], tmp_path / "polite.log")
-    stubborn = up.Child("stubborn", ["sh", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"], tmp_path / "stubborn.log")
+    polite = supervisor.Child("polite", ["sh", "-c", "sleep 60 & wait"], tmp_path / "polite.log")
+    stubborn = supervisor.Child("stubborn", ["sh", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"], tmp_path / "stubborn.log")
     children = [polite, stubborn]
     for child in children:
-        await up._spawn(child)
+        await supervisor.spawn(child)
         assert child.process is not None
         assert os.getpgid(child.process.pid) == child.process.pid  # its own group
     await trio.sleep(0.2)  # let the shells start their sleeps
     started = time.monotonic()
     with trio.fail_after(10):
-        await up.stop_all(children, grace=0.5)
+        await supervisor.stop_all(children, grace=0.5)
     assert time.monotonic() - started < 5
     for child in children:
         assert child.process is not None and child.process.returncode is not None
@@ -1293,15 +1293,15 @@ async def test_ctrl_c_inside_startup_is_no_traceback(
     """A Ctrl-C that lands in a trio task while up starts (before its signal
     watcher runs) comes out of the nursery wrapped in a group: still no
     traceback, and the host already started is stopped."""
-    spawned: list[up.Child] = []
-    real_spawn = up._spawn
+    spawned: list[supervisor.Child] = []
+    real_spawn = up.spawn
 
-    async def spawn_then_interrupt(child: up.Child) -> None:
+    async def spawn_then_interrupt(child: supervisor.Child) -> None:
         await real_spawn(child)
         spawned.append(child)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(up, "_spawn", spawn_then_interrupt)
+    monkeypatch.setattr(up, "spawn", spawn_then_interrupt)
     assert await mmn("up", "--port-base", "0", "--logs", str(tmp_path), seconds=60) == 0
     assert capsys.readouterr().out == ""
     assert spawned and all(c.process is not None and c.process.returncode is not None for c in spawned)
