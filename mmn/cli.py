@@ -2,8 +2,9 @@
 
 ``main(argv=None) -> int`` parses one command and runs it.  Three kinds:
 
-* services: ``mmn host``, ``mmn node`` (one process each, what containers run)
-  and ``mmn up`` (host plus default nodes on this machine, see :mod:`mmn.up`);
+* services: ``mmn host``, ``mmn node`` (one process each, what containers run,
+  see :mod:`mmn.services`) and ``mmn up`` (host plus default nodes on this
+  machine, see :mod:`mmn.up`);
 * control commands (``status``, ``mmap``, ``fault``, ``inject`` ...): one
   ``AdminRequest`` to the host's admin endpoint, one ``AdminReply`` back;
 * ``watch``: the host's event stream.
@@ -26,6 +27,10 @@ Exit status:
 130   interrupted (Ctrl-C) before anything was sent
 ====  ===============================================================
 
+The client side (endpoints, keys, the admin call and why a host cannot be
+reached, the event stream) is :mod:`mmn.client`; this module parses,
+dispatches and prints.
+
 Every argument is checked twice before anything is sent: by argparse (types,
 ranges) and by ``protocol.admin.check_admin``, the host's own check.
 """
@@ -47,14 +52,11 @@ except ValueError:  # imported off the main thread
     _QUIET_IMPORT = False
 
 import argparse
-import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -63,23 +65,18 @@ import trio
 from protocol.admin import ADVICE, COMMANDS, INJECT_KINDS, PROTS, XPMEM_OPS, check_admin
 from protocol.errors import ProtocolError
 from protocol.messages import Event
-from protocol.types import ADDRESS_LIMIT
 
-from . import render
-from .supervisor import die_with_parent
+from . import render, services
+from .args import address, endpoint, hexbytes, node_name, number, octal_mode, probability, seconds
+from .render import PROG
 from .client import (
     DEFAULT_ADMIN,
-    DEFAULT_ADMIN_PORT,
-    DEFAULT_EVENTS_PORT,
-    DEFAULT_NODE_ENDPOINT,
-    DEFAULT_NODE_PORT,
     DEFAULT_TIMEOUT,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     REFUSED_GRACE,
-    BadEndpoint,
     EventStream,
     Failed,
     Unreachable,
@@ -88,13 +85,11 @@ from .client import (
     client_security,
     env_endpoint,
     host_events_endpoint,
-    parse_endpoint,
     subscribe_events,
 )
 
 log = logging.getLogger(__name__)
 
-PROG = "mmn"
 
 
 # --------------------------------------------------------------------------
@@ -119,154 +114,6 @@ class _Parser(argparse.ArgumentParser):
         if message:
             sys.stderr.write(message)
         raise _Exit(status)
-
-
-# --------------------------------------------------------------------------
-# argument types: each raises ArgumentTypeError with a message for people
-
-
-def _int(text: str) -> int:
-    """Decimal or ``0x`` hexadecimal; no sign, no leading-zero octal guessing."""
-    t = text.strip().replace("_", "")
-    if t.startswith("-"):
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    try:
-        if t[:2].lower() == "0x":
-            return int(t[2:], 16)
-        if t.startswith("+") or not t.isdigit():
-            raise ValueError
-        return int(t, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (decimal or 0x hex)") from None
-
-
-def number(minimum: int = 0, maximum: int = (1 << 63) - 1, what: str = "") -> Callable[[str], int]:
-    """An argparse type: an integer in ``[minimum, maximum]``."""
-
-    def parse(text: str) -> int:
-        value = _int(text)
-        if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"{text!r} out of range {minimum}..{maximum}")
-        return value
-
-    parse.__name__ = what or "number"
-    return parse
-
-
-def address(text: str) -> int:
-    """A user address: decimal or 0x hex, below ``ADDRESS_LIMIT``."""
-    value = _int(text)
-    if value >= ADDRESS_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a user address (they end below {ADDRESS_LIMIT:#x})")
-    return value
-
-
-address.__name__ = "address"
-
-
-def hexbytes(text: str) -> bytes:
-    """Bytes written as hex (``0x`` prefix, spaces and colons allowed)."""
-    t = re.sub(r"[\s:]", "", text)
-    if t[:2].lower() == "0x":
-        t = t[2:]
-    if not t:
-        raise argparse.ArgumentTypeError("no bytes given")
-    if len(t) % 2:
-        raise argparse.ArgumentTypeError(f"odd-length hex {text!r}")
-    try:
-        return bytes.fromhex(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not hex") from None
-
-
-hexbytes.__name__ = "hex"
-
-
-def octal_mode(text: str) -> int:
-    """Permission bits in octal: ``0600``, ``600`` or ``0o600``."""
-    t = text.strip().lower()
-    if t.startswith("0o"):
-        t = t[2:]
-    if not t or not all(c in "01234567" for c in t):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0600")
-    value = int(t, 8)
-    if value > 0o777:
-        raise argparse.ArgumentTypeError(f"{text!r} out of range 0..0777")
-    return value
-
-
-octal_mode.__name__ = "mode"
-
-
-def _float(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _float(text, "rate")
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in 0..1")
-    return value
-
-
-probability.__name__ = "rate"
-
-
-def seconds(text: str) -> float:
-    value = _float(text, "seconds")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
-    return value
-
-
-seconds.__name__ = "seconds"
-
-
-def node_name(text: str) -> str:
-    if not text or len(text) > 256 or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a node name")
-    return text
-
-
-node_name.__name__ = "node"
-
-
-def endpoint(text: str) -> str:
-    """A ZeroMQ endpoint: ``tcp://H:P``, ``ipc://PATH``, ``inproc://N`` or ``H:P`` (:func:`mmn.client.parse_endpoint`)."""
-    try:
-        return parse_endpoint(text)
-    except BadEndpoint as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-endpoint.__name__ = "endpoint"
-
-
-# --------------------------------------------------------------------------
-# output
-
-
-def _emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(render.jsonable(doc), separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
-def _emit(text: str) -> None:
-    sys.stdout.write(text.rstrip("\n") + "\n")
-    sys.stdout.flush()
-
-
-def _error(message: str) -> None:
-    sys.stderr.write(f"{PROG}: {' '.join(message.split())}\n")
-    sys.stderr.flush()
 
 
 # --------------------------------------------------------------------------
@@ -382,7 +229,6 @@ def _build_xpmem(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 # the parser
 
 
-_LOG_HELP = "DEBUG, INFO, WARNING or ERROR (default $MMN_LOG_LEVEL, else INFO)"
 _HOST_HELP = f"admin endpoint, tcp://HOST:PORT or HOST:PORT (default $MMN_HOST, else {DEFAULT_ADMIN})"
 _TIMEOUT_HELP = f"give up after S seconds (default $MMN_TIMEOUT, else {DEFAULT_TIMEOUT:g})"
 _KEYS_HELP = ("CURVE keys from `mmn keygen` (default $MMN_KEYS_DIR, else the note of a local `mmn up` "
@@ -436,29 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     from . import up as up_module
 
     p = subs.add_parser("host", help="run the host (primary MMU, notifier fan-out, admin API)")
-    _host_options(p)
-    p.set_defaults(handler=_run_host)
+    services.add_host_arguments(p)
+    p.set_defaults(handler=services.run_host)
 
     p = subs.add_parser("node", help="run one secondary-MMU node")
-    p.add_argument("--kind", choices=("kvm", "gru", "xpmem"), default=os.environ.get("MMN_KIND"),
-                   help="secondary MMU kind (default $MMN_KIND; required)")
-    p.add_argument("--name", type=node_name, default=None, help="unique node name (default $MMN_NAME, else KIND-6 random hex digits)")
-    p.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help=f"the host's node endpoint (default $MMN_HOST_ENDPOINT, else {DEFAULT_NODE_ENDPOINT})")
-    for flag, dest, env, kind, help in NODE_OPTIONS:
-        p.add_argument(flag, dest=dest, type=kind, default=None, help=f"{help} (${env})")
-    p.add_argument("--seed", type=number(0), default=None, help="seed of the injected failures' randomness (default: random)")
-    p.add_argument("--keys", dest="keys_dir", default=None, metavar="DIR",
-                   help="CURVE: nodes/NAME.key_secret (or nodes/KIND.key_secret) and host/host.key "
-                        "(default $MMN_KEYS_DIR; none: plain TCP)")
-    p.add_argument("--key", default=None, metavar="FILE", help="CURVE: this node's secret key file (default $MMN_NODE_KEY, else from --keys)")
-    p.add_argument("--host-key", default=None, metavar="FILE", help="CURVE: the host's public key file (default $MMN_HOST_KEY, else from --keys)")
-    p.add_argument("--insecure", action="store_true", default=None, help="plain TCP even with keys ($MMN_INSECURE=1)")
-    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"), help=_LOG_HELP)
-    p.set_defaults(handler=_run_node)
+    services.add_node_arguments(p)
+    p.set_defaults(handler=services.run_node)
 
     p = subs.add_parser("up", help="host plus default nodes on this machine, with a live status view")
     up_module.add_arguments(p)
-    _host_options(p, service=False)
+    services.add_host_arguments(p, service=False)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="for scripts: one JSON ready line (endpoints, keys dir, pids, nodes) once every node is "
                         "live, no live view; with --once the status as one JSON document")
@@ -789,9 +622,9 @@ def _run_control(ns: argparse.Namespace) -> int:
     result = trio.run(lambda: admin_call(addr, command, args, timeout=_timeout(ns), security=security,
                                          refused_grace=REFUSED_GRACE))
     if ns.json:
-        _emit_json(result)
+        render.emit_json(result)
     else:
-        _emit(ns.show(ns, result))
+        render.emit(ns.show(ns, result))
     return EXIT_OK
 
 
@@ -852,9 +685,9 @@ async def _print_events(ns: argparse.Namespace, stream: EventStream) -> None:
             event = await stream.receive()
             seen += 1
             if ns.json:
-                _emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
+                render.emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
             else:
-                _emit(_show_event(event))
+                render.emit(_show_event(event))
 
 
 def _run_keygen(ns: argparse.Namespace) -> int:
@@ -865,12 +698,12 @@ def _run_keygen(ns: argparse.Namespace) -> int:
     except (KeyError_, OSError) as exc:
         raise UsageError(f"keygen: {exc}") from None
     if getattr(ns, "json", False):
-        _emit_json(result)
+        render.emit_json(result)
     else:
         for path in result["created"]:
-            _emit(f"created {path}")
+            render.emit(f"created {path}")
         for path in result["kept"]:
-            _emit(f"kept    {path}")
+            render.emit(f"kept    {path}")
     return EXIT_OK
 
 
@@ -883,221 +716,6 @@ def _run_watch(ns: argparse.Namespace) -> int:
         if group.split(KeyboardInterrupt)[0] is None:
             raise
     return EXIT_OK
-
-
-# ---- services: mmn host / mmn node
-
-
-def _env(name: str, parse: Callable[[str], Any]) -> Any:
-    """``$name`` parsed with an argparse type, or None when unset."""
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        return parse(value)
-    except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"${name}: {exc}") from None
-
-
-#: ``mmn host`` options: (flag, HostConfig field, environment variable,
-#: argparse type, help).  ``HostConfig.from_env`` reads the variables; the
-#: flags override them.
-HOST_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
-    ("--bind", "bind", "MMN_BIND", str, "interface to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
-    ("--node-port", "node_port", "MMN_NODE_PORT", number(0, 65535), f"node ROUTER port (default {DEFAULT_NODE_PORT})"),
-    ("--admin-port", "admin_port", "MMN_ADMIN_PORT", number(0, 65535), f"admin ROUTER port (default {DEFAULT_ADMIN_PORT})"),
-    ("--events-port", "events_port", "MMN_EVENTS_PORT", number(0, 65535), f"event PUB port (default {DEFAULT_EVENTS_PORT})"),
-    ("--frames", "frames", "MMN_FRAMES", number(1), "physical page frames, in pages (default 65536)"),
-    ("--page-size", "page_size", "MMN_PAGE_SIZE", number(1), "page size in bytes (default 4096)"),
-    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms (default 500)"),
-    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "heartbeats a node may miss before it is fenced (default 6)"),
-    ("--ack-deadline-ms", "ack_deadline_ms", "MMN_ACK_DEADLINE_MS", number(1), "fence a node that acks later than this many ms (default 2000)"),
-    ("--command-timeout-ms", "command_timeout_ms", "MMN_COMMAND_TIMEOUT_MS", number(1), "deadline of a relayed node command in ms (default 10000)"),
-    ("--swap-path", "swap_path", "MMN_SWAP_PATH", str,
-     "swap file, truncated at start, mode 0600; a restart never reuses what is in it "
-     "(default: an unlinked temporary file)"),
-    ("--swap-slots", "swap_slots", "MMN_SWAP_SLOTS", number(1), "swap slots, in pages (default 65536)"),
-    ("--ksm-run", "ksm_run", "MMN_KSM_RUN", number(0, 2), "KSM run at start: 0 stop, 1 run, 2 unmerge (default 0)"),
-    ("--keys", "keys_dir", "MMN_KEYS_DIR", str, "CURVE on every socket, keys from `mmn keygen DIR` (default: none, plain TCP)"),
-    ("--server-key", "server_key", "MMN_SERVER_KEY", str, "CURVE: the host's secret key file (default DIR/host/host.key_secret of --keys)"),
-    ("--node-keys", "node_keys", "MMN_NODE_KEYS", str, "CURVE: directory of allowed node public keys (default DIR/nodes of --keys)"),
-    ("--admin-keys", "admin_keys", "MMN_ADMIN_KEYS", str, "CURVE: directory of allowed admin public keys (default DIR/admin of --keys)"),
-    ("--max-frame", "max_frame", "MMN_MAX_FRAME", number(1024), "bytes in one frame (default 4194304, 4 MiB)"),
-    ("--max-pages", "max_pages", "MMN_MAX_PAGES", number(1), "pages in one GUP request (default 512)"),
-    ("--max-range", "max_range", "MMN_MAX_RANGE", number(1), "bytes in one requested range (default 1073741824, 1 GiB)"),
-    ("--rate-limit", "max_rate", "MMN_RATE_LIMIT", number(0), "frames a second per peer, 0 = unlimited (default 20000)"),
-    ("--rate-burst", "rate_burst", "MMN_RATE_BURST", number(0), "frames of burst before the rate limit bites (default 0: one second's worth)"),
-)
-
-#: Host options ``mmn up`` does not take (it chooses ports from --port-base).
-_UP_SKIPS = ("node_port", "admin_port", "events_port")
-
-
-def _host_options(p: argparse.ArgumentParser, *, service: bool = True) -> None:
-    for flag, dest, env, kind, help in HOST_OPTIONS:
-        if not service and dest in _UP_SKIPS:
-            continue
-        p.add_argument(flag, dest=dest, type=kind, default=None, help=f"{help} (${env})")
-    p.add_argument(
-        "--wrap-change-pte",
-        action="store_true",
-        default=None,
-        help="wrap change_pte in start/end as kernels 3.7-6.9 did ($MMN_WRAP_CHANGE_PTE=1)",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="plain TCP, no CURVE, even if keys are configured ($MMN_INSECURE=1)",
-    )
-    if service:
-        p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"), help=_LOG_HELP)
-
-
-def _check_env(options: Sequence[tuple[str, str, str, Callable[[str], Any], str]]) -> None:
-    """Reject a malformed ``MMN_*`` variable as a usage error, before
-    ``from_env`` reads it."""
-    for _flag, _dest, env, kind, _help in options:
-        _env(env, kind)
-
-
-def host_overrides(ns: argparse.Namespace) -> dict[str, Any]:
-    """HostConfig fields given as flags (already checked); None = not given."""
-    out = {dest: getattr(ns, dest, None) for _f, dest, _e, _k, _h in HOST_OPTIONS}
-    out["wrap_change_pte"] = getattr(ns, "wrap_change_pte", None)
-    out["insecure"] = getattr(ns, "insecure", None)
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def host_config(ns: argparse.Namespace) -> Any:
-    """``broker.host.HostConfig.from_env(**flags)``: defaults, then ``MMN_*``
-    variables, then the command line.
-
-    Raises:
-        UsageError: a malformed variable.
-    """
-    from broker.host import HostConfig
-
-    _check_env(HOST_OPTIONS)
-    try:
-        config = HostConfig.from_env(**host_overrides(ns))
-        config.key_paths()  # all three CURVE paths or none
-        return config
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-#: ``mmn node`` options besides --kind/--name/--host.
-NODE_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
-    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms until registered (default 500)"),
-    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "host heartbeats missed before reconnecting (default 6)"),
-)
-
-
-def node_config(ns: argparse.Namespace) -> Any:
-    """``node.runtime.NodeConfig.from_env(**flags)``.
-
-    Raises:
-        UsageError: no kind, or a malformed variable.
-    """
-    from node.runtime import NodeConfig
-
-    kind = ns.kind or _env("MMN_KIND", str)
-    if kind not in ("kvm", "gru", "xpmem"):
-        raise UsageError("node: --kind kvm|gru|xpmem is required (or $MMN_KIND)")
-    _env("MMN_NAME", node_name)
-    _check_env(NODE_OPTIONS)
-    overrides: dict[str, Any] = {
-        "kind": kind,
-        "name": ns.name,
-        "host": ns.host or env_endpoint("MMN_HOST_ENDPOINT", DEFAULT_NODE_ENDPOINT),
-        "seed": ns.seed,
-        "keys_dir": getattr(ns, "keys_dir", None),
-        "key": getattr(ns, "key", None),
-        "host_key": getattr(ns, "host_key", None),
-        "insecure": getattr(ns, "insecure", None),
-    }
-    for _flag, dest, _env_name, _kind, _help in NODE_OPTIONS:
-        overrides[dest] = getattr(ns, dest, None)
-    try:
-        return NodeConfig.from_env(**overrides)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.INFO),
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
-async def _cancel_on_signals(scope: trio.CancelScope, what: str) -> None:
-    """Cancel ``scope`` at the first SIGTERM or SIGINT (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # tests run services in worker threads: no signal handling there
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-        async for signum in received:
-            log.info("%s: %s, stopping", what, signal.Signals(signum).name)
-            scope.cancel()
-            return
-
-
-async def _serve(service: Callable[..., Any], config: Any, what: str) -> None:
-    """Run one service (``service(config, task_status=...)``) until it returns
-    or SIGTERM/SIGINT arrives, then cancel it: structured shutdown, each socket
-    closed by its owning task.
-
-    Concurrency: the service runs in an inner nursery; the signal watcher in
-    the outer one, cancelled once the service is over.
-    """
-    async with trio.open_nursery() as outer:
-        outer.start_soon(_cancel_on_signals, outer.cancel_scope, what)
-        async with trio.open_nursery() as inner:
-            started = await inner.start(service, config)
-            suffix = "" if started is None else f" {started}"
-            sys.stderr.write(f"{PROG} {what}: ready{suffix}\n")
-            sys.stderr.flush()
-        outer.cancel_scope.cancel()
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    """The first non-group exception inside ``exc`` (trio nurseries wrap)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _run_service(service: Callable[..., Any], config: Any, what: str) -> int:
-    try:
-        trio.run(_serve, service, config, what)
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:  # the service crashed: one line, a log record, exit 1
-        log.exception("%s crashed", what)
-        leaf = _first_leaf(exc)
-        _error(f"{what}: {type(leaf).__name__}: {leaf}")
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def _run_host(ns: argparse.Namespace) -> int:
-    config = host_config(ns)
-    _configure_logging(ns.log_level)
-    die_with_parent()
-    from broker.host import run_host
-
-    return _run_service(run_host, config, "host")
-
-
-def _run_node(ns: argparse.Namespace) -> int:
-    config = node_config(ns)
-    _configure_logging(ns.log_level)
-    die_with_parent()
-    from node.runtime import run_node
-
-    return _run_service(run_node, config, f"node {config.name}")
 
 
 # --------------------------------------------------------------------------
@@ -1123,17 +741,17 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return ns.handler(ns)
     except UsageError as exc:
-        _error(f"usage: {exc}")
+        render.error(f"usage: {exc}")
         return EXIT_USAGE
     except Failed as exc:
         if getattr(ns, "json", False):
-            _emit_json({"ok": False, "errno": exc.errno, "error": exc.message})
-        _error(str(exc))
+            render.emit_json({"ok": False, "errno": exc.errno, "error": exc.message})
+        render.error(str(exc))
         return EXIT_FAILED
     except Unreachable as exc:
         if getattr(ns, "json", False):
-            _emit_json({"ok": False, "errno": "unreachable", "reason": exc.reason, "error": str(exc)})
-        _error(f"unreachable: {exc}")
+            render.emit_json({"ok": False, "errno": "unreachable", "reason": exc.reason, "error": str(exc)})
+        render.error(f"unreachable: {exc}")
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

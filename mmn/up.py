@@ -69,7 +69,9 @@ import trio
 from transport.curve import KeyError_, keygen
 
 from . import render
-from .cli import HOST_OPTIONS, PROG, number, seconds
+from .args import number, seconds
+from .render import PROG
+from .services import HOST_OPTIONS
 from .supervisor import Child, child_env, free_ports, kill_leftovers, signal_group, spawn, stop_all
 from .client import (
     DEFAULT_NODE_PORT,

@@ -30,7 +30,7 @@ import pytest
 import trio
 import zmq
 
-from mmn import cli, client, render, supervisor, up
+from mmn import args, cli, client, render, services, supervisor, up
 from mmn.cli import main
 from protocol.admin import check_admin
 from protocol.codec import decode, encode
@@ -506,7 +506,7 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     ("text", "value"), [("0", 0), ("4096", 4096), ("0x1000", 4096), ("0X1000", 4096), ("1_000", 1000), ("0x7fff_ffff_f000", 0x7FFFFFFFF000)]
 )
 def test_addresses_accept_decimal_and_hex(text: str, value: int) -> None:
-    assert cli.address(text) == value
+    assert args.address(text) == value
 
 
 def test_every_admin_command_has_a_cli_command() -> None:
@@ -618,7 +618,7 @@ def test_host_config_from_flags_over_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MMN_PAGE_SIZE", "8192")
     monkeypatch.setenv("MMN_FRAMES", "64")
     monkeypatch.setenv("MMN_WRAP_CHANGE_PTE", "1")
-    config = cli.host_config(_parse("host", "--frames", "128", "--ack-deadline-ms", "50", "--admin-port", "0"))
+    config = services.host_config(_parse("host", "--frames", "128", "--ack-deadline-ms", "50", "--admin-port", "0"))
     assert (config.frames, config.page_size, config.ack_deadline_ms, config.admin_port) == (128, 8192, 50, 0)
     assert config.wrap_change_pte is True
     assert config.node_port == 7781  # the host's own default
@@ -629,9 +629,9 @@ def test_node_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMN_NAME", "g1")
     monkeypatch.setenv("MMN_HOST_ENDPOINT", "hostbox:7781")
     monkeypatch.setenv("MMN_HEARTBEAT_MS", "250")
-    config = cli.node_config(_parse("node"))
+    config = services.node_config(_parse("node"))
     assert (config.kind, config.name, config.host, config.heartbeat_ms) == ("gru", "g1", "tcp://hostbox:7781", 250)
-    config = cli.node_config(_parse("node", "--kind", "xpmem", "--name", "x9", "--host", "tcp://h:1"))
+    config = services.node_config(_parse("node", "--kind", "xpmem", "--name", "x9", "--host", "tcp://h:1"))
     assert (config.kind, config.name, config.host) == ("xpmem", "x9", "tcp://h:1")
 
 
