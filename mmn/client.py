@@ -560,6 +560,26 @@ def _reply_ref(msg: Message) -> int | None:
     return ref if type(ref) is int else None
 
 
+def _reply_to(frames: list[bytes], ref: int, limits: Limits) -> Message | None:
+    """The reply in ``frames`` if it answers request ``ref``; None for one
+    that does not (a late reply to an earlier request, logged and dropped).
+
+    Raises:
+        ProtocolError: the reply to ``ref`` did not decode.
+    """
+    try:
+        reply = decode(frames[-1], limits)
+    except ProtocolError as exc:
+        if exc.ref == ref:
+            raise
+        log.warning("undecodable reply discarded: %s", exc)
+        return None
+    if _reply_ref(reply) == ref:
+        return reply
+    log.debug("discarded a reply to %r (waiting for %d)", _reply_ref(reply), ref)
+    return None
+
+
 def _only_leaf(group: BaseExceptionGroup[Any]) -> BaseException | None:
     """The single exception inside nested one-member groups, or None."""
     exc: BaseException = group
@@ -708,17 +728,9 @@ class AdminClient:
         """Send ``msg``, return the reply naming ``ref`` (others discarded)."""
         await zsock.send_multipart([encode(msg)])
         while True:
-            frames = await zsock.recv_multipart()
-            try:
-                reply = decode(frames[-1], self._limits)
-            except ProtocolError as exc:
-                if exc.ref == ref:
-                    raise
-                log.warning("undecodable reply discarded: %s", exc)
-                continue
-            if _reply_ref(reply) == ref:
+            reply = _reply_to(await zsock.recv_multipart(), ref, self._limits)
+            if reply is not None:
                 return reply
-            log.debug("discarded a reply to %r (waiting for %d)", _reply_ref(reply), ref)
 
     async def admin(
         self, command: str, args: dict[str, Any] | None = None, timeout: float | None = None
@@ -793,15 +805,8 @@ class SyncAdminClient:
         while True:
             if not self._sock.poll(remaining_ms(), zmq.POLLIN):
                 continue
-            frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            try:
-                reply = decode(frames[-1], self._limits)
-            except ProtocolError as exc:
-                if exc.ref == ref:
-                    raise
-                log.warning("undecodable reply discarded: %s", exc)
-                continue
-            if _reply_ref(reply) == ref:
+            reply = _reply_to(self._sock.recv_multipart(zmq.NOBLOCK), ref, self._limits)
+            if reply is not None:
                 return reply
 
     def admin(self, command: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Message:
