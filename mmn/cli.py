@@ -2,8 +2,9 @@
 
 ``main(argv=None) -> int`` parses one command and runs it.  Three kinds:
 
-* services: ``mmn host``, ``mmn node`` (one process each, what containers run)
-  and ``mmn up`` (host plus default nodes on this machine, see :mod:`mmn.up`);
+* services: ``mmn host``, ``mmn node`` (one process each, what containers run,
+  see :mod:`mmn.services`) and ``mmn up`` (host plus default nodes on this
+  machine, see :mod:`mmn.up`);
 * control commands (``status``, ``mmap``, ``fault``, ``inject`` ...): one
   ``AdminRequest`` to the host's admin endpoint, one ``AdminReply`` back;
 * ``watch``: the host's event stream.
@@ -26,6 +27,10 @@ Exit status:
 130   interrupted (Ctrl-C) before anything was sent
 ====  ===============================================================
 
+The client side (endpoints, keys, the admin call and why a host cannot be
+reached, the event stream) is :mod:`mmn.client`; this module parses,
+dispatches and prints.
+
 Every argument is checked twice before anything is sent: by argparse (types,
 ranges) and by ``protocol.admin.check_admin``, the host's own check.
 """
@@ -47,85 +52,48 @@ except ValueError:  # imported off the main thread
     _QUIET_IMPORT = False
 
 import argparse
-import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import trio
-import zmq
 
 from protocol.admin import ADVICE, COMMANDS, INJECT_KINDS, PROTS, XPMEM_OPS, check_admin
-from protocol.codec import decode
 from protocol.errors import ProtocolError
-from protocol.limits import Limits
-from protocol.messages import AdminReply, AdminRequest, Error, Event
-from protocol.types import ADDRESS_LIMIT
+from protocol.messages import Event
 
-from transport import AdminClient, connect
-from transport.zsock import LinkFailed, connect_monitored, handshake_probe
-
-from . import render
+from . import render, services
+from .args import address, endpoint, hexbytes, node_name, number, octal_mode, probability, seconds
+from .render import PROG
+from .client import (
+    DEFAULT_ADMIN,
+    DEFAULT_TIMEOUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    REFUSED_GRACE,
+    EventStream,
+    Failed,
+    Unreachable,
+    UsageError,
+    admin_call,
+    client_security,
+    env_endpoint,
+    host_events_endpoint,
+    subscribe_events,
+)
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-
-DEFAULT_NODE_PORT = 7781
-DEFAULT_ADMIN_PORT = 7782
-DEFAULT_EVENTS_PORT = 7783
-DEFAULT_ADMIN = f"tcp://127.0.0.1:{DEFAULT_ADMIN_PORT}"
-DEFAULT_NODE_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_NODE_PORT}"
-DEFAULT_TIMEOUT = 10.0
-#: Seconds of refused connections after which a command gives up (nothing
-#: listens); a handshake failure gives up at once.
-REFUSED_GRACE = 1.0
-
-PROG = "mmn"
 
 
 # --------------------------------------------------------------------------
 # errors
-
-
-class UsageError(Exception):
-    """Bad input found before anything was sent: exit 2."""
-
-
-class Unreachable(Exception):
-    """No answer from the host: exit 3.
-
-    ``reason`` says why, for scripts (``--json`` carries it): ``timeout``
-    (nothing came in time), ``refused`` (nothing listens), ``key`` (the host
-    refused this client's key, or this client has none or the wrong host
-    key), ``insecure`` (the host runs plain TCP, this client CURVE),
-    ``not_admin`` (the port does not take admin requests).
-    """
-
-    def __init__(self, message: str, reason: str = "timeout") -> None:
-        self.reason = reason
-        super().__init__(message)
-
-
-class Failed(Exception):
-    """The host or node answered with an error: exit 1."""
-
-    def __init__(self, errno: str, message: str = "") -> None:
-        self.errno = errno or "error"
-        self.message = message
-        super().__init__(f"{self.errno}: {message}" if message else self.errno)
 
 
 class _Exit(Exception):
@@ -146,419 +114,6 @@ class _Parser(argparse.ArgumentParser):
         if message:
             sys.stderr.write(message)
         raise _Exit(status)
-
-
-# --------------------------------------------------------------------------
-# argument types: each raises ArgumentTypeError with a message for people
-
-
-def _int(text: str) -> int:
-    """Decimal or ``0x`` hexadecimal; no sign, no leading-zero octal guessing."""
-    t = text.strip().replace("_", "")
-    if t.startswith("-"):
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    try:
-        if t[:2].lower() == "0x":
-            return int(t[2:], 16)
-        if t.startswith("+") or not t.isdigit():
-            raise ValueError
-        return int(t, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (decimal or 0x hex)") from None
-
-
-def number(minimum: int = 0, maximum: int = (1 << 63) - 1, what: str = "") -> Callable[[str], int]:
-    """An argparse type: an integer in ``[minimum, maximum]``."""
-
-    def parse(text: str) -> int:
-        value = _int(text)
-        if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"{text!r} out of range {minimum}..{maximum}")
-        return value
-
-    parse.__name__ = what or "number"
-    return parse
-
-
-def address(text: str) -> int:
-    """A user address: decimal or 0x hex, below ``ADDRESS_LIMIT``."""
-    value = _int(text)
-    if value >= ADDRESS_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a user address (they end below {ADDRESS_LIMIT:#x})")
-    return value
-
-
-address.__name__ = "address"
-
-
-def hexbytes(text: str) -> bytes:
-    """Bytes written as hex (``0x`` prefix, spaces and colons allowed)."""
-    t = re.sub(r"[\s:]", "", text)
-    if t[:2].lower() == "0x":
-        t = t[2:]
-    if not t:
-        raise argparse.ArgumentTypeError("no bytes given")
-    if len(t) % 2:
-        raise argparse.ArgumentTypeError(f"odd-length hex {text!r}")
-    try:
-        return bytes.fromhex(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not hex") from None
-
-
-hexbytes.__name__ = "hex"
-
-
-def octal_mode(text: str) -> int:
-    """Permission bits in octal: ``0600``, ``600`` or ``0o600``."""
-    t = text.strip().lower()
-    if t.startswith("0o"):
-        t = t[2:]
-    if not t or not all(c in "01234567" for c in t):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0600")
-    value = int(t, 8)
-    if value > 0o777:
-        raise argparse.ArgumentTypeError(f"{text!r} out of range 0..0777")
-    return value
-
-
-octal_mode.__name__ = "mode"
-
-
-def _float(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _float(text, "rate")
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in 0..1")
-    return value
-
-
-probability.__name__ = "rate"
-
-
-def seconds(text: str) -> float:
-    value = _float(text, "seconds")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
-    return value
-
-
-seconds.__name__ = "seconds"
-
-
-def node_name(text: str) -> str:
-    if not text or len(text) > 256 or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a node name")
-    return text
-
-
-node_name.__name__ = "node"
-
-
-_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.*-]+):(\d{1,5})$")
-
-
-def endpoint(text: str) -> str:
-    """A ZeroMQ endpoint: ``tcp://H:P``, ``ipc://PATH``, ``inproc://N`` or ``H:P``."""
-    t = text.strip()
-    if "://" in t:
-        scheme, _, rest = t.partition("://")
-        if scheme not in ("tcp", "ipc", "inproc") or not rest:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint")
-        if scheme == "tcp" and not _HOSTPORT.match(rest):
-            raise argparse.ArgumentTypeError(f"{text!r}: want tcp://HOST:PORT")
-        return t
-    m = _HOSTPORT.match(t)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT or a ZeroMQ endpoint")
-    return f"tcp://{t}"
-
-
-endpoint.__name__ = "endpoint"
-
-
-def _env_endpoint(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        return endpoint(value)
-    except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"${name}: {exc}") from None
-
-
-# --------------------------------------------------------------------------
-# the admin client
-
-
-def up_record_path(port: int) -> Path:
-    """Where ``mmn up`` serving the admin port ``port`` on this machine leaves
-    its key directory for the CLI of a second terminal (paths only, no
-    secret: the keys themselves stay in their 0700 directory)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"mmnotify-{os.getuid()}-up-{port}.json"
-
-
-def read_up_record(port: int) -> dict[str, Any] | None:
-    """The note of the live ``mmn up`` serving admin port ``port`` on this
-    machine (``{"pid", "keys", "admin", "ports", ...}``), or None (no note,
-    or its ``mmn up`` is gone)."""
-    try:
-        record = json.loads(up_record_path(port).read_text())
-        os.kill(int(record["pid"]), 0)  # a dead mmn up's record means nothing
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def live_up_records() -> list[dict[str, Any]]:
-    """Every live ``mmn up`` note of this user on this machine."""
-    base = up_record_path(0).parent
-    out = []
-    for path in sorted(base.glob(f"mmnotify-{os.getuid()}-up-*.json")):
-        port = path.stem.rsplit("-", 1)[-1]
-        record = read_up_record(int(port)) if port.isdigit() else None
-        if record is not None:
-            out.append(record)
-    return out
-
-
-def _loopback_port(endpoint: str) -> int | None:
-    hostpart, _, port = endpoint.rpartition(":")
-    if not hostpart.endswith(("127.0.0.1", "localhost", "[::1]")) or not port.isdigit():
-        return None
-    return int(port)
-
-
-def up_keys_for(endpoint: str) -> str | None:
-    """The key directory of the live ``mmn up`` whose admin endpoint is
-    ``endpoint`` (loopback only), or None (also for an ``--insecure`` one)."""
-    port = _loopback_port(endpoint)
-    if port is None:
-        return None
-    record = read_up_record(port)
-    if record is None:  # another of its ports (`mmn watch --events ADDR`)
-        record = next((r for r in live_up_records() if port in (r.get("ports") or {}).values()), None)
-    keys = record.get("keys") if record else None
-    return str(keys) if keys else None
-
-
-def client_security(keys: str | None = None, env: Mapping[str, str] | None = None, *,
-                    endpoint: str | None = None) -> Any:
-    """The CURVE hook of an operator's client (CLI, ``mmn up``, healthchecks),
-    or None for plain TCP.
-
-    ``keys`` (``--keys DIR``), else ``$MMN_KEYS_DIR``: the admin pair
-    ``DIR/admin/admin.key_secret`` (or ``$MMN_ADMIN_KEY``) and the host's
-    public key ``DIR/host/host.key`` (or ``$MMN_HOST_KEY``).
-    ``$MMN_INSECURE=1`` means plain TCP whatever else is set.
-
-    Raises:
-        UsageError: a key file is missing or malformed.
-    """
-    from pathlib import Path
-
-    from transport.curve import CurveClient, KeyError_, KeyLayout
-
-    env = os.environ if env is None else env
-    if env.get("MMN_INSECURE", "") not in ("", "0"):
-        return None
-    root = keys or env.get("MMN_KEYS_DIR") or None
-    secret = env.get("MMN_ADMIN_KEY") or None
-    host_key = env.get("MMN_HOST_KEY") or None
-    if root is None and secret is None and host_key is None and endpoint is not None:
-        root = up_keys_for(endpoint)  # the local `mmn up` serving that endpoint, if any
-    if root is None and secret is None and host_key is None:
-        return None
-    layout = KeyLayout(Path(root)) if root else None
-    secret = secret or (str(layout.admin_secret()) if layout else None)
-    host_key = host_key or (str(layout.host_public) if layout else None)
-    if secret is None or host_key is None:
-        raise UsageError("CURVE needs the admin secret key and the host's public key (--keys DIR or $MMN_KEYS_DIR)")
-    try:
-        return CurveClient.from_files(secret, host_key)
-    except KeyError_ as exc:
-        raise UsageError(str(exc)) from None
-
-
-_FROM_ENV: Any = object()
-
-#: What each port of a host is, by the default numbers (compose publishes these).
-_DEFAULT_PORT_ROLES = {DEFAULT_NODE_PORT: "node", DEFAULT_ADMIN_PORT: "admin", DEFAULT_EVENTS_PORT: "events"}
-
-
-def port_hint(addr: str, want: str = "admin") -> str:
-    """Why ``addr`` may be the wrong port: it is the node or events port of a
-    local ``mmn up`` (from its note), or of the default numbering; "" if
-    nothing is known against it."""
-    hostpart, _, port_text = addr.rpartition(":")
-    if not port_text.isdigit():
-        return ""
-    port = int(port_text)
-    if _loopback_port(addr) is not None:
-        for record in live_up_records():
-            ports = record.get("ports") or {}
-            for role, number in ports.items():
-                if number == port and role != want and isinstance(ports.get(want), int):
-                    return (f"; port {port} is the {role} port of `mmn up` (pid {record.get('pid')}), "
-                            f"its {want} port is {hostpart}:{ports[want]}")
-    role = _DEFAULT_PORT_ROLES.get(port)
-    if role is not None and role != want:
-        wanted = next(p for p, r in _DEFAULT_PORT_ROLES.items() if r == want)
-        return f"; {port} is the default {role} port, the {want} port is {wanted} by default"
-    return ""
-
-
-def _no_keys_advice() -> str:
-    if os.environ.get("MMN_INSECURE", "") not in ("", "0"):
-        return "$MMN_INSECURE is set, so this client sent no key; unset it and give the cluster's keys " \
-               "(--keys DIR or $MMN_KEYS_DIR)"
-    return ("this client has no keys (no --keys, no $MMN_KEYS_DIR, and no note of a local `mmn up` for this port): "
-            "pass --keys DIR (the keys directory `mmn up` prints) or set $MMN_KEYS_DIR")
-
-
-async def link_failure(exc: LinkFailed, addr: str, security: Any, what: str = "admin") -> Unreachable:
-    """The :class:`Unreachable` (its message with the fix) for a failed link.
-
-    A handshake the host closes without detail is ambiguous (a refused key,
-    CURVE against plain TCP, the events port): a probe with a SUB socket
-    (the events port lets it in) and, for a CURVE client, one in plain TCP
-    tell which.  Concurrency: awaits the probes (at most 2 s, in a thread).
-    """
-    head = f"no answer from the host at {addr}"
-    hint = port_hint(addr, what)
-    reason = exc.reason
-    if reason in ("handshake", "closed", "protocol") and what == "admin":
-        if await trio.to_thread.run_sync(handshake_probe, addr, zmq.SUB, security):
-            return Unreachable(f"{head}: this is an event port, not the admin port (a subscriber gets in; "
-                               f"`mmn watch --events ADDR` reads it){hint}", "not_admin")
-        if security is not None and await trio.to_thread.run_sync(handshake_probe, addr, zmq.DEALER, None):
-            reason = "mechanism"
-    if reason == "refused":
-        running = [str(r.get(what)) for r in live_up_records() if r.get(what)]
-        if running:
-            hint += f"; `mmn up` of yours runs here with {what} {', '.join(running)}"
-        return Unreachable(f"{head}: nothing listens there (connection refused); start a cluster (`mmn up`) "
-                           f"or name its {what} endpoint (--host ADDR or $MMN_HOST){hint}", "refused")
-    if reason == "mechanism" and security is not None:  # (a plain client: the host runs CURVE, below)
-        return Unreachable(f"{head}: it runs plain TCP and this client CURVE; set MMN_INSECURE=1 "
-                           f"for a cluster started with --insecure{hint}", "insecure")
-    if reason == "closed" and security is None:
-        return Unreachable(f"{head}: this is not an {what} port (the peer closed the connection in the "
-                           f"ZeroMQ handshake: its socket type takes no requests){hint}", "not_admin")
-    if reason == "protocol":
-        return Unreachable(f"{head}: the ZeroMQ handshake failed (protocol error {exc.value:#x}): "
-                           f"is this a mmnotify {what} port?{hint}", "not_admin")
-    # auth, handshake (closed under CURVE): the host closed the handshake on us
-    if security is None:
-        return Unreachable(f"{head}: the host refused this client: it runs CURVE and {_no_keys_advice()}{hint}",
-                           "key")
-    detail = f"ZAP status {exc.value}" if reason == "auth" else "the CURVE handshake failed"
-    return Unreachable(f"{head}: the host refused this client's key ({detail}); use that cluster's admin key "
-                       f"and host key (--keys DIR: DIR/admin/admin.key_secret and DIR/host/host.key, or "
-                       f"$MMN_KEYS_DIR){hint}", "key")
-
-
-async def admin_call(
-    addr: str,
-    command: str,
-    args: Mapping[str, Any],
-    *,
-    timeout: float,
-    security: Any = _FROM_ENV,
-    refused_grace: float | None = None,
-) -> dict[str, Any]:
-    """Send one admin request and wait for its reply.
-
-    Returns:
-        The reply's ``result``.
-    Raises:
-        Unreachable: no reply within ``timeout`` seconds (the DEALER is
-            ``IMMEDIATE``, so an absent host times out on the send too); at
-            once when the handshake fails (a refused key, no keys against
-            CURVE, CURVE against plain TCP, a port that takes no requests),
-            and after ``refused_grace`` seconds of refused connections (None:
-            wait for a host that may be starting).  Its message says which,
-            and the fix.
-        Failed: the host answered ``ok=False`` (its errno), a typed ``Error``
-            (it refused the request), or a reply that does not decode.
-    Concurrency: awaits; the client socket is private to this call and closed
-    before it returns, also when cancelled.
-
-    ``security``: a CURVE hook, None for plain TCP; by default
-    :func:`client_security` from the environment.
-    """
-    if security is _FROM_ENV:
-        security = client_security()
-    grace = None if refused_grace is None else min(refused_grace, timeout)
-    async with AdminClient(addr, security=security, diagnose=True, refused_grace=grace) as client:
-        request = AdminRequest(id=client.next_id(), command=command, args=dict(args))
-        try:
-            reply = await client.request(request, timeout)
-        except LinkFailed as exc:
-            raise await link_failure(exc, addr, security) from None
-        except trio.TooSlowError:
-            state = client.link.state if client.link is not None else ""
-            why = ""
-            if state == "ready":
-                why = f" (connected, but nothing came back: is this its admin port?{port_hint(addr)})"
-            raise Unreachable(f"no answer from the host at {addr} within {timeout:g}s{why}") from None
-        except ProtocolError as exc:
-            raise Failed("bad_message", f"malformed reply from the host: {exc.message}") from exc
-    if isinstance(reply, AdminReply):
-        if not reply.ok:
-            raise Failed(reply.errno, reply.error)
-        return dict(reply.result)
-    if isinstance(reply, Error):
-        if reply.code == "unregistered":  # the node channel: it wants a Register first
-            raise Unreachable(f"no answer from the host at {addr}: this is a node port, not the admin port (it "
-                              f"answered {reply.code}: {reply.message}){port_hint(addr)}", "not_admin")
-        raise Failed(reply.code, reply.message)
-    raise Failed("bad_message", f"the host answered {type(reply).TYPE!r} to an admin request")
-
-
-def _events_endpoint(published: str, admin: str) -> str:
-    """Where to SUBscribe: the host's event endpoint, with a wildcard bind
-    address replaced by the host part of the admin endpoint we reached."""
-    m = re.match(r"^tcp://(.*):(\d+)$", published)
-    if not m:
-        return published
-    bind_host = m.group(1)
-    if bind_host in ("*", "0.0.0.0", "::", "[::]", ""):
-        am = re.match(r"^tcp://(.*):(\d+)$", admin)
-        peer = am.group(1) if am else "127.0.0.1"
-        return f"tcp://{peer}:{m.group(2)}"
-    return published
-
-
-# --------------------------------------------------------------------------
-# output
-
-
-def _emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(render.jsonable(doc), separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
-def _emit(text: str) -> None:
-    sys.stdout.write(text.rstrip("\n") + "\n")
-    sys.stdout.flush()
-
-
-def _error(message: str) -> None:
-    sys.stderr.write(f"{PROG}: {' '.join(message.split())}\n")
-    sys.stderr.flush()
 
 
 # --------------------------------------------------------------------------
@@ -674,7 +229,6 @@ def _build_xpmem(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 # the parser
 
 
-_LOG_HELP = "DEBUG, INFO, WARNING or ERROR (default $MMN_LOG_LEVEL, else INFO)"
 _HOST_HELP = f"admin endpoint, tcp://HOST:PORT or HOST:PORT (default $MMN_HOST, else {DEFAULT_ADMIN})"
 _TIMEOUT_HELP = f"give up after S seconds (default $MMN_TIMEOUT, else {DEFAULT_TIMEOUT:g})"
 _KEYS_HELP = ("CURVE keys from `mmn keygen` (default $MMN_KEYS_DIR, else the note of a local `mmn up` "
@@ -728,29 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     from . import up as up_module
 
     p = subs.add_parser("host", help="run the host (primary MMU, notifier fan-out, admin API)")
-    _host_options(p)
-    p.set_defaults(handler=_run_host)
+    services.add_host_arguments(p)
+    p.set_defaults(handler=services.run_host)
 
     p = subs.add_parser("node", help="run one secondary-MMU node")
-    p.add_argument("--kind", choices=("kvm", "gru", "xpmem"), default=os.environ.get("MMN_KIND"),
-                   help="secondary MMU kind (default $MMN_KIND; required)")
-    p.add_argument("--name", type=node_name, default=None, help="unique node name (default $MMN_NAME, else KIND-6 random hex digits)")
-    p.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help=f"the host's node endpoint (default $MMN_HOST_ENDPOINT, else {DEFAULT_NODE_ENDPOINT})")
-    for flag, dest, env, kind, help in NODE_OPTIONS:
-        p.add_argument(flag, dest=dest, type=kind, default=None, help=f"{help} (${env})")
-    p.add_argument("--seed", type=number(0), default=None, help="seed of the injected failures' randomness (default: random)")
-    p.add_argument("--keys", dest="keys_dir", default=None, metavar="DIR",
-                   help="CURVE: nodes/NAME.key_secret (or nodes/KIND.key_secret) and host/host.key "
-                        "(default $MMN_KEYS_DIR; none: plain TCP)")
-    p.add_argument("--key", default=None, metavar="FILE", help="CURVE: this node's secret key file (default $MMN_NODE_KEY, else from --keys)")
-    p.add_argument("--host-key", default=None, metavar="FILE", help="CURVE: the host's public key file (default $MMN_HOST_KEY, else from --keys)")
-    p.add_argument("--insecure", action="store_true", default=None, help="plain TCP even with keys ($MMN_INSECURE=1)")
-    p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"), help=_LOG_HELP)
-    p.set_defaults(handler=_run_node)
+    services.add_node_arguments(p)
+    p.set_defaults(handler=services.run_node)
 
     p = subs.add_parser("up", help="host plus default nodes on this machine, with a live status view")
     up_module.add_arguments(p)
-    _host_options(p, service=False)
+    services.add_host_arguments(p, service=False)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="for scripts: one JSON ready line (endpoints, keys dir, pids, nodes) once every node is "
                         "live, no live view; with --once the status as one JSON document")
@@ -1043,7 +584,7 @@ def _security(ns: argparse.Namespace) -> Any:
 
 
 def _admin_endpoint(ns: argparse.Namespace) -> str:
-    return ns.host or _env_endpoint("MMN_HOST", DEFAULT_ADMIN)
+    return ns.host or env_endpoint("MMN_HOST", DEFAULT_ADMIN)
 
 
 def _timeout(ns: argparse.Namespace) -> float:
@@ -1081,9 +622,9 @@ def _run_control(ns: argparse.Namespace) -> int:
     result = trio.run(lambda: admin_call(addr, command, args, timeout=_timeout(ns), security=security,
                                          refused_grace=REFUSED_GRACE))
     if ns.json:
-        _emit_json(result)
+        render.emit_json(result)
     else:
-        _emit(ns.show(ns, result))
+        render.emit(ns.show(ns, result))
     return EXIT_OK
 
 
@@ -1099,7 +640,7 @@ def _show_event(event: Event) -> str:
 
 def _events_from(ns: argparse.Namespace) -> str | None:
     """``--events``, else ``$MMN_EVENTS``, else None (ask the host)."""
-    return ns.events or (_env_endpoint("MMN_EVENTS", "") or None)
+    return ns.events or (env_endpoint("MMN_EVENTS", "") or None)
 
 
 async def _watch(ns: argparse.Namespace) -> None:
@@ -1113,64 +654,40 @@ async def _watch(ns: argparse.Namespace) -> None:
     addr = _admin_endpoint(ns)
     events = _events_from(ns)
     if events is None:
-        status = await admin_call(addr, "status", {}, timeout=_timeout(ns), security=_security(ns),
-                                  refused_grace=REFUSED_GRACE)
-        published = ((status.get("host") or {}).get("endpoints") or {}).get("events")
-        if not isinstance(published, str) or not published:
-            raise Failed("ENOENT", "the host's status names no event endpoint")
-        events = _events_endpoint(published, addr)
+        events = await host_events_endpoint(addr, timeout=_timeout(ns), security=_security(ns),
+                                            refused_grace=REFUSED_GRACE)
         security = _security(ns)
     else:
         security = client_security(getattr(ns, "keys", None), endpoint=events)
-    limits = Limits()
-    sub, link = connect_monitored(zmq.SUB, events, security=security, refused_grace=REFUSED_GRACE)
-    try:
-        sub.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        try:
-            with trio.fail_after(_timeout(ns)):
-                await link.ready()
-        except trio.TooSlowError:
-            raise Unreachable(f"no answer from the host's event endpoint {events} within {_timeout(ns):g}s") from None
-        except LinkFailed as exc:
-            raise await link_failure(exc, events, security, "events") from None
+    async with subscribe_events(events, security=security, timeout=_timeout(ns),
+                                refused_grace=REFUSED_GRACE) as stream:
         if not ns.json:
             sys.stderr.write(f"{PROG}: watching {events} (Ctrl-C to stop)\n")
             sys.stderr.flush()
-        gone: list[LinkFailed] = []
+        gone: list[Unreachable] = []
         async with trio.open_nursery() as nursery:
 
             async def watch_link() -> None:
-                gone.append(await link.failure())  # the host went away for good
+                gone.append(await stream.gone())  # the host went away for good
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_link)
-            await _print_events(ns, sub, limits)
+            await _print_events(ns, stream)
             nursery.cancel_scope.cancel()
         if gone:
-            raise Unreachable(f"the host's event stream at {events} went away (nothing listens there any more)",
-                              "refused")
-    finally:
-        link.close()
-        sub.close()
+            raise gone[0]
 
 
-async def _print_events(ns: argparse.Namespace, sub: Any, limits: Limits) -> None:
+async def _print_events(ns: argparse.Namespace, stream: EventStream) -> None:
     seen = 0
     with trio.move_on_after(ns.seconds if ns.seconds is not None else math.inf):
         while ns.count is None or seen < ns.count:
-            frames = await sub.recv_multipart()
-            try:
-                event = decode(frames[-1], limits)
-            except ProtocolError as exc:
-                log.debug("undecodable event: %s", exc)
-                continue
-            if not isinstance(event, Event):
-                continue
+            event = await stream.receive()
             seen += 1
             if ns.json:
-                _emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
+                render.emit_json({"seq": event.seq, "kind": event.kind, "fields": event.fields})
             else:
-                _emit(_show_event(event))
+                render.emit(_show_event(event))
 
 
 def _run_keygen(ns: argparse.Namespace) -> int:
@@ -1181,12 +698,12 @@ def _run_keygen(ns: argparse.Namespace) -> int:
     except (KeyError_, OSError) as exc:
         raise UsageError(f"keygen: {exc}") from None
     if getattr(ns, "json", False):
-        _emit_json(result)
+        render.emit_json(result)
     else:
         for path in result["created"]:
-            _emit(f"created {path}")
+            render.emit(f"created {path}")
         for path in result["kept"]:
-            _emit(f"kept    {path}")
+            render.emit(f"kept    {path}")
     return EXIT_OK
 
 
@@ -1199,247 +716,6 @@ def _run_watch(ns: argparse.Namespace) -> int:
         if group.split(KeyboardInterrupt)[0] is None:
             raise
     return EXIT_OK
-
-
-# ---- services: mmn host / mmn node
-
-
-def _env(name: str, parse: Callable[[str], Any]) -> Any:
-    """``$name`` parsed with an argparse type, or None when unset."""
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        return parse(value)
-    except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"${name}: {exc}") from None
-
-
-#: ``mmn host`` options: (flag, HostConfig field, environment variable,
-#: argparse type, help).  ``HostConfig.from_env`` reads the variables; the
-#: flags override them.
-HOST_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
-    ("--bind", "bind", "MMN_BIND", str, "interface to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
-    ("--node-port", "node_port", "MMN_NODE_PORT", number(0, 65535), f"node ROUTER port (default {DEFAULT_NODE_PORT})"),
-    ("--admin-port", "admin_port", "MMN_ADMIN_PORT", number(0, 65535), f"admin ROUTER port (default {DEFAULT_ADMIN_PORT})"),
-    ("--events-port", "events_port", "MMN_EVENTS_PORT", number(0, 65535), f"event PUB port (default {DEFAULT_EVENTS_PORT})"),
-    ("--frames", "frames", "MMN_FRAMES", number(1), "physical page frames, in pages (default 65536)"),
-    ("--page-size", "page_size", "MMN_PAGE_SIZE", number(1), "page size in bytes (default 4096)"),
-    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms (default 500)"),
-    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "heartbeats a node may miss before it is fenced (default 6)"),
-    ("--ack-deadline-ms", "ack_deadline_ms", "MMN_ACK_DEADLINE_MS", number(1), "fence a node that acks later than this many ms (default 2000)"),
-    ("--command-timeout-ms", "command_timeout_ms", "MMN_COMMAND_TIMEOUT_MS", number(1), "deadline of a relayed node command in ms (default 10000)"),
-    ("--swap-path", "swap_path", "MMN_SWAP_PATH", str,
-     "swap file, truncated at start, mode 0600; a restart never reuses what is in it "
-     "(default: an unlinked temporary file)"),
-    ("--swap-slots", "swap_slots", "MMN_SWAP_SLOTS", number(1), "swap slots, in pages (default 65536)"),
-    ("--ksm-run", "ksm_run", "MMN_KSM_RUN", number(0, 2), "KSM run at start: 0 stop, 1 run, 2 unmerge (default 0)"),
-    ("--keys", "keys_dir", "MMN_KEYS_DIR", str, "CURVE on every socket, keys from `mmn keygen DIR` (default: none, plain TCP)"),
-    ("--server-key", "server_key", "MMN_SERVER_KEY", str, "CURVE: the host's secret key file (default DIR/host/host.key_secret of --keys)"),
-    ("--node-keys", "node_keys", "MMN_NODE_KEYS", str, "CURVE: directory of allowed node public keys (default DIR/nodes of --keys)"),
-    ("--admin-keys", "admin_keys", "MMN_ADMIN_KEYS", str, "CURVE: directory of allowed admin public keys (default DIR/admin of --keys)"),
-    ("--max-frame", "max_frame", "MMN_MAX_FRAME", number(1024), "bytes in one frame (default 4194304, 4 MiB)"),
-    ("--max-pages", "max_pages", "MMN_MAX_PAGES", number(1), "pages in one GUP request (default 512)"),
-    ("--max-range", "max_range", "MMN_MAX_RANGE", number(1), "bytes in one requested range (default 1073741824, 1 GiB)"),
-    ("--rate-limit", "max_rate", "MMN_RATE_LIMIT", number(0), "frames a second per peer, 0 = unlimited (default 20000)"),
-    ("--rate-burst", "rate_burst", "MMN_RATE_BURST", number(0), "frames of burst before the rate limit bites (default 0: one second's worth)"),
-)
-
-#: Host options ``mmn up`` does not take (it chooses ports from --port-base).
-_UP_SKIPS = ("node_port", "admin_port", "events_port")
-
-
-def _host_options(p: argparse.ArgumentParser, *, service: bool = True) -> None:
-    for flag, dest, env, kind, help in HOST_OPTIONS:
-        if not service and dest in _UP_SKIPS:
-            continue
-        p.add_argument(flag, dest=dest, type=kind, default=None, help=f"{help} (${env})")
-    p.add_argument(
-        "--wrap-change-pte",
-        action="store_true",
-        default=None,
-        help="wrap change_pte in start/end as kernels 3.7-6.9 did ($MMN_WRAP_CHANGE_PTE=1)",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="plain TCP, no CURVE, even if keys are configured ($MMN_INSECURE=1)",
-    )
-    if service:
-        p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"), help=_LOG_HELP)
-
-
-def _check_env(options: Sequence[tuple[str, str, str, Callable[[str], Any], str]]) -> None:
-    """Reject a malformed ``MMN_*`` variable as a usage error, before
-    ``from_env`` reads it."""
-    for _flag, _dest, env, kind, _help in options:
-        _env(env, kind)
-
-
-def host_overrides(ns: argparse.Namespace) -> dict[str, Any]:
-    """HostConfig fields given as flags (already checked); None = not given."""
-    out = {dest: getattr(ns, dest, None) for _f, dest, _e, _k, _h in HOST_OPTIONS}
-    out["wrap_change_pte"] = getattr(ns, "wrap_change_pte", None)
-    out["insecure"] = getattr(ns, "insecure", None)
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def host_config(ns: argparse.Namespace) -> Any:
-    """``broker.host.HostConfig.from_env(**flags)``: defaults, then ``MMN_*``
-    variables, then the command line.
-
-    Raises:
-        UsageError: a malformed variable.
-    """
-    from broker.host import HostConfig
-
-    _check_env(HOST_OPTIONS)
-    try:
-        config = HostConfig.from_env(**host_overrides(ns))
-        config.key_paths()  # all three CURVE paths or none
-        return config
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-#: ``mmn node`` options besides --kind/--name/--host.
-NODE_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
-    ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms until registered (default 500)"),
-    ("--liveness", "liveness", "MMN_LIVENESS", number(1), "host heartbeats missed before reconnecting (default 6)"),
-)
-
-
-def node_config(ns: argparse.Namespace) -> Any:
-    """``node.runtime.NodeConfig.from_env(**flags)``.
-
-    Raises:
-        UsageError: no kind, or a malformed variable.
-    """
-    from node.runtime import NodeConfig
-
-    kind = ns.kind or _env("MMN_KIND", str)
-    if kind not in ("kvm", "gru", "xpmem"):
-        raise UsageError("node: --kind kvm|gru|xpmem is required (or $MMN_KIND)")
-    _env("MMN_NAME", node_name)
-    _check_env(NODE_OPTIONS)
-    overrides: dict[str, Any] = {
-        "kind": kind,
-        "name": ns.name,
-        "host": ns.host or _env_endpoint("MMN_HOST_ENDPOINT", DEFAULT_NODE_ENDPOINT),
-        "seed": ns.seed,
-        "keys_dir": getattr(ns, "keys_dir", None),
-        "key": getattr(ns, "key", None),
-        "host_key": getattr(ns, "host_key", None),
-        "insecure": getattr(ns, "insecure", None),
-    }
-    for _flag, dest, _env_name, _kind, _help in NODE_OPTIONS:
-        overrides[dest] = getattr(ns, dest, None)
-    try:
-        return NodeConfig.from_env(**overrides)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.INFO),
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _die_with_parent() -> None:
-    """Under ``mmn up`` (``$MMN_PARENT_PID``): stop when the parent is gone, so
-    a SIGKILLed ``mmn up`` leaves no orphan behind.
-
-    Not ``PR_SET_PDEATHSIG``: that fires when the *thread* that forked us
-    exits, and trio's ``open_process`` forks from a worker thread that trio
-    retires after 10 s idle -- every child of ``mmn up`` got SIGTERM 10 s
-    after it started.  A daemon thread watches ``getppid()`` instead (we are
-    reparented when the parent dies) and sends us SIGTERM: the service stops
-    as on Ctrl-C.
-    """
-    parent = os.environ.get("MMN_PARENT_PID")
-    if not parent or not parent.isdigit():
-        return
-    parent_pid = int(parent)
-    if os.getppid() != parent_pid:  # the parent died before we looked
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-
-
-async def _cancel_on_signals(scope: trio.CancelScope, what: str) -> None:
-    """Cancel ``scope`` at the first SIGTERM or SIGINT (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # tests run services in worker threads: no signal handling there
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-        async for signum in received:
-            log.info("%s: %s, stopping", what, signal.Signals(signum).name)
-            scope.cancel()
-            return
-
-
-async def _serve(service: Callable[..., Any], config: Any, what: str) -> None:
-    """Run one service (``service(config, task_status=...)``) until it returns
-    or SIGTERM/SIGINT arrives, then cancel it: structured shutdown, each socket
-    closed by its owning task.
-
-    Concurrency: the service runs in an inner nursery; the signal watcher in
-    the outer one, cancelled once the service is over.
-    """
-    async with trio.open_nursery() as outer:
-        outer.start_soon(_cancel_on_signals, outer.cancel_scope, what)
-        async with trio.open_nursery() as inner:
-            started = await inner.start(service, config)
-            suffix = "" if started is None else f" {started}"
-            sys.stderr.write(f"{PROG} {what}: ready{suffix}\n")
-            sys.stderr.flush()
-        outer.cancel_scope.cancel()
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    """The first non-group exception inside ``exc`` (trio nurseries wrap)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _run_service(service: Callable[..., Any], config: Any, what: str) -> int:
-    try:
-        trio.run(_serve, service, config, what)
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:  # the service crashed: one line, a log record, exit 1
-        log.exception("%s crashed", what)
-        leaf = _first_leaf(exc)
-        _error(f"{what}: {type(leaf).__name__}: {leaf}")
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def _run_host(ns: argparse.Namespace) -> int:
-    config = host_config(ns)
-    _configure_logging(ns.log_level)
-    _die_with_parent()
-    from broker.host import run_host
-
-    return _run_service(run_host, config, "host")
-
-
-def _run_node(ns: argparse.Namespace) -> int:
-    config = node_config(ns)
-    _configure_logging(ns.log_level)
-    _die_with_parent()
-    from node.runtime import run_node
-
-    return _run_service(run_node, config, f"node {config.name}")
 
 
 # --------------------------------------------------------------------------
@@ -1465,17 +741,17 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return ns.handler(ns)
     except UsageError as exc:
-        _error(f"usage: {exc}")
+        render.error(f"usage: {exc}")
         return EXIT_USAGE
     except Failed as exc:
         if getattr(ns, "json", False):
-            _emit_json({"ok": False, "errno": exc.errno, "error": exc.message})
-        _error(str(exc))
+            render.emit_json({"ok": False, "errno": exc.errno, "error": exc.message})
+        render.error(str(exc))
         return EXIT_FAILED
     except Unreachable as exc:
         if getattr(ns, "json", False):
-            _emit_json({"ok": False, "errno": "unreachable", "reason": exc.reason, "error": str(exc)})
-        _error(f"unreachable: {exc}")
+            render.emit_json({"ok": False, "errno": "unreachable", "reason": exc.reason, "error": str(exc)})
+        render.error(f"unreachable: {exc}")
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

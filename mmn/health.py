@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from .cli import DEFAULT_ADMIN, Failed, Unreachable, admin_call
+from .client import DEFAULT_ADMIN, Failed, Unreachable, admin_call
 
 
 def node_state(status: dict[str, Any], name: str) -> str | None:

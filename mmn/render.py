@@ -9,6 +9,8 @@ write (bytes become hex strings).
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -310,3 +312,30 @@ def live_view(
         return lines + extra
     shown = extra[: max(0, room - 1)]
     return [*lines, *shown, clip(f"(+{len(extra) - len(shown)} lines: mmn status shows everything)", width)]
+
+
+# --------------------------------------------------------------------------
+# output: what every command prints goes through these
+
+
+#: The command's name, at the head of every error line.
+PROG = "mmn"
+
+
+def emit_json(doc: Any) -> None:
+    """One JSON document on a line of stdout (bytes as hex)."""
+    sys.stdout.write(json.dumps(jsonable(doc), separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def emit(text: str) -> None:
+    """Text for people on stdout, ending with one newline."""
+    sys.stdout.write(text.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+def error(message: str) -> None:
+    """One line on stderr: ``mmn: MESSAGE`` (whitespace folded)."""
+    sys.stderr.write(f"{PROG}: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+

@@ -6,7 +6,7 @@ What it does::
     schedule = plan(seed, ops, nodes, faults)      pure: random.Random(seed) only
     cluster  = start host + nodes (or --host ADDR)  real processes, loopback
     for group in schedule:                          1-3 ops at once, some injections
-        run them concurrently over the admin API    (one AdminClient per lane)
+        run them concurrently over the admin API    (one mmn.client.AdminClient per lane)
         check every result against the shadow      bytes per (mm, page)
     heal everything, wait for every node, read every page back
     report                                          non-zero exit on any violation
@@ -67,7 +67,6 @@ import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +76,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from .supervisor import Child, free_ports, signal_group, spawn, stop_all
 
 log = logging.getLogger(__name__)
 
@@ -464,14 +465,12 @@ def node_names(n: int) -> list[tuple[str, str]]:
 
 
 class Cluster:
-    """A host and nodes as child processes on loopback; crashed nodes are
-    started again (as ``mmn up --restart`` would)."""
+    """A host and nodes as child processes on loopback (:mod:`mmn.supervisor`);
+    crashed nodes are started again (as ``mmn up --restart`` would)."""
 
     def __init__(self, nodes: list[tuple[str, str]], *, seed: int = 0, logs: Path | None = None,
                  host_options: dict[str, int] | None = None, node_env: dict[str, str] | None = None,
                  restart: bool = True, host_args: list[str] | None = None) -> None:
-        from .up import free_ports
-
         self.nodes = nodes
         self.seed = seed
         self.logs = logs or Path(tempfile.mkdtemp(prefix="mmn-soak-"))
@@ -483,7 +482,8 @@ class Cluster:
         self.ports = free_ports(3)
         self.admin = f"tcp://127.0.0.1:{self.ports[1]}"
         self.node_endpoint = f"tcp://127.0.0.1:{self.ports[0]}"
-        self.procs: dict[str, trio.Process] = {}
+        #: name -> its child process (the host's is "host")
+        self.children: dict[str, Child] = {}
         #: name -> trio clock when its current process was started
         self.spawned: dict[str, float] = {}
         self.restarts = 0
@@ -493,23 +493,19 @@ class Cluster:
         self.restart = restart
         self._index = {name: (i, kind) for i, (name, kind) in enumerate(nodes)}
 
-    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        env["MMN_PARENT_PID"] = str(os.getpid())
-        env.pop("MMN_KEYS_DIR", None)  # a soak's own cluster runs on loopback, plain
-        env.setdefault("MMN_LOG_LEVEL", "WARNING")
-        env.update(extra or {})
-        return env
+    @property
+    def procs(self) -> dict[str, trio.Process]:
+        """name -> its current process."""
+        return {name: c.process for name, c in self.children.items() if c.process is not None}
 
     async def _spawn(self, name: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
         self.spawned[name] = trio.current_time()
-        with open(self.logs / f"{name}.log", "ab") as out:
-            self.procs[name] = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "mmn", *argv], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, env=self._env(extra), process_group=0,
-            )
+        child = self.children.setdefault(name, Child(name, [], self.logs / f"{name}.log"))
+        child.argv = [sys.executable, "-m", "mmn", *argv]
+        # a soak's own cluster runs on loopback, plain
+        child.env = {"MMN_KEYS_DIR": None, "MMN_LOG_LEVEL": os.environ.get("MMN_LOG_LEVEL", "WARNING"),
+                     **(extra or {})}
+        await spawn(child)
 
     def host_argv(self) -> list[str]:
         o = self.host_options
@@ -564,20 +560,16 @@ class Cluster:
                 await trio.sleep(0.1)
 
     def kill(self, name: str, sig: int = 9) -> None:
-        proc = self.procs.get(name)
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
+        """Signal the process group of ``name``, if its process is alive."""
+        child = self.children.get(name)
+        if child is not None and child.alive:
+            signal_group(child, sig)
 
     async def stop(self) -> None:
+        """Stop every process (SIGTERM, SIGKILL after 3 s), reaped; also when cancelled."""
         self.stopping = True
-        for name in list(self.procs):
-            self.kill(name, 15)
-        with trio.move_on_after(3):
-            for proc in self.procs.values():
-                await proc.wait()
-        for name in list(self.procs):
-            self.kill(name, 9)
+        with trio.CancelScope(shield=True):
+            await stop_all(list(self.children.values()), grace=3)
 
 
 # --------------------------------------------------------------------------
@@ -701,7 +693,7 @@ class Soak:
 
     # -- running
     async def run(self) -> None:
-        from transport import AdminClient
+        from .client import AdminClient
 
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(STATUS_LANE + 1):
@@ -1244,7 +1236,7 @@ def segments(op: dict[str, Any], ps: int) -> list[tuple[int, int, int, int]]:
 
 
 async def _status(admin: str, security: Any, timeout: float) -> dict[str, Any] | None:
-    from transport import AdminClient
+    from .client import AdminClient
 
     try:
         async with AdminClient(admin, security=security) as c:
@@ -1276,7 +1268,7 @@ async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | 
                 await cluster.stop()
                 raise
         else:
-            from .cli import client_security
+            from .client import client_security
 
             admin = host
             security = client_security(keys)

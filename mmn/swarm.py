@@ -34,6 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import render
+from .client import EXIT_OK, Failed, UsageError
+
 DEFAULT_PREFIX = "mmn"
 #: The key files of a ``mmn keygen`` directory that the stack uses, in order.
 KINDS = ("kvm", "gru", "xpmem")
@@ -179,8 +182,6 @@ def add_parser(subs: Any) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from .cli import EXIT_OK, Failed, UsageError, _emit, _emit_json
-
     docker = Docker([ns.docker])
     keys = getattr(ns, "keys", None) if not ns.remove else None
     try:
@@ -192,12 +193,12 @@ def run(ns: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"swarm-secrets: {exc}") from None
     if getattr(ns, "json", False):
-        _emit_json(result)
+        render.emit_json(result)
     else:
         for key in ("created", "kept", "removed"):
             for name in result.get(key, []):
-                _emit(f"{key:<8}{name}")
+                render.emit(f"{key:<8}{name}")
         if result.get("created") and not result.get("keys"):
-            _emit("the keys exist only as these secrets (and in the host task): "
+            render.emit("the keys exist only as these secrets (and in the host task): "
                   "mmn status through docker exec into it")
     return EXIT_OK

@@ -16,7 +16,7 @@ Process lifetimes::
     Ctrl-C / SIGTERM -> SIGTERM to every group -> grace -> SIGKILL -> reaped
 
 Children get ``MMN_PARENT_PID`` and stop when ``up`` is gone, even if it is
-SIGKILLed (they watch ``getppid()``, see ``mmn.cli._die_with_parent``).
+SIGKILLed (they watch ``getppid()``, see :mod:`mmn.supervisor`).
 
 Security: every socket is CURVE by default.  ``up`` writes the key pairs
 (``mmn keygen``: the host's, an operator's, one per node) to ``LOGS/keys``, or
@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -60,7 +59,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,26 +69,25 @@ import trio
 from transport.curve import KeyError_, keygen
 
 from . import render
-from .cli import (
+from .args import number, seconds
+from .render import PROG
+from .services import HOST_OPTIONS
+from .supervisor import Child, child_env, free_ports, kill_leftovers, signal_group, spawn, stop_all
+from .client import (
     DEFAULT_NODE_PORT,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
-    HOST_OPTIONS,
-    PROG,
     Failed,
     Unreachable,
     UsageError,
     admin_call,
     client_security,
     live_up_records,
-    number,
     read_up_record,
-    seconds,
-    up_record_path,
+    remove_up_record,
+    write_up_record,
 )
-
-logger = logging.getLogger(__name__)
 
 KINDS = ("kvm", "gru", "xpmem")
 
@@ -154,21 +152,6 @@ class Plan:
         return f"tcp://{self.connect_host}:{self.ports[0]}"
 
 
-def free_ports(n: int, bind: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports the OS reports free right now (racy by nature:
-    another process may take one before the host binds it)."""
-    held = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((bind if bind not in _WILDCARDS else "127.0.0.1", 0))
-            held.append(s)
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
-
-
 def make_plan(ns: argparse.Namespace) -> Plan:
     bind = ns.bind or os.environ.get("MMN_BIND") or "127.0.0.1"
     if ns.port_base == 0:
@@ -207,100 +190,6 @@ def _keys(ns: argparse.Namespace, nodes: list[tuple[str, str]], logs: Path) -> s
     except (KeyError_, OSError) as exc:
         raise UsageError(f"keys {keys}: {exc}") from None
     return keys
-
-
-# --------------------------------------------------------------------------
-# children
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    log_path: Path
-    process: trio.Process | None = None
-    exits: list[int] = field(default_factory=list)
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    def describe(self) -> str:
-        if self.process is None:
-            return f"{self.name}: not started"
-        if self.alive:
-            return f"{self.name}: pid {self.process.pid}"
-        return f"{self.name}: exited {self.process.returncode}"
-
-    def tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["MMN_PARENT_PID"] = str(os.getpid())
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-async def _spawn(child: Child) -> None:
-    """Start ``child`` in its own process group, output to its log file."""
-    with open(child.log_path, "ab") as log_file:
-        child.process = await trio.lowlevel.open_process(
-            child.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=_child_env(),
-            process_group=0,
-        )
-
-
-def _signal_group(child: Child, signum: int) -> None:
-    """Signal the child's whole process group -- also after the leader has
-    exited, so a grandchild it left behind goes too.  (Linux does not reuse a
-    pid while a process group of that id exists.)"""
-    proc = child.process
-    if proc is None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signum)
-
-
-async def stop_all(children: list[Child], grace: float) -> None:
-    """SIGTERM every live child's process group, SIGKILL what is left after
-    ``grace`` seconds, reap them all.
-
-    Concurrency: awaits at most ``grace`` + 2 seconds; call it shielded.
-    """
-    for child in children:
-        if child.alive:
-            _signal_group(child, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        for child in children:
-            if child.process is not None:
-                await child.process.wait()
-    for child in children:
-        _signal_group(child, signal.SIGKILL)
-    with trio.move_on_after(2):
-        for child in children:
-            if child.process is not None:
-                await child.process.wait()
-
-
-def _kill_leftovers(children: list[Child]) -> None:
-    """Last resort, outside trio: SIGKILL any group still alive."""
-    for child in children:
-        _signal_group(child, signal.SIGKILL)
-        if child.process is not None:
-            with contextlib.suppress(Exception):
-                child.process.poll()
 
 
 # --------------------------------------------------------------------------
@@ -411,13 +300,13 @@ async def _watch_children(
         while True:
             assert child.process is not None
             code = await child.process.wait()
-            _signal_group(child, signal.SIGKILL)  # whatever it left in its group goes with it
+            signal_group(child, signal.SIGKILL)  # whatever it left in its group goes with it
             child.exits.append(code)
             notes.append(f"{child.name} exited with status {code}")
             if not restart:
                 return
             await trio.sleep(1.0)  # do not spin on a node that dies at once
-            await _spawn(child)
+            await spawn(child)
             notes.append(f"{child.name} restarted (pid {child.process.pid})")
 
     async with trio.open_nursery() as nursery:
@@ -498,11 +387,11 @@ async def _start_and_show(
     as_json = getattr(ns, "json", False)
     if not as_json:
         _say(f"starting host ({plan.admin}) and {len(nodes)} nodes; logs in {plan.logs}")
-    await _spawn(host)
+    await spawn(host)
     deadline = trio.current_time() + ns.timeout
     await _wait_for_host(plan, host, deadline)
     for child in nodes:
-        await _spawn(child)
+        await spawn(child)
     nursery.start_soon(_watch_children, plan, host, nodes, ns.restart, notes, everything)
     want = {c.name for c in nodes}
     status = await _wait_for_nodes(plan, host, want, deadline)
@@ -650,9 +539,9 @@ def run(ns: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         orphaned.set()
-        _kill_leftovers(children)
+        kill_leftovers(children)
         if record is not None:
-            _remove_own_record(record)
+            remove_up_record(record)
 
 
 def _stop_with_parent() -> threading.Event:
@@ -682,40 +571,17 @@ def _stop_with_parent() -> threading.Event:
     return done
 
 
-def _remove_own_record(path: Path) -> None:
-    """Remove the note at ``path`` only if it is this process's."""
-    try:
-        if json.loads(path.read_text()).get("pid") != os.getpid():
-            return
-        path.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
 def _leave_keys_for_the_cli(plan: Plan) -> Path | None:
     """Tell the CLI of a second terminal where this cluster is and where its
     keys are, so ``mmn status`` against this admin port works with no flag
-    (:func:`mmn.cli.up_keys_for`), and ``mmn down`` finds it.  Never replaces
+    (:func:`mmn.client.up_keys_for`), and ``mmn down`` finds it.  Never replaces
     the note of another live ``mmn up``."""
-    path = up_record_path(plan.ports[1])
-    other = read_up_record(plan.ports[1])
-    if other is not None and other.get("pid") != os.getpid():
-        logger.warning("%s belongs to mmn up pid %s; not replacing it", path, other.get("pid"))
-        return None
-    try:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({
-            "pid": os.getpid(),
-            "keys": None if plan.keys is None else str(Path(plan.keys).resolve()),
-            "admin": plan.admin,
-            "ports": {"node": plan.ports[0], "admin": plan.ports[1], "events": plan.ports[2]},
-            "logs": str(plan.logs),
-        }))
-        os.replace(tmp, path)
-    except OSError as exc:
-        logger.warning("cannot record the keys for the CLI at %s: %s", path, exc)
-        return None
-    return path
+    return write_up_record(plan.ports[1], {
+        "keys": None if plan.keys is None else str(Path(plan.keys).resolve()),
+        "admin": plan.admin,
+        "ports": {"node": plan.ports[0], "admin": plan.ports[1], "events": plan.ports[2]},
+        "logs": str(plan.logs),
+    })
 
 
 # --------------------------------------------------------------------------
@@ -733,7 +599,7 @@ def _detach(ns: argparse.Namespace) -> int:
         raise UsageError(f"--logs {logs}: {exc.strerror}") from None
     argv = [a for a in getattr(ns, "argv", None) or sys.argv[1:] if a != "--detach"]
     argv = [*argv, "--json", "--detached-child", "--logs", str(logs)]
-    env = {k: v for k, v in _child_env().items() if k != "MMN_PARENT_PID"}
+    env = child_env({"MMN_PARENT_PID": None})
     env[_DETACHED_ENV] = "1"
     log_path = logs / "up.log"
     with open(log_path, "ab") as log_file:

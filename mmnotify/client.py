@@ -34,10 +34,17 @@ from typing import Any, TypeVar
 
 import trio
 
-from mmn.cli import DEFAULT_ADMIN, Failed, Unreachable, _events_endpoint, admin_call, client_security, endpoint
-from protocol.codec import decode
-from protocol.errors import ProtocolError
-from protocol.limits import Limits
+from mmn.client import (
+    BadEndpoint,
+    Failed,
+    Unreachable,
+    UsageError,
+    admin_call,
+    admin_endpoint,
+    client_security,
+    events_endpoint,
+    subscribe_events,
+)
 from protocol.messages import Event
 from protocol.types import Errno, KernelError
 
@@ -355,37 +362,17 @@ class Client:
             Unreachable: the event endpoint does not complete its handshake
                 within ``timeout`` (default: the client's).
         """
-        from transport.zsock import LinkFailed, connect_monitored
-
-        import zmq
-
         if not self.admin:
             raise ClientError("unsupported", "this client has no event stream (an in-process cluster)")
         published = (await self.status()).endpoints.get("events")
         if not published:
             raise KernelError(Errno.ENOENT, "the host's status names no event endpoint")
-        where = _events_endpoint(published, self.admin)
-        sub, link = connect_monitored(zmq.SUB, where, security=self._security, refused_grace=1.0)
-        try:
-            sub.socket.setsockopt(zmq.SUBSCRIBE, b"")
-            try:
-                with trio.fail_after(self.timeout if timeout is None else timeout):
-                    await link.ready()
-            except (trio.TooSlowError, LinkFailed) as exc:
-                raise Unreachable(f"no event stream at {where}: {exc or 'timeout'}") from None
+        where = events_endpoint(published, self.admin)
+        async with subscribe_events(where, security=self._security,
+                                    timeout=self.timeout if timeout is None else timeout) as stream:
             await trio.sleep(0.1)  # PUB/SUB: the subscription reaches the host after the handshake
-            limits = Limits()
-            while True:
-                frames = await sub.recv_multipart()
-                try:
-                    event = decode(frames[-1], limits)
-                except ProtocolError:
-                    continue
-                if isinstance(event, Event):
-                    yield event
-        finally:
-            link.close()
-            sub.close()
+            async for event in stream:
+                yield event
 
 
 def _where(host: str | None, keys: str | None) -> tuple[str, Any]:
@@ -394,15 +381,10 @@ def _where(host: str | None, keys: str | None) -> tuple[str, Any]:
     Raises:
         ValueError: a bad endpoint, or key files missing or malformed.
     """
-    import argparse
-    import os
-
-    from mmn.cli import UsageError
-
     try:
-        addr = endpoint(host or os.environ.get("MMN_HOST") or DEFAULT_ADMIN)
+        addr = admin_endpoint(host)
         return addr, client_security(keys, endpoint=addr)
-    except (argparse.ArgumentTypeError, UsageError) as exc:
+    except (BadEndpoint, UsageError) as exc:
         raise ValueError(str(exc)) from None
 
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from mmn import bench
+from benchmarks import suite
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def _finite(x: object) -> bool:
 
 
 def test_every_figure_has_a_ratio(doc: dict) -> None:
-    plan = bench.Plan.quick()
+    plan = suite.Plan.quick()
     assert [r["k"] for r in doc["invalidate"]["inline"]] == list(plan.ks)
     assert [r["k"] for r in doc["invalidate"]["xpmem"]] == list(plan.xpmem_ks)
     for rows in doc["invalidate"].values():
@@ -61,7 +61,7 @@ def test_every_figure_has_a_ratio(doc: dict) -> None:
 
 
 def test_table_renders_every_figure(doc: dict) -> None:
-    text = bench.table(doc)
+    text = suite.table(doc)
     for row in doc["figures"]:
         assert row["figure"] in text
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from mmn import bench
+from benchmarks import suite
 from mmn.cli import main
 
 
 def doc_with(inv_ratio: float = 1.2, ksm_ratio: float = 0.8, messages: int = 4) -> dict[str, Any]:
-    """A whole bench document with the given figures (the shape bench.run returns)."""
+    """A whole bench document with the given figures (the shape suite.run returns)."""
     inv = {"k": 1, "p50_us": 100.0, "p99_us": 200.0, "floor_p50_us": 100 / inv_ratio, "floor_p99_us": 200 / inv_ratio,
            "p50_ratio": inv_ratio, "p99_ratio": inv_ratio}
     doc: dict[str, Any] = {
@@ -30,7 +30,7 @@ def doc_with(inv_ratio: float = 1.2, ksm_ratio: float = 0.8, messages: int = 4) 
         "scale": {"nodes": 64, "invalidate": inv | {"k": 64}, "heartbeat": {"host_cpu_pct": 2.0, "floor_cpu_pct": 1.0,
                                                                              "ratio": 2.0}},
     }
-    doc["figures"] = list(bench.figures(doc))
+    doc["figures"] = list(suite.figures(doc))
     return doc
 
 
@@ -43,7 +43,7 @@ def test_every_goal_held() -> None:
     assert m["invalidate inline K=1 p50"] == "held" and m["ksm scan (64 pages x 2)"] == "held"
     assert m["munmap 1 GiB, 1 populated, 2 nodes (4 msgs)"] == "held"
     assert m["fault kvm single (1 p, 1 in flight)"] == ""  # no goal: no mark
-    assert bench.short_of_goals(doc_with()) == []
+    assert suite.short_of_goals(doc_with()) == []
 
 
 @pytest.mark.parametrize(
@@ -57,8 +57,8 @@ def test_every_goal_held() -> None:
 def test_a_missed_goal_is_short(kwargs: dict[str, Any], short: str) -> None:
     doc = doc_with(**kwargs)
     assert marks(doc)[short] == "short"
-    assert short in [r["figure"] for r in bench.short_of_goals(doc)]
-    assert "short" in bench.table(doc) and "held" not in bench.table(doc).split(short)[1].splitlines()[0]
+    assert short in [r["figure"] for r in suite.short_of_goals(doc)]
+    assert "short" in suite.table(doc) and "held" not in suite.table(doc).split(short)[1].splitlines()[0]
 
 
 def test_the_limit_itself_holds() -> None:
@@ -66,8 +66,8 @@ def test_the_limit_itself_holds() -> None:
 
 
 def test_an_unmeasured_figure_is_short() -> None:
-    assert bench.mark({"ratio": float("nan"), "check": {"of": "ratio", "op": "<=", "limit": 1.5}}) == "short"
-    assert bench.mark({"ratio": 1.0}) == ""
+    assert suite.mark({"ratio": float("nan"), "check": {"of": "ratio", "op": "<=", "limit": 1.5}}) == "short"
+    assert suite.mark({"ratio": 1.0}) == ""
 
 
 @pytest.mark.parametrize(("kwargs", "code"), [({}, 0), ({"inv_ratio": 3.0}, 1), ({"ksm_ratio": 0.1}, 1)])
@@ -75,7 +75,7 @@ def test_check_exit_status_follows_the_marks(
     kwargs: dict[str, Any], code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     doc = doc_with(**kwargs)
-    monkeypatch.setattr(bench, "run", lambda plan, progress=True: doc)
+    monkeypatch.setattr(suite, "run", lambda plan, progress=True: doc)
     assert main(["bench", "--quick", "--no-progress", "--check", "--json"]) == code
     out, err = capsys.readouterr()
     assert [r.get("mark", "") for r in json.loads(out)["figures"]] == [r.get("mark", "") for r in doc["figures"]]

@@ -30,7 +30,7 @@ import pytest
 import trio
 import zmq
 
-from mmn import cli, render, up
+from mmn import args, cli, client, render, services, supervisor, up
 from mmn.cli import main
 from protocol.admin import check_admin
 from protocol.codec import decode, encode
@@ -470,7 +470,7 @@ def no_client(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             attempts.append(endpoint)
             raise AssertionError("a usage error must not reach the host")
 
-    monkeypatch.setattr(cli, "AdminClient", Refuse)
+    monkeypatch.setattr(client, "AdminClient", Refuse)
     monkeypatch.setattr(up, "make_plan", lambda ns: pytest.fail("up must not start"))
     return attempts
 
@@ -506,7 +506,7 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     ("text", "value"), [("0", 0), ("4096", 4096), ("0x1000", 4096), ("0X1000", 4096), ("1_000", 1000), ("0x7fff_ffff_f000", 0x7FFFFFFFF000)]
 )
 def test_addresses_accept_decimal_and_hex(text: str, value: int) -> None:
-    assert cli.address(text) == value
+    assert args.address(text) == value
 
 
 def test_every_admin_command_has_a_cli_command() -> None:
@@ -601,9 +601,9 @@ async def test_watch_ends_with_an_error_when_the_stream_goes_away(
 
 
 def test_events_endpoint_replaces_wildcard_bind() -> None:
-    assert cli._events_endpoint("tcp://0.0.0.0:7783", "tcp://10.0.0.5:7782") == "tcp://10.0.0.5:7783"
-    assert cli._events_endpoint("tcp://*:7783", "tcp://h:7782") == "tcp://h:7783"
-    assert cli._events_endpoint("tcp://127.0.0.1:7783", "tcp://h:7782") == "tcp://127.0.0.1:7783"
+    assert client.events_endpoint("tcp://0.0.0.0:7783", "tcp://10.0.0.5:7782") == "tcp://10.0.0.5:7783"
+    assert client.events_endpoint("tcp://*:7783", "tcp://h:7782") == "tcp://h:7783"
+    assert client.events_endpoint("tcp://127.0.0.1:7783", "tcp://h:7782") == "tcp://127.0.0.1:7783"
 
 
 # --------------------------------------------------------------------------
@@ -618,7 +618,7 @@ def test_host_config_from_flags_over_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MMN_PAGE_SIZE", "8192")
     monkeypatch.setenv("MMN_FRAMES", "64")
     monkeypatch.setenv("MMN_WRAP_CHANGE_PTE", "1")
-    config = cli.host_config(_parse("host", "--frames", "128", "--ack-deadline-ms", "50", "--admin-port", "0"))
+    config = services.host_config(_parse("host", "--frames", "128", "--ack-deadline-ms", "50", "--admin-port", "0"))
     assert (config.frames, config.page_size, config.ack_deadline_ms, config.admin_port) == (128, 8192, 50, 0)
     assert config.wrap_change_pte is True
     assert config.node_port == 7781  # the host's own default
@@ -629,9 +629,9 @@ def test_node_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMN_NAME", "g1")
     monkeypatch.setenv("MMN_HOST_ENDPOINT", "hostbox:7781")
     monkeypatch.setenv("MMN_HEARTBEAT_MS", "250")
-    config = cli.node_config(_parse("node"))
+    config = services.node_config(_parse("node"))
     assert (config.kind, config.name, config.host, config.heartbeat_ms) == ("gru", "g1", "tcp://hostbox:7781", 250)
-    config = cli.node_config(_parse("node", "--kind", "xpmem", "--name", "x9", "--host", "tcp://h:1"))
+    config = services.node_config(_parse("node", "--kind", "xpmem", "--name", "x9", "--host", "tcp://h:1"))
     assert (config.kind, config.name, config.host) == ("xpmem", "x9", "tcp://h:1")
 
 
@@ -743,7 +743,7 @@ class _Stream(io.StringIO):
 
 def test_up_view_redraws_on_a_tty_and_prints_changes_otherwise(tmp_path: Path) -> None:
     plan = up.make_plan(_parse("up", "--port-base", "9000", "--logs", str(tmp_path)))
-    children = [up.Child("host", ["true"], tmp_path / "host.log")]
+    children = [supervisor.Child("host", ["true"], tmp_path / "host.log")]
     tty = _Stream(tty=True)
     view = up.View(plan, children, tty)
     view.show(status_result())
@@ -791,7 +791,7 @@ def test_up_view_fits_80x24_with_the_essentials_first(
         monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError: the plain fallback
         monkeypatch.setitem(sys.modules, "rich.console", None)
     plan = up.make_plan(_parse("up", "--port-base", "9000", "--logs", str(tmp_path)))
-    children = [up.Child(n, ["true"], tmp_path / f"{n}.log") for n in ("host", "kvm0", "gru0", "xpmem0")]
+    children = [supervisor.Child(n, ["true"], tmp_path / f"{n}.log") for n in ("host", "kvm0", "gru0", "xpmem0")]
     tty = _Stream(tty=True)
     view = up.View(plan, children, tty, size=lambda: os.terminal_size((80, 24)))
     if not rich:
@@ -837,17 +837,17 @@ def _group_alive(pgid: int) -> bool:
 
 
 async def test_stop_all_kills_every_process_group(tmp_path: Path) -> None:
-    polite = up.Child("polite", ["sh", "-c", "sleep 60 & wait"], tmp_path / "polite.log")
-    stubborn = up.Child("stubborn", ["sh", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"], tmp_path / "stubborn.log")
+    polite = supervisor.Child("polite", ["sh", "-c", "sleep 60 & wait"], tmp_path / "polite.log")
+    stubborn = supervisor.Child("stubborn", ["sh", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"], tmp_path / "stubborn.log")
     children = [polite, stubborn]
     for child in children:
-        await up._spawn(child)
+        await supervisor.spawn(child)
         assert child.process is not None
         assert os.getpgid(child.process.pid) == child.process.pid  # its own group
     await trio.sleep(0.2)  # let the shells start their sleeps
     started = time.monotonic()
     with trio.fail_after(10):
-        await up.stop_all(children, grace=0.5)
+        await supervisor.stop_all(children, grace=0.5)
     assert time.monotonic() - started < 5
     for child in children:
         assert child.process is not None and child.process.returncode is not None
@@ -1126,7 +1126,7 @@ def test_a_second_terminal_reaches_mmn_up_with_curve_and_no_flags(
     proc = _start_up(tmp_path)
     try:
         _wait_for_line(proc, "xpmem0:live")  # the first status line means everything is up
-        records = [p for p in cli.up_record_path(0).parent.glob(f"mmnotify-{os.getuid()}-up-*.json")
+        records = [p for p in client.up_record_path(0).parent.glob(f"mmnotify-{os.getuid()}-up-*.json")
                    if json.loads(p.read_text()).get("pid") == proc.pid]
         assert len(records) == 1, records
         record = records[0]
@@ -1201,7 +1201,7 @@ def test_busy_ports_fail_fast_in_one_line_naming_the_mmn_up(
     try:
         held.bind(("127.0.0.1", base + 1))
         held.listen()
-        note = cli.up_record_path(base + 1)
+        note = client.up_record_path(base + 1)
         note.write_text(json.dumps({"pid": holder.pid, "keys": None, "admin": f"tcp://127.0.0.1:{base + 1}"}))
         started = time.monotonic()
         logs = tmp_path / "logs"
@@ -1224,12 +1224,12 @@ def test_busy_ports_fail_fast_in_one_line_naming_the_mmn_up(
 def test_a_note_is_removed_only_by_its_own_mmn_up(runtime_dir: Path) -> None:
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        note = cli.up_record_path(12345)
+        note = client.up_record_path(12345)
         note.write_text(json.dumps({"pid": other.pid, "keys": "/elsewhere"}))
-        up._remove_own_record(note)
+        client.remove_up_record(note)
         assert note.exists()
         note.write_text(json.dumps({"pid": os.getpid(), "keys": "/ours"}))
-        up._remove_own_record(note)
+        client.remove_up_record(note)
         assert not note.exists()
     finally:
         other.kill()
@@ -1247,7 +1247,7 @@ def test_up_json_prints_one_ready_line_once_every_node_is_live(
         assert all(_alive(n["pid"]) for n in doc["nodes"]) and _alive(doc["host"]["pid"])
         assert doc["admin"].startswith("tcp://127.0.0.1:") and doc["events"].startswith("tcp://127.0.0.1:")
         assert doc["keys"] is None and doc["logs"] == str(tmp_path)  # the stand-in runs plain TCP
-        note = json.loads(cli.up_record_path(int(doc["admin"].rsplit(":", 1)[1])).read_text())
+        note = json.loads(client.up_record_path(int(doc["admin"].rsplit(":", 1)[1])).read_text())
         assert note["pid"] == proc.pid and note["ports"]["events"] == int(doc["events"].rsplit(":", 1)[1])
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
@@ -1293,15 +1293,15 @@ async def test_ctrl_c_inside_startup_is_no_traceback(
     """A Ctrl-C that lands in a trio task while up starts (before its signal
     watcher runs) comes out of the nursery wrapped in a group: still no
     traceback, and the host already started is stopped."""
-    spawned: list[up.Child] = []
-    real_spawn = up._spawn
+    spawned: list[supervisor.Child] = []
+    real_spawn = up.spawn
 
-    async def spawn_then_interrupt(child: up.Child) -> None:
+    async def spawn_then_interrupt(child: supervisor.Child) -> None:
         await real_spawn(child)
         spawned.append(child)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(up, "_spawn", spawn_then_interrupt)
+    monkeypatch.setattr(up, "spawn", spawn_then_interrupt)
     assert await mmn("up", "--port-base", "0", "--logs", str(tmp_path), seconds=60) == 0
     assert capsys.readouterr().out == ""
     assert spawned and all(c.process is not None and c.process.returncode is not None for c in spawned)
@@ -1391,7 +1391,7 @@ def test_a_second_mmn_up_on_the_same_ports_leaves_the_first_reachable(
     )
     try:
         doc = _ready_line(first)
-        note = cli.up_record_path(base + 1)
+        note = client.up_record_path(base + 1)
         assert json.loads(note.read_text())["pid"] == first.pid
         capsys.readouterr()
         started = time.monotonic()

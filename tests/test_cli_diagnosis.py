@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from mmn import cli, up
+from mmn import cli, client, up
 from mmn.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,7 +160,7 @@ def test_the_note_of_mmn_up_names_the_admin_port(
     events port lets a subscriber in, which tells it); the note of the local
     `mmn up` names the port it was and the admin port."""
     ports = {role: int(ep.rsplit(":", 1)[1]) for role, ep in curve_host.items()}
-    note = cli.up_record_path(ports["admin"])
+    note = client.up_record_path(ports["admin"])
     note.write_text(json.dumps({"pid": os.getpid(), "keys": str(keys / "ours"), "admin": curve_host["admin"],
                                 "ports": ports}))
     code, doc, err, took = run(capsys, "--keys", str(keys / "ours"), "--host", curve_host[port], "status")
@@ -176,5 +176,5 @@ def test_nothing_listening_fails_fast(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_default_port_numbers_are_explained() -> None:
-    assert "7781 is the default node port, the admin port is 7782" in cli.port_hint("tcp://10.0.0.1:7781")
-    assert cli.port_hint("tcp://10.0.0.1:7782") == ""
+    assert "7781 is the default node port, the admin port is 7782" in client.port_hint("tcp://10.0.0.1:7781")
+    assert client.port_hint("tcp://10.0.0.1:7782") == ""

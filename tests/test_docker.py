@@ -157,7 +157,7 @@ class Cluster:
 
     def quick_status(self) -> dict[str, Any]:
         """``status`` in-process (no interpreter start-up), for tight polling."""
-        from mmn.cli import admin_call, client_security
+        from mmn.client import admin_call, client_security
 
         security = client_security(self.keys or None, env=self.env)
         return trio.run(partial(admin_call, self.admin, "status", {}, timeout=5, security=security))

@@ -5,7 +5,7 @@ its output in a log file under the test's temporary directory, and killed
 (SIGKILL to the group) by the fixture that started it, whatever happens.  The
 host binds port 0 for each endpoint and says where it landed on its "ready"
 line; the nodes connect there.  Tests talk to the host as the CLI does
-(``mmn.cli.admin_call``), read the PUB event stream, open raw sockets to send
+(``mmn.client.admin_call``), read the PUB event stream, open raw sockets to send
 hostile frames, and run ``mmn`` itself (``main([...])`` and as a subprocess).
 
 One cluster (host + kvm0, gru0, xpmem0) is shared by the tests that leave it as
@@ -36,7 +36,8 @@ import pytest
 import trio
 import zmq
 
-from mmn.cli import Failed, admin_call, main
+from mmn.cli import main
+from mmn.client import Failed, admin_call
 from protocol import Limits, decode, encode
 from protocol.messages import (
     Ack,

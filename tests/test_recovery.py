@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import trio
 
-from mmn.cli import Failed, Unreachable, admin_call, main
+from mmn.cli import main
+from mmn.client import Failed, Unreachable, admin_call
 from mmn.soak import Cluster
 
 pytestmark = pytest.mark.integration

@@ -24,10 +24,11 @@ import zmq.auth
 from broker.guard import RateLimiter
 from broker.host import Host, HostConfig
 from mmn.cli import main
+from mmn.client import AdminClient
 from node.runtime import NodeConfig, NodeRuntime
 from protocol import Limits, decode, encode
 from protocol.messages import AdminReply, AdminRequest, Error, Gup, Register, Registered, XpmemMake
-from transport import AdminClient, connect
+from transport import connect
 from transport.curve import CurveClient, KeyLayout, keygen, name_matches_key
 
 pytestmark = pytest.mark.integration

@@ -255,7 +255,7 @@ async def test_an_xpmem_attachment_a_restart_dropped_is_attached_again_before_it
     import contextlib
 
     from mmn.soak import STATUS_LANE
-    from transport import AdminClient
+    from mmn.client import AdminClient
 
     nodes = [("xpmem0", "xpmem")]
     cluster = Cluster(nodes, logs=tmp_path)

@@ -23,12 +23,11 @@ from zmq.utils.monitor import parse_monitor_message
 
 from protocol import encode
 from protocol.messages import AdminReply, AdminRequest, Error, Event, Ok
+from mmn.client import AdminClient, SyncAdminClient
 from transport import (
-    AdminClient,
     PeerBusy,
     PeerGone,
     SocketOptions,
-    SyncAdminClient,
     TransportError,
     ZSocket,
     bind,

@@ -1,0 +1,916 @@
+"""The benchmark suite behind ``mmn bench``: what the cluster costs, each
+figure a ratio against a floor measured in the same run, on the same
+machine, at the same time.
+
+    mmn bench [--quick] [--json] [--plot FILE.png]
+    python -m benchmarks.suite [...]          (the same)
+    python benchmarks/bench.py [...]          (the same)
+
+Figures (issue 6):
+
+1. ``invalidate``: invalidation round trip (start -> every ack -> end) to K
+   in-line nodes (kvm/gru, alternating) and to K xpmem nodes, p50 and p99,
+   each divided by the **floor**: raw blocking pyzmq, one ROUTER in this
+   process sending one small message (an encoded ``InvalidateRangeStart``) to
+   K echo processes (DEALERs) and collecting the K replies.  Samples of the
+   floor and of the host are taken in alternating batches, so a load change
+   on the machine hits both.
+2. ``fault``: secondary faults per second on one node (single page, and
+   fault-around of 16 pages as Linux's ``fault_around_bytes``), W faults in
+   flight, against the raw round-trip rate (1 / floor p50 at K=1).  A fault is
+   a relayed admin command (host -> node ``Command``, node -> host ``Gup``,
+   ``GupReply``, ``CommandResult``): two round trips of messages per fault.
+3. ``munmap``: munmap of a 1 GiB mapping with 1, 1,000 and 100,000 pages
+   populated by a node's write faults and mapped by two nodes (kvm and gru);
+   time against the floor (raw fan-out to 2), per populated page, and the
+   notifier's message count (one start and one end per node).
+4. ``ksm``: pages scanned per second by KSM (two full passes over mergeable
+   pages, 1 in 64 contents distinct) against plain ``page_digest`` (BLAKE2b)
+   of the same pages in the same process.
+5. ``memory``: host metadata bytes per mapped page (tracemalloc over the
+   model's construction and population; page contents live in an anonymous
+   mmap, which is data, not metadata) against the kernel's ~72 bytes.
+6. ``scale``: a host with 64 nodes registered: invalidation round trip to all
+   64 against the raw fan-out to 64 echo processes, and host CPU while idle
+   with 64 nodes heartbeating against raw pyzmq exchanging the same number of
+   heartbeat-sized messages with the 64 echo processes.
+
+Measured through public interfaces: the host's admin API (``Host.admin``,
+the same commands and ``status`` counters an operator sees), ``Host.locked``
+for the timed operations (a primary-MMU operation under the mm lock, as an
+admin command runs it, without the admin path's own cost in the figure), and
+the primary MMU's operations (``Model.mmap``/``write``/``gup``,
+``model.ksm``) for the in-process figures; only the KSM figure's floor finds
+its frames through the page table (see :func:`measure_ksm`).
+
+The host is a :class:`broker.host.Host` in this process (the same object
+``mmn host`` runs); the nodes are real node processes (``node.runtime``, what
+``mmn node`` runs) forked from a launcher process that has already imported
+everything, so that 64 of them start in a second instead of a minute on two
+cores.  Echo processes come from the same launcher.  Everything is loopback.
+
+The table and JSON need only the base install; ``--plot`` needs matplotlib and
+the progress bar uses rich when present (``pip install 'mmnotify[bench]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from mmn.supervisor import Child, fork_child, spawn, stop_all
+
+GOAL_INVALIDATE = 1.5  # at most this many times the floor
+GOAL_KSM = 0.5  # at least this fraction of plain hashing
+KERNEL_BYTES_PER_PAGE = 72  # struct page (64) + pte (8)
+FAULT_AROUND = 16  # fault_around_bytes (64 KiB) / 4 KiB
+PAGE = 4096
+#: Heartbeats stay at the default 500 ms (the heartbeat figure); deadlines are
+#: generous so that a loaded machine does not fence nodes in the middle of a run.
+LIVENESS = 40
+ACK_DEADLINE_MS = 20_000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything to measure."""
+
+    ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    xpmem_ks: tuple[int, ...] = (1, 4)
+    scale_nodes: int = 64
+    samples: int = 600  # per K, host and floor each
+    batch: int = 50  # samples per alternating batch
+    scale_samples: int = 300
+    fault_count: int = 2000  # faults per fault figure
+    fault_inflight: int = 4
+    munmap_pages: tuple[int, ...] = (1, 1000, 100_000)
+    munmap_repeats: int = 5  # for the small ones
+    ksm_pages: int = 65536
+    memory_pages: int = 1 << 20
+    heartbeat_seconds: float = 10.0
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            samples=150,
+            batch=50,
+            scale_samples=100,
+            fault_count=400,
+            munmap_repeats=2,
+            ksm_pages=8192,
+            memory_pages=1 << 17,
+            heartbeat_seconds=2.0,
+        )
+
+
+# ==========================================================================
+# child processes: a launcher that forks echoes and nodes
+
+
+def _echo_child(endpoint: str, ident: bytes) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, ident)
+    sock.connect(endpoint)
+    while True:
+        msg = sock.recv()
+        if msg == b"quit":
+            break
+        sock.send(msg)
+    sock.close()
+    ctx.term()
+
+
+def _node_child(kind: str, name: str, endpoint: str) -> None:
+    from node.runtime import NodeConfig, run_node
+
+    logging.basicConfig(level=logging.ERROR)
+    # generous liveness: 64 nodes on a loaded 2-core box must not be fenced mid-run
+    trio.run(run_node, NodeConfig(kind=kind, name=name, host=endpoint, liveness=LIVENESS))
+
+
+def launcher_main() -> int:
+    """``python -m benchmarks.suite --launcher``: fork children on request.
+
+    Reads JSON lines on stdin: ``{"echo": [ENDPOINT, [IDENT, ...]]}`` or
+    ``{"nodes": [ENDPOINT, [[KIND, NAME], ...]]}``; answers each with a JSON
+    line of the children's pids.  At end of input (the bench closed the pipe,
+    or died) kills every child it forked and exits.  The children
+    (:func:`mmn.supervisor.fork_child`) die with it.
+    """
+    import zmq  # noqa: F401  -- imported once here (and trio), shared by every fork
+
+    import node.runtime  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
+    children: list[int] = []
+    for line in sys.stdin:
+        spec = json.loads(line)
+        jobs: list[Callable[[], None]] = []
+        if "echo" in spec:
+            endpoint, idents = spec["echo"]
+            jobs = [lambda i=i: _echo_child(endpoint, i.encode()) for i in idents]
+        elif "nodes" in spec:
+            endpoint, nodes = spec["nodes"]
+            jobs = [lambda k=k, n=n: _node_child(k, n, endpoint) for k, n in nodes]
+        pids = [fork_child(job) for job in jobs]
+        children.extend(pids)
+        print(json.dumps(pids), flush=True)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return 0
+
+
+class Launcher:
+    """The launcher process (:func:`launcher_main`), a child of the
+    supervisor: its own process group (its forks are in it too), stopped by
+    closing its input, then by :func:`mmn.supervisor.stop_all`."""
+
+    def __init__(self) -> None:
+        self.child = Child("bench-launcher", [sys.executable, "-m", "benchmarks.suite", "--launcher"], None)
+        self._buffer = b""
+
+    async def start(self) -> None:
+        await spawn(self.child, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    async def _ask(self, spec: dict[str, Any]) -> list[int]:
+        proc = self.child.process
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        await proc.stdin.send_all((json.dumps(spec) + "\n").encode())
+        while b"\n" not in self._buffer:
+            chunk = await proc.stdout.receive_some()
+            if not chunk:
+                raise RuntimeError("the bench launcher died")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    async def echoes(self, endpoint: str, idents: list[str]) -> list[int]:
+        return await self._ask({"echo": [endpoint, idents]})
+
+    async def nodes(self, endpoint: str, nodes: list[tuple[str, str]]) -> list[int]:
+        return await self._ask({"nodes": [endpoint, [list(n) for n in nodes]]})
+
+    async def close(self) -> None:
+        """End its input (it kills its children and exits) and give it 10 s
+        to go; then stop what is left of its group and reap it.
+
+        Concurrency: shielded; awaits at most 14 s.
+        """
+        with trio.CancelScope(shield=True):
+            proc = self.child.process
+            if proc is not None and proc.stdin is not None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await proc.stdin.aclose()
+                with trio.move_on_after(10):
+                    await proc.wait()
+            await stop_all([self.child], grace=2)
+
+
+# ==========================================================================
+# the floor: raw blocking pyzmq, no trio
+
+
+class RawFloor:
+    """One ROUTER in this process; echo DEALER processes ``e0``.. connect to it."""
+
+    def __init__(self, payload: bytes) -> None:
+        import zmq
+
+        self.zmq = zmq
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.payload = payload
+        self.idents: list[bytes] = []
+
+    def wait_connected(self, idents: list[bytes], timeout: float = 30.0) -> None:
+        """Ping every echo until it answers (a ROUTER drops what it cannot route)."""
+        zmq = self.zmq
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        missing = set(idents)
+        deadline = time.monotonic() + timeout
+        while missing:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"echo processes never connected: {sorted(missing)[:4]}")
+            for ident in list(missing):
+                try:
+                    self.sock.send_multipart([ident, b"ping"], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    continue
+            while self.sock.poll(50):
+                ident, _ = self.sock.recv_multipart()
+                missing.discard(ident)
+        while self.sock.poll(100):  # late duplicates of the pings
+            self.sock.recv_multipart()
+        self.idents = list(idents)
+
+    def fanout(self, k: int, n: int) -> list[float]:
+        """n round trips: send to the first k echoes, collect k replies."""
+        sock, payload, idents = self.sock, self.payload, self.idents[:k]
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            for ident in idents:
+                sock.send_multipart([ident, payload])
+            for _ in idents:
+                sock.recv_multipart()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def heartbeat_cpu(self, k: int, period: float, seconds: float, payload: bytes) -> float:
+        """CPU fraction of exchanging one message each way with k peers per period."""
+        sock, idents = self.sock, self.idents[:k]
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        next_tick = wall0
+        while time.perf_counter() - wall0 < seconds:
+            next_tick += period
+            for ident in idents:
+                sock.send_multipart([ident, payload])
+            for _ in idents:
+                sock.recv_multipart()
+            time.sleep(max(0.0, next_tick - time.perf_counter()))
+        return (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+
+    def close(self) -> None:
+        for ident in self.idents:
+            with contextlib.suppress(Exception):
+                self.sock.send_multipart([ident, b"quit"], self.zmq.NOBLOCK)
+        time.sleep(0.05)
+        self.sock.close()
+        self.ctx.term()
+
+
+# ==========================================================================
+# progress
+
+
+class Progress:
+    """rich's progress bar when rich is installed, a plain stderr bar otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+        self._rich: Any = None
+        self._task: Any = None
+        self._label = ""
+        if not enabled:
+            return
+        try:
+            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+            self._rich = RichProgress(
+                TextColumn("[bold]mmn bench[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                TimeElapsedColumn(), TextColumn("{task.description}"), transient=True,
+                console=_stderr_console(),
+            )
+            self._rich.start()
+            self._task = self._rich.add_task("", total=total)
+        except ImportError:
+            self._rich = None
+
+    def step(self, label: str, amount: int = 1) -> None:
+        self.done = min(self.total, self.done + amount)
+        self._label = label
+        if not self.enabled:
+            return
+        if self._rich is not None:
+            self._rich.update(self._task, completed=self.done, description=label)
+            return
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        sys.stderr.write(f"\rmmn bench [{'#' * filled}{'.' * (width - filled)}] {self.done * 100 // max(self.total, 1):3d}% {label[:40]:<40}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._rich is not None:
+            self._rich.stop()
+        else:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+# ==========================================================================
+# statistics
+
+
+def _pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    if not s:
+        return float("nan")
+    return s[min(len(s) - 1, int(len(s) * q))]
+
+
+def _us(x: float) -> float:
+    return round(x * 1e6, 1)
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+# ==========================================================================
+# the cluster part (trio, host in this process)
+
+
+@dataclass
+class NodeInfo:
+    name: str
+    kind: str
+
+
+@dataclass
+class Bench:
+    plan: Plan
+    progress: Progress
+    results: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- setup
+
+    async def run_processes(self) -> None:
+        """The echo processes and the floor, then the cluster figures."""
+        launcher = Launcher()
+        await launcher.start()
+        floor = RawFloor(_payload())
+        try:
+            idents = [f"e{i:02d}" for i in range(self.plan.scale_nodes)]
+            await launcher.echoes(floor.endpoint, idents)
+            floor.wait_connected([i.encode() for i in idents])
+            self.progress.step("echo processes up")
+            logging.getLogger("broker.host").setLevel(logging.ERROR)
+            await self.run_cluster(launcher, floor)
+        finally:
+            floor.close()
+            await launcher.close()
+
+    async def run_cluster(self, launcher: Launcher, floor: RawFloor) -> None:
+        from broker.host import Host, HostConfig
+
+        plan = self.plan
+        frames = max(plan.munmap_pages) + 4096 * 4
+        config = HostConfig(node_port=0, admin_port=0, events_port=0, frames=frames + 1, swap_slots=16,
+                            liveness=LIVENESS, ack_deadline_ms=ACK_DEADLINE_MS)
+        self.host = host = Host(config)
+        async with trio.open_nursery() as nursery:
+            endpoints = await nursery.start(host.serve)
+            inline = [NodeInfo(f"{'kvm' if i % 2 == 0 else 'gru'}-b{i:02d}", "kvm" if i % 2 == 0 else "gru")
+                      for i in range(max(plan.ks))]
+            xp = [NodeInfo(f"xpmem-b{i:02d}", "xpmem") for i in range(max(plan.xpmem_ks))]
+            self.pids = await launcher.nodes(endpoints["node"], [(n.kind, n.name) for n in inline + xp])
+            await self._wait_live([n.name for n in inline + xp])
+            self.progress.step("nodes registered")
+
+            await self.invalidate(floor, inline, plan.ks, "inline")
+            await self.invalidate(floor, xp, plan.xpmem_ks, "xpmem")
+            await self.faults(floor, inline[0], "single", 1)
+            await self.faults(floor, inline[0], "around", FAULT_AROUND)
+            await self.faults(floor, inline[1], "single", 1)
+            await self.munmap(floor, inline[:2])
+
+            more = [NodeInfo(f"{'kvm' if i % 2 == 0 else 'gru'}-b{i:02d}", "kvm" if i % 2 == 0 else "gru")
+                    for i in range(len(inline), plan.scale_nodes - len(xp))]
+            self.pids += await launcher.nodes(endpoints["node"], [(n.kind, n.name) for n in more])
+            everyone = inline + more + xp
+            await self._wait_live([n.name for n in everyone])
+            self.progress.step("scale nodes registered")
+            await self.scale(floor, everyone)
+            nursery.cancel_scope.cancel()
+
+    async def _wait_live(self, names: list[str], timeout: float = 60.0) -> None:
+        with trio.fail_after(timeout):
+            while not set(names) <= await self._live():
+                await trio.sleep(0.1)
+
+    async def _live(self) -> set[str]:
+        """The nodes ``status`` shows live."""
+        return {n["name"] for n in (await self.admin("status"))["nodes"] if n["state"] == "live"}
+
+    async def _messages(self) -> int:
+        """Notifier messages sent so far (``status`` counter ``notifier_messages``)."""
+        return int((await self.admin("status", limit=1))["counters"]["notifier_messages"])
+
+    async def admin(self, command: str, **args: Any) -> dict[str, Any]:
+        return await self.host.admin(command, **args)
+
+    async def _mm_with_page(self, npages: int = 1) -> tuple[int, int]:
+        mm = (await self.admin("spawn"))["mm"]
+        addr = (await self.admin("mmap", mm=mm, pages=npages))["addr"]
+        return mm, addr
+
+    async def _attach(self, nodes: list[NodeInfo], mm: int, addr: int, npages: int = 1) -> dict[str, int]:
+        """Where each node faults ``addr``: the address itself, or for an
+        xpmem node its attachment of a segment exporting it."""
+        where = {}
+        for n in nodes:
+            if n.kind != "xpmem":
+                where[n.name] = addr
+                continue
+            segid = (await self.admin("xpmem", node=n.name, op="make", mm=mm, addr=addr, length=npages * PAGE))["segid"]
+            apid = (await self.admin("xpmem", node=n.name, op="get", segid=segid, write=True))["apid"]
+            where[n.name] = (await self.admin("xpmem", node=n.name, op="attach", apid=apid, length=npages * PAGE))["vaddr"]
+        return where
+
+    async def _fault_all(self, nodes: list[NodeInfo], mm: int, where: dict[str, int], pages: int = 1) -> None:
+        async def one(n: NodeInfo) -> None:
+            await self.admin("fault", node=n.name, mm=mm, addr=where[n.name], pages=pages, write=True)
+
+        async with trio.open_nursery() as nursery:
+            for n in nodes:
+                nursery.start_soon(one, n)
+
+    # ------------------------------------------------------- 1. invalidation
+
+    async def _invalidation_samples(self, nodes: list[NodeInfo], mm: int, addr: int, where: dict[str, int],
+                                    n: int) -> list[float]:
+        """n invalidations of one page mapped by every node (madvise DONTNEED:
+        start(CLEAR) -> acks -> zap -> end); the nodes fault it back between
+        samples, untimed."""
+        host, model = self.host, self.host.model
+        out = []
+        before = await self._messages()
+        for _ in range(n):
+            await self._fault_all(nodes, mm, where)
+            t0 = time.perf_counter()
+            await host.locked(model.madvise(mm, addr, PAGE, "dontneed"))
+            out.append(time.perf_counter() - t0)
+        sent = await self._messages() - before
+        if sent != 2 * len(nodes) * n:
+            raise RuntimeError(f"{n} invalidations sent {sent} messages to {len(nodes)} nodes, not {2 * len(nodes) * n}")
+        return out
+
+    async def _measure_k(self, floor: RawFloor, nodes: list[NodeInfo], samples: int) -> dict[str, Any]:
+        k = len(nodes)
+        mm, addr = await self._mm_with_page()
+        where = await self._attach(nodes, mm, addr)
+        await self._invalidation_samples(nodes, mm, addr, where, 5)  # warm up
+        floor.fanout(k, 20)
+        raw: list[float] = []
+        ours: list[float] = []
+        while len(ours) < samples:
+            b = min(self.plan.batch, samples - len(ours))
+            raw += floor.fanout(k, b)
+            ours += await self._invalidation_samples(nodes, mm, addr, where, b)
+        await self.admin("exit", mm=mm)
+        p50, p99, f50, f99 = _pct(ours, 0.5), _pct(ours, 0.99), _pct(raw, 0.5), _pct(raw, 0.99)
+        return {
+            "k": k,
+            "samples": len(ours),
+            "p50_us": _us(p50), "p99_us": _us(p99),
+            "floor_p50_us": _us(f50), "floor_p99_us": _us(f99),
+            "p50_ratio": _ratio(p50, f50), "p99_ratio": _ratio(p99, f99),
+        }
+
+    async def invalidate(self, floor: RawFloor, pool: list[NodeInfo], ks: tuple[int, ...], what: str) -> None:
+        rows = []
+        for k in ks:
+            rows.append(await self._measure_k(floor, pool[:k], self.plan.samples))
+            self.progress.step(f"invalidate {what} K={k}")
+        self.results.setdefault("invalidate", {})[what] = rows
+
+    # ------------------------------------------------------------ 2. faults
+
+    async def faults(self, floor: RawFloor, node: NodeInfo, what: str, pages: int) -> None:
+        plan = self.plan
+        count = plan.fault_count
+        mm, addr = await self._mm_with_page(count * pages)
+        # warm the path up on a mapping of its own
+        wmm, waddr = await self._mm_with_page(32 * pages)
+        for i in range(32):
+            await self.admin("fault", node=node.name, mm=wmm, addr=waddr + i * pages * PAGE, pages=pages, write=True)
+        raw_rtt = _pct(floor.fanout(1, 500), 0.5)
+        nxt = iter(range(count))
+
+        async def worker() -> None:
+            for i in nxt:
+                await self.admin("fault", node=node.name, mm=mm, addr=addr + i * pages * PAGE, pages=pages, write=True)
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(plan.fault_inflight):
+                nursery.start_soon(worker)
+        elapsed = time.perf_counter() - t0
+        raw_rtt = min(raw_rtt, _pct(floor.fanout(1, 500), 0.5))
+        for m in (mm, wmm):
+            await self.admin("exit", mm=m)
+        rate = count / elapsed
+        self.results.setdefault("fault", []).append({
+            "node": node.name, "kind": node.kind, "mode": what, "pages_per_fault": pages,
+            "inflight": plan.fault_inflight, "faults": count,
+            "faults_per_s": round(rate), "pages_per_s": round(rate * pages),
+            "floor_rtt_per_s": round(1 / raw_rtt), "ratio": _ratio(rate, 1 / raw_rtt),
+        })
+        self.progress.step(f"faults {node.kind} {what}")
+
+    # ------------------------------------------------------------ 3. munmap
+
+    async def munmap(self, floor: RawFloor, nodes: list[NodeInfo]) -> None:
+        host, model = self.host, self.host.model
+        gib_pages = (1 << 30) // PAGE
+        k = len(nodes)
+        rows = []
+        for populated in self.plan.munmap_pages:
+            repeats = self.plan.munmap_repeats if populated <= 1000 else 1
+            times = []
+            for _ in range(repeats):
+                mm, addr = await self._mm_with_page(gib_pages)
+                # spread the populated pages over the whole GiB, 512-page runs
+                runs = max(1, -(-populated // 512))
+                stride = gib_pages // runs
+                left = populated
+                for r in range(runs):
+                    n = min(512, left)
+                    left -= n
+                    for node in nodes:
+                        await self.admin("fault", node=node.name, mm=mm, addr=addr + r * stride * PAGE, pages=n, write=True)
+                present = (await self.admin("status", mm=mm))["mms"][0]["present"]
+                if present != populated:
+                    raise RuntimeError(f"populated {present} pages, wanted {populated}")
+                before = await self._messages()
+                gc.collect()
+                t0 = time.perf_counter()
+                await host.locked(model.munmap(mm, addr, 1 << 30))
+                times.append(time.perf_counter() - t0)
+                sent = await self._messages() - before
+                await self.admin("exit", mm=mm)
+            f50 = _pct(floor.fanout(k, 200), 0.5)
+            t = statistics.median(times)
+            rows.append({
+                "populated": populated, "range_pages": gib_pages, "nodes": k,
+                "time_us": _us(t), "us_per_populated_page": round(t * 1e6 / populated, 3),
+                "floor_us": _us(f50), "ratio": _ratio(t, f50),
+                "messages": sent, "messages_expected": 2 * k,
+            })
+            self.progress.step(f"munmap {populated} pages")
+        self.results["munmap"] = rows
+
+    # ------------------------------------------------------------- 6. scale
+
+    async def scale(self, floor: RawFloor, nodes: list[NodeInfo]) -> None:
+        plan = self.plan
+        row = await self._measure_k(floor, nodes, plan.scale_samples)
+        self.progress.step(f"invalidate K={len(nodes)}")
+        # idle: let the faults' stragglers settle, then only heartbeats flow
+        await trio.sleep(0.5)
+        live = len(await self._live())
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        await trio.sleep(plan.heartbeat_seconds)
+        host_cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        from protocol import encode
+        from protocol.messages import Heartbeat
+
+        hb = encode(Heartbeat(id=1 << 40, epoch=1, incarnation="0" * 32))
+        raw_cpu = floor.heartbeat_cpu(len(nodes), self.host.config.heartbeat_ms / 1000, plan.heartbeat_seconds, hb)
+        self.results["scale"] = {
+            "nodes": live,
+            "invalidate": row,
+            "heartbeat": {
+                "period_ms": self.host.config.heartbeat_ms,
+                "host_cpu_pct": round(host_cpu * 100, 2),
+                "floor_cpu_pct": round(raw_cpu * 100, 2),
+                "ratio": _ratio(host_cpu, raw_cpu),
+            },
+        }
+        self.progress.step("heartbeat load")
+
+
+# ==========================================================================
+# in-process figures: KSM and memory
+
+
+def measure_ksm(pages: int) -> dict[str, Any]:
+    from broker.effects import no_nodes, run_sync
+    from broker.ksm import page_digest
+    from broker.mm import PTE_SHIFT, Model
+
+    model = Model(frames=pages + 16, page_size=PAGE, swap_slots=16)
+    try:
+        mm = model.spawn()
+        addr = run_sync(model.mmap(mm, pages, mergeable=True), no_nodes)
+        for i in range(pages):
+            run_sync(model.write(mm, addr + i * PAGE, bytes([1 + i % 64]) * 64), no_nodes)
+        # The floor hashes the very frames KSM scans, in place: found through
+        # the page table (not public), because copying them out through
+        # Model.read would cost pages * 4 KiB (256 MiB for the full plan) and
+        # hash cache-warm copies instead of the frames.
+        m = model.mms[mm]
+        pfns = [m.get(addr + i * PAGE) >> PTE_SHIFT for i in range(pages)]
+        page = model.memory.page
+
+        def hash_all() -> float:
+            t0 = time.perf_counter()
+            for pfn in pfns:
+                page_digest(page(pfn))
+            return time.perf_counter() - t0
+
+        hash_t = min(hash_all(), hash_all())
+        gc.collect()
+        t0 = time.perf_counter()
+        scanned = run_sync(model.ksm.full_scan(), no_nodes)
+        scanned += run_sync(model.ksm.full_scan(), no_nodes)
+        ksm_t = time.perf_counter() - t0
+        hash_t = min(hash_t, hash_all())
+        stats = model.ksm.stats()
+    finally:
+        model.close()
+    ksm_rate, hash_rate = scanned / ksm_t, pages / hash_t
+    return {
+        "pages": pages, "passes": 2, "pages_scanned": scanned,
+        "pages_shared": stats["pages_shared"], "pages_sharing": stats["pages_sharing"],
+        "scanned_per_s": round(ksm_rate), "hash_per_s": round(hash_rate),
+        "ratio": _ratio(ksm_rate, hash_rate), "goal": GOAL_KSM,
+    }
+
+
+def measure_memory(pages: int) -> dict[str, Any]:
+    from broker.effects import no_nodes, run_sync
+    from broker.mm import Model
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        model = Model(frames=pages + 16, page_size=PAGE, swap_slots=16)
+        try:
+            mm = model.spawn()
+            addr = run_sync(model.mmap(mm, pages), no_nodes)
+            for off in range(0, pages, 4096):
+                run_sync(model.gup(mm, addr + off * PAGE, min(4096, pages - off), True), no_nodes)
+            gc.collect()
+            used = tracemalloc.get_traced_memory()[0] - base
+            present = model.describe_mm(mm)["present"]
+        finally:
+            model.close()
+    finally:
+        tracemalloc.stop()
+    per_page = used / present
+    return {
+        "pages": present, "metadata_bytes": used, "bytes_per_page": round(per_page, 2),
+        "kernel_bytes_per_page": KERNEL_BYTES_PER_PAGE, "ratio": _ratio(per_page, KERNEL_BYTES_PER_PAGE),
+    }
+
+
+# ==========================================================================
+# the run
+
+
+def _payload() -> bytes:
+    from protocol import encode
+    from protocol.messages import InvalidateRangeStart
+
+    return encode(InvalidateRangeStart(id=1 << 40, mm=1, start=0x10000000, end=0x10001000, event="CLEAR"))
+
+
+def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
+    """Measure everything; returns the JSON document."""
+    steps = (1 + len(plan.ks) + len(plan.xpmem_ks) + 3 + len(plan.munmap_pages) + 1 + 2 + 1 + 2)
+    bar = Progress(steps, progress)
+    started = time.perf_counter()
+    bench = Bench(plan, bar)
+    trio.run(bench.run_processes)
+    bench.results["ksm"] = measure_ksm(plan.ksm_pages)
+    bar.step("ksm")
+    bench.results["memory"] = measure_memory(plan.memory_pages)
+    bar.step("memory")
+    bar.close()
+    doc = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "plan": plan.__dict__ | {"ks": list(plan.ks), "xpmem_ks": list(plan.xpmem_ks),
+                                 "munmap_pages": list(plan.munmap_pages)},
+        "goals": {"invalidate_ratio_max": GOAL_INVALIDATE, "ksm_ratio_min": GOAL_KSM},
+        **bench.results,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    doc["figures"] = list(figures(doc))
+    return doc
+
+
+_CHECKS: dict[str, Callable[[float, float], bool]] = {
+    "<=": lambda x, limit: x <= limit,
+    ">=": lambda x, limit: x >= limit,
+    "==": lambda x, limit: x == limit,
+}
+
+
+def mark(row: dict[str, Any]) -> str:
+    """``held`` or ``short`` for a figure with a goal, ``""`` without one.
+
+    The goal is the row's ``"check"``: ``{"of": FIELD, "op": "<=" | ">=" |
+    "==", "limit": NUMBER}`` -- the row's FIELD (``ratio``, ``messages``)
+    against the limit.  A figure that was not measured (missing, NaN) is
+    short of its goal.
+    """
+    check = row.get("check")
+    if not check:
+        return ""
+    value = row.get(check["of"])
+    if not isinstance(value, int | float) or value != value:
+        return "short"
+    return "held" if _CHECKS[check["op"]](value, check["limit"]) else "short"
+
+
+def short_of_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures of ``doc`` that miss their goal (judged again by :func:`mark`)."""
+    return [r for r in doc.get("figures") or [] if mark(r) == "short"]
+
+
+def figures(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every figure as one flat row: name, value, unit, floor, ratio, goal,
+    and with a goal its ``check`` and ``mark`` (held or short)."""
+
+    def row(name: str, value: float, unit: str, floor: float, ratio: float, goal: str = "",
+            **extra: Any) -> dict[str, Any]:
+        r = {"figure": name, "value": value, "unit": unit, "floor": floor, "ratio": ratio, "goal": goal, **extra}
+        if goal:
+            what, op, limit = goal.split()
+            r["check"] = {"of": "ratio" if what == "ratio" else what, "op": op, "limit": float(limit)}
+            r["goal"] = f"{op} {limit}" if what == "ratio" else goal
+            r["mark"] = mark(r)
+        return r
+
+    for what, rows in doc["invalidate"].items():
+        for r in rows:
+            for q in ("p50", "p99"):
+                yield row(f"invalidate {what} K={r['k']} {q}", r[f"{q}_us"], "us", r[f"floor_{q}_us"],
+                          r[f"{q}_ratio"], f"ratio <= {GOAL_INVALIDATE}")
+    for r in doc["fault"]:
+        yield row(f"fault {r['kind']} {r['mode']} ({r['pages_per_fault']} p, {r['inflight']} in flight)",
+                  r["faults_per_s"], "faults/s", r["floor_rtt_per_s"], r["ratio"])
+    for r in doc["munmap"]:
+        yield row(f"munmap 1 GiB, {r['populated']} populated, {r['nodes']} nodes ({r['messages']} msgs)",
+                  r["time_us"], "us", r["floor_us"], r["ratio"], f"messages == {r['messages_expected']}",
+                  messages=r["messages"])
+    k = doc["ksm"]
+    yield row(f"ksm scan ({k['pages']} pages x {k['passes']})", k["scanned_per_s"], "pages/s", k["hash_per_s"],
+              k["ratio"], f"ratio >= {GOAL_KSM}")
+    m = doc["memory"]
+    yield row(f"memory ({m['pages']} pages)", m["bytes_per_page"], "B/page", m["kernel_bytes_per_page"], m["ratio"])
+    s = doc["scale"]
+    inv = s["invalidate"]
+    for q in ("p50", "p99"):
+        yield row(f"scale: invalidate K={inv['k']} {q}", inv[f"{q}_us"], "us", inv[f"floor_{q}_us"],
+                  inv[f"{q}_ratio"], f"ratio <= {GOAL_INVALIDATE}")
+    hb = s["heartbeat"]
+    yield row(f"scale: idle host CPU, {s['nodes']} nodes heartbeating", hb["host_cpu_pct"], "%", hb["floor_cpu_pct"],
+              hb["ratio"])
+
+
+def table(doc: dict[str, Any]) -> str:
+    rows = doc["figures"]
+    head = ("figure", "value", "unit", "floor", "ratio", "goal", "")
+    cells = [head] + [(r["figure"], f"{r['value']:,}", r["unit"], f"{r['floor']:,}", f"{r['ratio']:.2f}", r["goal"],
+                       mark(r)) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = []
+    for n, c in enumerate(cells):
+        lines.append("  ".join(c[i].ljust(widths[i]) if i in (0, 2, 5, 6) else c[i].rjust(widths[i])
+                               for i in range(len(head))).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append(f"({doc['machine']['cpus']} CPUs, {doc['seconds']} s; floors: raw blocking pyzmq in the same run)")
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: str) -> None:
+    """Latency (p50, p99) against node count, ours and the floor."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("mmn bench --plot needs matplotlib: pip install 'mmnotify[bench]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {"in-line (kvm/gru)": list(doc["invalidate"]["inline"]) + [doc["scale"]["invalidate"]],
+              "xpmem": doc["invalidate"]["xpmem"]}
+    for label, rows in series.items():
+        ks = [r["k"] for r in rows]
+        ax.plot(ks, [r["p50_us"] for r in rows], "o-", label=f"{label} p50")
+        ax.plot(ks, [r["p99_us"] for r in rows], "o--", label=f"{label} p99")
+    rows = series["in-line (kvm/gru)"]
+    ax.plot([r["k"] for r in rows], [r["floor_p50_us"] for r in rows], "k-", label="raw pyzmq fan-out p50")
+    ax.plot([r["k"] for r in rows], [r["floor_p99_us"] for r in rows], "k:", label="raw pyzmq fan-out p99")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("invalidation round trip (us)")
+    ax.set_title("mmnotify: invalidation round trip vs node count")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmn bench", description="what the cluster costs, each figure against a floor")
+    add_arguments(parser)
+    parser.add_argument("--launcher", action="store_true", help=argparse.SUPPRESS)
+    ns = parser.parse_args(argv)
+    if ns.launcher:
+        return launcher_main()
+    return run_command(ns)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer samples and pages (CI: well under 2 minutes)")
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, help="also plot latency against node count to FILE.png (matplotlib; default: no plot)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a figure is short of its goal (each is marked held or short)")
+
+
+def run_command(ns: argparse.Namespace) -> int:
+    if ns.plot:  # fail before measuring for minutes
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("mmn bench: --plot needs matplotlib: pip install 'mmnotify[bench]'", file=sys.stderr)
+            return 2
+    plan = Plan.quick() if ns.quick else Plan()
+    doc = run(plan, progress=not ns.no_progress and sys.stderr.isatty())
+    if ns.plot:
+        plot(doc, ns.plot)
+    if getattr(ns, "json", False):
+        print(json.dumps(doc, indent=1))
+    else:
+        print(table(doc))
+    short = short_of_goals(doc)
+    if ns.check and short:
+        print(f"mmn bench: {len(short)} figure{'s' if len(short) > 1 else ''} short of the goal: "
+              + "; ".join(f"{r['figure']} ({r['check']['of']} {r.get(r['check']['of'])}, goal {r['goal']})"
+                          for r in short), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
