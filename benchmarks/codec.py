@@ -112,7 +112,7 @@ def percentile(values: list[float], q: float) -> float:
 def bootstrap_ratio(old: list[float], new: list[float], rounds: int = 2000) -> tuple[float, float]:
     """5th and 95th percentile of min(old) / min(new) over paired resamples."""
     rnd = random.Random(1)
-    pairs = list(zip(old, new))
+    pairs = list(zip(old, new, strict=False))
     ratios = []
     for _ in range(rounds):
         sample = rnd.choices(pairs, k=len(pairs))

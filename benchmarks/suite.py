@@ -167,10 +167,10 @@ def launcher_main() -> int:
         jobs: list[Callable[[], None]] = []
         if "echo" in spec:
             endpoint, idents = spec["echo"]
-            jobs = [lambda i=i: _echo_child(endpoint, i.encode()) for i in idents]
+            jobs = [lambda i=i, e=endpoint: _echo_child(e, i.encode()) for i in idents]
         elif "nodes" in spec:
             endpoint, nodes = spec["nodes"]
-            jobs = [lambda k=k, n=n: _node_child(k, n, endpoint) for k, n in nodes]
+            jobs = [lambda k=k, n=n, e=endpoint: _node_child(k, n, e) for k, n in nodes]
         pids = [fork_child(job) for job in jobs]
         children.extend(pids)
         print(json.dumps(pids), flush=True)
@@ -317,7 +317,8 @@ class Progress:
         if not enabled:
             return
         try:
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
 
             self._rich = RichProgress(
                 TextColumn("[bold]mmn bench[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -446,7 +447,7 @@ class Bench:
 
     async def _wait_live(self, names: list[str], timeout: float = 60.0) -> None:
         with trio.fail_after(timeout):
-            while not set(names) <= await self._live():
+            while not set(names) <= await self._live():  # noqa: ASYNC110 - another program's status, polled
                 await trio.sleep(0.1)
 
     async def _live(self) -> set[str]:

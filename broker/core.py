@@ -779,7 +779,7 @@ class HostCore:
         seen = self._replies.get(identity)
         if seen is not None:
             ref = getattr(msg, "ref", None)
-            if ref in seen and seen[ref] is None:
+            if isinstance(ref, int) and ref in seen and seen[ref] is None:
                 seen[ref] = msg  # what a duplicate of that request gets
         self._outbox.append(SendNode(identity, msg))
 
@@ -1109,7 +1109,7 @@ class HostCore:
             if session is None or session.state != "live":
                 continue
             if effect.expect_ack:
-                waiting[node] = msg.id
+                waiting[node] = msg.id  # type: ignore[attr-defined]  # every callback carries an id
             if self.listening:
                 self.publish(msg.TYPE, node=node, **_fields(msg))
             if type(msg) is ChangePte:  # the node may map the new frame now

@@ -444,7 +444,7 @@ def _ignore(frames: list[bytes], exc: Exception) -> None:
 
 # -- refused handshakes (CURVE), from libzmq's socket monitor -------------------
 
-_FAILED = {
+_FAILED: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "zap_refused",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
@@ -476,10 +476,10 @@ async def count_handshake_failures(mon: ZSocket, channel: str, counters: Mutable
                 event = parse_monitor_message(frames)["event"]
             except Exception:  # noqa: BLE001 - a malformed monitor message is nobody's fault
                 continue
-            name = _FAILED.get(event)
-            if name is not None:
-                counters[f"{name}_{channel}"] += 1
-                logger.info("%s channel: refused a handshake (%s)", channel, name)
+            failed = _FAILED.get(int(event))
+            if failed is not None:
+                counters[f"{failed}_{channel}"] += 1
+                logger.info("%s channel: refused a handshake (%s)", channel, failed)
     except trio.ClosedResourceError:
         return
 

@@ -141,16 +141,17 @@ class PhysicalMemory:
         if n is None:
             self.fail_alloc = None
             return
-        state = {"ok": n, "fail": count}
+        ok, left = n, count
 
         def fail() -> bool:
-            if state["ok"] > 0:
-                state["ok"] -= 1
+            nonlocal ok, left
+            if ok > 0:
+                ok -= 1
                 return False
-            if state["fail"] is None:
+            if left is None:
                 return True
-            if state["fail"] > 0:
-                state["fail"] -= 1
+            if left > 0:
+                left -= 1
                 return True
             return False
 

@@ -67,8 +67,6 @@ from .ksm import Ksm
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, PG_SHMEM, ZERO_PFN, PhysicalMemory, SwapFile
 from .notifier import NotifierCore
 from .pagetable import (
-    CHUNK_PAGES,
-    MMAP_BASE,
     PROTS,
     PTE_DIRTY,
     PTE_KSM_ZERO,
@@ -521,7 +519,10 @@ class Model:
                     # An ENOMEM copying a pinned page ends the invalidation
                     # (what was write-protected stays so, as in the kernel).
                     rng = Range(mm, vma.start, vma.end, NotifyEvent.PROTECTION_PAGE)
-                    yield from self.notifier.invalidate_range(rng, lambda _inv, vma=vma: copy_ptes(vma, None))
+                    def copy_all(_inv: Any, vma: Vma = vma) -> None:
+                        copy_ptes(vma, None)
+
+                    yield from self.notifier.invalidate_range(rng, copy_all)
                 else:
                     copy_ptes(vma, ptes)
         except KernelError:

@@ -116,13 +116,13 @@ class IntervalSet:
         return bool(self._starts)
 
     def __iter__(self):
-        return iter(zip(self._starts, self._ends))
+        return iter(zip(self._starts, self._ends, strict=False))
 
     def __len__(self) -> int:
         return len(self._starts)
 
     def total(self) -> int:
-        return sum(e - s for s, e in zip(self._starts, self._ends))
+        return sum(e - s for s, e in zip(self._starts, self._ends, strict=False))
 
     def overlaps(self, start: int, end: int) -> bool:
         i = bisect.bisect_right(self._starts, start) - 1

@@ -17,7 +17,6 @@ from protocol.types import ADDRESS_LIMIT
 from .client import BadEndpoint, UsageError, parse_endpoint
 
 
-
 def _int(text: str) -> int:
     """Decimal or ``0x`` hexadecimal; no sign, no leading-zero octal guessing."""
     t = text.strip().replace("_", "")

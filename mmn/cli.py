@@ -55,7 +55,6 @@ import argparse
 import logging
 import math
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -68,7 +67,6 @@ from protocol.messages import Event
 
 from . import render, services
 from .args import address, endpoint, hexbytes, node_name, number, octal_mode, probability, seconds
-from .render import PROG
 from .client import (
     DEFAULT_ADMIN,
     DEFAULT_TIMEOUT,
@@ -87,6 +85,7 @@ from .client import (
     host_events_endpoint,
     subscribe_events,
 )
+from .render import PROG
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     right = [bool(text_rows) and all(_numeric(r[i]) or r[i] == "-" for r in text_rows) for i in range(len(heads))]
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)]
+        parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=False)]
         return "  ".join(parts).rstrip()
 
     out = [line(heads)]

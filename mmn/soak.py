@@ -750,14 +750,14 @@ class Soak:
             for i, op in enumerate(group):
                 nursery.start_soon(one, i, op)
         denied = any(op["op"].startswith("xpmem_") and not res[0] and res[1] in DENIAL_ERRNOS
-                     for op, res in zip(group, results))
+                     for op, res in zip(group, results, strict=False))
         if self._made or denied:
             await self.refresh_epochs()
             for gen, (node, before) in self._made.items():
                 # made in the session seen before it and still current after it
                 self.gen_epoch[gen] = before if before is not None and self.epochs.get(node, (None,))[0] == before \
                     else None
-        for op, res in zip(group, results):
+        for op, res in zip(group, results, strict=False):
             kind = op["op"]
             if kind == "xpmem_read":
                 rep.xpmem_reads += 1
@@ -767,10 +767,10 @@ class Soak:
                 rep.xpmem_writes_ok += bool(res[0])
         # mutators first, then the reads against before-or-after
         mutated: set[tuple[int, int, int]] = set()
-        for op, res in zip(group, results):
+        for op, res in zip(group, results, strict=False):
             if op["op"] not in ("host_read", "node_read", "xpmem_read", "node_fault"):
                 mutated |= self.apply(op, res)
-        for op, res in zip(group, results):
+        for op, res in zip(group, results, strict=False):
             if op["op"] in ("host_read", "node_read", "xpmem_read", "node_fault"):
                 self.check_read(op, res, pre, mutated)
             if op["op"] in ACCESS_OPS and not res[0]:
@@ -1084,7 +1084,7 @@ class Soak:
                     return touched
             landed, maybe = (keys, []) if res[0] else self._write_landed(op, res[1], keys)
             data = op["data"]
-            for (page, off, n, pos), k in zip(segs, keys):
+            for (_page, off, n, pos), k in zip(segs, keys, strict=True):
                 if k not in self.pages or (k not in landed and k not in maybe):
                     continue
                 new = {c[:off] + data[pos:pos + n] + c[off + n:] for c in self.pages[k]}
@@ -1139,7 +1139,7 @@ class Soak:
         if len(data) != op["length"]:
             self.violation("wrong_reads", f"{_short(op)} read {len(data)} bytes")
             return
-        for (page, off, n, pos), k in zip(segs, keys):
+        for (page, off, n, pos), k in zip(segs, keys, strict=False):
             got = data[pos:pos + n]
             cands = set(self.pages.get(k, set()))
             if k in mutated:
@@ -1285,7 +1285,7 @@ async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | 
         try:
             with contextlib.ExitStack() as files:
                 if trace_dir is not None:
-                    runner.trace = files.enter_context(open(Path(trace_dir) / "soak.trace", "w"))
+                    runner.trace = files.enter_context(open(Path(trace_dir) / "soak.trace", "w"))  # noqa: ASYNC230 - once, before the run
                 await runner.run()
         finally:
             if cluster is not None:

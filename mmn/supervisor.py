@@ -128,7 +128,7 @@ async def spawn(child: Child, *, stdin: int = subprocess.DEVNULL, stdout: int | 
         out: Any = stdout
         err: Any = None  # inherited, without a log
         if child.log_path is not None:
-            log_file = files.enter_context(open(child.log_path, "ab"))
+            log_file = files.enter_context(open(child.log_path, "ab"))  # noqa: ASYNC230 - a local log, opened once per spawn
             out, err = (log_file, subprocess.STDOUT) if stdout is None else (stdout, log_file)
         child.process = await trio.lowlevel.open_process(
             child.argv, stdin=stdin, stdout=out, stderr=err, env=child_env(child.env), process_group=0,

@@ -59,8 +59,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,6 @@ from transport.curve import KeyError_, keygen
 
 from . import render
 from .args import number, seconds
-from .render import PROG
-from .services import HOST_OPTIONS
-from .supervisor import Child, child_env, free_ports, kill_leftovers, signal_group, spawn, stop_all
 from .client import (
     DEFAULT_NODE_PORT,
     EXIT_FAILED,
@@ -88,6 +85,9 @@ from .client import (
     remove_up_record,
     write_up_record,
 )
+from .render import PROG
+from .services import HOST_OPTIONS
+from .supervisor import Child, child_env, free_ports, kill_leftovers, signal_group, spawn, stop_all
 
 KINDS = ("kvm", "gru", "xpmem")
 

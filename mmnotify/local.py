@@ -53,7 +53,7 @@ from node.base import Completion, Output, SecondaryMMU
 from node.commands import start_command
 from node.kinds import node_class
 from protocol.messages import AdminReply, Command, CommandResult, Message, Registered
-from protocol.types import Errno, KernelError
+from protocol.types import KernelError
 
 logger = logging.getLogger(__name__)
 

@@ -59,14 +59,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import deque
 import random
 import socket
 import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio

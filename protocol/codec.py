@@ -400,7 +400,7 @@ def _fast_annotation(cls: type[Message], f: _Field, limits: Limits) -> Any:
 
 def _fast_struct(cls: type[Message], limits: Limits) -> type[msgspec.Struct]:
     fields: list[Any] = [("v", Literal[PROTOCOL_VERSION])]
-    for dc_field, f in zip(dataclasses.fields(cls), _SCHEMAS[cls.TYPE]):
+    for dc_field, f in zip(dataclasses.fields(cls), _SCHEMAS[cls.TYPE], strict=False):
         annotation = _fast_annotation(cls, f, limits)
         fields.append((f.name, annotation) if f.required else (f.name, annotation, dc_field.default))
     return msgspec.defstruct(

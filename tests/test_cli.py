@@ -1153,7 +1153,6 @@ def test_a_second_terminal_reaches_mmn_up_with_curve_and_no_flags(
 
 def _free_port_triple() -> int:
     """A base P with P, P+1, P+2 free right now (high ports the OS hands out)."""
-    import socket
 
     for _ in range(50):
         base = up.free_ports(1)[0]

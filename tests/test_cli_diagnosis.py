@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from mmn import cli, client, up
+from mmn import client, up
 from mmn.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

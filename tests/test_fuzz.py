@@ -70,7 +70,6 @@ from protocol.messages import (
     Registered,
     Release,
     Subscribe,
-    TestYoung as _TestYoung,
     Unpin,
     Unsubscribe,
     XpmemGet,
@@ -78,6 +77,9 @@ from protocol.messages import (
     XpmemRelease,
     XpmemRemove,
     XpmemReply,
+)
+from protocol.messages import (
+    TestYoung as _TestYoung,
 )
 from transport import connect
 

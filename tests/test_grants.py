@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from test_core import admin_replies, register, sends
+
 from broker.core import CoreConfig, HostCore
 from broker.mm import Model
 from protocol.messages import (
@@ -28,7 +30,6 @@ from protocol.messages import (
     Release,
     Subscribe,
 )
-from test_core import admin_replies, register, sends
 
 PS = 4096
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from broken_kinds import AcksBeforeZapping, NeverZaps
+
 from mmnotify.local import LocalCluster, Stuck
 from node.kvm import KvmMMU
 from protocol.messages import Ack, DmaRead, Gup, InvalidateRangeStart, Unpin

@@ -15,10 +15,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from node.base import Completion, SecondaryMMU
 from node.fault import TRANSITIONS, Fault, FaultEvent, FaultState, FaultStateError
-from node.kinds import node_class
 from node.gru import GruMMU
+from node.kinds import node_class
 from node.kvm import KvmMMU, Spte
 from node.xpmem import XpmemMMU
+from protocol import messages  # messages.TestYoung: not a test class for pytest
 from protocol.messages import (
     Ack,
     ChangePte,
@@ -44,7 +45,6 @@ from protocol.messages import (
     XpmemRelease,
     XpmemReply,
 )
-from protocol import messages  # messages.TestYoung: not a test class for pytest
 from protocol.types import NOTIFIER_OPS, Errno
 
 PAGE = 4096

@@ -53,7 +53,7 @@ def test_interval_set_matches_reference(ops, qstart, qlen):
         assert pages == ref
         spans = list(iset)
         # disjoint, sorted, non-adjacent (merged)
-        for (s1, e1), (s2, e2) in zip(spans, spans[1:]):
+        for (s1, e1), (s2, e2) in zip(spans, spans[1:], strict=False):
             assert e1 < s2
         assert iset.total() == len(ref)
     assert iset.overlaps(qstart, qstart + qlen) == bool(ref & set(range(qstart, qstart + qlen)))

@@ -412,7 +412,6 @@ def test_type_confused_fields_hypothesis(data: st.DataObject) -> None:
 
 def wrongly_typed(ann: Any) -> st.SearchStrategy[Any]:
     """A value whose msgpack type differs from the annotation."""
-    origin = typing.get_origin(ann)
     bad_items = st.one_of(st.none(), st.floats(), st.binary(max_size=4), st.dictionaries(small_text, st.none()))
     options: dict[Any, st.SearchStrategy[Any]] = {
         None: st.none(),

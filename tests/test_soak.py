@@ -254,8 +254,8 @@ async def test_an_xpmem_attachment_a_restart_dropped_is_attached_again_before_it
     by the host."""
     import contextlib
 
-    from mmn.soak import STATUS_LANE
     from mmn.client import AdminClient
+    from mmn.soak import STATUS_LANE
 
     nodes = [("xpmem0", "xpmem")]
     cluster = Cluster(nodes, logs=tmp_path)

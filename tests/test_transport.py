@@ -21,9 +21,9 @@ import trio.testing
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from mmn.client import AdminClient, SyncAdminClient
 from protocol import encode
 from protocol.messages import AdminReply, AdminRequest, Error, Event, Ok
-from mmn.client import AdminClient, SyncAdminClient
 from transport import (
     PeerBusy,
     PeerGone,

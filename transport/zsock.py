@@ -104,7 +104,7 @@ __all__ = [
 ]
 
 
-class Received(list):  # type: ignore[type-arg]
+class Received(list[bytes]):
     """The frames of one received message, plus ``user_id``: the ZAP User-Id
     of the sender's connection (on a ``user_ids=True`` socket; the identity
     of the sender's CURVE key), else None.  A plain list otherwise."""
@@ -432,7 +432,7 @@ class ZSocket:
     def _events(self) -> int:
         """Read EVENTS (which drains the FD) and wake waiters it concerns."""
         try:
-            ev: int = self._getsockopt(_EVENTS)
+            ev = int(self._getsockopt(_EVENTS))
         except zmq.ZMQError as exc:
             raise self._map_error(exc) from exc
         if ev & self._wanted() or (self._want_any and ev):
@@ -569,7 +569,8 @@ class ZSocket:
             parts.append(sock.recv(_NOBLOCK, copy=False))
         frames = Received(p.bytes for p in parts)
         try:
-            frames.user_id = parts[-1].get("User-Id")
+            user_id = parts[-1].get("User-Id")
+            frames.user_id = user_id if isinstance(user_id, str) else None
         except (zmq.ZMQError, UnicodeDecodeError):
             frames.user_id = None
         self._after_io()
@@ -690,7 +691,7 @@ class ZSocket:
         await self.aclose()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else zmq.SocketType(self._sock.type).name
+        state = "closed" if self._closed else zmq.SocketType(int(self._sock.type)).name
         return f"<ZSocket {state} fd={self._fd}>"
 
 
@@ -765,7 +766,7 @@ async def serve_socket(
     zsock: ZSocket,
     *,
     incoming_buffer: int = 256,
-    outgoing_buffer: int = 256,
+    outgoing_buffer: float = 256,
     on_undeliverable: Callable[[Frames, TransportError], None] = _log_undeliverable,
     wait_for_slow_peer: bool = False,
     direct_incoming: bool = False,
@@ -924,7 +925,7 @@ class LinkFailed(TransportError):
         super().__init__(f"{endpoint}: {reason} ({value:#x})")
 
 
-_HANDSHAKE_FAILURES = {
+_HANDSHAKE_FAILURES: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake",
