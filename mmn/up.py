@@ -9,7 +9,7 @@ none is left behind.  If the host dies, ``up`` stops the nodes and exits 1.
 
 Process lifetimes::
 
-    up ──┬── host  (pgid = its pid)   dies  -> up stops the rest, exit 1
+    up ──┬── host  (pgid = its pid)   dies  -> up stops the rest, exit 1; restarted with --restart
          ├── kvm0  (pgid = its pid)   dies  -> shown; restarted with --restart
          ├── gru0
          └── xpmem0
@@ -114,7 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=seconds, default=20.0, metavar="S", help="startup deadline in seconds (default 20)")
     p.add_argument("--grace", type=seconds, default=3.0, metavar="S", help="seconds from SIGTERM to SIGKILL at the end (default 3)")
     p.add_argument("--interval", type=seconds, default=1.0, metavar="S", help="seconds between two status refreshes (default 1)")
-    p.add_argument("--restart", action="store_true", help="restart nodes whose process exits")
+    p.add_argument("--restart", action="store_true",
+                   help="restart the host or a node whose process exits (default: a node is shown as exited, "
+                        "and the host's exit stops everything)")
     p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="log directory (default: a fresh temp dir)")
     p.add_argument("--log-level", default=os.environ.get("MMN_LOG_LEVEL", "INFO"),
                    help="of every service: DEBUG, INFO, WARNING or ERROR (default $MMN_LOG_LEVEL, else INFO)")
@@ -291,10 +293,21 @@ async def _watch_children(
     plan: Plan, host: Child, nodes: list[Child], restart: bool, notes: list[str], stop: trio.CancelScope
 ) -> None:
     async def watch_host() -> None:
-        assert host.process is not None
-        code = await host.process.wait()
-        notes.append(f"the host exited with status {code}")
-        stop.cancel()
+        while True:
+            assert host.process is not None
+            code = await host.process.wait()
+            signal_group(host, signal.SIGKILL)
+            host.exits.append(code)
+            notes.append(f"the host exited with status {code}")
+            if not restart:
+                stop.cancel()
+                return
+            # A new incarnation on the same ports: every mm is gone with the old
+            # one (a host crash is a machine crash); the nodes see the new
+            # incarnation, drop everything and register again by themselves.
+            await trio.sleep(1.0)
+            await spawn(host)
+            notes.append(f"the host restarted (pid {host.process.pid})")
 
     async def watch_node(child: Child) -> None:
         while True:

@@ -1219,3 +1219,37 @@ async def _answer(sock: Any, frames: list[bytes]) -> Any:
     ref = getattr(decode(frames[0], Limits()), "id", None)
     await sock.send_multipart(frames)
     return await _next(sock, lambda m: getattr(m, "ref", None) == ref)
+
+
+async def test_mmn_up_restart_brings_a_killed_host_back_and_the_nodes_follow(tmp_path: Path) -> None:
+    """``mmn up --restart``: SIGKILL the host; up starts a new incarnation on
+    the same ports, every node drops what it held and registers with it, and
+    the old incarnation's mms are gone (a host crash is a machine crash)."""
+    from mmnotify.pytest_plugin import start_cluster
+
+    cluster = await trio.to_thread.run_sync(
+        lambda: start_cluster(tmp_path / "up", kvm=1, gru=1, xpmem=0, args=["--restart"]))
+    try:
+        c = cluster.client
+        mm = await c.spawn()
+        addr = await c.mmap(mm, pages=2, fill=0x33)
+        await c.fault("kvm0", mm=mm, addr=addr, pages=2)
+        first = await c.status()
+        os.kill(cluster.ready["host"]["pid"], signal.SIGKILL)
+        with trio.fail_after(40):
+            while True:
+                await trio.sleep(0.2)
+                try:
+                    now = await c.status()
+                except Exception:  # noqa: BLE001 - the host is down for a moment
+                    continue
+                if now.incarnation != first.incarnation and all(n.state == "live" for n in now.nodes) \
+                        and sorted(n.name for n in now.nodes) == ["gru0", "kvm0"]:
+                    break
+        assert now.mms_total == 0 and now.node("kvm0").mapped_pages == 0 and now.stale_accesses == 0
+        assert cluster.process is not None and cluster.process.poll() is None  # up itself went on
+        mm = await c.spawn()  # the new incarnation serves
+        addr = await c.mmap(mm, pages=1, fill=0x44)
+        assert (await c.access("gru0", mm=mm, addr=addr, length=1)).data == b"\x44"
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
