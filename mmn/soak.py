@@ -470,7 +470,7 @@ class Cluster:
 
     def __init__(self, nodes: list[tuple[str, str]], *, seed: int = 0, logs: Path | None = None,
                  host_options: dict[str, int] | None = None, node_env: dict[str, str] | None = None,
-                 restart: bool = True, host_args: list[str] | None = None) -> None:
+                 restart: bool = True, host_args: list[str] | None = None, curve: bool = False) -> None:
         self.nodes = nodes
         self.seed = seed
         self.logs = logs or Path(tempfile.mkdtemp(prefix="mmn-soak-"))
@@ -492,6 +492,13 @@ class Cluster:
         self.stopping = False
         self.restart = restart
         self._index = {name: (i, kind) for i, (name, kind) in enumerate(nodes)}
+        #: CURVE key directory of every process (``--curve``), None for plain TCP
+        self.keys: str | None = None
+        if curve:
+            from transport.curve import ADMIN_KEY_NAME, keygen
+
+            self.keys = str(self.logs / "keys")
+            keygen(self.keys, [name for name, _ in nodes], (ADMIN_KEY_NAME,), overwrite=True)
 
     @property
     def procs(self) -> dict[str, trio.Process]:
@@ -502,8 +509,8 @@ class Cluster:
         self.spawned[name] = trio.current_time()
         child = self.children.setdefault(name, Child(name, [], self.logs / f"{name}.log"))
         child.argv = [sys.executable, "-m", "mmn", *argv]
-        # a soak's own cluster runs on loopback, plain
-        child.env = {"MMN_KEYS_DIR": None, "MMN_LOG_LEVEL": os.environ.get("MMN_LOG_LEVEL", "WARNING"),
+        # a soak's own cluster runs on loopback: plain, or CURVE with its own keys (--curve)
+        child.env = {"MMN_KEYS_DIR": self.keys, "MMN_LOG_LEVEL": os.environ.get("MMN_LOG_LEVEL", "WARNING"),
                      **(extra or {})}
         await spawn(child)
 
@@ -514,6 +521,14 @@ class Cluster:
                 "--heartbeat-ms", str(o["heartbeat_ms"]), "--liveness", str(o["liveness"]),
                 "--ack-deadline-ms", str(o["ack_deadline_ms"]), "--command-timeout-ms", str(o["command_timeout_ms"]),
                 "--log-level", "WARNING", *self.host_args]
+
+    def security(self) -> Any:
+        """The CURVE hook of the soak's admin clients (None: plain TCP)."""
+        if self.keys is None:
+            return None
+        from .client import client_security
+
+        return client_security(self.keys, env={})
 
     def node_argv(self, i: int, name: str, kind: str) -> list[str]:
         return ["node", "--kind", kind, "--name", name, "--host", self.node_endpoint, "--seed",
@@ -548,7 +563,7 @@ class Cluster:
             await self._spawn(name, self.node_argv(i, name, kind), self.node_env)
 
     async def status(self, timeout: float = 3.0) -> dict[str, Any] | None:
-        return await _status(self.admin, None, timeout)
+        return await _status(self.admin, self.security(), timeout)
 
     async def wait_live(self, timeout: float) -> dict[str, Any]:
         want = {n for n, _ in self.nodes}
@@ -1251,7 +1266,8 @@ def _short(op: dict[str, Any]) -> str:
 
 
 async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | None = None,
-               logs: Path | None = None, node_env: dict[str, str] | None = None, keys: str | None = None) -> Report:
+               logs: Path | None = None, node_env: dict[str, str] | None = None, keys: str | None = None,
+               curve: bool = False) -> Report:
     """Run one soak; returns its report (``report.ok()``)."""
     report = Report(seed=seed)
     timing = dict(SOAK_HOST)
@@ -1260,7 +1276,8 @@ async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | 
         cluster = None
         if host is None:
             nodes = node_names(nnodes)
-            cluster = Cluster(nodes, seed=seed, logs=logs, node_env=node_env)
+            cluster = Cluster(nodes, seed=seed, logs=logs, node_env=node_env, curve=curve)
+            security = cluster.security()
             try:
                 await cluster.start(nursery)
                 admin = cluster.admin
@@ -1310,6 +1327,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", default=None, metavar="DIR",
                    help="with --host: CURVE keys from `mmn keygen` ($MMN_KEYS_DIR), as for every command")
     p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="process logs (a fresh temp dir)")
+    p.add_argument("--curve", action="store_true",
+                   help="its own cluster on CURVE, keys made in LOGS/keys (default: plain TCP on loopback)")
     p.add_argument("--json", action="store_true", help="one JSON document")
 
 
@@ -1320,7 +1339,8 @@ def run(ns: argparse.Namespace) -> int:
     host = ns.host or None
     if host is not None and "://" not in host:
         host = f"tcp://{host}"
-    report = trio.run(lambda: soak(ns.seed, ns.ops, ns.nodes, ns.faults, host=host, logs=ns.logs, keys=ns.keys))
+    report = trio.run(lambda: soak(ns.seed, ns.ops, ns.nodes, ns.faults, host=host, logs=ns.logs, keys=ns.keys,
+                                   curve=ns.curve))
     out = {k: v for k, v in report.__dict__.items()}
     out["ok"] = report.ok()
     if ns.json:
