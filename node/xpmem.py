@@ -192,13 +192,15 @@ class XpmemMMU(SecondaryMMU):
     def attach(self, apid: int, offset: int = 0, length: int | None = None) -> tuple[int, list[Output]]:
         """``xpmem_attach``: map part of a permit's segment into the node's space.
 
-        Nothing is faulted in or pinned yet.  A read-only permit gives a
-        read-only attachment.
+        Nothing is faulted in or pinned yet.  ``xpmem_attach`` always
+        validates the permit for ``XPMEM_RDWR``, so every attachment is
+        read-write and a read-only permit cannot be attached.
 
         Returns:
             ``(token, outputs)`` with the Completion already among the outputs:
             ``{"vaddr", "length", "write"}``.  Errors: EINVAL (unknown apid, bad
-            offset or length -- ``xpmem_validate_access``).
+            offset or length), EACCES (a read-only permit) --
+            ``xpmem_validate_access``.
         """
         token = self._new_token()
         permit = self.permits.get(apid)
@@ -206,6 +208,8 @@ class XpmemMMU(SecondaryMMU):
             length = permit.length - offset
         if permit is None:
             return token, self._complete(token, error=KernelError(Errno.EINVAL, f"unknown apid {apid}"))
+        if not permit.write:
+            return token, self._complete(token, error=KernelError(Errno.EACCES, f"apid {apid} is read-only"))
         if length is None or offset < 0 or offset % self.page_size or not 0 < length <= permit.length - offset:
             return token, self._complete(token, error=KernelError(Errno.EINVAL, "offset/length outside segment"))
         seg_addr = permit.addr + offset
@@ -234,13 +238,14 @@ class XpmemMMU(SecondaryMMU):
 
         Returns:
             ``(token, outputs)``: Unpin messages and the Completion
-            ``{"vaddr", "unpinned"}``.  Errors: EINVAL if no attachment holds
-            ``vaddr`` (XPMEM itself quietly returns 0).
+            ``{"vaddr", "unpinned"}``.  No attachment at ``vaddr`` is a no-op
+            with ``unpinned`` 0, as ``xpmem_detach`` returns 0 when it finds
+            no xpmem vma there.
         """
         token = self._new_token()
         att = self._attachment_at(vaddr)
         if att is None:
-            return token, self._complete(token, error=KernelError(Errno.EINVAL, f"no attachment at {vaddr:#x}"))
+            return token, self._complete(token, {"vaddr": vaddr, "unpinned": 0})
         unpinned = len(att.ptes)
         outputs = self._detach(att)
         return token, outputs + self._complete(token, {"vaddr": att.user_vaddr, "unpinned": unpinned})

@@ -615,15 +615,26 @@ def test_xpmem_reply_for_a_detached_attachment_is_unpinned():
     assert xp.pinned_pages() == 0
 
 
-def test_xpmem_read_only_permit_cannot_write():
-    xp, vaddr = xpmem_attached(write=False)
-    _, (c,) = xp.access(0, vaddr, write_data=b"x")
+def test_xpmem_read_only_permit_cannot_be_attached():
+    """xpmem_attach validates the permit for XPMEM_RDWR: an RDONLY apid gets EACCES."""
+    xp = registered(XpmemMMU("x"))
+    token, (get,) = xp.get(5, write=False)
+    xp.receive(XpmemReply(ref=get.id, value=9, mm=MM, addr=BASE, length=4 * PAGE, write=False))
+    _, (c,) = xp.attach(9)
     assert c.error.errno is Errno.EACCES
-    _, (c,) = xp.fault(0, vaddr, 1, write=True)
-    assert c.error.errno is Errno.EACCES
-    _, out = xp.access(0, vaddr, 1)
-    gup = only(subscribed(xp, out), Gup)
-    assert (gup.write, gup.pin) == (False, True)
+    assert xp.attachments == {}
+
+
+def test_xpmem_detach_where_nothing_is_attached_is_a_no_op():
+    """xpmem_detach returns 0 when no xpmem vma holds the address."""
+    xp, vaddr = xpmem_attached()
+    xpmem_fault(xp, vaddr, [10])
+    _, out = xp.detach(vaddr - PAGE)
+    assert out == [Completion(out[0].token, {"vaddr": vaddr - PAGE, "unpinned": 0})]
+    assert xp.pinned_pages() == 1
+    xp.detach(vaddr)
+    _, (c,) = xp.detach(vaddr)  # twice: still 0
+    assert c.result == {"vaddr": vaddr, "unpinned": 0}
 
 
 def test_xpmem_release_and_remove():

@@ -335,7 +335,13 @@ class ClusterMachine(RuleBasedStateMachine):
             assert exc.errno is Errno.EACCES and write and not mode & 0o200, (exc, oct(mode))
             return
         assert (mode >> 6) & (0o6 if write else 0o4) == (0o6 if write else 0o4)
-        vaddr = self.c.xpmem_attach("xpmem", apid)
+        try:
+            vaddr = self.c.xpmem_attach("xpmem", apid)
+        except KernelError as exc:
+            # xpmem_attach validates for XPMEM_RDWR: a read-only permit is refused
+            assert exc.errno is Errno.EACCES and not write, exc
+            return
+        assert write
         self.atts.append({"vaddr": vaddr, "mm": mm, "addr": addr, "npages": npages, "write": write,
                           "apid": apid, "dead": False})
 
