@@ -70,7 +70,7 @@ import itertools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -111,6 +111,7 @@ from .admin import ADMIN_HANDLERS
 from .effects import Deliver, Op, Outcomes
 from .grants import Grants
 from .notifier import check_ops
+from .pagetable import Prot
 from .sessions import Refused, Session, Sessions
 from .tasks import Locked, Relay, RelayAll, Sleep, Task, WaitKsm
 from .xpmem import Segments
@@ -687,6 +688,8 @@ class HostCore:
                 # recorded nowhere, and the next munmap would free them under it.
                 self._send(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=Errno.EINVAL.value))
                 return
+            if session.kind == "xpmem":
+                msg = self._xpmem_pin_write(name, msg)
             reply = self._gup_fast(name, session.kind, msg)
             if reply is None:
                 self._spawn(self._gup_slow_task(session, msg), "gup")
@@ -876,6 +879,23 @@ class HostCore:
         self.counters["gup_fast"] += 1
         self._hand(name, pages)
         return GupReply(ref=msg.id, mm=msg.mm, pages=page_triples(pages))
+
+    def _xpmem_pin_write(self, name: str, msg: Gup) -> Gup:
+        """``xpmem_pin_page``: FOLL_WRITE follows the source vma, not the
+        access: a read fault through a read-write permit pins writable (the
+        COW break happens now) where the exporter's vma is writable, and
+        read-only where it is not (after the owner's mprotect), so reads go on
+        working and only writes fail (EPERM from GUP)."""
+        if not msg.pin or msg.write:
+            return msg
+        try:
+            vma = self.model.check_mm(msg.mm).find_vma(msg.addr)
+        except KernelError:
+            return msg  # the GUP itself reports it
+        end = msg.addr + msg.npages * self.config.page_size
+        if vma is None or vma.prot is not Prot.RW or not self.segments.may_pin(name, msg.mm, msg.addr, end, True):
+            return msg
+        return replace(msg, write=True)
 
     def _gup_slow(self, name: str, msg: Gup) -> Op[GupReply]:
         """``get_user_pages`` with faults: an operation for the lock.  The

@@ -423,13 +423,15 @@ class XpmemMMU(SecondaryMMU):
             raise KernelError(Errno.EACCES, "read-only attachment")
         page = addr - addr % self.page_size
         npages = min(npages, (att.vaddr + att.size - page) // self.page_size)
-        # A read-write permit pins writable at once, so a later write needs no
-        # second pin (and a COW break happens at fault time, on the host).
+        # The Gup says what the access needs; the host pins writable whenever
+        # the exporter's vma is writable (xpmem_pin_page's FOLL_WRITE follows
+        # the source vma), so a later write needs no second pin, and a read
+        # of a vma the owner made read-only still succeeds.
         return Fault(
             mm=att.mm,
             addr=att.exporter_addr(page),
             npages=npages,
-            write=att.write,
+            write=write,
             pin=True,
             context=att,
         )
@@ -457,11 +459,14 @@ class XpmemMMU(SecondaryMMU):
         extra: list[int] = []
         for addr, pfn, writable in pages:
             inside = att.seg_vaddr <= addr < att.seg_vaddr + att.size
-            if not live or not inside or addr in att.ptes:
+            old = att.ptes.get(addr)
+            if not live or not inside or (old is not None and (old[1] or not writable)):
                 # Detached meanwhile, outside the attachment, or already mapped
                 # by a racing fault (xpmem_fault_handler drops the extra pin).
                 extra.append(pfn)
                 continue
+            if old is not None:
+                extra.append(old[0])  # a writable pin replaces a read-only one
             att.ptes[addr] = (pfn, bool(writable))
             installed.append([addr, pfn, writable])
         return installed, self._unpin(f.mm, extra)

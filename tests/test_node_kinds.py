@@ -521,7 +521,8 @@ def test_xpmem_fault_pins_in_the_exporters_mm():
     xp, vaddr = xpmem_attached()
     token, out = xp.access(0, vaddr + PAGE + 3, 2)
     (gup,) = subscribed(xp, out)
-    assert gup == Gup(id=gup.id, epoch=EPOCH, mm=MM, addr=page(1), npages=1, write=True, pin=True)
+    # a read asks for read; the host adds FOLL_WRITE where the vma is writable
+    assert gup == Gup(id=gup.id, epoch=EPOCH, mm=MM, addr=page(1), npages=1, write=False, pin=True)
     (dma,) = xp.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(1), 11, 1]]))
     assert dma == DmaRead(id=dma.id, epoch=EPOCH, mm=MM, addr=page(1), pfn=11, offset=3, length=2)
     assert xp.receive(DmaReply(ref=dma.id, data=b"hi")) == [Completion(token, {"data": b"hi"})]
@@ -529,6 +530,28 @@ def test_xpmem_fault_pins_in_the_exporters_mm():
     assert xp.pinned_pages() == 1
     _, (c,) = xp.access(0, vaddr - PAGE, 1)
     assert c.error.errno is Errno.EFAULT
+
+
+def test_xpmem_read_fault_asks_for_read_and_host_decides_foll_write():
+    """xpmem_pin_page sets FOLL_WRITE from the source vma: the node's Gup says
+    what the access needs; a read-only pin is then upgraded by a write fault."""
+    xp, vaddr = xpmem_attached()
+    _, out = xp.fault(0, vaddr, 1)
+    gup = only(subscribed(xp, out), Gup)
+    assert (gup.write, gup.pin) == (False, True)
+    xp.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(0), 10, 0]]))  # vma read-only: pinned r/o
+    token, out = xp.access(0, vaddr, write_data=b"x")
+    gup = only(out, Gup)
+    assert (gup.write, gup.pin) == (True, True)
+    (c,) = xp.receive(GupReply(ref=gup.id, mm=MM, pages=[], errno="EPERM"))
+    assert c.error.errno is Errno.EPERM
+    # the vma is writable again: the write fault's writable pin replaces the
+    # read-only one, whose pin is dropped
+    token, out = xp.access(0, vaddr, write_data=b"y")
+    gup = only(out, Gup)
+    out = xp.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(0), 12, 1]]))
+    assert only(out, Unpin).pfns == [10]
+    assert xp.translations() == {MM: {page(0): 12}} and xp.pinned_pages() == 1
 
 
 def test_xpmem_start_drains_in_flight_dma_before_ack():

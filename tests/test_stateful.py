@@ -365,8 +365,9 @@ class ClusterMachine(RuleBasedStateMachine):
             return Errno.EACCES  # xpmem_validate_access: a read-only attachment
         if att["dead"]:
             return Errno.ESRCH  # the exporting mm is gone (its segments with it)
-        # a read-write attachment pins writable at once (FOLL_WRITE)
-        return expected_node_error(self.prot.get((att["mm"], addr)), att["write"])
+        # xpmem_pin_page: FOLL_WRITE follows the exporter's vma, so reads of a
+        # read-only vma succeed and only writes fail
+        return expected_node_error(self.prot.get((att["mm"], addr)), write)
 
     def check_xpmem_access(self, att: dict, addr: int, off: int, n: int, data: bytes | None, outcome,
                            *, before: bytes | None = None, racing: bool = False) -> None:
