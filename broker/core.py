@@ -102,6 +102,7 @@ from protocol.messages import (
     XpmemMake,
     XpmemRelease,
     XpmemRemove,
+    XpmemRemoved,
     XpmemReply,
 )
 from protocol.types import Errno, KernelError, name_matches_key
@@ -699,6 +700,9 @@ class HostCore:
         if isinstance(msg, Unsubscribe):
             self._spawn(self._unsubscribe_task(session, msg), "unsubscribe")
             return
+        if isinstance(msg, XpmemRemove):
+            self._spawn(self._xpmem_remove_task(session, msg), "xpmem_remove")
+            return
         self._send(identity, self._answer(name, msg))
 
     def _register(self, identity: bytes, msg: Register) -> None:
@@ -797,7 +801,7 @@ class HostCore:
         =================  ============================  ===============================
         Subscribe          Ok                            ESRCH (no mm), EINTR (exiting)
         Unpin              Ok                            EINVAL (not pinned by it)
-        XpmemMake/Get/...  XpmemReply                    ENOENT, EACCES, ESRCH, EINVAL
+        XpmemMake/Get/Rel  XpmemReply                    ENOENT, EACCES, ESRCH, EINVAL
         =================  ============================  ===============================
         """
         model = self.model
@@ -825,12 +829,32 @@ class HostCore:
             if isinstance(msg, XpmemRelease):
                 self.segments.release(name, msg.apid)
                 return XpmemReply(ref=msg.id)
-            if isinstance(msg, XpmemRemove):
-                self.segments.remove(name, msg.segid)
-                return XpmemReply(ref=msg.id)
         except KernelError as exc:
             return Error(ref=getattr(msg, "id", 0), code=exc.errno.value, message=exc.message)
         return Error(ref=getattr(msg, "id", 0), code="bad_message", message=f"{msg.TYPE} is not for the host")
+
+    def _xpmem_remove_task(self, session: Session, msg: XpmemRemove) -> Task[None]:
+        """``xpmem_remove_seg``: the segment and its permits go at once (no
+        new pin), then every importer gets ``XpmemRemoved`` under the lock
+        and the reply waits for their acks (``xpmem_clear_PTEs`` zaps and
+        unpins every attachment before remove returns).  An importer that
+        misses the ack deadline is fenced, which drops its pins too."""
+        try:
+            gone = self.segments.remove(session.name, msg.segid)
+        except KernelError as exc:
+            self._send(session.identity, Error(ref=msg.id, code=exc.errno.value, message=exc.message))
+            return
+        importers = sorted({p.node for p in gone})
+        if importers:
+            yield Locked(self._xpmem_clear(importers, msg.segid))
+        if self._still(session):
+            self._send(session.identity, XpmemReply(ref=msg.id))
+
+    def _xpmem_clear(self, importers: list[str], segid: int) -> Op[None]:
+        # The ids of the notifier's own callbacks: a node keys its drains and
+        # answered acks by them.
+        ids = self.notifier._ids
+        yield Deliver(tuple((node, XpmemRemoved(id=next(ids), segid=segid)) for node in importers))
 
     def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
         """A node's access through its translation, checked by the oracle

@@ -42,6 +42,7 @@ from protocol.messages import (
     XpmemGet,
     XpmemMake,
     XpmemRelease,
+    XpmemRemoved,
     XpmemReply,
 )
 from protocol import messages  # messages.TestYoung: not a test class for pytest
@@ -673,6 +674,29 @@ def test_xpmem_release_and_remove():
     token, (rm,) = xp.remove(5)
     (c,) = xp.receive(XpmemReply(ref=rm.id, errno="EPERM"))
     assert c.error.errno is Errno.EPERM
+
+
+def test_xpmem_removed_by_the_host_zaps_drains_unpins_then_acks():
+    """xpmem_remove_seg -> xpmem_clear_PTEs on an importer: its attachments
+    are zapped at once, the pins dropped after the DMA in flight on them,
+    then the Ack; every later use of them is ENOENT."""
+    xp, vaddr = xpmem_attached()
+    xpmem_fault(xp, vaddr, [10, 11])
+    token, (dma,) = xp.access(0, vaddr, 4)
+    assert xp.receive(XpmemRemoved(id=70, segid=5)) == []  # draining
+    assert xp.translations() == {}
+    assert xp.receive(XpmemRemoved(id=70, segid=5)) == []  # duplicate while draining
+    out = xp.receive(DmaReply(ref=dma.id, data=b"data"))
+    unpin = only(out, Unpin)
+    assert out == [unpin, Ack(ref=70), Completion(token, {"data": b"data"})] and unpin.pfns == [10, 11]
+    assert xp.receive(XpmemRemoved(id=70, segid=5)) == [Ack(ref=70)]  # duplicate after
+    assert xp.pinned_pages() == 0
+    for call in (lambda: xp.access(0, vaddr, 1), lambda: xp.fault(0, vaddr, 1), lambda: xp.attach(9)):
+        _, (c,) = call()
+        assert c.error.errno is Errno.ENOENT
+    assert xp.receive(XpmemRemoved(id=71, segid=6)) == [Ack(ref=71)]  # nothing of it here
+    _, (c,) = xp.detach(vaddr)
+    assert c.result == {"vaddr": vaddr, "unpinned": 0}
 
 
 def test_xpmem_get_refused_by_mode():

@@ -56,3 +56,43 @@ def test_after_owners_mprotect_ro_reads_refault_and_succeed_writes_fail() -> Non
     assert errno_of(lambda: c.access("xpmem", 0, vaddr, data=b"x")) is Errno.EPERM
     assert c.access("xpmem", 0, vaddr + PS, 4) == bytes(4)
     assert c.check() == 0
+
+
+# -- remove reaches every importer (xpmem_remove_seg -> xpmem_clear_PTEs) ------------
+
+
+def test_remove_zaps_and_unpins_every_importers_attachments() -> None:
+    c = cluster(xpmem="xpmem", xpmem2="xpmem", xpmem3="xpmem")
+    mm = c.spawn()
+    base = c.mmap(mm, 2)
+    c.write(mm, base, b"secret")
+    segid, own = attached(c, "xpmem", mm, base, 2)
+    _, other = attached(c, "xpmem2", mm, base, 2, segid)
+    apid3 = c.xpmem_get("xpmem3", segid)  # a permit, nothing attached
+    for name, vaddr in (("xpmem", own), ("xpmem2", other)):
+        assert c.access(name, 0, vaddr, 6) == b"secret"
+        assert c.access(name, 0, vaddr + PS, data=b"x") == 1
+    assert c.node("xpmem2").pinned_pages() == 2
+    assert c.xpmem_remove("xpmem", segid) == {"segid": segid}
+    for name, vaddr in (("xpmem", own), ("xpmem2", other)):
+        xp = c.node(name)
+        assert xp.pinned_pages() == 0 and xp.translations() == {}
+        assert errno_of(lambda: c.access(name, 0, vaddr, 6)) is Errno.ENOENT
+        assert errno_of(lambda: c.access(name, 0, vaddr, data=b"y")) is Errno.ENOENT
+        assert errno_of(lambda: c.fault(name, 0, vaddr)) is Errno.ENOENT
+        assert errno_of(lambda: c.xpmem_get(name, segid)) is Errno.ENOENT
+    assert errno_of(lambda: c.xpmem_attach("xpmem3", apid3)) is Errno.ENOENT
+    assert c.xpmem_detach("xpmem2", other)["unpinned"] == 0
+    assert c.read(mm, base, 6) == b"secret"  # nothing written after the remove
+    assert all(not c.model.pins.get(n) for n in ("xpmem", "xpmem2", "xpmem3"))  # the host's side too
+    assert c.check() == 0
+
+
+def test_remove_of_unknown_or_foreign_segment_changes_nothing() -> None:
+    c = cluster(xpmem="xpmem", xpmem2="xpmem")
+    mm = c.spawn()
+    base = c.mmap(mm, 1)
+    segid, vaddr = attached(c, "xpmem", mm, base, 1)
+    assert errno_of(lambda: c.xpmem_remove("xpmem", segid + 7)) is Errno.ENOENT
+    assert errno_of(lambda: c.xpmem_remove("xpmem2", segid)) is Errno.EACCES
+    assert c.access("xpmem", 0, vaddr, 1) == b"\0"
