@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import mmnotify
 from mmnotify.local import LocalCluster
 from protocol.types import Errno, KernelError
 
@@ -96,3 +97,48 @@ def test_remove_of_unknown_or_foreign_segment_changes_nothing() -> None:
     assert errno_of(lambda: c.xpmem_remove("xpmem", segid + 7)) is Errno.ENOENT
     assert errno_of(lambda: c.xpmem_remove("xpmem2", segid)) is Errno.EACCES
     assert c.access("xpmem", 0, vaddr, 1) == b"\0"
+
+
+# -- the real processes (mmn up), through the admin API ------------------------------
+
+
+async def fails(call: Any) -> mmnotify.Errno:
+    with pytest.raises(mmnotify.KernelError) as err:
+        await call
+    return err.value.errno
+
+
+@pytest.mark.mmn_cluster(kvm=0, gru=0, xpmem=3)
+async def test_real_processes_attach_detach_mprotect_and_remove(mmn_cluster: Any) -> None:
+    c = mmn_cluster.client
+    E = mmnotify.Errno
+    mm = await c.spawn()
+    addr = await c.mmap(mm, pages=2, fill=0x41)
+    segid = await c.xpmem_make("xpmem0", mm=mm, addr=addr, length=2 * PS, mode=0o666)
+    # attach asks for RDWR: a read-only permit is refused
+    ro = await c.xpmem_get("xpmem1", segid=segid, write=False)
+    assert await fails(c.xpmem_attach("xpmem1", apid=ro, length=2 * PS)) is E.EACCES
+    own = await c.xpmem_attach("xpmem0", apid=await c.xpmem_get("xpmem0", segid=segid, write=True), length=2 * PS)
+    other = await c.xpmem_attach("xpmem1", apid=await c.xpmem_get("xpmem1", segid=segid, write=True),
+                                 length=2 * PS)
+    # detach where nothing is attached: 0
+    await c.xpmem_detach("xpmem2", addr=other)
+    for node, vaddr in (("xpmem0", own), ("xpmem1", other)):
+        assert (await c.access(node, mm=mm, addr=vaddr, length=2)).data == b"AA"
+    # the owner's mprotect(RO): reads re-fault and succeed, writes fail
+    await c.mprotect(mm, addr, 2 * PS, "r")
+    assert (await c.access("xpmem1", mm=mm, addr=other, length=2)).data == b"AA"
+    assert await fails(c.access("xpmem1", mm=mm, addr=other, data=b"x")) is E.EPERM
+    await c.mprotect(mm, addr, 2 * PS, "rw")
+    assert (await c.access("xpmem1", mm=mm, addr=other + PS, data=b"B")).written == 1
+    # remove reaches every importer: zapped, unpinned, ENOENT from then on
+    await c.xpmem_remove("xpmem0", segid=segid)
+    status = await c.status()
+    for node, vaddr in (("xpmem0", own), ("xpmem1", other)):
+        assert status.node(node).mapped_pages == 0
+        assert await fails(c.access(node, mm=mm, addr=vaddr, length=1)) is E.ENOENT
+        assert await fails(c.fault(node, mm=mm, addr=vaddr)) is E.ENOENT
+    assert await fails(c.xpmem_get("xpmem2", segid=segid, write=True)) is E.ENOENT
+    assert await fails(c.xpmem_attach("xpmem1", apid=ro, length=PS)) is E.ENOENT
+    assert (await c.read(mm, addr + PS, 2)) == b"BA"
+    assert status.stale_accesses == 0
