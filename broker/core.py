@@ -321,6 +321,11 @@ class HostCore:
             "forged_accesses": 0,
             # status requests answered by one already under way (HostCore._admin)
             "status_coalesced": 0,
+            # /proc/xpmem's global counters: pages pinned for nodes (GUP
+            # replies sent with FOLL_PIN), pages unpinned (their Unpins, and
+            # the pins the host dropped at a fence); equal when none is held
+            "pages_pinned": 0,
+            "pages_unpinned": 0,
         }
         limits = self.config.limits
         self._node_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
@@ -748,7 +753,7 @@ class HostCore:
             return
         logger.warning("fenced %s (epoch %d): %s", name, session.epoch, reason)
         self._replies.pop(session.identity, None)
-        self.model.fence_node(name)  # the notifier forgets it, its pins go
+        self.counters["pages_unpinned"] += self.model.fence_node(name)  # the notifier forgets it, its pins go
         self.segments.forget_node(name)
         run = self._holder
         if run is not None and name in run.waiting:
@@ -814,6 +819,7 @@ class HostCore:
                 return Ok(ref=msg.id)
             if isinstance(msg, Unpin):
                 model.unpin(name, msg.mm, msg.pfns)
+                self.counters["pages_unpinned"] += len(msg.pfns)
                 return Ok(ref=msg.id)
             if isinstance(msg, XpmemMake):
                 model.check_mm(msg.mm)
@@ -901,6 +907,8 @@ class HostCore:
         if pages is None:
             return None
         self.counters["gup_fast"] += 1
+        if msg.pin:
+            self.counters["pages_pinned"] += len(pages)
         self._hand(name, pages)
         return GupReply(ref=msg.id, mm=msg.mm, pages=page_triples(pages))
 
@@ -970,6 +978,8 @@ class HostCore:
             if msg.pin and reply.pages:
                 self.model.unpin(session.name, msg.mm, [p[1] for p in reply.pages])
             return
+        if msg.pin:
+            self.counters["pages_pinned"] += len(reply.pages)
         self._send(session.identity, reply)
 
     def _unsubscribe_task(self, session: Session, msg: Unsubscribe) -> Task[None]:

@@ -145,7 +145,9 @@ class XpmemMMU(SecondaryMMU):
     exporter's mm.
 
     Counters: ``pins_taken`` / ``pins_released`` (pages pinned by GUP replies /
-    listed in Unpin), ``drains`` (starts that waited for DMA), ``eagain``.
+    listed in Unpin), ``pins_dropped_by_host`` (held when a session ended),
+    ``drains`` (starts, or removes, that waited for DMA), ``eagain``.  Status
+    shows ``pages_pinned`` / ``pages_unpinned`` as /proc/xpmem does.
     """
 
     kind: ClassVar[str] = "xpmem"
@@ -160,7 +162,7 @@ class XpmemMMU(SecondaryMMU):
         self._att_starts: list[int] = []  # sorted vaddrs of attachments
         self._drains: dict[int, _Drain] = {}  # start id (or XpmemRemoved id) -> drain
         self._removed_apids: set[int] = set()  # permits of removed segments
-        self.counters.update(drains=0, eagain=0)
+        self.counters.update(drains=0, eagain=0, pins_dropped_by_host=0)
 
     def _new_mm_state(self, mm: int) -> XpmemMm:
         return XpmemMm(mm)
@@ -544,6 +546,7 @@ class XpmemMMU(SecondaryMMU):
 
     def _drop_kind_state(self) -> None:
         # The session's permits, attachments and pins are the host's to drop.
+        self.counters["pins_dropped_by_host"] += self.pinned_pages()
         self.permits.clear()
         self.attachments.clear()
         self._att_starts.clear()
@@ -594,5 +597,15 @@ class XpmemMMU(SecondaryMMU):
             for a in attachments[:LIST_SHOWN]
         ]
         status["pinned_pages"] = self.pinned_pages()
+        # /proc/xpmem's global counters, for this node: pages pinned by its
+        # faults, pages unpinned (its Unpins, and those the host dropped when
+        # the session ended); equal once it holds no pin
+        # (in its counters: ``mmn status`` shows every node's counters)
+        c = self.counters
+        status["counters"] = {
+            **status.get("counters", {}),
+            "pages_pinned": c["pins_taken"],
+            "pages_unpinned": c["pins_released"] + c["pins_dropped_by_host"],
+        }
         status["draining"] = len(self._drains)
         return status

@@ -99,6 +99,62 @@ def test_remove_of_unknown_or_foreign_segment_changes_nothing() -> None:
     assert c.access("xpmem", 0, vaddr, 1) == b"\0"
 
 
+# -- pin accounting (/proc/xpmem's global pinned / unpinned page counters) ----------
+
+
+def pins(c: LocalCluster, *names: str) -> list[tuple[int, int]]:
+    """(pinned, unpinned) of the host, then of each node."""
+    out = [(c.core.counters["pages_pinned"], c.core.counters["pages_unpinned"])]
+    for name in names:
+        counters = c.node(name).status()["counters"]
+        out.append((counters["pages_pinned"], counters["pages_unpinned"]))
+    return out
+
+
+def balanced(c: LocalCluster, *names: str) -> bool:
+    c.pump()  # a detach completes before the host has read its Unpins
+    return all(p == u for p, u in pins(c, *names)) and all(not c.model.pins.get(n) for n in names)
+
+
+def test_pinned_equals_unpinned_after_detach_release_remove_exit_and_fence() -> None:
+    c = cluster(xpmem="xpmem", xpmem2="xpmem")
+    names = ("xpmem", "xpmem2")
+    mm = c.spawn()
+    base = c.mmap(mm, 4)
+
+    def touch(name: str, vaddr: int, npages: int) -> None:
+        for i in range(npages):
+            c.access(name, 0, vaddr + i * PS, 1)
+
+    segid, vaddr = attached(c, "xpmem", mm, base, 4)
+    touch("xpmem", vaddr, 4)
+    assert pins(c, *names)[:2] == [(4, 0), (4, 0)]
+    c.xpmem_detach("xpmem", vaddr)  # detach
+    assert balanced(c, *names) and pins(c)[0] == (4, 4)
+    apid = c.xpmem_get("xpmem2", segid)
+    touch("xpmem2", c.xpmem_attach("xpmem2", apid), 2)
+    assert not balanced(c, *names)
+    c.xpmem_release("xpmem2", apid)  # release
+    assert balanced(c, *names)
+    _, v2 = attached(c, "xpmem2", mm, base, 4, segid)
+    touch("xpmem2", v2, 3)
+    c.xpmem_remove("xpmem", segid)  # remove, from the other node
+    assert balanced(c, *names)
+    seg2, v3 = attached(c, "xpmem2", mm, base, 4)
+    touch("xpmem2", v3, 4)
+    c.run(c.model.exit_mm(mm))  # exit of the exporter
+    assert balanced(c, *names)
+    mm2 = c.spawn()
+    b2 = c.mmap(mm2, 2)
+    _, v4 = attached(c, "xpmem2", mm2, b2, 2, c.xpmem_make("xpmem2", mm2, b2, 2 * PS))
+    touch("xpmem2", v4, 2)
+    c.fence("xpmem2")  # the host drops a fenced node's pins
+    c.pump()
+    assert balanced(c, *names)
+    assert pins(c)[0][0] == 4 + 2 + 3 + 4 + 2
+    assert c.check() == 0
+
+
 # -- the real processes (mmn up), through the admin API ------------------------------
 
 
@@ -142,3 +198,9 @@ async def test_real_processes_attach_detach_mprotect_and_remove(mmn_cluster: Any
     assert await fails(c.xpmem_attach("xpmem1", apid=ro, length=PS)) is E.ENOENT
     assert (await c.read(mm, addr + PS, 2)) == b"BA"
     assert status.stale_accesses == 0
+    # /proc/xpmem's counters: every pin taken was given back, host-wide and per node
+    assert status.counters["pages_pinned"] == status.counters["pages_unpinned"] > 0
+    for node in ("xpmem0", "xpmem1", "xpmem2"):
+        counters = status.node(node).counters
+        assert counters["pages_pinned"] == counters["pages_unpinned"], (node, counters)
+    assert status.node("xpmem1").counters["pages_pinned"] > 0
