@@ -70,6 +70,11 @@ def expected_node_error(prot: str | None, write: bool) -> Errno | None:
     return None
 
 
+def xp_maps(c: LocalCluster, att: dict) -> bool:
+    """Does the xpmem node still map a page of attachment ``att``?"""
+    return any(a.ptes for a in c.node("xpmem").attachments.values() if a.user_vaddr == att["vaddr"])
+
+
 class ClusterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -343,7 +348,7 @@ class ClusterMachine(RuleBasedStateMachine):
             return
         assert write
         self.atts.append({"vaddr": vaddr, "mm": mm, "addr": addr, "npages": npages, "write": write,
-                          "apid": apid, "dead": False})
+                          "apid": apid, "segid": segid, "dead": False, "removed": False})
 
     @precondition(lambda self: self.atts)
     @rule(which=picks, page=picks, off=st.sampled_from(OFFSETS), n=st.sampled_from(LENGTHS),
@@ -363,6 +368,8 @@ class ClusterMachine(RuleBasedStateMachine):
     def expected_xpmem_error(self, att: dict, addr: int, write: bool) -> Errno | None:
         if write and not att["write"]:
             return Errno.EACCES  # xpmem_validate_access: a read-only attachment
+        if att["removed"]:
+            return Errno.ENOENT  # xpmem_remove_seg zapped it: SIGBUS in the kernel
         if att["dead"]:
             return Errno.ESRCH  # the exporting mm is gone (its segments with it)
         # xpmem_pin_page: FOLL_WRITE follows the exporter's vma, so reads of a
@@ -389,6 +396,21 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.shadow_write(mm, addr + off, data)
         if not racing:
             assert expected is None, ("xpmem", hex(addr), "succeeded, expected", expected)
+
+    @precondition(lambda self: self.atts)
+    @rule(which=picks)
+    def xpmem_remove(self, which: int) -> None:
+        """The exporter removes an attached segment: every attachment of it
+        is zapped and unpinned before the remove returns."""
+        att = self.atts[which % len(self.atts)]
+        if att["removed"] or att["dead"]:
+            return
+        self.c.xpmem_remove("xpmem", att["segid"])
+        for a in self.atts:
+            if a["segid"] == att["segid"]:
+                a["removed"] = True
+        self.c.pump()
+        assert not any(a["removed"] and xp_maps(self.c, a) for a in self.atts)
 
     @precondition(lambda self: self.atts)
     @rule(which=picks)
@@ -504,7 +526,7 @@ class ClusterMachine(RuleBasedStateMachine):
         taddr = addr + (nth % npages) * PS
         att = None
         if who == "xpmem":
-            cands = [a for a in self.atts if a["mm"] == mm and not a["dead"]
+            cands = [a for a in self.atts if a["mm"] == mm and not a["dead"] and not a["removed"]
                      and a["addr"] <= taddr < a["addr"] + a["npages"] * PS]
             if not cands:
                 who = "kvm"
