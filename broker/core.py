@@ -70,7 +70,7 @@ import itertools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -102,6 +102,7 @@ from protocol.messages import (
     XpmemMake,
     XpmemRelease,
     XpmemRemove,
+    XpmemRemoved,
     XpmemReply,
 )
 from protocol.types import Errno, KernelError, name_matches_key
@@ -111,6 +112,7 @@ from .admin import ADMIN_HANDLERS
 from .effects import Deliver, Op, Outcomes
 from .grants import Grants
 from .notifier import check_ops
+from .pagetable import Prot
 from .sessions import Refused, Session, Sessions
 from .tasks import Locked, Relay, RelayAll, Sleep, Task, WaitKsm
 from .xpmem import Segments
@@ -319,6 +321,11 @@ class HostCore:
             "forged_accesses": 0,
             # status requests answered by one already under way (HostCore._admin)
             "status_coalesced": 0,
+            # /proc/xpmem's global counters: pages pinned for nodes (GUP
+            # replies sent with FOLL_PIN), pages unpinned (their Unpins, and
+            # the pins the host dropped at a fence); equal when none is held
+            "pages_pinned": 0,
+            "pages_unpinned": 0,
         }
         limits = self.config.limits
         self._node_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
@@ -687,6 +694,8 @@ class HostCore:
                 # recorded nowhere, and the next munmap would free them under it.
                 self._send(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=Errno.EINVAL.value))
                 return
+            if session.kind == "xpmem":
+                msg = self._xpmem_pin_write(name, msg)
             reply = self._gup_fast(name, session.kind, msg)
             if reply is None:
                 self._spawn(self._gup_slow_task(session, msg), "gup")
@@ -695,6 +704,9 @@ class HostCore:
             return
         if isinstance(msg, Unsubscribe):
             self._spawn(self._unsubscribe_task(session, msg), "unsubscribe")
+            return
+        if isinstance(msg, XpmemRemove):
+            self._spawn(self._xpmem_remove_task(session, msg), "xpmem_remove")
             return
         self._send(identity, self._answer(name, msg))
 
@@ -741,7 +753,7 @@ class HostCore:
             return
         logger.warning("fenced %s (epoch %d): %s", name, session.epoch, reason)
         self._replies.pop(session.identity, None)
-        self.model.fence_node(name)  # the notifier forgets it, its pins go
+        self.counters["pages_unpinned"] += self.model.fence_node(name)  # the notifier forgets it, its pins go
         self.segments.forget_node(name)
         run = self._holder
         if run is not None and name in run.waiting:
@@ -794,7 +806,7 @@ class HostCore:
         =================  ============================  ===============================
         Subscribe          Ok                            ESRCH (no mm), EINTR (exiting)
         Unpin              Ok                            EINVAL (not pinned by it)
-        XpmemMake/Get/...  XpmemReply                    ENOENT, EACCES, ESRCH, EINVAL
+        XpmemMake/Get/Rel  XpmemReply                    ENOENT, EACCES, ESRCH, EINVAL
         =================  ============================  ===============================
         """
         model = self.model
@@ -807,6 +819,7 @@ class HostCore:
                 return Ok(ref=msg.id)
             if isinstance(msg, Unpin):
                 model.unpin(name, msg.mm, msg.pfns)
+                self.counters["pages_unpinned"] += len(msg.pfns)
                 return Ok(ref=msg.id)
             if isinstance(msg, XpmemMake):
                 model.check_mm(msg.mm)
@@ -822,12 +835,32 @@ class HostCore:
             if isinstance(msg, XpmemRelease):
                 self.segments.release(name, msg.apid)
                 return XpmemReply(ref=msg.id)
-            if isinstance(msg, XpmemRemove):
-                self.segments.remove(name, msg.segid)
-                return XpmemReply(ref=msg.id)
         except KernelError as exc:
             return Error(ref=getattr(msg, "id", 0), code=exc.errno.value, message=exc.message)
         return Error(ref=getattr(msg, "id", 0), code="bad_message", message=f"{msg.TYPE} is not for the host")
+
+    def _xpmem_remove_task(self, session: Session, msg: XpmemRemove) -> Task[None]:
+        """``xpmem_remove_seg``: the segment and its permits go at once (no
+        new pin), then every importer gets ``XpmemRemoved`` under the lock
+        and the reply waits for their acks (``xpmem_clear_PTEs`` zaps and
+        unpins every attachment before remove returns).  An importer that
+        misses the ack deadline is fenced, which drops its pins too."""
+        try:
+            gone = self.segments.remove(session.name, msg.segid)
+        except KernelError as exc:
+            self._send(session.identity, Error(ref=msg.id, code=exc.errno.value, message=exc.message))
+            return
+        importers = sorted({p.node for p in gone})
+        if importers:
+            yield Locked(self._xpmem_clear(importers, msg.segid))
+        if self._still(session):
+            self._send(session.identity, XpmemReply(ref=msg.id))
+
+    def _xpmem_clear(self, importers: list[str], segid: int) -> Op[None]:
+        # The ids of the notifier's own callbacks: a node keys its drains and
+        # answered acks by them.
+        ids = self.notifier._ids
+        yield Deliver(tuple((node, XpmemRemoved(id=next(ids), segid=segid)) for node in importers))
 
     def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
         """A node's access through its translation, checked by the oracle
@@ -874,8 +907,27 @@ class HostCore:
         if pages is None:
             return None
         self.counters["gup_fast"] += 1
+        if msg.pin:
+            self.counters["pages_pinned"] += len(pages)
         self._hand(name, pages)
         return GupReply(ref=msg.id, mm=msg.mm, pages=page_triples(pages))
+
+    def _xpmem_pin_write(self, name: str, msg: Gup) -> Gup:
+        """``xpmem_pin_page``: FOLL_WRITE follows the source vma, not the
+        access: a read fault through a read-write permit pins writable (the
+        COW break happens now) where the exporter's vma is writable, and
+        read-only where it is not (after the owner's mprotect), so reads go on
+        working and only writes fail (EPERM from GUP)."""
+        if not msg.pin or msg.write:
+            return msg
+        try:
+            vma = self.model.check_mm(msg.mm).find_vma(msg.addr)
+        except KernelError:
+            return msg  # the GUP itself reports it
+        end = msg.addr + msg.npages * self.config.page_size
+        if vma is None or vma.prot is not Prot.RW or not self.segments.may_pin(name, msg.mm, msg.addr, end, True):
+            return msg
+        return replace(msg, write=True)
 
     def _gup_slow(self, name: str, msg: Gup) -> Op[GupReply]:
         """``get_user_pages`` with faults: an operation for the lock.  The
@@ -926,6 +978,8 @@ class HostCore:
             if msg.pin and reply.pages:
                 self.model.unpin(session.name, msg.mm, [p[1] for p in reply.pages])
             return
+        if msg.pin:
+            self.counters["pages_pinned"] += len(reply.pages)
         self._send(session.identity, reply)
 
     def _unsubscribe_task(self, session: Session, msg: Unsubscribe) -> Task[None]:

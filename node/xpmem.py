@@ -14,6 +14,9 @@ Objects (node-side)::
     get(segid, write)            ── XpmemGet  ──▶ apid + mode  (an access permit)
     attach(apid, offset, length)  ─ local ─────▶ vaddr        (in the node's own space)
     detach(vaddr) / xpmem_release(apid) / remove(segid): unmap, Unpin, tell the host
+    XpmemRemoved(segid) from the host (another node removed it): every
+                   attachment of it is zapped and unpinned (after its DMAs
+                   drain), then Ack; it stays, failing with ENOENT
 
 A fault on an attachment GUPs the exporter's mm with ``pin=True``; every page
 mapped holds one pin, dropped (``Unpin``) whenever the page is unmapped:
@@ -50,6 +53,7 @@ from protocol.messages import (
     XpmemMake,
     XpmemRelease,
     XpmemRemove,
+    XpmemRemoved,
     XpmemReply,
 )
 from protocol.status import LIST_SHOWN
@@ -90,6 +94,8 @@ class Attachment:
     user_vaddr: int
     user_length: int
     ptes: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    #: its segment was removed (``XPMEM_FLAG_DESTROYING``): every use is ENOENT
+    removed: bool = False
 
     def exporter_addr(self, vaddr: int) -> int:
         return self.seg_vaddr + (vaddr - self.vaddr)
@@ -139,7 +145,9 @@ class XpmemMMU(SecondaryMMU):
     exporter's mm.
 
     Counters: ``pins_taken`` / ``pins_released`` (pages pinned by GUP replies /
-    listed in Unpin), ``drains`` (starts that waited for DMA), ``eagain``.
+    listed in Unpin), ``pins_dropped_by_host`` (held when a session ended),
+    ``drains`` (starts, or removes, that waited for DMA), ``eagain``.  Status
+    shows ``pages_pinned`` / ``pages_unpinned`` as /proc/xpmem does.
     """
 
     kind: ClassVar[str] = "xpmem"
@@ -152,8 +160,9 @@ class XpmemMMU(SecondaryMMU):
         self.permits: dict[int, AccessPermit] = {}
         self.attachments: dict[int, Attachment] = {}  # by vaddr
         self._att_starts: list[int] = []  # sorted vaddrs of attachments
-        self._drains: dict[int, _Drain] = {}  # start id -> drain
-        self.counters.update(drains=0, eagain=0)
+        self._drains: dict[int, _Drain] = {}  # start id (or XpmemRemoved id) -> drain
+        self._removed_apids: set[int] = set()  # permits of removed segments
+        self.counters.update(drains=0, eagain=0, pins_dropped_by_host=0)
 
     def _new_mm_state(self, mm: int) -> XpmemMm:
         return XpmemMm(mm)
@@ -192,20 +201,26 @@ class XpmemMMU(SecondaryMMU):
     def attach(self, apid: int, offset: int = 0, length: int | None = None) -> tuple[int, list[Output]]:
         """``xpmem_attach``: map part of a permit's segment into the node's space.
 
-        Nothing is faulted in or pinned yet.  A read-only permit gives a
-        read-only attachment.
+        Nothing is faulted in or pinned yet.  ``xpmem_attach`` always
+        validates the permit for ``XPMEM_RDWR``, so every attachment is
+        read-write and a read-only permit cannot be attached.
 
         Returns:
             ``(token, outputs)`` with the Completion already among the outputs:
             ``{"vaddr", "length", "write"}``.  Errors: EINVAL (unknown apid, bad
-            offset or length -- ``xpmem_validate_access``).
+            offset or length), EACCES (a read-only permit) --
+            ``xpmem_validate_access``.
         """
         token = self._new_token()
+        if apid in self._removed_apids:
+            return token, self._complete(token, error=KernelError(Errno.ENOENT, f"apid {apid}: segment removed"))
         permit = self.permits.get(apid)
         if length is None and permit is not None:
             length = permit.length - offset
         if permit is None:
             return token, self._complete(token, error=KernelError(Errno.EINVAL, f"unknown apid {apid}"))
+        if not permit.write:
+            return token, self._complete(token, error=KernelError(Errno.EACCES, f"apid {apid} is read-only"))
         if length is None or offset < 0 or offset % self.page_size or not 0 < length <= permit.length - offset:
             return token, self._complete(token, error=KernelError(Errno.EINVAL, "offset/length outside segment"))
         seg_addr = permit.addr + offset
@@ -234,13 +249,14 @@ class XpmemMMU(SecondaryMMU):
 
         Returns:
             ``(token, outputs)``: Unpin messages and the Completion
-            ``{"vaddr", "unpinned"}``.  Errors: EINVAL if no attachment holds
-            ``vaddr`` (XPMEM itself quietly returns 0).
+            ``{"vaddr", "unpinned"}``.  No attachment at ``vaddr`` is a no-op
+            with ``unpinned`` 0, as ``xpmem_detach`` returns 0 when it finds
+            no xpmem vma there.
         """
         token = self._new_token()
         att = self._attachment_at(vaddr)
         if att is None:
-            return token, self._complete(token, error=KernelError(Errno.EINVAL, f"no attachment at {vaddr:#x}"))
+            return token, self._complete(token, {"vaddr": vaddr, "unpinned": 0})
         unpinned = len(att.ptes)
         outputs = self._detach(att)
         return token, outputs + self._complete(token, {"vaddr": att.user_vaddr, "unpinned": unpinned})
@@ -252,6 +268,10 @@ class XpmemMMU(SecondaryMMU):
             ``(token, outputs)``; result ``{"apid"}``.  Errors: EINVAL (unknown apid).
         """
         token = self._new_token()
+        if apid in self._removed_apids:
+            self._removed_apids.discard(apid)
+            outputs = self._drop_permit(apid)  # its attachments hold no pins any more
+            return token, outputs + self._complete(token, error=KernelError(Errno.ENOENT, f"apid {apid}: segment removed"))
         if apid not in self.permits:
             return token, self._complete(token, error=KernelError(Errno.EINVAL, f"unknown apid {apid}"))
         outputs = self._drop_permit(apid)
@@ -260,19 +280,20 @@ class XpmemMMU(SecondaryMMU):
         return token, [*outputs, XpmemRelease(id=rid, epoch=self.epoch, apid=apid)]
 
     def remove(self, segid: int) -> tuple[int, list[Output]]:
-        """``xpmem_remove``: the exporter withdraws ``segid``.  This node's own
-        permits of it go first (detached, unpinned).
+        """``xpmem_remove``: the exporter withdraws ``segid``.  The host sends
+        every importer, this node too if it holds permits of it,
+        ``XpmemRemoved`` and replies once all have acked (their attachments
+        zapped and unpinned), as ``xpmem_remove_seg`` returns after
+        ``xpmem_clear_PTEs``.
 
         Returns:
-            ``(token, outputs)``; result ``{"segid"}``.  Errors from the host.
+            ``(token, outputs)``; result ``{"segid"}``.  Errors from the host
+            (ENOENT: no such segment, EACCES: not the exporter).
         """
         token = self._new_token()
-        outputs: list[Output] = []
-        for apid in [a for a, p in self.permits.items() if p.segid == segid]:
-            outputs += self._drop_permit(apid)
         rid = self.next_id()
         self._pending[rid] = _XpmemCall(token, "remove", segid=segid)
-        return token, [*outputs, XpmemRemove(id=rid, epoch=self.epoch, segid=segid)]
+        return token, [XpmemRemove(id=rid, epoch=self.epoch, segid=segid)]
 
     def _reply(self, request: Any, reply: Message) -> list[Output]:
         if not isinstance(request, _XpmemCall):
@@ -301,6 +322,42 @@ class XpmemMMU(SecondaryMMU):
             "write": permit.write,
         })
 
+    def receive(self, msg: Message) -> list[Output]:
+        if isinstance(msg, XpmemRemoved):
+            return self._receive_removed(msg)
+        return super().receive(msg)
+
+    def _receive_removed(self, msg: XpmemRemoved) -> list[Output]:
+        """``xpmem_remove_seg`` reached this importer: ``xpmem_clear_PTEs`` of
+        every attachment of the segment, pins dropped once the DMAs in flight
+        on them are answered (the same drain as a start), then the Ack."""
+        if msg.id in self._drains:
+            return []  # a duplicate while draining: the Ack comes with the drain
+        if msg.id in self._answered:
+            self.counters["duplicates"] += 1
+            return [self._answered[msg.id]]
+        drains: dict[int, _Drain] = {}
+        for apid in [a for a, p in self.permits.items() if p.segid == msg.segid]:
+            self._removed_apids.add(apid)
+            for att in [a for a in self.attachments.values() if a.apid == apid]:
+                att.removed = True
+                drain = drains.setdefault(att.mm, _Drain(att.mm, set(), []))
+                drain.pfns += [pfn for pfn, _ in att.ptes.values()]
+                drain.dma |= {
+                    i
+                    for i, (mm, addr) in self.dma_in_flight.items()
+                    if mm == att.mm and att.seg_vaddr <= addr < att.seg_vaddr + att.size
+                }
+                att.ptes.clear()
+        outputs: list[Output] = []
+        for drain in drains.values():  # one mm per segment: at most one drain
+            if drain.dma:
+                self.counters["drains"] += 1
+                self._drains[msg.id] = drain
+                return outputs
+            outputs += self._unpin(drain.mm, drain.pfns)
+        return [*outputs, self._ack(msg.id)]
+
     def _drop_permit(self, apid: int) -> list[Output]:
         self.permits.pop(apid, None)
         outputs: list[Output] = []
@@ -314,6 +371,17 @@ class XpmemMMU(SecondaryMMU):
         pfns = [pfn for pfn, _ in att.ptes.values()]
         att.ptes.clear()
         return self._unpin(att.mm, pfns)
+
+    def _usable_attachment(self, mm: int, vaddr: int) -> Attachment:
+        """The attachment an access or fault at ``vaddr`` goes through.
+        Raises KernelError: EFAULT (none there), ENOENT (its segment was
+        removed: the kernel's SIGBUS from ``xpmem_ensure_valid_PFN``)."""
+        att = self._attachment_at(vaddr)
+        if att is None or mm not in (0, att.mm) or not att.user_vaddr <= vaddr < att.user_vaddr + att.user_length:
+            raise KernelError(Errno.EFAULT, f"no attachment at {vaddr:#x}")
+        if att.removed:
+            raise KernelError(Errno.ENOENT, f"segment of the attachment at {vaddr:#x} was removed")
+        return att
 
     def _attachment_at(self, vaddr: int) -> Attachment | None:
         i = bisect.bisect_right(self._att_starts, vaddr) - 1
@@ -410,21 +478,21 @@ class XpmemMMU(SecondaryMMU):
     # ----------------------------------------------------------- faults
 
     def _make_fault(self, mm: int, addr: int, npages: int, write: bool) -> Fault:
-        att = self._attachment_at(addr)
-        if att is None or mm not in (0, att.mm) or not att.user_vaddr <= addr < att.user_vaddr + att.user_length:
-            raise KernelError(Errno.EFAULT, f"no attachment at {addr:#x}")
+        att = self._usable_attachment(mm, addr)
         if write and not att.write:
             # xpmem_validate_access: a read-write use of a read-only permit.
             raise KernelError(Errno.EACCES, "read-only attachment")
         page = addr - addr % self.page_size
         npages = min(npages, (att.vaddr + att.size - page) // self.page_size)
-        # A read-write permit pins writable at once, so a later write needs no
-        # second pin (and a COW break happens at fault time, on the host).
+        # The Gup says what the access needs; the host pins writable whenever
+        # the exporter's vma is writable (xpmem_pin_page's FOLL_WRITE follows
+        # the source vma), so a later write needs no second pin, and a read
+        # of a vma the owner made read-only still succeeds.
         return Fault(
             mm=att.mm,
             addr=att.exporter_addr(page),
             npages=npages,
-            write=att.write,
+            write=write,
             pin=True,
             context=att,
         )
@@ -447,24 +515,25 @@ class XpmemMMU(SecondaryMMU):
     ) -> tuple[list[list[int]], list[Output]]:
         att = f.context
         assert isinstance(att, Attachment)
-        live = self.attachments.get(att.vaddr) is att
+        live = self.attachments.get(att.vaddr) is att and not att.removed
         installed: list[list[int]] = []
         extra: list[int] = []
         for addr, pfn, writable in pages:
             inside = att.seg_vaddr <= addr < att.seg_vaddr + att.size
-            if not live or not inside or addr in att.ptes:
+            old = att.ptes.get(addr)
+            if not live or not inside or (old is not None and (old[1] or not writable)):
                 # Detached meanwhile, outside the attachment, or already mapped
                 # by a racing fault (xpmem_fault_handler drops the extra pin).
                 extra.append(pfn)
                 continue
+            if old is not None:
+                extra.append(old[0])  # a writable pin replaces a read-only one
             att.ptes[addr] = (pfn, bool(writable))
             installed.append([addr, pfn, writable])
         return installed, self._unpin(f.mm, extra)
 
     def _translate(self, mm: int, vaddr: int, write: bool) -> Translation | None:
-        att = self._attachment_at(vaddr)
-        if att is None or mm not in (0, att.mm) or not att.user_vaddr <= vaddr < att.user_vaddr + att.user_length:
-            raise KernelError(Errno.EFAULT, f"no attachment at {vaddr:#x}")
+        att = self._usable_attachment(mm, vaddr)
         if write and not att.write:
             raise KernelError(Errno.EACCES, "read-only attachment")
         page = att.exporter_addr(vaddr - vaddr % self.page_size)
@@ -477,10 +546,12 @@ class XpmemMMU(SecondaryMMU):
 
     def _drop_kind_state(self) -> None:
         # The session's permits, attachments and pins are the host's to drop.
+        self.counters["pins_dropped_by_host"] += self.pinned_pages()
         self.permits.clear()
         self.attachments.clear()
         self._att_starts.clear()
         self._drains.clear()
+        self._removed_apids.clear()
 
     def pinned_pages(self) -> int:
         """Pins this node holds: mapped pages plus those awaiting a drain."""
@@ -521,9 +592,20 @@ class XpmemMMU(SecondaryMMU):
                 "addr": hex(a.seg_vaddr + (a.user_vaddr - a.vaddr)),
                 "write": a.write,
                 "mapped": len(a.ptes),
+                "removed": a.removed,
             }
             for a in attachments[:LIST_SHOWN]
         ]
         status["pinned_pages"] = self.pinned_pages()
+        # /proc/xpmem's global counters, for this node: pages pinned by its
+        # faults, pages unpinned (its Unpins, and those the host dropped when
+        # the session ended); equal once it holds no pin
+        # (in its counters: ``mmn status`` shows every node's counters)
+        c = self.counters
+        status["counters"] = {
+            **status.get("counters", {}),
+            "pages_pinned": c["pins_taken"],
+            "pages_unpinned": c["pins_released"] + c["pins_dropped_by_host"],
+        }
         status["draining"] = len(self._drains)
         return status

@@ -23,6 +23,7 @@ change_pte                        host→node  ack
 clear_flush_young/clear_young/
 test_young                        host→node  ack (young)
 release                           host→node  ack
+xpmem_removed                     host→node  ack (after its unpins)
 fenced                            host→node  (none: node must re-register)
 command                           host→node  command_result
 admin_request                     cli→host   admin_reply
@@ -496,3 +497,21 @@ class Event(Message):
     seq: int
     kind: str
     fields: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# host -> node: XPMEM (kernel/xpmem_make.c xpmem_remove_seg)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class XpmemRemoved(Message):
+    """``xpmem_remove_seg`` -> ``xpmem_clear_PTEs``: segment ``segid`` is
+    gone.  The importer zaps and unpins every attachment of its permits of
+    it (Unpin before the Ack); later accesses through them fail (ENOENT).
+    The remover's reply waits for every importer's Ack, as the kernel's
+    remove waits for the zaps."""
+
+    TYPE: ClassVar[str] = "xpmem_removed"
+    id: int
+    segid: int

@@ -338,7 +338,7 @@ async def test_hostile_frames_change_nothing() -> None:
                 await call("fault", node="gru0", mm=mm, addr=addr + 4 * 4096, pages=2)
                 seg = (await call("xpmem", node="xpmem0", op="make", mm=mm, addr=addr, length=8 * 4096,
                                   mode=0o644))["segid"]
-                apid = (await call("xpmem", node="xpmem0", op="get", segid=seg))["apid"]
+                apid = (await call("xpmem", node="xpmem0", op="get", segid=seg, write=True))["apid"]
                 vaddr = (await call("xpmem", node="xpmem0", op="attach", apid=apid, length=8 * 4096))["vaddr"]
                 await call("access", node="xpmem0", mm=mm, addr=vaddr, length=4)
                 before = strip(await call("status"))

@@ -178,7 +178,8 @@ class Cluster:
     async def mapping(self, mm: int, pages: int, fill: int | None = None, **kw: Any) -> int:
         return (await self.call("mmap", mm=mm, pages=pages, fill=fill, **kw))["addr"]
 
-    async def xpmem_attach(self, node: str, mm: int, addr: int, length: int, write: bool = False) -> int:
+    async def xpmem_attach(self, node: str, mm: int, addr: int, length: int, write: bool = True) -> int:
+        # xpmem_attach needs a read-write permit (XPMEM_RDWR)
         segid = (await self.call("xpmem", node=node, op="make", mm=mm, addr=addr, length=length, mode=0o666))["segid"]
         apid = (await self.call("xpmem", node=node, op="get", segid=segid, write=write))["apid"]
         return (await self.call("xpmem", node=node, op="attach", apid=apid, length=length))["vaddr"]

@@ -143,7 +143,7 @@ def _ksm_scenario(wrap: bool) -> tuple[LocalCluster, int, int, dict[str, Any]]:
     c.fault("kvm", mm, base, 2)
     c.fault("gru", mm, base, 2)
     segid = c.xpmem_make("xpmem", mm, base, 2 * PS)
-    vaddr = c.xpmem_attach("xpmem", c.xpmem_get("xpmem", segid, write=False))
+    vaddr = c.xpmem_attach("xpmem", c.xpmem_get("xpmem", segid))
     assert c.access("xpmem", 0, vaddr + PS, 4) == b"same"
     assert c.node("xpmem").translations() == {mm: {base + PS: before[base + PS]}}
     faults = {n: c.node(n).counters["faults"] + c.node(n).counters["gups"] for n in ("kvm", "gru", "xpmem")}

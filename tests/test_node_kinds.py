@@ -43,6 +43,7 @@ from protocol.messages import (
     XpmemGet,
     XpmemMake,
     XpmemRelease,
+    XpmemRemoved,
     XpmemReply,
 )
 from protocol.types import NOTIFIER_OPS, Errno
@@ -521,7 +522,8 @@ def test_xpmem_fault_pins_in_the_exporters_mm():
     xp, vaddr = xpmem_attached()
     token, out = xp.access(0, vaddr + PAGE + 3, 2)
     (gup,) = subscribed(xp, out)
-    assert gup == Gup(id=gup.id, epoch=EPOCH, mm=MM, addr=page(1), npages=1, write=True, pin=True)
+    # a read asks for read; the host adds FOLL_WRITE where the vma is writable
+    assert gup == Gup(id=gup.id, epoch=EPOCH, mm=MM, addr=page(1), npages=1, write=False, pin=True)
     (dma,) = xp.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(1), 11, 1]]))
     assert dma == DmaRead(id=dma.id, epoch=EPOCH, mm=MM, addr=page(1), pfn=11, offset=3, length=2)
     assert xp.receive(DmaReply(ref=dma.id, data=b"hi")) == [Completion(token, {"data": b"hi"})]
@@ -529,6 +531,28 @@ def test_xpmem_fault_pins_in_the_exporters_mm():
     assert xp.pinned_pages() == 1
     _, (c,) = xp.access(0, vaddr - PAGE, 1)
     assert c.error.errno is Errno.EFAULT
+
+
+def test_xpmem_read_fault_asks_for_read_and_host_decides_foll_write():
+    """xpmem_pin_page sets FOLL_WRITE from the source vma: the node's Gup says
+    what the access needs; a read-only pin is then upgraded by a write fault."""
+    xp, vaddr = xpmem_attached()
+    _, out = xp.fault(0, vaddr, 1)
+    gup = only(subscribed(xp, out), Gup)
+    assert (gup.write, gup.pin) == (False, True)
+    xp.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(0), 10, 0]]))  # vma read-only: pinned r/o
+    token, out = xp.access(0, vaddr, write_data=b"x")
+    gup = only(out, Gup)
+    assert (gup.write, gup.pin) == (True, True)
+    (c,) = xp.receive(GupReply(ref=gup.id, mm=MM, pages=[], errno="EPERM"))
+    assert c.error.errno is Errno.EPERM
+    # the vma is writable again: the write fault's writable pin replaces the
+    # read-only one, whose pin is dropped
+    token, out = xp.access(0, vaddr, write_data=b"y")
+    gup = only(out, Gup)
+    out = xp.receive(GupReply(ref=gup.id, mm=MM, pages=[[page(0), 12, 1]]))
+    assert only(out, Unpin).pfns == [10]
+    assert xp.translations() == {MM: {page(0): 12}} and xp.pinned_pages() == 1
 
 
 def test_xpmem_start_drains_in_flight_dma_before_ack():
@@ -615,15 +639,26 @@ def test_xpmem_reply_for_a_detached_attachment_is_unpinned():
     assert xp.pinned_pages() == 0
 
 
-def test_xpmem_read_only_permit_cannot_write():
-    xp, vaddr = xpmem_attached(write=False)
-    _, (c,) = xp.access(0, vaddr, write_data=b"x")
+def test_xpmem_read_only_permit_cannot_be_attached():
+    """xpmem_attach validates the permit for XPMEM_RDWR: an RDONLY apid gets EACCES."""
+    xp = registered(XpmemMMU("x"))
+    token, (get,) = xp.get(5, write=False)
+    xp.receive(XpmemReply(ref=get.id, value=9, mm=MM, addr=BASE, length=4 * PAGE, write=False))
+    _, (c,) = xp.attach(9)
     assert c.error.errno is Errno.EACCES
-    _, (c,) = xp.fault(0, vaddr, 1, write=True)
-    assert c.error.errno is Errno.EACCES
-    _, out = xp.access(0, vaddr, 1)
-    gup = only(subscribed(xp, out), Gup)
-    assert (gup.write, gup.pin) == (False, True)
+    assert xp.attachments == {}
+
+
+def test_xpmem_detach_where_nothing_is_attached_is_a_no_op():
+    """xpmem_detach returns 0 when no xpmem vma holds the address."""
+    xp, vaddr = xpmem_attached()
+    xpmem_fault(xp, vaddr, [10])
+    _, out = xp.detach(vaddr - PAGE)
+    assert out == [Completion(out[0].token, {"vaddr": vaddr - PAGE, "unpinned": 0})]
+    assert xp.pinned_pages() == 1
+    xp.detach(vaddr)
+    _, (c,) = xp.detach(vaddr)  # twice: still 0
+    assert c.result == {"vaddr": vaddr, "unpinned": 0}
 
 
 def test_xpmem_release_and_remove():
@@ -639,6 +674,29 @@ def test_xpmem_release_and_remove():
     token, (rm,) = xp.remove(5)
     (c,) = xp.receive(XpmemReply(ref=rm.id, errno="EPERM"))
     assert c.error.errno is Errno.EPERM
+
+
+def test_xpmem_removed_by_the_host_zaps_drains_unpins_then_acks():
+    """xpmem_remove_seg -> xpmem_clear_PTEs on an importer: its attachments
+    are zapped at once, the pins dropped after the DMA in flight on them,
+    then the Ack; every later use of them is ENOENT."""
+    xp, vaddr = xpmem_attached()
+    xpmem_fault(xp, vaddr, [10, 11])
+    token, (dma,) = xp.access(0, vaddr, 4)
+    assert xp.receive(XpmemRemoved(id=70, segid=5)) == []  # draining
+    assert xp.translations() == {}
+    assert xp.receive(XpmemRemoved(id=70, segid=5)) == []  # duplicate while draining
+    out = xp.receive(DmaReply(ref=dma.id, data=b"data"))
+    unpin = only(out, Unpin)
+    assert out == [unpin, Ack(ref=70), Completion(token, {"data": b"data"})] and unpin.pfns == [10, 11]
+    assert xp.receive(XpmemRemoved(id=70, segid=5)) == [Ack(ref=70)]  # duplicate after
+    assert xp.pinned_pages() == 0
+    for call in (lambda: xp.access(0, vaddr, 1), lambda: xp.fault(0, vaddr, 1), lambda: xp.attach(9)):
+        _, (c,) = call()
+        assert c.error.errno is Errno.ENOENT
+    assert xp.receive(XpmemRemoved(id=71, segid=6)) == [Ack(ref=71)]  # nothing of it here
+    _, (c,) = xp.detach(vaddr)
+    assert c.result == {"vaddr": vaddr, "unpinned": 0}
 
 
 def test_xpmem_get_refused_by_mode():

@@ -70,6 +70,11 @@ def expected_node_error(prot: str | None, write: bool) -> Errno | None:
     return None
 
 
+def xp_maps(c: LocalCluster, att: dict) -> bool:
+    """Does the xpmem node still map a page of attachment ``att``?"""
+    return any(a.ptes for a in c.node("xpmem").attachments.values() if a.user_vaddr == att["vaddr"])
+
+
 class ClusterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -335,9 +340,15 @@ class ClusterMachine(RuleBasedStateMachine):
             assert exc.errno is Errno.EACCES and write and not mode & 0o200, (exc, oct(mode))
             return
         assert (mode >> 6) & (0o6 if write else 0o4) == (0o6 if write else 0o4)
-        vaddr = self.c.xpmem_attach("xpmem", apid)
+        try:
+            vaddr = self.c.xpmem_attach("xpmem", apid)
+        except KernelError as exc:
+            # xpmem_attach validates for XPMEM_RDWR: a read-only permit is refused
+            assert exc.errno is Errno.EACCES and not write, exc
+            return
+        assert write
         self.atts.append({"vaddr": vaddr, "mm": mm, "addr": addr, "npages": npages, "write": write,
-                          "apid": apid, "dead": False})
+                          "apid": apid, "segid": segid, "dead": False, "removed": False})
 
     @precondition(lambda self: self.atts)
     @rule(which=picks, page=picks, off=st.sampled_from(OFFSETS), n=st.sampled_from(LENGTHS),
@@ -357,10 +368,13 @@ class ClusterMachine(RuleBasedStateMachine):
     def expected_xpmem_error(self, att: dict, addr: int, write: bool) -> Errno | None:
         if write and not att["write"]:
             return Errno.EACCES  # xpmem_validate_access: a read-only attachment
+        if att["removed"]:
+            return Errno.ENOENT  # xpmem_remove_seg zapped it: SIGBUS in the kernel
         if att["dead"]:
             return Errno.ESRCH  # the exporting mm is gone (its segments with it)
-        # a read-write attachment pins writable at once (FOLL_WRITE)
-        return expected_node_error(self.prot.get((att["mm"], addr)), att["write"])
+        # xpmem_pin_page: FOLL_WRITE follows the exporter's vma, so reads of a
+        # read-only vma succeed and only writes fail
+        return expected_node_error(self.prot.get((att["mm"], addr)), write)
 
     def check_xpmem_access(self, att: dict, addr: int, off: int, n: int, data: bytes | None, outcome,
                            *, before: bytes | None = None, racing: bool = False) -> None:
@@ -382,6 +396,21 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.shadow_write(mm, addr + off, data)
         if not racing:
             assert expected is None, ("xpmem", hex(addr), "succeeded, expected", expected)
+
+    @precondition(lambda self: self.atts)
+    @rule(which=picks)
+    def xpmem_remove(self, which: int) -> None:
+        """The exporter removes an attached segment: every attachment of it
+        is zapped and unpinned before the remove returns."""
+        att = self.atts[which % len(self.atts)]
+        if att["removed"] or att["dead"]:
+            return
+        self.c.xpmem_remove("xpmem", att["segid"])
+        for a in self.atts:
+            if a["segid"] == att["segid"]:
+                a["removed"] = True
+        self.c.pump()
+        assert not any(a["removed"] and xp_maps(self.c, a) for a in self.atts)
 
     @precondition(lambda self: self.atts)
     @rule(which=picks)
@@ -497,7 +526,7 @@ class ClusterMachine(RuleBasedStateMachine):
         taddr = addr + (nth % npages) * PS
         att = None
         if who == "xpmem":
-            cands = [a for a in self.atts if a["mm"] == mm and not a["dead"]
+            cands = [a for a in self.atts if a["mm"] == mm and not a["dead"] and not a["removed"]
                      and a["addr"] <= taddr < a["addr"] + a["npages"] * PS]
             if not cands:
                 who = "kvm"
