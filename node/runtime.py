@@ -27,8 +27,9 @@ which doubles (to a cap) while sessions keep ending young -- younger than
 their liveness window -- so a node the host keeps refusing does not spin --
 and is back to its initial value after a session that lasted.
 
-In-line kinds (kvm, gru) acknowledge a start inside the receive loop with no
-await in between.  A sleepable kind (xpmem) may hold a start's ack until its
+In-line kinds (kvm, gru) acknowledge a start, change_pte or end inside the
+receive call that read it: no memory-channel hop, no task, no schedule point
+in between (the Ack goes straight to libzmq when nothing is queued).  A sleepable kind (xpmem) may hold a start's ack until its
 in-flight accesses drain: the ack is among the outputs of the ``receive`` of
 the last ``DmaReply``.
 
@@ -323,6 +324,23 @@ class NodeRuntime:
                 self._send_later(msg, delay.delay_ms / 1000)
                 return
         frame = self._frame(msg) if type(msg) is CommandResult else encode(msg)
+        # Ordering.  A DMA this node sent before an Ack is served by the host
+        # before the host mutates what the Ack lets it mutate, because:
+        # (1) every message of the session leaves in the order it is sent
+        #     here: send_now queues in libzmq only when nothing sent earlier
+        #     is still in the channel or the send pump (zsock.serve_socket),
+        #     else the frame goes behind them on the channel, and a late
+        #     (delayed) Ack always takes the channel;
+        # (2) one DEALER socket, one ROUTER peer, one TCP connection: libzmq
+        #     delivers a pipe's messages in order;
+        # (3) the host core handles one connection's frames in arrival order,
+        #     each to the end (broker/core.py _on_node_message answers a
+        #     DmaRead/DmaWrite against the primary as it is, synchronously),
+        #     and the operation waiting on this Ack resumes -- and mutates --
+        #     only when the Ack itself is handled, after the DMA.
+        # test_integration's many-concurrent-faults-and-accesses test would
+        # catch a reordering: a DMA overtaken by its Ack reaches a freed or
+        # re-used frame and the host counts a stale access.
         if not self._send_now([frame]):  # straight to libzmq when nothing is queued
             await self._send.send([frame])
         if self._hit(self._active("duplicate")):
@@ -461,6 +479,7 @@ class NodeRuntime:
         self.last_host_traffic = trio.current_time()
         nursery.start_soon(self._heartbeats, period)
         reason = "host channel closed"
+        rx = self._rx
         try:
             async with trio.open_nursery() as inner:
                 inner.start_soon(self._watchdog, liveness)
@@ -478,13 +497,24 @@ class NodeRuntime:
                     if self._holding():
                         self._held_in.append(msg)
                         continue
-                    async with self._rx:
-                        await self._release_held()
+                    # The hot path: handled and answered in this receive call.
+                    # The lock is taken without a schedule point when free
+                    # (``async with`` would yield on every message): only
+                    # _release_when_healed contends for it.
+                    try:
+                        rx.acquire_nowait()
+                    except trio.WouldBlock:
+                        await rx.acquire()
+                    try:
+                        if self._held_in or self._held_out:
+                            await self._release_held()
                         self._heard(msg)
                         await self._on_message(msg)
                         if self._hit(self._active("duplicate")) and not isinstance(msg, (Command, Heartbeat)):
                             self.counters["duplicated"] += 1
                             await self._on_message(msg)
+                    finally:
+                        rx.release()
         except* _Reconnect as group:
             reason = group.exceptions[0].reason  # type: ignore[attr-defined]
         self._held_in.clear()  # of a session that is over
