@@ -27,6 +27,10 @@ which doubles (to a cap) while sessions keep ending young -- younger than
 their liveness window -- so a node the host keeps refusing does not spin --
 and is back to its initial value after a session that lasted.
 
+Heartbeats: the node answers each of the host's heartbeats at once, from
+the receive call that read it, and beats on its own only to probe a host
+that has said nothing for 1.5 periods (see ``_heartbeats``).
+
 In-line kinds (kvm, gru) acknowledge a start, change_pte or end inside the
 receive call that read it: no memory-channel hop, no task, no schedule point
 in between (the Ack goes straight to libzmq when nothing is queued).  A sleepable kind (xpmem) may hold a start's ack until its
@@ -553,10 +557,35 @@ class NodeRuntime:
             await changed.wait()
 
     async def _heartbeats(self, period: float) -> None:
+        """Probe a host gone quiet.
+
+        A live session's host heartbeats every node each period, all at
+        once, and the node answers each at once (:meth:`_on_message`): the
+        host's silence check sees the node every period, and the answers
+        reach the host in one burst that it drains in one wake-up.  (A node
+        beating on its own timer, out of phase with the others, cost the host
+        one wake-up per node per period: 64 idle nodes, 4.8x the CPU of raw
+        pyzmq exchanging the same messages.)  So in a live session this sends
+        nothing.  It speaks only when the host has said nothing for
+        1.5 periods, at most once a period: a host that no longer holds this
+        session (restarted, or it fenced a connection libzmq re-made under
+        us) sends no heartbeats, and answers the probe with the refusal that
+        makes the node register anew (``SESSION_REFUSALS``) long before the
+        watchdog's liveness window runs out.
+        """
+        quiet = 1.5 * period
+        probed = -math.inf
         while True:
-            await trio.sleep(period)
+            await trio.sleep(period / 2)
+            now = trio.current_time()
+            if now - self.last_host_traffic < quiet or now - probed < period:
+                continue
             if self._active("hang") is None and not self._held_in:
-                await self.send(Heartbeat(id=self.mmu.next_id(), epoch=self.mmu.epoch))
+                probed = now
+                await self._beat()
+
+    async def _beat(self) -> None:
+        await self.send(Heartbeat(id=self.mmu.next_id(), epoch=self.mmu.epoch))
 
     async def _watchdog(self, liveness: float) -> None:
         while True:
@@ -581,6 +610,7 @@ class NodeRuntime:
         if isinstance(msg, Heartbeat):
             if msg.incarnation and msg.incarnation != self.host_incarnation:
                 raise _Reconnect("new host incarnation")
+            await self._beat()  # answered at once: see _heartbeats
             return
         if isinstance(msg, (Fenced, Error)) and self.mmu.ends_session(msg):
             await self.emit(self.mmu.receive(msg))  # drops every translation
