@@ -610,7 +610,8 @@ class NodeRuntime:
         if isinstance(msg, Heartbeat):
             if msg.incarnation and msg.incarnation != self.host_incarnation:
                 raise _Reconnect("new host incarnation")
-            await self._beat()  # answered at once: see _heartbeats
+            if not self._held_in:  # answered at once (see _heartbeats); of those a
+                await self._beat()  # hang or partition held, only the last
             return
         if isinstance(msg, (Fenced, Error)) and self.mmu.ends_session(msg):
             await self.emit(self.mmu.receive(msg))  # drops every translation
