@@ -96,6 +96,7 @@ from transport import SocketOptions, connect, serve_socket
 from transport.curve import CurveClient, KeyError_, KeyLayout
 
 from .base import SESSION_REFUSALS, Completion, Output, SecondaryMMU
+from .commands import start_command
 from .kinds import node_class
 
 logger = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ class NodeRuntime:
                 self.counters["dropped_acks"] += 1
                 return
             delay = self._active("delay-acks")
-            if self._hit(delay):
+            if delay is not None and self._hit(delay):
                 self.counters["delayed_acks"] += 1
                 self._send_later(msg, delay.delay_ms / 1000)
                 return
@@ -520,7 +521,8 @@ class NodeRuntime:
                     finally:
                         rx.release()
         except* _Reconnect as group:
-            reason = group.exceptions[0].reason  # type: ignore[attr-defined]
+            first = group.exceptions[0]
+            reason = first.reason if isinstance(first, _Reconnect) else str(first)
         self._held_in.clear()  # of a session that is over
         self._held_out.clear()
         await self.emit(self.mmu.drop_all(reason))
@@ -653,19 +655,15 @@ class NodeRuntime:
                             control=control)
             return
         if token is None:  # answered at once
-            await self.send(CommandResult(ref=cmd.id, ok=True, result=outputs), control=control)  # type: ignore[arg-type]
+            await self.send(CommandResult(ref=cmd.id, ok=True, result=outputs), control=control)
             return
         self._commands[token] = cmd.id
         await self.emit(outputs)
 
     def _start_command(self, cmd: Command) -> tuple[int | None, Any]:
+        """The shell's commands here (inject, heal, its part of status); the
+        rest through ``node.commands``, the table the in-process cluster runs."""
         a = cmd.args
-        mmu = self.mmu
-        if cmd.command == "status":
-            status = mmu.status(a.get("mm"), a.get("cursor"), a.get("limit"))
-            status["injected"] = self.injected_status()
-            status["counters"] = {**status.get("counters", {}), **self.counters}
-            return None, status
         if cmd.command == "inject":
             for_s = float(a["for_s"]) if a.get("for_s") else None
             self.inject(str(a["kind"]), float(a.get("rate", 1.0)), int(a.get("delay_ms", 0)), for_s)
@@ -673,37 +671,11 @@ class NodeRuntime:
         if cmd.command == "heal":
             self.heal()
             return None, {"injected": {}}
-        if cmd.command == "fault":
-            return mmu.fault(int(a["mm"]), int(a["addr"]), int(a.get("pages", 1)), bool(a.get("write", False)))
-        if cmd.command == "access":
-            data = a.get("data")
-            return mmu.access(int(a["mm"]), int(a["addr"]), int(a.get("length", 1)), data)
-        if cmd.command == "xpmem":
-            return self._xpmem(a)
-        if cmd.command == "subscribe":
-            return mmu.subscribe(int(a["mm"]))
-        if cmd.command == "unsubscribe":
-            return mmu.unsubscribe(int(a["mm"]))
-        raise KernelError(Errno.EINVAL, f"unknown node command {cmd.command!r}")
-
-    def _xpmem(self, a: dict[str, Any]) -> tuple[int | None, Any]:
-        mmu = self.mmu
-        op = a.get("op")
-        if mmu.kind != "xpmem":
-            raise KernelError(Errno.EINVAL, "not an xpmem node")
-        if op == "make":
-            return mmu.make(int(a["mm"]), int(a["addr"]), int(a["length"]), int(a.get("mode", 0o600)))  # type: ignore[attr-defined]
-        if op == "get":
-            return mmu.get(int(a["segid"]), bool(a.get("write", False)))  # type: ignore[attr-defined]
-        if op == "attach":
-            return mmu.attach(int(a["apid"]), int(a.get("offset", 0)), int(a["length"]))  # type: ignore[attr-defined]
-        if op == "detach":
-            return mmu.detach(int(a["addr"]))  # type: ignore[attr-defined]
-        if op == "release":
-            return mmu.xpmem_release(int(a["apid"]))  # type: ignore[attr-defined]
-        if op == "remove":
-            return mmu.remove(int(a["segid"]))  # type: ignore[attr-defined]
-        raise KernelError(Errno.EINVAL, f"unknown xpmem op {op!r}")
+        token, outputs = start_command(self.mmu, cmd.command, dict(a))
+        if cmd.command == "status":
+            outputs["injected"] = self.injected_status()
+            outputs["counters"] = {**outputs.get("counters", {}), **self.counters}
+        return token, outputs
 
     def _fail_commands(self, reason: str) -> None:
         """Commands in flight when a session ends: their completions will
