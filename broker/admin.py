@@ -240,7 +240,7 @@ def ksm_knobs(core: Any, **knobs: Any) -> Task[dict[str, Any]]:
     ksm = core.model.ksm
     changes = {k: int(v) for k, v in knobs.items() if v is not None}
     for key, value in changes.items():
-        ksm.check_knob(key, value)  # all of them before anything changes
+        ksm.check_set_knob(key, value)  # all of them before anything changes
     for key, value in changes.items():
         ksm.set_knob(key, value)
     if changes.get("run") == 2:

@@ -142,18 +142,37 @@ class Ksm:
         if limits is None or not isinstance(value, int) or not limits[0] <= value <= limits[1]:
             raise KernelError(Errno.EINVAL, f"ksm {name}={value!r}")
 
+    def check_set_knob(self, name: str, value: int) -> None:
+        """:meth:`check_knob`, and the refusals that depend on KSM's state:
+        ``max_page_sharing`` cannot change while pages are shared
+        (mm/ksm.c ``max_page_sharing_store``: ``if (ksm_pages_shared ||
+        remove_all_stable_nodes()) err = -EBUSY``; writing the value it
+        already has is a no-op).
+
+        Raises:
+            KernelError: EINVAL (unknown knob, value out of range), EBUSY.
+        """
+        self.check_knob(name, value)
+        if name == "max_page_sharing" and value != self.max_page_sharing and self.pages_shared():
+            raise KernelError(Errno.EBUSY, "max_page_sharing cannot change while pages are shared")
+
     def set_knob(self, name: str, value: int) -> None:
         """Set one ``/sys/kernel/mm/ksm`` knob.
 
         Raises:
-            KernelError(EINVAL): unknown knob or value out of range (nothing set).
+            KernelError: EINVAL (unknown knob, value out of range), EBUSY
+                (:meth:`check_set_knob`); nothing set.
         """
-        self.check_knob(name, value)
+        self.check_set_knob(name, value)
         setattr(self, name, bool(value) if name == "use_zero_pages" else value)
+
+    def pages_shared(self) -> int:
+        """``ksm_pages_shared``: stable nodes with at least one rmap item."""
+        return sum(1 for node in self.stable.values() if node.items)
 
     def stats(self) -> dict[str, int]:
         shared = sharing = unshared = 0
-        for node in self.stable.values():
+        for node in self.stable.values():  # pages_shared() counts the same
             if node.items:
                 shared += 1
                 sharing += len(node.items) - 1
@@ -291,7 +310,10 @@ class Ksm:
         if m is None:
             return None
         vma = m.find_vma(key[1])
-        if vma is None or not vma.mergeable or vma.shmem is not None or vma.prot is Prot.NONE:
+        # PROT_NONE vmas are scanned and merged like any other (mm/ksm.c
+        # scan_get_next_rmap_item looks at VM_MERGEABLE only;
+        # ksm_functional_tests.c test_prot_none merges a PROT_NONE range)
+        if vma is None or not vma.mergeable or vma.shmem is not None:
             return None
         pte = m.get(key[1])
         if not pte & PTE_PRESENT or pte >> PTE_SHIFT == ZERO_PFN:
@@ -331,7 +353,12 @@ class Ksm:
             return self._merge_with_zero_page(m, key[1], pfn)
         tree_key = self.unstable.get(digest)
         tree = self._page(tree_key) if tree_key is not None and tree_key != key else None
-        if tree is None or tree[2] == pfn or mem.flags[tree[2]] & PG_KSM \
+        if tree is not None and tree[2] == pfn:
+            # unstable_tree_search_insert: "Don't substitute a ksm page for a
+            # forked page" -- the same page (shared by fork) is already in the
+            # tree: this rmap item is not inserted, so not counted unshared
+            return None
+        if tree is None or mem.flags[tree[2]] & PG_KSM \
                 or not mem.pages_identical(pfn, tree[2]):
             self.unstable[digest] = key
             item.state = RmapState.UNSTABLE
@@ -498,6 +525,9 @@ class Ksm:
         if not (self.model.memory.flags[pfn] & PG_KSM if pfn != ZERO_PFN else pte & PTE_KSM_ZERO):
             return
         vma = m.find_vma(addr)
+        # FAULT_FLAG_UNSHARE in a vma that cannot be written (PROT_NONE, r):
+        # the copy is mapped read-only (mm/ksm.c break_ksm, mm/memory.c
+        # wp_page_copy with unshare)
         writable = vma is not None and vma.prot is Prot.RW and not vma.shared
         yield from self.model.cow_break(m, addr, pte, writable=writable)
 

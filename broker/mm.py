@@ -311,17 +311,17 @@ class Model:
             The start address.  Without ``fill`` nothing is populated; no
             notifier traffic either way (no node can have served the new pages).
         Raises:
-            KernelError: ESRCH (no mm), EINVAL (npages < 1, unknown prot,
-                MERGEABLE on a shared mapping), ENOMEM (address space full; or
-                no frame for the fill), EFAULT (a fill of a mapping that is not
+            KernelError: ESRCH (no mm), EINVAL (npages < 1, unknown prot),
+                ENOMEM (address space full; or no frame for the fill), EFAULT (a fill of a mapping that is not
                 writable).  Nothing is left mapped.
         """
         m = self.check_mm(mm)
         if not isinstance(npages, int) or npages < 1:
             raise KernelError(Errno.EINVAL, f"cannot map {npages!r} pages")
         vm_prot = self._prot(prot)
-        if shared and mergeable:
-            raise KernelError(Errno.EINVAL, "KSM merges private anonymous memory only")
+        # mergeable is MADV_MERGEABLE right after the mmap: ignored for a
+        # shared mapping, as ksm_madvise ignores it (see madvise)
+        mergeable = mergeable and not shared
         start = m.next_addr
         end = start + npages * self.page_size
         if end > ADDRESS_LIMIT:
@@ -422,9 +422,8 @@ class Model:
             blockable: False models a caller that may not sleep (the OOM
                 reaper): a sleepable node's EAGAIN aborts with nothing changed.
         Raises:
-            KernelError: ESRCH, EINVAL (unaligned, unknown advice, MERGEABLE on
-                a shared mapping), EAGAIN (non-blockable and a node cannot
-                sleep), ENOMEM (the range has holes; the mapped parts were
+            KernelError: ESRCH, EINVAL (unaligned, unknown advice), EAGAIN
+                (non-blockable and a node cannot sleep), ENOMEM (the range has holes; the mapped parts were
                 advised, as the kernel does).
         """
         m = self.check_mm(mm)
@@ -443,9 +442,16 @@ class Model:
                 yield from self.notifier.invalidate_range(rng, lambda _inv: self._zap(m, start, end))
         else:
             want = advice == "mergeable"
-            if want and any(v.shared for v in vmas):
-                raise KernelError(Errno.EINVAL, "KSM merges private anonymous memory only")
-            for vma in m.isolate(start, end) if vmas else []:
+            for at in (start, end):
+                edge = m.find_vma(at)
+                # mm/ksm.c ksm_madvise: MADV_MERGEABLE of a vma KSM cannot
+                # merge (VM_SHARED, ...) "return 0; /* just ignore the advice */":
+                # its flags stay, so madvise_update_vma does not split it either
+                if edge is not None and not (want and edge.shared):
+                    m.split_at(at)
+            for vma in m.vmas_in(start, end):
+                if want and vma.shared:
+                    continue
                 if not want and vma.mergeable:
                     yield from self.ksm.unmerge_range(m, vma.start, vma.end)
                 vma.mergeable = want

@@ -165,3 +165,47 @@ def test_scanning_with_nothing_mergeable_terminates() -> None:
     assert run_op(m.ksm.scan()) == 0
     run_op(m.ksm.full_scan())
     assert m.ksm.stats()["full_scans"] >= 1
+
+
+def test_prot_none_pages_are_merged_and_unmerged_like_any_others() -> None:
+    """ksm_functional_tests.c ``test_prot_none``: a mergeable PROT_NONE range
+    is merged; MADV_UNMERGEABLE unshares it (mapped read-only, PROT_NONE)."""
+    m, mm, a = setup(4, [b"n"] * 4)
+    run_op(m.mprotect(mm, a, 4 * PS, "none"))
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (1, 3, 0, 0) and m.memory.in_use == 1
+    run_op(m.madvise(mm, a + 2 * PS, 2 * PS, "unmergeable"))
+    assert counters(m) == (1, 1, 0, 0) and m.memory.in_use == 3
+    run_op(m.mprotect(mm, a, 4 * PS, "r"))
+    assert [run_op(m.read(mm, a + i * PS, 1)) for i in range(4)] == [b"n"] * 4
+    m.check_invariants()
+
+
+def test_max_page_sharing_cannot_change_while_pages_are_shared() -> None:
+    """mm/ksm.c ``max_page_sharing_store``: EBUSY while ``ksm_pages_shared``."""
+    m, mm, a = setup(2, [b"b"] * 2)
+    m.ksm.set_knob("max_page_sharing", 16)  # nothing shared yet: fine
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    assert counters(m)[0] == 1
+    with pytest.raises(KernelError) as err:
+        m.ksm.set_knob("max_page_sharing", 8)
+    assert err.value.errno is Errno.EBUSY and m.ksm.max_page_sharing == 16
+    m.ksm.set_knob("max_page_sharing", 16)  # the same value: no change, no error
+    run_op(m.ksm.unmerge_all())
+    m.ksm.set_knob("max_page_sharing", 8)
+    assert m.ksm.max_page_sharing == 8
+
+
+def test_a_page_shared_by_fork_is_not_counted_twice() -> None:
+    """unstable_tree_search_insert: "Don't substitute a ksm page for a forked
+    page": the child's rmap item of the same page is not inserted, so one
+    page shared by fork is one unshared item, not two."""
+    m, mm, a = setup(1, [b"k"])
+    child = run_op(m.fork(mm))
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (0, 0, 1, 1)
+    assert m.pte(mm, a)[0] == m.pte(child, a)[0] and not m.memory.flags[m.pte(mm, a)[0]] & PG_KSM
+    m.check_invariants()

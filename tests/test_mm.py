@@ -73,10 +73,12 @@ def test_mmap_places_mappings_apart_and_validates() -> None:
         with pytest.raises(KernelError) as err:
             run_op(m.mmap(*bad))
         assert err.value.errno is errno
-    with pytest.raises(KernelError) as err:
-        run_op(m.mmap(mm, 1, shared=True, mergeable=True))
-    assert err.value.errno is Errno.EINVAL
     assert len(m.mms[mm].vmas) == 2  # the refused ones changed nothing
+    # MADV_MERGEABLE of a shared mapping is ignored, not refused (ksm_madvise)
+    c = run_op(m.mmap(mm, 2, shared=True, mergeable=True))
+    assert not m.mms[mm].find_vma(c).mergeable
+    run_op(m.madvise(mm, c, PS, "mergeable"))
+    assert len(m.mms[mm].vmas) == 3 and not m.mms[mm].find_vma(c).mergeable
 
 
 def test_read_maps_the_zero_page_and_write_allocates() -> None:
