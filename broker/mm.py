@@ -18,7 +18,8 @@ host read/write fault     ``mm/memory.c`` ``handle_mm_fault``:
                           of the new writable pte, end)
 madvise DONTNEED          ``mm/madvise.c`` -> ``zap_page_range_single``
 mprotect                  ``mm/mprotect.c`` ``change_protection``
-                          (PROTECTION_VMA on a downgrade only)
+                          (PROTECTION_VMA per changed vma with populated
+                          page tables, upgrades included)
 fork                      ``kernel/fork.c`` ``dup_mmap`` ->
                           ``copy_page_range`` (PROTECTION_PAGE on the
                           parent; pinned pages copied at once,
@@ -378,9 +379,16 @@ class Model:
         self.notifier.forget_mm(mm)
 
     def mprotect(self, mm: int, addr: int, length: int, prot: str) -> Op[None]:
-        """``mprotect``.  A downgrade (rw -> r, anything -> none) sends one
-        start/end(PROTECTION_VMA) over the changed part and write-protects
-        its ptes; an upgrade changes the vmas only (later faults do the rest).
+        """``mprotect``: per vma whose protection changes (``mprotect_fixup``
+        skips the others), ``change_protection`` -- one start/end(PROTECTION_VMA)
+        if the vma has populated page tables, upgrades included, from the
+        first populated pte table to the end of the vma's part of the range
+        (mm/mprotect.c ``change_pmd_range`` / ``change_pud_range``: "invoke the
+        mmu notifier if the pmd is populated", ``range.start`` = that pmd's
+        address, ``range.end`` = the end of the walk).  A downgrade
+        write-protects the vma's ptes inside it; an upgrade leaves the ptes
+        as they are (later faults make them writable).  A vma with nothing
+        populated changes with no notifier traffic.
 
         Raises:
             KernelError: ESRCH, EINVAL (unaligned, unknown prot), ENOMEM (the
@@ -396,21 +404,24 @@ class Model:
         if not vmas:
             raise KernelError(Errno.ENOMEM, f"{start:#x} is not mapped")
         stop = end if complete else vmas[-1].end
-        downgrade = any(new.rank < v.prot.rank for v in vmas)
 
-        def change_protection(_inv: Any) -> None:
-            for vma in m.isolate(start, stop):
-                if new.rank < vma.prot.rank:
-                    for page, pte in list(m.populated_in(vma.start, vma.end)):
-                        if pte & PTE_WRITE:
-                            m.set(page, pte & ~PTE_WRITE)
-                vma.prot = new
+        def change_protection(vma: Vma) -> None:
+            if new.rank < vma.prot.rank:
+                for page, pte in list(m.populated_in(vma.start, vma.end)):
+                    if pte & PTE_WRITE:
+                        m.set(page, pte & ~PTE_WRITE)
+            vma.prot = new
 
-        if downgrade:
-            rng = Range(mm, start, stop, NotifyEvent.PROTECTION_VMA)
-            yield from self.notifier.invalidate_range(rng, change_protection)
-        else:
-            change_protection(None)
+        for vma in m.isolate(start, stop):
+            if vma.prot is new:
+                continue
+            first = next(m.populated_in(vma.start, vma.end), None)
+            if first is None:
+                change_protection(vma)
+                continue
+            table = first[0] - first[0] % m.chunk_bytes
+            rng = Range(mm, max(vma.start, table), vma.end, NotifyEvent.PROTECTION_VMA)
+            yield from self.notifier.invalidate_range(rng, lambda _inv, vma=vma: change_protection(vma))
         if not complete:
             raise KernelError(Errno.ENOMEM, f"[{start:#x}, {end:#x}) has an unmapped hole at {stop:#x}")
 
@@ -643,10 +654,21 @@ class Model:
         return pfn, bool(pte & PTE_WRITE)
 
     def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]:
-        """``wp_page_copy``: start(CLEAR) of the page, copy, ``set_pte_at_notify``
-        of the new pte (nodes that re-took the old page in between drop it),
-        release the old page, end.  The new page is allocated before the start
-        (ENOMEM opens nothing) and freed again on any exit before the commit."""
+        """``wp_page_copy`` (``do_wp_page`` before 4.x), in the host's era:
+
+        - 3.7–6.9 (``wrap_change_pte``): start(CLEAR) of the page, copy,
+          ``set_pte_at_notify`` of the new pte (nodes that re-took the old
+          page in between drop it), release the old page, end -- commit
+          6bdb913f0a "mm: wrap calls to set_pte_at_notify with
+          invalidate_range_start and invalidate_range_end".
+        - 2.6.32–3.6 (bare): no start/end.  ``ptep_clear_flush_notify`` of
+          the old pte is ``mmu_notifier_invalidate_page`` (here a one-page
+          start+end, as the model sends every invalidate_page), then the
+          copy and a bare ``set_pte_at_notify`` (change_pte, or its
+          invalidate_page fallback to nodes without it).
+
+        The new page is allocated before anything is sent (ENOMEM sends
+        nothing) and freed again on any exit before the commit."""
         mem = self.memory
         old = pte >> PTE_SHIFT
         new = mem.alloc(zero=old == ZERO_PFN)
@@ -665,9 +687,13 @@ class Model:
             mem.flags[new] = PG_ANON | PG_ANON_EXCLUSIVE
             yield from self.set_pte_at_notify(m.id, page, new, writable, commit, wrap=False)
 
+        rng = Range(m.id, page, page + self.page_size, NotifyEvent.CLEAR)
         try:
-            yield from self.notifier.invalidate_range(
-                Range(m.id, page, page + self.page_size, NotifyEvent.CLEAR), copy_and_set)
+            if self.wrap_change_pte:
+                yield from self.notifier.invalidate_range(rng, copy_and_set)
+            else:
+                yield from self.notifier.invalidate_range(rng)  # ptep_clear_flush_notify
+                yield from copy_and_set(None)
         finally:
             if not committed:
                 mem.flags[new] = 0

@@ -194,7 +194,7 @@ def test_non_blockable_dontneed_refused_by_a_sleepable_node_changes_nothing() ->
     assert run_op(m.read(mm, a, 4)) == b"keep"
 
 
-def test_mprotect_downgrade_invalidates_upgrade_does_not() -> None:
+def test_mprotect_invalidates_the_populated_part_of_each_vma_it_changes() -> None:
     m = model()
     mm = m.spawn()
     a = run_op(m.mmap(mm, 2))
@@ -210,7 +210,13 @@ def test_mprotect_downgrade_invalidates_upgrade_does_not() -> None:
         run_op(m.write(mm, a, b"no"))
     assert err.value.errno is Errno.EFAULT
     r.log.clear()
+    # an upgrade notifies too (change_protection does not look at the direction)
+    m.gup_fast(mm, a, 1, False, node="kvm")
     r.run(m.mprotect(mm, a, PS, "rw"))
+    assert r.types() == ["InvalidateRangeStart", "InvalidateRangeEnd"]
+    assert r.log[0][1].event == "PROTECTION_VMA" and (r.log[0][1].start, r.log[0][1].end) == (a, a + PS)
+    r.log.clear()
+    r.run(m.mprotect(mm, a, 2 * PS, "rw"))  # no vma changes: nothing at all
     assert r.log == []
     run_op(m.write(mm, a, b"ok"))  # reuse: the page is exclusive
     assert run_op(m.read(mm, a, 2)) == b"ok"
@@ -222,6 +228,26 @@ def test_mprotect_downgrade_invalidates_upgrade_does_not() -> None:
     with pytest.raises(KernelError) as err:
         run_op(m.mprotect(mm, a, PS, "x"))
     assert err.value.errno is Errno.EINVAL
+    m.check_invariants()
+
+
+def test_mprotect_notifies_from_the_first_populated_page_table_and_skips_empty_vmas() -> None:
+    m = model(frames=16)
+    mm = m.spawn()
+    chunk = CHUNK_PAGES * PS
+    a = run_op(m.mmap(mm, 3 * CHUNK_PAGES))
+    b = run_op(m.mmap(mm, 4))  # never touched: no page tables
+    page_at = (a // chunk + 1) * chunk + 5 * PS  # in the vma's second pte table
+    run_op(m.write(mm, page_at, b"x"))
+    subscribed(m, mm)
+    m.gup_fast(mm, page_at, 1, False, node="kvm")
+    r = Recorder(m)
+    r.run(m.mprotect(mm, a, 3 * CHUNK_PAGES * PS, "r"))
+    r.run(m.mprotect(mm, b, 4 * PS, "r"))
+    starts = [msg for _, msg in r.log if isinstance(msg, InvalidateRangeStart)]
+    table = page_at - page_at % chunk
+    assert [(s.start, s.end, s.event) for s in starts] == [(max(a, table), a + 3 * chunk, "PROTECTION_VMA")]
+    assert [v.prot for v in m.mms[mm].vmas] == ["r", "r"]
     m.check_invariants()
 
 
@@ -263,6 +289,38 @@ def test_fork_makes_private_pages_cow_and_a_write_copies() -> None:
     assert run_op(m.read(child, a, 4)) == b"PPPP" and run_op(m.read(parent, a, 4)) == b"mine"
     run_op(m.write(child, a, b"kid!"))  # the last mapper reuses the page: no copy
     assert m.pte(child, a)[0] == pfn
+    m.check_invariants()
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_a_cow_break_notifies_as_its_era_does(wrap: bool) -> None:
+    """2.6.32–3.6: ``ptep_clear_flush_notify`` (invalidate_page, here a
+    one-page start+end) of the old pte, then the copy and a bare
+    ``set_pte_at_notify``: the end reaches the node before the new pte
+    exists.  3.7–6.9 (``wrap_change_pte``): start, copy, ``set_pte_at_notify``
+    (change_pte to the node the start addressed), end after the new pte."""
+    m = model(wrap_change_pte=wrap)
+    parent = m.spawn()
+    a = run_op(m.mmap(parent, 1))
+    run_op(m.write(parent, a, page(b"E")))
+    run_op(m.fork(parent))
+    subscribed(m, parent)
+    m.gup_fast(parent, a, 1, False, node="kvm")
+    old = m.pte(parent, a)[0]
+    log: list[tuple[str, int]] = []
+
+    def deliver(effect: Deliver) -> Outcomes:
+        for _, msg in effect.sends:
+            log.append((type(msg).__name__, m.pte(parent, a)[0]))  # the pfn mapped when it is sent
+        return {n: Ack(ref=msg.id) if effect.expect_ack else None for n, msg in effect.sends}
+
+    run_sync(m.write(parent, a, b"w"), deliver)
+    new = m.pte(parent, a)[0]
+    if wrap:
+        assert log == [("InvalidateRangeStart", old), ("ChangePte", old), ("InvalidateRangeEnd", new)]
+    else:
+        assert log == [("InvalidateRangeStart", old), ("InvalidateRangeEnd", old)]
+    assert m.pending == {} and m.stale_accesses == 0
     m.check_invariants()
 
 
