@@ -243,6 +243,21 @@ class Ksm:
             if item is not None and item.state is RmapState.STABLE:
                 item.state = RmapState.VOLATILE
 
+    def page_migrated(self, old: int, new: int) -> None:
+        """A KSM page moved to frame ``new`` (mm/ksm.c ``folio_migrate_ksm``:
+        ``stable_node->kpfn = folio_pfn(newfolio)``); its rmap items follow."""
+        node = self.stable.pop(old, None)
+        if node is None:
+            return
+        node.kpfn = new
+        self.stable[new] = node
+        pfns = self.stable_index.get(node.digest, [])
+        self.stable_index[node.digest] = [new if p == old else p for p in pfns]
+        for key in node.items:
+            item = self.rmap.get(key)
+            if item is not None and item.kpfn == old:
+                item.kpfn = new
+
     def zero_mapped(self) -> None:
         self.ksm_zero_pages += 1
 

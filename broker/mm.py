@@ -26,9 +26,11 @@ fork                      ``kernel/fork.c`` ``dup_mmap`` ->
                           ``page_needs_cow_for_dma``)
 reclaim                   ``mm/vmscan.c`` ``shrink_folio_list``:
                           ``folio_referenced`` (pte young |
-                          ``clear_flush_young`` of the nodes), then
-                          ``try_to_unmap`` (start/end CLEAR), swap out
-migration                 ``mm/migrate.c`` (start/end MIGRATE)
+                          ``clear_flush_young`` of the nodes, every
+                          mapping), then ``try_to_unmap`` (start/end
+                          CLEAR per mapping, ``mm/rmap.c``), swap out
+migration                 ``mm/migrate.c`` ``try_to_migrate`` (start/end
+                          CLEAR per mapping), copy, repoint every mapping
 get_user_pages            ``mm/gup.c``: ``check_vma_flags`` (EFAULT /
                           EPERM), ``faultin_page``; FOLL_PIN of a shared
                           anonymous page unshares it first
@@ -45,9 +47,11 @@ body on every exit path (an ENOMEM in the middle of a migration or a fork, an
 exception thrown in by the driver); what the body did stays done.  See
 ``broker/notifier.py`` for what a driver must do on cancel.
 
-Not modelled: reverse maps of pages mapped by more than one pte (reclaim and
-migration skip such pages, as they skip pinned, KSM and shmem pages);
-transparent huge pages; file mappings.
+Reverse map (:meth:`Model.rmap_walk`): anonymous pages shared by fork and KSM
+pages are found in every mm that maps them, so reclaim and migration take
+them.  Not modelled: reclaim and migration of shmem pages (skipped, as are
+pinned pages); migration entries (the invalidations of one page's mappings
+nest instead); transparent huge pages; file mappings.
 """
 
 from __future__ import annotations
@@ -1007,9 +1011,15 @@ class Model:
 
     # ------------------------------------------------------- reclaim, migration
 
-    def _private_candidates(self, m: Mm, start: int, end: int) -> list[tuple[int, int]]:
-        """(addr, pfn) of present private pages that one pte maps, unpinned, not KSM."""
+    def _rmap_candidates(self, m: Mm, start: int, end: int) -> list[tuple[int, int]]:
+        """(addr, pfn) of the range's present anonymous pages that reclaim and
+        migration may take: private (shmem goes through its page cache, not
+        modelled), not the zero page, not pinned (the kernel's refcount check:
+        ``folio_maybe_dma_pinned``, ``folio_ref_freeze`` in
+        ``migrate_folio``).  Each pfn once (a KSM page mapped at several
+        addresses of the range is one page to move)."""
         out = []
+        seen: set[int] = set()
         mem = self.memory
         for vma in m.vmas_in(start, end):
             if vma.shmem is not None:
@@ -1018,18 +1028,87 @@ class Model:
                 if not pte & PTE_PRESENT:
                     continue
                 pfn = pte >> PTE_SHIFT
-                if self._exclusive(pfn) and not mem.pincount[pfn]:
+                if pfn != ZERO_PFN and not mem.pincount[pfn] and pfn not in seen:
+                    seen.add(pfn)
                     out.append((addr, pfn))
         return out
 
-    def reclaim(self, mm: int, addr: int, length: int) -> Op[int]:
-        """Page out the range's private pages to swap, with aging.
+    def rmap_walk(self, pfn: int, addr: int, owner: Mm | None = None) -> list[tuple[Mm, int]] | None:
+        """Every pte mapping the anonymous page ``pfn`` found at ``addr``
+        (mm/rmap.c ``rmap_walk_anon``; mm/ksm.c ``rmap_walk_ksm``).
 
-        Per page: ``folio_referenced`` = the pte's young bit |
-        ``clear_flush_young`` of the nodes (both cleared); a referenced page
-        gets a second chance.  Otherwise start/end(CLEAR) of the page, write
-        the page to a swap slot, the pte becomes the swap entry, the frame is
-        freed.  Shared, KSM, pinned and multiply-mapped pages are skipped.
+        An anonymous page shared by fork sits at the same address in every
+        mm of its ``anon_vma`` (no mremap here), so the walk looks at that
+        address in every mm; a KSM page also at the address of every rmap
+        item of its stable node (and, like ``rmap_walk_ksm``, at those
+        addresses in the mms forked from theirs).
+
+        Args:
+            owner: the mm the page was found in, if known (an exclusive page
+                is then looked up there only).
+        Returns:
+            [(mm, addr)], in mm order; None if the walk does not account for
+            every mapping (``page_mapcount``): the caller leaves such a page.
+        """
+        mem = self.memory
+        if mem.mapcount[pfn] == 1 and not mem.flags[pfn] & PG_KSM and owner is not None:
+            pte = owner.get(addr)
+            return [(owner, addr)] if pte & PTE_PRESENT and pte >> PTE_SHIFT == pfn else None
+        addrs = {addr}
+        if mem.flags[pfn] & PG_KSM:
+            node = self.ksm.stable.get(pfn)
+            if node is not None:
+                addrs.update(a for _mm, a in node.items)
+        out = []
+        for m_id in sorted(self.mms):
+            m = self.mms[m_id]
+            for a in sorted(addrs):
+                pte = m.get(a)
+                if pte & PTE_PRESENT and pte >> PTE_SHIFT == pfn:
+                    out.append((m, a))
+        return out if len(out) == mem.mapcount[pfn] else None
+
+    def _still_mapped(self, pfn: int, mappings: list[tuple[Mm, int]]) -> bool:
+        """The walk's result still holds (after the acks): every pte maps
+        ``pfn``, nothing else does, nothing pinned it meanwhile."""
+        mem = self.memory
+        for m, a in mappings:
+            pte = m.get(a) if m.id in self.mms else 0
+            if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn:
+                return False
+        return mem.mapcount[pfn] == len(mappings) and not mem.pincount[pfn]
+
+    def _under_every_mapping(self, mappings: list[tuple[Mm, int]], commit: Callable[[], T]) -> Op[T]:
+        """``try_to_unmap`` / ``try_to_migrate`` of one page: one
+        start/end(CLEAR) of the page per mapping (``try_to_unmap_one``,
+        ``try_to_migrate_one``: ``mmu_notifier_range_init(&range,
+        MMU_NOTIFY_CLEAR, 0, mm, address, address + folio_size)``), then
+        ``commit()`` changes every pte at once.
+
+        The kernel ends each mapping's invalidation before the next, leaving
+        a migration (or swap) entry that makes every fault of it wait.  The
+        model has no migration entries, so the invalidations nest instead
+        (a start per mapping, the commit, the ends in reverse order): while
+        they are open GUP-fast serves none of the mappings, and a cancel
+        before the commit leaves every pte as it was."""
+        if not mappings:
+            return commit()
+        m, a = mappings[0]
+        rng = Range(m.id, a, a + self.page_size, NotifyEvent.CLEAR)
+        return (yield from self.notifier.invalidate_range(
+            rng, lambda _inv: self._under_every_mapping(mappings[1:], commit)))
+
+    def reclaim(self, mm: int, addr: int, length: int) -> Op[int]:
+        """Page out the range's anonymous pages to swap, with aging, through
+        the reverse map (pages shared by fork and KSM pages included).
+
+        Per page (mm/vmscan.c ``shrink_folio_list``): ``folio_referenced``
+        walks every mapping -- the pte's young bit | ``clear_flush_young`` of
+        the nodes (``folio_referenced_one``), both cleared; a referenced page
+        gets a second chance.  Otherwise a swap slot, then ``try_to_unmap``
+        (:meth:`_under_every_mapping`): the page written to the slot, every
+        pte becomes the swap entry (``swap_duplicate`` per further mapping),
+        the frame is freed.  Shmem and pinned pages are skipped.
 
         Returns:
             Pages swapped out.
@@ -1041,33 +1120,37 @@ class Model:
         start, end = self._range(addr, length)
         ps = self.page_size
         swapped = 0
-        for page, pfn in self._private_candidates(m, start, end):
-            pte = m.get(page)
-            if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn:
+        for page, pfn in self._rmap_candidates(m, start, end):
+            mappings = self.rmap_walk(pfn, page, m) if mm in self.mms else None
+            if not mappings:
                 continue
-            young = bool(pte & PTE_YOUNG)
-            m.set(page, pte & ~PTE_YOUNG)
-            node_young = yield from self.notifier.clear_flush_young(mm, page, page + ps)
-            if young or node_young:
+            referenced = False
+            for other, at in mappings:
+                pte = other.get(at)
+                referenced |= bool(pte & PTE_YOUNG)
+                other.set(at, pte & ~PTE_YOUNG)
+                referenced |= yield from self.notifier.clear_flush_young(other.id, at, at + ps)
+            if referenced:
                 self.counters["reclaim_referenced"] += 1
                 continue
             slot = self.swap.alloc()
             used = False
 
-            def try_to_unmap(_inv: Any, page: int = page, pfn: int = pfn, slot: int = slot) -> bool:
+            def try_to_unmap(pfn: int = pfn, slot: int = slot, mappings: list[tuple[Mm, int]] = mappings) -> bool:
                 nonlocal used
-                pte = m.get(page) if mm in self.mms else 0
-                if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or not self._exclusive(pfn) \
-                        or self.memory.pincount[pfn]:
-                    return False  # pinned or changed meanwhile: try_to_unmap fails
+                if not self._still_mapped(pfn, mappings):
+                    return False  # changed or pinned meanwhile: try_to_unmap fails
                 self.swap.write(slot, self.memory.page(pfn))
-                self._unmap_pte(m, page, pte)
-                m.set(page, (slot << PTE_SHIFT) | PTE_SWAP)
+                for i, (other, at) in enumerate(mappings):
+                    self._unmap_pte(other, at, other.get(at))
+                    if i:
+                        self.swap.duplicate(slot)
+                    other.set(at, (slot << PTE_SHIFT) | PTE_SWAP)
                 used = True
                 return True
 
             try:
-                yield from self.notifier.invalidate_range(Range(mm, page, page + ps, NotifyEvent.CLEAR), try_to_unmap)
+                yield from self._under_every_mapping(mappings, try_to_unmap)
             finally:
                 if not used:
                     self.swap.free(slot)
@@ -1077,46 +1160,62 @@ class Model:
         return swapped
 
     def migrate(self, mm: int, addr: int, length: int) -> Op[int]:
-        """``migrate_pages`` of the range's private pages to new frames: one
-        start/end(MIGRATE) over the range, copy, repoint, free the old frames.
-        Pinned, KSM, shared and multiply-mapped pages stay (the kernel's
-        refcount check fails for them).
+        """``migrate_pages`` of the range's anonymous pages to new frames,
+        through the reverse map: a page shared by fork or a KSM page moves
+        with every mapping of it repointed (mm/migrate.c
+        ``migrate_folio_unmap`` -> ``try_to_migrate``, ``remove_migration_ptes``;
+        a KSM page's stable node follows it, ``folio_migrate_ksm``).  Per page:
+        the new frame first (ENOMEM before anything is sent), then one
+        start/end(CLEAR) per mapping (:meth:`_under_every_mapping`; ordinary
+        migration raises CLEAR, MIGRATE is ``migrate_vma_*``'s, for device
+        memory), the copy, every pte repointed, the old frame freed.  Pinned
+        and shmem pages stay (the kernel's refcount check fails for them).
 
         Returns:
             Pages migrated.
         Raises:
             KernelError: ESRCH, EINVAL, ENOMEM (no frame; pages migrated so far
-                stay migrated).
+                stay migrated, as migrate_pages leaves the folios it moved).
         """
         m = self.check_mm(mm)
         start, end = self._range(addr, length)
-        candidates = self._private_candidates(m, start, end)
-        if not candidates:
-            return 0
-        lo, hi = candidates[0][0], candidates[-1][0] + self.page_size
         mem = self.memory
         moved = 0
-
-        def move(_inv: Any) -> None:
-            # An ENOMEM here ends the invalidation (NotifierCore.invalidate_range)
-            # with the pages moved so far staying moved, as migrate_pages leaves
-            # the folios it migrated (mm/migrate.c).
-            nonlocal moved
-            for page, pfn in candidates:
-                pte = m.get(page) if mm in self.mms else 0
-                if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or not self._exclusive(pfn) or mem.pincount[pfn]:
+        try:
+            for page, pfn in self._rmap_candidates(m, start, end):
+                mappings = self.rmap_walk(pfn, page, m) if mm in self.mms else None
+                if not mappings:
                     continue
                 new = mem.alloc(zero=False)
-                mem.copy(new, pfn)
-                mem.flags[new] = mem.flags[pfn] & ~PG_KSM
-                mem.mapcount[new] = 1
-                mem.mapcount[pfn] -= 1
-                m.set(page, (new << PTE_SHIFT) | (pte & 0xFF))
-                self.put_page(pfn)
-                moved += 1
+                done = False
 
-        try:
-            yield from self.notifier.invalidate_range(Range(mm, lo, hi, NotifyEvent.MIGRATE), move)
+                def move(pfn: int = pfn, new: int = new, mappings: list[tuple[Mm, int]] = mappings) -> None:
+                    nonlocal done
+                    if not self._still_mapped(pfn, mappings):
+                        return
+                    mem.copy(new, pfn)  # after every node acked: no write through an old entry
+                    mem.flags[new] = mem.flags[pfn]
+                    if mem.flags[pfn] & PG_KSM:
+                        mem.flags[pfn] &= ~PG_KSM
+                        self.ksm.page_migrated(pfn, new)
+                    for i, (other, at) in enumerate(mappings):
+                        pte = other.get(at)
+                        if i:
+                            mem.get_page(new)  # the first mapping takes the allocation's reference
+                        mem.mapcount[new] += 1
+                        other.set(at, (new << PTE_SHIFT) | (pte & 0xFF))
+                        mem.mapcount[pfn] -= 1
+                        self.put_page(pfn)
+                    done = True
+
+                try:
+                    yield from self._under_every_mapping(mappings, move)
+                finally:
+                    if not done:
+                        mem.flags[new] = 0
+                        mem.put_page(new)
+                if done:
+                    moved += 1
         finally:
             self.counters["migrated"] += moved
         return moved

@@ -533,7 +533,10 @@ def test_reclaim_fails_cleanly_when_swap_is_full() -> None:
     m.check_invariants()
 
 
-def test_migrate_moves_private_pages_but_not_pinned_or_shared_ones() -> None:
+def test_migrate_moves_private_and_forked_pages_but_not_pinned_ones() -> None:
+    """mm/migrate.c through the rmap: a page shared by fork moves with both
+    mappings repointed, one start/end(CLEAR) per mapping (try_to_migrate_one);
+    the pinned page stays."""
     m = model()
     mm = m.spawn()
     a = run_op(m.mmap(mm, 3))
@@ -542,17 +545,71 @@ def test_migrate_moves_private_pages_but_not_pinned_or_shared_ones() -> None:
     m.gup_fast(mm, a, 3, False, node="kvm")
     pinned = run_op(m.gup(mm, a + PS, 1, True, pin=True, node="x"))[0][1]
     child = run_op(m.fork(mm))  # pages 0 and 2 shared COW with the child; the pinned page copied
+    m.notifier.register("kvm", child)
     run_op(m.write(mm, a, b"m"))  # page 0 exclusive again (a copy)
     m.gup_fast(mm, a, 3, False, node="kvm")
+    m.gup_fast(child, a + 2 * PS, 1, False, node="kvm")
     before = [m.pte(mm, a + i * PS)[0] for i in range(3)]
     r = Recorder(m)
-    assert r.run(m.migrate(mm, a, 3 * PS)) == 1
-    assert r.types() == ["InvalidateRangeStart", "InvalidateRangeEnd"] and r.log[0][1].event == "MIGRATE"
+    assert r.run(m.migrate(mm, a, 3 * PS)) == 2
+    starts = [msg for _, msg in r.log if isinstance(msg, InvalidateRangeStart)]
+    assert {s.event for s in starts} == {"CLEAR"}
+    assert sorted((s.mm, s.start) for s in starts) == sorted([(mm, a), (mm, a + 2 * PS), (child, a + 2 * PS)])
     after = [m.pte(mm, a + i * PS)[0] for i in range(3)]
-    assert after[0] != before[0] and after[1] == pinned and after[2] == before[2]
-    assert m.memory.is_free(before[0]) and run_op(m.read(mm, a, 1)) == b"m"
+    assert after[0] != before[0] and after[1] == pinned and after[2] != before[2]
+    assert m.pte(child, a + 2 * PS)[0] == after[2] and m.memory.mapcount[after[2]] == 2
+    # the old frames went back (one is reused by the second move): five frames in
+    # use, the parent's three and the child's copy of page 0 and of the pinned page
+    assert m.memory.in_use == 5 and run_op(m.read(mm, a, 1)) == b"m"
     assert run_op(m.read(child, a + 2 * PS, 1)) == b"m"
     m.unpin("x", mm, [pinned])
+    m.check_invariants()
+
+
+def test_migrate_a_ksm_page_repoints_every_mapping_and_its_stable_node() -> None:
+    """tools/testing/selftests/mm/rmap.c ``migrate_ksm``: a KSM page merged
+    from two mms migrates; every mapping follows, KSM keeps it merged."""
+    m = model()
+    one, two = m.spawn(), m.spawn()
+    a = run_op(m.mmap(one, 1, mergeable=True, fill=0x4B))
+    b = run_op(m.mmap(two, 1, mergeable=True, fill=0x4B))
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    kpfn = m.pte(one, a)[0]
+    assert m.pte(two, b)[0] == kpfn and m.memory.flags[kpfn] & PG_KSM
+    r = Recorder(m)
+    subscribed(m, two)
+    m.gup_fast(two, b, 1, False, node="kvm")
+    assert r.run(m.migrate(one, a, PS)) == 1
+    new = m.pte(one, a)[0]
+    assert new != kpfn and m.pte(two, b)[0] == new and m.memory.flags[new] & PG_KSM
+    assert m.memory.is_free(kpfn) and new in m.ksm.stable
+    assert [(type(msg).__name__, msg.mm) for _, msg in r.log] == [
+        ("InvalidateRangeStart", two), ("InvalidateRangeEnd", two)]  # only kvm holds it, in mm two
+    assert m.ksm.stats()["pages_shared"] == 1 and m.ksm.stats()["pages_sharing"] == 1
+    run_op(m.write(two, b, b"x"))  # still write-protected: a COW break
+    assert m.pte(two, b)[0] != new and run_op(m.read(one, a, 1)) == b"K"
+    m.check_invariants()
+
+
+def test_reclaim_swaps_out_a_page_shared_by_fork_from_both_mms() -> None:
+    """mm/vmscan.c + mm/rmap.c ``try_to_unmap``: every mapping becomes the
+    swap entry (one slot, two uses), each with its CLEAR; both swap back in."""
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 1, fill=0x46))
+    child = run_op(m.fork(mm))
+    subscribed(m, mm)
+    m.notifier.register("kvm", child)
+    m.gup_fast(mm, a, 1, False, node="kvm")
+    m.gup_fast(child, a, 1, False, node="kvm")
+    r = Recorder(m)
+    assert r.run(m.reclaim(mm, a, PS)) == 1
+    assert r.types() == ["ClearFlushYoung", "ClearFlushYoung", "InvalidateRangeStart", "InvalidateRangeStart",
+                         "InvalidateRangeEnd", "InvalidateRangeEnd"]
+    assert m.memory.in_use == 0 and m.swap.in_use == 1 and m.mms[child].swapped == 1
+    assert run_op(m.read(child, a, 1)) == b"F" and run_op(m.read(mm, a, 1)) == b"F"
+    assert m.swap.in_use == 0
     m.check_invariants()
 
 
