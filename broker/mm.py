@@ -69,7 +69,18 @@ from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
 
 from .effects import Op
 from .ksm import Ksm
-from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, PG_SHMEM, ZERO_PFN, PhysicalMemory, SwapFile
+from .memory import (
+    PG_ANON,
+    PG_ANON_EXCLUSIVE,
+    PG_DIRTY,
+    PG_IDLE,
+    PG_KSM,
+    PG_SHMEM,
+    PG_YOUNG,
+    ZERO_PFN,
+    PhysicalMemory,
+    SwapFile,
+)
 from .notifier import NotifierCore
 from .pagetable import (
     CHUNK_PAGES,
@@ -95,6 +106,9 @@ T = TypeVar("T")
 
 #: Largest number of pages one GUP may ask for.
 MAX_GUP_PAGES = 4096
+#: Largest number of pages one idle-tracking call looks at (the kernel's
+#: bitmap is read and written in chunks too).
+IDLE_MAX_PAGES = 4096
 #: Ptes from which a zap releases them in batches of array operations
 #: (measured: the batch's fixed cost is about that of 48 ptes one by one).
 ZAP_BATCH_MIN = 48
@@ -1051,6 +1065,8 @@ class Model:
             every mapping (``page_mapcount``): the caller leaves such a page.
         """
         mem = self.memory
+        if mem.flags[pfn] & PG_SHMEM:
+            return self._rmap_walk_file(pfn, addr, owner)
         if mem.mapcount[pfn] == 1 and not mem.flags[pfn] & PG_KSM and owner is not None:
             pte = owner.get(addr)
             return [(owner, addr)] if pte & PTE_PRESENT and pte >> PTE_SHIFT == pfn else None
@@ -1067,6 +1083,26 @@ class Model:
                 if pte & PTE_PRESENT and pte >> PTE_SHIFT == pfn:
                     out.append((m, a))
         return out if len(out) == mem.mapcount[pfn] else None
+
+    def _rmap_walk_file(self, pfn: int, addr: int, owner: Mm | None) -> list[tuple[Mm, int]] | None:
+        """``rmap_walk_file`` of a shmem page: every vma of every mm over the
+        same shmem object that covers the page's offset (``i_mmap``)."""
+        vma = owner.find_vma(addr) if owner is not None else None
+        if vma is None or vma.shmem is None:
+            return None
+        shmem, pgoff = vma.shmem, vma.pgoff + (addr - vma.start) // self.page_size
+        out = []
+        for m_id in sorted(self.mms):
+            m = self.mms[m_id]
+            for other in m.vmas:
+                if other.shmem is not shmem:
+                    continue
+                at = other.start + (pgoff - other.pgoff) * self.page_size
+                if other.start <= at < other.end:
+                    pte = m.get(at)
+                    if pte & PTE_PRESENT and pte >> PTE_SHIFT == pfn:
+                        out.append((m, at))
+        return out if len(out) == self.memory.mapcount[pfn] else None
 
     def _still_mapped(self, pfn: int, mappings: list[tuple[Mm, int]]) -> bool:
         """The walk's result still holds (after the acks): every pte maps
@@ -1130,6 +1166,13 @@ class Model:
                 referenced |= bool(pte & PTE_YOUNG)
                 other.set(at, pte & ~PTE_YOUNG)
                 referenced |= yield from self.notifier.clear_flush_young(other.id, at, at + ps)
+            # folio_referenced_one: a reference clears PG_idle; and an access
+            # idle tracking already harvested (PG_young) still counts
+            if referenced:
+                self.memory.flags[pfn] &= ~PG_IDLE
+            if self.memory.flags[pfn] & PG_YOUNG:
+                self.memory.flags[pfn] &= ~PG_YOUNG
+                referenced = True
             if referenced:
                 self.counters["reclaim_referenced"] += 1
                 continue
@@ -1219,6 +1262,62 @@ class Model:
         finally:
             self.counters["migrated"] += moved
         return moved
+
+    # ------------------------------------------------------- idle page tracking
+
+    def page_idle(self, mm: int, addr: int, length: int, mark: bool) -> Op[list[tuple[int, int, bool]]]:
+        """``/sys/kernel/mm/page_idle/bitmap`` (mm/page_idle.c) over the pages
+        ``mm`` maps in ``[addr, addr + length)``, as a user finds their pfns
+        through ``/proc/pid/pagemap`` (KVM's ``access_tracking_perf_test``).
+
+        Per page, ``page_idle_clear_pte_refs`` walks every mapping of it
+        (:meth:`rmap_walk`): ``ptep_clear_young_notify`` = the pte's young
+        bit cleared | ``clear_young`` of the nodes (ORed, no flush); any of
+        them young clears ``PG_idle`` and sets ``PG_young``.  ``mark`` (a
+        write of 1 bits) then sets ``PG_idle``; a read clears the references
+        the same way (only of pages still idle) and reports ``PG_idle``.
+        Pages the bitmap does not track are left out: not present, the zero
+        page (``page_idle_get_folio`` takes LRU folios only).
+
+        Returns:
+            [(addr, pfn, idle)] of the tracked pages, ascending.
+        Raises:
+            KernelError: ESRCH, EINVAL (unaligned; more than
+                :data:`IDLE_MAX_PAGES` pages).
+        """
+        m = self.check_mm(mm)
+        start, end = self._range(addr, length)
+        ps = self.page_size
+        if (end - start) // ps > IDLE_MAX_PAGES:
+            raise KernelError(Errno.EINVAL, f"idle tracking of more than {IDLE_MAX_PAGES} pages at once")
+        mem = self.memory
+        out: list[tuple[int, int, bool]] = []
+        for page, pte in list(m.populated_in(start, end)):
+            if mm not in self.mms:
+                break
+            if not pte & PTE_PRESENT or pte >> PTE_SHIFT == ZERO_PFN or m.get(page) != pte:
+                continue
+            pfn = pte >> PTE_SHIFT
+            if mark or mem.flags[pfn] & PG_IDLE:
+                mappings = self.rmap_walk(pfn, page, m) or [(m, page)]
+                referenced = False
+                for other, at in mappings:
+                    now = other.get(at)
+                    if not now & PTE_PRESENT or now >> PTE_SHIFT != pfn:
+                        continue
+                    referenced |= bool(now & PTE_YOUNG)
+                    other.set(at, now & ~PTE_YOUNG)
+                    referenced |= yield from self.notifier.clear_young(other.id, at, at + ps)
+                now = m.get(page)
+                if not now & PTE_PRESENT or now >> PTE_SHIFT != pfn:
+                    continue  # gone while the nodes answered
+                if referenced:
+                    mem.flags[pfn] = (mem.flags[pfn] & ~PG_IDLE) | PG_YOUNG
+                if mark:
+                    mem.flags[pfn] |= PG_IDLE
+            out.append((page, pfn, bool(mem.flags[pfn] & PG_IDLE)))
+        self.counters["page_idle_" + ("marks" if mark else "reads")] += 1
+        return out
 
     # ---------------------------------------------------------------- checking
 

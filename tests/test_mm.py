@@ -832,3 +832,35 @@ def test_a_failed_mmap_fill_leaves_nothing_behind(shared: bool) -> None:
         run_op(m.mmap(mm, 4, "r", fill=1))
     assert err.value.errno == Errno.EFAULT and len(m.mms[mm].vmas) == 2
     m.check_invariants()
+
+
+# -- idle page tracking ----------------------------------------------------------------------------
+
+
+def test_idle_page_tracking_marks_then_reads_back_what_was_touched() -> None:
+    """mm/page_idle.c: marking clears every mapping's young bit (the pte's and
+    the nodes' ``clear_young``) and sets PG_idle; an access since, on the host
+    or through a node, clears it on the next read; reclaim still counts it."""
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 4, fill=0x49))
+    run_op(m.read(mm, a + 3 * PS, 1))  # page 3 only read: still the written page
+    subscribed(m, mm, ops=ALL_OPS + ["clear_young"])
+    m.gup_fast(mm, a, 4, False, node="kvm")
+    r = Recorder(m)
+    marked = r.run(m.page_idle(mm, a, 4 * PS, True))
+    assert [(p, idle) for p, _pfn, idle in marked] == [(a + i * PS, True) for i in range(4)]
+    assert r.types() == ["ClearYoung"] * 4
+    assert all(m.pte(mm, a + i * PS)[3] is False for i in range(4))  # every pte old now
+    run_op(m.read(mm, a + PS, 1))  # the host touches page 1
+    young = Recorder(m, young=True)  # the node saw every page accessed
+    r.log.clear()
+    back = r.run(m.page_idle(mm, a, 2 * PS, False))
+    assert [idle for _, _, idle in back] == [True, False]
+    back = young.run(m.page_idle(mm, a + 2 * PS, 2 * PS, False))
+    assert [idle for _, _, idle in back] == [False, False]
+    assert run_op(m.reclaim(mm, a + PS, PS)) == 0  # PG_young: folio_referenced counts the access
+    with pytest.raises(KernelError) as err:
+        run_op(m.page_idle(mm, a, 5000 * PS, False))
+    assert err.value.errno is Errno.EINVAL
+    m.check_invariants()
