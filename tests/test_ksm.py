@@ -124,8 +124,10 @@ def test_unmergeable_and_run_2_unshare_every_ksm_page() -> None:
     run_op(m.ksm.full_scan())
     assert counters(m) == (1, 3, 0, 0)
     run_op(m.madvise(mm, a, 2 * PS, "unmergeable"))
-    assert counters(m) == (1, 1, 0, 0)
+    assert counters(m) == (1, 3, 0, 0)  # counted as ksmd left them, until its next visit
     assert len({m.pte(mm, a + i * PS)[0] for i in range(4)}) == 3
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (1, 1, 0, 0)
     assert not m.mms[mm].find_vma(a).mergeable and m.mms[mm].find_vma(a + 2 * PS).mergeable
     run_op(m.ksm.unmerge_all())
     assert counters(m) == (0, 0, 0, 0) and m.memory.in_use == 4
@@ -142,9 +144,12 @@ def test_fork_child_pages_join_the_stable_node_on_the_next_scan() -> None:
     run_op(m.ksm.full_scan())
     assert counters(m) == (1, 3, 0, 0)
     run_op(m.exit_mm(mm))
+    run_op(m.ksm.full_scan())  # the exited mm's items go when ksmd reaches them
     assert counters(m) == (1, 1, 0, 0)
     run_op(m.exit_mm(child))
-    assert counters(m) == (0, 0, 0, 0) and m.memory.in_use == 0
+    assert m.memory.in_use == 0
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (0, 0, 0, 0)
     m.check_invariants()
 
 
@@ -176,7 +181,9 @@ def test_prot_none_pages_are_merged_and_unmerged_like_any_others() -> None:
     run_op(m.ksm.full_scan())
     assert counters(m) == (1, 3, 0, 0) and m.memory.in_use == 1
     run_op(m.madvise(mm, a + 2 * PS, 2 * PS, "unmergeable"))
-    assert counters(m) == (1, 1, 0, 0) and m.memory.in_use == 3
+    assert m.memory.in_use == 3
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (1, 1, 0, 0)
     run_op(m.mprotect(mm, a, 4 * PS, "r"))
     assert [run_op(m.read(mm, a + i * PS, 1)) for i in range(4)] == [b"n"] * 4
     m.check_invariants()
@@ -208,4 +215,22 @@ def test_a_page_shared_by_fork_is_not_counted_twice() -> None:
     run_op(m.ksm.full_scan())
     assert counters(m) == (0, 0, 1, 1)
     assert m.pte(mm, a)[0] == m.pte(child, a)[0] and not m.memory.flags[m.pte(mm, a)[0]] & PG_KSM
+    m.check_invariants()
+
+
+def test_counters_change_when_ksmd_next_visits_not_at_cow_time() -> None:
+    """ksm_tests.c ``check_ksm_unmerge``: write to merged pages, then "get at
+    least 1 scan, so KSM can detect that the pages were modified" -- the COW
+    break itself changes no counter; the next pass recounts every item."""
+    m, mm, a = setup(3, [b"c"] * 3)
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (1, 2, 0, 0)
+    run_op(m.write(mm, a, b"-"))
+    run_op(m.write(mm, a + PS, b"+"))
+    assert counters(m) == (1, 2, 0, 0)  # COW broken, not yet seen
+    run_op(m.munmap(mm, a + 2 * PS, PS))
+    assert counters(m) == (1, 2, 0, 0)  # the KSM page is freed, its items still counted
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (0, 0, 0, 2)  # the written pages volatile, the unmapped one gone
     m.check_invariants()
