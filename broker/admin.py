@@ -225,6 +225,19 @@ def migrate(core: Any, mm: int, addr: int, length: int) -> Task[dict[str, Any]]:
     return {"migrated": migrated}
 
 
+@handler("idle")
+def idle(core: Any, mm: int, addr: int, length: int, op: str) -> Task[dict[str, Any]]:
+    """Idle page tracking (``/sys/kernel/mm/page_idle/bitmap``) over an mm's
+    range: ``mark`` sets the present pages idle, ``read`` reports which still
+    are (``Model.page_idle``).  Result: ``pages`` = [[addr, pfn, idle]] of
+    the tracked pages, ``idle`` and ``accessed`` their counts."""
+    _pages(core, addr, length)
+    pages = yield Locked(core.model.page_idle(mm, addr, length, op == "mark"))
+    idle_pages = sum(1 for _, _, is_idle in pages if is_idle)
+    core.publish("idle", mm=mm, addr=addr, length=length, op=op, idle=idle_pages)
+    return {"pages": [list(p) for p in pages], "idle": idle_pages, "accessed": len(pages) - idle_pages}
+
+
 @handler("merge")
 def merge(core: Any, full_scans: int) -> Task[dict[str, Any]]:
     ksm = core.model.ksm
@@ -240,7 +253,7 @@ def ksm_knobs(core: Any, **knobs: Any) -> Task[dict[str, Any]]:
     ksm = core.model.ksm
     changes = {k: int(v) for k, v in knobs.items() if v is not None}
     for key, value in changes.items():
-        ksm.check_knob(key, value)  # all of them before anything changes
+        ksm.check_set_knob(key, value)  # all of them before anything changes
     for key, value in changes.items():
         ksm.set_knob(key, value)
     if changes.get("run") == 2:

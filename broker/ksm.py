@@ -30,12 +30,24 @@ the unstable tree is rebuilt every pass.  Counters follow
 ``/sys/kernel/mm/ksm`` and the kernel's arithmetic: ``pages_shared`` stable
 nodes in use, ``pages_sharing`` the further mappings of them,
 ``pages_unshared`` unstable items, ``pages_volatile`` the remaining rmap items.
+
+When the counters change (mm/ksm.c): an rmap item is counted as ksmd last
+left it.  A COW break of a merged page, a munmap, MADV_UNMERGEABLE or the
+exit of the mm change nothing at once; ksmd's next visit of that address
+(``cmp_and_merge_page`` -> ``remove_rmap_item_from_tree``, or
+``get_next_rmap_item`` / ``remove_trailing_rmap_items`` for an address that
+is gone) recounts it.  ``ksm_tests.c`` ``check_ksm_unmerge`` relies on it:
+"get at least 1 scan, so KSM can detect that the pages were modified".  A
+merge counts at once (``stable_tree_append``), as does ``run`` = 2
+(``unmerge_and_remove_all_rmap_items``).  :attr:`Ksm.accounted` is that
+view; the rest of the state is the live one the merging decisions use.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -100,6 +112,8 @@ class StableNode:
     kpfn: int
     digest: bytes
     items: set[Key] = field(default_factory=set)
+    #: identity for the counters (a kpfn changes with migration and is reused)
+    nid: int = 0
 
 
 class Ksm:
@@ -123,6 +137,10 @@ class Ksm:
         self.stable: dict[int, StableNode] = {}
         self.stable_index: dict[bytes, list[int]] = {}
         self.unstable: dict[bytes, Key] = {}
+        #: rmap items as ksmd last left them: key -> (state, stable node id or
+        #: 0).  The counters are computed from this (see the module docstring).
+        self.accounted: dict[Key, tuple[RmapState, int]] = {}
+        self._nids = itertools.count(1)
         self.full_scans = 0
         self.pages_scanned = 0
         self.ksm_zero_pages = 0
@@ -142,24 +160,59 @@ class Ksm:
         if limits is None or not isinstance(value, int) or not limits[0] <= value <= limits[1]:
             raise KernelError(Errno.EINVAL, f"ksm {name}={value!r}")
 
+    def check_set_knob(self, name: str, value: int) -> None:
+        """:meth:`check_knob`, and the refusals that depend on KSM's state:
+        ``max_page_sharing`` cannot change while pages are shared
+        (mm/ksm.c ``max_page_sharing_store``: ``if (ksm_pages_shared ||
+        remove_all_stable_nodes()) err = -EBUSY``; writing the value it
+        already has is a no-op).
+
+        Raises:
+            KernelError: EINVAL (unknown knob, value out of range), EBUSY.
+        """
+        self.check_knob(name, value)
+        if name == "max_page_sharing" and value != self.max_page_sharing and self.pages_shared():
+            raise KernelError(Errno.EBUSY, "max_page_sharing cannot change while pages are shared")
+
     def set_knob(self, name: str, value: int) -> None:
         """Set one ``/sys/kernel/mm/ksm`` knob.
 
         Raises:
-            KernelError(EINVAL): unknown knob or value out of range (nothing set).
+            KernelError: EINVAL (unknown knob, value out of range), EBUSY
+                (:meth:`check_set_knob`); nothing set.
         """
-        self.check_knob(name, value)
+        self.check_set_knob(name, value)
         setattr(self, name, bool(value) if name == "use_zero_pages" else value)
 
+    def pages_shared(self) -> int:
+        """``ksm_pages_shared``: stable nodes with at least one rmap item, as counted."""
+        return len({nid for state, nid in self.accounted.values() if state is RmapState.STABLE})
+
+    def _account(self, key: Key) -> None:
+        """ksmd has just dealt with ``key``: count its rmap item as it is now."""
+        item = self.rmap.get(key)
+        if item is None:
+            self.accounted.pop(key, None)
+            return
+        node = self.stable.get(item.kpfn) if item.state is RmapState.STABLE else None
+        if node is not None and key in node.items:
+            self.accounted[key] = (RmapState.STABLE, node.nid)
+        elif item.state is RmapState.UNSTABLE:
+            self.accounted[key] = (RmapState.UNSTABLE, 0)
+        else:
+            self.accounted[key] = (RmapState.VOLATILE, 0)
+
     def stats(self) -> dict[str, int]:
-        shared = sharing = unshared = 0
-        for node in self.stable.values():
-            if node.items:
-                shared += 1
-                sharing += len(node.items) - 1
-        for item in self.rmap.values():
-            if item.state is RmapState.UNSTABLE:
+        """Knobs and counters; the counters from :attr:`accounted`."""
+        per_node: Counter[int] = Counter()
+        unshared = 0
+        for state, nid in self.accounted.values():
+            if state is RmapState.STABLE:
+                per_node[nid] += 1
+            elif state is RmapState.UNSTABLE:
                 unshared += 1
+        shared = len(per_node)
+        sharing = sum(per_node.values()) - shared
         return {
             "run": self.run,
             "pages_to_scan": self.pages_to_scan,
@@ -169,7 +222,7 @@ class Ksm:
             "pages_shared": shared,
             "pages_sharing": sharing,
             "pages_unshared": unshared,
-            "pages_volatile": len(self.rmap) - shared - sharing - unshared,
+            "pages_volatile": len(self.accounted) - shared - sharing - unshared,
             "full_scans": self.full_scans,
             "pages_scanned": self.pages_scanned,
             "ksm_zero_pages": self.ksm_zero_pages,
@@ -224,6 +277,21 @@ class Ksm:
             if item is not None and item.state is RmapState.STABLE:
                 item.state = RmapState.VOLATILE
 
+    def page_migrated(self, old: int, new: int) -> None:
+        """A KSM page moved to frame ``new`` (mm/ksm.c ``folio_migrate_ksm``:
+        ``stable_node->kpfn = folio_pfn(newfolio)``); its rmap items follow."""
+        node = self.stable.pop(old, None)
+        if node is None:
+            return
+        node.kpfn = new
+        self.stable[new] = node
+        pfns = self.stable_index.get(node.digest, [])
+        self.stable_index[node.digest] = [new if p == old else p for p in pfns]
+        for key in node.items:
+            item = self.rmap.get(key)
+            if item is not None and item.kpfn == old:
+                item.kpfn = new
+
     def zero_mapped(self) -> None:
         self.ksm_zero_pages += 1
 
@@ -243,7 +311,11 @@ class Ksm:
 
     def _start_pass(self) -> None:
         self.unstable.clear()  # the unstable tree is rebuilt every pass
-        self._queue = deque(self._mergeable_pages())
+        # every mergeable page, and every address an rmap item is counted at
+        # whose page is gone (get_next_rmap_item frees those it passes)
+        keys = set(self._mergeable_pages())
+        keys.update(self.accounted)
+        self._queue = deque(sorted(keys))
         self._in_pass = True
 
     def scan(self, pages: int | None = None, *, until_pass_end: bool = False) -> Op[int]:
@@ -268,11 +340,18 @@ class Ksm:
                     break  # nothing mergeable at all: do not spin
                 continue
             key = self._queue.popleft()
+            if not self._scannable(key):
+                # nothing to scan there any more: the item goes, uncounted
+                # as a scanned page (remove_trailing_rmap_items)
+                self.forget(*key)
+                self.accounted.pop(key, None)
+                continue
             done += 1
             self.pages_scanned += 1
             merge = self._cmp_and_merge_page(key)
             if merge is not None:
                 yield from merge
+            self._account(key)
         return done
 
     def full_scan(self) -> Op[int]:
@@ -284,6 +363,12 @@ class Ksm:
             done += yield from self.scan(max(self.pages_to_scan, 1), until_pass_end=True)
         return done
 
+    def _scannable(self, key: Key) -> bool:
+        """A present pte of a mergeable private vma: what ksmd's walk visits."""
+        m = self.model.mms.get(key[0])
+        vma = m.find_vma(key[1]) if m is not None else None
+        return vma is not None and vma.mergeable and vma.shmem is None and bool(m.get(key[1]) & PTE_PRESENT)
+
     def _page(self, key: Key) -> tuple[Mm, int, int] | None:
         """(mm, pte, pfn) if ``key`` is a present, non-zero page of a mergeable
         private vma; None otherwise."""
@@ -291,7 +376,10 @@ class Ksm:
         if m is None:
             return None
         vma = m.find_vma(key[1])
-        if vma is None or not vma.mergeable or vma.shmem is not None or vma.prot is Prot.NONE:
+        # PROT_NONE vmas are scanned and merged like any other (mm/ksm.c
+        # scan_get_next_rmap_item looks at VM_MERGEABLE only;
+        # ksm_functional_tests.c test_prot_none merges a PROT_NONE range)
+        if vma is None or not vma.mergeable or vma.shmem is not None:
             return None
         pte = m.get(key[1])
         if not pte & PTE_PRESENT or pte >> PTE_SHIFT == ZERO_PFN:
@@ -331,7 +419,12 @@ class Ksm:
             return self._merge_with_zero_page(m, key[1], pfn)
         tree_key = self.unstable.get(digest)
         tree = self._page(tree_key) if tree_key is not None and tree_key != key else None
-        if tree is None or tree[2] == pfn or mem.flags[tree[2]] & PG_KSM \
+        if tree is not None and tree[2] == pfn:
+            # unstable_tree_search_insert: "Don't substitute a ksm page for a
+            # forked page" -- the same page (shared by fork) is already in the
+            # tree: this rmap item is not inserted, so not counted unshared
+            return None
+        if tree is None or mem.flags[tree[2]] & PG_KSM \
                 or not mem.pages_identical(pfn, tree[2]):
             self.unstable[digest] = key
             item.state = RmapState.UNSTABLE
@@ -377,7 +470,7 @@ class Ksm:
         if not (yield from self._write_protect_page(m, key[1], pfn)):
             return
         mem.flags[pfn] |= PG_KSM
-        node = StableNode(pfn, digest)
+        node = StableNode(pfn, digest, nid=next(self._nids))
         self.stable[pfn] = node
         self.stable_index.setdefault(digest, []).append(pfn)
         self._append(key, item, node)
@@ -386,6 +479,7 @@ class Ksm:
             if self.unstable.get(digest) == tree_key:
                 del self.unstable[digest]
             self._append(tree_key, tree_item, node)
+            self._account(tree_key)  # stable_tree_append counts it now
             return
         try:
             yield from self._break_ksm(m, key[1])
@@ -498,6 +592,9 @@ class Ksm:
         if not (self.model.memory.flags[pfn] & PG_KSM if pfn != ZERO_PFN else pte & PTE_KSM_ZERO):
             return
         vma = m.find_vma(addr)
+        # FAULT_FLAG_UNSHARE in a vma that cannot be written (PROT_NONE, r):
+        # the copy is mapped read-only (mm/ksm.c break_ksm, mm/memory.c
+        # wp_page_copy with unshare)
         writable = vma is not None and vma.prot is Prot.RW and not vma.shared
         yield from self.model.cow_break(m, addr, pte, writable=writable)
 
@@ -519,6 +616,7 @@ class Ksm:
                 if vma.mergeable:
                     yield from self.unmerge_range(m, vma.start, vma.end)
         self.rmap.clear()
+        self.accounted.clear()
         self._items_per_mm.clear()
         self.unstable.clear()
         self._queue.clear()
@@ -528,6 +626,8 @@ class Ksm:
 
     def check_invariants(self) -> None:
         mem = self.model.memory
+        # live rmap items are made by ksmd's visits, which count them
+        assert set(self.rmap) <= set(self.accounted), set(self.rmap) - set(self.accounted)
         for kpfn, node in self.stable.items():
             assert mem.flags[kpfn] & PG_KSM and mem.refcount[kpfn], f"stable node {kpfn} without its page"
             for key in node.items:

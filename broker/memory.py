@@ -57,6 +57,13 @@ PG_SHMEM = 0x10  #: in a shmem object's page cache (shared anonymous)
 #: reuse; cleared when the page may become shared: fork, KSM's
 #: ``write_protect_page`` (``folio_try_share_anon_rmap_pte``).  Never on a KSM page.
 PG_ANON_EXCLUSIVE = 0x20
+#: ``PG_idle`` / ``PG_young`` (include/linux/page_idle.h, mm/page_idle.c): set
+#: by marking the page idle through ``/sys/kernel/mm/page_idle/bitmap``;
+#: ``PG_idle`` is cleared by any access seen since (a young pte or a node's
+#: young bit), which sets ``PG_young`` so that reclaim still counts the access
+#: (``folio_referenced``).  A new page has neither; migration copies both.
+PG_IDLE = 0x40
+PG_YOUNG = 0x80
 
 
 class PhysicalMemory:

@@ -18,16 +18,19 @@ host read/write fault     ``mm/memory.c`` ``handle_mm_fault``:
                           of the new writable pte, end)
 madvise DONTNEED          ``mm/madvise.c`` -> ``zap_page_range_single``
 mprotect                  ``mm/mprotect.c`` ``change_protection``
-                          (PROTECTION_VMA on a downgrade only)
+                          (PROTECTION_VMA per changed vma with populated
+                          page tables, upgrades included)
 fork                      ``kernel/fork.c`` ``dup_mmap`` ->
                           ``copy_page_range`` (PROTECTION_PAGE on the
                           parent; pinned pages copied at once,
                           ``page_needs_cow_for_dma``)
 reclaim                   ``mm/vmscan.c`` ``shrink_folio_list``:
                           ``folio_referenced`` (pte young |
-                          ``clear_flush_young`` of the nodes), then
-                          ``try_to_unmap`` (start/end CLEAR), swap out
-migration                 ``mm/migrate.c`` (start/end MIGRATE)
+                          ``clear_flush_young`` of the nodes, every
+                          mapping), then ``try_to_unmap`` (start/end
+                          CLEAR per mapping, ``mm/rmap.c``), swap out
+migration                 ``mm/migrate.c`` ``try_to_migrate`` (start/end
+                          CLEAR per mapping), copy, repoint every mapping
 get_user_pages            ``mm/gup.c``: ``check_vma_flags`` (EFAULT /
                           EPERM), ``faultin_page``; FOLL_PIN of a shared
                           anonymous page unshares it first
@@ -44,9 +47,11 @@ body on every exit path (an ENOMEM in the middle of a migration or a fork, an
 exception thrown in by the driver); what the body did stays done.  See
 ``broker/notifier.py`` for what a driver must do on cancel.
 
-Not modelled: reverse maps of pages mapped by more than one pte (reclaim and
-migration skip such pages, as they skip pinned, KSM and shmem pages);
-transparent huge pages; file mappings.
+Reverse map (:meth:`Model.rmap_walk`): anonymous pages shared by fork and KSM
+pages are found in every mm that maps them, so reclaim and migration take
+them.  Not modelled: reclaim and migration of shmem pages (skipped, as are
+pinned pages); migration entries (the invalidations of one page's mappings
+nest instead); transparent huge pages; file mappings.
 """
 
 from __future__ import annotations
@@ -64,7 +69,18 @@ from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
 
 from .effects import Op
 from .ksm import Ksm
-from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, PG_SHMEM, ZERO_PFN, PhysicalMemory, SwapFile
+from .memory import (
+    PG_ANON,
+    PG_ANON_EXCLUSIVE,
+    PG_DIRTY,
+    PG_IDLE,
+    PG_KSM,
+    PG_SHMEM,
+    PG_YOUNG,
+    ZERO_PFN,
+    PhysicalMemory,
+    SwapFile,
+)
 from .notifier import NotifierCore
 from .pagetable import (
     PROTS,
@@ -88,6 +104,9 @@ T = TypeVar("T")
 
 #: Largest number of pages one GUP may ask for.
 MAX_GUP_PAGES = 4096
+#: Largest number of pages one idle-tracking call looks at (the kernel's
+#: bitmap is read and written in chunks too).
+IDLE_MAX_PAGES = 4096
 #: Ptes from which a zap releases them in batches of array operations
 #: (measured: the batch's fixed cost is about that of 48 ptes one by one).
 ZAP_BATCH_MIN = 48
@@ -309,17 +328,17 @@ class Model:
             The start address.  Without ``fill`` nothing is populated; no
             notifier traffic either way (no node can have served the new pages).
         Raises:
-            KernelError: ESRCH (no mm), EINVAL (npages < 1, unknown prot,
-                MERGEABLE on a shared mapping), ENOMEM (address space full; or
-                no frame for the fill), EFAULT (a fill of a mapping that is not
+            KernelError: ESRCH (no mm), EINVAL (npages < 1, unknown prot),
+                ENOMEM (address space full; or no frame for the fill), EFAULT (a fill of a mapping that is not
                 writable).  Nothing is left mapped.
         """
         m = self.check_mm(mm)
         if not isinstance(npages, int) or npages < 1:
             raise KernelError(Errno.EINVAL, f"cannot map {npages!r} pages")
         vm_prot = self._prot(prot)
-        if shared and mergeable:
-            raise KernelError(Errno.EINVAL, "KSM merges private anonymous memory only")
+        # mergeable is MADV_MERGEABLE right after the mmap: ignored for a
+        # shared mapping, as ksm_madvise ignores it (see madvise)
+        mergeable = mergeable and not shared
         start = m.next_addr
         end = start + npages * self.page_size
         if end > ADDRESS_LIMIT:
@@ -376,9 +395,16 @@ class Model:
         self.notifier.forget_mm(mm)
 
     def mprotect(self, mm: int, addr: int, length: int, prot: str) -> Op[None]:
-        """``mprotect``.  A downgrade (rw -> r, anything -> none) sends one
-        start/end(PROTECTION_VMA) over the changed part and write-protects
-        its ptes; an upgrade changes the vmas only (later faults do the rest).
+        """``mprotect``: per vma whose protection changes (``mprotect_fixup``
+        skips the others), ``change_protection`` -- one start/end(PROTECTION_VMA)
+        if the vma has populated page tables, upgrades included, from the
+        first populated pte table to the end of the vma's part of the range
+        (mm/mprotect.c ``change_pmd_range`` / ``change_pud_range``: "invoke the
+        mmu notifier if the pmd is populated", ``range.start`` = that pmd's
+        address, ``range.end`` = the end of the walk).  A downgrade
+        write-protects the vma's ptes inside it; an upgrade leaves the ptes
+        as they are (later faults make them writable).  A vma with nothing
+        populated changes with no notifier traffic.
 
         Raises:
             KernelError: ESRCH, EINVAL (unaligned, unknown prot), ENOMEM (the
@@ -394,21 +420,24 @@ class Model:
         if not vmas:
             raise KernelError(Errno.ENOMEM, f"{start:#x} is not mapped")
         stop = end if complete else vmas[-1].end
-        downgrade = any(new.rank < v.prot.rank for v in vmas)
 
-        def change_protection(_inv: Any) -> None:
-            for vma in m.isolate(start, stop):
-                if new.rank < vma.prot.rank:
-                    for page, pte in list(m.populated_in(vma.start, vma.end)):
-                        if pte & PTE_WRITE:
-                            m.set(page, pte & ~PTE_WRITE)
-                vma.prot = new
+        def change_protection(vma: Vma) -> None:
+            if new.rank < vma.prot.rank:
+                for page, pte in list(m.populated_in(vma.start, vma.end)):
+                    if pte & PTE_WRITE:
+                        m.set(page, pte & ~PTE_WRITE)
+            vma.prot = new
 
-        if downgrade:
-            rng = Range(mm, start, stop, NotifyEvent.PROTECTION_VMA)
-            yield from self.notifier.invalidate_range(rng, change_protection)
-        else:
-            change_protection(None)
+        for vma in m.isolate(start, stop):
+            if vma.prot is new:
+                continue
+            first = next(m.populated_in(vma.start, vma.end), None)
+            if first is None:
+                change_protection(vma)
+                continue
+            table = first[0] - first[0] % m.chunk_bytes
+            rng = Range(mm, max(vma.start, table), vma.end, NotifyEvent.PROTECTION_VMA)
+            yield from self.notifier.invalidate_range(rng, lambda _inv, vma=vma: change_protection(vma))
         if not complete:
             raise KernelError(Errno.ENOMEM, f"[{start:#x}, {end:#x}) has an unmapped hole at {stop:#x}")
 
@@ -420,9 +449,8 @@ class Model:
             blockable: False models a caller that may not sleep (the OOM
                 reaper): a sleepable node's EAGAIN aborts with nothing changed.
         Raises:
-            KernelError: ESRCH, EINVAL (unaligned, unknown advice, MERGEABLE on
-                a shared mapping), EAGAIN (non-blockable and a node cannot
-                sleep), ENOMEM (the range has holes; the mapped parts were
+            KernelError: ESRCH, EINVAL (unaligned, unknown advice), EAGAIN
+                (non-blockable and a node cannot sleep), ENOMEM (the range has holes; the mapped parts were
                 advised, as the kernel does).
         """
         m = self.check_mm(mm)
@@ -441,9 +469,16 @@ class Model:
                 yield from self.notifier.invalidate_range(rng, lambda _inv: self._zap(m, start, end))
         else:
             want = advice == "mergeable"
-            if want and any(v.shared for v in vmas):
-                raise KernelError(Errno.EINVAL, "KSM merges private anonymous memory only")
-            for vma in m.isolate(start, end) if vmas else []:
+            for at in (start, end):
+                edge = m.find_vma(at)
+                # mm/ksm.c ksm_madvise: MADV_MERGEABLE of a vma KSM cannot
+                # merge (VM_SHARED, ...) "return 0; /* just ignore the advice */":
+                # its flags stay, so madvise_update_vma does not split it either
+                if edge is not None and not (want and edge.shared):
+                    m.split_at(at)
+            for vma in m.vmas_in(start, end):
+                if want and vma.shared:
+                    continue
                 if not want and vma.mergeable:
                     yield from self.ksm.unmerge_range(m, vma.start, vma.end)
                 vma.mergeable = want
@@ -638,10 +673,21 @@ class Model:
         return pfn, bool(pte & PTE_WRITE)
 
     def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]:
-        """``wp_page_copy``: start(CLEAR) of the page, copy, ``set_pte_at_notify``
-        of the new pte (nodes that re-took the old page in between drop it),
-        release the old page, end.  The new page is allocated before the start
-        (ENOMEM opens nothing) and freed again on any exit before the commit."""
+        """``wp_page_copy`` (``do_wp_page`` before 4.x), in the host's era:
+
+        - 3.7–6.9 (``wrap_change_pte``): start(CLEAR) of the page, copy,
+          ``set_pte_at_notify`` of the new pte (nodes that re-took the old
+          page in between drop it), release the old page, end -- commit
+          6bdb913f0a "mm: wrap calls to set_pte_at_notify with
+          invalidate_range_start and invalidate_range_end".
+        - 2.6.32–3.6 (bare): no start/end.  ``ptep_clear_flush_notify`` of
+          the old pte is ``mmu_notifier_invalidate_page`` (here a one-page
+          start+end, as the model sends every invalidate_page), then the
+          copy and a bare ``set_pte_at_notify`` (change_pte, or its
+          invalidate_page fallback to nodes without it).
+
+        The new page is allocated before anything is sent (ENOMEM sends
+        nothing) and freed again on any exit before the commit."""
         mem = self.memory
         old = pte >> PTE_SHIFT
         new = mem.alloc(zero=old == ZERO_PFN)
@@ -660,9 +706,13 @@ class Model:
             mem.flags[new] = PG_ANON | PG_ANON_EXCLUSIVE
             yield from self.set_pte_at_notify(m.id, page, new, writable, commit, wrap=False)
 
+        rng = Range(m.id, page, page + self.page_size, NotifyEvent.CLEAR)
         try:
-            yield from self.notifier.invalidate_range(
-                Range(m.id, page, page + self.page_size, NotifyEvent.CLEAR), copy_and_set)
+            if self.wrap_change_pte:
+                yield from self.notifier.invalidate_range(rng, copy_and_set)
+            else:
+                yield from self.notifier.invalidate_range(rng)  # ptep_clear_flush_notify
+                yield from copy_and_set(None)
         finally:
             if not committed:
                 mem.flags[new] = 0
@@ -976,9 +1026,15 @@ class Model:
 
     # ------------------------------------------------------- reclaim, migration
 
-    def _private_candidates(self, m: Mm, start: int, end: int) -> list[tuple[int, int]]:
-        """(addr, pfn) of present private pages that one pte maps, unpinned, not KSM."""
+    def _rmap_candidates(self, m: Mm, start: int, end: int) -> list[tuple[int, int]]:
+        """(addr, pfn) of the range's present anonymous pages that reclaim and
+        migration may take: private (shmem goes through its page cache, not
+        modelled), not the zero page, not pinned (the kernel's refcount check:
+        ``folio_maybe_dma_pinned``, ``folio_ref_freeze`` in
+        ``migrate_folio``).  Each pfn once (a KSM page mapped at several
+        addresses of the range is one page to move)."""
         out = []
+        seen: set[int] = set()
         mem = self.memory
         for vma in m.vmas_in(start, end):
             if vma.shmem is not None:
@@ -987,18 +1043,109 @@ class Model:
                 if not pte & PTE_PRESENT:
                     continue
                 pfn = pte >> PTE_SHIFT
-                if self._exclusive(pfn) and not mem.pincount[pfn]:
+                if pfn != ZERO_PFN and not mem.pincount[pfn] and pfn not in seen:
+                    seen.add(pfn)
                     out.append((addr, pfn))
         return out
 
-    def reclaim(self, mm: int, addr: int, length: int) -> Op[int]:
-        """Page out the range's private pages to swap, with aging.
+    def rmap_walk(self, pfn: int, addr: int, owner: Mm | None = None) -> list[tuple[Mm, int]] | None:
+        """Every pte mapping the anonymous page ``pfn`` found at ``addr``
+        (mm/rmap.c ``rmap_walk_anon``; mm/ksm.c ``rmap_walk_ksm``).
 
-        Per page: ``folio_referenced`` = the pte's young bit |
-        ``clear_flush_young`` of the nodes (both cleared); a referenced page
-        gets a second chance.  Otherwise start/end(CLEAR) of the page, write
-        the page to a swap slot, the pte becomes the swap entry, the frame is
-        freed.  Shared, KSM, pinned and multiply-mapped pages are skipped.
+        An anonymous page shared by fork sits at the same address in every
+        mm of its ``anon_vma`` (no mremap here), so the walk looks at that
+        address in every mm; a KSM page also at the address of every rmap
+        item of its stable node (and, like ``rmap_walk_ksm``, at those
+        addresses in the mms forked from theirs).
+
+        Args:
+            owner: the mm the page was found in, if known (an exclusive page
+                is then looked up there only).
+        Returns:
+            [(mm, addr)], in mm order; None if the walk does not account for
+            every mapping (``page_mapcount``): the caller leaves such a page.
+        """
+        mem = self.memory
+        if mem.flags[pfn] & PG_SHMEM:
+            return self._rmap_walk_file(pfn, addr, owner)
+        if mem.mapcount[pfn] == 1 and not mem.flags[pfn] & PG_KSM and owner is not None:
+            pte = owner.get(addr)
+            return [(owner, addr)] if pte & PTE_PRESENT and pte >> PTE_SHIFT == pfn else None
+        addrs = {addr}
+        if mem.flags[pfn] & PG_KSM:
+            node = self.ksm.stable.get(pfn)
+            if node is not None:
+                addrs.update(a for _mm, a in node.items)
+        out = []
+        for m_id in sorted(self.mms):
+            m = self.mms[m_id]
+            for a in sorted(addrs):
+                pte = m.get(a)
+                if pte & PTE_PRESENT and pte >> PTE_SHIFT == pfn:
+                    out.append((m, a))
+        return out if len(out) == mem.mapcount[pfn] else None
+
+    def _rmap_walk_file(self, pfn: int, addr: int, owner: Mm | None) -> list[tuple[Mm, int]] | None:
+        """``rmap_walk_file`` of a shmem page: every vma of every mm over the
+        same shmem object that covers the page's offset (``i_mmap``)."""
+        vma = owner.find_vma(addr) if owner is not None else None
+        if vma is None or vma.shmem is None:
+            return None
+        shmem, pgoff = vma.shmem, vma.pgoff + (addr - vma.start) // self.page_size
+        out = []
+        for m_id in sorted(self.mms):
+            m = self.mms[m_id]
+            for other in m.vmas:
+                if other.shmem is not shmem:
+                    continue
+                at = other.start + (pgoff - other.pgoff) * self.page_size
+                if other.start <= at < other.end:
+                    pte = m.get(at)
+                    if pte & PTE_PRESENT and pte >> PTE_SHIFT == pfn:
+                        out.append((m, at))
+        return out if len(out) == self.memory.mapcount[pfn] else None
+
+    def _still_mapped(self, pfn: int, mappings: list[tuple[Mm, int]]) -> bool:
+        """The walk's result still holds (after the acks): every pte maps
+        ``pfn``, nothing else does, nothing pinned it meanwhile."""
+        mem = self.memory
+        for m, a in mappings:
+            pte = m.get(a) if m.id in self.mms else 0
+            if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn:
+                return False
+        return mem.mapcount[pfn] == len(mappings) and not mem.pincount[pfn]
+
+    def _under_every_mapping(self, mappings: list[tuple[Mm, int]], commit: Callable[[], T]) -> Op[T]:
+        """``try_to_unmap`` / ``try_to_migrate`` of one page: one
+        start/end(CLEAR) of the page per mapping (``try_to_unmap_one``,
+        ``try_to_migrate_one``: ``mmu_notifier_range_init(&range,
+        MMU_NOTIFY_CLEAR, 0, mm, address, address + folio_size)``), then
+        ``commit()`` changes every pte at once.
+
+        The kernel ends each mapping's invalidation before the next, leaving
+        a migration (or swap) entry that makes every fault of it wait.  The
+        model has no migration entries, so the invalidations nest instead
+        (a start per mapping, the commit, the ends in reverse order): while
+        they are open GUP-fast serves none of the mappings, and a cancel
+        before the commit leaves every pte as it was."""
+        if not mappings:
+            return commit()
+        m, a = mappings[0]
+        rng = Range(m.id, a, a + self.page_size, NotifyEvent.CLEAR)
+        return (yield from self.notifier.invalidate_range(
+            rng, lambda _inv: self._under_every_mapping(mappings[1:], commit)))
+
+    def reclaim(self, mm: int, addr: int, length: int) -> Op[int]:
+        """Page out the range's anonymous pages to swap, with aging, through
+        the reverse map (pages shared by fork and KSM pages included).
+
+        Per page (mm/vmscan.c ``shrink_folio_list``): ``folio_referenced``
+        walks every mapping -- the pte's young bit | ``clear_flush_young`` of
+        the nodes (``folio_referenced_one``), both cleared; a referenced page
+        gets a second chance.  Otherwise a swap slot, then ``try_to_unmap``
+        (:meth:`_under_every_mapping`): the page written to the slot, every
+        pte becomes the swap entry (``swap_duplicate`` per further mapping),
+        the frame is freed.  Shmem and pinned pages are skipped.
 
         Returns:
             Pages swapped out.
@@ -1010,33 +1157,44 @@ class Model:
         start, end = self._range(addr, length)
         ps = self.page_size
         swapped = 0
-        for page, pfn in self._private_candidates(m, start, end):
-            pte = m.get(page)
-            if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn:
+        for page, pfn in self._rmap_candidates(m, start, end):
+            mappings = self.rmap_walk(pfn, page, m) if mm in self.mms else None
+            if not mappings:
                 continue
-            young = bool(pte & PTE_YOUNG)
-            m.set(page, pte & ~PTE_YOUNG)
-            node_young = yield from self.notifier.clear_flush_young(mm, page, page + ps)
-            if young or node_young:
+            referenced = False
+            for other, at in mappings:
+                pte = other.get(at)
+                referenced |= bool(pte & PTE_YOUNG)
+                other.set(at, pte & ~PTE_YOUNG)
+                referenced |= yield from self.notifier.clear_flush_young(other.id, at, at + ps)
+            # folio_referenced_one: a reference clears PG_idle; and an access
+            # idle tracking already harvested (PG_young) still counts
+            if referenced:
+                self.memory.flags[pfn] &= ~PG_IDLE
+            if self.memory.flags[pfn] & PG_YOUNG:
+                self.memory.flags[pfn] &= ~PG_YOUNG
+                referenced = True
+            if referenced:
                 self.counters["reclaim_referenced"] += 1
                 continue
             slot = self.swap.alloc()
             used = False
 
-            def try_to_unmap(_inv: Any, page: int = page, pfn: int = pfn, slot: int = slot) -> bool:
+            def try_to_unmap(pfn: int = pfn, slot: int = slot, mappings: list[tuple[Mm, int]] = mappings) -> bool:
                 nonlocal used
-                pte = m.get(page) if mm in self.mms else 0
-                if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or not self._exclusive(pfn) \
-                        or self.memory.pincount[pfn]:
-                    return False  # pinned or changed meanwhile: try_to_unmap fails
+                if not self._still_mapped(pfn, mappings):
+                    return False  # changed or pinned meanwhile: try_to_unmap fails
                 self.swap.write(slot, self.memory.page(pfn))
-                self._unmap_pte(m, page, pte)
-                m.set(page, (slot << PTE_SHIFT) | PTE_SWAP)
+                for i, (other, at) in enumerate(mappings):
+                    self._unmap_pte(other, at, other.get(at))
+                    if i:
+                        self.swap.duplicate(slot)
+                    other.set(at, (slot << PTE_SHIFT) | PTE_SWAP)
                 used = True
                 return True
 
             try:
-                yield from self.notifier.invalidate_range(Range(mm, page, page + ps, NotifyEvent.CLEAR), try_to_unmap)
+                yield from self._under_every_mapping(mappings, try_to_unmap)
             finally:
                 if not used:
                     self.swap.free(slot)
@@ -1046,49 +1204,121 @@ class Model:
         return swapped
 
     def migrate(self, mm: int, addr: int, length: int) -> Op[int]:
-        """``migrate_pages`` of the range's private pages to new frames: one
-        start/end(MIGRATE) over the range, copy, repoint, free the old frames.
-        Pinned, KSM, shared and multiply-mapped pages stay (the kernel's
-        refcount check fails for them).
+        """``migrate_pages`` of the range's anonymous pages to new frames,
+        through the reverse map: a page shared by fork or a KSM page moves
+        with every mapping of it repointed (mm/migrate.c
+        ``migrate_folio_unmap`` -> ``try_to_migrate``, ``remove_migration_ptes``;
+        a KSM page's stable node follows it, ``folio_migrate_ksm``).  Per page:
+        the new frame first (ENOMEM before anything is sent), then one
+        start/end(CLEAR) per mapping (:meth:`_under_every_mapping`; ordinary
+        migration raises CLEAR, MIGRATE is ``migrate_vma_*``'s, for device
+        memory), the copy, every pte repointed, the old frame freed.  Pinned
+        and shmem pages stay (the kernel's refcount check fails for them).
 
         Returns:
             Pages migrated.
         Raises:
             KernelError: ESRCH, EINVAL, ENOMEM (no frame; pages migrated so far
-                stay migrated).
+                stay migrated, as migrate_pages leaves the folios it moved).
         """
         m = self.check_mm(mm)
         start, end = self._range(addr, length)
-        candidates = self._private_candidates(m, start, end)
-        if not candidates:
-            return 0
-        lo, hi = candidates[0][0], candidates[-1][0] + self.page_size
         mem = self.memory
         moved = 0
-
-        def move(_inv: Any) -> None:
-            # An ENOMEM here ends the invalidation (NotifierCore.invalidate_range)
-            # with the pages moved so far staying moved, as migrate_pages leaves
-            # the folios it migrated (mm/migrate.c).
-            nonlocal moved
-            for page, pfn in candidates:
-                pte = m.get(page) if mm in self.mms else 0
-                if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or not self._exclusive(pfn) or mem.pincount[pfn]:
+        try:
+            for page, pfn in self._rmap_candidates(m, start, end):
+                mappings = self.rmap_walk(pfn, page, m) if mm in self.mms else None
+                if not mappings:
                     continue
                 new = mem.alloc(zero=False)
-                mem.copy(new, pfn)
-                mem.flags[new] = mem.flags[pfn] & ~PG_KSM
-                mem.mapcount[new] = 1
-                mem.mapcount[pfn] -= 1
-                m.set(page, (new << PTE_SHIFT) | (pte & 0xFF))
-                self.put_page(pfn)
-                moved += 1
+                done = False
 
-        try:
-            yield from self.notifier.invalidate_range(Range(mm, lo, hi, NotifyEvent.MIGRATE), move)
+                def move(pfn: int = pfn, new: int = new, mappings: list[tuple[Mm, int]] = mappings) -> None:
+                    nonlocal done
+                    if not self._still_mapped(pfn, mappings):
+                        return
+                    mem.copy(new, pfn)  # after every node acked: no write through an old entry
+                    mem.flags[new] = mem.flags[pfn]
+                    if mem.flags[pfn] & PG_KSM:
+                        mem.flags[pfn] &= ~PG_KSM
+                        self.ksm.page_migrated(pfn, new)
+                    for i, (other, at) in enumerate(mappings):
+                        pte = other.get(at)
+                        if i:
+                            mem.get_page(new)  # the first mapping takes the allocation's reference
+                        mem.mapcount[new] += 1
+                        other.set(at, (new << PTE_SHIFT) | (pte & 0xFF))
+                        mem.mapcount[pfn] -= 1
+                        self.put_page(pfn)
+                    done = True
+
+                try:
+                    yield from self._under_every_mapping(mappings, move)
+                finally:
+                    if not done:
+                        mem.flags[new] = 0
+                        mem.put_page(new)
+                if done:
+                    moved += 1
         finally:
             self.counters["migrated"] += moved
         return moved
+
+    # ------------------------------------------------------- idle page tracking
+
+    def page_idle(self, mm: int, addr: int, length: int, mark: bool) -> Op[list[tuple[int, int, bool]]]:
+        """``/sys/kernel/mm/page_idle/bitmap`` (mm/page_idle.c) over the pages
+        ``mm`` maps in ``[addr, addr + length)``, as a user finds their pfns
+        through ``/proc/pid/pagemap`` (KVM's ``access_tracking_perf_test``).
+
+        Per page, ``page_idle_clear_pte_refs`` walks every mapping of it
+        (:meth:`rmap_walk`): ``ptep_clear_young_notify`` = the pte's young
+        bit cleared | ``clear_young`` of the nodes (ORed, no flush); any of
+        them young clears ``PG_idle`` and sets ``PG_young``.  ``mark`` (a
+        write of 1 bits) then sets ``PG_idle``; a read clears the references
+        the same way (only of pages still idle) and reports ``PG_idle``.
+        Pages the bitmap does not track are left out: not present, the zero
+        page (``page_idle_get_folio`` takes LRU folios only).
+
+        Returns:
+            [(addr, pfn, idle)] of the tracked pages, ascending.
+        Raises:
+            KernelError: ESRCH, EINVAL (unaligned; more than
+                :data:`IDLE_MAX_PAGES` pages).
+        """
+        m = self.check_mm(mm)
+        start, end = self._range(addr, length)
+        ps = self.page_size
+        if (end - start) // ps > IDLE_MAX_PAGES:
+            raise KernelError(Errno.EINVAL, f"idle tracking of more than {IDLE_MAX_PAGES} pages at once")
+        mem = self.memory
+        out: list[tuple[int, int, bool]] = []
+        for page, pte in list(m.populated_in(start, end)):
+            if mm not in self.mms:
+                break
+            if not pte & PTE_PRESENT or pte >> PTE_SHIFT == ZERO_PFN or m.get(page) != pte:
+                continue
+            pfn = pte >> PTE_SHIFT
+            if mark or mem.flags[pfn] & PG_IDLE:
+                mappings = self.rmap_walk(pfn, page, m) or [(m, page)]
+                referenced = False
+                for other, at in mappings:
+                    now = other.get(at)
+                    if not now & PTE_PRESENT or now >> PTE_SHIFT != pfn:
+                        continue
+                    referenced |= bool(now & PTE_YOUNG)
+                    other.set(at, now & ~PTE_YOUNG)
+                    referenced |= yield from self.notifier.clear_young(other.id, at, at + ps)
+                now = m.get(page)
+                if not now & PTE_PRESENT or now >> PTE_SHIFT != pfn:
+                    continue  # gone while the nodes answered
+                if referenced:
+                    mem.flags[pfn] = (mem.flags[pfn] & ~PG_IDLE) | PG_YOUNG
+                if mark:
+                    mem.flags[pfn] |= PG_IDLE
+            out.append((page, pfn, bool(mem.flags[pfn] & PG_IDLE)))
+        self.counters["page_idle_" + ("marks" if mark else "reads")] += 1
+        return out
 
     # ---------------------------------------------------------------- checking
 

@@ -36,6 +36,7 @@ PROTS = ("none", "r", "rw")
 ADVICE = ("dontneed", "mergeable", "unmergeable")
 INJECT_KINDS = ("drop-acks", "delay-acks", "duplicate", "hang", "crash", "partition", "slow-drain")
 XPMEM_OPS = ("make", "get", "attach", "detach", "release", "remove")
+IDLE_OPS = ("mark", "read")
 
 _MM = _a("mm", minimum=1)
 _ADDR = _a("addr", "addr")
@@ -114,6 +115,8 @@ COMMANDS: dict[str, tuple[Arg, ...]] = {
     "unsubscribe": (_NODE, _MM),
     "grant": (_NODE, _MM, _a("read_only", "bool", required=False, default=False)),
     "revoke": (_NODE, _MM),
+    # /sys/kernel/mm/page_idle/bitmap over an mm's range: mark idle, or read back
+    "idle": (_MM, _ADDR, _LEN, _a("op", "choice", choices=IDLE_OPS)),
 }
 
 

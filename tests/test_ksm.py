@@ -124,8 +124,10 @@ def test_unmergeable_and_run_2_unshare_every_ksm_page() -> None:
     run_op(m.ksm.full_scan())
     assert counters(m) == (1, 3, 0, 0)
     run_op(m.madvise(mm, a, 2 * PS, "unmergeable"))
-    assert counters(m) == (1, 1, 0, 0)
+    assert counters(m) == (1, 3, 0, 0)  # counted as ksmd left them, until its next visit
     assert len({m.pte(mm, a + i * PS)[0] for i in range(4)}) == 3
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (1, 1, 0, 0)
     assert not m.mms[mm].find_vma(a).mergeable and m.mms[mm].find_vma(a + 2 * PS).mergeable
     run_op(m.ksm.unmerge_all())
     assert counters(m) == (0, 0, 0, 0) and m.memory.in_use == 4
@@ -142,9 +144,12 @@ def test_fork_child_pages_join_the_stable_node_on_the_next_scan() -> None:
     run_op(m.ksm.full_scan())
     assert counters(m) == (1, 3, 0, 0)
     run_op(m.exit_mm(mm))
+    run_op(m.ksm.full_scan())  # the exited mm's items go when ksmd reaches them
     assert counters(m) == (1, 1, 0, 0)
     run_op(m.exit_mm(child))
-    assert counters(m) == (0, 0, 0, 0) and m.memory.in_use == 0
+    assert m.memory.in_use == 0
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (0, 0, 0, 0)
     m.check_invariants()
 
 
@@ -165,3 +170,67 @@ def test_scanning_with_nothing_mergeable_terminates() -> None:
     assert run_op(m.ksm.scan()) == 0
     run_op(m.ksm.full_scan())
     assert m.ksm.stats()["full_scans"] >= 1
+
+
+def test_prot_none_pages_are_merged_and_unmerged_like_any_others() -> None:
+    """ksm_functional_tests.c ``test_prot_none``: a mergeable PROT_NONE range
+    is merged; MADV_UNMERGEABLE unshares it (mapped read-only, PROT_NONE)."""
+    m, mm, a = setup(4, [b"n"] * 4)
+    run_op(m.mprotect(mm, a, 4 * PS, "none"))
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (1, 3, 0, 0) and m.memory.in_use == 1
+    run_op(m.madvise(mm, a + 2 * PS, 2 * PS, "unmergeable"))
+    assert m.memory.in_use == 3
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (1, 1, 0, 0)
+    run_op(m.mprotect(mm, a, 4 * PS, "r"))
+    assert [run_op(m.read(mm, a + i * PS, 1)) for i in range(4)] == [b"n"] * 4
+    m.check_invariants()
+
+
+def test_max_page_sharing_cannot_change_while_pages_are_shared() -> None:
+    """mm/ksm.c ``max_page_sharing_store``: EBUSY while ``ksm_pages_shared``."""
+    m, mm, a = setup(2, [b"b"] * 2)
+    m.ksm.set_knob("max_page_sharing", 16)  # nothing shared yet: fine
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    assert counters(m)[0] == 1
+    with pytest.raises(KernelError) as err:
+        m.ksm.set_knob("max_page_sharing", 8)
+    assert err.value.errno is Errno.EBUSY and m.ksm.max_page_sharing == 16
+    m.ksm.set_knob("max_page_sharing", 16)  # the same value: no change, no error
+    run_op(m.ksm.unmerge_all())
+    m.ksm.set_knob("max_page_sharing", 8)
+    assert m.ksm.max_page_sharing == 8
+
+
+def test_a_page_shared_by_fork_is_not_counted_twice() -> None:
+    """unstable_tree_search_insert: "Don't substitute a ksm page for a forked
+    page": the child's rmap item of the same page is not inserted, so one
+    page shared by fork is one unshared item, not two."""
+    m, mm, a = setup(1, [b"k"])
+    child = run_op(m.fork(mm))
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (0, 0, 1, 1)
+    assert m.pte(mm, a)[0] == m.pte(child, a)[0] and not m.memory.flags[m.pte(mm, a)[0]] & PG_KSM
+    m.check_invariants()
+
+
+def test_counters_change_when_ksmd_next_visits_not_at_cow_time() -> None:
+    """ksm_tests.c ``check_ksm_unmerge``: write to merged pages, then "get at
+    least 1 scan, so KSM can detect that the pages were modified" -- the COW
+    break itself changes no counter; the next pass recounts every item."""
+    m, mm, a = setup(3, [b"c"] * 3)
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (1, 2, 0, 0)
+    run_op(m.write(mm, a, b"-"))
+    run_op(m.write(mm, a + PS, b"+"))
+    assert counters(m) == (1, 2, 0, 0)  # COW broken, not yet seen
+    run_op(m.munmap(mm, a + 2 * PS, PS))
+    assert counters(m) == (1, 2, 0, 0)  # the KSM page is freed, its items still counted
+    run_op(m.ksm.full_scan())
+    assert counters(m) == (0, 0, 0, 2)  # the written pages volatile, the unmapped one gone
+    m.check_invariants()

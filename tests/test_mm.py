@@ -73,10 +73,12 @@ def test_mmap_places_mappings_apart_and_validates() -> None:
         with pytest.raises(KernelError) as err:
             run_op(m.mmap(*bad))
         assert err.value.errno is errno
-    with pytest.raises(KernelError) as err:
-        run_op(m.mmap(mm, 1, shared=True, mergeable=True))
-    assert err.value.errno is Errno.EINVAL
     assert len(m.mms[mm].vmas) == 2  # the refused ones changed nothing
+    # MADV_MERGEABLE of a shared mapping is ignored, not refused (ksm_madvise)
+    c = run_op(m.mmap(mm, 2, shared=True, mergeable=True))
+    assert not m.mms[mm].find_vma(c).mergeable
+    run_op(m.madvise(mm, c, PS, "mergeable"))
+    assert len(m.mms[mm].vmas) == 3 and not m.mms[mm].find_vma(c).mergeable
 
 
 def test_read_maps_the_zero_page_and_write_allocates() -> None:
@@ -192,7 +194,7 @@ def test_non_blockable_dontneed_refused_by_a_sleepable_node_changes_nothing() ->
     assert run_op(m.read(mm, a, 4)) == b"keep"
 
 
-def test_mprotect_downgrade_invalidates_upgrade_does_not() -> None:
+def test_mprotect_invalidates_the_populated_part_of_each_vma_it_changes() -> None:
     m = model()
     mm = m.spawn()
     a = run_op(m.mmap(mm, 2))
@@ -208,7 +210,13 @@ def test_mprotect_downgrade_invalidates_upgrade_does_not() -> None:
         run_op(m.write(mm, a, b"no"))
     assert err.value.errno is Errno.EFAULT
     r.log.clear()
+    # an upgrade notifies too (change_protection does not look at the direction)
+    m.gup_fast(mm, a, 1, False, node="kvm")
     r.run(m.mprotect(mm, a, PS, "rw"))
+    assert r.types() == ["InvalidateRangeStart", "InvalidateRangeEnd"]
+    assert r.log[0][1].event == "PROTECTION_VMA" and (r.log[0][1].start, r.log[0][1].end) == (a, a + PS)
+    r.log.clear()
+    r.run(m.mprotect(mm, a, 2 * PS, "rw"))  # no vma changes: nothing at all
     assert r.log == []
     run_op(m.write(mm, a, b"ok"))  # reuse: the page is exclusive
     assert run_op(m.read(mm, a, 2)) == b"ok"
@@ -220,6 +228,26 @@ def test_mprotect_downgrade_invalidates_upgrade_does_not() -> None:
     with pytest.raises(KernelError) as err:
         run_op(m.mprotect(mm, a, PS, "x"))
     assert err.value.errno is Errno.EINVAL
+    m.check_invariants()
+
+
+def test_mprotect_notifies_from_the_first_populated_page_table_and_skips_empty_vmas() -> None:
+    m = model(frames=16)
+    mm = m.spawn()
+    chunk = CHUNK_PAGES * PS
+    a = run_op(m.mmap(mm, 3 * CHUNK_PAGES))
+    b = run_op(m.mmap(mm, 4))  # never touched: no page tables
+    page_at = (a // chunk + 1) * chunk + 5 * PS  # in the vma's second pte table
+    run_op(m.write(mm, page_at, b"x"))
+    subscribed(m, mm)
+    m.gup_fast(mm, page_at, 1, False, node="kvm")
+    r = Recorder(m)
+    r.run(m.mprotect(mm, a, 3 * CHUNK_PAGES * PS, "r"))
+    r.run(m.mprotect(mm, b, 4 * PS, "r"))
+    starts = [msg for _, msg in r.log if isinstance(msg, InvalidateRangeStart)]
+    table = page_at - page_at % chunk
+    assert [(s.start, s.end, s.event) for s in starts] == [(max(a, table), a + 3 * chunk, "PROTECTION_VMA")]
+    assert [v.prot for v in m.mms[mm].vmas] == ["r", "r"]
     m.check_invariants()
 
 
@@ -261,6 +289,38 @@ def test_fork_makes_private_pages_cow_and_a_write_copies() -> None:
     assert run_op(m.read(child, a, 4)) == b"PPPP" and run_op(m.read(parent, a, 4)) == b"mine"
     run_op(m.write(child, a, b"kid!"))  # the last mapper reuses the page: no copy
     assert m.pte(child, a)[0] == pfn
+    m.check_invariants()
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_a_cow_break_notifies_as_its_era_does(wrap: bool) -> None:
+    """2.6.32–3.6: ``ptep_clear_flush_notify`` (invalidate_page, here a
+    one-page start+end) of the old pte, then the copy and a bare
+    ``set_pte_at_notify``: the end reaches the node before the new pte
+    exists.  3.7–6.9 (``wrap_change_pte``): start, copy, ``set_pte_at_notify``
+    (change_pte to the node the start addressed), end after the new pte."""
+    m = model(wrap_change_pte=wrap)
+    parent = m.spawn()
+    a = run_op(m.mmap(parent, 1))
+    run_op(m.write(parent, a, page(b"E")))
+    run_op(m.fork(parent))
+    subscribed(m, parent)
+    m.gup_fast(parent, a, 1, False, node="kvm")
+    old = m.pte(parent, a)[0]
+    log: list[tuple[str, int]] = []
+
+    def deliver(effect: Deliver) -> Outcomes:
+        for _, msg in effect.sends:
+            log.append((type(msg).__name__, m.pte(parent, a)[0]))  # the pfn mapped when it is sent
+        return {n: Ack(ref=msg.id) if effect.expect_ack else None for n, msg in effect.sends}
+
+    run_sync(m.write(parent, a, b"w"), deliver)
+    new = m.pte(parent, a)[0]
+    if wrap:
+        assert log == [("InvalidateRangeStart", old), ("ChangePte", old), ("InvalidateRangeEnd", new)]
+    else:
+        assert log == [("InvalidateRangeStart", old), ("InvalidateRangeEnd", old)]
+    assert m.pending == {} and m.stale_accesses == 0
     m.check_invariants()
 
 
@@ -473,7 +533,10 @@ def test_reclaim_fails_cleanly_when_swap_is_full() -> None:
     m.check_invariants()
 
 
-def test_migrate_moves_private_pages_but_not_pinned_or_shared_ones() -> None:
+def test_migrate_moves_private_and_forked_pages_but_not_pinned_ones() -> None:
+    """mm/migrate.c through the rmap: a page shared by fork moves with both
+    mappings repointed, one start/end(CLEAR) per mapping (try_to_migrate_one);
+    the pinned page stays."""
     m = model()
     mm = m.spawn()
     a = run_op(m.mmap(mm, 3))
@@ -482,17 +545,71 @@ def test_migrate_moves_private_pages_but_not_pinned_or_shared_ones() -> None:
     m.gup_fast(mm, a, 3, False, node="kvm")
     pinned = run_op(m.gup(mm, a + PS, 1, True, pin=True, node="x"))[0][1]
     child = run_op(m.fork(mm))  # pages 0 and 2 shared COW with the child; the pinned page copied
+    m.notifier.register("kvm", child)
     run_op(m.write(mm, a, b"m"))  # page 0 exclusive again (a copy)
     m.gup_fast(mm, a, 3, False, node="kvm")
+    m.gup_fast(child, a + 2 * PS, 1, False, node="kvm")
     before = [m.pte(mm, a + i * PS)[0] for i in range(3)]
     r = Recorder(m)
-    assert r.run(m.migrate(mm, a, 3 * PS)) == 1
-    assert r.types() == ["InvalidateRangeStart", "InvalidateRangeEnd"] and r.log[0][1].event == "MIGRATE"
+    assert r.run(m.migrate(mm, a, 3 * PS)) == 2
+    starts = [msg for _, msg in r.log if isinstance(msg, InvalidateRangeStart)]
+    assert {s.event for s in starts} == {"CLEAR"}
+    assert sorted((s.mm, s.start) for s in starts) == sorted([(mm, a), (mm, a + 2 * PS), (child, a + 2 * PS)])
     after = [m.pte(mm, a + i * PS)[0] for i in range(3)]
-    assert after[0] != before[0] and after[1] == pinned and after[2] == before[2]
-    assert m.memory.is_free(before[0]) and run_op(m.read(mm, a, 1)) == b"m"
+    assert after[0] != before[0] and after[1] == pinned and after[2] != before[2]
+    assert m.pte(child, a + 2 * PS)[0] == after[2] and m.memory.mapcount[after[2]] == 2
+    # the old frames went back (one is reused by the second move): five frames in
+    # use, the parent's three and the child's copy of page 0 and of the pinned page
+    assert m.memory.in_use == 5 and run_op(m.read(mm, a, 1)) == b"m"
     assert run_op(m.read(child, a + 2 * PS, 1)) == b"m"
     m.unpin("x", mm, [pinned])
+    m.check_invariants()
+
+
+def test_migrate_a_ksm_page_repoints_every_mapping_and_its_stable_node() -> None:
+    """tools/testing/selftests/mm/rmap.c ``migrate_ksm``: a KSM page merged
+    from two mms migrates; every mapping follows, KSM keeps it merged."""
+    m = model()
+    one, two = m.spawn(), m.spawn()
+    a = run_op(m.mmap(one, 1, mergeable=True, fill=0x4B))
+    b = run_op(m.mmap(two, 1, mergeable=True, fill=0x4B))
+    run_op(m.ksm.full_scan())
+    run_op(m.ksm.full_scan())
+    kpfn = m.pte(one, a)[0]
+    assert m.pte(two, b)[0] == kpfn and m.memory.flags[kpfn] & PG_KSM
+    r = Recorder(m)
+    subscribed(m, two)
+    m.gup_fast(two, b, 1, False, node="kvm")
+    assert r.run(m.migrate(one, a, PS)) == 1
+    new = m.pte(one, a)[0]
+    assert new != kpfn and m.pte(two, b)[0] == new and m.memory.flags[new] & PG_KSM
+    assert m.memory.is_free(kpfn) and new in m.ksm.stable
+    assert [(type(msg).__name__, msg.mm) for _, msg in r.log] == [
+        ("InvalidateRangeStart", two), ("InvalidateRangeEnd", two)]  # only kvm holds it, in mm two
+    assert m.ksm.stats()["pages_shared"] == 1 and m.ksm.stats()["pages_sharing"] == 1
+    run_op(m.write(two, b, b"x"))  # still write-protected: a COW break
+    assert m.pte(two, b)[0] != new and run_op(m.read(one, a, 1)) == b"K"
+    m.check_invariants()
+
+
+def test_reclaim_swaps_out_a_page_shared_by_fork_from_both_mms() -> None:
+    """mm/vmscan.c + mm/rmap.c ``try_to_unmap``: every mapping becomes the
+    swap entry (one slot, two uses), each with its CLEAR; both swap back in."""
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 1, fill=0x46))
+    child = run_op(m.fork(mm))
+    subscribed(m, mm)
+    m.notifier.register("kvm", child)
+    m.gup_fast(mm, a, 1, False, node="kvm")
+    m.gup_fast(child, a, 1, False, node="kvm")
+    r = Recorder(m)
+    assert r.run(m.reclaim(mm, a, PS)) == 1
+    assert r.types() == ["ClearFlushYoung", "ClearFlushYoung", "InvalidateRangeStart", "InvalidateRangeStart",
+                         "InvalidateRangeEnd", "InvalidateRangeEnd"]
+    assert m.memory.in_use == 0 and m.swap.in_use == 1 and m.mms[child].swapped == 1
+    assert run_op(m.read(child, a, 1)) == b"F" and run_op(m.read(mm, a, 1)) == b"F"
+    assert m.swap.in_use == 0
     m.check_invariants()
 
 
@@ -568,6 +685,7 @@ def test_a_ksm_page_is_flagged_and_never_reused_by_a_write() -> None:
     run_op(m.munmap(mm, a + PS, PS))  # one mapping left: still KSM, still not reused
     run_op(m.write(mm, a, b"w"))
     assert m.pte(mm, a)[0] != kpfn and m.memory.is_free(kpfn)
+    run_op(m.ksm.full_scan())  # the counters follow at ksmd's next visit
     assert m.ksm.stats()["pages_shared"] == 0
     m.check_invariants()
 
@@ -714,4 +832,36 @@ def test_a_failed_mmap_fill_leaves_nothing_behind(shared: bool) -> None:
     with pytest.raises(KernelError) as err:
         run_op(m.mmap(mm, 4, "r", fill=1))
     assert err.value.errno == Errno.EFAULT and len(m.mms[mm].vmas) == 2
+    m.check_invariants()
+
+
+# -- idle page tracking ----------------------------------------------------------------------------
+
+
+def test_idle_page_tracking_marks_then_reads_back_what_was_touched() -> None:
+    """mm/page_idle.c: marking clears every mapping's young bit (the pte's and
+    the nodes' ``clear_young``) and sets PG_idle; an access since, on the host
+    or through a node, clears it on the next read; reclaim still counts it."""
+    m = model()
+    mm = m.spawn()
+    a = run_op(m.mmap(mm, 4, fill=0x49))
+    run_op(m.read(mm, a + 3 * PS, 1))  # page 3 only read: still the written page
+    subscribed(m, mm, ops=ALL_OPS + ["clear_young"])
+    m.gup_fast(mm, a, 4, False, node="kvm")
+    r = Recorder(m)
+    marked = r.run(m.page_idle(mm, a, 4 * PS, True))
+    assert [(p, idle) for p, _pfn, idle in marked] == [(a + i * PS, True) for i in range(4)]
+    assert r.types() == ["ClearYoung"] * 4
+    assert all(m.pte(mm, a + i * PS)[3] is False for i in range(4))  # every pte old now
+    run_op(m.read(mm, a + PS, 1))  # the host touches page 1
+    young = Recorder(m, young=True)  # the node saw every page accessed
+    r.log.clear()
+    back = r.run(m.page_idle(mm, a, 2 * PS, False))
+    assert [idle for _, _, idle in back] == [True, False]
+    back = young.run(m.page_idle(mm, a + 2 * PS, 2 * PS, False))
+    assert [idle for _, _, idle in back] == [False, False]
+    assert run_op(m.reclaim(mm, a + PS, PS)) == 0  # PG_young: folio_referenced counts the access
+    with pytest.raises(KernelError) as err:
+        run_op(m.page_idle(mm, a, 5000 * PS, False))
+    assert err.value.errno is Errno.EINVAL
     m.check_invariants()

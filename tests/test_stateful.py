@@ -444,6 +444,23 @@ class ClusterMachine(RuleBasedStateMachine):
         except KernelError as exc:
             assert exc.errno in (Errno.ENOMEM, Errno.EFAULT), exc
 
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, npages=st.integers(1, 3))
+    def page_idle(self, pick: int, page: int, npages: int) -> None:
+        """Idle page tracking through the admin API (mm/page_idle.c): marking
+        walks every mapping with ``clear_young`` at every yield of node
+        traffic; a read right after, with no access in between, finds every
+        marked page still idle."""
+        mm = self.pick_mm(pick)
+        addr, length = self.pick_range(mm, page, npages)
+        try:
+            marked = self.c.admin("idle", mm=mm, addr=addr, length=length, op="mark")
+        except KernelError as exc:
+            assert exc.errno in (Errno.ENOMEM, Errno.EFAULT, Errno.EINVAL), exc
+            return
+        back = self.c.admin("idle", mm=mm, addr=addr, length=length, op="read")
+        assert back["pages"] == marked["pages"] and back["idle"] == len(back["pages"]), (marked, back)
+
     @rule(kind=st.sampled_from(["kvm", "gru", "xpmem"]))
     def fence_and_register(self, kind: str) -> None:
         self.c.fence(kind, "test")
