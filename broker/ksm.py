@@ -366,7 +366,9 @@ class Ksm:
     def _scannable(self, key: Key) -> bool:
         """A present pte of a mergeable private vma: what ksmd's walk visits."""
         m = self.model.mms.get(key[0])
-        vma = m.find_vma(key[1]) if m is not None else None
+        if m is None:
+            return False
+        vma = m.find_vma(key[1])
         return vma is not None and vma.mergeable and vma.shmem is None and bool(m.get(key[1]) & PTE_PRESENT)
 
     def _page(self, key: Key) -> tuple[Mm, int, int] | None:

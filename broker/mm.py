@@ -437,7 +437,10 @@ class Model:
                 continue
             table = first[0] - first[0] % m.chunk_bytes
             rng = Range(mm, max(vma.start, table), vma.end, NotifyEvent.PROTECTION_VMA)
-            yield from self.notifier.invalidate_range(rng, lambda _inv, vma=vma: change_protection(vma))
+            def change(_inv: Any, vma: Vma = vma) -> None:
+                change_protection(vma)
+
+            yield from self.notifier.invalidate_range(rng, change)
         if not complete:
             raise KernelError(Errno.ENOMEM, f"[{start:#x}, {end:#x}) has an unmapped hole at {stop:#x}")
 

@@ -61,7 +61,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from protocol.admin import ADVICE, COMMANDS, INJECT_KINDS, PROTS, XPMEM_OPS, check_admin
+from protocol.admin import ADVICE, COMMANDS, IDLE_OPS, INJECT_KINDS, PROTS, XPMEM_OPS, check_admin
 from protocol.errors import ProtocolError
 from protocol.messages import Event
 
@@ -132,6 +132,12 @@ def _b(command: str, **fields: str) -> Builder:
         return command, {k: v for k, v in args.items() if v is not None}
 
     return build
+
+
+def _r_idle(ns: argparse.Namespace, result: dict[str, Any]) -> str:
+    rows = [(f"{addr:#x}", str(pfn), "idle" if idle else "accessed") for addr, pfn, idle in result.get("pages") or []]
+    table = render.table(("ADDR", "PFN", "STATE"), rows) if rows else "(no present pages)"
+    return f"{table}\nidle {result.get('idle', 0)}  accessed {result.get('accessed', 0)}"
 
 
 def _r_kv(ns: argparse.Namespace, result: dict[str, Any]) -> str:
@@ -371,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     _range_args(p)
     p = _control(subs, "migrate", _b("migrate", mm="mm", addr="addr", length="length"), _r_kv, "migrate a range")
     _range_args(p)
+    p = _control(subs, "idle", _b("idle", op="op", mm="mm", addr="addr", length="length"), _r_idle,
+                 "idle page tracking (/sys/kernel/mm/page_idle): mark a range idle, or read which pages still are")
+    p.add_argument("op", choices=IDLE_OPS, help="mark: set the present pages idle; read: report them")
+    _range_args(p)
 
     p = _control(
         subs,
@@ -516,6 +526,7 @@ EXAMPLES: dict[str, str] = {
     "madvise": "mmn madvise --mm 1 0x10000000 4096 dontneed --no-block",
     "swap": "mmn swap --mm 1 0x10000000 8192",
     "migrate": "mmn migrate --mm 1 0x10000000 4096",
+    "idle": "mmn idle mark --mm 1 0x10000000 65536",
     "fault": "mmn fault kvm0 --mm 1 0x10000000 --pages 6 --write",
     "access": "mmn access gru0 --mm 1 0x10001000 --write 67727521",
     "merge": "mmn merge --full-scans 2",
