@@ -25,6 +25,7 @@ from protocol.status import (
 )
 from protocol.types import Errno, KernelError
 
+from .sessions import SessionState
 from .tasks import Locked, Relay, RelayAll, Task
 
 #: ``core`` below is the :class:`broker.core.HostCore` (not imported: the core imports this table).
@@ -76,7 +77,7 @@ def status(core: Any, mm: int | None = None, node: str | None = None, cursor: st
         mm_page, mms_next = _mms_page(model, mm, cursor, limit)
     if mm is not None:
         ask["mm"] = mm
-    live = tuple(s.name for s in sessions if s.state == "live")
+    live = tuple(s.name for s in sessions if s.state == SessionState.LIVE)
     results = yield RelayAll(live, "status", {k: v for k, v in ask.items() if v is not None}, timeout_ms=1000)
     nodes = []
     for s in sessions:
@@ -93,7 +94,7 @@ def status(core: Any, mm: int | None = None, node: str | None = None, cursor: st
                 "kind": s.kind,
                 "state": s.state,
                 "epoch": s.epoch,
-                "mapped_pages": report.get("mapped_pages", served if s.state == "live" else 0),
+                "mapped_pages": report.get("mapped_pages", served if s.state == SessionState.LIVE else 0),
                 "injected": report.get("injected", s.injected),
                 "fenced_count": s.fenced_count,
                 "fence_reason": s.fence_reason,

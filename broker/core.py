@@ -113,7 +113,7 @@ from .effects import Deliver, Op, Outcomes
 from .grants import Grants
 from .notifier import check_ops
 from .pagetable import Prot
-from .sessions import Refused, Session, Sessions
+from .sessions import Refused, Session, Sessions, SessionState
 from .tasks import Locked, Relay, RelayAll, Sleep, Task, WaitKsm
 from .xpmem import Segments
 
@@ -462,7 +462,7 @@ class HostCore:
         self._clock(now)
         name = self.sessions.by_identity.get(identity)
         session = self.sessions.by_name.get(name) if name else None
-        if session is not None and session.state == "live" and session.identity == identity:
+        if session is not None and session.state == SessionState.LIVE and session.identity == identity:
             self._fence(name, "connection gone")  # type: ignore[arg-type]
         return self._settle()
 
@@ -727,7 +727,7 @@ class HostCore:
             self.grants.by_node.pop(name, None)
             self._handed.pop(name, None)
         old = self.sessions.by_name.get(msg.name)
-        if old is not None and old.state == "live":
+        if old is not None and old.state == SessionState.LIVE:
             self._fence(msg.name, "registered again (restarted)")
         if old is not None and old.key != key:  # another principal takes a free name: nothing of the old one's
             self.grants.by_node.pop(msg.name, None)
@@ -968,7 +968,7 @@ class HostCore:
 
     def _still(self, session: Session) -> bool:
         """``session`` is still the node's live session (not fenced, not replaced)."""
-        return session.state == "live" and self.sessions.by_name.get(session.name) is session
+        return session.state == SessionState.LIVE and self.sessions.by_name.get(session.name) is session
 
     def _gup_slow_task(self, session: Session, msg: Gup) -> Task[None]:
         self.counters["gup_slow"] += 1
@@ -1160,7 +1160,7 @@ class HostCore:
         waiting = run.waiting
         for node, msg in effect.sends:
             session = self.sessions.by_name.get(node)
-            if session is None or session.state != "live":
+            if session is None or session.state != SessionState.LIVE:
                 continue
             if effect.expect_ack:
                 waiting[node] = msg.id  # type: ignore[attr-defined]  # every callback carries an id
@@ -1199,7 +1199,7 @@ class HostCore:
         self._ready.append(("run", run))  # their outcomes stay None
         for name, msg_id in late.items():
             session = self.sessions.by_name.get(name)
-            if session is not None and session.state == "live":
+            if session is not None and session.state == SessionState.LIVE:
                 self.counters["fenced_ack_deadline"] += 1
                 self._fence(name, f"no ack for {msg_id} within {self.config.ack_deadline_ms} ms")
 
@@ -1211,7 +1211,7 @@ class HostCore:
         timeout = (timeout_ms or self.config.command_timeout_ms) / 1000
         for node in nodes:
             session = self.sessions.by_name.get(node)
-            if session is None or (session.state != "live" and not fenced_too):
+            if session is None or (session.state != SessionState.LIVE and not fenced_too):
                 if single:
                     self._resume(task, None, KernelError(Errno.ESRCH, f"no live node {node!r}"))
                     return

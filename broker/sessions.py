@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from protocol.messages import Register
@@ -35,6 +36,13 @@ class Refused(Exception):
         super().__init__(f"{code}: {message}")
 
 
+class SessionState(StrEnum):
+    """A session's state; the values are what ``status`` shows."""
+
+    LIVE = "live"
+    FENCED = "fenced"
+
+
 @dataclass(slots=True)
 class Session:
     name: str
@@ -45,7 +53,7 @@ class Session:
     identity: bytes
     incarnation: str
     last_seen: float
-    state: str = "live"  # live | fenced
+    state: SessionState = SessionState.LIVE
     fence_reason: str = ""
     injected: dict[str, Any] = field(default_factory=dict)
     fenced_count: int = 0
@@ -94,12 +102,12 @@ class Sessions:
         if kind is not None and kind != msg.kind:
             return f"key {key!r} is a {kind} key, not a {msg.kind} one", []
         old = self.by_name.get(msg.name)
-        if old is not None and old.state == "live" and old.key != key:
+        if old is not None and old.state == SessionState.LIVE and old.key != key:
             return f"{msg.name} is live under another key", []
         mine = [s for s in self.by_name.values() if s.key == key and s.name != msg.name]
         forget: list[str] = []
         if len(mine) >= MAX_SESSIONS_PER_KEY:
-            fenced = sorted((s for s in mine if s.state != "live"), key=lambda s: s.last_seen)
+            fenced = sorted((s for s in mine if s.state != SessionState.LIVE), key=lambda s: s.last_seen)
             need = len(mine) - MAX_SESSIONS_PER_KEY + 1
             if len(fenced) < need:
                 return f"key {key!r} already holds {len(mine)} live sessions", []
@@ -108,7 +116,7 @@ class Sessions:
 
     def _overflow(self, name: str) -> list[str]:
         """The oldest fenced sessions beyond :data:`MAX_FENCED`."""
-        fenced = [s for s in self.by_name.values() if s.state != "live" and s.name != name]
+        fenced = [s for s in self.by_name.values() if s.state != SessionState.LIVE and s.name != name]
         if len(fenced) < MAX_FENCED:
             return []
         fenced.sort(key=lambda s: s.last_seen)
@@ -130,7 +138,7 @@ class Sessions:
             incarnation must not keep anything).
         """
         old = self.by_name.get(msg.name)
-        previous = old if old is not None and old.state == "live" else None
+        previous = old if old is not None and old.state == SessionState.LIVE else None
         if old is not None:
             self.retired.add(old.epoch)
             self.by_identity.pop(old.identity, None)
@@ -138,8 +146,8 @@ class Sessions:
         other = self.by_identity.get(identity)
         if other is not None and other != msg.name:
             stale = self.by_name.get(other)
-            if stale is not None and stale.state == "live":
-                stale.state = "fenced"
+            if stale is not None and stale.state == SessionState.LIVE:
+                stale.state = SessionState.FENCED
                 stale.fence_reason = "identity re-registered under another name"
                 self.retired.add(stale.epoch)
         session = Session(
@@ -175,7 +183,7 @@ class Sessions:
         if name is None:
             raise Refused("unregistered", "register first")
         session = self.by_name[name]
-        if session.state != "live":
+        if session.state != SessionState.LIVE:
             raise Refused("fenced", f"{name} was fenced ({session.fence_reason}); register again")
         if epoch is not None and epoch != session.epoch:
             raise Refused("fenced", f"epoch {epoch} is not the current one")
@@ -190,9 +198,9 @@ class Sessions:
     def fence(self, name: str, reason: str) -> Session | None:
         """Retire ``name``'s epoch.  Returns the session if it was live."""
         session = self.by_name.get(name)
-        if session is None or session.state != "live":
+        if session is None or session.state != SessionState.LIVE:
             return None
-        session.state = "fenced"
+        session.state = SessionState.FENCED
         session.fence_reason = reason
         session.fenced_count += 1
         self.retired.add(session.epoch)
@@ -200,7 +208,7 @@ class Sessions:
         return session
 
     def live(self) -> list[Session]:
-        return [s for s in self.by_name.values() if s.state == "live"]
+        return [s for s in self.by_name.values() if s.state == SessionState.LIVE]
 
     def silent(self, now: float, liveness: float) -> list[Session]:
         """Live sessions not heard from for more than ``liveness`` seconds."""
