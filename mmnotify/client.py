@@ -230,6 +230,21 @@ class Client:
         await client.status()  # fail now, with the reason, rather than at the first command
         yield client
 
+    @classmethod
+    def at(cls, host: str | None = None, *, keys: str | None = None, timeout: float = 10.0) -> Client:
+        """A client of the host at ``host`` without asking it anything yet
+        (:meth:`connect` checks it answers first).
+
+        Raises:
+            ValueError: a bad endpoint, or key files missing or malformed.
+        """
+        addr, security = _where(host, keys)
+
+        async def carry(command: str, args: dict[str, Any], call_timeout: float) -> dict[str, Any]:
+            return await admin_call(addr, command, args, timeout=call_timeout, security=security)
+
+        return cls(carry, timeout=timeout, admin=addr, security=security)
+
     async def call(self, command: str, **args: Any) -> dict[str, Any]:
         """Any admin command by name (``protocol.admin.COMMANDS``); None
         arguments are left out (the host's default applies).

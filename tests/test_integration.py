@@ -5,7 +5,7 @@ its output in a log file under the test's temporary directory, and killed
 (SIGKILL to the group) by the fixture that started it, whatever happens.  The
 host binds port 0 for each endpoint and says where it landed on its "ready"
 line; the nodes connect there.  Tests talk to the host as the CLI does
-(``mmn.client.admin_call``), read the PUB event stream, open raw sockets to send
+(``mmnotify.Client``, the public client), read the PUB event stream, open raw sockets to send
 hostile frames, and run ``mmn`` itself (``main([...])`` and as a subprocess).
 
 One cluster (host + kvm0, gru0, xpmem0) is shared by the tests that leave it as
@@ -36,8 +36,8 @@ import pytest
 import trio
 import zmq
 
+import mmnotify
 from mmn.cli import main
-from mmn.client import Failed, admin_call
 from protocol import Limits, decode, encode
 from protocol.messages import (
     Ack,
@@ -55,7 +55,7 @@ from protocol.messages import (
     Registered,
     Subscribe,
 )
-from protocol.types import ADDRESS_LIMIT
+from protocol.types import ADDRESS_LIMIT, KernelError
 from transport import connect
 
 pytestmark = pytest.mark.integration
@@ -158,7 +158,9 @@ class Cluster:
         return self.endpoints["admin"]
 
     async def call(self, command: str, **args: Any) -> dict[str, Any]:
-        return await admin_call(self.admin, command, args, timeout=CALL_TIMEOUT)
+        # through the public client, as a user's own test would (mmnotify.Client)
+        client = mmnotify.Client.at(self.admin, timeout=CALL_TIMEOUT)
+        return await client.call(command, **args)
 
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
@@ -495,7 +497,7 @@ async def test_many_concurrent_faults_and_accesses_during_munmaps_never_reach_a_
                 try:
                     await c.call("fault", node=node, mm=mm, addr=page, pages=1)
                     data = (await c.call("access", node=node, mm=mm, addr=page, length=8))["data"]
-                except Failed as exc:
+                except KernelError as exc:
                     if exc.errno not in ("EFAULT", "EAGAIN"):
                         failures.append(f"{node} {page:#x}: {exc}")
                     continue
@@ -744,7 +746,7 @@ async def test_a_restarted_node_registers_clean_with_a_new_epoch(fresh: Callable
         status = await c.status()
         assert status["counters"]["notifier_messages"] == sent  # nobody holds the range any more
         assert status["frames"]["free"] == free0  # the dead node's pins went with its session
-        with pytest.raises(Failed) as err:
+        with pytest.raises(KernelError) as err:
             await c.call("access", node="xpmem0", mm=mm, addr=vaddr, length=4)
         assert err.value.errno == "EFAULT"
         assert status["stale_accesses"] == 0
@@ -1052,10 +1054,10 @@ async def test_a_migration_without_a_free_frame_fails_and_leaves_no_invalidation
     for node in ("kvm0", "gru0"):
         await c.call("fault", node=node, mm=mm, addr=addr, pages=4, write=False)
     filler = await c.mapping(mm, 128)
-    with pytest.raises(Failed) as full:
+    with pytest.raises(KernelError) as full:
         await c.call("write", mm=mm, addr=filler, data=b"\x01" * (128 * PS))
     assert full.value.errno == "ENOMEM"
-    with pytest.raises(Failed) as failed:
+    with pytest.raises(KernelError) as failed:
         await c.call("migrate", mm=mm, addr=addr, length=4 * PS)
     assert failed.value.errno == "ENOMEM"
     for node in ("kvm0", "gru0"):
