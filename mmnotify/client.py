@@ -221,12 +221,7 @@ class Client:
                 (wrong port, refused key, nothing listens), with the CLI's advice.
             ValueError: ``host`` is not a ``tcp://HOST:PORT`` endpoint.
         """
-        addr, security = _where(host, keys)
-
-        async def carry(command: str, args: dict[str, Any], call_timeout: float) -> dict[str, Any]:
-            return await admin_call(addr, command, args, timeout=call_timeout, security=security)
-
-        client = cls(carry, timeout=timeout, admin=addr, security=security)
+        client = cls.at(host, keys=keys, timeout=timeout)
         await client.status()  # fail now, with the reason, rather than at the first command
         yield client
 
@@ -421,12 +416,7 @@ class SyncClient:
     ``events`` is not offered (an endless stream wants a trio program)."""
 
     def __init__(self, host: str | None = None, *, keys: str | None = None, timeout: float = 10.0) -> None:
-        self._addr, security = _where(host, keys)
-
-        async def carry(command: str, args: dict[str, Any], call_timeout: float) -> dict[str, Any]:
-            return await admin_call(self._addr, command, args, timeout=call_timeout, security=security)
-
-        self._client = Client(carry, timeout=timeout, admin=self._addr, security=security)
+        self._client = Client.at(host, keys=keys, timeout=timeout)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)

@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 import trio
 
-from .client import Client, SyncClient, _where, admin_call
+from .client import Client, SyncClient
 
 
 @dataclass
@@ -115,12 +115,8 @@ def start_cluster(logs: Path, *, kvm: int = 1, gru: int = 1, xpmem: int = 1, cur
         tail = (logs / "mmn-up.stderr").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"mmn up did not get ready within {timeout:g}s: {tail}")
     keys = ready.get("keys") or None
-    admin, security = _where(ready["admin"], keys if curve else None)
-
-    async def carry(command: str, cargs: dict[str, Any], call_timeout: float) -> dict[str, Any]:
-        return await admin_call(admin, command, cargs, timeout=call_timeout, security=security)
-
-    client = Client(carry, admin=admin, security=security)
+    client = Client.at(ready["admin"], keys=keys if curve else None)
+    admin = client.admin
     names = [n["name"] for n in ready.get("nodes") or []]
     return Cluster(admin=admin, keys=keys if curve else None, nodes=names, client=client, logs=logs, process=proc,
                    ready=ready)
@@ -128,12 +124,8 @@ def start_cluster(logs: Path, *, kvm: int = 1, gru: int = 1, xpmem: int = 1, cur
 
 def attach(host: str, keys: str | None) -> Cluster:
     """A :class:`Cluster` for one already running at ``host`` (not ours to stop)."""
-    admin, security = _where(host, keys)
-
-    async def carry(command: str, cargs: dict[str, Any], call_timeout: float) -> dict[str, Any]:
-        return await admin_call(admin, command, cargs, timeout=call_timeout, security=security)
-
-    client = Client(carry, admin=admin, security=security)
+    client = Client.at(host, keys=keys)
+    admin = client.admin
     status = trio.run(client.status)
     return Cluster(admin=admin, keys=keys, nodes=[n.name for n in status.nodes], client=client)
 
