@@ -30,9 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.ksm import page_digest  # noqa: E402
 from broker.mm import Model, run_op  # noqa: E402
-from broker.pagetable import PTE_SHIFT  # noqa: E402
 
 PS = 4096
 GIB_PAGES = (1 << 30) // PS
@@ -113,38 +111,11 @@ def munmap_1gib(populated: int, repeat: int = 3) -> dict[str, Any]:
 
 
 def ksm_scan(pages: int) -> dict[str, Any]:
-    """Two full KSM passes over ``pages`` pages against BLAKE2b of them."""
-    model = Model(frames=pages + 16, page_size=PS, swap_slots=16)
-    try:
-        mm = model.spawn()
-        addr = run_op(model.mmap(mm, pages, mergeable=True))
-        for i in range(pages):
-            run_op(model.write(mm, addr + i * PS, bytes([1 + i % 64]) * 64))
-        m = model.mms[mm]
-        pfns = [m.get(addr + i * PS) >> PTE_SHIFT for i in range(pages)]
-        page = model.memory.page
+    """Two full KSM passes over ``pages`` pages against BLAKE2b of them: the
+    bench's own measurement (``benchmarks.suite.measure_ksm``), standalone."""
+    from benchmarks.suite import measure_ksm
 
-        def hash_all() -> float:
-            t0 = time.perf_counter()
-            for pfn in pfns:
-                page_digest(page(pfn))
-            return time.perf_counter() - t0
-
-        hash_t = min(hash_all(), hash_all())
-        gc.collect()
-        t0 = time.perf_counter()
-        scanned = run_op(model.ksm.full_scan())
-        scanned += run_op(model.ksm.full_scan())
-        ksm_t = time.perf_counter() - t0
-        hash_t = min(hash_t, hash_all())
-        stats = model.ksm.stats()
-        model.check_invariants()
-    finally:
-        model.close()
-    ksm_rate, hash_rate = scanned / ksm_t, pages / hash_t
-    return {"pages": pages, "pages_scanned": scanned, "pages_shared": stats["pages_shared"],
-            "pages_sharing": stats["pages_sharing"], "scanned_per_s": round(ksm_rate),
-            "hash_per_s": round(hash_rate), "ratio": round(ksm_rate / hash_rate, 3)}
+    return measure_ksm(pages)
 
 
 def main(argv: list[str] | None = None) -> int:
