@@ -125,7 +125,9 @@ def status(core: Any, mm: int | None = None, node: str | None = None, cursor: st
         "stale_accesses": model.stale_accesses,
         "ksm": model.ksm.stats(),
         "counters": {**core.counters, **{f"notifier_{k}": v for k, v in core.notifier.counters.items()},
-                     "fences": core.sessions.fences, "registrations": core.sessions.registrations},
+                     "fences": core.sessions.fences, "registrations": core.sessions.registrations,
+                     # /proc/xpmem's global pinned / unpinned page counters (broker.mm.Model)
+                     "pages_pinned": model.pages_pinned, "pages_unpinned": model.pages_unpinned},
     }
 
 

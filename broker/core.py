@@ -321,11 +321,6 @@ class HostCore:
             "forged_accesses": 0,
             # status requests answered by one already under way (HostCore._admin)
             "status_coalesced": 0,
-            # /proc/xpmem's global counters: pages pinned for nodes (GUP
-            # replies sent with FOLL_PIN), pages unpinned (their Unpins, and
-            # the pins the host dropped at a fence); equal when none is held
-            "pages_pinned": 0,
-            "pages_unpinned": 0,
         }
         limits = self.config.limits
         self._node_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
@@ -753,7 +748,7 @@ class HostCore:
             return
         logger.warning("fenced %s (epoch %d): %s", name, session.epoch, reason)
         self._replies.pop(session.identity, None)
-        self.counters["pages_unpinned"] += self.model.fence_node(name)  # the notifier forgets it, its pins go
+        self.model.fence_node(name)  # the notifier forgets it, its pins go
         self.segments.forget_node(name)
         run = self._holder
         if run is not None and name in run.waiting:
@@ -819,7 +814,6 @@ class HostCore:
                 return Ok(ref=msg.id)
             if isinstance(msg, Unpin):
                 model.unpin(name, msg.mm, msg.pfns)
-                self.counters["pages_unpinned"] += len(msg.pfns)
                 return Ok(ref=msg.id)
             if isinstance(msg, XpmemMake):
                 model.check_mm(msg.mm)
@@ -857,10 +851,8 @@ class HostCore:
             self._send(session.identity, XpmemReply(ref=msg.id))
 
     def _xpmem_clear(self, importers: list[str], segid: int) -> Op[None]:
-        # The ids of the notifier's own callbacks: a node keys its drains and
-        # answered acks by them.
-        ids = self.notifier._ids
-        yield Deliver(tuple((node, XpmemRemoved(id=next(ids), segid=segid)) for node in importers))
+        new_id = self.notifier.new_id
+        yield Deliver(tuple((node, XpmemRemoved(id=new_id(), segid=segid)) for node in importers))
 
     def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
         """A node's access through its translation, checked by the oracle
@@ -907,8 +899,6 @@ class HostCore:
         if pages is None:
             return None
         self.counters["gup_fast"] += 1
-        if msg.pin:
-            self.counters["pages_pinned"] += len(pages)
         self._hand(name, pages)
         return GupReply(ref=msg.id, mm=msg.mm, pages=page_triples(pages))
 
@@ -978,8 +968,6 @@ class HostCore:
             if msg.pin and reply.pages:
                 self.model.unpin(session.name, msg.mm, [p[1] for p in reply.pages])
             return
-        if msg.pin:
-            self.counters["pages_pinned"] += len(reply.pages)
         self._send(session.identity, reply)
 
     def _unsubscribe_task(self, session: Session, msg: Unsubscribe) -> Task[None]:

@@ -147,6 +147,11 @@ class Model:
         self._mm_ids = itertools.count(1)
         #: node -> (mm, pfn) -> Counter(addr -> pins)
         self.pins: dict[str, dict[tuple[int, int], Counter[int]]] = {}
+        #: /proc/xpmem's global counters: every pin taken for a node, every pin
+        #: dropped (its Unpin, a discarded reply, a fence, a revoke, the mm's
+        #: exit); equal when none is held.  Counted here, where pins change.
+        self.pages_pinned = 0
+        self.pages_unpinned = 0
         #: (mm, addr) -> new pfn, while a set_pte_at_notify is being delivered:
         #: GUP-fast does not serve these (the kernel has cleared the pte), a
         #: node that already repointed may read the new pfn.
@@ -834,6 +839,7 @@ class Model:
         mem.pincount[pfn] += 1
         mem.get_page(pfn)
         self.pins.setdefault(node, {}).setdefault((mm, pfn), Counter())[addr] += 1
+        self.pages_pinned += 1
 
     def gup_fast(self, mm: int, addr: int, npages: int, write: bool, *, pin: bool = False,
                  node: str | None = None) -> list[tuple[int, int, bool]] | None:
@@ -951,6 +957,7 @@ class Model:
 
     def _unpin_one(self, pfn: int) -> None:
         self.memory.pincount[pfn] -= 1
+        self.pages_unpinned += 1
         self.put_page(pfn)
 
     def fence_node(self, node: str) -> int:

@@ -254,6 +254,12 @@ class NotifierCore:
 
     # -- registration ----------------------------------------------------
 
+    def new_id(self) -> int:
+        """The id of a new host -> node callback.  One sequence for every
+        callback a node acks (the notifier's and the host's own, such as
+        ``XpmemRemoved``): a node keys its drains and answered acks by it."""
+        return next(self._ids)
+
     def add_node(self, name: str, ops: frozenset[str] | set[str] | list[str], sleepable: bool) -> None:
         """Know a node and its callbacks (a new session replaces an old one).
 

@@ -104,7 +104,7 @@ def test_remove_of_unknown_or_foreign_segment_changes_nothing() -> None:
 
 def pins(c: LocalCluster, *names: str) -> list[tuple[int, int]]:
     """(pinned, unpinned) of the host, then of each node."""
-    out = [(c.core.counters["pages_pinned"], c.core.counters["pages_unpinned"])]
+    out = [(c.model.pages_pinned, c.model.pages_unpinned)]
     for name in names:
         counters = c.node(name).status()["counters"]
         out.append((counters["pages_pinned"], counters["pages_unpinned"]))
@@ -151,7 +151,15 @@ def test_pinned_equals_unpinned_after_detach_release_remove_exit_and_fence() -> 
     c.fence("xpmem2")  # the host drops a fenced node's pins
     c.pump()
     assert balanced(c, *names)
-    assert pins(c)[0][0] == 4 + 2 + 3 + 4 + 2
+    # a revoke: the host drops the node's pins of that mm itself, and counts them
+    mm3 = c.spawn()
+    b3 = c.mmap(mm3, 3)
+    _, v5 = attached(c, "xpmem", mm3, b3, 3)
+    touch("xpmem", v5, 3)
+    assert pins(c)[0] == (4 + 2 + 3 + 4 + 2 + 3, 4 + 2 + 3 + 4 + 2)
+    c.admin("revoke", node="xpmem", mm=mm3)
+    c.pump()
+    assert pins(c)[0] == (4 + 2 + 3 + 4 + 2 + 3,) * 2 and balanced(c, *names)
     assert c.check() == 0
 
 
