@@ -8,8 +8,11 @@ Everything runs in-process on loopback: a host (``broker.host.Host``) with a
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -121,6 +124,20 @@ def test_keygen_writes_zmq_auth_pairs_with_private_secrets(tmp_path: Path) -> No
     assert len(again["created"]) == 1 and len(again["kept"]) == 3
     # kind-wide fallback key for scaled containers
     assert layout.node_secret("xpmem-3f2a", "xpmem") == layout.nodes_dir / "xpmem.key_secret"
+
+
+def test_mmn_up_with_no_nodes_starts_a_host_under_curve(tmp_path: Path) -> None:
+    """The key directory of a cluster without nodes still has its nodes/ (empty):
+    the host starts, accepts no node, and answers its admin keys."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmn", "up", "--kvm", "0", "--gru", "0", "--xpmem", "0", "--once", "--json",
+         "--port-base", "0", "--logs", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["nodes"] == []
+    assert (tmp_path / "logs" / "keys" / "nodes").is_dir()
+    assert list((tmp_path / "logs" / "keys" / "nodes").iterdir()) == []
 
 
 def test_mmn_keygen_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -160,6 +160,11 @@ def keygen(
     kept: list[str] = []
     wanted = [(layout.host_dir, HOST_KEY_NAME)]
     wanted += [(layout.admin_dir, n) for n in admins] + [(layout.nodes_dir, n) for n in nodes]
+    # Every directory the host loads exists, even with no key in it: a host
+    # started with no nodes (``mmn up --kvm 0 --gru 0 --xpmem 0``) accepts none.
+    for directory in (layout.host_dir, layout.admin_dir, layout.nodes_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
     for directory, name in wanted:
         if not name or "/" in name or name.startswith(".") or any(c.isspace() for c in name):
             raise KeyError_(f"{name!r} cannot name a key")
