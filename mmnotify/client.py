@@ -344,7 +344,10 @@ class Client:
         return int((await self.call("xpmem", node=node, op="make", mm=mm, addr=addr, length=length,
                                     mode=mode))["segid"])
 
-    async def xpmem_get(self, node: str, *, segid: int, write: bool = False) -> int:
+    async def xpmem_get(self, node: str, *, segid: int, write: bool = True) -> int:
+        """``xpmem_get``: a permit (apid) for ``segid``; read-write unless
+        ``write=False`` (XPMEM_RDONLY), which ``xpmem_attach`` refuses with
+        EACCES as hpc/xpmem does (attach always asks for RDWR)."""
         return int((await self.call("xpmem", node=node, op="get", segid=segid, write=write))["apid"])
 
     async def xpmem_attach(self, node: str, *, apid: int, length: int, offset: int = 0) -> int:

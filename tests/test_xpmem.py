@@ -183,7 +183,7 @@ async def test_real_processes_attach_detach_mprotect_and_remove(mmn_cluster: Any
     ro = await c.xpmem_get("xpmem1", segid=segid, write=False)
     assert await fails(c.xpmem_attach("xpmem1", apid=ro, length=2 * PS)) is E.EACCES
     own = await c.xpmem_attach("xpmem0", apid=await c.xpmem_get("xpmem0", segid=segid, write=True), length=2 * PS)
-    other = await c.xpmem_attach("xpmem1", apid=await c.xpmem_get("xpmem1", segid=segid, write=True),
+    other = await c.xpmem_attach("xpmem1", apid=await c.xpmem_get("xpmem1", segid=segid),  # RDWR by default
                                  length=2 * PS)
     # detach where nothing is attached: 0
     await c.xpmem_detach("xpmem2", addr=other)
