@@ -115,7 +115,7 @@ def name_matches_key(name: str, key_id: str) -> bool:
 
 
 #: The node kinds a key's name can say (``kind_of_key``).
-NODE_KINDS = ("kvm", "gru", "xpmem")
+NODE_KINDS = ("kvm", "gru", "xpmem", "hmm")
 
 
 def kind_of_key(key_id: str) -> str | None:
