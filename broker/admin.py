@@ -292,6 +292,16 @@ def access(core: Any, node: str, mm: int, addr: int, length: int, data: bytes | 
     return (yield from _relay(core, node, "access", args))
 
 
+@handler("hmm")
+def hmm(core: Any, node: str, op: str, mm: int, addr: int, pages: int) -> Task[dict[str, Any]]:
+    """lib/test_hmm.c's ioctls (``HMM_DMIRROR_SNAPSHOT``...) on an hmm node."""
+    session = core.sessions.by_name.get(node)
+    if session is not None and session.kind != "hmm":
+        raise KernelError(Errno.EINVAL, f"{node} is a {session.kind} node, not hmm")
+    _point(core, node, mm)
+    return (yield from _relay(core, node, "hmm", {"op": op, "mm": mm, "addr": addr, "pages": pages}))
+
+
 @handler("xpmem")
 def xpmem(core: Any, node: str, op: str, **args: Any) -> Task[dict[str, Any]]:
     session = core.sessions.by_name.get(node)
