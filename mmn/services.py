@@ -166,8 +166,8 @@ def node_config(ns: argparse.Namespace) -> Any:
     from node.runtime import NodeConfig
 
     kind = ns.kind or env_value("MMN_KIND", str)
-    if kind not in ("kvm", "gru", "xpmem"):
-        raise UsageError("node: --kind kvm|gru|xpmem is required (or $MMN_KIND)")
+    if kind not in NODE_KINDS:
+        raise UsageError(f"node: --kind {'|'.join(NODE_KINDS)} is required (or $MMN_KIND)")
     env_value("MMN_NAME", node_name)
     _check_env(NODE_OPTIONS)
     overrides: dict[str, Any] = {
