@@ -123,6 +123,8 @@ def status(core: Any, mm: int | None = None, node: str | None = None, cursor: st
         "mms_next": mms_next,
         "frames": {"total": model.memory.nframes, "free": model.memory.nr_free()},
         "stale_accesses": model.stale_accesses,
+        # interval notifiers (the hmm kind): per mm its invalidate_seq and intervals
+        "intervals": core.notifier.intervals.describe(mm),
         "ksm": model.ksm.stats(),
         "counters": {**core.counters, **{f"notifier_{k}": v for k, v in core.notifier.counters.items()},
                      "fences": core.sessions.fences, "registrations": core.sessions.registrations},

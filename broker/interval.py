@@ -290,11 +290,11 @@ class IntervalNotifiers:
         return sub.invalidate_seq != seq
 
     def describe(self, mm: int | None = None) -> dict[str, object]:
-        """For ``mmn status``: per mm, its seq, active ranges and intervals."""
+        """For ``mmn status``: per mm (``mm`` alone, or the first 16), its
+        seq, active ranges and first 16 intervals."""
         out: dict[str, object] = {}
-        for m, state in sorted(self.mms.items()):
-            if mm is not None and m != mm:
-                continue
+        shown = [(mm, self.mms[mm])] if mm in self.mms else [] if mm is not None else sorted(self.mms.items())[:16]
+        for m, state in shown:
             out[str(m)] = {
                 "invalidate_seq": state.invalidate_seq,
                 "active_invalidate_ranges": state.active_invalidate_ranges,
