@@ -19,11 +19,21 @@ is faulted: each page is reported as it is (``protocol.hmm`` flags).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from protocol.hmm import HMM_PFN_ERROR, HMM_PFN_VALID, HMM_PFN_WRITE, HMM_PFN_ZERO
+from protocol.hmm import (
+    HMM_PFN_DEVICE_OWNER,
+    HMM_PFN_DEVICE_PRIVATE,
+    HMM_PFN_ERROR,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    HMM_PFN_ZERO,
+)
 from protocol.messages import (
     Error,
+    HmmMigrate,
+    HmmMigrateReply,
     HmmRangeFault,
     HmmRangeFaultReply,
     IntervalInsert,
@@ -36,11 +46,11 @@ from protocol.types import Errno, KernelError
 
 from .effects import Op
 from .memory import ZERO_PFN
-from .pagetable import PTE_PRESENT, PTE_SHIFT, PTE_WRITE, Prot
+from .pagetable import PTE_DEVICE, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, Prot
 from .tasks import Locked, Task
 
 #: Requests of the hmm kind the host answers here.
-HMM_REQUESTS = (IntervalInsert, IntervalRemove, HmmRangeFault)
+HMM_REQUESTS = (IntervalInsert, IntervalRemove, HmmRangeFault, HmmMigrate)
 
 
 def on_request(core: Any, session: Any, msg: Message) -> None:
@@ -65,6 +75,13 @@ def on_request(core: Any, session: Any, msg: Message) -> None:
             core._send(session.identity, Ok(ref=msg.id))
         else:
             core.publish("interval_remove_deferred", node=name, mm=msg.mm, interval=msg.interval)
+        return
+    if isinstance(msg, HmmMigrate):
+        if not core.may_reach(name, msg.mm, True):
+            core._send(session.identity, Error(ref=msg.id, code=Errno.EACCES.value,
+                                               message=core._refused(name, msg.mm, "hmm migrate")))
+            return
+        core._spawn(_migrate_task(core, session, msg), "hmm_migrate")
         return
     assert isinstance(msg, HmmRangeFault)
     if not core.may_reach(name, msg.mm, msg.write and msg.fault):
@@ -93,7 +110,45 @@ def _insert(core: Any, name: str, msg: IntervalInsert) -> Message:
 def _range_fault_task(core: Any, session: Any, msg: HmmRangeFault) -> Task[None]:
     reply = yield Locked(hmm_range_fault(core, session.name, msg))
     if core._still(session):
-        core._send(session.identity, reply)
+        core._send(session.identity, replace(reply, freed=core.model.device.take_freed(session.name)))
+
+
+def _migrate_task(core: Any, session: Any, msg: HmmMigrate) -> Task[None]:
+    reply = yield Locked(hmm_migrate(core, session.name, msg))
+    if core._still(session):
+        core._send(session.identity, replace(reply, freed=core.model.device.take_freed(session.name)))
+
+
+def hmm_migrate(core: Any, name: str, msg: HmmMigrate) -> Op[HmmMigrateReply]:
+    """``HMM_DMIRROR_MIGRATE_TO_DEV`` / ``_TO_SYS`` (broker/devmem.py), under the lock.
+
+    Returns:
+        The reply: ``cpages`` migrated, or ``errno``: ENOENT (no interval),
+        EINVAL (outside it), EACCES, ESRCH, EIO (the device did not take them).
+    """
+    ps = core.config.page_size
+    sub = core.notifier.intervals.get(msg.interval, name, msg.mm)
+    end = msg.addr + msg.npages * ps
+
+    def fail(errno: Errno) -> HmmMigrateReply:
+        return HmmMigrateReply(ref=msg.id, mm=msg.mm, errno=errno.value)
+
+    if sub is None:
+        return fail(Errno.ENOENT)
+    if not core.may_reach(name, msg.mm, True):
+        return fail(Errno.EACCES)
+    if msg.addr % ps or not 1 <= msg.npages <= core.config.limits.max_pages or not sub.start <= msg.addr < end <= sub.end:
+        return fail(Errno.EINVAL)
+    device = core.model.device
+    try:
+        if msg.to_sys:
+            moved = yield from device.migrate_to_system(core.model, name, msg.mm, msg.addr, msg.npages)
+        else:
+            moved = yield from device.migrate_to_device(core.model, name, msg.mm, msg.addr, msg.npages)
+    except KernelError as exc:
+        return fail(exc.errno)
+    core.publish("hmm_migrate", node=name, mm=msg.mm, addr=msg.addr, pages=moved, to="sys" if msg.to_sys else "device")
+    return HmmMigrateReply(ref=msg.id, mm=msg.mm, cpages=moved)
 
 
 def hmm_range_fault(core: Any, name: str, msg: HmmRangeFault) -> Op[HmmRangeFaultReply]:
@@ -126,9 +181,18 @@ def hmm_range_fault(core: Any, name: str, msg: HmmRangeFault) -> Op[HmmRangeFaul
         if msg.fault:
             for page in range(msg.addr, end, ps):
                 model._vma_for(m, page, msg.write, gup=True)  # fails the whole range, as hmm_vma_walk does
-            pages = yield from model.gup(msg.mm, msg.addr, msg.npages, msg.write)
-            if len(pages) < msg.npages:
-                return fail(Errno.EFAULT)
+            for page in range(msg.addr, end, ps):
+                if msg.mm not in model.mms:
+                    return fail(Errno.ESRCH)
+                _, _, flags = _entry(model, m, page, name)
+                # hmm_pte_need_fault: a page this device holds is mapped as is
+                # (dev_private_owner); any other missing or read-only page is faulted
+                remote = flags & HMM_PFN_DEVICE_PRIVATE and not flags & HMM_PFN_DEVICE_OWNER
+                if flags & HMM_PFN_VALID and not remote and (flags & HMM_PFN_WRITE or not msg.write):
+                    continue
+                pages = yield from model.gup(msg.mm, page, 1, msg.write)
+                if not pages:
+                    return fail(Errno.EFAULT)
     except KernelError as exc:
         return fail(exc.errno)
     if msg.mm not in model.mms:
@@ -136,32 +200,47 @@ def hmm_range_fault(core: Any, name: str, msg: HmmRangeFault) -> Op[HmmRangeFaul
     seq = intervals.read_begin(sub)
     if seq is None:
         return fail(Errno.EBUSY)
-    pfns = snapshot(model, msg.mm, msg.addr, msg.npages)
-    core._hand(name, [(a, pfn, bool(f & HMM_PFN_WRITE)) for a, pfn, f in pfns if f & HMM_PFN_VALID])
+    pfns = snapshot(model, msg.mm, msg.addr, msg.npages, name)
+    if msg.fault and any(not f & HMM_PFN_VALID or f & HMM_PFN_ERROR for _, _, f in pfns):
+        return fail(Errno.EFAULT)
+    core._hand(name, [(a, pfn, bool(f & HMM_PFN_WRITE)) for a, pfn, f in pfns
+                      if f & HMM_PFN_VALID and not f & HMM_PFN_DEVICE_PRIVATE])
     return HmmRangeFaultReply(ref=msg.id, mm=msg.mm, seq=seq, pfns=[list(p) for p in pfns])
 
 
-def snapshot(model: Any, mm: int, addr: int, npages: int) -> list[tuple[int, int, int]]:
+def snapshot(model: Any, mm: int, addr: int, npages: int, node: str) -> list[tuple[int, int, int]]:
     """The ptes of ``npages`` pages from ``addr`` as ``(addr, pfn, flags)``
-    (``hmm_vma_handle_pte`` without faulting).  No vma or PROT_NONE: ERROR;
-    not present (none, swapped): 0."""
+    (``hmm_vma_handle_pte`` without faulting), as ``node`` sees them."""
     m = model.mms[mm]
     ps = model.page_size
-    out = []
-    for page in range(addr, addr + npages * ps, ps):
-        vma = m.find_vma(page)
-        if vma is None or vma.prot is Prot.NONE:
-            out.append((page, 0, HMM_PFN_ERROR))
-            continue
-        pte = m.get(page)
-        if not pte & PTE_PRESENT:
-            out.append((page, 0, 0))
-            continue
-        pfn = pte >> PTE_SHIFT
-        flags = HMM_PFN_VALID
-        if pfn == ZERO_PFN:
-            flags |= HMM_PFN_ZERO
-        elif pte & PTE_WRITE:
+    return [_entry(model, m, page, node) for page in range(addr, addr + npages * ps, ps)]
+
+
+def _entry(model: Any, m: Any, page: int, node: str) -> tuple[int, int, int]:
+    """One hmm_pfns entry.  No vma, PROT_NONE or a poisoned device page:
+    ERROR; not present (none, swapped): 0; a device-private page: VALID |
+    DEVICE_PRIVATE, with DEVICE_OWNER (and the handle as pfn, WRITE if only
+    this pte references it in a writable vma) when ``node`` holds it."""
+    vma = m.find_vma(page)
+    if vma is None or vma.prot is Prot.NONE:
+        return (page, 0, HMM_PFN_ERROR)
+    pte = m.get(page)
+    if pte & PTE_DEVICE:
+        dev = model.device.owned(pte)
+        if dev is None or dev.poisoned:
+            return (page, 0, HMM_PFN_ERROR)
+        if dev.owner != node:
+            return (page, 0, HMM_PFN_VALID | HMM_PFN_DEVICE_PRIVATE)
+        flags = HMM_PFN_VALID | HMM_PFN_DEVICE_PRIVATE | HMM_PFN_DEVICE_OWNER
+        if dev.refs == 1 and vma.prot is Prot.RW:
             flags |= HMM_PFN_WRITE
-        out.append((page, pfn, flags))
-    return out
+        return (page, pte >> PTE_SHIFT, flags)
+    if not pte & PTE_PRESENT:
+        return (page, 0, 0)
+    pfn = pte >> PTE_SHIFT
+    flags = HMM_PFN_VALID
+    if pfn == ZERO_PFN:
+        flags |= HMM_PFN_ZERO
+    elif pte & PTE_WRITE:
+        flags |= HMM_PFN_WRITE
+    return (page, pfn, flags)

@@ -67,6 +67,7 @@ import numpy as np
 from protocol.status import VMAS_SHOWN
 from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
 
+from .devmem import DevicePrivate
 from .effects import Op
 from .ksm import Ksm
 from .memory import (
@@ -84,6 +85,7 @@ from .memory import (
 from .notifier import NotifierCore
 from .pagetable import (
     PROTS,
+    PTE_DEVICE,
     PTE_DIRTY,
     PTE_KSM_ZERO,
     PTE_PRESENT,
@@ -154,6 +156,8 @@ class Model:
         self.stale_accesses = 0
         self.counters: Counter[str] = Counter()
         self.ksm = Ksm(self)
+        #: device-private pages of hmm nodes (broker/devmem.py)
+        self.device = DevicePrivate()
 
     # ------------------------------------------------------------------ helpers
 
@@ -208,6 +212,8 @@ class Model:
                 self.ksm.zero_unmapped()
         elif pte & PTE_SWAP:
             self.swap.free(pte >> PTE_SHIFT)
+        elif pte & PTE_DEVICE:
+            self.device.put(pte >> PTE_SHIFT)
         mm.set(addr, 0)
         self.ksm.forget(mm.id, addr)
 
@@ -240,6 +246,8 @@ class Model:
         self.unmap_pages(pfns[present & ~zero])
         for slot in pfns[~present & ((ptes & PTE_SWAP) != 0)].tolist():
             self.swap.free(slot)
+        for handle in pfns[~present & ((ptes & PTE_DEVICE) != 0)].tolist():
+            self.device.put(handle)
         self.ksm.forget_many(mm.id, addrs)
         return len(ptes)
 
@@ -518,6 +526,12 @@ class Model:
                     self.swap.duplicate(pte >> PTE_SHIFT)
                     child.set(addr, pte)
                     continue
+                if pte & PTE_DEVICE:
+                    # copy_nonpresent_pte: both share the device page, read-only
+                    # until a write migrates it back for the writer
+                    self.device.get(pte >> PTE_SHIFT)
+                    child.set(addr, pte)
+                    continue
                 pfn = pte >> PTE_SHIFT
                 if vma.shared:
                     child.set(addr, pte & ~PTE_YOUNG)
@@ -553,7 +567,7 @@ class Model:
                 child.vmas.append(copy)
                 child._reindex()
                 ptes = list(parent.populated_in(vma.start, vma.end))
-                if not vma.shared and any(p & PTE_WRITE for _, p in ptes):
+                if not vma.shared and any(p & (PTE_WRITE | PTE_DEVICE) for _, p in ptes):
                     # An ENOMEM copying a pinned page ends the invalidation
                     # (what was write-protected stays so, as in the kernel).
                     rng = Range(mm, vma.start, vma.end, NotifyEvent.PROTECTION_PAGE)
@@ -623,6 +637,10 @@ class Model:
         mem = self.memory
         writable_vma = vma.prot is Prot.RW
         pte = m.get(page)
+        if pte & PTE_DEVICE:
+            # do_swap_page -> migrate_to_ram (dmirror_devmem_fault); EIO if poisoned
+            yield from self.device.migrate_to_ram(self, m, page)
+            pte = m.get(page)
         if pte & PTE_SWAP:
             # do_swap_page: the copy is exclusive to this mm.
             slot = pte >> PTE_SHIFT
@@ -960,6 +978,7 @@ class Model:
             Pins dropped.
         """
         self.notifier.fence(node)
+        self.device.poison_owner(node)  # its device-private pages went with it (broker/devmem.py)
         return self.drop_pins(node)
 
     def drop_pins(self, node: str | None = None, mm: int | None = None) -> int:
@@ -1353,6 +1372,8 @@ class Model:
                             if pte & PTE_WRITE and mem.flags[pte >> PTE_SHIFT] & PG_ANON:
                                 assert mem.flags[pte >> PTE_SHIFT] & PG_ANON_EXCLUSIVE, \
                                     f"mm {m.id} {addr:#x}: writable anon pte of a page not AnonExclusive"
+                    elif pte & PTE_DEVICE:
+                        assert pte >> PTE_SHIFT in self.device.pages, f"mm {m.id} {addr:#x}: no device page"
                     else:
                         assert pte & PTE_SWAP, f"mm {m.id} {addr:#x}: pte {pte:#x} neither present nor swap"
                         slots[pte >> PTE_SHIFT] += 1

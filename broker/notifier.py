@@ -434,6 +434,7 @@ class NotifierCore:
             end=rng.end,
             event=NotifyEvent(rng.event).value,
             blockable=rng.blockable,
+            owner=rng.owner,
         )
         generations = {s.node: self.nodes[s.node].generation for s in holders}
         # Open from the moment the start is sent, not only once it is acked:

@@ -61,7 +61,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from protocol.admin import ADVICE, COMMANDS, HMM_OPS, IDLE_OPS, INJECT_KINDS, PROTS, XPMEM_OPS, check_admin
+from protocol.admin import ADVICE, COMMANDS, HMM_OPS, HMM_TARGETS, IDLE_OPS, INJECT_KINDS, PROTS, XPMEM_OPS, check_admin
 from protocol.errors import ProtocolError
 from protocol.messages import Event
 
@@ -500,6 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pages from ADDR, 1..512 (default 1)")
     q.set_defaults(handler=_run_control, build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages"),
                    show=_r_hmm)
+    q = ops.add_parser("migrate", help="move pages into the node's device memory, or back (--to sys)",
+                       description="migrate anonymous pages to the node's device-private memory "
+                                   "(MMU_NOTIFY_MIGRATE; the host keeps device-private entries), or back")
+    _common(q)
+    q.add_argument("node", type=node_name, metavar="NODE")
+    q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
+    q.add_argument("addr", type=address, metavar="ADDR")
+    q.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
+                   help="pages from ADDR, 1..512 (default 1)")
+    q.add_argument("--to", choices=HMM_TARGETS, default=None, help="dev (default): into the device; sys: back")
+    q.set_defaults(handler=_run_control, show=_r_kv,
+                   build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages", to="to"))
     assert set(ops.choices) == set(HMM_OPS)
 
     # ---- keys
@@ -570,6 +582,7 @@ EXAMPLES: dict[str, str] = {
     "xpmem remove": "mmn xpmem remove xpmem0 --segid 1",
     "hmm": "mmn hmm snapshot hmm0 --mm 1 0x10000000 --pages 4",
     "hmm snapshot": "mmn hmm snapshot hmm0 --mm 1 0x10000000 --pages 4 --json",
+    "hmm migrate": "mmn hmm migrate hmm0 --mm 1 0x10000000 --pages 4   # --to sys: back",
     "keygen": "mmn keygen keys --node kvm0 --admin alice",
     "swarm-secrets": "mmn swarm-secrets --prefix mmn   # then: docker stack deploy -c docker-stack.yml mmn",
     "watch": "mmn watch --count 20 --json           # a published port: MMN_EVENTS=127.0.0.1:7783 mmn watch",

@@ -49,11 +49,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from protocol.hmm import HMM_PFN_VALID, HMM_PFN_WRITE, state_of
+from protocol.hmm import HMM_PFN_DEVICE_OWNER, HMM_PFN_DEVICE_PRIVATE, HMM_PFN_VALID, HMM_PFN_WRITE, state_of
 from protocol.messages import (
+    Ack,
     DmaRead,
     DmaWrite,
     Error,
+    HmmDevmemFault,
+    HmmMigrate,
+    HmmMigrated,
+    HmmMigrateReply,
     HmmRangeFault,
     HmmRangeFaultReply,
     IntervalInsert,
@@ -82,15 +87,20 @@ from .fault import Fault, FaultEvent, FaultState
 
 #: ``Fault.context`` of a snapshot (``dmirror_snapshot``: no HMM_PFN_REQ_FAULT).
 SNAPSHOT = "snapshot"
+#: ``Fault.context`` of migrations to this device's memory and back.
+MIGRATE_TO_DEV = "migrate"
+MIGRATE_TO_SYS = "migrate-sys"
 
 
 @dataclass(slots=True)
 class DeviceEntry:
     """One entry of dmirror's page table (``dmirror->pt``): the host frame
-    ``pfn`` backs the page, writable or not."""
+    ``pfn`` backs the page, writable or not; ``device``: ``pfn`` is the
+    handle of one of this device's own pages (its contents are here)."""
 
     pfn: int
     writable: bool
+    device: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -134,9 +144,12 @@ class HmmMMU(SecondaryMMU):
         super().__init__(name, **kwargs)
         self.interval = interval
         self.pt: dict[int, dict[int, DeviceEntry]] = {}
+        #: device memory: handle -> contents of a device-private page
+        self.device_pages: dict[int, bytearray] = {}
         #: access token -> [fault rounds, pages copied]
         self._access_stats: dict[int, list[int]] = {}
-        self.counters.update(cpages=0, fault_rounds=0, zapped=0, eagain=0, snapshots=0)
+        self.counters.update(cpages=0, fault_rounds=0, zapped=0, eagain=0, snapshots=0, migrate_own=0,
+                             migrated_in=0, migrated_out=0)
 
     def _new_mm_state(self, mm: int) -> HmmMm:
         return HmmMm(mm)
@@ -175,12 +188,67 @@ class HmmMMU(SecondaryMMU):
         return token, [IntervalRemove(id=rid, epoch=self.epoch, mm=mm, interval=state.interval)]
 
     def receive(self, msg: Message) -> list[Output]:
-        if isinstance(msg, (IntervalReply, HmmRangeFaultReply)):
+        if isinstance(msg, (IntervalReply, HmmRangeFaultReply, HmmMigrateReply)):
+            if not isinstance(msg, IntervalReply):
+                self._free(msg.freed)
             request = self._pending.pop(msg.ref, None) or self._dropped.pop(msg.ref, None)
             if request is None:
                 return []
             return self._reply(request, msg)
+        if isinstance(msg, (HmmMigrated, HmmDevmemFault)):
+            if msg.id in self._answered:
+                self.counters["duplicates"] += 1
+                return [self._answered[msg.id]]
+            return [self._migrated(msg) if isinstance(msg, HmmMigrated) else self._devmem_fault(msg)]
         return super().receive(msg)
+
+    # ---------------------------------------------------------- device memory
+
+    def _migrated(self, msg: HmmMigrated) -> Ack:
+        """``dmirror_migrate_alloc_and_copy`` + ``_finalize_and_map``: the
+        pages are this device's now; map them."""
+        ps = self.page_size
+        table = self.pt.setdefault(msg.mm, {})
+        for i, (addr, handle, writable) in enumerate(msg.pages):
+            self.device_pages[handle] = bytearray(msg.data[i * ps : (i + 1) * ps])
+            table[addr] = DeviceEntry(handle, bool(writable), device=True)
+        self.counters["migrated_in"] += len(msg.pages)
+        return self._ack(msg.id)
+
+    def _devmem_fault(self, msg: HmmDevmemFault) -> Ack:
+        """``dmirror_devmem_fault``: give the host the page's contents; the
+        mirror of that address goes (the page leaves the device for it)."""
+        data = self.device_pages.get(msg.handle)
+        entry = self.pt.get(msg.mm, {}).get(msg.addr)
+        if entry is not None and entry.device and entry.pfn == msg.handle:
+            del self.pt[msg.mm][msg.addr]
+        if msg.free:
+            self._free([msg.handle])
+        self.counters["migrated_out"] += 1
+        ack = Ack(ref=msg.id, data=bytes(data) if data is not None else b"")
+        self._answered[msg.id] = ack
+        return ack
+
+    def _free(self, handles: list[int]) -> None:
+        """Device pages the host no longer references: gone, with their mirrors."""
+        gone = {h for h in handles if self.device_pages.pop(h, None) is not None}
+        if not gone:
+            return
+        for table in self.pt.values():
+            for addr in [a for a, e in table.items() if e.device and e.pfn in gone]:
+                del table[addr]
+
+    def migrate(self, mm: int, addr: int, npages: int, to_sys: bool = False) -> tuple[int, list[Output]]:
+        """``HMM_DMIRROR_MIGRATE_TO_DEV`` (or ``_TO_SYS``): the anonymous
+        pages of the range move into this device's memory (or back).  The
+        Completion's result is ``{"mm", "addr", "cpages"}``."""
+        token = self._new_token()
+        if not 1 <= npages <= self.max_gup_pages:
+            return token, self._complete(token, error=KernelError(Errno.EINVAL, f"npages {npages}"))
+        page = addr - addr % self.page_size
+        context = MIGRATE_TO_SYS if to_sys else MIGRATE_TO_DEV
+        f = Fault(mm=mm, addr=page, npages=npages, write=True, context=context, token=token)
+        return token, self._fault_begin(f)
 
     def _reply(self, request: Any, reply: Message) -> list[Output]:
         if isinstance(request, _SubscribeRequest) and isinstance(reply, IntervalReply):
@@ -205,6 +273,13 @@ class HmmMMU(SecondaryMMU):
             return self._complete(request.token, error=err)
         if isinstance(request, Fault) and isinstance(reply, HmmRangeFaultReply):
             return self._range_fault_reply(request, reply)
+        if isinstance(request, Fault) and isinstance(reply, HmmMigrateReply):
+            if request.fire(FaultEvent.REPLY) is FaultState.FAILED:
+                return []
+            if reply.errno:
+                return self._fault_failed(request, kernel_error(reply.errno, "hmm migrate"))
+            request.fire(FaultEvent.INSTALL)
+            return self._complete(request.token, {"mm": request.mm, "addr": request.addr, "cpages": reply.cpages})
         return super()._reply(request, reply)
 
     # ---------------------------------------------------------------- notifier
@@ -219,6 +294,16 @@ class HmmMMU(SecondaryMMU):
         for interval, cur_seq in msg.seqs:
             if interval == state.interval:
                 state.invalidate_seq = cur_seq  # mmu_interval_set_seq
+        if msg.event == "MIGRATE" and msg.owner == self.name:
+            # "if (range->event == MMU_NOTIFY_MIGRATE && range->owner ==
+            # dmirror->mdevice) return true;" -- dmirror keeps its mirror, the
+            # kernel holds the source pages until finalize.  This host frees
+            # them inside the migration, so the system-memory entries go all
+            # the same; the device's own pages stay mapped (a page leaving
+            # the device drops its entry in _devmem_fault).
+            self.counters["migrate_own"] += 1
+            self._zap(msg.mm, msg.start, msg.end, keep_device=True)
+            return [self._ack(msg.id)]
         self._zap(msg.mm, msg.start, msg.end)
         return [self._ack(msg.id)]
 
@@ -236,12 +321,14 @@ class HmmMMU(SecondaryMMU):
         """dmirror's mutex is held while the device copies (a DMA in flight)."""
         return any(m == mm for m, _ in self.dma_in_flight.values())
 
-    def _zap(self, mm: int, start: int, end: int) -> list[Output]:
+    def _zap(self, mm: int, start: int, end: int, *, keep_device: bool = False) -> list[Output]:
         # dmirror_do_update: xa_erase of every entry in the range
         table = self.pt.get(mm)
         if not table:
             return []
         pages = pages_in(table, start, end, self.page_size)
+        if keep_device:
+            pages = [p for p in pages if not table[p].device]
         for page in pages:
             del table[page]
         self.counters["zapped"] += len(pages)
@@ -283,6 +370,9 @@ class HmmMMU(SecondaryMMU):
         f.request = self.next_id()
         self._pending[f.request] = f
         self.counters["gups"] += 1
+        if f.context in (MIGRATE_TO_DEV, MIGRATE_TO_SYS):
+            return [HmmMigrate(id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
+                               npages=f.npages, to_sys=f.context == MIGRATE_TO_SYS)]
         return [HmmRangeFault(
             id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
             npages=f.npages, write=f.write, fault=f.context != SNAPSHOT,
@@ -316,15 +406,29 @@ class HmmMMU(SecondaryMMU):
                 return self._fault_failed(f, KernelError(Errno.EAGAIN, "invalidations kept racing the fault"))
             self.counters["gup_retries"] += 1
             return self._fault_begin(f)
-        pages = [[a, pfn, int(bool(flags & HMM_PFN_WRITE))] for a, pfn, flags in reply.pfns if flags & HMM_PFN_VALID]
-        if not pages:
-            return self._fault_failed(f, KernelError(Errno.EFAULT, "hmm_range_fault gave no pages"))
+        own = HMM_PFN_DEVICE_PRIVATE | HMM_PFN_DEVICE_OWNER
+
+        def mappable(pfn: int, flags: int) -> bool:
+            if not flags & HMM_PFN_VALID:
+                return False
+            if flags & HMM_PFN_DEVICE_PRIVATE:  # only our own, and only if we hold it
+                return flags & own == own and pfn in self.device_pages
+            return True
+
+        usable = [(a, pfn, flags) for a, pfn, flags in reply.pfns if mappable(pfn, flags)]
+        if len(usable) < len(reply.pfns):
+            return self._fault_failed(f, KernelError(Errno.EFAULT, "hmm_range_fault gave a page it cannot map"))
         f.fire(FaultEvent.INSTALL)
-        installed, more = self._fault_install(state, f, pages)
-        return more + self._fault_finished(f, installed, None)
+        table = self.pt.setdefault(f.mm, {})
+        installed = []
+        for a, pfn, flags in usable:
+            # dmirror_do_fault: xa_store of each pfn, writable if HMM_PFN_WRITE;
+            # its own device pages map as themselves (dev_private_owner)
+            table[a] = DeviceEntry(pfn, bool(flags & HMM_PFN_WRITE), device=bool(flags & own))
+            installed.append([a, pfn, int(bool(flags & HMM_PFN_WRITE))])
+        return self._fault_finished(f, installed, None)
 
     def _fault_install(self, state: MmState, f: Fault, pages: list[list[int]]) -> tuple[list[list[int]], list[Output]]:
-        # dmirror_do_fault: xa_store of each pfn, writable if HMM_PFN_WRITE
         table = self.pt.setdefault(f.mm, {})
         for addr, pfn, writable in pages:
             table[addr] = DeviceEntry(pfn, bool(writable))
@@ -347,9 +451,29 @@ class HmmMMU(SecondaryMMU):
     def _translate(self, mm: int, vaddr: int, write: bool) -> Translation | None:
         page = vaddr - vaddr % self.page_size
         entry = self.pt.get(mm, {}).get(page)
-        if entry is None or (write and not entry.writable):
+        if entry is None or entry.device or (write and not entry.writable):
             return None
         return Translation(mm, page, entry.pfn, entry.writable)
+
+    def _device_copy(self, a: _Access, vaddr: int, n: int) -> bool:
+        """Copy through one of this device's own pages (no DMA: the data is
+        here).  False when the page is not mapped so (fault first)."""
+        page = vaddr - vaddr % self.page_size
+        entry = self.pt.get(a.mm, {}).get(page)
+        write = a.data is not None
+        if entry is None or not entry.device or (write and not entry.writable):
+            return False
+        mem = self.device_pages.get(entry.pfn)
+        if mem is None:
+            return False
+        off = vaddr - page
+        if a.data is None:
+            a.read += mem[off : off + n]
+        else:
+            mem[off : off + n] = a.data[a.pos : a.pos + n]
+        a.pos += n
+        a.faults_here = 0
+        return True
 
     def _access_step(self, a: _Access) -> list[Output]:
         # dmirror_read / dmirror_write: copy what is mirrored; on a miss,
@@ -364,6 +488,10 @@ class HmmMMU(SecondaryMMU):
         offset = vaddr % ps
         n = min(a.length - a.pos, ps - offset)
         write = a.data is not None
+        if self._device_copy(a, vaddr, n):
+            stats[1] += 1
+            self.counters["cpages"] += 1
+            return self._access_step(a)
         t = self._translate(a.mm, vaddr, write)
         if t is None:
             if a.faults_here >= 2:
@@ -396,17 +524,22 @@ class HmmMMU(SecondaryMMU):
     # ------------------------------------------------------------------ status
 
     def _drop_kind_state(self) -> None:
+        # the host poisons the device pages of a fenced session (broker/devmem.py)
         self.pt.clear()
+        self.device_pages.clear()
         self._access_stats.clear()
 
     def mapped_pages(self) -> int:
         return sum(len(table) for table in self.pt.values())
 
     def translations(self) -> dict[int, dict[int, int]]:
-        return {mm: {a: e.pfn for a, e in table.items()} for mm, table in self.pt.items() if table}
+        # host frames only: a device entry's handle names this device's own memory
+        out = {mm: {a: e.pfn for a, e in table.items() if not e.device} for mm, table in self.pt.items()}
+        return {mm: pages for mm, pages in out.items() if pages}
 
     def status(self, mm: int | None = None, cursor: str | None = None, limit: int | None = None) -> dict[str, Any]:
         status = super().status(mm, cursor, limit)
+        status["device_pages"] = len(self.device_pages)
         status["intervals"] = {
             str(m): {"interval": s.interval, "invalidate_seq": s.invalidate_seq}
             for m in self.shown_mms(mm)

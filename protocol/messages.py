@@ -27,6 +27,8 @@ xpmem_removed                     host→node  ack (after its unpins)
 interval_insert                   node→host  interval_reply
 interval_remove                   node→host  ok (after the invalidations active)
 hmm_range_fault                   node→host  hmm_range_fault_reply | error
+hmm_migrate                       node→host  hmm_migrate_reply | error
+hmm_migrated / hmm_devmem_fault   host→node  ack (devmem_fault: with the contents)
 fenced                            host→node  (none: node must re-register)
 command                           host→node  command_result
 admin_request                     cli→host   admin_reply
@@ -340,6 +342,8 @@ class InvalidateRangeStart(Message):
     #: interval notifiers of the addressee the range overlaps, as
     #: ``[interval, cur_seq]`` (``mmu_interval_set_seq``); empty for others
     seqs: list[list[int]] = field(default_factory=list)
+    #: ``range->owner`` of a MIGRATE (the device migrating): its own notifier skips it
+    owner: str = ""
 
 
 @message
@@ -431,6 +435,8 @@ class Ack(Message):
     ref: int
     status: str = "ok"
     young: bool = False
+    #: a device-private page's contents (the answer to ``hmm_devmem_fault``)
+    data: bytes = b""
 
 
 @message
@@ -602,3 +608,67 @@ class HmmRangeFaultReply(Message):
     seq: int
     pfns: list[list[int]] = field(default_factory=list)
     errno: str = ""
+    #: device pages of this node the host no longer references: drop them
+    freed: list[int] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmMigrate(Message):
+    """``HMM_DMIRROR_MIGRATE_TO_DEV`` / ``_TO_SYS``: move the anonymous pages
+    of ``npages`` from ``addr`` into this device's memory (device-private
+    entries on the host), or (``to_sys``) this device's pages back."""
+
+    TYPE: ClassVar[str] = "hmm_migrate"
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
+    id: int
+    epoch: int
+    mm: int
+    interval: int
+    addr: int
+    npages: int
+    to_sys: bool = False
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmMigrateReply(Message):
+    """``cpages``: pages migrated (``struct hmm_dmirror_cmd``)."""
+
+    TYPE: ClassVar[str] = "hmm_migrate_reply"
+    ref: int
+    mm: int
+    cpages: int = 0
+    errno: str = ""
+    freed: list[int] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmMigrated(Message):
+    """host->node, under the migration: the device now holds ``pages``
+    (``[addr, handle, writable]``; ``data``: their contents in that order,
+    a page each).  Acknowledged once stored (``dmirror_migrate_alloc_and_copy``
+    and ``_finalize_and_map``)."""
+
+    TYPE: ClassVar[str] = "hmm_migrated"
+    id: int
+    mm: int
+    pages: list[list[int]]
+    data: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmDevmemFault(Message):
+    """host->node: ``dev_pagemap_ops.migrate_to_ram`` (``dmirror_devmem_fault``)
+    of device page ``handle``: answer with its contents in ``Ack.data``;
+    ``free``: the host holds no other reference, drop it."""
+
+    TYPE: ClassVar[str] = "hmm_devmem_fault"
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
+    id: int
+    mm: int
+    addr: int
+    handle: int
+    free: bool = True

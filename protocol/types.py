@@ -61,6 +61,8 @@ class Range:
     end: int
     event: NotifyEvent
     blockable: bool = True
+    #: ``range->owner`` of a MIGRATE: the device (hmm node) that migrates
+    owner: str = ""
 
     def __post_init__(self) -> None:
         if not (0 <= self.start < self.end <= ADDRESS_LIMIT):
