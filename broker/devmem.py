@@ -133,8 +133,8 @@ class DevicePrivate:
 
     def migrate_to_ram(self, model: Any, m: Mm, page: int) -> Op[None]:
         """``dmirror_devmem_fault``: bring the device page at ``page`` back
-        to a fresh frame (read-only; a write fault then reuses it, it is
-        exclusive).  MIGRATE with the device as owner: its own notifier skips
+        to a fresh frame (writable when this pte was its only reference and
+        the vma is writable; read-only while fork shares it).  MIGRATE with the device as owner: its own notifier skips
         what it does not hold.
 
         Raises:
@@ -168,7 +168,10 @@ class DevicePrivate:
             mem.write(pfn, 0, ack.data)
             mem.flags[pfn] = PG_ANON | PG_ANON_EXCLUSIVE
             mem.mapcount[pfn] = 1
-            m.set(page, present_pte(pfn, False, True))
+            # remove_migration_ptes: writable again if nothing else shares it
+            vma = m.find_vma(page)
+            writable = dev.refs == 1 and vma is not None and vma.prot is Prot.RW and not vma.shared
+            m.set(page, present_pte(pfn, writable, True))
             self.put(handle, told=msg.free)
             self.counters["migrated_to_ram"] += 1
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trio
 from test_integration import PS, Cluster, _start_cluster, counter, nodes
 
 from mmn.cli import main
@@ -272,3 +273,86 @@ def test_non_blockable_start_while_copying_is_refused() -> None:
     assert refused == [Ack(ref=200, status="EAGAIN")] and node.entry(1, 0x10000) is not None
     taken = node.receive(InvalidateRangeStart(id=201, mm=1, start=0x10000, end=0x11000, event="CLEAR", seqs=[[7, 3]]))
     assert taken == [Ack(ref=201)] and node.entry(1, 0x10000) is None
+
+
+# -- device-private migration (hmm-tests migrate, migrate_fault, migrate_shared...) ----------
+
+
+async def test_migrate_and_read_back(hmmc: Cluster) -> None:
+    # hmm-tests migrate: the pages move into hmm0's memory (the host's frames
+    # are freed, its ptes become device-private entries); hmm0 reads them
+    # without faulting; another device sees them as remote; the CPU reading
+    # them brings them back (migrate_to_ram), fresh frames, same bytes
+    npages = 4
+    mm, addr = await _mm(hmmc, npages)
+    data = bytes((i * 13) % 256 for i in range(npages * PS))
+    await hmmc.call("write", mm=mm, addr=addr, data=data)
+    free = (await hmmc.status())["frames"]["free"]
+    r = await hmmc.call("hmm", node="hmm0", op="migrate", mm=mm, addr=addr, pages=npages)
+    assert r["cpages"] == npages
+    assert (await hmmc.status())["frames"]["free"] == free + npages
+    assert await _snapshot(hmmc, "hmm0", mm, addr, npages) == ["device-private"] * npages
+    assert await _snapshot(hmmc, "hmm1", mm, addr, npages) == ["device-private-remote"] * npages
+    r = await hmmc.call("access", node="hmm0", mm=mm, addr=addr, length=len(data))
+    assert r["data"] == data and r["faults"] == 0 and r["cpages"] == npages
+    await hmmc.call("access", node="hmm0", mm=mm, addr=addr, length=3, data=b"dev")  # in device memory
+    # the CPU touches page 0, kvm0 faults page 1, hmm1 reads page 2: each comes back
+    assert (await hmmc.call("read", mm=mm, addr=addr, length=4))["data"] == b"dev" + data[3:4]
+    await hmmc.call("fault", node="kvm0", mm=mm, addr=addr + PS, pages=1)
+    r = await hmmc.call("access", node="hmm1", mm=mm, addr=addr + 2 * PS, length=PS)
+    assert r["data"] == data[2 * PS : 3 * PS]
+    assert await _snapshot(hmmc, "hmm0", mm, addr, npages) == ["write", "write", "write", "device-private"]
+    # --to sys brings the rest back
+    r = await hmmc.call("hmm", node="hmm0", op="migrate", mm=mm, addr=addr, pages=npages, to="sys")
+    assert r["cpages"] == 1
+    assert (await hmmc.call("read", mm=mm, addr=addr, length=len(data)))["data"] == b"dev" + data[3:]
+    status = await hmmc.status()
+    assert status["stale_accesses"] == 0 and status["device_private"]["by_owner"].get("hmm0", 0) == 0
+
+
+async def test_migrate_then_fork(hmmc: Cluster) -> None:
+    # hmm-tests (migrate + fork, as in hmm_cow_in_device): the child shares
+    # the device pages read-only; a write on either side migrates the page
+    # back for the writer only
+    mm, addr = await _mm(hmmc, 2)
+    await hmmc.call("write", mm=mm, addr=addr, data=b"A" * PS + b"B" * PS)
+    await hmmc.call("hmm", node="hmm0", op="migrate", mm=mm, addr=addr, pages=2)
+    child = (await hmmc.call("fork", mm=mm))["mm"]
+    assert await _snapshot(hmmc, "hmm0", child, addr, 2) == ["device-private"] * 2
+    await hmmc.call("write", mm=child, addr=addr, data=b"child")
+    assert (await hmmc.call("read", mm=mm, addr=addr, length=5))["data"] == b"AAAAA"
+    assert (await hmmc.call("read", mm=child, addr=addr, length=5))["data"] == b"child"
+    # the device writes the parent's second page: it was shared, so it comes back first
+    r = await hmmc.call("access", node="hmm0", mm=mm, addr=addr + PS, length=2, data=b"pp")
+    assert r["written"] == 2
+    assert (await hmmc.call("read", mm=child, addr=addr + PS, length=3))["data"] == b"BBB"
+    assert (await hmmc.call("read", mm=mm, addr=addr + PS, length=3))["data"] == b"ppB"
+    assert (await hmmc.status())["stale_accesses"] == 0
+
+
+async def test_a_dead_device_poisons_its_pages(tmp_path: Path) -> None:
+    # a device killed while it holds device-private pages: the host cannot
+    # get them back; they are poisoned (EIO on every access, counted), never
+    # served stale; pages it did not hold are untouched
+    c = _start_cluster(tmp_path, ("hmm", "kvm"))
+    try:
+        mm, addr = await _mm(c, 3, fill=0x77)
+        await c.call("hmm", node="hmm0", op="migrate", mm=mm, addr=addr, pages=2)
+        c.kill("hmm0")
+        await c.call("inject", node="kvm0", kind="delay-acks", delay_ms=0)  # any request: the host is live
+        with trio.fail_after(30):
+            while nodes(await c.status())["hmm0"]["state"] == "live":
+                await trio.sleep(0.1)  # the heartbeat watchdog fences it
+        with pytest.raises(KernelError) as err:
+            await c.call("read", mm=mm, addr=addr, length=1)
+        assert err.value.errno.value == "EIO"
+        with pytest.raises(KernelError) as err:
+            await c.call("fault", node="kvm0", mm=mm, addr=addr + PS, pages=1)
+        assert err.value.errno.value == "EIO"
+        assert (await c.call("read", mm=mm, addr=addr + 2 * PS, length=2))["data"] == b"\x77\x77"
+        status = await c.status()
+        assert status["device_private"]["poisoned_pages"] == 2 and status["stale_accesses"] == 0
+        await c.call("munmap", mm=mm, addr=addr, length=3 * PS)
+        assert (await c.status())["device_private"]["pages"] == 0
+    finally:
+        c.close()
