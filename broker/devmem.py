@@ -47,7 +47,7 @@ from protocol.types import Errno, KernelError, NotifyEvent, Range
 
 from .effects import Deliver, Op, Outcomes
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_KSM, ZERO_PFN
-from .pagetable import PTE_DEVICE, PTE_PRESENT, PTE_SHIFT, Mm, Prot, present_pte
+from .pagetable import PTE_DEVICE, PTE_EXCLUSIVE, PTE_PRESENT, PTE_SHIFT, Mm, Prot, present_pte
 
 
 @dataclass(eq=False, slots=True)
@@ -67,8 +67,11 @@ class DevicePrivate:
 
     pages: dict[int, DevicePage] = field(default_factory=dict)
     freed: dict[str, list[int]] = field(default_factory=dict)
+    #: (mm, page) -> the node holding a device-exclusive entry there
+    exclusive: dict[tuple[int, int], str] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {
-        "migrated_to_device": 0, "migrated_to_ram": 0, "poisoned_pages": 0, "poisoned_accesses": 0})
+        "migrated_to_device": 0, "migrated_to_ram": 0, "poisoned_pages": 0, "poisoned_accesses": 0,
+        "made_exclusive": 0, "exclusive_restored": 0})
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def alloc(self, owner: str) -> int:
@@ -269,6 +272,58 @@ class DevicePrivate:
                 yield from self.migrate_to_ram(model, m, page)
                 moved += 1
         return moved
+
+    # -- device-exclusive entries (make_device_exclusive, mm/rmap.c) -----------------
+
+    def exclusive_owner(self, mm: int, page: int, pte: int) -> str | None:
+        return self.exclusive.get((mm, page)) if pte & PTE_EXCLUSIVE else None
+
+    def make_exclusive(self, model: Any, owner: str, mm: int, addr: int, npages: int) -> Op[int]:
+        """``make_device_exclusive``: fault each page in for write (FOLL_WRITE),
+        then EXCLUSIVE(owner) start/end, inside which the pte becomes a
+        device-exclusive entry (the frame stays; the CPU may not use it).
+
+        Returns:
+            Pages made exclusive.
+        Raises:
+            KernelError: what the write fault raises (EFAULT, EPERM, ENOMEM).
+        """
+        m = model.check_mm(mm)
+        ps = model.page_size
+        done = 0
+        for page in range(addr, addr + npages * ps, ps):
+            model._vma_for(m, page, True, gup=True)
+            vma = m.find_vma(page)
+            if vma is None or vma.shared or vma.shmem is not None:
+                raise KernelError(Errno.EINVAL, f"{page:#x}: device-exclusive entries are for private anonymous memory")
+            pages = yield from model.gup(mm, page, 1, True)
+            if not pages or mm not in model.mms:
+                break
+            rng = Range(mm, page, page + ps, NotifyEvent.EXCLUSIVE, owner=owner)
+
+            def body(_inv: Any, page: int = page) -> None:
+                pte = m.get(page)
+                if pte & PTE_PRESENT and pte >> PTE_SHIFT != ZERO_PFN:
+                    m.set(page, pte | PTE_EXCLUSIVE)
+                    self.exclusive[(mm, page)] = owner
+
+            yield from model.notifier.invalidate_range(rng, body)
+            done += 1
+        self.counters["made_exclusive"] += done
+        return done
+
+    def restore_exclusive(self, model: Any, m: Mm, page: int) -> Op[None]:
+        """``remove_device_exclusive_entry``: a CPU access (or another
+        node's GUP) takes the page back: EXCLUSIVE invalidation (the device
+        drops its mapping), then the pte is an ordinary one again."""
+        owner = self.exclusive.pop((m.id, page), "")
+        rng = Range(m.id, page, page + model.page_size, NotifyEvent.EXCLUSIVE, owner=owner)
+
+        def body(_inv: Any) -> None:
+            m.set(page, m.get(page) & ~PTE_EXCLUSIVE)
+
+        yield from model.notifier.invalidate_range(rng, body)
+        self.counters["exclusive_restored"] += 1
 
     def describe(self) -> dict[str, Any]:
         owners: dict[str, int] = {}

@@ -26,12 +26,14 @@ from protocol.hmm import (
     HMM_PFN_DEVICE_OWNER,
     HMM_PFN_DEVICE_PRIVATE,
     HMM_PFN_ERROR,
+    HMM_PFN_EXCLUSIVE,
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     HMM_PFN_ZERO,
 )
 from protocol.messages import (
     Error,
+    HmmExclusive,
     HmmMigrate,
     HmmMigrateReply,
     HmmRangeFault,
@@ -46,11 +48,11 @@ from protocol.types import Errno, KernelError
 
 from .effects import Op
 from .memory import ZERO_PFN
-from .pagetable import PTE_DEVICE, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, Prot
+from .pagetable import PTE_DEVICE, PTE_EXCLUSIVE, PTE_PRESENT, PTE_SHIFT, PTE_WRITE, Prot
 from .tasks import Locked, Task
 
 #: Requests of the hmm kind the host answers here.
-HMM_REQUESTS = (IntervalInsert, IntervalRemove, HmmRangeFault, HmmMigrate)
+HMM_REQUESTS = (IntervalInsert, IntervalRemove, HmmRangeFault, HmmMigrate, HmmExclusive)
 
 
 def on_request(core: Any, session: Any, msg: Message) -> None:
@@ -83,8 +85,8 @@ def on_request(core: Any, session: Any, msg: Message) -> None:
             return
         core._spawn(_migrate_task(core, session, msg), "hmm_migrate")
         return
-    assert isinstance(msg, HmmRangeFault)
-    if not core.may_reach(name, msg.mm, msg.write and msg.fault):
+    write = True if isinstance(msg, HmmExclusive) else msg.write and msg.fault
+    if not core.may_reach(name, msg.mm, write):
         core._send(session.identity, Error(ref=msg.id, code=Errno.EACCES.value,
                                            message=core._refused(name, msg.mm, "hmm_range_fault")))
         return
@@ -107,7 +109,7 @@ def _insert(core: Any, name: str, msg: IntervalInsert) -> Message:
     return IntervalReply(ref=msg.id, interval=sub.id, seq=sub.invalidate_seq)
 
 
-def _range_fault_task(core: Any, session: Any, msg: HmmRangeFault) -> Task[None]:
+def _range_fault_task(core: Any, session: Any, msg: HmmRangeFault | HmmExclusive) -> Task[None]:
     reply = yield Locked(hmm_range_fault(core, session.name, msg))
     if core._still(session):
         core._send(session.identity, replace(reply, freed=core.model.device.take_freed(session.name)))
@@ -151,7 +153,7 @@ def hmm_migrate(core: Any, name: str, msg: HmmMigrate) -> Op[HmmMigrateReply]:
     return HmmMigrateReply(ref=msg.id, mm=msg.mm, cpages=moved)
 
 
-def hmm_range_fault(core: Any, name: str, msg: HmmRangeFault) -> Op[HmmRangeFaultReply]:
+def hmm_range_fault(core: Any, name: str, msg: HmmRangeFault | HmmExclusive) -> Op[HmmRangeFaultReply]:
     """``hmm_range_fault`` for node ``name``: an operation for the lock.
 
     Returns:
@@ -171,16 +173,22 @@ def hmm_range_fault(core: Any, name: str, msg: HmmRangeFault) -> Op[HmmRangeFaul
     sub = intervals.get(msg.interval, name, msg.mm)
     if sub is None or name not in core.notifier.subscriptions.get(msg.mm, ()):
         return fail(Errno.ENOENT)
-    if not core.may_reach(name, msg.mm, msg.write and msg.fault):
+    if isinstance(msg, HmmExclusive):
+        exclusive, fault, want_write = True, False, True
+    else:
+        exclusive, fault, want_write = False, msg.fault, msg.write
+    if not core.may_reach(name, msg.mm, want_write and (fault or exclusive)):
         return fail(Errno.EACCES)
     end = msg.addr + msg.npages * ps
     if msg.addr % ps or not 1 <= msg.npages <= core.config.limits.max_pages or not sub.start <= msg.addr < end <= sub.end:
         return fail(Errno.EINVAL)
     try:
         m = model.check_mm(msg.mm)
-        if msg.fault:
+        if exclusive:
+            yield from model.device.make_exclusive(model, name, msg.mm, msg.addr, msg.npages)
+        elif fault:
             for page in range(msg.addr, end, ps):
-                model._vma_for(m, page, msg.write, gup=True)  # fails the whole range, as hmm_vma_walk does
+                model._vma_for(m, page, want_write, gup=True)  # fails the whole range, as hmm_vma_walk does
             for page in range(msg.addr, end, ps):
                 if msg.mm not in model.mms:
                     return fail(Errno.ESRCH)
@@ -188,9 +196,9 @@ def hmm_range_fault(core: Any, name: str, msg: HmmRangeFault) -> Op[HmmRangeFaul
                 # hmm_pte_need_fault: a page this device holds is mapped as is
                 # (dev_private_owner); any other missing or read-only page is faulted
                 remote = flags & HMM_PFN_DEVICE_PRIVATE and not flags & HMM_PFN_DEVICE_OWNER
-                if flags & HMM_PFN_VALID and not remote and (flags & HMM_PFN_WRITE or not msg.write):
+                if flags & HMM_PFN_VALID and not remote and (flags & HMM_PFN_WRITE or not want_write):
                     continue
-                pages = yield from model.gup(msg.mm, page, 1, msg.write)
+                pages = yield from model.gup(msg.mm, page, 1, want_write)
                 if not pages:
                     return fail(Errno.EFAULT)
     except KernelError as exc:
@@ -201,7 +209,7 @@ def hmm_range_fault(core: Any, name: str, msg: HmmRangeFault) -> Op[HmmRangeFaul
     if seq is None:
         return fail(Errno.EBUSY)
     pfns = snapshot(model, msg.mm, msg.addr, msg.npages, name)
-    if msg.fault and any(not f & HMM_PFN_VALID or f & HMM_PFN_ERROR for _, _, f in pfns):
+    if (exclusive or fault) and any(not f & HMM_PFN_VALID or f & HMM_PFN_ERROR for _, _, f in pfns):
         return fail(Errno.EFAULT)
     core._hand(name, [(a, pfn, bool(f & HMM_PFN_WRITE)) for a, pfn, f in pfns
                       if f & HMM_PFN_VALID and not f & HMM_PFN_DEVICE_PRIVATE])
@@ -238,6 +246,12 @@ def _entry(model: Any, m: Any, page: int, node: str) -> tuple[int, int, int]:
     if not pte & PTE_PRESENT:
         return (page, 0, 0)
     pfn = pte >> PTE_SHIFT
+    if pte & PTE_EXCLUSIVE:
+        # a device-exclusive entry: its holder maps it (atomic); for any other
+        # walker it is not present (hmm_range_fault faults it: restored)
+        if model.device.exclusive_owner(m.id, page, pte) == node:
+            return (page, pfn, HMM_PFN_VALID | HMM_PFN_WRITE | HMM_PFN_EXCLUSIVE)
+        return (page, 0, 0)
     flags = HMM_PFN_VALID
     if pfn == ZERO_PFN:
         flags |= HMM_PFN_ZERO

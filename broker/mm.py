@@ -87,6 +87,7 @@ from .pagetable import (
     PROTS,
     PTE_DEVICE,
     PTE_DIRTY,
+    PTE_EXCLUSIVE,
     PTE_KSM_ZERO,
     PTE_PRESENT,
     PTE_SHIFT,
@@ -533,6 +534,7 @@ class Model:
                     child.set(addr, pte)
                     continue
                 pfn = pte >> PTE_SHIFT
+                pte &= ~PTE_EXCLUSIVE  # the child gets an ordinary pte (copy_nonpresent_pte restores it)
                 if vma.shared:
                     child.set(addr, pte & ~PTE_YOUNG)
                     mem.mapcount[pfn] += 1
@@ -640,6 +642,10 @@ class Model:
         if pte & PTE_DEVICE:
             # do_swap_page -> migrate_to_ram (dmirror_devmem_fault); EIO if poisoned
             yield from self.device.migrate_to_ram(self, m, page)
+            pte = m.get(page)
+        if pte & PTE_EXCLUSIVE:
+            # remove_device_exclusive_entry: EXCLUSIVE invalidation, the pte is the CPU's again
+            yield from self.device.restore_exclusive(self, m, page)
             pte = m.get(page)
         if pte & PTE_SWAP:
             # do_swap_page: the copy is exclusive to this mm.
@@ -805,7 +811,7 @@ class Model:
         out = bytearray()
         for page, off, n in parts:
             pte = m.get(page)
-            if pte & PTE_PRESENT:
+            if pte & PTE_PRESENT and not pte & PTE_EXCLUSIVE:
                 m.set(page, pte | PTE_YOUNG)
                 pfn = pte >> PTE_SHIFT
             else:
@@ -828,7 +834,7 @@ class Model:
         pos = 0
         for page, off, n in parts:
             pte = m.get(page)
-            if pte & PTE_PRESENT and pte & PTE_WRITE:
+            if pte & PTE_PRESENT and pte & PTE_WRITE and not pte & PTE_EXCLUSIVE:
                 m.set(page, pte | PTE_YOUNG | PTE_DIRTY)
                 pfn = pte >> PTE_SHIFT
             else:
@@ -887,7 +893,7 @@ class Model:
         out = []
         for page in range(addr, end, ps):
             pte = m.get(page)
-            if not pte & PTE_PRESENT or (mm, page) in self.pending:
+            if not pte & PTE_PRESENT or pte & PTE_EXCLUSIVE or (mm, page) in self.pending:
                 return None
             pfn = pte >> PTE_SHIFT
             writable = bool(pte & PTE_WRITE)

@@ -512,6 +512,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--to", choices=HMM_TARGETS, default=None, help="dev (default): into the device; sys: back")
     q.set_defaults(handler=_run_control, show=_r_kv,
                    build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages", to="to"))
+    q = ops.add_parser("exclusive", help="make pages device-exclusive for the node (make_device_exclusive)",
+                       description="make pages device-exclusive for the node (MMU_NOTIFY_EXCLUSIVE); a later "
+                                   "CPU access restores them through an invalidation")
+    _common(q)
+    q.add_argument("node", type=node_name, metavar="NODE")
+    q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
+    q.add_argument("addr", type=address, metavar="ADDR")
+    q.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
+                   help="pages from ADDR, 1..512 (default 1)")
+    q.set_defaults(handler=_run_control, show=_r_pages,
+                   build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages"))
     assert set(ops.choices) == set(HMM_OPS)
 
     # ---- keys
@@ -583,6 +594,7 @@ EXAMPLES: dict[str, str] = {
     "hmm": "mmn hmm snapshot hmm0 --mm 1 0x10000000 --pages 4",
     "hmm snapshot": "mmn hmm snapshot hmm0 --mm 1 0x10000000 --pages 4 --json",
     "hmm migrate": "mmn hmm migrate hmm0 --mm 1 0x10000000 --pages 4   # --to sys: back",
+    "hmm exclusive": "mmn hmm exclusive hmm0 --mm 1 0x10000000 --pages 2",
     "keygen": "mmn keygen keys --node kvm0 --admin alice",
     "swarm-secrets": "mmn swarm-secrets --prefix mmn   # then: docker stack deploy -c docker-stack.yml mmn",
     "watch": "mmn watch --count 20 --json           # a published port: MMN_EVENTS=127.0.0.1:7783 mmn watch",

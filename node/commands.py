@@ -46,6 +46,8 @@ def _hmm(mmu: Any, a: dict[str, Any]) -> tuple[int | None, Any]:
         raise KernelError(Errno.EINVAL, "not an hmm node")
     if op == "snapshot":
         return mmu.snapshot(int(a["mm"]), int(a["addr"]), int(a.get("pages", 1)))
+    if op == "exclusive":
+        return mmu.exclusive(int(a["mm"]), int(a["addr"]), int(a.get("pages", 1)))
     if op == "migrate":
         return mmu.migrate(int(a["mm"]), int(a["addr"]), int(a.get("pages", 1)), a.get("to", "dev") == "sys")
     raise KernelError(Errno.EINVAL, f"unknown hmm op {op!r}")

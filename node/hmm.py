@@ -49,13 +49,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from protocol.hmm import HMM_PFN_DEVICE_OWNER, HMM_PFN_DEVICE_PRIVATE, HMM_PFN_VALID, HMM_PFN_WRITE, state_of
+from protocol.hmm import (
+    HMM_PFN_DEVICE_OWNER,
+    HMM_PFN_DEVICE_PRIVATE,
+    HMM_PFN_EXCLUSIVE,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    state_of,
+)
 from protocol.messages import (
     Ack,
     DmaRead,
     DmaWrite,
     Error,
     HmmDevmemFault,
+    HmmExclusive,
     HmmMigrate,
     HmmMigrated,
     HmmMigrateReply,
@@ -90,6 +98,8 @@ SNAPSHOT = "snapshot"
 #: ``Fault.context`` of migrations to this device's memory and back.
 MIGRATE_TO_DEV = "migrate"
 MIGRATE_TO_SYS = "migrate-sys"
+#: ``Fault.context`` of ``make_device_exclusive`` (``HMM_DMIRROR_EXCLUSIVE``).
+EXCLUSIVE = "exclusive"
 
 
 @dataclass(slots=True)
@@ -101,6 +111,8 @@ class DeviceEntry:
     pfn: int
     writable: bool
     device: bool = False
+    #: an atomic (device-exclusive) mapping: ``dmirror_atomic_map``'s DPT_XA_TAG_ATOMIC
+    exclusive: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -238,6 +250,18 @@ class HmmMMU(SecondaryMMU):
             for addr in [a for a, e in table.items() if e.device and e.pfn in gone]:
                 del table[addr]
 
+    def exclusive(self, mm: int, addr: int, npages: int) -> tuple[int, list[Output]]:
+        """``HMM_DMIRROR_EXCLUSIVE``: the pages become device-exclusive for
+        this node (the CPU's ptes are device-exclusive entries until a CPU
+        access restores them, through an EXCLUSIVE invalidation that drops
+        this mapping).  The Completion's result is ``{"mm", "addr", "cpages", "pages"}``."""
+        token = self._new_token()
+        if not 1 <= npages <= self.max_gup_pages:
+            return token, self._complete(token, error=KernelError(Errno.EINVAL, f"npages {npages}"))
+        page = addr - addr % self.page_size
+        f = Fault(mm=mm, addr=page, npages=npages, write=True, context=EXCLUSIVE, token=token)
+        return token, self._fault_begin(f)
+
     def migrate(self, mm: int, addr: int, npages: int, to_sys: bool = False) -> tuple[int, list[Output]]:
         """``HMM_DMIRROR_MIGRATE_TO_DEV`` (or ``_TO_SYS``): the anonymous
         pages of the range move into this device's memory (or back).  The
@@ -370,6 +394,9 @@ class HmmMMU(SecondaryMMU):
         f.request = self.next_id()
         self._pending[f.request] = f
         self.counters["gups"] += 1
+        if f.context == EXCLUSIVE:
+            return [HmmExclusive(id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
+                                 npages=f.npages)]
         if f.context in (MIGRATE_TO_DEV, MIGRATE_TO_SYS):
             return [HmmMigrate(id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
                                npages=f.npages, to_sys=f.context == MIGRATE_TO_SYS)]
@@ -424,8 +451,11 @@ class HmmMMU(SecondaryMMU):
         for a, pfn, flags in usable:
             # dmirror_do_fault: xa_store of each pfn, writable if HMM_PFN_WRITE;
             # its own device pages map as themselves (dev_private_owner)
-            table[a] = DeviceEntry(pfn, bool(flags & HMM_PFN_WRITE), device=bool(flags & own))
+            table[a] = DeviceEntry(pfn, bool(flags & HMM_PFN_WRITE), device=bool(flags & own),
+                                   exclusive=bool(flags & HMM_PFN_EXCLUSIVE))
             installed.append([a, pfn, int(bool(flags & HMM_PFN_WRITE))])
+        if f.context == EXCLUSIVE:  # dmirror_exclusive: cmd->cpages = pages mapped atomically
+            return self._complete(f.token, {"mm": f.mm, "addr": f.addr, "cpages": len(installed), "pages": installed})
         return self._fault_finished(f, installed, None)
 
     def _fault_install(self, state: MmState, f: Fault, pages: list[list[int]]) -> tuple[list[list[int]], list[Output]]:
@@ -540,6 +570,7 @@ class HmmMMU(SecondaryMMU):
     def status(self, mm: int | None = None, cursor: str | None = None, limit: int | None = None) -> dict[str, Any]:
         status = super().status(mm, cursor, limit)
         status["device_pages"] = len(self.device_pages)
+        status["exclusive_pages"] = sum(1 for t in self.pt.values() for e in t.values() if e.exclusive)
         status["intervals"] = {
             str(m): {"interval": s.interval, "invalidate_seq": s.invalidate_seq}
             for m in self.shown_mms(mm)

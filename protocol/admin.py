@@ -37,7 +37,7 @@ ADVICE = ("dontneed", "mergeable", "unmergeable")
 INJECT_KINDS = ("drop-acks", "delay-acks", "duplicate", "hang", "crash", "partition", "slow-drain")
 XPMEM_OPS = ("make", "get", "attach", "detach", "release", "remove")
 IDLE_OPS = ("mark", "read")
-HMM_OPS = ("snapshot", "migrate")
+HMM_OPS = ("snapshot", "migrate", "exclusive")
 HMM_TARGETS = ("dev", "sys")
 
 _MM = _a("mm", minimum=1)

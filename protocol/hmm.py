@@ -22,8 +22,10 @@ HMM_PFN_DEVICE_OWNER = 0x20
 #: a device-exclusive entry (``make_device_exclusive``)
 HMM_PFN_EXCLUSIVE = 0x40
 
-#: ``mmn hmm snapshot`` page states, in ``HMM_DMIRROR_PROT_*`` order.
-STATES = ("none", "error", "read", "write", "zero", "device-private", "device-private-remote")
+#: ``mmn hmm snapshot`` page states, in ``HMM_DMIRROR_PROT_*`` order, and
+#: ``exclusive`` (the model's: a device-exclusive entry this node holds; for
+#: any other walker it is not present, ``none``).
+STATES = ("none", "error", "read", "write", "zero", "device-private", "device-private-remote", "exclusive")
 
 
 def state_of(flags: int) -> str:
@@ -34,6 +36,8 @@ def state_of(flags: int) -> str:
         return "none"
     if flags & HMM_PFN_DEVICE_PRIVATE:
         return "device-private" if flags & HMM_PFN_DEVICE_OWNER else "device-private-remote"
+    if flags & HMM_PFN_EXCLUSIVE:
+        return "exclusive"
     if flags & HMM_PFN_ZERO:
         return "zero"
     return "write" if flags & HMM_PFN_WRITE else "read"

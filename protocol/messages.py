@@ -28,6 +28,7 @@ interval_insert                   node→host  interval_reply
 interval_remove                   node→host  ok (after the invalidations active)
 hmm_range_fault                   node→host  hmm_range_fault_reply | error
 hmm_migrate                       node→host  hmm_migrate_reply | error
+hmm_exclusive                     node→host  hmm_range_fault_reply | error
 hmm_migrated / hmm_devmem_fault   host→node  ack (devmem_fault: with the contents)
 fenced                            host→node  (none: node must re-register)
 command                           host→node  command_result
@@ -66,7 +67,7 @@ class Message:
 
 
 _EVENTS = frozenset(
-    {"UNMAP", "CLEAR", "PROTECTION_VMA", "PROTECTION_PAGE", "SOFT_DIRTY", "RELEASE", "MIGRATE"}
+    {"UNMAP", "CLEAR", "PROTECTION_VMA", "PROTECTION_PAGE", "SOFT_DIRTY", "RELEASE", "MIGRATE", "EXCLUSIVE"}
 )
 _KINDS = frozenset({"kvm", "gru", "xpmem", "hmm"})
 _ACK_STATUS = frozenset({"ok", "EAGAIN"})
@@ -641,6 +642,23 @@ class HmmMigrateReply(Message):
     cpages: int = 0
     errno: str = ""
     freed: list[int] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmExclusive(Message):
+    """``HMM_DMIRROR_EXCLUSIVE`` (``make_device_exclusive``): the pages become
+    device-exclusive entries for this node; answered by ``hmm_range_fault_reply``
+    (the pages with ``HMM_PFN_EXCLUSIVE`` and the interval's seq)."""
+
+    TYPE: ClassVar[str] = "hmm_exclusive"
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
+    id: int
+    epoch: int
+    mm: int
+    interval: int
+    addr: int
+    npages: int
 
 
 @message

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import trio
-from test_integration import PS, Cluster, _start_cluster, counter, nodes
+from test_integration import PS, Cluster, _start_cluster, counter, nodes, watching
 
 from mmn.cli import main
 from node.hmm import HmmMMU
@@ -357,3 +357,28 @@ async def test_a_dead_device_poisons_its_pages(tmp_path: Path) -> None:
         assert (await c.status())["device_private"]["pages"] == 0
     finally:
         c.close()
+
+
+async def test_exclusive_then_cpu_write(hmmc: Cluster) -> None:
+    # hmm-tests hmm_exclusive: the device gets exclusive (atomic) access; a
+    # CPU write afterwards restores the normal pte through an EXCLUSIVE
+    # invalidation (seen on the event stream, as `mmn watch` shows it), and
+    # the device loses its atomic mapping
+    mm, addr = await _mm(hmmc, 2, fill=0x10)
+    async with watching(hmmc) as events:
+        r = await hmmc.call("hmm", node="hmm0", op="exclusive", mm=mm, addr=addr, pages=2)
+        assert r["cpages"] == 2
+        assert await _snapshot(hmmc, "hmm0", mm, addr, 2) == ["exclusive", "exclusive"]
+        assert await _snapshot(hmmc, "hmm1", mm, addr, 2) == ["none", "none"]  # not present to any other walker
+        r = await hmmc.call("access", node="hmm0", mm=mm, addr=addr, length=4, data=b"atom")
+        assert r == {"written": 4, "faults": 0, "cpages": 1}
+        await hmmc.call("write", mm=mm, addr=addr + 1, data=b"C")
+        await events.wait_for(lambda e: e.kind == "invalidate_range_start" and e.fields.get("event") == "EXCLUSIVE"
+                              and e.fields.get("mm") == mm and e.fields.get("start") == addr
+                              and e.fields.get("node") == "hmm0")
+    assert await _snapshot(hmmc, "hmm0", mm, addr, 2) == ["write", "exclusive"]
+    assert (await hmmc.call("read", mm=mm, addr=addr, length=5))["data"] == b"aCom\x10"
+    # the device's next write faults again (its atomic mapping went with the restore)
+    r = await hmmc.call("access", node="hmm0", mm=mm, addr=addr, length=1, data=b"A")
+    assert r["faults"] == 1
+    assert (await hmmc.status())["stale_accesses"] == 0
