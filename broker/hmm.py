@@ -85,6 +85,7 @@ def on_request(core: Any, session: Any, msg: Message) -> None:
             return
         core._spawn(_migrate_task(core, session, msg), "hmm_migrate")
         return
+    assert isinstance(msg, HmmRangeFault | HmmExclusive)
     write = True if isinstance(msg, HmmExclusive) else msg.write and msg.fault
     if not core.may_reach(name, msg.mm, write):
         core._send(session.identity, Error(ref=msg.id, code=Errno.EACCES.value,
