@@ -192,7 +192,7 @@ class DevicePrivate:
         pte = m.get(page)
         if not pte:
             return True
-        if not pte & PTE_PRESENT:
+        if not pte & PTE_PRESENT or pte & PTE_EXCLUSIVE:  # a device-exclusive entry is not present
             return False
         pfn = pte >> PTE_SHIFT
         if pfn == ZERO_PFN:
