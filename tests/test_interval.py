@@ -273,3 +273,72 @@ def test_fence_and_unregister_drop_intervals():
     core.intervals.insert("hmm0", 1, 0, 0x1000)
     core.fence("hmm0")
     assert not core.intervals.by_id
+
+
+# -- through the host core (the in-process cluster runs it) ----------------------------
+
+
+def test_interval_remove_during_an_open_invalidation_answers_after_its_end():
+    # mmu_interval_notifier_remove while an invalidation of the interval is
+    # active: deferred; the remover's Ok comes with the last end, and the
+    # interval got the invalidation meanwhile
+    from mmnotify.local import LocalCluster
+
+    c = LocalCluster(frames=64, nodes=["hmm"])
+    mm = c.spawn()
+    addr = c.mmap(mm, 2)
+    c.write(mm, addr, b"x")
+    c.access("hmm", mm, addr, 8)
+    sub = next(iter(c.notifier.intervals.by_id.values()))
+    handle = c.begin(c.model.munmap(mm, addr, PAGE))
+    c.pump()  # the start reached hmm and was acked; the operation is held
+    state = c.notifier.intervals.mms[mm]
+    assert state.invalidating()  # odd: the start is out (the host sets the seq as it takes the acks)
+    token = c._start("hmm", lambda n: n.unsubscribe(mm))
+    c.pump()
+    assert c.result("hmm", token) is None  # deferred: the removal waits for the end
+    assert sub.in_tree
+    c.finish(handle)
+    done = c.wait("hmm", token)
+    assert done.ok and done.result == {"mm": mm, "subscribed": False}
+    assert not sub.in_tree and not state.invalidating()
+    # nothing more of the mm reaches the node's removed interval
+    before = c.node("hmm").counters["invalidations"]
+    c.munmap(mm, addr + PAGE, PAGE)
+    assert c.node("hmm").counters["invalidations"] == before
+    assert c.check() == 0
+
+
+def test_a_reply_overtaken_by_a_start_is_retried_in_the_cluster():
+    # hmm_range_fault served, then a start of the interval queued before the
+    # reply reaches the node: the node takes the start first, its read_retry
+    # sees the newer seq, and it faults again after the end (the race of
+    # hmm.rst, with the real host core)
+    from mmnotify.local import LocalCluster
+
+    c = LocalCluster(frames=64, nodes=["hmm"])
+    mm = c.spawn()
+    addr = c.mmap(mm, 1)
+    c.write(mm, addr, b"before")
+    c.access("hmm", mm, addr, 1)  # interval inserted, page mirrored
+    port = c.ports["hmm"]
+    c.madvise(mm, addr, PAGE, "dontneed")  # the mirror goes; the page is none now
+    token = c.submit_access("hmm", mm, addr, 6)
+    # step the node (it sends hmm_range_fault) and the host (it serves the
+    # reply) but keep the reply queued; then a write's invalidation follows it
+    for _ in range(50):
+        if any(m.TYPE == "hmm_range_fault_reply" for m in port.to_node):
+            break
+        c.step()
+    assert any(m.TYPE == "hmm_range_fault_reply" for m in port.to_node)
+    reply = next(m for m in port.to_node if m.TYPE == "hmm_range_fault_reply")
+    port.to_node.remove(reply)
+    handle = c.begin(c.model.madvise(mm, addr, PAGE, "dontneed"))
+    port.to_node.append(reply)  # the start (queued by begin) now precedes the reply
+    c.pump()
+    stale = c.node("hmm").counters["stale_replies"]
+    assert stale == 1
+    c.finish(handle)
+    done = c.wait("hmm", token)
+    assert done.ok and done.result["data"] == bytes(6)  # after the DONTNEED: zeros, never "before"
+    assert c.check() == 0
