@@ -222,11 +222,15 @@ class IntervalNotifiers:
     def overlaps(self, node: str, mm: int, start: int, end: int) -> bool:
         """Does an interval of ``node`` in the tree of ``mm`` overlap ``[start, end)``?"""
         state = self.mms.get(mm)
-        return state is not None and any(sub.node == node for sub in state.overlapping(start, end))
+        if state is None or not state.tree:  # the hot path of every whole-mm subscriber
+            return False
+        return any(sub.node == node for sub in state.overlapping(start, end))
 
     def of(self, node: str, mm: int, start: int, end: int) -> list[IntervalNotifier]:
         state = self.mms.get(mm)
-        return [] if state is None else [s for s in state.overlapping(start, end) if s.node == node]
+        if state is None or not state.tree:
+            return []
+        return [s for s in state.overlapping(start, end) if s.node == node]
 
     def seqs(self, node: str, mm: int, start: int, end: int, cur_seq: int) -> list[list[int]]:
         """What a start to ``node`` carries: ``[interval, cur_seq]`` per overlap."""
