@@ -123,6 +123,10 @@ def status(core: Any, mm: int | None = None, node: str | None = None, cursor: st
         "mms_next": mms_next,
         "frames": {"total": model.memory.nframes, "free": model.memory.nr_free()},
         "stale_accesses": model.stale_accesses,
+        # interval notifiers (the hmm kind): per mm its invalidate_seq and intervals
+        "intervals": core.notifier.intervals.describe(mm),
+        # device-private pages of hmm nodes (broker/devmem.py): poisoned ones are lost with their device
+        "device_private": model.device.describe(),
         "ksm": model.ksm.stats(),
         "counters": {**core.counters, **{f"notifier_{k}": v for k, v in core.notifier.counters.items()},
                      "fences": core.sessions.fences, "registrations": core.sessions.registrations,
@@ -292,6 +296,16 @@ def access(core: Any, node: str, mm: int, addr: int, length: int, data: bytes | 
     if data is not None:
         args["data"] = data
     return (yield from _relay(core, node, "access", args))
+
+
+@handler("hmm")
+def hmm(core: Any, node: str, op: str, mm: int, addr: int, pages: int, to: str = "dev") -> Task[dict[str, Any]]:
+    """lib/test_hmm.c's ioctls (``HMM_DMIRROR_SNAPSHOT``...) on an hmm node."""
+    session = core.sessions.by_name.get(node)
+    if session is not None and session.kind != "hmm":
+        raise KernelError(Errno.EINVAL, f"{node} is a {session.kind} node, not hmm")
+    _point(core, node, mm)
+    return (yield from _relay(core, node, "hmm", {"op": op, "mm": mm, "addr": addr, "pages": pages, "to": to}))
 
 
 @handler("xpmem")

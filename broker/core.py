@@ -107,7 +107,7 @@ from protocol.messages import (
 )
 from protocol.types import Errno, KernelError, name_matches_key
 
-from . import guard
+from . import guard, hmm
 from .admin import ADMIN_HANDLERS
 from .effects import Deliver, Op, Outcomes
 from .grants import Grants
@@ -175,7 +175,7 @@ class CoreConfig:
 #: Node requests answered exactly once: a duplicate (same connection, same id)
 #: gets the first answer again, or nothing while that is still being made.
 _REQUESTS = (Register, Gup, Unpin, Subscribe, Unsubscribe, XpmemMake, XpmemGet, XpmemRelease, XpmemRemove,
-             DmaRead, DmaWrite)
+             DmaRead, DmaWrite, *hmm.HMM_REQUESTS)
 _REPLY_CACHE = 4096
 _REPLY_CONNECTIONS = 1024
 
@@ -702,6 +702,9 @@ class HostCore:
             return
         if isinstance(msg, XpmemRemove):
             self._spawn(self._xpmem_remove_task(session, msg), "xpmem_remove")
+            return
+        if isinstance(msg, hmm.HMM_REQUESTS):
+            hmm.on_request(self, session, msg)
             return
         self._send(identity, self._answer(name, msg))
 

@@ -67,6 +67,7 @@ import numpy as np
 from protocol.status import VMAS_SHOWN
 from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
 
+from .devmem import DevicePrivate
 from .effects import Op
 from .ksm import Ksm
 from .memory import (
@@ -84,7 +85,9 @@ from .memory import (
 from .notifier import NotifierCore
 from .pagetable import (
     PROTS,
+    PTE_DEVICE,
     PTE_DIRTY,
+    PTE_EXCLUSIVE,
     PTE_KSM_ZERO,
     PTE_PRESENT,
     PTE_SHIFT,
@@ -159,6 +162,8 @@ class Model:
         self.stale_accesses = 0
         self.counters: Counter[str] = Counter()
         self.ksm = Ksm(self)
+        #: device-private pages of hmm nodes (broker/devmem.py)
+        self.device = DevicePrivate()
 
     # ------------------------------------------------------------------ helpers
 
@@ -213,6 +218,8 @@ class Model:
                 self.ksm.zero_unmapped()
         elif pte & PTE_SWAP:
             self.swap.free(pte >> PTE_SHIFT)
+        elif pte & PTE_DEVICE:
+            self.device.put(pte >> PTE_SHIFT)
         mm.set(addr, 0)
         self.ksm.forget(mm.id, addr)
 
@@ -245,6 +252,8 @@ class Model:
         self.unmap_pages(pfns[present & ~zero])
         for slot in pfns[~present & ((ptes & PTE_SWAP) != 0)].tolist():
             self.swap.free(slot)
+        for handle in pfns[~present & ((ptes & PTE_DEVICE) != 0)].tolist():
+            self.device.put(handle)
         self.ksm.forget_many(mm.id, addrs)
         return len(ptes)
 
@@ -523,7 +532,14 @@ class Model:
                     self.swap.duplicate(pte >> PTE_SHIFT)
                     child.set(addr, pte)
                     continue
+                if pte & PTE_DEVICE:
+                    # copy_nonpresent_pte: both share the device page, read-only
+                    # until a write migrates it back for the writer
+                    self.device.get(pte >> PTE_SHIFT)
+                    child.set(addr, pte)
+                    continue
                 pfn = pte >> PTE_SHIFT
+                pte &= ~PTE_EXCLUSIVE  # the child gets an ordinary pte (copy_nonpresent_pte restores it)
                 if vma.shared:
                     child.set(addr, pte & ~PTE_YOUNG)
                     mem.mapcount[pfn] += 1
@@ -558,7 +574,7 @@ class Model:
                 child.vmas.append(copy)
                 child._reindex()
                 ptes = list(parent.populated_in(vma.start, vma.end))
-                if not vma.shared and any(p & PTE_WRITE for _, p in ptes):
+                if not vma.shared and any(p & (PTE_WRITE | PTE_DEVICE) for _, p in ptes):
                     # An ENOMEM copying a pinned page ends the invalidation
                     # (what was write-protected stays so, as in the kernel).
                     rng = Range(mm, vma.start, vma.end, NotifyEvent.PROTECTION_PAGE)
@@ -628,6 +644,14 @@ class Model:
         mem = self.memory
         writable_vma = vma.prot is Prot.RW
         pte = m.get(page)
+        if pte & PTE_DEVICE:
+            # do_swap_page -> migrate_to_ram (dmirror_devmem_fault); EIO if poisoned
+            yield from self.device.migrate_to_ram(self, m, page)
+            pte = m.get(page)
+        if pte & PTE_EXCLUSIVE:
+            # remove_device_exclusive_entry: EXCLUSIVE invalidation, the pte is the CPU's again
+            yield from self.device.restore_exclusive(self, m, page)
+            pte = m.get(page)
         if pte & PTE_SWAP:
             # do_swap_page: the copy is exclusive to this mm.
             slot = pte >> PTE_SHIFT
@@ -792,7 +816,7 @@ class Model:
         out = bytearray()
         for page, off, n in parts:
             pte = m.get(page)
-            if pte & PTE_PRESENT:
+            if pte & PTE_PRESENT and not pte & PTE_EXCLUSIVE:
                 m.set(page, pte | PTE_YOUNG)
                 pfn = pte >> PTE_SHIFT
             else:
@@ -815,7 +839,7 @@ class Model:
         pos = 0
         for page, off, n in parts:
             pte = m.get(page)
-            if pte & PTE_PRESENT and pte & PTE_WRITE:
+            if pte & PTE_PRESENT and pte & PTE_WRITE and not pte & PTE_EXCLUSIVE:
                 m.set(page, pte | PTE_YOUNG | PTE_DIRTY)
                 pfn = pte >> PTE_SHIFT
             else:
@@ -875,7 +899,7 @@ class Model:
         out = []
         for page in range(addr, end, ps):
             pte = m.get(page)
-            if not pte & PTE_PRESENT or (mm, page) in self.pending:
+            if not pte & PTE_PRESENT or pte & PTE_EXCLUSIVE or (mm, page) in self.pending:
                 return None
             pfn = pte >> PTE_SHIFT
             writable = bool(pte & PTE_WRITE)
@@ -967,6 +991,7 @@ class Model:
             Pins dropped.
         """
         self.notifier.fence(node)
+        self.device.poison_owner(node)  # its device-private pages went with it (broker/devmem.py)
         return self.drop_pins(node)
 
     def drop_pins(self, node: str | None = None, mm: int | None = None) -> int:
@@ -1360,6 +1385,8 @@ class Model:
                             if pte & PTE_WRITE and mem.flags[pte >> PTE_SHIFT] & PG_ANON:
                                 assert mem.flags[pte >> PTE_SHIFT] & PG_ANON_EXCLUSIVE, \
                                     f"mm {m.id} {addr:#x}: writable anon pte of a page not AnonExclusive"
+                    elif pte & PTE_DEVICE:
+                        assert pte >> PTE_SHIFT in self.device.pages, f"mm {m.id} {addr:#x}: no device page"
                     else:
                         assert pte & PTE_SWAP, f"mm {m.id} {addr:#x}: pte {pte:#x} neither present nor swap"
                         slots[pte >> PTE_SHIFT] += 1

@@ -77,7 +77,7 @@ import bisect
 import itertools
 import logging
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from protocol.messages import (
@@ -93,6 +93,7 @@ from protocol.messages import (
 from protocol.types import NOTIFIER_OPS, Errno, KernelError, NotifyEvent, Range
 
 from .effects import Deliver, Op, Outcomes
+from .interval import IntervalNotifiers
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,8 @@ class NotifierCore:
         #: Ends owed to nodes by operations closed mid-invalidation (see the
         #: module docstring); :meth:`end_orphans` delivers them.
         self.orphaned_ends: list[Invalidation] = []
+        #: interval notifiers (broker/interval.py): the hmm kind's subscriptions
+        self.intervals = IntervalNotifiers()
         self._ids = itertools.count(1)
         self._generations = itertools.count(1)
         self.counters: dict[str, int] = {
@@ -277,6 +280,7 @@ class NotifierCore:
         self.nodes.pop(name, None)
         for subs in self.subscriptions.values():
             subs.pop(name, None)
+        self.intervals.forget_node(name)
 
     fence = remove_node
 
@@ -304,6 +308,7 @@ class NotifierCore:
             del subs[name]
             yield self._deliver([(name, Release(id=next(self._ids), mm=mm))])
         subs.pop(name, None)
+        self.intervals.forget_node_mm(name, mm)
 
     def forget_mm(self, mm: int) -> None:
         """The mm is gone (after exit): drop every trace of it, ends owed for
@@ -313,6 +318,7 @@ class NotifierCore:
         self.open.pop(mm, None)
         self.orphaned_ends = [inv for inv in self.orphaned_ends if inv.range.mm != mm]
         self.tearing_down.discard(mm)
+        self.intervals.forget_mm(mm)
 
     def subscribed(self, mm: int) -> list[str]:
         return list(self.subscriptions.get(mm, {}))
@@ -342,13 +348,20 @@ class NotifierCore:
         out = []
         for sub in self.subscriptions.get(mm, {}).values():
             node = self.nodes.get(sub.node)
-            if node is not None and op in node.ops and sub.served.overlaps(start, end):
+            if node is not None and op in node.ops and (
+                sub.served.overlaps(start, end) or self.intervals.overlaps(sub.node, mm, start, end)
+            ):
                 out.append(sub)
         return out
 
     def _alive(self, name: str, generation: int) -> bool:
         node = self.nodes.get(name)
         return node is not None and node.generation == generation
+
+    def _with_seqs(self, msg: InvalidateRangeStart, name: str, cur_seq: int) -> InvalidateRangeStart:
+        """The start as ``name`` gets it: with its intervals' ``cur_seq``."""
+        seqs = self.intervals.seqs(name, msg.mm, msg.start, msg.end, cur_seq) if cur_seq else []
+        return replace(msg, seqs=seqs) if seqs else msg
 
     # -- invalidation ------------------------------------------------------
 
@@ -372,6 +385,8 @@ class NotifierCore:
         opened = self.open.get(inv.range.mm, [])
         if inv in opened:
             opened.remove(inv)
+        if not inv.nodes:
+            self.intervals.inv_end(inv.range.mm, inv.id)  # no end will come
         if inv.nodes:
             self.orphaned_ends.append(inv)
             self.counters["orphaned_ends"] += 1
@@ -413,6 +428,7 @@ class NotifierCore:
         holders = self._holders(rng.mm, rng.start, rng.end, "invalidate_range_start")
         start_id = next(self._ids)
         self.counters["invalidate_range_start"] += 1
+        cur_seq = self.intervals.inv_start(rng.mm, start_id, rng.start, rng.end)
         if not holders:
             inv = Invalidation(rng, start_id, ())
             self.open.setdefault(rng.mm, []).append(inv)
@@ -424,6 +440,7 @@ class NotifierCore:
             end=rng.end,
             event=NotifyEvent(rng.event).value,
             blockable=rng.blockable,
+            owner=rng.owner,
         )
         generations = {s.node: self.nodes[s.node].generation for s in holders}
         # Open from the moment the start is sent, not only once it is acked:
@@ -433,7 +450,7 @@ class NotifierCore:
         sent = Invalidation(rng, start_id, tuple(generations.items()))
         self.open.setdefault(rng.mm, []).append(sent)
         try:
-            outcomes: Outcomes = yield self._deliver([(s.node, msg) for s in holders])
+            outcomes: Outcomes = yield self._deliver([(s.node, self._with_seqs(msg, s.node, cur_seq)) for s in holders])
         except GeneratorExit:
             self._orphan(sent)
             raise
@@ -462,6 +479,7 @@ class NotifierCore:
         # is in flight must stay recorded, or the next munmap misses the node).
         for name, _ in started:
             self.served(name, rng.mm).remove(rng.start, rng.end)
+            self.intervals.set_seq(name, rng.mm, rng.start, rng.end, cur_seq)
         refused = [name for name, ack in outcomes.items() if ack is not None and ack.status != "ok"]
         if refused:
             # mm/mmu_notifier.c mn_hlist_invalidate_range_start: "any that
@@ -472,6 +490,7 @@ class NotifierCore:
             logger.info("invalidate_range_start %s refused (EAGAIN) by %s", rng, refused)
             if started:
                 yield from self.invalidate_range_end(Invalidation(rng, start_id, tuple(started)))
+            self.intervals.inv_end(rng.mm, start_id)  # mn_itree_invalidate's out_would_block
             raise KernelError(Errno.EAGAIN, f"{', '.join(refused)} cannot sleep for a non-blockable invalidation")
         inv = Invalidation(rng, start_id, tuple(started))
         self.open.setdefault(rng.mm, []).append(inv)
@@ -488,6 +507,7 @@ class NotifierCore:
         opened = self.open.get(inv.range.mm, [])
         if inv in opened:
             opened.remove(inv)
+        self.intervals.inv_end(inv.range.mm, inv.id)  # mn_itree_inv_end comes first, as in the kernel
         subs = self.subscriptions.get(inv.range.mm, {})
         targets = [name for name, gen in inv.nodes if self._alive(name, gen) and name in subs]
         self.counters["invalidate_range_end"] += 1
@@ -563,7 +583,7 @@ class NotifierCore:
             return
         holders = [
             s for s in self.subscriptions.get(mm, {}).values()
-            if s.node in self.nodes and s.served.overlaps(addr, end)
+            if s.node in self.nodes and (s.served.overlaps(addr, end) or self.intervals.overlaps(s.node, mm, addr, end))
         ]
         if not holders:
             return
@@ -575,13 +595,15 @@ class NotifierCore:
             msg = ChangePte(id=next(self._ids), mm=mm, addr=addr, pfn=pfn, writable=writable)
             sends += [(s.node, msg) for s in repoint]
         start_id = next(self._ids)
+        cur_seq = 0
         if fallback:
             self.counters["change_pte_fallback"] += 1
             self.counters["invalidate_range_start"] += 1
+            cur_seq = self.intervals.inv_start(mm, start_id, addr, end)
             start = InvalidateRangeStart(
                 id=start_id, mm=mm, start=addr, end=end, event=NotifyEvent.CLEAR.value, blockable=True
             )
-            sends += [(s.node, start) for s in fallback]
+            sends += [(s.node, self._with_seqs(start, s.node, cur_seq)) for s in fallback]
         if not sends:
             return
         generations = {name: self.nodes[name].generation for name, _ in sends}
@@ -603,9 +625,12 @@ class NotifierCore:
                 # removed now, with the acks: a GUP served while the end below
                 # is in flight stays recorded
                 s.served.remove(addr, end)
+                self.intervals.set_seq(s.node, mm, addr, end, cur_seq)
                 started.append((s.node, generations[s.node]))
         if started:
             yield from self.invalidate_range_end(Invalidation(rng, start_id, tuple(started)))
+        else:
+            self.intervals.inv_end(mm, start_id)
 
     # -- aging -----------------------------------------------------------------
 

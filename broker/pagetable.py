@@ -11,6 +11,8 @@ page table plus 13 bytes of frame metadata::
 
     bit 0 PRESENT   bit 1 WRITE   bit 2 DIRTY   bit 3 YOUNG
     bit 4 SWAP      bit 5 KSM_ZERO (a zero page KSM merged, is_ksm_zero_pte)
+    bit 6 DEVICE    (a device-private entry: bits 8.. a device page handle)
+    bit 7 EXCLUSIVE (with PRESENT: a device-exclusive entry)
     bits 8.. pfn (present) or swap slot (swapped); 0 = pte_none
 """
 
@@ -32,6 +34,13 @@ PTE_DIRTY = 0x04
 PTE_YOUNG = 0x08
 PTE_SWAP = 0x10
 PTE_KSM_ZERO = 0x20
+#: a device-private entry (``is_device_private_entry``): not present; bits 8..
+#: are the device page's handle (broker/devmem.py), the contents are on the device
+PTE_DEVICE = 0x40
+#: a device-exclusive entry (``make_device_exclusive``): the frame stays mapped
+#: (PRESENT, accounted as before) but the CPU may not use it: a CPU access or
+#: GUP restores it first, through an EXCLUSIVE invalidation (broker/devmem.py)
+PTE_EXCLUSIVE = 0x80
 PTE_SHIFT = 8
 
 CHUNK_PAGES = 512
@@ -304,6 +313,6 @@ class Mm:
 
 
 __all__ = [
-    "CHUNK_PAGES", "MMAP_BASE", "PROTS", "PTE_DIRTY", "PTE_KSM_ZERO", "PTE_PRESENT", "PTE_SHIFT", "PTE_SWAP",
+    "CHUNK_PAGES", "MMAP_BASE", "PROTS", "PTE_DEVICE", "PTE_DIRTY", "PTE_EXCLUSIVE", "PTE_KSM_ZERO", "PTE_PRESENT", "PTE_SHIFT", "PTE_SWAP",
     "PTE_WRITE", "PTE_YOUNG", "Mm", "Prot", "Shmem", "Vma", "present_pte",
 ]

@@ -61,7 +61,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from protocol.admin import ADVICE, COMMANDS, IDLE_OPS, INJECT_KINDS, PROTS, XPMEM_OPS, check_admin
+from protocol.admin import ADVICE, COMMANDS, HMM_OPS, HMM_TARGETS, IDLE_OPS, INJECT_KINDS, PROTS, XPMEM_OPS, check_admin
 from protocol.errors import ProtocolError
 from protocol.messages import Event
 
@@ -171,6 +171,14 @@ def _r_pages(ns: argparse.Namespace, result: dict[str, Any]) -> str:
     rest = {k: v for k, v in result.items() if k != "pages"}
     text = render.table(("addr", "pfn", "writable"), rows)
     return text + ("\n" + _r_addr(ns, rest) if rest else "")
+
+
+def _r_hmm(ns: argparse.Namespace, result: dict[str, Any]) -> str:
+    pages = result.get("pages")
+    if not isinstance(pages, list):
+        return render.keyvalues(result)
+    rows = [(f"{p.get('addr', 0):#x}", p.get("pfn"), p.get("state")) for p in pages if isinstance(p, dict)]
+    return render.table(("addr", "pfn", "state"), rows)
 
 
 def _r_ksm(ns: argparse.Namespace, result: dict[str, Any]) -> str:
@@ -478,6 +486,45 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--segid", type=number(1, what="segid"), required=True, metavar="ID")
     assert set(ops.choices) == set(XPMEM_OPS)
 
+    # ---- hmm: lib/test_hmm.c's ioctls, on behalf of an hmm node
+    p = subs.add_parser("hmm", help="HMM device-mirror operations of an hmm node (lib/test_hmm.c)")
+    ops = p.add_subparsers(dest="op", metavar="OP", required=True)
+    q = ops.add_parser("snapshot", help="the primary's state of each page, without faulting",
+                       description="the primary's state of each page, without faulting "
+                                   "(none, error, read, write, zero, device-private, device-private-remote)")
+    _common(q)
+    q.add_argument("node", type=node_name, metavar="NODE")
+    q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
+    q.add_argument("addr", type=address, metavar="ADDR")
+    q.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
+                   help="pages from ADDR, 1..512 (default 1)")
+    q.set_defaults(handler=_run_control, build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages"),
+                   show=_r_hmm)
+    q = ops.add_parser("migrate", help="move pages into the node's device memory, or back (--to sys)",
+                       description="migrate anonymous pages to the node's device-private memory "
+                                   "(MMU_NOTIFY_MIGRATE; the host keeps device-private entries), or back")
+    _common(q)
+    q.add_argument("node", type=node_name, metavar="NODE")
+    q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
+    q.add_argument("addr", type=address, metavar="ADDR")
+    q.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
+                   help="pages from ADDR, 1..512 (default 1)")
+    q.add_argument("--to", choices=HMM_TARGETS, default=None, help="dev (default): into the device; sys: back")
+    q.set_defaults(handler=_run_control, show=_r_kv,
+                   build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages", to="to"))
+    q = ops.add_parser("exclusive", help="make pages device-exclusive for the node (make_device_exclusive)",
+                       description="make pages device-exclusive for the node (MMU_NOTIFY_EXCLUSIVE); a later "
+                                   "CPU access restores them through an invalidation")
+    _common(q)
+    q.add_argument("node", type=node_name, metavar="NODE")
+    q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
+    q.add_argument("addr", type=address, metavar="ADDR")
+    q.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
+                   help="pages from ADDR, 1..512 (default 1)")
+    q.set_defaults(handler=_run_control, show=_r_pages,
+                   build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages"))
+    assert set(ops.choices) == set(HMM_OPS)
+
     # ---- keys
     p = subs.add_parser("keygen", help="write CURVE key pairs: the host's, operators', nodes'")
     p.add_argument("dir", metavar="DIR", help="DIR/host, DIR/admin, DIR/nodes (secrets mode 0600)")
@@ -544,6 +591,10 @@ EXAMPLES: dict[str, str] = {
     "xpmem detach": "mmn xpmem detach xpmem0 0x600000000000",
     "xpmem release": "mmn xpmem release xpmem0 --apid 1",
     "xpmem remove": "mmn xpmem remove xpmem0 --segid 1",
+    "hmm": "mmn hmm snapshot hmm0 --mm 1 0x10000000 --pages 4",
+    "hmm snapshot": "mmn hmm snapshot hmm0 --mm 1 0x10000000 --pages 4 --json",
+    "hmm migrate": "mmn hmm migrate hmm0 --mm 1 0x10000000 --pages 4   # --to sys: back",
+    "hmm exclusive": "mmn hmm exclusive hmm0 --mm 1 0x10000000 --pages 2",
     "keygen": "mmn keygen keys --node kvm0 --admin alice",
     "swarm-secrets": "mmn swarm-secrets --prefix mmn   # then: docker stack deploy -c docker-stack.yml mmn",
     "watch": "mmn watch --count 20 --json           # a published port: MMN_EVENTS=127.0.0.1:7783 mmn watch",

@@ -30,6 +30,8 @@ from typing import Any
 
 import trio
 
+from protocol.types import NODE_KINDS
+
 from .client import DEFAULT_ADMIN, Failed, Unreachable, admin_call
 
 
@@ -116,7 +118,7 @@ def check(host: str, kind: str | None, timeout: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmn.health", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=os.environ.get("MMN_HOST") or DEFAULT_ADMIN, help="admin endpoint ($MMN_HOST)")
-    p.add_argument("--kind", choices=("kvm", "gru", "xpmem"), default=None, help="check this node is live")
+    p.add_argument("--kind", choices=NODE_KINDS, default=None, help="check this node is live")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the host (3)")
     p.add_argument("--link", action="store_true",
                    help="only check the connection to the host's node endpoint ($MMN_HOST_ENDPOINT); no admin key")

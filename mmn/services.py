@@ -22,6 +22,8 @@ from typing import Any
 
 import trio
 
+from protocol.types import NODE_KINDS
+
 from . import render
 from .args import endpoint, env_value, node_name, number
 from .client import (
@@ -139,7 +141,7 @@ NODE_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
 
 def add_node_arguments(p: argparse.ArgumentParser) -> None:
     """The ``mmn node`` options."""
-    p.add_argument("--kind", choices=("kvm", "gru", "xpmem"), default=os.environ.get("MMN_KIND"),
+    p.add_argument("--kind", choices=NODE_KINDS, default=os.environ.get("MMN_KIND"),
                    help="secondary MMU kind (default $MMN_KIND; required)")
     p.add_argument("--name", type=node_name, default=None, help="unique node name (default $MMN_NAME, else KIND-6 random hex digits)")
     p.add_argument("--host", type=endpoint, default=None, metavar="ADDR", help=f"the host's node endpoint (default $MMN_HOST_ENDPOINT, else {DEFAULT_NODE_ENDPOINT})")
@@ -164,8 +166,8 @@ def node_config(ns: argparse.Namespace) -> Any:
     from node.runtime import NodeConfig
 
     kind = ns.kind or env_value("MMN_KIND", str)
-    if kind not in ("kvm", "gru", "xpmem"):
-        raise UsageError("node: --kind kvm|gru|xpmem is required (or $MMN_KIND)")
+    if kind not in NODE_KINDS:
+        raise UsageError(f"node: --kind {'|'.join(NODE_KINDS)} is required (or $MMN_KIND)")
     env_value("MMN_NAME", node_name)
     _check_env(NODE_OPTIONS)
     overrides: dict[str, Any] = {

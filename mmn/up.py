@@ -89,7 +89,7 @@ from .render import PROG
 from .services import HOST_OPTIONS
 from .supervisor import Child, child_env, free_ports, kill_leftovers, signal_group, spawn, stop_all
 
-KINDS = ("kvm", "gru", "xpmem")
+KINDS = ("kvm", "gru", "xpmem", "hmm")
 
 #: How services are started: ``SERVICE_COMMAND + ["host", ...]``.  Tests point
 #: it at a stand-in to check the process lifecycle without the real host.
@@ -102,7 +102,9 @@ _WILDCARDS = ("0.0.0.0", "*", "::", "[::]", "")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``mmn up`` options (the host options are added by the caller)."""
     for kind in KINDS:
-        p.add_argument(f"--{kind}", type=number(0, 64), default=1, metavar="N", help=f"{kind} nodes (default 1)")
+        default = 0 if kind == "hmm" else 1  # the hmm kind joins when asked for
+        p.add_argument(f"--{kind}", type=number(0, 64), default=default, metavar="N",
+                       help=f"{kind} nodes (default {default})")
     p.add_argument(
         "--port-base",
         type=number(0, 65533),

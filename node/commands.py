@@ -31,11 +31,26 @@ def start_command(mmu: SecondaryMMU, command: str, a: dict[str, Any]) -> tuple[i
         return mmu.access(int(a["mm"]), int(a["addr"]), int(a.get("length", 1)), a.get("data"))
     if command == "xpmem":
         return _xpmem(mmu, a)
+    if command == "hmm":
+        return _hmm(mmu, a)
     if command == "subscribe":
         return mmu.subscribe(int(a["mm"]))
     if command == "unsubscribe":
         return mmu.unsubscribe(int(a["mm"]))
     raise KernelError(Errno.EINVAL, f"unknown node command {command!r}")
+
+
+def _hmm(mmu: Any, a: dict[str, Any]) -> tuple[int | None, Any]:
+    op = a.get("op")
+    if mmu.kind != "hmm":
+        raise KernelError(Errno.EINVAL, "not an hmm node")
+    if op == "snapshot":
+        return mmu.snapshot(int(a["mm"]), int(a["addr"]), int(a.get("pages", 1)))
+    if op == "exclusive":
+        return mmu.exclusive(int(a["mm"]), int(a["addr"]), int(a.get("pages", 1)))
+    if op == "migrate":
+        return mmu.migrate(int(a["mm"]), int(a["addr"]), int(a.get("pages", 1)), a.get("to", "dev") == "sys")
+    raise KernelError(Errno.EINVAL, f"unknown hmm op {op!r}")
 
 
 def _xpmem(mmu: Any, a: dict[str, Any]) -> tuple[int | None, Any]:

@@ -3,7 +3,7 @@
 ``node.base`` is what the kinds share and imports none of them; this module
 sits above them, so the package has no import circle::
 
-    node.kinds ──▶ node.kvm, node.gru, node.xpmem ──▶ node.base
+    node.kinds ──▶ node.kvm, node.gru, node.xpmem, node.hmm ──▶ node.base
 
 ``KINDS`` is the registry: ``kind`` name -> class.  A test that needs a kind
 the project does not ship (a deliberately broken one) puts it here, in its
@@ -16,15 +16,16 @@ from protocol.types import Errno, KernelError
 
 from .base import SecondaryMMU
 from .gru import GruMMU
+from .hmm import HmmMMU
 from .kvm import KvmMMU
 from .xpmem import XpmemMMU
 
 #: ``kind`` -> class, in the order ``mmn node --kind`` lists them.
-KINDS: dict[str, type[SecondaryMMU]] = {cls.kind: cls for cls in (KvmMMU, GruMMU, XpmemMMU)}
+KINDS: dict[str, type[SecondaryMMU]] = {cls.kind: cls for cls in (KvmMMU, GruMMU, XpmemMMU, HmmMMU)}
 
 
 def node_class(kind: str) -> type[SecondaryMMU]:
-    """The class of a node kind: ``"kvm"``, ``"gru"`` or ``"xpmem"``.
+    """The class of a node kind: ``"kvm"``, ``"gru"``, ``"xpmem"`` or ``"hmm"``.
 
     Raises:
         KernelError(EINVAL) for an unknown kind.

@@ -37,6 +37,8 @@ ADVICE = ("dontneed", "mergeable", "unmergeable")
 INJECT_KINDS = ("drop-acks", "delay-acks", "duplicate", "hang", "crash", "partition", "slow-drain")
 XPMEM_OPS = ("make", "get", "attach", "detach", "release", "remove")
 IDLE_OPS = ("mark", "read")
+HMM_OPS = ("snapshot", "migrate", "exclusive")
+HMM_TARGETS = ("dev", "sys")
 
 _MM = _a("mm", minimum=1)
 _ADDR = _a("addr", "addr")
@@ -117,6 +119,9 @@ COMMANDS: dict[str, tuple[Arg, ...]] = {
     "revoke": (_NODE, _MM),
     # /sys/kernel/mm/page_idle/bitmap over an mm's range: mark idle, or read back
     "idle": (_MM, _ADDR, _LEN, _a("op", "choice", choices=IDLE_OPS)),
+    # lib/test_hmm.c's ioctls on behalf of an hmm node
+    "hmm": (_NODE, _a("op", "choice", choices=HMM_OPS), _MM, _ADDR, _a("pages", required=False, default=1, minimum=1, maximum=512),
+            _a("to", "choice", required=False, default="dev", choices=HMM_TARGETS)),
 }
 
 

@@ -24,6 +24,12 @@ clear_flush_young/clear_young/
 test_young                        host→node  ack (young)
 release                           host→node  ack
 xpmem_removed                     host→node  ack (after its unpins)
+interval_insert                   node→host  interval_reply
+interval_remove                   node→host  ok (after the invalidations active)
+hmm_range_fault                   node→host  hmm_range_fault_reply | error
+hmm_migrate                       node→host  hmm_migrate_reply | error
+hmm_exclusive                     node→host  hmm_range_fault_reply | error
+hmm_migrated / hmm_devmem_fault   host→node  ack (devmem_fault: with the contents)
 fenced                            host→node  (none: node must re-register)
 command                           host→node  command_result
 admin_request                     cli→host   admin_reply
@@ -61,9 +67,9 @@ class Message:
 
 
 _EVENTS = frozenset(
-    {"UNMAP", "CLEAR", "PROTECTION_VMA", "PROTECTION_PAGE", "SOFT_DIRTY", "RELEASE", "MIGRATE"}
+    {"UNMAP", "CLEAR", "PROTECTION_VMA", "PROTECTION_PAGE", "SOFT_DIRTY", "RELEASE", "MIGRATE", "EXCLUSIVE"}
 )
-_KINDS = frozenset({"kvm", "gru", "xpmem"})
+_KINDS = frozenset({"kvm", "gru", "xpmem", "hmm"})
 _ACK_STATUS = frozenset({"ok", "EAGAIN"})
 
 
@@ -334,6 +340,11 @@ class InvalidateRangeStart(Message):
     end: int
     event: str
     blockable: bool = True
+    #: interval notifiers of the addressee the range overlaps, as
+    #: ``[interval, cur_seq]`` (``mmu_interval_set_seq``); empty for others
+    seqs: list[list[int]] = field(default_factory=list)
+    #: ``range->owner`` of a MIGRATE (the device migrating): its own notifier skips it
+    owner: str = ""
 
 
 @message
@@ -425,6 +436,8 @@ class Ack(Message):
     ref: int
     status: str = "ok"
     young: bool = False
+    #: a device-private page's contents (the answer to ``hmm_devmem_fault``)
+    data: bytes = b""
 
 
 @message
@@ -515,3 +528,165 @@ class XpmemRemoved(Message):
     TYPE: ClassVar[str] = "xpmem_removed"
     id: int
     segid: int
+
+
+# --------------------------------------------------------------------------
+# node -> host: interval notifiers and hmm_range_fault (include/linux/
+# mmu_notifier.h mmu_interval_notifier_insert/remove, mm/hmm.c), the hmm kind
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class IntervalInsert(Message):
+    """``mmu_interval_notifier_insert``: invalidations of ``mm`` overlapping
+    ``[start, end)`` reach this node, each carrying the interval's sequence.
+    Registers the node on the mm too, as the kernel's insert does."""
+
+    TYPE: ClassVar[str] = "interval_insert"
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("start", "end")
+    id: int
+    epoch: int
+    mm: int
+    start: int
+    end: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class IntervalReply(Message):
+    """The inserted interval's id and its first ``invalidate_seq``."""
+
+    TYPE: ClassVar[str] = "interval_reply"
+    ref: int
+    interval: int = 0
+    seq: int = 0
+    errno: str = ""
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class IntervalRemove(Message):
+    """``mmu_interval_notifier_remove``: answered (Ok) once no invalidation
+    that may still reach the interval is active (deferred removal)."""
+
+    TYPE: ClassVar[str] = "interval_remove"
+    id: int
+    epoch: int
+    mm: int
+    interval: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmRangeFault(Message):
+    """``hmm_range_fault`` of ``npages`` pages from ``addr`` under interval
+    ``interval``.  ``fault``: HMM_PFN_REQ_FAULT (fault in what is missing,
+    ``write``: HMM_PFN_REQ_WRITE); without it a snapshot of the ptes."""
+
+    TYPE: ClassVar[str] = "hmm_range_fault"
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
+    id: int
+    epoch: int
+    mm: int
+    interval: int
+    addr: int
+    npages: int
+    write: bool = False
+    fault: bool = True
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmRangeFaultReply(Message):
+    """``hmm_pfns`` as ``[addr, pfn, flags]`` (``protocol.hmm`` flag bits)
+    and ``seq``, the interval's ``mmu_interval_read_begin`` when they were
+    read: the node installs them only if ``read_retry(seq)`` says no
+    invalidation reached it since."""
+
+    TYPE: ClassVar[str] = "hmm_range_fault_reply"
+    ref: int
+    mm: int
+    seq: int
+    pfns: list[list[int]] = field(default_factory=list)
+    errno: str = ""
+    #: device pages of this node the host no longer references: drop them
+    freed: list[int] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmMigrate(Message):
+    """``HMM_DMIRROR_MIGRATE_TO_DEV`` / ``_TO_SYS``: move the anonymous pages
+    of ``npages`` from ``addr`` into this device's memory (device-private
+    entries on the host), or (``to_sys``) this device's pages back."""
+
+    TYPE: ClassVar[str] = "hmm_migrate"
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
+    id: int
+    epoch: int
+    mm: int
+    interval: int
+    addr: int
+    npages: int
+    to_sys: bool = False
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmMigrateReply(Message):
+    """``cpages``: pages migrated (``struct hmm_dmirror_cmd``)."""
+
+    TYPE: ClassVar[str] = "hmm_migrate_reply"
+    ref: int
+    mm: int
+    cpages: int = 0
+    errno: str = ""
+    freed: list[int] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmExclusive(Message):
+    """``HMM_DMIRROR_EXCLUSIVE`` (``make_device_exclusive``): the pages become
+    device-exclusive entries for this node; answered by ``hmm_range_fault_reply``
+    (the pages with ``HMM_PFN_EXCLUSIVE`` and the interval's seq)."""
+
+    TYPE: ClassVar[str] = "hmm_exclusive"
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
+    id: int
+    epoch: int
+    mm: int
+    interval: int
+    addr: int
+    npages: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmMigrated(Message):
+    """host->node, under the migration: the device now holds ``pages``
+    (``[addr, handle, writable]``; ``data``: their contents in that order,
+    a page each).  Acknowledged once stored (``dmirror_migrate_alloc_and_copy``
+    and ``_finalize_and_map``)."""
+
+    TYPE: ClassVar[str] = "hmm_migrated"
+    id: int
+    mm: int
+    pages: list[list[int]]
+    data: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmDevmemFault(Message):
+    """host->node: ``dev_pagemap_ops.migrate_to_ram`` (``dmirror_devmem_fault``)
+    of device page ``handle``: answer with its contents in ``Ack.data``;
+    ``free``: the host holds no other reference, drop it."""
+
+    TYPE: ClassVar[str] = "hmm_devmem_fault"
+    ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
+    id: int
+    mm: int
+    addr: int
+    handle: int
+    free: bool = True

@@ -21,7 +21,7 @@ class NotifyEvent(str, enum.Enum):
     PROTECTION_VMA / PROTECTION_PAGE: protection narrowed for a whole vma
     (mprotect) or for pages (fork's COW write protect).  SOFT_DIRTY: soft-dirty
     tracking.  RELEASE: the mm is being torn down.  MIGRATE: pages are moving to
-    new frames.
+    new frames.  EXCLUSIVE: a device takes (or gives back) exclusive access.
     """
 
     UNMAP = "UNMAP"
@@ -31,6 +31,8 @@ class NotifyEvent(str, enum.Enum):
     SOFT_DIRTY = "SOFT_DIRTY"
     RELEASE = "RELEASE"
     MIGRATE = "MIGRATE"
+    #: ``make_device_exclusive`` and the restore of a device-exclusive entry
+    EXCLUSIVE = "EXCLUSIVE"
 
 
 #: The optional callbacks of ``struct mmu_notifier_ops`` a subscriber may
@@ -61,6 +63,8 @@ class Range:
     end: int
     event: NotifyEvent
     blockable: bool = True
+    #: ``range->owner`` of a MIGRATE: the device (hmm node) that migrates
+    owner: str = ""
 
     def __post_init__(self) -> None:
         if not (0 <= self.start < self.end <= ADDRESS_LIMIT):
@@ -115,7 +119,7 @@ def name_matches_key(name: str, key_id: str) -> bool:
 
 
 #: The node kinds a key's name can say (``kind_of_key``).
-NODE_KINDS = ("kvm", "gru", "xpmem")
+NODE_KINDS = ("kvm", "gru", "xpmem", "hmm")
 
 
 def kind_of_key(key_id: str) -> str | None:

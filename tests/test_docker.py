@@ -46,7 +46,7 @@ ACK_DEADLINE_MS = 4000
 #: long enough for `docker kill` on a loaded machine.
 ACK_DELAY_MS = 3000
 PAGE = 4096
-KINDS = ("kvm", "gru", "xpmem")
+KINDS = ("kvm", "gru", "xpmem", "hmm")
 XPMEM_REPLICAS = 2
 
 

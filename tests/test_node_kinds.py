@@ -930,7 +930,7 @@ TestXpmemInterleavings = XpmemInterleavings.TestCase
 TestXpmemInterleavings.settings = _settings
 
 
-@pytest.mark.parametrize("kind", ["kvm", "gru", "xpmem"])
+@pytest.mark.parametrize("kind", ["kvm", "gru", "xpmem", "hmm"])
 def test_unknown_replies_and_heartbeats_are_ignored(kind: str):
     node = registered(node_class(kind)("n"))
     assert node.receive(GupReply(ref=12345, mm=MM, pages=[[page(0), 1, 1]])) == []

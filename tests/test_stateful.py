@@ -2,9 +2,15 @@
 
 Rules interleave address-space operations (spawn, mmap private -- sometimes
 MERGEABLE --, munmap, mprotect, madvise DONTNEED, fork, exit), host reads and
-writes, node faults and accesses of all three kinds (xpmem through
-make/get/attach on a segment), KSM scans, reclaim, migration, fencing, and
-invalidations held open (``begin``/``finish``) while a node access races them.
+writes, node faults and accesses of all four kinds (xpmem through
+make/get/attach on a segment; hmm through its interval notifier, with
+device-private migration and device-exclusive entries), KSM scans, reclaim,
+migration, fencing, and invalidations held open (``begin``/``finish``) while a
+node access races them (for hmm: its read_begin/read_retry against them).
+
+Device-private pages of a fenced hmm node are lost with it: such a page
+must fail every access with EIO (``poisoned``), never serve bytes; a page
+that serves bytes must serve the shadow's.
 
 After every step: zero stale accesses, the model's invariants, and, when the
 cluster is quiet, no live node holding a translation the primary does not back
@@ -29,6 +35,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from broker.pagetable import PTE_DEVICE, PTE_SHIFT
 from mmnotify.local import LocalCluster
 from protocol.types import Errno, KernelError
 
@@ -86,6 +93,8 @@ class ClusterMachine(RuleBasedStateMachine):
         #: xpmem attachments: dicts with vaddr, mm, addr (exporter), npages, write
         self.atts: list[dict] = []
         self.segids: list[int] = []
+        #: an hmm node was fenced (only then may device-private pages be poisoned)
+        self.hmm_fenced = False
 
     # -- helpers ----------------------------------------------------------------
 
@@ -110,6 +119,17 @@ class ClusterMachine(RuleBasedStateMachine):
         first = pages[pick % len(pages)]
         return first, npages * PS
 
+    def poisoned(self, mm: int, page: int) -> bool:
+        """Is the page a device-private page its device took with it?"""
+        m = self.c.model.mms.get(mm) if self.c is not None else None
+        pte = m.get(page) if m is not None else 0
+        if not pte & PTE_DEVICE:
+            return False
+        dev = self.c.model.device.pages.get(pte >> PTE_SHIFT)
+        poisoned = dev is None or dev.poisoned
+        assert not poisoned or self.hmm_fenced, f"mm {mm} {page:#x} poisoned though no hmm node was fenced"
+        return poisoned
+
     def content(self, mm: int, page: int) -> bytes:
         return self.data.get((mm, page), bytes(PS))
 
@@ -133,7 +153,7 @@ class ClusterMachine(RuleBasedStateMachine):
     @initialize(seed=st.none() | st.integers(0, 1 << 16), wrap=st.booleans())
     def setup(self, seed: int | None, wrap: bool) -> None:
         self.c = LocalCluster(
-            frames=FRAMES, swap_slots=SWAP_SLOTS, wrap_change_pte=wrap, nodes=["kvm", "gru", "xpmem"], seed=seed
+            frames=FRAMES, swap_slots=SWAP_SLOTS, wrap_change_pte=wrap, nodes=["kvm", "gru", "xpmem", "hmm"], seed=seed
         )
         self.mms.append(self.c.spawn())
 
@@ -242,6 +262,8 @@ class ClusterMachine(RuleBasedStateMachine):
         addr = self.pick_addr(mm, page)
         n = min(n, PS - off)
         expected = expected_host_error(self.prot.get((mm, addr)), False)
+        if expected is None and self.poisoned(mm, addr):
+            expected = Errno.EIO
         try:
             got = self.c.read(mm, addr + off, n)
         except KernelError as exc:
@@ -257,6 +279,8 @@ class ClusterMachine(RuleBasedStateMachine):
         addr = self.pick_addr(mm, page)
         data = data[: PS - off]
         expected = expected_host_error(self.prot.get((mm, addr)), True)
+        if expected is None and self.poisoned(mm, addr):
+            expected = Errno.EIO
         try:
             self.c.write(mm, addr + off, data)
         except KernelError as exc:
@@ -269,10 +293,14 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def check_node_access(self, kind: str, mm: int, addr: int, off: int, n: int, data: bytes | None,
                           outcome, *, before: bytes | None = None, racing: bool = False) -> None:
-        """Judge one kvm/gru access's outcome (a value or a KernelError)."""
+        """Judge one kvm/gru/hmm access's outcome (a value or a KernelError)."""
         expected = expected_node_error(self.prot.get((mm, addr)), data is not None)
+        if expected is None and self.poisoned(mm, addr):
+            expected = Errno.EIO
         if isinstance(outcome, KernelError):
             allowed = {expected} | ({Errno.EAGAIN} if racing else set())
+            if racing and self.hmm_fenced:
+                allowed.add(Errno.EIO)  # its page may have been poisoned by the fence, then zapped
             if racing and before is not None:
                 allowed.add(None)
             assert outcome.errno in allowed, (kind, hex(addr), outcome, expected)
@@ -289,7 +317,7 @@ class ClusterMachine(RuleBasedStateMachine):
             assert expected is None, (kind, hex(addr), "succeeded, expected", expected)
 
     @precondition(lambda self: self.mms)
-    @rule(kind=st.sampled_from(["kvm", "gru"]), pick=picks, page=picks, off=st.sampled_from(OFFSETS),
+    @rule(kind=st.sampled_from(["kvm", "gru", "hmm"]), pick=picks, page=picks, off=st.sampled_from(OFFSETS),
           n=st.sampled_from(LENGTHS), write=st.booleans(), data=st.sampled_from(PATTERNS))
     def node_access(self, kind: str, pick: int, page: int, off: int, n: int, write: bool, data: bytes) -> None:
         mm = self.pick_mm(pick)
@@ -303,12 +331,17 @@ class ClusterMachine(RuleBasedStateMachine):
         self.check_node_access(kind, mm, addr, off, n, payload, outcome)
 
     @precondition(lambda self: self.mms)
-    @rule(kind=st.sampled_from(["kvm", "gru"]), pick=picks, page=picks, npages=st.integers(1, 3),
+    @rule(kind=st.sampled_from(["kvm", "gru", "hmm"]), pick=picks, page=picks, npages=st.integers(1, 3),
           write=st.booleans())
     def node_fault(self, kind: str, pick: int, page: int, npages: int, write: bool) -> None:
         mm = self.pick_mm(pick)
         addr = self.pick_addr(mm, page)
-        expected = expected_node_error(self.prot.get((mm, addr)), write)
+        # GUP stops at the first page it cannot have; hmm_range_fault fails
+        # the whole range if any page cannot be had
+        judged = [addr + i * PS for i in range(npages if kind == "hmm" else 1)]
+        expected = next((e for e in (
+            expected_node_error(self.prot.get((mm, a)), write) or (Errno.EIO if self.poisoned(mm, a) else None)
+            for a in judged) if e is not None), None)
         try:
             result = self.c.fault(kind, mm, addr, npages, write)
         except KernelError as exc:
@@ -461,8 +494,10 @@ class ClusterMachine(RuleBasedStateMachine):
         back = self.c.admin("idle", mm=mm, addr=addr, length=length, op="read")
         assert back["pages"] == marked["pages"] and back["idle"] == len(back["pages"]), (marked, back)
 
-    @rule(kind=st.sampled_from(["kvm", "gru", "xpmem"]))
+    @rule(kind=st.sampled_from(["kvm", "gru", "xpmem", "hmm"]))
     def fence_and_register(self, kind: str) -> None:
+        if kind == "hmm":
+            self.hmm_fenced = True
         self.c.fence(kind, "test")
         self.c.pump()
         self.c.register(kind)
@@ -515,7 +550,7 @@ class ClusterMachine(RuleBasedStateMachine):
             memory.fail_allocs_after(None)
         c.pump()
         for (m, p), prot in list(self.prot.items()):
-            if m == mm and prot != "none":
+            if m == mm and prot != "none" and not self.poisoned(m, p):
                 self.data[(m, p)] = bytes(c.read(m, p, PS))
 
     # -- races: an invalidation held open while a node access runs ------------------
@@ -523,10 +558,11 @@ class ClusterMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.mms)
     @rule(op=st.sampled_from(["munmap", "dontneed", "dontneed_nb", "mprotect_r", "mprotect_none", "reclaim",
                               "migrate", "ksm"]),
-          pick=picks, page=picks, npages=st.integers(1, 2), who=st.sampled_from(["kvm", "gru", "xpmem"]),
+          pick=picks, page=picks, npages=st.integers(1, 2), who=st.sampled_from(["kvm", "gru", "xpmem", "hmm"]),
           nth=st.integers(0, 1), off=st.sampled_from(OFFSETS), write=st.booleans(),
           data=st.sampled_from(PATTERNS), prefault=st.booleans(),
-          twist=st.sampled_from(["none", "none", "duplicate", "fence"]), victim=st.sampled_from(["kvm", "gru", "xpmem"]))
+          twist=st.sampled_from(["none", "none", "duplicate", "fence"]),
+          victim=st.sampled_from(["kvm", "gru", "xpmem", "hmm"]))
     def race(self, op: str, pick: int, page: int, npages: int, who: str, nth: int, off: int,
              write: bool, data: bytes, prefault: bool, twist: str, victim: str) -> None:
         """An operation held open (``begin``) while a node access races it;
@@ -578,6 +614,7 @@ class ClusterMachine(RuleBasedStateMachine):
             token = c.submit_access(who, mm, taddr + off, n, payload)
         c.pump()
         if twist == "fence":
+            self.hmm_fenced |= victim == "hmm"
             c.fence(victim, "fenced in the middle of an operation")
             c.pump()  # its late ack, if any, is refused; it reads Fenced and drops everything
         error = None
@@ -629,13 +666,58 @@ class ClusterMachine(RuleBasedStateMachine):
         else:
             assert error is None or error.errno in (Errno.ENOMEM, Errno.EFAULT), error
 
+    # -- hmm: device-private migration and device-exclusive entries ---------------------
+
+    @precondition(lambda self: self.mms)
+    @rule(pick=picks, page=picks, npages=st.integers(1, 3), to=st.sampled_from(["dev", "dev", "sys", "exclusive"]))
+    def hmm_device(self, pick: int, page: int, npages: int, to: str) -> None:
+        """``mmn hmm migrate [--to sys]`` / ``exclusive``: the contents stay
+        what the shadow says, wherever they live."""
+        c = self.c
+        mapped = [m for m in self.mms if self.pages_of(m)]
+        if not mapped:
+            return
+        mm = mapped[pick % len(mapped)]
+        addr, length = self.pick_range(mm, page, npages)
+        c.core.grants.point("hmm", mm)
+        node = c.node("hmm")
+        call = {
+            "dev": lambda n: n.migrate(mm, addr, npages),
+            "sys": lambda n: n.migrate(mm, addr, npages, True),
+            "exclusive": lambda n: n.exclusive(mm, addr, npages),
+        }[to]
+        done = c.wait("hmm", c._start("hmm", call))
+        pages = [addr + i * PS for i in range(npages)]
+        if done.error is not None:
+            errno = done.error.errno
+            if to == "exclusive":
+                wanted = {expected_node_error(self.prot.get((mm, p)), True) for p in pages} - {None}
+                poisoned = any(self.poisoned(mm, p) for p in pages)
+                assert errno in wanted | ({Errno.EIO} if poisoned else set()), (to, done.error, wanted)
+            else:
+                # a range with nothing migratable is not an error; these are
+                assert errno is Errno.ENOMEM and to == "sys", (to, done.error)
+            return
+        assert done.result["cpages"] <= npages
+        if to == "dev":
+            assert node.device_pages or done.result["cpages"] == 0
+
     # -- whole-state checks -------------------------------------------------------------
 
     @rule()
     def verify_all(self) -> None:
-        """Every mapped, readable page reads as the shadow says, through the host."""
+        """Every mapped, readable page reads as the shadow says, through the
+        host (a poisoned one fails with EIO and serves nothing)."""
         for (mm, page), prot in sorted(self.prot.items()):
             if prot != "none":
+                if self.poisoned(mm, page):
+                    try:
+                        self.c.read(mm, page, PS)
+                    except KernelError as exc:
+                        assert exc.errno is Errno.EIO, exc
+                    else:
+                        raise AssertionError(f"poisoned {mm} {page:#x} served bytes")
+                    continue
                 assert self.c.read(mm, page, PS) == self.content(mm, page), (mm, hex(page))
 
     @invariant()
