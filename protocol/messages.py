@@ -65,6 +65,8 @@ _EVENTS = frozenset(
 )
 _KINDS = frozenset({"kvm", "gru", "xpmem"})
 _ACK_STATUS = frozenset({"ok", "EAGAIN"})
+#: protocol.types.Origin: whose context raised an invalidation
+_ORIGINS = frozenset({"owner", "ksmd", "kswapd", "migration"})
 
 
 # --------------------------------------------------------------------------
@@ -325,8 +327,11 @@ class XpmemReply(Message):
 @message
 @dataclass(frozen=True, slots=True)
 class InvalidateRangeStart(Message):
+    """``origin``: whose context raised it (``owner``, or the kernel threads
+    ``ksmd``, ``kswapd``, ``migration``; protocol.types.Origin)."""
+
     TYPE: ClassVar[str] = "invalidate_range_start"
-    CHOICES: ClassVar[dict[str, frozenset[str]]] = {"event": _EVENTS}
+    CHOICES: ClassVar[dict[str, frozenset[str]]] = {"event": _EVENTS, "origin": _ORIGINS}
     ADDRESSES: ClassVar[tuple[str, ...]] = ("start", "end")
     id: int
     mm: int
@@ -334,6 +339,7 @@ class InvalidateRangeStart(Message):
     end: int
     event: str
     blockable: bool = True
+    origin: str = "owner"
 
 
 @message
@@ -357,15 +363,18 @@ class ChangePte(Message):
 
     Only read-only ptes are passed on as change_pte (a writable new pte makes
     the node drop its entry); the node repoints or downgrades in place.
+    ``origin`` as for InvalidateRangeStart (KSM's are ``ksmd``).
     """
 
     TYPE: ClassVar[str] = "change_pte"
+    CHOICES: ClassVar[dict[str, frozenset[str]]] = {"origin": _ORIGINS}
     ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
     id: int
     mm: int
     addr: int
     pfn: int
     writable: bool
+    origin: str = "owner"
 
 
 @message
@@ -417,7 +426,10 @@ class Ack(Message):
     """The answer to a notifier callback named by ``ref``.
 
     ``status`` is ``ok`` or ``EAGAIN`` (non-blockable start refused by a
-    sleepable node).  ``young`` answers the aging callbacks.
+    sleepable node).  ``young`` answers the aging callbacks.  ``kept``: the
+    node acknowledged a start but kept its (pinned) translations of the
+    range -- xpmem ignoring a background invalidation -- so the host still
+    counts the range as served to it.
     """
 
     TYPE: ClassVar[str] = "ack"
@@ -425,6 +437,7 @@ class Ack(Message):
     ref: int
     status: str = "ok"
     young: bool = False
+    kept: bool = False
 
 
 @message
