@@ -1011,10 +1011,14 @@ class Model:
             return
         if not write and self.pending.get((mm, addr)) == pfn:
             return  # change_pte delivered, the pte not yet set: the new page, same contents
+        raise self.stale_access(node, mm, addr, pfn, write, f"the primary maps {pte}")
+
+    def stale_access(self, node: str, mm: int, addr: int, pfn: int, write: bool, why: str) -> KernelError:
+        """Count and log a stale access (the oracle's, or the host core's
+        permit check of an xpmem access); returns the ESTALE to answer."""
         self.stale_accesses += 1
-        logger.error("stale %s by %s: mm %s %#x pfn %s, the primary maps %s",
-                     "write" if write else "read", node, mm, addr, pfn, pte)
-        raise KernelError(Errno.ESTALE, f"mm {mm} {addr:#x} does not map pfn {pfn} for {node}")
+        logger.error("stale %s by %s: mm %s %#x pfn %s: %s", "write" if write else "read", node, mm, addr, pfn, why)
+        return KernelError(Errno.ESTALE, f"mm {mm} {addr:#x} pfn {pfn} for {node}: {why}")
 
     def dma_read(self, node: str, mm: int, addr: int, pfn: int, offset: int, length: int) -> bytes:
         """A node reads through its translation; checked against the primary.
@@ -1057,7 +1061,6 @@ class Model:
         pin, so the commit (:meth:`_still_mapped`) refuses the page."""
         out = []
         seen: set[int] = set()
-        mem = self.memory
         for vma in m.vmas_in(start, end):
             if vma.shmem is not None:
                 continue

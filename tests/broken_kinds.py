@@ -14,6 +14,7 @@ from typing import Any
 from node.base import MmState, Output
 from node.kinds import KINDS
 from node.kvm import KvmMMU
+from node.xpmem import XpmemMMU
 
 
 class AcksBeforeZapping(KvmMMU):
@@ -37,6 +38,27 @@ class NeverZaps(KvmMMU):
 
     def _zap(self, mm: int, start: int, end: int) -> list[Output]:
         return []
+
+
+class KeepsAttachmentsOnRemove(XpmemMMU):
+    """On ``XpmemRemoved`` acks, unpins (or, ``keep_pins``, not even that),
+    and goes on mapping its attachments of the removed segment: its later
+    accesses use the old pfns."""
+
+    keep_pins = False
+
+    def _receive_removed(self, msg: Any) -> list[Output]:
+        outputs: list[Output] = []
+        if not self.keep_pins:
+            apids = {a for a, p in self.permits.items() if p.segid == msg.segid}
+            for att in self.attachments.values():
+                if att.apid in apids:
+                    outputs += self._unpin(att.mm, [pfn for pfn, _ in att.ptes.values()])
+        return [*outputs, self._ack(msg.id)]
+
+
+class KeepsPinsOnRemove(KeepsAttachmentsOnRemove):
+    keep_pins = True
 
 
 BROKEN: dict[str, type[KvmMMU]] = {"acks-before-zap": AcksBeforeZapping, "never-zaps": NeverZaps}
