@@ -61,17 +61,24 @@ class KeepsPinsOnRemove(KeepsAttachmentsOnRemove):
     keep_pins = True
 
 
-BROKEN: dict[str, type[KvmMMU]] = {"acks-before-zap": AcksBeforeZapping, "never-zaps": NeverZaps}
+BROKEN: dict[str, type[KvmMMU] | type[XpmemMMU]] = {
+    "acks-before-zap": AcksBeforeZapping,
+    "never-zaps": NeverZaps,
+    "keeps-attachments-on-remove": KeepsAttachmentsOnRemove,
+    "keeps-pins-on-remove": KeepsPinsOnRemove,
+}
 
 
 def install(broken: str) -> None:
-    """Make ``broken`` the class of every kvm node this process starts
-    (``node.kinds.KINDS["kvm"]``); the other kinds stay correct.
+    """Make ``broken`` the class of every node of its kind this process
+    starts (``node.kinds.KINDS["kvm"]`` or ``["xpmem"]``); the other kinds
+    stay correct.
 
     Raises:
         ValueError: ``broken`` is not a name of :data:`BROKEN`.
     """
     try:
-        KINDS["kvm"] = BROKEN[broken]
+        cls = BROKEN[broken]
+        KINDS[cls.kind] = cls
     except KeyError:
         raise ValueError(f"MMN_TEST_BROKEN must be one of {', '.join(BROKEN)}, not {broken!r}") from None

@@ -11,6 +11,11 @@ cluster, and the host core driven by hand as a node would drive it.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -166,3 +171,37 @@ def test_an_access_through_a_revoked_attachment_is_stale() -> None:
     assert reply.ok and n.stale == 0
     assert n.read(mm, base, pfn).errno == "ESTALE" and n.stale == 1
     assert n.write(mm, base, pfn).errno == "ESTALE" and n.stale == 2
+
+
+def test_real_processes_an_xpmem_node_that_keeps_its_attachment_after_remove_is_counted_stale(
+        tmp_path: Path) -> None:
+    """``mmn up`` whose xpmem nodes keep their attachments of a removed
+    segment (tests/broken_site puts the broken kind in every process): the
+    importer's later read is refused (ESTALE) and ``mmn status`` counts it."""
+    import mmnotify
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMN_")}
+    env.update(MMN_TEST_BROKEN="keeps-attachments-on-remove",
+               PYTHONPATH=os.pathsep.join((str(root / "tests" / "broken_site"), str(root))))
+    up = subprocess.run([sys.executable, "-m", "mmn", "up", "--kvm", "0", "--gru", "0", "--xpmem", "2",
+                         "--port-base", "0", "--detach", "--json", "--logs", str(tmp_path)],
+                        capture_output=True, text=True, env=env, cwd=root, timeout=90)
+    assert up.returncode == 0, up.stderr[-2000:]
+    ready = json.loads(up.stdout.splitlines()[0])
+    try:
+        c = mmnotify.SyncClient(ready["admin"], keys=ready.get("keys"))
+        mm = c.spawn()
+        addr = c.mmap(mm, pages=1, fill=0x53)
+        segid = c.xpmem_make("xpmem0", mm=mm, addr=addr, length=PS, mode=0o666)
+        vaddr = c.xpmem_attach("xpmem1", apid=c.xpmem_get("xpmem1", segid=segid, write=True), length=PS)
+        assert c.access("xpmem1", mm=mm, addr=vaddr, length=2).data == b"SS"
+        c.xpmem_remove("xpmem0", segid=segid)
+        assert c.status().stale_accesses == 0
+        with pytest.raises(mmnotify.KernelError) as err:
+            c.access("xpmem1", mm=mm, addr=vaddr, length=2)
+        assert err.value.errno is mmnotify.Errno.ESTALE
+        assert c.status().stale_accesses == 1
+    finally:
+        subprocess.run([sys.executable, "-m", "mmn", "down", "--host", ready["admin"]], env=env, cwd=root,
+                       capture_output=True, timeout=30)
