@@ -376,8 +376,11 @@ def revoke(core: Any, node: str, mm: int) -> Task[dict[str, Any]]:
     if not core.grants.revoke(node, mm):
         raise KernelError(Errno.ENOENT, f"{node} holds no grant of mm {mm}")
     core.segments.forget_node_mm(node, mm)
-    if mm in core.model.mms:
-        yield Locked(core.notifier.unregister(node, mm))
+    try:
+        if mm in core.model.mms:
+            yield Locked(core.notifier.unregister(node, mm))
+    finally:
+        core.segments.retired(node, mm=mm)  # the node acked its ->release: accesses in flight are in
     dropped = core.model.drop_pins(node, mm)
     core.publish("revoked", node=node, mm=mm)
     return {"node": node, "mm": mm, "unpinned": dropped}

@@ -676,7 +676,7 @@ class HostCore:
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, DmaRead | DmaWrite):
-            self._send(identity, self._dma(name, msg))
+            self._send(identity, self._dma(name, msg, session.kind))
             return
         if isinstance(msg, Gup):
             if not self.may_reach(name, msg.mm, msg.write):
@@ -854,21 +854,37 @@ class HostCore:
             self._send(session.identity, XpmemReply(ref=msg.id))
 
     def _xpmem_clear(self, importers: list[str], segid: int) -> Op[None]:
-        new_id = self.notifier.new_id
-        yield Deliver(tuple((node, XpmemRemoved(id=new_id(), segid=segid)) for node in importers))
+        msg = XpmemRemoved(id=self.notifier.new_id(), segid=segid)
+        self.segments.zap_sent(segid, msg.id)  # each importer's permits retire with its ack
+        try:
+            yield Deliver(tuple((node, msg) for node in importers))
+        finally:
+            self.segments.retired(segid=segid)
 
-    def _dma(self, name: str, msg: DmaRead | DmaWrite) -> DmaReply:
+    def _dma(self, name: str, msg: DmaRead | DmaWrite, kind: str = "") -> DmaReply:
         """A node's access through its translation, checked by the oracle
         (``DmaReply.errno`` is ESTALE when refused; the model counts it).
         Never takes the lock.  Before the oracle: an access to an mm the node
         may not reach is refused (EACCES, ``refused_accesses``), and one
         naming a frame never handed to it is a forgery (EACCES,
-        ``forged_accesses``); neither is a stale access."""
+        ``forged_accesses``); neither is a stale access.
+
+        An xpmem node reaches memory only through its attachments: an access
+        of a frame it was handed must go through a permit of its own on a
+        segment covering the address, read-write for a write
+        (:meth:`broker.xpmem.Segments.covers`); through a removed, revoked
+        or released one, outside the segment, or a write through a read-only
+        permit, it is a stale access."""
         write = not isinstance(msg, DmaRead)
-        if not self.may_reach(name, msg.mm, write):
+        through_permit = kind == "xpmem" and self._was_handed(name, msg.pfn)
+        if through_permit and not self.segments.covers(name, msg.mm, msg.addr, write):
+            exc = self.model.stale_access(name, msg.mm, msg.addr, msg.pfn, write, "no permit of it covers the page")
+            self.publish("stale_access", node=name, mm=msg.mm, addr=msg.addr, pfn=msg.pfn)
+            return DmaReply(ref=msg.id, errno=exc.errno.value)
+        if not through_permit and not self.may_reach(name, msg.mm, write):
             self._refused(name, msg.mm, "dma")
             return DmaReply(ref=msg.id, errno=Errno.EACCES.value)
-        if not self._was_handed(name, msg.pfn):
+        if not through_permit and not self._was_handed(name, msg.pfn):
             self.counters["forged_accesses"] += 1
             self.publish("forged_access", node=name, mm=msg.mm, addr=msg.addr, pfn=msg.pfn)
             return DmaReply(ref=msg.id, errno=Errno.EACCES.value)
@@ -1166,6 +1182,8 @@ class HostCore:
             self._ready.append(("run", run))
 
     def _on_ack(self, name: str, msg: Ack) -> None:
+        if self.segments.retiring:
+            self.segments.acked(name, msg.ref)  # an XpmemRemoved's: its permits are gone now
         run = self._holder
         waiting = run.waiting if run is not None else None
         late = waiting is None or waiting.get(name) != msg.ref

@@ -18,8 +18,10 @@ vma, in address order across the mms (one pass = one ``full_scans``):
 
 Merging one page (``try_to_merge_one_page``) is ``write_protect_page`` (the
 nodes are told with change_pte -- read-only, in place -- or a one-page
-invalidation, and the page's pin count is checked only after they acked:
-a node that pinned it, xpmem, unpins when invalidated), then the contents are
+invalidation, both of origin ksmd, and the page's pin count is checked only
+after they acked: a node that pinned it, xpmem, keeps its pin through ksmd's
+invalidation, as hpc/xpmem ignores invalidations not raised by the segment
+owner, so the check fails and the page is left), then the contents are
 compared -- only now, when no node can still write through an old writable
 entry -- then ``replace_page`` (change_pte to the KSM page, set the pte, drop
 the old page).  A page still pinned is never merged.
@@ -54,7 +56,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from protocol.types import Errno, KernelError
+from protocol.types import Errno, KernelError, Origin
 
 from .effects import Op
 from .memory import PG_ANON_EXCLUSIVE, PG_DIRTY, PG_KSM, ZERO_PFN, PhysicalMemory
@@ -74,11 +76,11 @@ class PrimaryMmu(Protocol):
     page_size: int
 
     def set_pte_at_notify(self, mm: int, addr: int, pfn: int, writable: bool, commit: Callable[[], T],
-                          *, wrap: bool) -> Op[T]: ...
+                          *, wrap: bool, origin: Origin = Origin.OWNER) -> Op[T]: ...
 
     def put_page(self, pfn: int) -> None: ...
 
-    def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]: ...
+    def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool, origin: Origin = Origin.OWNER) -> Op[int]: ...
 
 logger = logging.getLogger(__name__)
 
@@ -484,7 +486,7 @@ class Ksm:
             self._account(tree_key)  # stable_tree_append counts it now
             return
         try:
-            yield from self._break_ksm(m, key[1])
+            yield from self._break_ksm(m, key[1], Origin.KSMD)
         except KernelError as exc:
             # mm/ksm.c try_to_merge_two_pages: "break_cow(rmap_item)" and its
             # result is ignored; ksmd goes on.  The page stays a KSM page with
@@ -538,7 +540,8 @@ class Ksm:
             mem.flags[pfn] = (mem.flags[pfn] | PG_DIRTY) & ~PG_ANON_EXCLUSIVE
             return True
 
-        return (yield from model.set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte))
+        return (yield from model.set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte,
+                                                   origin=Origin.KSMD))
 
     def _replace_page(self, m: Mm, addr: int, pfn: int, kpfn: int) -> Op[bool]:
         """``replace_page``: change_pte to the KSM page, set the pte, drop the old page."""
@@ -559,7 +562,8 @@ class Ksm:
             model.put_page(pfn)
             return True
 
-        return (yield from model.set_pte_at_notify(m.id, addr, kpfn, False, commit, wrap=model.wrap_change_pte))
+        return (yield from model.set_pte_at_notify(m.id, addr, kpfn, False, commit, wrap=model.wrap_change_pte,
+                                                   origin=Origin.KSMD))
 
     def _merge_with_zero_page(self, m: Mm, addr: int, pfn: int) -> Op[bool]:
         """``use_zero_pages``: an all-zero page is replaced by the zero page."""
@@ -580,13 +584,15 @@ class Ksm:
             self.ksm_zero_pages += 1
             return True
 
-        return (yield from model.set_pte_at_notify(m.id, addr, ZERO_PFN, False, commit, wrap=model.wrap_change_pte))
+        return (yield from model.set_pte_at_notify(m.id, addr, ZERO_PFN, False, commit, wrap=model.wrap_change_pte,
+                                                   origin=Origin.KSMD))
 
     # -- unmerging ----------------------------------------------------------------------
 
-    def _break_ksm(self, m: Mm, addr: int) -> Op[None]:
+    def _break_ksm(self, m: Mm, addr: int, origin: Origin = Origin.OWNER) -> Op[None]:
         """``break_ksm``: an unsharing fault replaces a KSM (or KSM zero) page
-        by a private copy."""
+        by a private copy (``origin``: the owner's MADV_UNMERGEABLE, or
+        ksmd's ``break_cow``)."""
         pte = m.get(addr)
         if not pte & PTE_PRESENT:
             return
@@ -598,13 +604,13 @@ class Ksm:
         # the copy is mapped read-only (mm/ksm.c break_ksm, mm/memory.c
         # wp_page_copy with unshare)
         writable = vma is not None and vma.prot is Prot.RW and not vma.shared
-        yield from self.model.cow_break(m, addr, pte, writable=writable)
+        yield from self.model.cow_break(m, addr, pte, writable=writable, origin=origin)
 
-    def unmerge_range(self, m: Mm, start: int, end: int) -> Op[None]:
+    def unmerge_range(self, m: Mm, start: int, end: int, origin: Origin = Origin.OWNER) -> Op[None]:
         """``unmerge_ksm_pages`` (MADV_UNMERGEABLE): every KSM page of the range unshared."""
         for addr, _pte in list(m.populated_in(start, end)):
             if m.id in self.model.mms:
-                yield from self._break_ksm(m, addr)
+                yield from self._break_ksm(m, addr, origin)
         for key in [k for k in self.rmap if k[0] == m.id and start <= k[1] < end]:
             self.forget(*key)
 
@@ -616,7 +622,8 @@ class Ksm:
                 continue
             for vma in list(m.vmas):
                 if vma.mergeable:
-                    yield from self.unmerge_range(m, vma.start, vma.end)
+                    # run = 2 is not the owner's doing (the sysfs writer's context)
+                    yield from self.unmerge_range(m, vma.start, vma.end, Origin.KSMD)
         self.rmap.clear()
         self.accounted.clear()
         self._items_per_mm.clear()

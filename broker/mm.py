@@ -49,9 +49,17 @@ exception thrown in by the driver); what the body did stays done.  See
 
 Reverse map (:meth:`Model.rmap_walk`): anonymous pages shared by fork and KSM
 pages are found in every mm that maps them, so reclaim and migration take
-them.  Not modelled: reclaim and migration of shmem pages (skipped, as are
-pinned pages); migration entries (the invalidations of one page's mappings
-nest instead); transparent huge pages; file mappings.
+them.  Not modelled: reclaim and migration of shmem pages (skipped);
+migration entries (the invalidations of one page's mappings nest instead);
+compaction (which skips pinned pages before it isolates them, sending
+nothing); transparent huge pages; file mappings.
+
+Origins (:class:`protocol.types.Origin`, on every start and change_pte):
+munmap, exit, mprotect, madvise, fork and COW faults are the owner's;
+reclaim's are kswapd's, migration's migration's, KSM's ksmd's.  A pinned
+page stays through the background ones: the pin holder (xpmem) keeps its
+pin, and reclaim, migration and KSM check the pin after the acks and leave
+the page (mm/rmap.c, mm/migrate.c, mm/ksm.c ``write_protect_page``).
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from protocol.status import VMAS_SHOWN
-from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
+from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Origin, Range
 
 from .devmem import DevicePrivate
 from .effects import Op
@@ -704,7 +712,8 @@ class Model:
             return pfn, False
         return pfn, bool(pte & PTE_WRITE)
 
-    def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool) -> Op[int]:
+    def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool,
+                  origin: Origin = Origin.OWNER) -> Op[int]:
         """``wp_page_copy`` (``do_wp_page`` before 4.x), in the host's era:
 
         - 3.7–6.9 (``wrap_change_pte``): start(CLEAR) of the page, copy,
@@ -719,7 +728,8 @@ class Model:
           invalidate_page fallback to nodes without it).
 
         The new page is allocated before anything is sent (ENOMEM sends
-        nothing) and freed again on any exit before the commit."""
+        nothing) and freed again on any exit before the commit.  ``origin``:
+        the owner's write fault, or ksmd's ``break_cow``."""
         mem = self.memory
         old = pte >> PTE_SHIFT
         new = mem.alloc(zero=old == ZERO_PFN)
@@ -736,9 +746,9 @@ class Model:
             if old != ZERO_PFN:
                 mem.copy(new, old)  # after the acks: no node writes the old page any more
             mem.flags[new] = PG_ANON | PG_ANON_EXCLUSIVE
-            yield from self.set_pte_at_notify(m.id, page, new, writable, commit, wrap=False)
+            yield from self.set_pte_at_notify(m.id, page, new, writable, commit, wrap=False, origin=origin)
 
-        rng = Range(m.id, page, page + self.page_size, NotifyEvent.CLEAR)
+        rng = Range(m.id, page, page + self.page_size, NotifyEvent.CLEAR, origin=origin)
         try:
             if self.wrap_change_pte:
                 yield from self.notifier.invalidate_range(rng, copy_and_set)
@@ -753,14 +763,15 @@ class Model:
         return new
 
     def set_pte_at_notify(self, mm: int, addr: int, pfn: int, writable: bool, commit: Callable[[], T],
-                           *, wrap: bool) -> Op[T]:
+                           *, wrap: bool, origin: Origin = Origin.OWNER) -> Op[T]:
         """``set_pte_at_notify`` (include/linux/mmu_notifier.h): tell the nodes
         (change_pte, or a one-page invalidation for those without it), then
         ``commit()`` sets the primary pte.  While it is delivered GUP-fast does
         not serve ``addr`` (the kernel has cleared the pte) and a node that
         already repointed may read ``pfn``.  ``wrap``: the 3.7–6.9 kernels'
         start/end(CLEAR) around it (KSM's ``write_protect_page``/``replace_page``),
-        the end paired on every exit path.
+        the end paired on every exit path.  ``origin``: whose context
+        (KSM's: ksmd), on every message it sends.
 
         Returns:
             What ``commit`` returns.
@@ -774,13 +785,13 @@ class Model:
         def notify_and_commit(_inv: Any) -> Op[T]:
             self.pending[key] = pfn
             try:
-                yield from self.notifier.change_pte(mm, addr, pfn, writable)
+                yield from self.notifier.change_pte(mm, addr, pfn, writable, origin)
                 return commit()
             finally:
                 self.pending.pop(key, None)
 
         if wrap:
-            rng = Range(mm, addr, addr + self.page_size, NotifyEvent.CLEAR)
+            rng = Range(mm, addr, addr + self.page_size, NotifyEvent.CLEAR, origin=origin)
             return (yield from self.notifier.invalidate_range(rng, notify_and_commit))
         return (yield from notify_and_commit(None))
 
@@ -1032,10 +1043,14 @@ class Model:
             return
         if not write and self.pending.get((mm, addr)) == pfn:
             return  # change_pte delivered, the pte not yet set: the new page, same contents
+        raise self.stale_access(node, mm, addr, pfn, write, f"the primary maps {pte}")
+
+    def stale_access(self, node: str, mm: int, addr: int, pfn: int, write: bool, why: str) -> KernelError:
+        """Count and log a stale access (the oracle's, or the host core's
+        permit check of an xpmem access); returns the ESTALE to answer."""
         self.stale_accesses += 1
-        logger.error("stale %s by %s: mm %s %#x pfn %s, the primary maps %s",
-                     "write" if write else "read", node, mm, addr, pfn, pte)
-        raise KernelError(Errno.ESTALE, f"mm {mm} {addr:#x} does not map pfn {pfn} for {node}")
+        logger.error("stale %s by %s: mm %s %#x pfn %s: %s", "write" if write else "read", node, mm, addr, pfn, why)
+        return KernelError(Errno.ESTALE, f"mm {mm} {addr:#x} pfn {pfn} for {node}: {why}")
 
     def dma_read(self, node: str, mm: int, addr: int, pfn: int, offset: int, length: int) -> bytes:
         """A node reads through its translation; checked against the primary.
@@ -1063,14 +1078,21 @@ class Model:
 
     def _rmap_candidates(self, m: Mm, start: int, end: int) -> list[tuple[int, int]]:
         """(addr, pfn) of the range's present anonymous pages that reclaim and
-        migration may take: private (shmem goes through its page cache, not
-        modelled), not the zero page, not pinned (the kernel's refcount check:
-        ``folio_maybe_dma_pinned``, ``folio_ref_freeze`` in
-        ``migrate_folio``).  Each pfn once (a KSM page mapped at several
-        addresses of the range is one page to move)."""
+        migration try: private (shmem goes through its page cache, not
+        modelled), not the zero page.  Each pfn once (a KSM page mapped at
+        several addresses of the range is one page to move).
+
+        Pinned pages are tried too, as the kernel does: ``try_to_unmap_one``
+        and ``try_to_migrate_one`` (mm/rmap.c) raise the page's invalidation
+        first, then find it pinned (``folio_try_share_anon_rmap_pte`` fails:
+        ``folio_maybe_dma_pinned``), put the pte back and fail; reclaim
+        keeps the folio (mm/vmscan.c ``shrink_folio_list``: activate_locked),
+        migration leaves it where it is (mm/migrate.c: the folio stays
+        mapped, -EAGAIN, in the end a failed page).  A pinned holder
+        (xpmem) ignores those kswapd / migration invalidations and keeps its
+        pin, so the commit (:meth:`_still_mapped`) refuses the page."""
         out = []
         seen: set[int] = set()
-        mem = self.memory
         for vma in m.vmas_in(start, end):
             if vma.shmem is not None:
                 continue
@@ -1078,7 +1100,7 @@ class Model:
                 if not pte & PTE_PRESENT:
                     continue
                 pfn = pte >> PTE_SHIFT
-                if pfn != ZERO_PFN and not mem.pincount[pfn] and pfn not in seen:
+                if pfn != ZERO_PFN and pfn not in seen:
                     seen.add(pfn)
                     out.append((addr, pfn))
         return out
@@ -1150,7 +1172,8 @@ class Model:
                 return False
         return mem.mapcount[pfn] == len(mappings) and not mem.pincount[pfn]
 
-    def _under_every_mapping(self, mappings: list[tuple[Mm, int]], commit: Callable[[], T]) -> Op[T]:
+    def _under_every_mapping(self, mappings: list[tuple[Mm, int]], commit: Callable[[], T],
+                             origin: Origin) -> Op[T]:
         """``try_to_unmap`` / ``try_to_migrate`` of one page: one
         start/end(CLEAR) of the page per mapping (``try_to_unmap_one``,
         ``try_to_migrate_one``: ``mmu_notifier_range_init(&range,
@@ -1162,13 +1185,14 @@ class Model:
         model has no migration entries, so the invalidations nest instead
         (a start per mapping, the commit, the ends in reverse order): while
         they are open GUP-fast serves none of the mappings, and a cancel
-        before the commit leaves every pte as it was."""
+        before the commit leaves every pte as it was.  ``origin``: kswapd
+        (reclaim) or migration, on each start."""
         if not mappings:
             return commit()
         m, a = mappings[0]
-        rng = Range(m.id, a, a + self.page_size, NotifyEvent.CLEAR)
+        rng = Range(m.id, a, a + self.page_size, NotifyEvent.CLEAR, origin=origin)
         return (yield from self.notifier.invalidate_range(
-            rng, lambda _inv: self._under_every_mapping(mappings[1:], commit)))
+            rng, lambda _inv: self._under_every_mapping(mappings[1:], commit, origin)))
 
     def reclaim(self, mm: int, addr: int, length: int) -> Op[int]:
         """Page out the range's anonymous pages to swap, with aging, through
@@ -1180,7 +1204,8 @@ class Model:
         gets a second chance.  Otherwise a swap slot, then ``try_to_unmap``
         (:meth:`_under_every_mapping`): the page written to the slot, every
         pte becomes the swap entry (``swap_duplicate`` per further mapping),
-        the frame is freed.  Shmem and pinned pages are skipped.
+        the frame is freed.  Shmem pages are skipped; a pinned page gets its
+        invalidations (origin kswapd) and stays (:meth:`_rmap_candidates`).
 
         Returns:
             Pages swapped out.
@@ -1218,7 +1243,9 @@ class Model:
             def try_to_unmap(pfn: int = pfn, slot: int = slot, mappings: list[tuple[Mm, int]] = mappings) -> bool:
                 nonlocal used
                 if not self._still_mapped(pfn, mappings):
-                    return False  # changed or pinned meanwhile: try_to_unmap fails
+                    # changed, or pinned: try_to_unmap fails, the page stays
+                    self.counters["reclaim_failed"] += 1
+                    return False
                 self.swap.write(slot, self.memory.page(pfn))
                 for i, (other, at) in enumerate(mappings):
                     self._unmap_pte(other, at, other.get(at))
@@ -1229,7 +1256,7 @@ class Model:
                 return True
 
             try:
-                yield from self._under_every_mapping(mappings, try_to_unmap)
+                yield from self._under_every_mapping(mappings, try_to_unmap, Origin.KSWAPD)
             finally:
                 if not used:
                     self.swap.free(slot)
@@ -1247,8 +1274,9 @@ class Model:
         the new frame first (ENOMEM before anything is sent), then one
         start/end(CLEAR) per mapping (:meth:`_under_every_mapping`; ordinary
         migration raises CLEAR, MIGRATE is ``migrate_vma_*``'s, for device
-        memory), the copy, every pte repointed, the old frame freed.  Pinned
-        and shmem pages stay (the kernel's refcount check fails for them).
+        memory; origin migration), the copy, every pte repointed, the old
+        frame freed.  Shmem pages stay; a pinned page gets its invalidations
+        and stays (``try_to_migrate_one`` fails for it, :meth:`_rmap_candidates`).
 
         Returns:
             Pages migrated.
@@ -1271,6 +1299,7 @@ class Model:
                 def move(pfn: int = pfn, new: int = new, mappings: list[tuple[Mm, int]] = mappings) -> None:
                     nonlocal done
                     if not self._still_mapped(pfn, mappings):
+                        self.counters["migrate_failed"] += 1  # changed, or pinned (EAGAIN)
                         return
                     mem.copy(new, pfn)  # after every node acked: no write through an old entry
                     mem.flags[new] = mem.flags[pfn]
@@ -1288,7 +1317,7 @@ class Model:
                     done = True
 
                 try:
-                    yield from self._under_every_mapping(mappings, move)
+                    yield from self._under_every_mapping(mappings, move, Origin.MIGRATION)
                 finally:
                     if not done:
                         mem.flags[new] = 0

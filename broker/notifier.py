@@ -90,7 +90,7 @@ from protocol.messages import (
     Release,
     TestYoung,
 )
-from protocol.types import NOTIFIER_OPS, Errno, KernelError, NotifyEvent, Range
+from protocol.types import NOTIFIER_OPS, Errno, KernelError, NotifyEvent, Origin, Range
 
 from .effects import Deliver, Op, Outcomes
 from .interval import IntervalNotifiers
@@ -441,6 +441,7 @@ class NotifierCore:
             event=NotifyEvent(rng.event).value,
             blockable=rng.blockable,
             owner=rng.owner,
+            origin=Origin(rng.origin).value,
         )
         generations = {s.node: self.nodes[s.node].generation for s in holders}
         # Open from the moment the start is sent, not only once it is acked:
@@ -477,8 +478,12 @@ class NotifierCore:
         # zapped the range.  Nothing is served to them across a later yield
         # and then erased here (a GUP served while the compensating end below
         # is in flight must stay recorded, or the next munmap misses the node).
+        # A node that kept its pinned translations (``Ack.kept``: xpmem and a
+        # background origin) still holds the range.
+        kept = {name for name, ack in outcomes.items() if ack is not None and ack.kept}
         for name, _ in started:
-            self.served(name, rng.mm).remove(rng.start, rng.end)
+            if name not in kept:
+                self.served(name, rng.mm).remove(rng.start, rng.end)
             self.intervals.set_seq(name, rng.mm, rng.start, rng.end, cur_seq)
         refused = [name for name, ack in outcomes.items() if ack is not None and ack.status != "ok"]
         if refused:
@@ -553,9 +558,11 @@ class NotifierCore:
 
     # -- change_pte (set_pte_at_notify) --------------------------------------
 
-    def change_pte(self, mm: int, addr: int, pfn: int, writable: bool) -> Op[None]:
+    def change_pte(self, mm: int, addr: int, pfn: int, writable: bool,
+                   origin: Origin = Origin.OWNER) -> Op[None]:
         """The notifier half of ``set_pte_at_notify``; call it BEFORE setting
-        the primary pte, as the macro does.
+        the primary pte, as the macro does.  ``origin``: whose context calls
+        it (KSM's: ksmd), carried by the ChangePte and the fallback start.
 
         Nodes implementing change_pte repoint or downgrade their entry in place
         (read-only only: a writable new pte is an invalidation for them, they
@@ -578,7 +585,8 @@ class NotifierCore:
                             names[name] = gen
             if names:
                 self.counters["change_pte"] += 1
-                msg = ChangePte(id=next(self._ids), mm=mm, addr=addr, pfn=pfn, writable=writable)
+                msg = ChangePte(id=next(self._ids), mm=mm, addr=addr, pfn=pfn, writable=writable,
+                                origin=origin.value)
                 yield self._deliver([(name, msg) for name in names])
             return
         holders = [
@@ -592,7 +600,7 @@ class NotifierCore:
         sends: list[tuple[str, object]] = []
         if repoint:
             self.counters["change_pte"] += 1
-            msg = ChangePte(id=next(self._ids), mm=mm, addr=addr, pfn=pfn, writable=writable)
+            msg = ChangePte(id=next(self._ids), mm=mm, addr=addr, pfn=pfn, writable=writable, origin=origin.value)
             sends += [(s.node, msg) for s in repoint]
         start_id = next(self._ids)
         cur_seq = 0
@@ -601,13 +609,14 @@ class NotifierCore:
             self.counters["invalidate_range_start"] += 1
             cur_seq = self.intervals.inv_start(mm, start_id, addr, end)
             start = InvalidateRangeStart(
-                id=start_id, mm=mm, start=addr, end=end, event=NotifyEvent.CLEAR.value, blockable=True
+                id=start_id, mm=mm, start=addr, end=end, event=NotifyEvent.CLEAR.value, blockable=True,
+                origin=origin.value,
             )
             sends += [(s.node, self._with_seqs(start, s.node, cur_seq)) for s in fallback]
         if not sends:
             return
         generations = {name: self.nodes[name].generation for name, _ in sends}
-        rng = Range(mm, addr, end, NotifyEvent.CLEAR)
+        rng = Range(mm, addr, end, NotifyEvent.CLEAR, origin=origin)
         # the fallback's one-page start, for pairing its end on every path
         sent = Invalidation(rng, start_id, tuple((s.node, generations[s.node]) for s in fallback))
         try:
@@ -623,8 +632,9 @@ class NotifierCore:
             ack = outcomes.get(s.node)
             if ack is not None and ack.status == "ok" and self._alive(s.node, generations[s.node]):
                 # removed now, with the acks: a GUP served while the end below
-                # is in flight stays recorded
-                s.served.remove(addr, end)
+                # is in flight stays recorded (unless the node kept its pins)
+                if not ack.kept:
+                    s.served.remove(addr, end)
                 self.intervals.set_seq(s.node, mm, addr, end, cur_seq)
                 started.append((s.node, generations[s.node]))
         if started:

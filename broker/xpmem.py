@@ -11,6 +11,17 @@ authenticated connection), never what a message claims.
 Permission mode (octal, as XPMEM's ``permit_value``): the owner's bits
 (0o600) apply to the exporting node, the others' bits (0o006) to every other
 node; group bits are not modelled (nodes have no groups).
+
+The DMA oracle asks :meth:`Segments.covers` whether an xpmem node's access
+goes through a permit of its own (read-write for a write) on a segment
+covering the address.  A permit that ends while its holder may still have
+accesses in flight -- a remove (the holder zaps on ``XpmemRemoved``) or a
+revoke (on ``->release``) -- is *retiring* until the holder has acked that
+zap: no new pin through it, but the accesses it sent before the zap are
+answered.  After the ack, an access through it is a stale access::
+
+    live --remove / revoke--> retiring --holder's ack (or fence)--> gone
+    live --release (the node unmapped and unpinned first)---------> gone
 """
 
 from __future__ import annotations
@@ -46,6 +57,8 @@ class Segments:
         self.page_size = page_size
         self.segments: dict[int, Segment] = {}
         self.permits: dict[int, Permit] = {}
+        #: node -> apid -> (permit, segment, id of the message whose ack ends it; 0: not sent yet)
+        self.retiring: dict[str, dict[int, tuple[Permit, Segment, int]]] = {}
         self._segids = itertools.count(1)
         self._apids = itertools.count(1)
 
@@ -95,7 +108,51 @@ class Segments:
         gone = [p for p in self.permits.values() if p.segid == segid]
         for p in gone:
             del self.permits[p.apid]
+            self.retiring.setdefault(p.node, {})[p.apid] = (p, seg, 0)
         return gone
+
+    def zap_sent(self, segid: int, msg_id: int) -> None:
+        """The retiring permits of ``segid`` end with their holder's ack of ``msg_id``."""
+        for held in self.retiring.values():
+            for apid, (p, seg, _) in list(held.items()):
+                if seg.segid == segid:
+                    held[apid] = (p, seg, msg_id)
+
+    def acked(self, node: str, msg_id: int) -> None:
+        """``node`` acked ``msg_id``: the permits retiring until then are gone."""
+        held = self.retiring.get(node)
+        if held:
+            for apid in [a for a, (_, _, until) in held.items() if until == msg_id]:
+                del held[apid]
+            if not held:
+                del self.retiring[node]
+
+    def retired(self, node: str | None = None, *, segid: int | None = None, mm: int | None = None) -> None:
+        """The retiring permits of ``node`` (every node: None) on segment
+        ``segid`` / of ``mm`` (any: None) are gone: the zap is over."""
+        for name in [node] if node is not None else list(self.retiring):
+            held = self.retiring.get(name, {})
+            for apid in [a for a, (_, seg, _) in held.items()
+                         if (segid is None or seg.segid == segid) and (mm is None or seg.mm == mm)]:
+                del held[apid]
+            if not held:
+                self.retiring.pop(name, None)
+
+    def covers(self, node: str, mm: int, addr: int, write: bool) -> bool:
+        """Does a permit of ``node``, live or retiring, on a segment of
+        ``mm`` cover the page at ``addr`` (read-write for a write)?  An xpmem
+        access through anything else is stale: its attachment was removed,
+        revoked or released, it is outside the segment, or it writes through
+        a read-only permit."""
+        for permit in self.permits.values():
+            if permit.node == node and (permit.write or not write):
+                seg = self.segments.get(permit.segid)
+                if seg is not None and seg.mm == mm and seg.addr <= addr < seg.addr + seg.length:
+                    return True
+        for permit, seg, _ in self.retiring.get(node, {}).values():
+            if (permit.write or not write) and seg.mm == mm and seg.addr <= addr < seg.addr + seg.length:
+                return True
+        return False
 
     def may_pin(self, node: str, mm: int, addr: int, end: int, write: bool) -> bool:
         """Does ``node`` hold a permit covering ``[addr, end)`` of ``mm``
@@ -119,19 +176,23 @@ class Segments:
         return False
 
     def forget_node_mm(self, node: str, mm: int) -> None:
-        """``revoke``: ``node``'s permits on segments of ``mm`` end."""
+        """``revoke``: ``node``'s permits on segments of ``mm`` end (retiring
+        until the node has acked its ``->release``: :meth:`retired`)."""
         for apid in [a for a, p in self.permits.items()
                      if p.node == node and (seg := self.segments.get(p.segid)) is not None and seg.mm == mm]:
-            del self.permits[apid]
+            permit = self.permits.pop(apid)
+            self.retiring.setdefault(node, {})[apid] = (permit, self.segments[permit.segid], 0)
 
     def forget_node(self, node: str) -> None:
         """A fenced node's permits are gone (its segments stay: the exporting
         mm still exists)."""
         for apid in [a for a, p in self.permits.items() if p.node == node]:
             del self.permits[apid]
+        self.retiring.pop(node, None)
 
     def forget_mm(self, mm: int) -> None:
         for segid in [s for s, seg in self.segments.items() if seg.mm == mm]:
             del self.segments[segid]
             for apid in [a for a, p in self.permits.items() if p.segid == segid]:
                 del self.permits[apid]
+        self.retired(mm=mm)

@@ -34,7 +34,8 @@ not happen between the request and the reply, and the channel is ordered, so
 
 Invariant (checked by tests/test_node_kinds.py for every kind): a translation
 never outlives a start that overlaps it and that was received after the GUP
-that produced it was sent.
+that produced it was sent -- except a pinned translation through a background
+invalidation (xpmem, ``Ack.kept``): the pin keeps the page where it is.
 
 Concurrency: none.  One caller at a time (the runtime's node task, or a test).
 """
@@ -471,8 +472,8 @@ class SecondaryMMU:
             return self._unsubscribed(request, reply)
         raise TypeError(f"{self.name}: no handler for a reply to {type(request).__name__}")
 
-    def _ack(self, ref: int, status: str = "ok", young: bool = False) -> Ack:
-        ack = Ack(ref=ref, status=status, young=young)
+    def _ack(self, ref: int, status: str = "ok", young: bool = False, kept: bool = False) -> Ack:
+        ack = Ack(ref=ref, status=status, young=young, kept=kept)
         self._answered[ref] = ack
         while len(self._answered) > ANSWERED_CACHE:
             self._answered.popitem(last=False)

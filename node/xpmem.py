@@ -22,7 +22,16 @@ A fault on an attachment GUPs the exporter's mm with ``pin=True``; every page
 mapped holds one pin, dropped (``Unpin``) whenever the page is unmapped:
 detach, release, invalidation, a GUP reply that is discarded or redundant.
 
-Invalidation is **sleepable**::
+Only the owner's invalidations reach the attachments (xpmem_mmu_notifier.c
+``xpmem_invalidate_range``: "if (seg_tg->tgid != current->tgid) return;")::
+
+    start(range, origin ksmd / kswapd / migration)
+                                   → Ack(kept=True if it maps a page there):
+                                     nothing unmapped, no pin dropped; the
+                                     host finds the page pinned and leaves it
+
+The owner's (origin ``owner``: munmap, mprotect, madvise, COW, exit) are
+**sleepable**::
 
     start(range, blockable=False)  → Ack(EAGAIN), nothing changes
     start(range)                   → in_progress++, unmap the range's ptes
@@ -57,7 +66,7 @@ from protocol.messages import (
     XpmemReply,
 )
 from protocol.status import LIST_SHOWN
-from protocol.types import ADDRESS_LIMIT, Errno, KernelError
+from protocol.types import ADDRESS_LIMIT, Errno, KernelError, Origin
 
 from .base import MmState, Output, SecondaryMMU, Translation, kernel_error, pages_in
 from .fault import Fault
@@ -146,7 +155,8 @@ class XpmemMMU(SecondaryMMU):
 
     Counters: ``pins_taken`` / ``pins_released`` (pages pinned by GUP replies /
     listed in Unpin), ``pins_dropped_by_host`` (held when a session ended),
-    ``drains`` (starts, or removes, that waited for DMA), ``eagain``.  Status
+    ``drains`` (starts, or removes, that waited for DMA), ``eagain``,
+    ``background_kept`` (background starts acked with pins kept).  Status
     shows ``pages_pinned`` / ``pages_unpinned`` as /proc/xpmem does.
     """
 
@@ -162,7 +172,7 @@ class XpmemMMU(SecondaryMMU):
         self._att_starts: list[int] = []  # sorted vaddrs of attachments
         self._drains: dict[int, _Drain] = {}  # start id (or XpmemRemoved id) -> drain
         self._removed_apids: set[int] = set()  # permits of removed segments
-        self.counters.update(drains=0, eagain=0, pins_dropped_by_host=0)
+        self.counters.update(drains=0, eagain=0, pins_dropped_by_host=0, background_kept=0)
 
     def _new_mm_state(self, mm: int) -> XpmemMm:
         return XpmemMm(mm)
@@ -394,6 +404,15 @@ class XpmemMMU(SecondaryMMU):
 
     def invalidate_range_start(self, state: MmState, msg: InvalidateRangeStart) -> list[Output]:
         assert isinstance(state, XpmemMm)
+        if msg.origin != Origin.OWNER.value:
+            # kernel/xpmem_mmu_notifier.c: an invalidation from another
+            # context (ksmd, kswapd, migration) returns at once; the
+            # attachments keep their ptes and their pins, which is what makes
+            # KSM's write_protect_page count check, try_to_unmap and
+            # try_to_migrate fail for the page.  Not opened: nothing to end.
+            kept = self._maps_pages(state.mm, msg.start, msg.end)
+            self.counters["background_kept"] += kept
+            return [self._ack(msg.id, kept=kept)]
         if not msg.blockable and self._maps_any(state.mm, msg.start, msg.end):
             # A sleepable subscriber cannot wait here: mn_hlist_invalidate_range_start
             # takes -EAGAIN, ends the others and the caller retries later.  With
@@ -458,11 +477,17 @@ class XpmemMMU(SecondaryMMU):
     def _maps_any(self, mm: int, start: int, end: int) -> bool:
         """Does an attachment map a page of ``[start, end)`` of exporter ``mm``,
         or is a DMA of it in flight?"""
+        if self._maps_pages(mm, start, end):
+            return True
+        return any(m == mm and a < end and start < a + self.page_size for m, a in self.dma_in_flight.values())
+
+    def _maps_pages(self, mm: int, start: int, end: int) -> bool:
+        """Does an attachment map (and pin) a page of ``[start, end)`` of exporter ``mm``?"""
         for att in self.attachments.values():
             if att.mm == mm and att.seg_vaddr < end and start < att.seg_vaddr + att.size:
                 if pages_in(att.ptes, start, end, self.page_size):
                     return True
-        return any(m == mm and a < end and start < a + self.page_size for m, a in self.dma_in_flight.values())
+        return False
 
     def _unmap(self, mm: int, start: int, end: int) -> list[int]:
         """Clear the attachments' ptes of ``[start, end)`` of exporter ``mm``;

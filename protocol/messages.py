@@ -71,6 +71,8 @@ _EVENTS = frozenset(
 )
 _KINDS = frozenset({"kvm", "gru", "xpmem", "hmm"})
 _ACK_STATUS = frozenset({"ok", "EAGAIN"})
+#: protocol.types.Origin: whose context raised an invalidation
+_ORIGINS = frozenset({"owner", "ksmd", "kswapd", "migration"})
 
 
 # --------------------------------------------------------------------------
@@ -331,8 +333,11 @@ class XpmemReply(Message):
 @message
 @dataclass(frozen=True, slots=True)
 class InvalidateRangeStart(Message):
+    """``origin``: whose context raised it (``owner``, or the kernel threads
+    ``ksmd``, ``kswapd``, ``migration``; protocol.types.Origin)."""
+
     TYPE: ClassVar[str] = "invalidate_range_start"
-    CHOICES: ClassVar[dict[str, frozenset[str]]] = {"event": _EVENTS}
+    CHOICES: ClassVar[dict[str, frozenset[str]]] = {"event": _EVENTS, "origin": _ORIGINS}
     ADDRESSES: ClassVar[tuple[str, ...]] = ("start", "end")
     id: int
     mm: int
@@ -345,6 +350,7 @@ class InvalidateRangeStart(Message):
     seqs: list[list[int]] = field(default_factory=list)
     #: ``range->owner`` of a MIGRATE (the device migrating): its own notifier skips it
     owner: str = ""
+    origin: str = "owner"
 
 
 @message
@@ -368,15 +374,18 @@ class ChangePte(Message):
 
     Only read-only ptes are passed on as change_pte (a writable new pte makes
     the node drop its entry); the node repoints or downgrades in place.
+    ``origin`` as for InvalidateRangeStart (KSM's are ``ksmd``).
     """
 
     TYPE: ClassVar[str] = "change_pte"
+    CHOICES: ClassVar[dict[str, frozenset[str]]] = {"origin": _ORIGINS}
     ADDRESSES: ClassVar[tuple[str, ...]] = ("addr",)
     id: int
     mm: int
     addr: int
     pfn: int
     writable: bool
+    origin: str = "owner"
 
 
 @message
@@ -428,7 +437,10 @@ class Ack(Message):
     """The answer to a notifier callback named by ``ref``.
 
     ``status`` is ``ok`` or ``EAGAIN`` (non-blockable start refused by a
-    sleepable node).  ``young`` answers the aging callbacks.
+    sleepable node).  ``young`` answers the aging callbacks.  ``kept``: the
+    node acknowledged a start but kept its (pinned) translations of the
+    range -- xpmem ignoring a background invalidation -- so the host still
+    counts the range as served to it.
     """
 
     TYPE: ClassVar[str] = "ack"
@@ -438,6 +450,7 @@ class Ack(Message):
     young: bool = False
     #: a device-private page's contents (the answer to ``hmm_devmem_fault``)
     data: bytes = b""
+    kept: bool = False
 
 
 @message

@@ -35,6 +35,30 @@ class NotifyEvent(str, enum.Enum):
     EXCLUSIVE = "EXCLUSIVE"
 
 
+class Origin(str, enum.Enum):
+    """Whose context raised an invalidation (the kernel's ``current`` when
+    the notifier is called).
+
+    hpc/xpmem acts only on invalidations of the segment owner's own context
+    (kernel/xpmem_mmu_notifier.c: ``if (seg_tg->tgid != current->tgid)
+    return;``): the owner's munmap, mprotect, madvise, COW faults and exit.
+    Those of the kernel threads -- ksmd (mm/ksm.c ``write_protect_page``,
+    ``replace_page``), kswapd (mm/vmscan.c -> mm/rmap.c ``try_to_unmap``),
+    migration (mm/migrate.c -> ``try_to_migrate``) -- are ignored and its pins
+    stay, so those find the page pinned and leave it.
+    """
+
+    OWNER = "owner"
+    KSMD = "ksmd"
+    KSWAPD = "kswapd"
+    MIGRATION = "migration"
+
+    @property
+    def background(self) -> bool:
+        """Raised by a kernel thread, not by the address space's own task."""
+        return self is not Origin.OWNER
+
+
 #: The optional callbacks of ``struct mmu_notifier_ops`` a subscriber may
 #: implement.  ``invalidate_range_start`` and ``invalidate_range_end`` go
 #: together (a subscriber implementing one implements both).
@@ -55,7 +79,8 @@ class Range:
 
     ``blockable`` is false for invalidations issued where the caller may not
     sleep (the OOM reaper, ``MMU_NOTIFIER_RANGE_BLOCKABLE`` clear): sleepable
-    subscribers must answer EAGAIN instead of waiting.
+    subscribers must answer EAGAIN instead of waiting.  ``origin``: whose
+    context raised it (:class:`Origin`).
     """
 
     mm: int
@@ -65,6 +90,7 @@ class Range:
     blockable: bool = True
     #: ``range->owner`` of a MIGRATE: the device (hmm node) that migrates
     owner: str = ""
+    origin: Origin = Origin.OWNER
 
     def __post_init__(self) -> None:
         if not (0 <= self.start < self.end <= ADDRESS_LIMIT):

@@ -14,6 +14,7 @@ from typing import Any
 from node.base import MmState, Output
 from node.kinds import KINDS
 from node.kvm import KvmMMU
+from node.xpmem import XpmemMMU
 
 
 class AcksBeforeZapping(KvmMMU):
@@ -39,17 +40,45 @@ class NeverZaps(KvmMMU):
         return []
 
 
-BROKEN: dict[str, type[KvmMMU]] = {"acks-before-zap": AcksBeforeZapping, "never-zaps": NeverZaps}
+class KeepsAttachmentsOnRemove(XpmemMMU):
+    """On ``XpmemRemoved`` acks, unpins (or, ``keep_pins``, not even that),
+    and goes on mapping its attachments of the removed segment: its later
+    accesses use the old pfns."""
+
+    keep_pins = False
+
+    def _receive_removed(self, msg: Any) -> list[Output]:
+        outputs: list[Output] = []
+        if not self.keep_pins:
+            apids = {a for a, p in self.permits.items() if p.segid == msg.segid}
+            for att in self.attachments.values():
+                if att.apid in apids:
+                    outputs += self._unpin(att.mm, [pfn for pfn, _ in att.ptes.values()])
+        return [*outputs, self._ack(msg.id)]
+
+
+class KeepsPinsOnRemove(KeepsAttachmentsOnRemove):
+    keep_pins = True
+
+
+BROKEN: dict[str, type[KvmMMU] | type[XpmemMMU]] = {
+    "acks-before-zap": AcksBeforeZapping,
+    "never-zaps": NeverZaps,
+    "keeps-attachments-on-remove": KeepsAttachmentsOnRemove,
+    "keeps-pins-on-remove": KeepsPinsOnRemove,
+}
 
 
 def install(broken: str) -> None:
-    """Make ``broken`` the class of every kvm node this process starts
-    (``node.kinds.KINDS["kvm"]``); the other kinds stay correct.
+    """Make ``broken`` the class of every node of its kind this process
+    starts (``node.kinds.KINDS["kvm"]`` or ``["xpmem"]``); the other kinds
+    stay correct.
 
     Raises:
         ValueError: ``broken`` is not a name of :data:`BROKEN`.
     """
     try:
-        KINDS["kvm"] = BROKEN[broken]
+        cls = BROKEN[broken]
+        KINDS[cls.kind] = cls
     except KeyError:
         raise ValueError(f"MMN_TEST_BROKEN must be one of {', '.join(BROKEN)}, not {broken!r}") from None

@@ -536,7 +536,9 @@ def test_reclaim_fails_cleanly_when_swap_is_full() -> None:
 def test_migrate_moves_private_and_forked_pages_but_not_pinned_ones() -> None:
     """mm/migrate.c through the rmap: a page shared by fork moves with both
     mappings repointed, one start/end(CLEAR) per mapping (try_to_migrate_one);
-    the pinned page stays."""
+    the pinned page gets its start too (try_to_migrate_one invalidates before
+    ``folio_try_share_anon_rmap_pte`` finds the pin) and stays.  Every start
+    is of origin migration."""
     m = model()
     mm = m.spawn()
     a = run_op(m.mmap(mm, 3))
@@ -553,8 +555,10 @@ def test_migrate_moves_private_and_forked_pages_but_not_pinned_ones() -> None:
     r = Recorder(m)
     assert r.run(m.migrate(mm, a, 3 * PS)) == 2
     starts = [msg for _, msg in r.log if isinstance(msg, InvalidateRangeStart)]
-    assert {s.event for s in starts} == {"CLEAR"}
-    assert sorted((s.mm, s.start) for s in starts) == sorted([(mm, a), (mm, a + 2 * PS), (child, a + 2 * PS)])
+    assert {s.event for s in starts} == {"CLEAR"} and {s.origin for s in starts} == {"migration"}
+    assert sorted((s.mm, s.start) for s in starts) == sorted(
+        [(mm, a), (mm, a + PS), (mm, a + 2 * PS), (child, a + 2 * PS)])
+    assert m.counters["migrate_failed"] == 1
     after = [m.pte(mm, a + i * PS)[0] for i in range(3)]
     assert after[0] != before[0] and after[1] == pinned and after[2] != before[2]
     assert m.pte(child, a + 2 * PS)[0] == after[2] and m.memory.mapcount[after[2]] == 2

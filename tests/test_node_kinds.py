@@ -81,10 +81,12 @@ def subscribed(node: SecondaryMMU, outputs: list[Any]) -> list[Any]:
     return node.receive(Ok(ref=sub.id))
 
 
-def start(node: SecondaryMMU, id: int, first: int, npages: int, *, mm: int = MM, blockable: bool = True) -> list:
+def start(node: SecondaryMMU, id: int, first: int, npages: int, *, mm: int = MM, blockable: bool = True,
+          origin: str = "owner") -> list:
     return node.receive(
         InvalidateRangeStart(
-            id=id, mm=mm, start=page(first), end=page(first + npages), event="CLEAR", blockable=blockable
+            id=id, mm=mm, start=page(first), end=page(first + npages), event="CLEAR", blockable=blockable,
+            origin=origin,
         )
     )
 
@@ -598,6 +600,32 @@ def test_xpmem_not_blockable_answers_eagain_and_changes_nothing():
     assert xp.mm_state(MM).mmu_invalidate_in_progress == 0
     assert end(xp, 50, 0, 4) == []  # the core never ends a refused start; harmless anyway
     assert xp.mm_state(MM).mmu_invalidate_in_progress == 0
+
+
+@pytest.mark.parametrize("origin", ["ksmd", "kswapd", "migration"])
+def test_xpmem_acks_a_background_start_keeping_its_pins_and_an_owners_start_unpinning(origin: str) -> None:
+    """kernel/xpmem_mmu_notifier.c: only the segment owner's invalidations
+    (``current->tgid == seg_tg->tgid``) clear the attachments' ptes.  One of
+    ksmd, kswapd or migration is acked at once, kept, even non-blockable and
+    with a DMA in flight: nothing unmapped, no Unpin, no drain; the owner's
+    unmaps, unpins and acks."""
+    xp, vaddr = xpmem_attached()
+    xpmem_fault(xp, vaddr, [10, 11])
+    _, (dma,) = xp.access(0, vaddr, 4)  # in flight on page 0
+    assert start(xp, 50, 0, 2, origin=origin) == [Ack(ref=50, kept=True)]
+    assert start(xp, 51, 0, 2, origin=origin, blockable=False) == [Ack(ref=51, kept=True)]
+    assert start(xp, 52, 2, 2, origin=origin) == [Ack(ref=52)]  # maps nothing there: nothing kept
+    assert start(xp, 50, 0, 2, origin=origin) == [Ack(ref=50, kept=True)]  # a duplicate
+    assert xp.translations() == {MM: {page(0): 10, page(1): 11}} and xp.pinned_pages() == 2
+    assert xp.mm_state(MM).mmu_invalidate_in_progress == 0 and xp.counters["background_kept"] == 2
+    for sid, first in ((50, 0), (51, 0), (52, 2)):
+        assert end(xp, sid, first, 2) == []
+    (c,) = xp.receive(DmaReply(ref=dma.id, data=b"data"))
+    assert c.result == {"data": b"data"}
+    # the owner's: unmapped and unpinned, acked (nothing in flight now)
+    out = start(xp, 60, 0, 2)
+    assert out == [Unpin(id=out[0].id, epoch=EPOCH, mm=MM, pfns=[10, 11]), Ack(ref=60)]
+    assert xp.translations() == {} and xp.pinned_pages() == 0
 
 
 def test_xpmem_fault_waits_and_racing_reply_is_unpinned():

@@ -651,3 +651,13 @@ def test_admin_arguments_type_confused(command: str, data: st.DataObject) -> Non
     with pytest.raises(ProtocolError) as info:
         check_admin(command, args)
     assert type(info.value) is ProtocolError
+
+
+def test_the_wire_origins_are_the_hosts() -> None:
+    """``origin`` of a start / change_pte: protocol.types.Origin, and nothing else, is on the wire."""
+    from protocol import messages
+    from protocol.types import Origin
+
+    assert messages._ORIGINS == {o.value for o in Origin}
+    assert messages.InvalidateRangeStart.CHOICES["origin"] == messages.ChangePte.CHOICES["origin"] == messages._ORIGINS
+    assert [o.background for o in Origin] == [False, True, True, True]

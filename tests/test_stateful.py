@@ -5,8 +5,9 @@ MERGEABLE --, munmap, mprotect, madvise DONTNEED, fork, exit), host reads and
 writes, node faults and accesses of all four kinds (xpmem through
 make/get/attach on a segment; hmm through its interval notifier, with
 device-private migration and device-exclusive entries), KSM scans, reclaim,
-migration, fencing, and invalidations held open (``begin``/``finish``) while a
-node access races them (for hmm: its read_begin/read_retry against them).
+migration (also aimed at a page an xpmem attachment pins: the pin holds, the
+page stays), fencing, and invalidations held open (``begin``/``finish``) while
+a node access races them (for hmm: its read_begin/read_retry against them).
 
 Device-private pages of a fenced hmm node are lost with it: such a page
 must fail every access with EIO (``poisoned``), never serve bytes; a page
@@ -450,6 +451,50 @@ class ClusterMachine(RuleBasedStateMachine):
     def xpmem_detach(self, which: int) -> None:
         att = self.atts.pop(which % len(self.atts))
         self.c.xpmem_detach("xpmem", att["vaddr"])
+
+    def xpmem_pinned(self) -> list[tuple[int, int, int]]:
+        """(mm, page, pfn) of every page the xpmem node maps, so pins."""
+        xp = self.c.node("xpmem")
+        return sorted((att.mm, page, pfn) for att in xp.attachments.values() for page, (pfn, _) in att.ptes.items())
+
+    @precondition(lambda self: self.mms and len(self.atts) < 6)
+    @rule(pick=picks, page=picks, op=st.sampled_from(["ksm", "migrate", "reclaim"]))
+    def background_vs_xpmem_pin(self, pick: int, page: int, op: str) -> None:
+        """Background invalidations vs xpmem pins: the node attaches a page
+        and reads it (so pins it), then ksmd, migration or kswapd go for the
+        page.  Their invalidations reach the node, which acks them keeping
+        its pin (hpc/xpmem ignores what the segment owner did not raise), and
+        the page stays where it is -- unmerged, unmigrated, not reclaimed --
+        still mapped by the node.  The attachment stays for the other rules."""
+        c = self.c
+        mm = self.pick_mm(pick)
+        addr = self.pick_addr(mm, page)
+        if self.prot.get((mm, addr)) not in ("r", "rw"):
+            return
+        segid = c.xpmem_make("xpmem", mm, addr, PS, 0o600)
+        self.segids.append(segid)
+        apid = c.xpmem_get("xpmem", segid, True)
+        vaddr = c.xpmem_attach("xpmem", apid)
+        self.atts.append({"vaddr": vaddr, "mm": mm, "addr": addr, "npages": 1, "write": True,
+                          "apid": apid, "segid": segid, "dead": False, "removed": False})
+        assert c.access("xpmem", 0, vaddr, 8) == self.content(mm, addr)[:8]
+        (pfn,) = {p for m, a, p in self.xpmem_pinned() if (m, a) == (mm, addr)}  # maybe attached twice
+        xp = c.node("xpmem")
+        kept = xp.counters["background_kept"]
+        if op == "ksm":
+            c.merge(2)
+        else:
+            try:
+                moved = c.migrate(mm, addr, PS) if op == "migrate" else c.reclaim(mm, addr, PS)
+            except KernelError as exc:
+                assert exc.errno is Errno.ENOMEM, exc  # no frame to migrate to
+            else:
+                assert moved == 0, (op, hex(addr))
+                if op == "migrate":  # try_to_migrate_one invalidates before it finds the pin
+                    assert xp.counters["background_kept"] > kept
+        assert c.model.pte(mm, addr)[0] == pfn, (op, hex(addr))
+        assert c.model.memory.pincount[pfn] >= 1
+        assert (mm, addr, pfn) in self.xpmem_pinned()
 
     # -- primary-MMU background work ------------------------------------------------
 

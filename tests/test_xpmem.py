@@ -212,3 +212,110 @@ async def test_real_processes_attach_detach_mprotect_and_remove(mmn_cluster: Any
         counters = status.node(node).counters
         assert counters["pages_pinned"] == counters["pages_unpinned"], (node, counters)
     assert status.node("xpmem1").counters["pages_pinned"] > 0
+
+
+# -- pins hold against background work (xpmem_mmu_notifier.c: the owner's context only)
+
+
+def test_ksm_reclaim_and_migration_leave_an_attached_page_until_it_is_detached() -> None:
+    """ksmd's, kswapd's and migration's invalidations reach the xpmem node,
+    which acks them keeping its pin (``Ack.kept``); KSM's write_protect_page
+    count check, try_to_unmap and try_to_migrate then find the page pinned
+    and leave it.  The owner's munmap still reaches the node afterwards (its
+    served range was kept).  Once detached, all three proceed."""
+    c = cluster(xpmem="xpmem", kvm="kvm")
+    mm = c.spawn()
+    base = c.mmap(mm, 3, mergeable=True)
+    for i in range(2):
+        c.write(mm, base + i * PS, b"twin")  # pages 0 and 1 identical; page 2 stays zero
+    segid, vaddr = attached(c, "xpmem", mm, base, 1)
+    assert c.access("xpmem", 0, vaddr, 4) == b"twin"
+    c.fault("kvm", mm, base, 2)
+    pfn = c.model.pte(mm, base)[0]
+    stats = c.merge(2)
+    assert (stats["pages_shared"], stats["pages_sharing"]) == (0, 0)  # its twin has nothing to merge with
+    assert c.migrate(mm, base, PS) == 0
+    assert c.reclaim(mm, base, PS) == 0  # a young pte gets a second chance, else try_to_unmap fails
+    assert c.reclaim(mm, base, PS) == 0
+    assert c.model.pte(mm, base)[0] == pfn and c.model.memory.pincount[pfn] == 1
+    xp = c.node("xpmem")
+    assert xp.translations() == {mm: {base: pfn}} and xp.counters["background_kept"] >= 3
+    assert c.model.counters["migrate_failed"] == 1 and c.model.counters["reclaim_failed"] >= 1
+    assert c.access("xpmem", 0, vaddr, data=b"TWIN") == 4 and c.read(mm, base, 4) == b"TWIN"
+    c.write(mm, base, b"twin")
+    assert c.check() == 0
+    # detached: ksmd merges it, migration moves it, reclaim swaps it out
+    c.xpmem_detach("xpmem", vaddr)
+    c.pump()
+    stats = c.merge(2)
+    assert (stats["pages_shared"], stats["pages_sharing"]) == (1, 1)
+    kpfn = c.model.pte(mm, base)[0]
+    assert c.migrate(mm, base, PS) == 1 and c.model.pte(mm, base)[0] not in (kpfn, 0)
+    # the KSM page, both mappings in one slot (a young pte: a second pass)
+    assert c.reclaim(mm, base, 2 * PS) + c.reclaim(mm, base, 2 * PS) == 1
+    assert c.model.pte(mm, base) is None and c.model.pte(mm, base + PS) is None
+    assert c.read(mm, base, 4) == c.read(mm, base + PS, 4) == b"twin"
+    assert balanced(c, "xpmem") and c.check() == 0
+
+
+def test_owners_munmap_still_unpins_after_a_background_invalidation_kept_the_pin() -> None:
+    """The host still counts the range as served to the node that kept it, so
+    the owner's munmap reaches it: zapped, unpinned, pins balanced."""
+    c = cluster()
+    mm = c.spawn()
+    base = c.mmap(mm, 1)
+    c.write(mm, base, b"pinned")
+    _, vaddr = attached(c, "xpmem", mm, base, 1)
+    assert c.access("xpmem", 0, vaddr, 6) == b"pinned"
+    assert c.migrate(mm, base, PS) == 0
+    assert c.node("xpmem").counters["background_kept"] == 1
+    c.munmap(mm, base, PS)
+    assert c.node("xpmem").translations() == {} and balanced(c, "xpmem")
+    assert c.check() == 0
+
+
+@pytest.mark.mmn_cluster(kvm=1, gru=0, xpmem=1)
+def test_real_processes_mmn_merge_migrate_swap_leave_an_attached_page(
+        mmn_cluster: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """On ``mmn up``: an xpmem node attaches a page and reads it; ``mmn
+    merge``, ``mmn migrate`` and ``mmn swap`` leave it (same pfn, same pin)
+    while attached, and take it once detached."""
+    import json
+
+    from mmn.cli import main
+
+    c = mmn_cluster.sync()
+    flags = ["--host", mmn_cluster.admin, *(["--keys", mmn_cluster.keys] if mmn_cluster.keys else []), "--json"]
+
+    def mmn(*argv: str) -> dict[str, Any]:
+        capsys.readouterr()
+        assert main([*flags, *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    mm = c.spawn()
+    addr = c.mmap(mm, pages=2, fill=0x54, mergeable=True)  # two identical pages
+    segid = c.xpmem_make("xpmem0", mm=mm, addr=addr, length=PS, mode=0o600)
+    vaddr = c.xpmem_attach("xpmem0", apid=c.xpmem_get("xpmem0", segid=segid, write=True), length=PS)
+    assert c.access("xpmem0", mm=mm, addr=vaddr, length=2).data == b"TT"
+    pfn = c.fault("kvm0", mm=mm, addr=addr).pages[0].pfn
+    ksm = mmn("merge", "--full-scans", "2")
+    assert (ksm["pages_shared"], ksm["pages_sharing"]) == (0, 0)
+    assert mmn("migrate", "--mm", str(mm), hex(addr), str(PS))["migrated"] == 0
+    for _ in range(2):  # the first pass may find it young
+        assert mmn("swap", "--mm", str(mm), hex(addr), str(PS))["swapped"] == 0
+    assert c.fault("kvm0", mm=mm, addr=addr).pages[0].pfn == pfn
+    status = c.status()
+    assert status.node("xpmem0").mapped_pages == 1 and status.node("xpmem0").counters["background_kept"] >= 3
+    assert c.access("xpmem0", mm=mm, addr=vaddr, length=2).data == b"TT"
+    c.xpmem_detach("xpmem0", addr=vaddr)
+    ksm = mmn("merge", "--full-scans", "2")
+    assert (ksm["pages_shared"], ksm["pages_sharing"]) == (1, 1)
+    kpfn = c.fault("kvm0", mm=mm, addr=addr).pages[0].pfn
+    assert mmn("migrate", "--mm", str(mm), hex(addr), str(PS))["migrated"] == 1
+    assert c.fault("kvm0", mm=mm, addr=addr).pages[0].pfn != kpfn
+    swapped = sum(mmn("swap", "--mm", str(mm), hex(addr), str(2 * PS))["swapped"] for _ in range(2))
+    assert swapped == 1  # the KSM page, both mappings, in one slot
+    assert c.read(mm, addr, 2) == b"TT" and c.read(mm, addr + PS, 2) == b"TT"
+    status = c.status()
+    assert status.stale_accesses == 0
+    assert status.counters["pages_pinned"] == status.counters["pages_unpinned"] > 0
