@@ -45,7 +45,9 @@ printed with a 90% bootstrap interval (:func:`ratio_interval`: the blocks
 resampled with replacement, so a block's load moves both its sides).  With
 two or more CPUs the bench process (host, floor ROUTER, KSM) is pinned to one
 and the nodes and echoes to the others (``--no-pin`` to leave placement to
-the scheduler; the JSON's ``machine.ran_on`` says where each last ran).  On
+the scheduler; the JSON's ``machine.ran_on`` says where each last ran),
+except for the scale figures: 64 nodes and 64 echoes on one core would
+measure its run queue, so every process may run anywhere for those.  On
 a loaded machine the *floor* moves too: compare ratios of one run, never
 absolute times across runs.
 
@@ -129,7 +131,7 @@ class Plan:
         return cls(
             samples=150,
             batch=10,
-            scale_samples=100,
+            scale_samples=60,
             fault_count=400,
             munmap_repeats=2,
             ksm_pages=8192,
@@ -482,6 +484,18 @@ def _cpus_of(pids: list[int]) -> list[int]:
     return sorted({c for c in map(_last_cpu, pids) if c >= 0})
 
 
+def unpin(pids: list[int], cpus: list[int]) -> None:
+    """Let every thread of ``pids`` run on ``cpus`` (a process that is gone is skipped)."""
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
 def placement(pin: bool) -> tuple[list[int], list[int]] | None:
     """``(bench CPUs, children CPUs)`` to pin to, or None: not asked, or
     fewer than two CPUs allowed.  The bench process (the host, the floor's
@@ -504,6 +518,7 @@ class Bench:
     progress: Progress
     results: dict[str, Any] = field(default_factory=dict)
     children_cpus: list[int] | None = None
+    allowed_cpus: set[int] = field(default_factory=set)
     ran_on: dict[str, list[int]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- setup
@@ -554,9 +569,17 @@ class Bench:
             everyone = inline + more + xp
             await self._wait_live([n.name for n in everyone])
             self.progress.step("scale nodes registered")
+            if self.children_cpus is not None:
+                self.ran_on = {"bench": [_last_cpu(os.getpid())], "nodes": _cpus_of(self.pids),
+                               "echoes": _cpus_of(self.echo_pids)}
+                # 64 nodes and 64 echoes on one core measure its run queue
+                # (and the re-faults between samples took 3x as long): the
+                # scale figures leave placement to the scheduler.
+                unpin([os.getpid(), *self.pids, *self.echo_pids], sorted(self.allowed_cpus))
             await self.scale(floor, everyone)
-            self.ran_on = {"bench": [_last_cpu(os.getpid())], "nodes": _cpus_of(self.pids),
-                           "echoes": _cpus_of(self.echo_pids)}
+            if self.children_cpus is None:
+                self.ran_on = {"bench": [_last_cpu(os.getpid())], "nodes": _cpus_of(self.pids),
+                               "echoes": _cpus_of(self.echo_pids)}
             nursery.cancel_scope.cancel()
 
     async def _wait_live(self, names: list[str], timeout: float = 60.0) -> None:
@@ -939,7 +962,7 @@ def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     if pinned:  # before the first zmq context: its I/O thread inherits it
         os.sched_setaffinity(0, pinned[0])
     try:
-        bench = Bench(plan, bar, children_cpus=pinned[1] if pinned else None)
+        bench = Bench(plan, bar, children_cpus=pinned[1] if pinned else None, allowed_cpus=allowed or set())
         trio.run(bench.run_processes)
         bench.results["ksm"] = measure_ksm(plan.ksm_pages, plan.ksm_repeats)
         bar.step("ksm")
@@ -952,7 +975,7 @@ def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     machine: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                "load_average": [round(x, 2) for x in os.getloadavg()], "ran_on": bench.ran_on}
     if pinned:
-        machine["pinned"] = {"bench": pinned[0], "children": pinned[1]}
+        machine["pinned"] = {"bench": pinned[0], "children": pinned[1], "scale": False}
     doc = {
         "machine": machine,
         "plan": plan.__dict__ | {"ks": list(plan.ks), "xpmem_ks": list(plan.xpmem_ks),
@@ -1065,7 +1088,8 @@ def _interval(interval: list[float] | None) -> str:
 def _placement(machine: dict[str, Any]) -> str:
     pinned = machine.get("pinned")
     if pinned:
-        return f"pinned: bench on CPU {_cpus(pinned['bench'])}, nodes and echoes on CPU {_cpus(pinned['children'])}"
+        return (f"pinned: bench on CPU {_cpus(pinned['bench'])}, nodes and echoes on CPU {_cpus(pinned['children'])}"
+                + ("; scale: not pinned" if pinned.get("scale") is False else ""))
     ran = machine.get("ran_on")
     if ran:
         return "not pinned; last seen on CPUs " + ", ".join(f"{who} {_cpus(c)}" for who, c in ran.items())
