@@ -35,6 +35,22 @@ Figures (issue 6):
    with 64 nodes heartbeating against raw pyzmq exchanging the same number of
    heartbeat-sized messages with the 64 echo processes.
 
+Stability.  Every figure is taken in *blocks*, each one batch of ours next
+to one batch of its floor, back to back, the side that goes first
+alternating (invalidation: ``plan.batch`` samples of each; faults: a round
+of faults and a block of raw round trips; KSM: a fresh model's two passes
+with hashing before, between and after; heartbeats: two periods of the idle
+host and one of raw pyzmq), after a block of each to warm up.  Each ratio is
+printed with a 90% bootstrap interval (:func:`ratio_interval`: the blocks
+resampled with replacement, so a block's load moves both its sides).  With
+two or more CPUs the bench process (host, floor ROUTER, KSM) is pinned to one
+and the nodes and echoes to the others (``--no-pin`` to leave placement to
+the scheduler; the JSON's ``machine.ran_on`` says where each last ran),
+except for the scale figures: 64 nodes and 64 echoes on one core would
+measure its run queue, so every process may run anywhere for those.  On
+a loaded machine the *floor* moves too: compare ratios of one run, never
+absolute times across runs.
+
 Measured through public interfaces: the host's admin API (``Host.admin``,
 the same commands and ``status`` counters an operator sees), ``Host.locked``
 for the timed operations (a primary-MMU operation under the mm lock, as an
@@ -57,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -94,27 +111,33 @@ class Plan:
     xpmem_ks: tuple[int, ...] = (1, 4)
     scale_nodes: int = 64
     samples: int = 600  # per K, host and floor each
-    batch: int = 50  # samples per alternating batch
+    batch: int = 10  # samples per alternating block (ours, then the floor's, or the other way)
     scale_samples: int = 300
     fault_count: int = 2000  # faults per fault figure
     fault_inflight: int = 4
+    fault_rounds: int = 10  # fault rounds, each next to a block of raw round trips
+    fault_floor_batch: int = 100  # raw round trips per block
     munmap_pages: tuple[int, ...] = (1, 1000, 100_000)
     munmap_repeats: int = 5  # for the small ones
     ksm_pages: int = 65536
+    ksm_repeats: int = 3
     memory_pages: int = 1 << 20
     heartbeat_seconds: float = 10.0
+    #: Pin the bench process and its children to different CPUs (2+ allowed).
+    pin: bool = True
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(
             samples=150,
-            batch=50,
-            scale_samples=100,
+            batch=10,
+            scale_samples=60,
             fault_count=400,
             munmap_repeats=2,
             ksm_pages=8192,
+            ksm_repeats=5,
             memory_pages=1 << 17,
-            heartbeat_seconds=2.0,
+            heartbeat_seconds=3.0,
         )
 
 
@@ -147,7 +170,7 @@ def _node_child(kind: str, name: str, endpoint: str) -> None:
     trio.run(run_node, NodeConfig(kind=kind, name=name, host=endpoint, liveness=LIVENESS))
 
 
-def launcher_main() -> int:
+def launcher_main(cpus: list[int] | None = None) -> int:
     """``python -m benchmarks.suite --launcher``: fork children on request.
 
     Reads JSON lines on stdin: ``{"echo": [ENDPOINT, [IDENT, ...]]}`` or
@@ -156,6 +179,8 @@ def launcher_main() -> int:
     or died) kills every child it forked and exits.  The children
     (:func:`mmn.supervisor.fork_child`) die with it.
     """
+    if cpus:  # before anything starts a thread: every fork inherits it
+        os.sched_setaffinity(0, cpus)
     import zmq  # noqa: F401  -- imported once here (and trio), shared by every fork
 
     import node.runtime  # noqa: F401
@@ -185,8 +210,11 @@ class Launcher:
     supervisor: its own process group (its forks are in it too), stopped by
     closing its input, then by :func:`mmn.supervisor.stop_all`."""
 
-    def __init__(self) -> None:
-        self.child = Child("bench-launcher", [sys.executable, "-m", "benchmarks.suite", "--launcher"], None)
+    def __init__(self, cpus: list[int] | None = None) -> None:
+        argv = [sys.executable, "-m", "benchmarks.suite", "--launcher"]
+        if cpus:
+            argv += ["--cpus", ",".join(map(str, cpus))]
+        self.child = Child("bench-launcher", argv, None)
         self._buffer = b""
 
     async def start(self) -> None:
@@ -311,6 +339,9 @@ class Progress:
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.done, self.enabled = total, 0, enabled
+        #: label -> seconds since the step before (where a run's time goes)
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
         self._rich: Any = None
         self._task: Any = None
         self._label = ""
@@ -331,6 +362,9 @@ class Progress:
             self._rich = None
 
     def step(self, label: str, amount: int = 1) -> None:
+        now = time.perf_counter()
+        self.phases[label] = round(self.phases.get(label, 0.0) + now - self._last, 2)
+        self._last = now
         self.done = min(self.total, self.done + amount)
         self._label = label
         if not self.enabled:
@@ -378,6 +412,55 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
+#: Bootstrap resamples behind each interval, and the interval's coverage.
+RESAMPLES = 1000
+COVERAGE = 0.90
+
+
+def ratio_interval(blocks: list[tuple[Any, Any]], stat: Callable[[list[Any], list[Any]], float],
+                   seed: int = 0) -> list[float]:
+    """A 90% bootstrap interval of ``stat(ours, floor)``, resampling the
+    measurement's *blocks* -- ``(ours, floor)`` pairs taken back to back (one
+    batch of each) -- with replacement, so that what the machine did during a
+    block moves both sides of that block together, as it did when measured.
+
+    Returns ``[low, high]`` (rounded like the ratio), NaN for no blocks.
+    The generator is seeded: the same samples give the same interval.
+    """
+    import random
+
+    if not blocks:
+        return [float("nan"), float("nan")]
+    rng = random.Random(seed)
+    n = len(blocks)
+    values = []
+    for _ in range(RESAMPLES):
+        ours: list[Any] = []
+        floor: list[Any] = []
+        for _ in range(n):
+            a, b = blocks[rng.randrange(n)]
+            ours += a
+            floor += b
+        v = stat(ours, floor)
+        if v == v:
+            values.append(v)
+    if not values:
+        return [float("nan"), float("nan")]
+    values.sort()
+    tail = (1 - COVERAGE) / 2
+    lo = values[int(tail * (len(values) - 1))]
+    hi = values[int((1 - tail) * (len(values) - 1))]
+    return [round(lo, 3), round(hi, 3)]
+
+
+def _pct_ratio(q: float) -> Callable[[list[float], list[float]], float]:
+    def stat(ours: list[float], floor: list[float]) -> float:
+        f = _pct(floor, q)
+        return _pct(ours, q) / f if f else float("nan")
+
+    return stat
+
+
 # ==========================================================================
 # the cluster part (trio, host in this process)
 
@@ -388,22 +471,66 @@ class NodeInfo:
     kind: str
 
 
+def _last_cpu(pid: int) -> int:
+    """The CPU ``pid`` last ran on (``/proc/PID/stat`` field 39), -1 if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[36])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _cpus_of(pids: list[int]) -> list[int]:
+    return sorted({c for c in map(_last_cpu, pids) if c >= 0})
+
+
+def unpin(pids: list[int], cpus: list[int]) -> None:
+    """Let every thread of ``pids`` run on ``cpus`` (a process that is gone is skipped)."""
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
+def placement(pin: bool) -> tuple[list[int], list[int]] | None:
+    """``(bench CPUs, children CPUs)`` to pin to, or None: not asked, or
+    fewer than two CPUs allowed.  The bench process (the host, the floor's
+    ROUTER, their libzmq I/O threads, KSM and memory) gets the first CPU it
+    may run on; nodes and echoes share the others.  So each floor and each
+    figure has its two ends on different cores, always the same ones, and a
+    scheduler migration cannot put the host and a node on one core in one
+    block and on two in the next."""
+    if not pin or not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return None
+    return allowed[:1], allowed[1:]
+
+
 @dataclass
 class Bench:
     plan: Plan
     progress: Progress
     results: dict[str, Any] = field(default_factory=dict)
+    children_cpus: list[int] | None = None
+    allowed_cpus: set[int] = field(default_factory=set)
+    ran_on: dict[str, list[int]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- setup
 
     async def run_processes(self) -> None:
         """The echo processes and the floor, then the cluster figures."""
-        launcher = Launcher()
+        launcher = Launcher(self.children_cpus)
         await launcher.start()
         floor = RawFloor(_payload())
         try:
             idents = [f"e{i:02d}" for i in range(self.plan.scale_nodes)]
-            await launcher.echoes(floor.endpoint, idents)
+            self.echo_pids = await launcher.echoes(floor.endpoint, idents)
             floor.wait_connected([i.encode() for i in idents])
             self.progress.step("echo processes up")
             logging.getLogger("broker.host").setLevel(logging.ERROR)
@@ -442,7 +569,17 @@ class Bench:
             everyone = inline + more + xp
             await self._wait_live([n.name for n in everyone])
             self.progress.step("scale nodes registered")
+            if self.children_cpus is not None:
+                self.ran_on = {"bench": [_last_cpu(os.getpid())], "nodes": _cpus_of(self.pids),
+                               "echoes": _cpus_of(self.echo_pids)}
+                # 64 nodes and 64 echoes on one core measure its run queue
+                # (and the re-faults between samples took 3x as long): the
+                # scale figures leave placement to the scheduler.
+                unpin([os.getpid(), *self.pids, *self.echo_pids], sorted(self.allowed_cpus))
             await self.scale(floor, everyone)
+            if self.children_cpus is None:
+                self.ran_on = {"bench": [_last_cpu(os.getpid())], "nodes": _cpus_of(self.pids),
+                               "echoes": _cpus_of(self.echo_pids)}
             nursery.cancel_scope.cancel()
 
     async def _wait_live(self, names: list[str], timeout: float = 60.0) -> None:
@@ -496,37 +633,54 @@ class Bench:
         samples, untimed."""
         host, model = self.host, self.host.model
         out = []
-        before = await self._messages()
         for _ in range(n):
             await self._fault_all(nodes, mm, where)
             t0 = time.perf_counter()
             await host.locked(model.madvise(mm, addr, PAGE, "dontneed"))
             out.append(time.perf_counter() - t0)
-        sent = await self._messages() - before
-        if sent != 2 * len(nodes) * n:
-            raise RuntimeError(f"{n} invalidations sent {sent} messages to {len(nodes)} nodes, not {2 * len(nodes) * n}")
         return out
 
     async def _measure_k(self, floor: RawFloor, nodes: list[NodeInfo], samples: int) -> dict[str, Any]:
+        """``samples`` invalidations to ``nodes`` and as many raw fan-outs,
+        in alternating blocks of ``plan.batch`` of each (the side that goes
+        first alternating too), after a block of each to warm up: a change of
+        load on the machine lands on both sides of a block."""
         k = len(nodes)
         mm, addr = await self._mm_with_page()
         where = await self._attach(nodes, mm, addr)
-        await self._invalidation_samples(nodes, mm, addr, where, 5)  # warm up
-        floor.fanout(k, 20)
-        raw: list[float] = []
-        ours: list[float] = []
-        while len(ours) < samples:
-            b = min(self.plan.batch, samples - len(ours))
-            raw += floor.fanout(k, b)
-            ours += await self._invalidation_samples(nodes, mm, addr, where, b)
+        b = self.plan.batch
+        await self._invalidation_samples(nodes, mm, addr, where, b)  # warm up
+        floor.fanout(k, b)
+        blocks: list[tuple[list[float], list[float]]] = []
+        done = 0
+        # (a status asks every node: once per figure, not per block)
+        before = await self._messages()
+        while done < samples:
+            n = min(b, samples - done)
+            if len(blocks) % 2:
+                raw = floor.fanout(k, n)
+                ours = await self._invalidation_samples(nodes, mm, addr, where, n)
+            else:
+                ours = await self._invalidation_samples(nodes, mm, addr, where, n)
+                raw = floor.fanout(k, n)
+            blocks.append((ours, raw))
+            done += n
+        sent = await self._messages() - before
+        if sent != 2 * k * samples:
+            raise RuntimeError(f"{samples} invalidations sent {sent} messages to {k} nodes, not {2 * k * samples}")
         await self.admin("exit", mm=mm)
+        ours = [x for o, _ in blocks for x in o]
+        raw = [x for _, r in blocks for x in r]
         p50, p99, f50, f99 = _pct(ours, 0.5), _pct(ours, 0.99), _pct(raw, 0.5), _pct(raw, 0.99)
         return {
             "k": k,
             "samples": len(ours),
+            "blocks": len(blocks),
             "p50_us": _us(p50), "p99_us": _us(p99),
             "floor_p50_us": _us(f50), "floor_p99_us": _us(f99),
             "p50_ratio": _ratio(p50, f50), "p99_ratio": _ratio(p99, f99),
+            "p50_ratio_interval": ratio_interval(blocks, _pct_ratio(0.5)),
+            "p99_ratio_interval": ratio_interval(blocks, _pct_ratio(0.99)),
         }
 
     async def invalidate(self, floor: RawFloor, pool: list[NodeInfo], ks: tuple[int, ...], what: str) -> None:
@@ -539,34 +693,60 @@ class Bench:
     # ------------------------------------------------------------ 2. faults
 
     async def faults(self, floor: RawFloor, node: NodeInfo, what: str, pages: int) -> None:
+        """``plan.fault_count`` faults, W in flight, in ``plan.fault_rounds``
+        rounds, each next to a block of raw round trips (the side that goes
+        first alternating); the rate is all faults over their time, the floor
+        the median raw round trip over every block."""
         plan = self.plan
         count = plan.fault_count
+        rounds = max(1, min(plan.fault_rounds, count))
         mm, addr = await self._mm_with_page(count * pages)
         # warm the path up on a mapping of its own
         wmm, waddr = await self._mm_with_page(32 * pages)
         for i in range(32):
             await self.admin("fault", node=node.name, mm=wmm, addr=waddr + i * pages * PAGE, pages=pages, write=True)
-        raw_rtt = _pct(floor.fanout(1, 500), 0.5)
+        floor.fanout(1, 100)
         nxt = iter(range(count))
 
-        async def worker() -> None:
-            for i in nxt:
+        async def worker(todo: Iterator[int]) -> None:
+            for i in todo:
                 await self.admin("fault", node=node.name, mm=mm, addr=addr + i * pages * PAGE, pages=pages, write=True)
 
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(plan.fault_inflight):
-                nursery.start_soon(worker)
-        elapsed = time.perf_counter() - t0
-        raw_rtt = min(raw_rtt, _pct(floor.fanout(1, 500), 0.5))
+        async def one_round(n: int) -> list[float]:
+            todo = iter([next(nxt) for _ in range(n)])
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for _ in range(plan.fault_inflight):
+                    nursery.start_soon(worker, todo)
+            return [n, time.perf_counter() - t0]
+
+        blocks: list[tuple[list[float], list[float]]] = []
+        per_round = [count // rounds + (1 if r < count % rounds else 0) for r in range(rounds)]
+        for r, n in enumerate(per_round):
+            if r % 2:
+                raw = floor.fanout(1, plan.fault_floor_batch)
+                ours = await one_round(n)
+            else:
+                ours = await one_round(n)
+                raw = floor.fanout(1, plan.fault_floor_batch)
+            blocks.append((ours, raw))
         for m in (mm, wmm):
             await self.admin("exit", mm=m)
+
+        def stat(ours: list[float], raw: list[float]) -> float:
+            # ours: [n, seconds, n, seconds, ...]; the rate over the raw rate
+            faults, seconds = sum(ours[0::2]), sum(ours[1::2])
+            return (faults / seconds) * _pct(raw, 0.5)
+
+        elapsed = sum(o[1] for o, _ in blocks)
+        raw_rtt = _pct([x for _, r in blocks for x in r], 0.5)
         rate = count / elapsed
         self.results.setdefault("fault", []).append({
             "node": node.name, "kind": node.kind, "mode": what, "pages_per_fault": pages,
-            "inflight": plan.fault_inflight, "faults": count,
+            "inflight": plan.fault_inflight, "faults": count, "rounds": rounds,
             "faults_per_s": round(rate), "pages_per_s": round(rate * pages),
             "floor_rtt_per_s": round(1 / raw_rtt), "ratio": _ratio(rate, 1 / raw_rtt),
+            "ratio_interval": ratio_interval(blocks, stat),
         })
         self.progress.step(f"faults {node.kind} {what}")
 
@@ -618,17 +798,33 @@ class Bench:
         plan = self.plan
         row = await self._measure_k(floor, nodes, plan.scale_samples)
         self.progress.step(f"invalidate K={len(nodes)}")
-        # idle: let the faults' stragglers settle, then only heartbeats flow
-        await trio.sleep(0.5)
-        live = len(await self._live())
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        await trio.sleep(plan.heartbeat_seconds)
-        host_cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        # Idle: only heartbeats flow.  Rounds of: one period unmeasured (the
+        # host catches up after the floor held its loop; a node that heard
+        # nothing for 1.5 periods probes, and is answered, here), two periods
+        # of the host measured, one period of the floor (shorter than the
+        # nodes' 1.5-period probe threshold plus the host's period).
         from protocol import encode
         from protocol.messages import Heartbeat
 
         hb = encode(Heartbeat(id=1 << 40, epoch=1, incarnation="0" * 32))
-        raw_cpu = floor.heartbeat_cpu(len(nodes), self.host.config.heartbeat_ms / 1000, plan.heartbeat_seconds, hb)
+        period = self.host.config.heartbeat_ms / 1000
+        await trio.sleep(0.5)
+        live = len(await self._live())
+        rounds = max(1, round(plan.heartbeat_seconds / (2 * period)))
+        blocks: list[tuple[list[float], list[float]]] = []
+        for _ in range(rounds):
+            await trio.sleep(period)
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            await trio.sleep(2 * period)
+            ours = [time.process_time() - cpu0, time.perf_counter() - wall0]
+            raw_frac = floor.heartbeat_cpu(len(nodes), period, period, hb)
+            blocks.append((ours, [raw_frac]))
+
+        def stat(ours: list[float], raw: list[float]) -> float:
+            return (sum(ours[0::2]) / sum(ours[1::2])) / statistics.mean(raw)
+
+        host_cpu = sum(o[0] for o, _ in blocks) / sum(o[1] for o, _ in blocks)
+        raw_cpu = statistics.mean(r[0] for _, r in blocks)
         self.results["scale"] = {
             "nodes": live,
             "invalidate": row,
@@ -637,6 +833,8 @@ class Bench:
                 "host_cpu_pct": round(host_cpu * 100, 2),
                 "floor_cpu_pct": round(raw_cpu * 100, 2),
                 "ratio": _ratio(host_cpu, raw_cpu),
+                "ratio_interval": ratio_interval(blocks, stat),
+                "rounds": rounds,
             },
         }
         self.progress.step("heartbeat load")
@@ -646,7 +844,37 @@ class Bench:
 # in-process figures: KSM and memory
 
 
-def measure_ksm(pages: int) -> dict[str, Any]:
+def measure_ksm(pages: int, repeats: int = 1) -> dict[str, Any]:
+    """KSM's two full passes against plain hashing of the same frames,
+    ``repeats`` times on a fresh model each, hashing before, between and after
+    the passes (the floor next to what it is the floor of).  The ratio is
+    KSM's pages per second over the hash's, all repeats together; its
+    interval resamples the repeats."""
+    blocks = [_ksm_once(pages) for _ in range(max(1, repeats))]
+    scanned = sum(b[0][0] for b in blocks)
+    ksm_t = sum(b[0][1] for b in blocks)
+    hash_t = statistics.median(t for b in blocks for t in b[1])
+    stats = blocks[-1][2]
+    ksm_rate, hash_rate = scanned / ksm_t, pages / hash_t
+
+    def stat(ours: list[Any], hashes: list[float]) -> float:
+        return (sum(ours[0::3]) / sum(ours[1::3])) / (pages / statistics.median(hashes))
+
+    return {
+        "pages": pages, "passes": 2, "repeats": len(blocks), "pages_scanned": scanned // len(blocks),
+        "pages_shared": stats["pages_shared"], "pages_sharing": stats["pages_sharing"],
+        "scanned_per_s": round(ksm_rate), "hash_per_s": round(hash_rate),
+        "ratio": _ratio(ksm_rate, hash_rate), "goal": GOAL_KSM,
+        "ratio_interval": ratio_interval([([b[0][0], b[0][1], 0], b[1]) for b in blocks], stat),
+    }
+
+
+def _ksm_once(pages: int) -> tuple[tuple[int, float], list[float], dict[str, Any]]:
+    """One model, two KSM passes: ``((pages scanned, seconds), [hash
+    seconds, ...], ksm stats)``.  Seconds of this thread's CPU clock
+    (``time.thread_time``), for both: KSM and its floor are the same
+    single-threaded work in this process, and a wall clock would add
+    whatever else the machine ran meanwhile to one side of the ratio."""
     from broker.effects import no_nodes, run_sync
     from broker.ksm import page_digest
     from broker.mm import PTE_SHIFT, Model
@@ -666,28 +894,23 @@ def measure_ksm(pages: int) -> dict[str, Any]:
         page = model.memory.page
 
         def hash_all() -> float:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             for pfn in pfns:
                 page_digest(page(pfn))
-            return time.perf_counter() - t0
+            return time.thread_time() - t0
 
-        hash_t = min(hash_all(), hash_all())
+        hashes = [hash_all()]
+        scanned, ksm_t = 0, 0.0
         gc.collect()
-        t0 = time.perf_counter()
-        scanned = run_sync(model.ksm.full_scan(), no_nodes)
-        scanned += run_sync(model.ksm.full_scan(), no_nodes)
-        ksm_t = time.perf_counter() - t0
-        hash_t = min(hash_t, hash_all())
+        for _ in range(2):
+            t0 = time.thread_time()
+            scanned += run_sync(model.ksm.full_scan(), no_nodes)
+            ksm_t += time.thread_time() - t0
+            hashes.append(hash_all())
         stats = model.ksm.stats()
     finally:
         model.close()
-    ksm_rate, hash_rate = scanned / ksm_t, pages / hash_t
-    return {
-        "pages": pages, "passes": 2, "pages_scanned": scanned,
-        "pages_shared": stats["pages_shared"], "pages_sharing": stats["pages_sharing"],
-        "scanned_per_s": round(ksm_rate), "hash_per_s": round(hash_rate),
-        "ratio": _ratio(ksm_rate, hash_rate), "goal": GOAL_KSM,
-    }
+    return (scanned, ksm_t), hashes, stats
 
 
 def measure_memory(pages: int) -> dict[str, Any]:
@@ -734,20 +957,33 @@ def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     steps = (1 + len(plan.ks) + len(plan.xpmem_ks) + 3 + len(plan.munmap_pages) + 1 + 2 + 1 + 2)
     bar = Progress(steps, progress)
     started = time.perf_counter()
-    bench = Bench(plan, bar)
-    trio.run(bench.run_processes)
-    bench.results["ksm"] = measure_ksm(plan.ksm_pages)
-    bar.step("ksm")
-    bench.results["memory"] = measure_memory(plan.memory_pages)
-    bar.step("memory")
-    bar.close()
+    pinned = placement(plan.pin)
+    allowed = os.sched_getaffinity(0) if pinned else None
+    if pinned:  # before the first zmq context: its I/O thread inherits it
+        os.sched_setaffinity(0, pinned[0])
+    try:
+        bench = Bench(plan, bar, children_cpus=pinned[1] if pinned else None, allowed_cpus=allowed or set())
+        trio.run(bench.run_processes)
+        bench.results["ksm"] = measure_ksm(plan.ksm_pages, plan.ksm_repeats)
+        bar.step("ksm")
+        bench.results["memory"] = measure_memory(plan.memory_pages)
+        bar.step("memory")
+    finally:
+        if allowed is not None:
+            os.sched_setaffinity(0, allowed)
+        bar.close()
+    machine: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                               "load_average": [round(x, 2) for x in os.getloadavg()], "ran_on": bench.ran_on}
+    if pinned:
+        machine["pinned"] = {"bench": pinned[0], "children": pinned[1], "scale": False}
     doc = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine,
         "plan": plan.__dict__ | {"ks": list(plan.ks), "xpmem_ks": list(plan.xpmem_ks),
                                  "munmap_pages": list(plan.munmap_pages)},
         "goals": {"invalidate_ratio_max": GOAL_INVALIDATE, "ksm_ratio_min": GOAL_KSM},
         **bench.results,
         "seconds": round(time.perf_counter() - started, 1),
+        "phases": bar.phases,
     }
     doc["figures"] = list(figures(doc))
     return doc
@@ -787,8 +1023,10 @@ def figures(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
     and with a goal its ``check`` and ``mark`` (held or short)."""
 
     def row(name: str, value: float, unit: str, floor: float, ratio: float, goal: str = "",
-            **extra: Any) -> dict[str, Any]:
+            interval: list[float] | None = None, **extra: Any) -> dict[str, Any]:
         r = {"figure": name, "value": value, "unit": unit, "floor": floor, "ratio": ratio, "goal": goal, **extra}
+        if interval is not None:
+            r["interval"] = interval
         if goal:
             what, op, limit = goal.split()
             r["check"] = {"of": "ratio" if what == "ratio" else what, "op": op, "limit": float(limit)}
@@ -800,43 +1038,66 @@ def figures(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
         for r in rows:
             for q in ("p50", "p99"):
                 yield row(f"invalidate {what} K={r['k']} {q}", r[f"{q}_us"], "us", r[f"floor_{q}_us"],
-                          r[f"{q}_ratio"], f"ratio <= {GOAL_INVALIDATE}")
+                          r[f"{q}_ratio"], f"ratio <= {GOAL_INVALIDATE}", r.get(f"{q}_ratio_interval"))
     for r in doc["fault"]:
         yield row(f"fault {r['kind']} {r['mode']} ({r['pages_per_fault']} p, {r['inflight']} in flight)",
-                  r["faults_per_s"], "faults/s", r["floor_rtt_per_s"], r["ratio"])
+                  r["faults_per_s"], "faults/s", r["floor_rtt_per_s"], r["ratio"], interval=r.get("ratio_interval"))
     for r in doc["munmap"]:
         yield row(f"munmap 1 GiB, {r['populated']} populated, {r['nodes']} nodes ({r['messages']} msgs)",
                   r["time_us"], "us", r["floor_us"], r["ratio"], f"messages == {r['messages_expected']}",
                   messages=r["messages"])
     k = doc["ksm"]
     yield row(f"ksm scan ({k['pages']} pages x {k['passes']})", k["scanned_per_s"], "pages/s", k["hash_per_s"],
-              k["ratio"], f"ratio >= {GOAL_KSM}")
+              k["ratio"], f"ratio >= {GOAL_KSM}", k.get("ratio_interval"))
     m = doc["memory"]
     yield row(f"memory ({m['pages']} pages)", m["bytes_per_page"], "B/page", m["kernel_bytes_per_page"], m["ratio"])
     s = doc["scale"]
     inv = s["invalidate"]
     for q in ("p50", "p99"):
         yield row(f"scale: invalidate K={inv['k']} {q}", inv[f"{q}_us"], "us", inv[f"floor_{q}_us"],
-                  inv[f"{q}_ratio"], f"ratio <= {GOAL_INVALIDATE}")
+                  inv[f"{q}_ratio"], f"ratio <= {GOAL_INVALIDATE}", inv.get(f"{q}_ratio_interval"))
     hb = s["heartbeat"]
     yield row(f"scale: idle host CPU, {s['nodes']} nodes heartbeating", hb["host_cpu_pct"], "%", hb["floor_cpu_pct"],
-              hb["ratio"])
+              hb["ratio"], interval=hb.get("ratio_interval"))
 
 
 def table(doc: dict[str, Any]) -> str:
     rows = doc["figures"]
-    head = ("figure", "value", "unit", "floor", "ratio", "goal", "")
-    cells = [head] + [(r["figure"], f"{r['value']:,}", r["unit"], f"{r['floor']:,}", f"{r['ratio']:.2f}", r["goal"],
-                       mark(r)) for r in rows]
+    head = ("figure", "value", "unit", "floor", "ratio", "90% interval", "goal", "")
+    cells = [head] + [(r["figure"], f"{r['value']:,}", r["unit"], f"{r['floor']:,}", f"{r['ratio']:.2f}",
+                       _interval(r.get("interval")), r["goal"], mark(r)) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = []
     for n, c in enumerate(cells):
-        lines.append("  ".join(c[i].ljust(widths[i]) if i in (0, 2, 5, 6) else c[i].rjust(widths[i])
+        lines.append("  ".join(c[i].ljust(widths[i]) if i in (0, 2, 6, 7) else c[i].rjust(widths[i])
                                for i in range(len(head))).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines.append(f"({doc['machine']['cpus']} CPUs, {doc['seconds']} s; floors: raw blocking pyzmq in the same run)")
+    machine = doc["machine"]
+    lines.append(f"({machine['cpus']} CPUs, {doc['seconds']} s; floors: raw blocking pyzmq in the same run; "
+                 f"{_placement(machine)})")
     return "\n".join(lines)
+
+
+def _interval(interval: list[float] | None) -> str:
+    if not interval or any(x != x for x in interval):
+        return ""
+    return f"{interval[0]:.2f}-{interval[1]:.2f}"
+
+
+def _placement(machine: dict[str, Any]) -> str:
+    pinned = machine.get("pinned")
+    if pinned:
+        return (f"pinned: bench on CPU {_cpus(pinned['bench'])}, nodes and echoes on CPU {_cpus(pinned['children'])}"
+                + ("; scale: not pinned" if pinned.get("scale") is False else ""))
+    ran = machine.get("ran_on")
+    if ran:
+        return "not pinned; last seen on CPUs " + ", ".join(f"{who} {_cpus(c)}" for who, c in ran.items())
+    return "not pinned"
+
+
+def _cpus(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
 
 
 def plot(doc: dict[str, Any], path: str) -> None:
@@ -874,9 +1135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmn bench", description="what the cluster costs, each figure against a floor")
     add_arguments(parser)
     parser.add_argument("--launcher", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cpus", default="", help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     if ns.launcher:
-        return launcher_main()
+        return launcher_main([int(c) for c in ns.cpus.split(",") if c])
     return run_command(ns)
 
 
@@ -885,6 +1147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="also plot latency against node count to FILE.png (matplotlib; default: no plot)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the bench and its children to different CPUs (they are by default, "
+                             "when two or more are allowed; the table says where each ran)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a figure is short of its goal (each is marked held or short)")
 
@@ -897,6 +1162,8 @@ def run_command(ns: argparse.Namespace) -> int:
             print("mmn bench: --plot needs matplotlib: pip install 'mmnotify[bench]'", file=sys.stderr)
             return 2
     plan = Plan.quick() if ns.quick else Plan()
+    if getattr(ns, "no_pin", False):
+        plan = dataclasses.replace(plan, pin=False)
     doc = run(plan, progress=not ns.no_progress and sys.stderr.isatty())
     if ns.plot:
         plot(doc, ns.plot)

@@ -80,6 +80,8 @@ class PrimaryMmu(Protocol):
 
     def put_page(self, pfn: int) -> None: ...
 
+    def mm_has_notifiers(self, mm: int) -> bool: ...
+
     def cow_break(self, m: Mm, page: int, pte: int, *, writable: bool, origin: Origin = Origin.OWNER) -> Op[int]: ...
 
 logger = logging.getLogger(__name__)
@@ -342,7 +344,8 @@ class Ksm:
                     break  # nothing mergeable at all: do not spin
                 continue
             key = self._queue.popleft()
-            if not self._scannable(key):
+            got = self._present(key)
+            if got is None:
                 # nothing to scan there any more: the item goes, uncounted
                 # as a scanned page (remove_trailing_rmap_items)
                 self.forget(*key)
@@ -350,7 +353,7 @@ class Ksm:
                 continue
             done += 1
             self.pages_scanned += 1
-            merge = self._cmp_and_merge_page(key)
+            merge = self._cmp_and_merge_page(key, *got)
             if merge is not None:
                 yield from merge
             self._account(key)
@@ -365,17 +368,9 @@ class Ksm:
             done += yield from self.scan(max(self.pages_to_scan, 1), until_pass_end=True)
         return done
 
-    def _scannable(self, key: Key) -> bool:
-        """A present pte of a mergeable private vma: what ksmd's walk visits."""
-        m = self.model.mms.get(key[0])
-        if m is None:
-            return False
-        vma = m.find_vma(key[1])
-        return vma is not None and vma.mergeable and vma.shmem is None and bool(m.get(key[1]) & PTE_PRESENT)
-
-    def _page(self, key: Key) -> tuple[Mm, int, int] | None:
-        """(mm, pte, pfn) if ``key`` is a present, non-zero page of a mergeable
-        private vma; None otherwise."""
+    def _present(self, key: Key) -> tuple[Mm, int] | None:
+        """``(mm, pte)`` if ``key`` is a present pte of a mergeable private
+        vma -- what ksmd's walk visits -- None otherwise."""
         m = self.model.mms.get(key[0])
         if m is None:
             return None
@@ -386,19 +381,33 @@ class Ksm:
         if vma is None or not vma.mergeable or vma.shmem is not None:
             return None
         pte = m.get(key[1])
-        if not pte & PTE_PRESENT or pte >> PTE_SHIFT == ZERO_PFN:
-            return None
-        return m, pte, pte >> PTE_SHIFT
+        return (m, pte) if pte & PTE_PRESENT else None
 
-    def _cmp_and_merge_page(self, key: Key) -> Op[object] | None:
-        """``cmp_and_merge_page``.  The look (trees, checksum) is synchronous;
+    def _page(self, key: Key) -> tuple[Mm, int, int] | None:
+        """(mm, pte, pfn) if ``key`` is a present, non-zero page of a mergeable
+        private vma; None otherwise."""
+        got = self._present(key)
+        if got is None or got[1] >> PTE_SHIFT == ZERO_PFN:
+            return None
+        return got[0], got[1], got[1] >> PTE_SHIFT
+
+    def _notifies(self, mm: int) -> bool:
+        """Whether ``set_pte_at_notify`` on ``mm`` tells anyone (the rule is
+        :meth:`broker.mm.Model.set_pte_at_notify`'s: a wrapping kernel, or
+        ``mm_has_notifiers``).  When it does not, a merge yields nothing and
+        runs as plain calls (:meth:`_merge_one_now`)."""
+        return self.model.wrap_change_pte or self.model.mm_has_notifiers(mm)
+
+    def _cmp_and_merge_page(self, key: Key, m: Mm, pte: int) -> Op[object] | None:
+        """``cmp_and_merge_page`` of ``key``, whose present pte (in ``m``) is
+        ``pte`` (:meth:`_present`).  The look (trees, checksum) is synchronous;
         what it returns, if not None, is the merge it decided on: an operation,
-        since merging tells the nodes."""
-        got = self._page(key)
-        if got is None:
+        since merging tells the nodes.  A merge into a stable page that tells
+        nobody is done here and now (:meth:`_merge_one_now`)."""
+        pfn = pte >> PTE_SHIFT
+        if pfn == ZERO_PFN:
             self.forget(*key)
             return None
-        m, _pte, pfn = got
         mem = self.model.memory
         item = self._rmap_item(key)
         state = item.state
@@ -415,6 +424,10 @@ class Ksm:
         digest = page_digest(mem.page(pfn))
         kpfn = self._stable_search(digest, pfn) if self.stable_index else None
         if kpfn is not None:
+            if not self._notifies(m.id):
+                if self._merge_one_now(m, key[1], pfn, kpfn):
+                    self._append(key, item, self.stable[kpfn])
+                return None
             return self._merge_with_stable_page(m, key, item, pfn, kpfn)
         if item.oldchecksum != digest:
             item.oldchecksum = digest  # volatile: look again next pass
@@ -496,21 +509,51 @@ class Ksm:
             logger.info("ksm: break_cow of %s failed (%s); the page stays merged", key, exc)
 
     def _try_to_merge_with_ksm_page(self, m: Mm, addr: int, pfn: int, kpfn: int) -> Op[bool]:
-        """``try_to_merge_one_page``: write-protect, compare, replace."""
+        """``try_to_merge_one_page``: write-protect, compare, replace.  The
+        same steps as :meth:`_merge_one_now`, each telling the nodes."""
         if not (yield from self._write_protect_page(m, addr, pfn)):
             return False
+        if not self._mergeable_into(pfn, kpfn):
+            return False
+        return (yield from self._replace_page(m, addr, pfn, kpfn))
+
+    def _merge_one_now(self, m: Mm, addr: int, pfn: int, kpfn: int) -> bool:
+        """``try_to_merge_one_page`` on an mm nobody is told about
+        (:meth:`_notifies` False): there ``set_pte_at_notify`` yields nothing
+        and commits at once, so the steps of :meth:`_try_to_merge_with_ksm_page`
+        run as plain calls -- the same checks and commits, without an
+        operation generator per step (the merge pass's per-page cost)."""
+        done = self._write_protect_ready(m, addr, pfn)
+        if done is None:
+            done = self._write_protect_commit(m, addr, pfn)
+        if not done or not self._mergeable_into(pfn, kpfn) or not self._replace_ready(m, addr, pfn):
+            return False
+        return self._replace_commit(m, addr, pfn, kpfn)
+
+    def _mergeable_into(self, pfn: int, kpfn: int) -> bool:
+        """Between write-protect and replace: ``kpfn`` is still a KSM page
+        and ``pfn`` still has its contents."""
         mem = self.model.memory
         if not mem.flags[kpfn] & PG_KSM or kpfn not in self.stable:
             return False
-        if not mem.pages_identical(pfn, kpfn):
-            return False  # written before every node had acked the protection
-        return (yield from self._replace_page(m, addr, pfn, kpfn))
+        return mem.pages_identical(pfn, kpfn)  # else written before every node had acked the protection
 
     def _write_protect_page(self, m: Mm, addr: int, pfn: int) -> Op[bool]:
         """``write_protect_page``: the pte and every node's entry read-only;
         then the pin check (a pinned page is never merged)."""
+        done = self._write_protect_ready(m, addr, pfn)
+        if done is not None:
+            return done
         model = self.model
-        mem = model.memory
+        return (yield from model.set_pte_at_notify(m.id, addr, pfn, False,
+                                                   lambda: self._write_protect_commit(m, addr, pfn),
+                                                   wrap=model.wrap_change_pte, origin=Origin.KSMD))
+
+    def _write_protect_ready(self, m: Mm, addr: int, pfn: int) -> bool | None:
+        """The part of ``write_protect_page`` before the notification: its
+        answer when nothing needs protecting (or it cannot be), None when the
+        pte must be made read-only (:meth:`_write_protect_commit`)."""
+        mem = self.model.memory
         pte = m.get(addr)
         if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn:
             return False
@@ -524,46 +567,55 @@ class Ksm:
                 return False
             mem.flags[pfn] &= ~PG_ANON_EXCLUSIVE
             return True
+        return None
 
-        def commit() -> bool:
-            now = m.get(addr)
-            if not now & PTE_PRESENT or now >> PTE_SHIFT != pfn:
-                return False
-            # "page_mapcount(page) + 1 + swapped != page_count(page)": a pin
-            if mem.pincount[pfn]:
-                return False
-            m.set(addr, now & ~(PTE_WRITE | PTE_DIRTY))
-            # mm/ksm.c write_protect_page, after the refcount check:
-            # page_try_share_anon_rmap (folio_try_share_anon_rmap_pte since
-            # 6.8): no longer AnonExclusive, so GUP-fast FOLL_PIN refuses it
-            # from now on (mm/gup.c gup_must_unshare)
-            mem.flags[pfn] = (mem.flags[pfn] | PG_DIRTY) & ~PG_ANON_EXCLUSIVE
-            return True
-
-        return (yield from model.set_pte_at_notify(m.id, addr, pfn, False, commit, wrap=model.wrap_change_pte,
-                                                   origin=Origin.KSMD))
+    def _write_protect_commit(self, m: Mm, addr: int, pfn: int) -> bool:
+        """``write_protect_page``'s pte change, once the nodes were told."""
+        mem = self.model.memory
+        now = m.get(addr)
+        if not now & PTE_PRESENT or now >> PTE_SHIFT != pfn:
+            return False
+        # "page_mapcount(page) + 1 + swapped != page_count(page)": a pin
+        if mem.pincount[pfn]:
+            return False
+        m.set(addr, now & ~(PTE_WRITE | PTE_DIRTY))
+        # mm/ksm.c write_protect_page, after the refcount check:
+        # page_try_share_anon_rmap (folio_try_share_anon_rmap_pte since
+        # 6.8): no longer AnonExclusive, so GUP-fast FOLL_PIN refuses it
+        # from now on (mm/gup.c gup_must_unshare)
+        mem.flags[pfn] = (mem.flags[pfn] | PG_DIRTY) & ~PG_ANON_EXCLUSIVE
+        return True
 
     def _replace_page(self, m: Mm, addr: int, pfn: int, kpfn: int) -> Op[bool]:
         """``replace_page``: change_pte to the KSM page, set the pte, drop the old page."""
+        if not self._replace_ready(m, addr, pfn):
+            return False
+        model = self.model
+        return (yield from model.set_pte_at_notify(m.id, addr, kpfn, False,
+                                                   lambda: self._replace_commit(m, addr, pfn, kpfn),
+                                                   wrap=model.wrap_change_pte, origin=Origin.KSMD))
+
+    def _replace_ready(self, m: Mm, addr: int, pfn: int) -> bool:
+        """``replace_page``'s checks before the notification: ``pfn`` still
+        mapped at ``addr``, read-only, unpinned."""
+        pte = m.get(addr)
+        return bool(pte & PTE_PRESENT) and pte >> PTE_SHIFT == pfn and not pte & PTE_WRITE \
+            and not self.model.memory.pincount[pfn]
+
+    def _replace_commit(self, m: Mm, addr: int, pfn: int, kpfn: int) -> bool:
+        """``replace_page``'s pte change, once the nodes were told: map the
+        KSM page, drop the old one."""
         model = self.model
         mem = model.memory
-        pte = m.get(addr)
-        if not pte & PTE_PRESENT or pte >> PTE_SHIFT != pfn or pte & PTE_WRITE or mem.pincount[pfn]:
+        now = m.get(addr)
+        if now >> PTE_SHIFT != pfn or not now & PTE_PRESENT:
             return False
-
-        def commit() -> bool:
-            now = m.get(addr)
-            if now >> PTE_SHIFT != pfn or not now & PTE_PRESENT:
-                return False
-            mem.mapcount[kpfn] += 1
-            mem.get_page(kpfn)
-            m.set(addr, present_pte(kpfn, False, False, bool(now & PTE_YOUNG)))
-            mem.mapcount[pfn] -= 1
-            model.put_page(pfn)
-            return True
-
-        return (yield from model.set_pte_at_notify(m.id, addr, kpfn, False, commit, wrap=model.wrap_change_pte,
-                                                   origin=Origin.KSMD))
+        mem.mapcount[kpfn] += 1
+        mem.get_page(kpfn)
+        m.set(addr, present_pte(kpfn, False, False, bool(now & PTE_YOUNG)))
+        mem.mapcount[pfn] -= 1
+        model.put_page(pfn)
+        return True
 
     def _merge_with_zero_page(self, m: Mm, addr: int, pfn: int) -> Op[bool]:
         """``use_zero_pages``: an all-zero page is replaced by the zero page."""

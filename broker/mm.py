@@ -762,6 +762,10 @@ class Model:
         self.counters["cow_breaks"] += 1
         return new
 
+    def mm_has_notifiers(self, mm: int) -> bool:
+        """``mm_has_notifiers``: anyone subscribed to ``mm``."""
+        return self.notifier.has_subscribers(mm)
+
     def set_pte_at_notify(self, mm: int, addr: int, pfn: int, writable: bool, commit: Callable[[], T],
                            *, wrap: bool, origin: Origin = Origin.OWNER) -> Op[T]:
         """``set_pte_at_notify`` (include/linux/mmu_notifier.h): tell the nodes
@@ -776,7 +780,7 @@ class Model:
         Returns:
             What ``commit`` returns.
         """
-        if not wrap and not self.notifier.has_subscribers(mm):
+        if not wrap and not self.mm_has_notifiers(mm):
             # mmu_notifier_change_pte: "if (mm_has_notifiers(mm))" -- nobody to
             # tell, nothing yielded, so no window for GUP-fast to see: set the pte.
             return commit()
