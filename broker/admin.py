@@ -78,11 +78,23 @@ def status(core: Any, mm: int | None = None, node: str | None = None, cursor: st
     if mm is not None:
         ask["mm"] = mm
     live = tuple(s.name for s in sessions if s.state == SessionState.LIVE)
-    results = yield RelayAll(live, "status", {k: v for k, v in ask.items() if v is not None}, timeout_ms=1000)
+    # the summary waits a second for each node; a page of one node's
+    # translations, which the caller cannot do without, a relayed command's time
+    wait_ms = 1000 if node is None else max(1000, core.config.command_timeout_ms)
+    results = yield RelayAll(live, "status", {k: v for k, v in ask.items() if v is not None}, timeout_ms=wait_ms)
     nodes = []
     for s in sessions:
         result = results.get(s.name)
         report = (result.result if result is not None and result.ok else None) or {}
+        if node is not None and not report and s.state == SessionState.LIVE:
+            # A page of one node's translations that did not come is not the
+            # end of them: an empty page with no cursor would end the caller's
+            # walk early.  Say so; the same cursor asks again.
+            if result is not None and result.errno:
+                raise KernelError(Errno[result.errno] if result.errno in Errno.__members__ else Errno.EIO,
+                                  f"{s.name}: {result.error or result.errno}")
+            raise KernelError(Errno.ETIMEDOUT, f"{s.name} did not send its status page in time; "
+                                               "ask again with the same cursor")
         if report:
             translations, rest = report.get("mms", {}), report.get("mms_next")
         else:  # no answer: the host's own count, and no detail
@@ -101,6 +113,8 @@ def status(core: Any, mm: int | None = None, node: str | None = None, cursor: st
                 # the node's own view, a page of it: {mm: {page address (hex): pfn}}, and its counters
                 "mms": translations,
                 "mms_next": rest,
+                # False: the node did not answer in time (mapped_pages is the host's own count, no detail)
+                "answered": bool(report),
                 "invalidations_in_progress": report.get("invalidations_in_progress", 0),
                 "counters": report.get("counters", {}),
             }

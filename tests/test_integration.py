@@ -1144,7 +1144,11 @@ async def test_status_and_the_health_check_stay_within_the_frame_at_500000_mappe
     seen, cursor = 0, None
     with trio.fail_after(120):
         while True:
-            page = nodes(await c.call("status", node="kvm0", cursor=cursor, limit=8192))["kvm0"]
+            try:
+                page = nodes(await c.call("status", node="kvm0", cursor=cursor, limit=8192))["kvm0"]
+            except mmnotify.KernelError as exc:  # a page late on a loaded machine: ask again
+                assert exc.errno is mmnotify.Errno.ETIMEDOUT, exc
+                continue
             seen += sum(len(p) for p in page["mms"].values())
             cursor = page["mms_next"]
             if cursor is None:

@@ -116,6 +116,35 @@ def test_a_node_reports_a_page_of_its_translations_and_the_cursor_of_the_rest() 
         node.status(cursor="m1")
 
 
+def test_a_page_a_node_did_not_send_in_time_is_an_error_not_the_end_of_its_translations() -> None:
+    """A walk of ``status --node N --cursor C`` must not end early because one
+    page did not come: the reply is ETIMEDOUT (ask again with the same
+    cursor), not an empty page without a cursor.  The summary still answers,
+    with the host's own count and ``answered`` False."""
+    c = LocalCluster(frames=64, nodes={"kvm0": "kvm"})
+    mm = c.admin("spawn")["mm"]
+    addr = c.admin("mmap", mm=mm, pages=40)["addr"]
+    c.fault("kvm0", mm, addr, 40)
+    c.hold("kvm0")  # reads nothing: the relayed status times out
+    reply = c.admin_reply(c.admin_begin("status", node="kvm0", limit=16))
+    assert not reply.ok and reply.errno == "ETIMEDOUT", reply
+    summary = c.admin_reply(c.admin_begin("status"))
+    assert summary.ok
+    (kvm,) = summary.result["nodes"]
+    assert kvm["answered"] is False and kvm["mapped_pages"] == 40 and kvm["mms"] == {}
+    c.heal("kvm0")
+    c.pump()
+    seen, cursor = 0, None
+    while True:
+        (page,) = c.admin("status", node="kvm0", cursor=cursor, limit=16)["nodes"]
+        assert page["answered"] is True
+        seen += sum(len(p) for p in page["mms"].values())
+        cursor = page["mms_next"]
+        if cursor is None:
+            break
+    assert seen == 40
+
+
 def test_the_status_says_the_hosts_liveness_rules() -> None:
     c = LocalCluster(frames=16)
     host = c.admin("status")["host"]
