@@ -14,6 +14,7 @@ from typing import Any
 from node.base import MmState, Output
 from node.kinds import KINDS
 from node.kvm import KvmMMU
+from protocol.types import Errno, KernelError
 
 
 class AcksBeforeZapping(KvmMMU):
@@ -39,7 +40,20 @@ class NeverZaps(KvmMMU):
         return []
 
 
-BROKEN: dict[str, type[KvmMMU]] = {"acks-before-zap": AcksBeforeZapping, "never-zaps": NeverZaps}
+class SaysWritesFailed(KvmMMU):
+    """Does every write it is asked to, then says it was refused (EPERM), as
+    if nothing had landed: a denial on a page mapped for it, and bytes the
+    page may not hold as far as anyone told."""
+
+    def _complete(self, token: int, result: dict[str, Any] | None = None, *,
+                  error: KernelError | None = None) -> list[Output]:
+        if error is None and result is not None and "written" in result:
+            error = KernelError(Errno.EPERM, "write refused (it landed)")
+        return super()._complete(token, result, error=error)
+
+
+BROKEN: dict[str, type[KvmMMU]] = {"acks-before-zap": AcksBeforeZapping, "never-zaps": NeverZaps,
+                                   "says-writes-failed": SaysWritesFailed}
 
 
 def install(broken: str) -> None:

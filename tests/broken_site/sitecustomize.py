@@ -1,6 +1,6 @@
 """Runs at the start of every Python process with this directory on ``PYTHONPATH``.
 
-With ``MMN_TEST_BROKEN`` set (``acks-before-zap`` or ``never-zaps``), the
+With ``MMN_TEST_BROKEN`` set (a name of ``BROKEN`` there), the
 process's kvm nodes are the broken kind of that name (tests/broken_kinds.py):
 tests/test_soak.py starts ``mmn soak`` so, and the soak's node processes
 inherit the environment.  Without it, nothing happens.
