@@ -792,6 +792,8 @@ class Soak:
         self._op_gen: dict[int, int] = {}
         self.clients: list[Any] = []
         self.trace: Any = None  # a file: one line per operation and outcome
+        #: attachments a detach of the group running takes away
+        self._detaching: set[int] = set()
         #: nodes the injections of the group running target (how many each)
         self._targets: Counter[str] = Counter()
         #: seconds every node has to register with a host the soak started again
@@ -868,6 +870,7 @@ class Soak:
         paused = max((float(op["for_s"]) for op in group if op["op"] == "inject" and op["kind"] == "host-pause"),
                      default=0.0)
         self._targets = Counter(op["node"] for op in group if op["op"] == "inject" and op["node"])
+        self._detaching = {op["att"] for op in group if op["op"] == "xpmem_detach"}
 
         async def one(i: int, op: dict[str, Any]) -> None:
             t0 = time.monotonic()
@@ -1275,6 +1278,8 @@ class Soak:
             epoch = self.gen_epoch.get(gen) if gen is not None else None
             if epoch is None or self.epochs.get(op["node"], (None,))[0] != epoch:
                 return True  # made in a session that may have ended (a fence drops attachments)
+            if op["att"] in self._detaching:
+                return True  # detached by an operation of its group, maybe first
             k = self.key(op)
             spec = self.att_spec.get(op["att"], {})
             if k in mutated or not spec.get("write", False) and kind == "xpmem_write":
