@@ -1100,9 +1100,9 @@ class Soak:
             await trio.sleep(seconds)
         finally:
             signal_group(host, signal.SIGCONT)
-        # Ten heartbeat periods of its running time: what it would fence for
-        # the pause, it has fenced by then.
-        await trio.sleep(10 * self.timing["heartbeat_ms"] / 1000)
+        # Five heartbeat periods of its running time: what it would fence for
+        # the pause, it fences at its first tick after it.
+        await trio.sleep(5 * self.timing["heartbeat_ms"] / 1000)
         ok, st, err = await self.call(lane, "status", {}, 5.0)
         if not ok:
             return ok, st, err
