@@ -796,7 +796,8 @@ class Soak:
         self._detaching: set[int] = set()
         #: nodes the injections of the group running target (how many each)
         self._targets: Counter[str] = Counter()
-        #: seconds every node has to register with a host the soak started again
+        #: seconds every node has to register with a host the soak started
+        #: again, once it answers
         self.restart_s = RESTART_S
         #: the host's (fences, registrations) when the run (or its incarnation) began
         self.counts0 = (0, 0)
@@ -831,7 +832,7 @@ class Soak:
         d = 1.5 + rounds * ack
         kind = op["op"]
         if kind == "host-crash":
-            return RESTART_S + 10.0  # a new host process, every node registered with it
+            return 2 * RESTART_S + 10.0  # a new host process up, then every node registered with it
         if kind.startswith(("node_", "xpmem_")):
             d += self.timing["command_timeout_ms"] / 1000
         if kind == "xpmem_attach":
@@ -1147,24 +1148,32 @@ class Soak:
         self.counts0 = (0, 0)
         names = [name for name, _ in self.nodes]
         first: dict[str, dict[str, Any]] = {}  # each node as the new host first showed it live
+        up: float | None = None  # when the new host first answered
         while True:
             ok, st, _ = await self.call(lane, "status", {}, 5.0)
+            now = time.monotonic()
             if ok and st["host"]["incarnation"] != old:
+                up = now if up is None else up
                 for n in st["nodes"]:
                     if n["state"] == "live":
                         first.setdefault(n["name"], n)
                 if set(first) >= set(names):
                     break
-            if time.monotonic() - t0 > self.restart_s:
+            # the host has RESTART_S to come up (a process start), the nodes
+            # restart_s from then to register with it
+            if now - t0 > RESTART_S if up is None else now - up > self.restart_s:
                 break
             await trio.sleep(0.05)
         took = time.monotonic() - t0
         self.report.host_restart_s = round(max(self.report.host_restart_s, took), 3)
+        if up is None:
+            self.violation("not_restarted", f"the new host did not answer {RESTART_S:.0f}s after it was started")
+            return True, {"restart_s": round(took, 3), "nodes": 0}, ""
         for name in names:
             n = first.get(name)
             if n is None:
                 self.violation("not_restarted", f"{name} not registered with the new host {self.restart_s:.0f}s after "
-                                                "the host was started again")
+                                                "it answered")
             elif n.get("mapped_pages") or n.get("invalidations_in_progress") or n.get("mms"):
                 self.violation("not_restarted", f"{name} registered with the new host still holding something: "
                                                 f"{n.get('mapped_pages')} pages, {n.get('mms')}")

@@ -574,7 +574,7 @@ async def test_after_a_host_crash_every_node_registers_with_the_new_host_holding
             assert runner.report.ok(), runner.report.violations
             assert runner.pages[(2, 2, 1)] == {b"A" * 8 + b"new!" + b"A" * (PS - 12)}
 
-            runner.restart_s = 4.0
+            runner.restart_s = 6.0
             os.killpg(cluster.procs["gru0"].pid, signal.SIGSTOP)
             try:
                 await runner.run_group(crash)
