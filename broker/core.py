@@ -593,10 +593,16 @@ class HostCore:
         least once a period.  Nobody could be heard meanwhile, so the silence
         of nodes and the acks owed are judged only over time the host ran:
         last-seen times and ack / command deadlines move by the stall.  Every
-        deadline still passes (each stall moves it once, by a finite gap)."""
+        deadline still passes (each stall moves it once, by a finite gap).
+
+        A gap counts as a stall past two periods, or a second more than one
+        when that is still within half the liveness window: a gap the host
+        does not count may not itself fence anybody.  (With a one-second
+        floor alone, a 100 ms x 8 host stopped for 0.9 s counted no stall,
+        and fenced every node on resume: found by ``mmn soak``'s host pauses.)"""
         period = self.config.heartbeat_ms / 1000
         gap = now - self.now
-        if self._started and period > 0 and gap > max(2 * period, period + 1.0):
+        if self._started and period > 0 and gap > max(2 * period, min(period + 1.0, period * self.config.liveness / 2)):
             stalled = gap - period
             self.counters["host_stalls"] = self.counters.get("host_stalls", 0) + 1
             logger.warning("the host did not run for %.1f s: node silence and deadlines judged without it", stalled)

@@ -33,12 +33,30 @@ see the page before or after, nothing else.  Violations:
   must fail succeeded, an internal error (EIO), or a reply never came,
 * ``wrong_errors``: a node access (read, write, fault; kvm, gru or xpmem)
   was denied (EFAULT, EPERM, EACCES) where the shadow says it may not be: a
-  page mapped with the protection it needs, no operation of its group
-  changing that, and for xpmem an attachment made in the node's current
-  session -- or failed with an errno no failure explains,
+  page mapped with the protection it needs, no other operation of its
+  group changing that (a write's own pages do not excuse it), and for xpmem
+  an attachment made in the node's current session -- or failed with an
+  errno no failure explains,
 * ``unrecovered``: at the end, healed, a node not deliberately killed was
-  not live again within its liveness window (heartbeat period x liveness),
+  not live again within its liveness window (heartbeat period x the node's
+  liveness); or a node whose connection was reset, nothing else injected,
+  was not live again within it,
+* ``paused_fences``: a node live with nothing injected lost its session
+  over a host pause (the host judges silence only over its own running time),
+* ``not_restarted``: after a host crash (``--host-crash``) a node did not
+  register with the new host, or registered still holding translations,
 * ``late``: an operation finished after its deadline.
+
+The failures injected: through ``mmn inject`` (drop-acks, delay-acks,
+duplicate, hang, partition, slow-drain, crash), and by the runner itself on
+its own cluster: ``reset`` (the kernel destroys a node's TCP connection,
+``ss -K``: it needs CAP_NET_ADMIN, and is skipped and counted as
+``resets_unavailable`` without it) and ``host-pause`` (SIGSTOP the host past
+its liveness window, within the nodes' -- the soak's nodes are more patient
+than its host, :data:`NODE_LIVENESS` -- then SIGCONT).  ``--host-crash``
+kills the host (-9) now and then and starts a new one on the same ports and
+keys; the schedule and the shadow start over on new mms, as every mm died
+with the host.
 
 Node failures the injected faults explain -- the node fenced, hung,
 restarting or not answering (EINTR, ESRCH, ETIMEDOUT, EAGAIN) -- are
@@ -67,9 +85,12 @@ import logging
 import math
 import os
 import random
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +112,25 @@ INJECTIONS = (
     ("partition", 3),
     ("slow-drain", 2),
     ("crash", 1),
+    ("reset", 3),
+    ("host-pause", 1),
 )
+#: Injections only the soak's own cluster can make (it owns the processes):
+#: a node's crash, a reset of its TCP connection (``ss -K``), a host pause
+#: (SIGSTOP ... SIGCONT).  ``--host`` runs without them.
+PROCESS_INJECTIONS = frozenset({"crash", "reset", "host-pause"})
+#: A host pause lasts this long (seconds): past the host's liveness window
+#: (heartbeat x liveness, 0.8 s), within the nodes' (:data:`NODE_LIVENESS`).
+PAUSE_S = (0.85, 1.8)
+#: Heartbeats the soak's nodes may miss (their own liveness; the host's is
+#: SOAK_HOST's).  Longer than any host pause: a node that drops its session on
+#: a host that was merely stopped would lose its xpmem attachments, and the
+#: pause would test the nodes' patience instead of the host's judgement.
+NODE_LIVENESS = 25
+#: With ``--host-crash``: the share of the failure rate (per operation) that
+#: kills the host (-9) after the group and starts a new one on the same ports
+#: and keys (at ``--faults 0.05``, one operation in a thousand).
+HOST_CRASH_SHARE = 0.02
 #: host timing for a soak cluster (milliseconds)
 SOAK_HOST = {"heartbeat_ms": 100, "liveness": 8, "ack_deadline_ms": 400, "command_timeout_ms": 2000}
 SOAK_FRAMES = 16384
@@ -155,12 +194,14 @@ class Planner:
     """Draws the schedule from ``random.Random(seed)`` over symbolic state."""
 
     def __init__(self, seed: int, nodes: list[tuple[str, str]], faults: float, page_size: int,
-                 crash: bool = True) -> None:
+                 crash: bool = True, host_crash: bool = False) -> None:
         self.rng = random.Random(seed)
         self.nodes = nodes
         self.faults = faults
         self.ps = page_size
+        #: the processes are the soak's own: :data:`PROCESS_INJECTIONS` too
         self.crash = crash
+        self.host_crash = host_crash
         self.mms: dict[int, _GMm] = {}
         self.fresh: set[int] = set()  # mms and regions made in the group being drawn
         self.used: set[int] = set()  # mms the group being drawn touches
@@ -354,11 +395,15 @@ class Planner:
             if node is None or span is None:
                 return None
             rid, first, n = span
-            write = rng.random() < 0.7
+            write = rng.random() < 0.9
             aid = self.next_att
             self.next_att += 1
-            self.fresh.add(-1000000 - aid)
-            self.attachments[aid] = _Attach(node, sid, rid, first, n, write)
+            if write:
+                self.fresh.add(-1000000 - aid)
+                self.attachments[aid] = _Attach(node, sid, rid, first, n, write)
+            # else a read-only permit, which xpmem_attach refuses (it always
+            # validates for XPMEM_RDWR: EACCES): a denial the shadow predicts,
+            # and no attachment for later operations to waste themselves on
             return {"op": "xpmem_attach", "att": aid, "node": node, "mm": sid, "rid": rid, "page": first,
                     "npages": n, "write": write}
         return None
@@ -392,8 +437,10 @@ class Planner:
 
     def injection(self) -> dict[str, Any]:
         rng = self.rng
-        kinds = [(k, w) for k, w in INJECTIONS if self.crash or k != "crash"]
+        kinds = [(k, w) for k, w in INJECTIONS if self.crash or k not in PROCESS_INJECTIONS]
         kind = rng.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
+        if kind == "host-pause":
+            return {"op": "inject", "node": None, "kind": kind, "for_s": round(rng.uniform(*PAUSE_S), 2)}
         want = ("xpmem",) if kind == "slow-drain" else KINDS
         node = self._node(want)
         out: dict[str, Any] = {"op": "inject", "node": node, "kind": kind, "for_s": round(rng.uniform(0.2, 1.2), 2)}
@@ -406,8 +453,7 @@ class Planner:
     def groups(self, nops: int) -> Iterator[list[dict[str, Any]]]:
         """The schedule: groups of operations run together; ``nops`` ops in all."""
         rng = self.rng
-        yield [{"op": "spawn", "mm": self._new_mm()}, {"op": "spawn", "mm": self._new_mm()}]
-        yield [self._mmap(1), self._mmap(2)]
+        yield from self._begin()
         done = 4
         while done < nops:
             size = min(rng.choice([1, 2, 2, 3, 3]), nops - done)
@@ -439,12 +485,31 @@ class Planner:
             done += sum(1 for o in group if o["op"] != "inject")
             if group:
                 yield group
+            if self.host_crash and done < nops and rng.random() < self.faults * HOST_CRASH_SHARE * len(group):
+                # The host is killed and a new one started: every mm is gone
+                # (a host crash loses every mm, as a machine crash does), so
+                # the schedule starts over on new ones.
+                yield [{"op": "host-crash"}]
+                self.mms.clear()
+                self.attachments.clear()
+                yield from self._begin()
+                done += 4
+
+    def _begin(self) -> Iterator[list[dict[str, Any]]]:
+        """Two mms, a region in each (a schedule starts so, and again after a host crash)."""
+        self.fresh = set()
+        a, b = self._new_mm(), self._new_mm()
+        yield [{"op": "spawn", "mm": a}, {"op": "spawn", "mm": b}]
+        self.fresh = set()
+        yield [self._mmap(a), self._mmap(b)]
 
 
 def plan(seed: int, nops: int, nodes: list[tuple[str, str]], faults: float, page_size: int = 4096,
-         crash: bool = True) -> list[list[dict[str, Any]]]:
-    """The whole schedule for ``seed`` (pure)."""
-    return list(Planner(seed, nodes, faults, page_size, crash).groups(nops))
+         crash: bool = True, host_crash: bool = False) -> list[list[dict[str, Any]]]:
+    """The whole schedule for ``seed`` (pure).  ``crash``: the soak's own
+    processes (:data:`PROCESS_INJECTIONS` in the mix); ``host_crash``: kill
+    the host now and then (``--host-crash``)."""
+    return list(Planner(seed, nodes, faults, page_size, crash, host_crash).groups(nops))
 
 
 def digest(schedule: list[list[dict[str, Any]]]) -> str:
@@ -470,13 +535,16 @@ class Cluster:
 
     def __init__(self, nodes: list[tuple[str, str]], *, seed: int = 0, logs: Path | None = None,
                  host_options: dict[str, int] | None = None, node_env: dict[str, str] | None = None,
-                 restart: bool = True, host_args: list[str] | None = None, curve: bool = False) -> None:
+                 restart: bool = True, host_args: list[str] | None = None, curve: bool = False,
+                 node_liveness: int | None = None) -> None:
         self.nodes = nodes
         self.seed = seed
         self.logs = logs or Path(tempfile.mkdtemp(prefix="mmn-soak-"))
         self.logs.mkdir(parents=True, exist_ok=True)
         self.host_options = {**SOAK_HOST, **(host_options or {})}
         self.node_env = node_env or {}
+        #: heartbeats a node may miss (the host's liveness unless given)
+        self.node_liveness = node_liveness or self.host_options["liveness"]
         #: more ``mmn host`` flags (``--swap-path P``...)
         self.host_args = list(host_args or [])
         self.ports = free_ports(3)
@@ -533,7 +601,7 @@ class Cluster:
     def node_argv(self, i: int, name: str, kind: str) -> list[str]:
         return ["node", "--kind", kind, "--name", name, "--host", self.node_endpoint, "--seed",
                 str(self.seed * 1000 + i), "--heartbeat-ms", str(self.host_options["heartbeat_ms"]),
-                "--liveness", str(self.host_options["liveness"]), "--log-level", "WARNING"]
+                "--liveness", str(self.node_liveness), "--log-level", "WARNING"]
 
     async def start_host(self) -> None:
         await self._spawn("host", self.host_argv())
@@ -574,6 +642,34 @@ class Cluster:
                     return st
                 await trio.sleep(0.1)
 
+    async def reset_connection(self, name: str) -> int | None:
+        """Reset node ``name``'s TCP connection to the host under it: the
+        kernel destroys the node's socket (``ss -K``, SOCK_DESTROY), the node's
+        libzmq sees ECONNABORTED and the host's a RST, as when a middlebox or
+        a peer's kernel resets a connection; libzmq reconnects by itself.
+
+        Returns:
+            How many connections were destroyed (0: the node had none, its
+            process restarting), or None when ``ss -K`` may not destroy
+            sockets here (it needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY).
+
+        Concurrency: awaits ``ss`` (two or three short child processes).
+        """
+        proc = self.procs.get(name)
+        if proc is None or proc.returncode is not None:
+            return 0
+        port = self.ports[0]
+        ports = await _node_connections(proc.pid, port)
+        for local in ports:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                await trio.run_process(["ss", "-K", "-tn", "state", "established", "src", f"127.0.0.1:{local}",
+                                        "dst", f"127.0.0.1:{port}"], capture_stdout=True, capture_stderr=True,
+                                       check=False)
+        if not ports:
+            return 0
+        left = set(ports) & set(await _node_connections(proc.pid, port))
+        return None if left == set(ports) else len(ports) - len(left)
+
     def kill(self, name: str, sig: int = 9) -> None:
         """Signal the process group of ``name``, if its process is alive."""
         child = self.children.get(name)
@@ -585,6 +681,18 @@ class Cluster:
         self.stopping = True
         with trio.CancelScope(shield=True):
             await stop_all(list(self.children.values()), grace=3)
+
+
+async def _node_connections(pid: int, port: int) -> list[int]:
+    """Local ports of process ``pid``'s established TCP connections to
+    ``127.0.0.1:port``."""
+    try:
+        out = await trio.run_process(["ss", "-tnpH", "state", "established", "dst", f"127.0.0.1:{port}"],
+                                     capture_stdout=True, capture_stderr=True, check=False)
+    except OSError:
+        return []
+    return [int(line.split()[2].rsplit(":", 1)[1]) for line in out.stdout.decode().splitlines()
+            if f"pid={pid}," in line]
 
 
 # --------------------------------------------------------------------------
@@ -615,6 +723,19 @@ class Report:
     xpmem_writes_ok: int = 0
     #: accesses planned on an attachment a fence dropped, attached again first
     reattached: int = 0
+    #: node connections reset under them (``ss -K``); resets ``ss`` was not
+    #: allowed to make here (no CAP_NET_ADMIN), skipped
+    resets: int = 0
+    resets_unavailable: int = 0
+    #: host pauses (SIGSTOP ... SIGCONT), and nodes the host fenced over one
+    host_pauses: int = 0
+    paused_fences: int = 0
+    #: host crashes (``--host-crash``): killed, started again; the slowest
+    #: restart until every node was registered with the new host; nodes that
+    #: were not, or still held something
+    host_crashes: int = 0
+    host_restart_s: float = 0.0
+    not_restarted: int = 0
     #: after the final heal: seconds until the last node was live again
     recovery_s: float = 0.0
     slowest: dict[str, Any] = field(default_factory=dict)
@@ -624,7 +745,7 @@ class Report:
 
     def ok(self) -> bool:
         return not (self.stale_accesses or self.lost_writes or self.wrong_reads or self.unexpected or self.late
-                    or self.wrong_errors or self.unrecovered)
+                    or self.wrong_errors or self.unrecovered or self.paused_fences or self.not_restarted)
 
 
 class HostDied(Exception):
@@ -671,6 +792,18 @@ class Soak:
         self._op_gen: dict[int, int] = {}
         self.clients: list[Any] = []
         self.trace: Any = None  # a file: one line per operation and outcome
+        #: attachments a detach of the group running takes away
+        self._detaching: set[int] = set()
+        #: nodes the injections of the group running target (how many each)
+        self._targets: Counter[str] = Counter()
+        #: seconds every node has to register with a host the soak started
+        #: again, once it answers
+        self.restart_s = RESTART_S
+        #: the host's (fences, registrations) when the run (or its incarnation) began
+        self.counts0 = (0, 0)
+        #: what hosts the soak crashed counted before they died: fences,
+        #: registrations, stale accesses
+        self.prior = (0, 0, 0)
 
     # -- the admin API
     async def call(self, lane: int, command: str, args: dict[str, Any], timeout: float) -> tuple[bool, Any, str]:
@@ -698,6 +831,8 @@ class Soak:
         rounds = (len(self.nodes) + 2) * group_size
         d = 1.5 + rounds * ack
         kind = op["op"]
+        if kind == "host-crash":
+            return 2 * RESTART_S + 10.0  # a new host process up, then every node registered with it
         if kind.startswith(("node_", "xpmem_")):
             d += self.timing["command_timeout_ms"] / 1000
         if kind == "xpmem_attach":
@@ -732,9 +867,15 @@ class Soak:
         results: list[Any] = [None] * len(group)
         size = sum(1 for o in group if o["op"] != "inject")
 
+        # a host pause stops everything of the group for its length
+        paused = max((float(op["for_s"]) for op in group if op["op"] == "inject" and op["kind"] == "host-pause"),
+                     default=0.0)
+        self._targets = Counter(op["node"] for op in group if op["op"] == "inject" and op["node"])
+        self._detaching = {op["att"] for op in group if op["op"] == "xpmem_detach"}
+
         async def one(i: int, op: dict[str, Any]) -> None:
             t0 = time.monotonic()
-            deadline = self.deadline(op, size)
+            deadline = self.deadline(op, size) + paused
             results[i] = await self.execute(i, op, deadline * 2)
             took = time.monotonic() - t0
             host = self.cluster.procs.get("host") if self.cluster is not None else None
@@ -782,14 +923,19 @@ class Soak:
                 rep.xpmem_writes_ok += bool(res[0])
         # mutators first, then the reads against before-or-after
         mutated: set[tuple[int, int, int]] = set()
-        for op, res in zip(group, results, strict=False):
+        touched: list[set[tuple[int, int, int]]] = [set() for _ in group]
+        for i, (op, res) in enumerate(zip(group, results, strict=False)):
             if op["op"] not in ("host_read", "node_read", "xpmem_read", "node_fault"):
-                mutated |= self.apply(op, res)
-        for op, res in zip(group, results, strict=False):
+                touched[i] = self.apply(op, res)
+                mutated |= touched[i]
+        for i, (op, res) in enumerate(zip(group, results, strict=False)):
             if op["op"] in ("host_read", "node_read", "xpmem_read", "node_fault"):
                 self.check_read(op, res, pre, mutated)
             if op["op"] in ACCESS_OPS and not res[0]:
-                self._access_failed(op, res, mutated)
+                # what the other operations of the group changed: a write's
+                # own pages do not excuse its own denial
+                others = set().union(*(t for j, t in enumerate(touched) if j != i))
+                self._access_failed(op, res, others)
         rep.ops += size
 
     def key(self, op: dict[str, Any], page: int | None = None) -> tuple[int, int, int]:
@@ -806,9 +952,15 @@ class Soak:
         mm = self.mm.get(op.get("mm", 0), 0)
         if kind == "spawn":
             return await self.call(lane, "spawn", {}, timeout)
+        if kind == "host-crash":
+            return await self.crash_host(lane)
         if kind == "inject":
             self.report.injected += 1
             self.report.injected_by_kind[op["kind"]] = self.report.injected_by_kind.get(op["kind"], 0) + 1
+            if op["kind"] == "reset":
+                return await self.reset(lane, op["node"])
+            if op["kind"] == "host-pause":
+                return await self.pause_host(lane, float(op["for_s"]))
             args = {"node": op["node"], "kind": op["kind"], "rate": str(op.get("rate", 1.0)),
                     "delay_ms": op.get("delay_ms", 0), "for_s": str(op["for_s"])}
             return await self.call(lane, "inject", args, timeout)
@@ -881,6 +1033,151 @@ class Soak:
         if kind == "migrate":
             return await self.call(lane, "migrate", {"mm": mm, "addr": addr, "length": length}, timeout)
         raise AssertionError(kind)
+
+    # -- the injections the runner makes itself (its own cluster)
+    async def _clean(self, lane: int, mine: str | None = None) -> dict[str, int]:
+        """Nodes live now with nothing injected nor about to be by this
+        group (but the injection running, on ``mine``): name -> epoch."""
+        ok, st, _ = await self.call(lane, "status", {}, 5.0)
+        if not ok:
+            return {}
+        return {n["name"]: n["epoch"] for n in st["nodes"]
+                if n["state"] == "live" and not n.get("injected")
+                and self._targets[n["name"]] <= (n["name"] == mine)}
+
+    def node_window(self) -> float:
+        """A node's liveness window: the host's heartbeat period times the
+        heartbeats the node may miss."""
+        liveness = self.cluster.node_liveness if self.cluster is not None else self.timing.get(
+            "liveness", SOAK_HOST["liveness"])
+        return self.timing["heartbeat_ms"] * liveness / 1000
+
+    async def reset(self, lane: int, name: str) -> tuple[bool, Any, str]:
+        """Reset ``name``'s connection under it; a node that had nothing
+        else injected must be live again within its liveness window
+        (``unrecovered`` otherwise): it learns it is fenced from the refusal
+        of its next heartbeat and registers anew, or the host never noticed
+        and the session goes on."""
+        assert self.cluster is not None
+        clean = await self._clean(lane, name)
+        destroyed = await self.cluster.reset_connection(name)
+        if destroyed is None:
+            self.report.resets_unavailable += 1
+            return False, "SKIPPED", "ss -K may not destroy sockets here (CAP_NET_ADMIN)"
+        if not destroyed:
+            return False, "SKIPPED", f"{name} has no connection (restarting)"
+        self.report.resets += 1
+        t0 = time.monotonic()
+        if name not in clean:
+            return True, {"reset": destroyed}, ""
+        window = self.node_window()
+        while True:
+            # Live, and its own part of the status came (relayed to it: over a
+            # connection made since, the old one is gone) -- in a new session,
+            # or in the old one if the host never noticed.
+            ok, st, _ = await self.call(lane, "status", {}, 5.0)
+            node: dict[str, Any] = next((n for n in st["nodes"] if n["name"] == name), {}) if ok else {}
+            if node.get("state") == "live" and node.get("counters"):
+                return True, {"reset": destroyed, "epoch": (clean[name], node.get("epoch")),
+                              "back_s": round(time.monotonic() - t0, 3)}, ""
+            if time.monotonic() - t0 > window:
+                self.violation("unrecovered", f"{name} not live {window:.1f}s after its connection was reset "
+                                              f"(state {node.get('state')}, {node.get('fence_reason', '')!r})")
+                return True, {"reset": destroyed}, ""
+            await trio.sleep(0.05)
+
+    async def pause_host(self, lane: int, seconds: float) -> tuple[bool, Any, str]:
+        """Stop the host (SIGSTOP) for ``seconds``, longer than its liveness
+        window, then let it run on.  It judges a node's silence only over
+        time it was itself running to hear it, so a node that was live and
+        had nothing injected keeps its session (its epoch; so its xpmem
+        attachments): fenced, it is ``paused_fences``."""
+        assert self.cluster is not None
+        clean = await self._clean(lane)
+        host = self.cluster.children["host"]
+        self.report.host_pauses += 1
+        signal_group(host, signal.SIGSTOP)
+        try:
+            await trio.sleep(seconds)
+        finally:
+            signal_group(host, signal.SIGCONT)
+        # Five heartbeat periods of its running time: what it would fence for
+        # the pause, it fences at its first tick after it.
+        await trio.sleep(5 * self.timing["heartbeat_ms"] / 1000)
+        ok, st, err = await self.call(lane, "status", {}, 5.0)
+        if not ok:
+            return ok, st, err
+        now = {n["name"]: n for n in st["nodes"]}
+        for name, epoch in sorted(clean.items()):
+            n = now.get(name, {})
+            if n.get("state") != "live" or n.get("epoch") != epoch:
+                self.violation("paused_fences", f"{name} fenced over a host pause of {seconds:.2f}s: state "
+                                                f"{n.get('state')}, epoch {epoch} -> {n.get('epoch')} "
+                                                f"({n.get('fence_reason', '')!r})")
+        return True, {"paused_s": seconds, "kept": len(clean)}, ""
+
+    async def crash_host(self, lane: int) -> tuple[bool, Any, str]:
+        """Kill the host (-9) and start a new one on the same ports and
+        keys.  Every node must register with the new incarnation holding
+        nothing (``not_restarted`` otherwise); the shadow forgets every mm
+        (a host crash loses them all), as the schedule does."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        ok, st, _ = await self.call(lane, "status", {}, 5.0)
+        if ok:  # what this host counted, before it goes
+            c = st["counters"]
+            f, r, s = self.prior
+            self.prior = (f + c.get("fences", 0) - self.counts0[0], r + c.get("registrations", 0) - self.counts0[1],
+                          s + st["stale_accesses"])
+        old = st["host"]["incarnation"] if ok else None
+        self.report.host_crashes += 1
+        cluster.kill("host", signal.SIGKILL)
+        await cluster.procs["host"].wait()
+        self.mm.clear()
+        self.base.clear()
+        self.pages.clear()
+        self.history.clear()
+        self.prot.clear()
+        self.atts.clear()
+        self.att_spec.clear()
+        self.att_gen.clear()
+        self.gen_epoch.clear()
+        self.epochs.clear()
+        t0 = time.monotonic()
+        await cluster.start_host()
+        self.counts0 = (0, 0)
+        names = [name for name, _ in self.nodes]
+        first: dict[str, dict[str, Any]] = {}  # each node as the new host first showed it live
+        up: float | None = None  # when the new host first answered
+        while True:
+            ok, st, _ = await self.call(lane, "status", {}, 5.0)
+            now = time.monotonic()
+            if ok and st["host"]["incarnation"] != old:
+                up = now if up is None else up
+                for n in st["nodes"]:
+                    if n["state"] == "live":
+                        first.setdefault(n["name"], n)
+                if set(first) >= set(names):
+                    break
+            # the host has RESTART_S to come up (a process start), the nodes
+            # restart_s from then to register with it
+            if now - t0 > RESTART_S if up is None else now - up > self.restart_s:
+                break
+            await trio.sleep(0.05)
+        took = time.monotonic() - t0
+        self.report.host_restart_s = round(max(self.report.host_restart_s, took), 3)
+        if up is None:
+            self.violation("not_restarted", f"the new host did not answer {RESTART_S:.0f}s after it was started")
+            return True, {"restart_s": round(took, 3), "nodes": 0}, ""
+        for name in names:
+            n = first.get(name)
+            if n is None:
+                self.violation("not_restarted", f"{name} not registered with the new host {self.restart_s:.0f}s after "
+                                                "it answered")
+            elif n.get("mapped_pages") or n.get("invalidations_in_progress") or n.get("mms"):
+                self.violation("not_restarted", f"{name} registered with the new host still holding something: "
+                                                f"{n.get('mapped_pages')} pages, {n.get('mms')}")
+        return True, {"restart_s": round(took, 3), "nodes": len(first)}, ""
 
     async def attach(self, lane: int, op: dict[str, Any], mm: int, addr: int,
                      timeout: float) -> tuple[bool, Any, str]:
@@ -990,6 +1287,8 @@ class Soak:
             epoch = self.gen_epoch.get(gen) if gen is not None else None
             if epoch is None or self.epochs.get(op["node"], (None,))[0] != epoch:
                 return True  # made in a session that may have ended (a fence drops attachments)
+            if op["att"] in self._detaching:
+                return True  # detached by an operation of its group, maybe first
             k = self.key(op)
             spec = self.att_spec.get(op["att"], {})
             if k in mutated or not spec.get("write", False) and kind == "xpmem_write":
@@ -1039,9 +1338,11 @@ class Soak:
             if not self._host_failed(op, res):
                 self.mm[op["mm"]] = res[1]["mm"]
             return touched
-        if kind in ("inject", "merge", "swap", "migrate"):
-            if kind != "inject":
-                self._host_failed(op, res)
+        if kind in ("inject", "merge", "swap", "migrate", "host-crash"):
+            if kind in ("merge", "swap", "migrate"):
+                # Contents stay: a page pinned for xpmem may be left where it
+                # is (move_pages' EBUSY), a merge skip it; nothing else fails.
+                self._host_failed(op, res, ("EBUSY", "EAGAIN"))
             return touched
         if kind == "mmap":
             if not self._host_failed(op, res):
@@ -1073,7 +1374,10 @@ class Soak:
                     del self.pages[k]
             return touched
         if kind in ("xpmem_attach",):
-            if res[0]:
+            if res[0] and not op["write"]:
+                self.violation("unexpected", f"{_short(op)} attached a read-only permit (xpmem_attach validates "
+                                             "for XPMEM_RDWR: EACCES)")
+            elif res[0]:
                 self.atts[op["att"]] = (res[1]["vaddr"], op["page"])
             else:
                 self._node_failed(op, res)
@@ -1169,10 +1473,6 @@ class Soak:
                 self.violation("wrong_reads", f"{_short(op)} page {page} read {got[:16].hex()}, "
                                               f"expected one of {[c[off:off + 16].hex() for c in cands]}")
 
-    def liveness_window(self) -> float:
-        """Seconds a node has to be live again: the host's heartbeat period
-        times the heartbeats it may miss."""
-        return self.timing["heartbeat_ms"] * self.timing.get("liveness", SOAK_HOST["liveness"]) / 1000
 
     async def heal_all(self, names: list[str], timeout: float) -> None:
         async with trio.open_nursery() as nursery:
@@ -1191,7 +1491,7 @@ class Soak:
         await self.heal_all(names, 3.0)
         healed = time.monotonic()
         killed = self.cluster.restarted if self.cluster is not None else set()
-        window = self.liveness_window()
+        window = self.node_window()
         due = {name: healed + (RESTART_S if name in killed else window) for name in names}
         back: dict[str, float] = {}
         last: dict[str, dict[str, Any]] = {}
@@ -1231,11 +1531,12 @@ class Soak:
             self.check_read(op, res, {}, set())
         ok, st, _ = await self.call(0, "status", {}, 10.0)
         if ok:
-            self.report.stale_accesses = max(self.report.stale_accesses, st["stale_accesses"])
+            f, r, s = self.prior  # of the hosts the soak crashed
+            self.report.stale_accesses = max(self.report.stale_accesses, s + st["stale_accesses"])
             c = st["counters"]
             # registrations after a fence or a restart (deltas: --host may attach to a used host)
-            self.report.nodes_fenced = c.get("fences", 0) - self.counts0[0]
-            self.report.nodes_recovered = c.get("registrations", 0) - self.counts0[1]
+            self.report.nodes_fenced = f + c.get("fences", 0) - self.counts0[0]
+            self.report.nodes_recovered = r + c.get("registrations", 0) - self.counts0[1]
             self.final_status = st
 
 
@@ -1267,8 +1568,11 @@ def _short(op: dict[str, Any]) -> str:
 
 async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | None = None,
                logs: Path | None = None, node_env: dict[str, str] | None = None, keys: str | None = None,
-               curve: bool = False) -> Report:
-    """Run one soak; returns its report (``report.ok()``)."""
+               curve: bool = False, host_crash: bool = False) -> Report:
+    """Run one soak; returns its report (``report.ok()``).  ``host_crash``:
+    kill the host now and then and start a new one (its own cluster only)."""
+    if host_crash and host is not None:
+        raise ValueError("--host-crash needs the soak's own cluster, not --host")
     report = Report(seed=seed)
     timing = dict(SOAK_HOST)
     security = None
@@ -1276,7 +1580,8 @@ async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | 
         cluster = None
         if host is None:
             nodes = node_names(nnodes)
-            cluster = Cluster(nodes, seed=seed, logs=logs, node_env=node_env, curve=curve)
+            cluster = Cluster(nodes, seed=seed, logs=logs, node_env=node_env, curve=curve,
+                              node_liveness=NODE_LIVENESS)
             security = cluster.security()
             try:
                 await cluster.start(nursery)
@@ -1295,7 +1600,7 @@ async def soak(seed: int, nops: int, nnodes: int, faults: float, *, host: str | 
             nodes = [(n["name"], n["kind"]) for n in st["nodes"] if n["state"] == "live"][:nnodes]
             timing.update({k: st["host"][k] for k in ("ack_deadline_ms", "heartbeat_ms") if k in st["host"]})
             timing.setdefault("command_timeout_ms", 10_000)
-        schedule = plan(seed, nops, nodes, faults, crash=host is None)
+        schedule = plan(seed, nops, nodes, faults, crash=host is None, host_crash=host_crash)
         report.schedule_digest = digest(schedule)
         runner = Soak(admin, schedule, nodes, report, timing, cluster=cluster, security=security)
         trace_dir = logs or (cluster.logs if cluster is not None else None)
@@ -1329,6 +1634,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logs", type=Path, default=None, metavar="DIR", help="process logs (a fresh temp dir)")
     p.add_argument("--curve", action="store_true",
                    help="its own cluster on CURVE, keys made in LOGS/keys (default: plain TCP on loopback)")
+    p.add_argument("--host-crash", action="store_true",
+                   help="now and then kill the host (-9) and start a new one on the same ports and keys: every "
+                        "node must register with it holding nothing (not with --host)")
     p.add_argument("--json", action="store_true", help="one JSON document")
 
 
@@ -1337,10 +1645,13 @@ def run(ns: argparse.Namespace) -> int:
         print("mmn soak: --ops and --nodes must be positive, --faults in [0, 1]", file=sys.stderr)
         return 2
     host = ns.host or None
+    if host is not None and ns.host_crash:
+        print("mmn soak: --host-crash needs the soak's own cluster, not --host", file=sys.stderr)
+        return 2
     if host is not None and "://" not in host:
         host = f"tcp://{host}"
     report = trio.run(lambda: soak(ns.seed, ns.ops, ns.nodes, ns.faults, host=host, logs=ns.logs, keys=ns.keys,
-                                   curve=ns.curve))
+                                   curve=ns.curve, host_crash=ns.host_crash))
     out = {k: v for k, v in report.__dict__.items()}
     out["ok"] = report.ok()
     if ns.json:
@@ -1354,13 +1665,19 @@ def run(ns: argparse.Namespace) -> int:
         print(f"xpmem reads ok {report.xpmem_reads_ok}/{report.xpmem_reads}, writes ok "
               f"{report.xpmem_writes_ok}/{report.xpmem_writes}; attached again after a fence {report.reattached}; "
               f"all nodes live {report.recovery_s}s after the final heal")
+        print(f"connections reset {report.resets}" + (f" ({report.resets_unavailable} not allowed here: ss -K "
+                                                       "needs CAP_NET_ADMIN)" if report.resets_unavailable else "")
+              + f", host pauses {report.host_pauses}, host crashes {report.host_crashes}"
+              + (f" (slowest restart {report.host_restart_s}s)" if report.host_crashes else ""))
         print(f"stale_accesses {report.stale_accesses}  lost_writes {report.lost_writes}  "
               f"wrong_reads {report.wrong_reads}  wrong_errors {report.wrong_errors}  unexpected {report.unexpected}  "
-              f"unrecovered {report.unrecovered}  late {report.late}")
+              f"unrecovered {report.unrecovered}  paused_fences {report.paused_fences}  "
+              f"not_restarted {report.not_restarted}  late {report.late}")
         if s:
             print(f"slowest: {s['op']} {s['took_s']}s of its {s['deadline_s']}s deadline")
         for v in report.violations[:20]:
             print("  " + v)
+        flags = "".join(f" --{f}" for f, on in (("curve", ns.curve), ("host-crash", ns.host_crash)) if on)
         print(f"{'OK' if report.ok() else 'FAILED'}; replay: mmn soak --seed {report.seed} --ops {ns.ops} "
-              f"--nodes {ns.nodes} --faults {ns.faults}  (schedule {report.schedule_digest})")
+              f"--nodes {ns.nodes} --faults {ns.faults}{flags}  (schedule {report.schedule_digest})")
     return 0 if report.ok() else 1

@@ -15,6 +15,7 @@ from node.base import MmState, Output
 from node.kinds import KINDS
 from node.kvm import KvmMMU
 from node.xpmem import XpmemMMU
+from protocol.types import Errno, KernelError
 
 
 class AcksBeforeZapping(KvmMMU):
@@ -38,6 +39,18 @@ class NeverZaps(KvmMMU):
 
     def _zap(self, mm: int, start: int, end: int) -> list[Output]:
         return []
+
+
+class SaysWritesFailed(KvmMMU):
+    """Does every write it is asked to, then says it was refused (EPERM), as
+    if nothing had landed: a denial on a page mapped for it, and bytes the
+    page may not hold as far as anyone told."""
+
+    def _complete(self, token: int, result: dict[str, Any] | None = None, *,
+                  error: KernelError | None = None) -> list[Output]:
+        if error is None and result is not None and "written" in result:
+            error = KernelError(Errno.EPERM, "write refused (it landed)")
+        return super()._complete(token, result, error=error)
 
 
 class KeepsAttachmentsOnRemove(XpmemMMU):
@@ -66,6 +79,7 @@ BROKEN: dict[str, type[KvmMMU] | type[XpmemMMU]] = {
     "never-zaps": NeverZaps,
     "keeps-attachments-on-remove": KeepsAttachmentsOnRemove,
     "keeps-pins-on-remove": KeepsPinsOnRemove,
+    "says-writes-failed": SaysWritesFailed,
 }
 
 

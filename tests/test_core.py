@@ -381,6 +381,22 @@ def test_a_stalled_host_does_not_blame_the_nodes_for_its_own_silence() -> None:
     assert core.counters["fenced_heartbeat"] == 1
 
 
+def test_a_stall_just_past_a_short_liveness_window_is_a_stall_too() -> None:
+    """A 100 ms x 8 host (a 0.8 s window) stopped for 0.95 s: a gap under
+    the one-second floor, but one that would fence every node on resume.
+    It counts as a stall (found by ``mmn soak``'s host pauses); a gap of a
+    period and a half still does not."""
+    core = new_core(heartbeat_ms=100, liveness=8, ack_deadline_ms=400)
+    core.start(0.0)
+    epoch = register(core, now=0.0).epoch
+    core.receive_node(b"n1", Heartbeat(id=5, epoch=epoch), None, 0.1)
+    core.tick(0.25)  # 1.5 periods: scheduling jitter, no stall
+    assert core.counters.get("host_stalls", 0) == 0
+    out = core.tick(1.2)  # stopped from 0.25 to 1.2
+    assert Fenced not in [type(m) for m in sends(out)] and core.counters["host_stalls"] == 1
+    assert core.sessions.by_name["kvm9"].state == "live"
+
+
 def test_a_node_gets_no_page_of_an_mm_it_is_not_subscribed_to() -> None:
     """Pages served to a node outside any subscription would be recorded
     nowhere (no invalidation would ever reach it): refused, nothing pinned."""

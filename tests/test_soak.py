@@ -6,19 +6,33 @@ The longer run (README): ``mmn soak --seed 1 --ops 5000 --nodes 6 --faults 0.05`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from mmn.soak import INJECTIONS, SOAK_HOST, Cluster, Report, Soak, digest, node_names, plan, soak
+from mmn.soak import (
+    INJECTIONS,
+    NODE_LIVENESS,
+    PROCESS_INJECTIONS,
+    SOAK_HOST,
+    Cluster,
+    Report,
+    Soak,
+    digest,
+    node_names,
+    plan,
+    soak,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,21 +64,64 @@ def test_the_schedule_is_a_function_of_the_seed_alone() -> None:
     )
     assert raced > 300
     assert plan(1, 500, nodes, 0.05, crash=False) != plan(1, 500, nodes, 0.05)
-    assert all(op.get("kind") != "crash" for group in plan(1, 2000, nodes, 0.2, crash=False) for op in group)
+    # --host: no injection that needs the soak's own processes
+    assert all(op.get("kind") not in PROCESS_INJECTIONS
+               for group in plan(1, 2000, nodes, 0.2, crash=False) for op in group)
+    assert {"crash", "reset", "host-pause"} == PROCESS_INJECTIONS <= set(kinds)
+    pauses = [op["for_s"] for group in one for op in group if op.get("kind") == "host-pause"]
+    window = SOAK_HOST["heartbeat_ms"] * SOAK_HOST["liveness"] / 1000
+    assert pauses and all(window < p < SOAK_HOST["heartbeat_ms"] * NODE_LIVENESS / 1000 for p in pauses)
+    assert any(p < 1.1 for p in pauses)  # under the stall floor of a second past a period (dc1267a)
+
+
+def test_xpmem_operations_are_planned_only_on_attachments_that_can_exist() -> None:
+    """xpmem_attach validates a permit for read-write (EACCES for a
+    read-only one): a read-only attach is planned now and then, as a denial,
+    and no read, write or detach is ever planned on it."""
+    schedule = plan(1, 5000, node_names(6), 0.05)
+    attaches = {op["att"]: op for group in schedule for op in group if op["op"] == "xpmem_attach"}
+    assert sum(not op["write"] for op in attaches.values()) >= 10
+    used = [op for group in schedule for op in group if op["op"] in ("xpmem_read", "xpmem_write", "xpmem_detach")]
+    assert len(used) > 300 and all(attaches[op["att"]]["write"] for op in used)
+
+
+def test_a_host_crash_in_the_schedule_starts_it_over_on_new_mms() -> None:
+    """With ``--host-crash`` the planner now and then kills the host, in a
+    group of its own.  Every mm and attachment goes with it (a host crash
+    loses every mm), so what follows spawns new mms and never names an mm
+    or an attachment of before.  Without the flag, no host crash."""
+    nodes = node_names(6)
+    schedule = plan(1, 5000, nodes, 0.05, host_crash=True)
+    crashes = [i for i, group in enumerate(schedule) if group == [{"op": "host-crash"}]]
+    assert 3 <= len(crashes) <= 15
+    assert all(op["op"] != "host-crash" for group in plan(1, 5000, nodes, 0.05) for op in group)
+    assert plan(1, 5000, nodes, 0.05, host_crash=True) == schedule
+
+    def named(groups: list[list[dict[str, Any]]]) -> set[tuple[str, int]]:
+        return {(k, op[k]) for group in groups for op in group for k in ("mm", "child", "att") if k in op}
+
+    for n, i in enumerate(crashes):
+        end = crashes[n + 1] if n + 1 < len(crashes) else len(schedule)
+        assert [op["op"] for op in schedule[i + 1]] == ["spawn", "spawn"]
+        after = named(schedule[i + 1:end])
+        assert after and not after & named(schedule[:i])
 
 
 @pytest.mark.integration
 async def test_a_ci_soak_with_failures_that_fence_several_nodes_finds_nothing(tmp_path: Path) -> None:
     """3000 operations over 5 nodes (kvm, gru, xpmem, kvm, gru) with a
-    failure injected at 3% of them: several nodes are fenced and come back,
-    and there is no stale access, wrong read or lost write, every operation
-    within its deadline.  On CURVE, as a deployment runs: every process
-    with its own key, made for the run."""
+    failure injected at 3% of them -- connection resets and host pauses
+    among them: several nodes are fenced and come back, and there is no
+    stale access, wrong read or lost write, no node fenced over a pause of
+    the host, every operation within its deadline.  On CURVE, as a
+    deployment runs: every process with its own key, made for the run."""
     report = await soak(11, 3000, 5, 0.03, logs=tmp_path, curve=True)
     summary = {k: v for k, v in report.__dict__.items() if k != "violations"}
     assert report.ok(), (summary, report.violations)
     assert report.ops >= 3000 and report.injected >= 50
     assert report.nodes_fenced >= 5 and report.nodes_recovered >= 5, summary
+    assert report.resets >= 5 and report.resets_unavailable == 0, summary
+    assert report.host_pauses >= 2 and report.paused_fences == 0, summary
     assert report.stale_accesses == report.lost_writes == report.wrong_reads == report.late == 0
     assert report.slowest["ratio"] <= 1.0
     assert report.runtime_s < 150
@@ -153,6 +210,44 @@ def test_a_node_access_denied_on_a_page_the_shadow_maps_for_it_is_a_violation() 
     assert runner.report.unexpected == 1
 
 
+async def test_a_group_is_checked_as_a_whole_and_a_write_is_not_its_own_excuse() -> None:
+    """The runner's own path (``run_group``, outcomes fed in for the
+    cluster's): a node write denied EPERM on a page mapped read-write for
+    it is ``wrong_errors`` -- its own pages, which it changes, do not
+    excuse it (they did, and every denied write passed).  Raced by a
+    munmap of that page in its group, the denial is explained.  A
+    read-only xpmem attach that succeeds is a violation; refused, a node
+    error."""
+    outcomes: dict[str, tuple[bool, Any, str]] = {}
+
+    async def execute(lane: int, op: dict[str, Any], timeout: float) -> tuple[bool, Any, str]:
+        return outcomes[op["op"]]
+
+    runner = _checker()
+    runner.execute = execute  # type: ignore[method-assign]
+    runner.t_start = 0.0
+    outcomes["node_write"] = (False, "EPERM", "refused")
+    await runner.run_group([_access("node_write")])
+    assert runner.report.wrong_errors == 1 and runner.pages[(1, 1, 0)] == {b"A" * PS}
+    outcomes["munmap"] = (True, {}, "")
+    await runner.run_group([_access("node_write", page=1), {"op": "munmap", "mm": 1, "rid": 1, "page": 1,
+                                                             "npages": 1}])
+    assert runner.report.wrong_errors == 1 and runner.report.node_errors == 1
+
+    async def no_epochs() -> None:
+        pass
+
+    runner.refresh_epochs = no_epochs  # type: ignore[method-assign]
+    attach = {"op": "xpmem_attach", "att": 3, "node": "xpmem0", "mm": 1, "rid": 1, "page": 0, "npages": 1,
+              "write": False}
+    outcomes["xpmem_attach"] = (False, "EACCES", "apid 9 is read-only")
+    await runner.run_group([attach])
+    assert (runner.report.wrong_errors, runner.report.unexpected, runner.report.node_errors) == (1, 0, 2)
+    outcomes["xpmem_attach"] = (True, {"vaddr": 0x6000_0000_0000}, "")
+    await runner.run_group([attach])
+    assert runner.report.unexpected == 1 and 3 not in runner.atts
+
+
 def test_an_xpmem_efault_on_an_attachment_of_the_current_session_is_a_violation() -> None:
     """An xpmem access through an attachment made in the node's current
     session, on a page mapped for the permit, may not fail EFAULT; once the
@@ -176,12 +271,16 @@ def test_an_xpmem_efault_on_an_attachment_of_the_current_session_is_a_violation(
 
     runner._access_failed(read(), (False, "EFAULT", "no attachment"), set())
     assert runner.report.wrong_errors == 1
+    runner._detaching = {7}  # a detach of it in the same group may come first
+    runner._access_failed(read(), (False, "EFAULT", "no attachment"), set())
+    assert runner.report.wrong_errors == 1 and runner.report.node_errors == 1
+    runner._detaching = set()
     runner.prot[(1, 1, 2)] = "r"  # a read-write permit pins writable: EPERM to read it is right
     runner._access_failed(read(2), (False, "EPERM", ""), set())
     assert runner.report.wrong_errors == 1
     runner.epochs["xpmem0"] = (4, True)  # fenced and registered again
     runner._access_failed(read(), (False, "EFAULT", "no attachment"), set())
-    assert runner.report.wrong_errors == 1 and runner.report.node_errors == 2
+    assert runner.report.wrong_errors == 1 and runner.report.node_errors == 3
     assert not runner._current(7)
 
 
@@ -303,3 +402,203 @@ async def test_an_xpmem_attachment_a_restart_dropped_is_attached_again_before_it
     assert report.reattached == 1 and runner.epochs["xpmem0"][0] > epoch
     assert (report.xpmem_reads_ok, report.xpmem_reads, report.xpmem_writes_ok) == (2, 2, 1)
     assert runner.pages[(1, 1, 1)] == {b"A" * 8 + b"new!" + b"A" * (PS - 12)}
+
+
+# --------------------------------------------------------------------------
+# the injections the runner makes itself: resets, host pauses, host crashes
+
+
+@contextlib.asynccontextmanager
+async def _running(cluster: Cluster, nursery: Any, tmp_path: Path) -> AsyncIterator[Soak]:
+    """A runner of no schedule on ``cluster`` (started here, stopped after),
+    its admin clients open: drive it with ``run_group``."""
+    from mmn.client import AdminClient
+    from mmn.soak import STATUS_LANE
+
+    await cluster.start(nursery)
+    runner = Soak(cluster.admin, [], cluster.nodes, Report(seed=0), dict(SOAK_HOST), cluster=cluster,
+                  security=cluster.security())
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(STATUS_LANE + 1):
+                runner.clients.append(await stack.enter_async_context(
+                    AdminClient(cluster.admin, security=runner.security)))
+            runner.t_start = 0.0
+            runner.trace = stack.enter_context(open(tmp_path / "soak.trace", "w"))  # noqa: ASYNC230
+            yield runner
+    finally:
+        await cluster.stop()
+
+
+def _setup(mm: int = 1) -> list[list[dict[str, Any]]]:
+    """mm ``mm`` with a region of two pages of "A", and xpmem0 attached to it."""
+    return [[{"op": "spawn", "mm": mm}],
+            [{"op": "mmap", "mm": mm, "rid": mm, "pages": 2, "fill": 0x41, "mergeable": False}],
+            [{"op": "xpmem_attach", "att": mm, "node": "xpmem0", "mm": mm, "rid": mm, "page": 0, "npages": 2,
+              "write": True}]]
+
+
+def _xpmem(kind: str, mm: int = 1, **more: Any) -> dict[str, Any]:
+    return {"op": kind, "att": mm, "node": "xpmem0", "mm": mm, "rid": mm, "page": 1, "index": 1, "offset": 8,
+            "length": 4, **more}
+
+
+def _pause(seconds: float) -> dict[str, Any]:
+    return {"op": "inject", "node": None, "kind": "host-pause", "for_s": seconds}
+
+
+@pytest.mark.integration
+async def test_a_host_paused_past_its_liveness_window_keeps_every_session_and_attachment(tmp_path: Path,
+                                                                                       nursery: Any) -> None:
+    """The soak's host pause: SIGSTOP past the host's liveness window (0.8 s),
+    for 0.95 s (under the one-second stall floor that fenced everyone, see
+    dc1267a) and for 1.6 s, with an xpmem read and a kvm read racing the
+    pause.  Nodes patient enough (the soak's NODE_LIVENESS) keep their
+    sessions: no ``paused_fences``, and the xpmem attachment made before
+    the pauses reads after them without being attached again."""
+    nodes = [("kvm0", "kvm"), ("xpmem0", "xpmem")]
+    cluster = Cluster(nodes, logs=tmp_path, node_liveness=NODE_LIVENESS)
+    with trio.fail_after(90):
+        async with _running(cluster, nursery, tmp_path) as runner:
+            for group in _setup():
+                await runner.run_group(group)
+            read = {"op": "node_read", "node": "kvm0", "mm": 1, "rid": 1, "page": 0, "offset": 0, "length": 4}
+            await runner.run_group([read])
+            epochs = {name: e for name, (e, _) in runner.epochs.items()}
+            for seconds in (0.95, 1.6):
+                await runner.run_group([_pause(seconds), _xpmem("xpmem_read"), read])
+            await runner.run_group([_xpmem("xpmem_read")])
+            ok, st, _ = await runner.call(0, "status", {}, 5.0)
+    report = runner.report
+    assert report.ok(), report.violations
+    assert report.host_pauses == 2 and report.paused_fences == 0
+    assert {n["name"]: n["epoch"] for n in st["nodes"]} == epochs and st["counters"]["host_stalls"] >= 2
+    assert report.reattached == 0 and (report.xpmem_reads_ok, report.xpmem_reads) == (3, 3)
+
+
+@pytest.mark.integration
+async def test_a_node_that_drops_its_session_over_a_host_pause_is_a_violation(tmp_path: Path,
+                                                                               nursery: Any) -> None:
+    """The check can fail: nodes as impatient as the host (liveness 8, a
+    0.8 s window) drop their sessions on their own during a 1.5 s pause, and
+    register anew -- their xpmem attachments gone -- so the pause reports
+    ``paused_fences`` for each."""
+    nodes = [("kvm0", "kvm"), ("xpmem0", "xpmem")]
+    cluster = Cluster(nodes, logs=tmp_path)
+    with trio.fail_after(60):
+        async with _running(cluster, nursery, tmp_path) as runner:
+            await runner.run_group([_pause(1.5)])
+    assert runner.report.paused_fences == 2 and not runner.report.ok()
+    assert all(v.startswith("paused_fences: ") for v in runner.report.violations), runner.report.violations
+
+
+@pytest.mark.integration
+async def test_a_connection_reset_under_a_node_and_it_is_live_again_within_its_window(tmp_path: Path,
+                                                                                       nursery: Any) -> None:
+    """The soak's reset: ``ss -K`` destroys kvm0's TCP connection to the
+    host (really: the node's process holds another one afterwards).  kvm0 is
+    live again within its liveness window, and reads the page the host
+    wrote meanwhile.  xpmem0, reset and SIGSTOPped at once, is not: that is
+    ``unrecovered``."""
+    from mmn.soak import _node_connections
+
+    nodes = [("kvm0", "kvm"), ("xpmem0", "xpmem")]
+    cluster = Cluster(nodes, logs=tmp_path, node_liveness=NODE_LIVENESS, restart=False)
+    reset = {"op": "inject", "node": "kvm0", "kind": "reset", "for_s": 1.0}
+    with trio.fail_after(90):
+        async with _running(cluster, nursery, tmp_path) as runner:
+            for group in _setup()[:2]:
+                await runner.run_group(group)
+            await runner.run_group([{"op": "node_fault", "node": "kvm0", "mm": 1, "rid": 1, "page": 0, "pages": 2,
+                                     "offset": 0, "length": 1, "write": False}])
+            port = cluster.ports[0]
+            before = await _node_connections(cluster.procs["kvm0"].pid, port)
+            await runner.run_group([reset])
+            assert runner.report.resets == 1 and runner.report.ok(), runner.report.violations
+            after = await _node_connections(cluster.procs["kvm0"].pid, port)
+            assert len(before) == 1 and after and not set(after) & set(before)
+            await runner.run_group([{"op": "host_write", "mm": 1, "rid": 1, "page": 0, "offset": 0, "length": 4,
+                                     "data": b"new!"}])
+            await runner.run_group([{"op": "node_read", "node": "kvm0", "mm": 1, "rid": 1, "page": 0, "offset": 0,
+                                     "length": 4}])
+            assert runner.report.ok(), runner.report.violations
+            pid = cluster.procs["xpmem0"].pid
+            reset_connection = cluster.reset_connection
+
+            async def reset_and_stop(name: str) -> int | None:
+                destroyed = await reset_connection(name)
+                os.killpg(pid, signal.SIGSTOP)  # no reconnecting, no registering
+                return destroyed
+
+            cluster.reset_connection = reset_and_stop  # type: ignore[method-assign]
+            try:
+                await runner.run_group([{**reset, "node": "xpmem0"}])
+            finally:
+                os.killpg(pid, signal.SIGCONT)
+    assert runner.report.resets == 2 and runner.report.unrecovered == 1, runner.report.violations
+    assert runner.report.violations[0].startswith("unrecovered: xpmem0 not live")
+
+
+@pytest.mark.integration
+async def test_after_a_host_crash_every_node_registers_with_the_new_host_holding_nothing(tmp_path: Path,
+                                                                                       nursery: Any) -> None:
+    """``--host-crash``: kvm0 maps pages, xpmem0 attaches; the host is
+    killed (-9) and a new one started on the same ports and keys (CURVE).
+    Every node registers with the new incarnation holding nothing; the
+    shadow forgets every mm, and the schedule goes on on new ones.  Then
+    gru0 is stopped (SIGSTOP) across the next host crash: it does not
+    register with the new host in time -- ``not_restarted``."""
+    nodes = [("kvm0", "kvm"), ("gru0", "gru"), ("xpmem0", "xpmem")]
+    cluster = Cluster(nodes, logs=tmp_path, node_liveness=NODE_LIVENESS, curve=True, restart=False)
+    crash = [{"op": "host-crash"}]
+    with trio.fail_after(120):
+        async with _running(cluster, nursery, tmp_path) as runner:
+            for group in _setup():
+                await runner.run_group(group)
+            await runner.run_group([{"op": "node_fault", "node": "kvm0", "mm": 1, "rid": 1, "page": 0,
+                                     "pages": 2, "offset": 0, "length": 1, "write": True}, _xpmem("xpmem_read")])
+            ok, st, _ = await runner.call(0, "status", {}, 5.0)
+            old = st["host"]["incarnation"]
+            assert {n["name"]: n["mapped_pages"] for n in st["nodes"]}["kvm0"] == 2
+            await runner.run_group(crash)
+            assert runner.report.host_crashes == 1 and runner.report.ok(), runner.report.violations
+            assert runner.pages == {} and runner.mm == {} and runner.atts == {}
+            ok, st, _ = await runner.call(0, "status", {}, 5.0)
+            assert st["host"]["incarnation"] != old and st["mms"] == []
+            assert {n["name"]: (n["state"], n["mapped_pages"]) for n in st["nodes"]} == {
+                name: ("live", 0) for name, _ in nodes}
+            for group in _setup(2):
+                await runner.run_group(group)
+            await runner.run_group([_xpmem("xpmem_write", 2, data=b"new!")])
+            await runner.run_group([_xpmem("host_read", 2)])
+            assert runner.report.ok(), runner.report.violations
+            assert runner.pages[(2, 2, 1)] == {b"A" * 8 + b"new!" + b"A" * (PS - 12)}
+
+            runner.restart_s = 6.0
+            os.killpg(cluster.procs["gru0"].pid, signal.SIGSTOP)
+            try:
+                await runner.run_group(crash)
+            finally:
+                os.killpg(cluster.procs["gru0"].pid, signal.SIGCONT)
+    assert runner.report.host_crashes == 2 and runner.report.not_restarted == 1, runner.report.violations
+    assert runner.report.violations[0].startswith("not_restarted: gru0 not registered")
+
+
+@pytest.mark.integration
+def test_a_node_that_says_its_writes_failed_when_they_landed_fails_the_soak(tmp_path: Path) -> None:
+    """kvm nodes that do every write and then answer EPERM: the soak counts
+    the denials on pages mapped for them as ``wrong_errors``, and -- since a
+    denied single-page write did not land, as far as the shadow accepts --
+    the bytes a host read finds there as ``wrong_reads``."""
+    site = ROOT / "tests" / "broken_site"
+    env = {**os.environ, "MMN_TEST_BROKEN": "says-writes-failed",
+           "PYTHONPATH": os.pathsep.join((str(site), str(ROOT)))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmn", "soak", "--seed", "7", "--ops", "500", "--nodes", "2", "--faults", "0",
+         "--json", "--logs", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["wrong_errors"] > 0 and report["wrong_reads"] > 0, report
+    assert report["stale_accesses"] == report["unexpected"] == 0, report
