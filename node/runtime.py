@@ -25,7 +25,9 @@ fenced until the process was restarted.)
 Backoff: every new registration after a lost session waits the backoff,
 which doubles (to a cap) while sessions keep ending young -- younger than
 their liveness window -- so a node the host keeps refusing does not spin --
-and is back to its initial value after a session that lasted.
+and is back to its initial value after a session that lasted.  The cap is
+at most a quarter of the liveness window (:func:`backoff_cap`): a node reset
+or fenced several times in a row is still live again within its window.
 
 Heartbeats: the node answers each of the host's heartbeats at once, from
 the receive call that read it, and beats on its own only to probe a host
@@ -174,6 +176,23 @@ class NodeConfig:
         if key is None or host_key is None:
             raise KeyError_("a node needs its secret key and the host's public key (or --keys DIR)")
         return CurveClient.from_files(key, host_key)
+
+
+def backoff_cap(cfg: NodeConfig, window: float) -> float:
+    """The longest wait before registering anew: ``backoff_max_ms``, but never
+    more than a quarter of the liveness window (``window`` seconds), so that a
+    node whose sessions keep ending young -- resets, fences in a row -- is
+    still live again within its window once the host takes it."""
+    return min(cfg.backoff_max_ms / 1000, max(cfg.backoff_initial_ms / 1000, window / 4))
+
+
+def reconnect_backoff(cfg: NodeConfig, backoff: float, lasted: float | None, window: float) -> float:
+    """The wait before the next registration: back to the initial value after
+    a session that lasted its liveness window (``lasted`` seconds; None when
+    the registration itself failed), else ``backoff`` within the cap."""
+    if lasted is not None and lasted > window:
+        return cfg.backoff_initial_ms / 1000  # that session lasted: start over
+    return min(backoff, backoff_cap(cfg, window))
 
 
 def default_name(kind: str, env: dict[str, str]) -> str:
@@ -410,6 +429,7 @@ class NodeRuntime:
         """
         cfg = self.config
         backoff = cfg.backoff_initial_ms / 1000
+        window = cfg.heartbeat_ms / 1000 * cfg.liveness  # until a Registered says the host's period
         started = False
         security = cfg.security()
         if security is None:
@@ -441,10 +461,11 @@ class NodeRuntime:
             finally:
                 sock.close()
                 self._fail_commands("session lost")
-            if registered is not None and lasted > registered.heartbeat_ms / 1000 * cfg.liveness:
-                backoff = cfg.backoff_initial_ms / 1000  # that session lasted: start over
+            if registered is not None:
+                window = registered.heartbeat_ms / 1000 * cfg.liveness
+            backoff = reconnect_backoff(cfg, backoff, lasted if registered is not None else None, window)
             await trio.sleep(backoff)
-            backoff = min(backoff * 2, cfg.backoff_max_ms / 1000)
+            backoff = min(backoff * 2, backoff_cap(cfg, window))
             self.counters["reconnects"] += 1
 
     async def _register(self, incoming: trio.MemoryReceiveChannel[list[bytes]]) -> Registered | None:

@@ -507,6 +507,44 @@ async def test_a_node_whose_connection_is_reset_registers_anew_within_its_livene
 
 
 
+async def test_a_node_reset_again_and_again_is_live_again_within_its_window_every_time(make: Any) -> None:
+    """Six resets in a row, each as soon as kvm0 is back: its sessions all end
+    young, so its backoff grows -- but never past a quarter of the liveness
+    window (``node.runtime.backoff_cap``), so each time it is live again
+    within the window.  (Its backoff used to double to 4 s, past a 2 s
+    window: the 100,000-operation soak saw nodes back only after 3-4 s.)"""
+    heartbeat_ms, liveness = 200, 10
+    window = heartbeat_ms * liveness / 1000
+    c = await make(heartbeat_ms=heartbeat_ms, liveness=liveness)
+    cluster = c.cluster
+    port = int(cluster.node_endpoint.rsplit(":", 1)[1])
+    took = []
+    with trio.fail_after(90):
+        for _ in range(6):
+            epoch = by_name(await c.status())["kvm0"]["epoch"]
+            reset_connection(node_connection(cluster.procs["kvm0"].pid, port), port)
+            t0 = trio.current_time()
+            await c.wait(live_again("kvm0", epoch), timeout=2 * window)
+            took.append(trio.current_time() - t0)
+    assert max(took) < window, took
+
+
+def test_the_reconnect_backoff_stays_within_a_quarter_of_the_liveness_window() -> None:
+    from node.runtime import NodeConfig, backoff_cap, reconnect_backoff
+
+    cfg = NodeConfig(backoff_initial_ms=100, backoff_max_ms=4000)
+    backoff, waits = 0.1, []
+    for _ in range(10):  # sessions that keep ending young (0.5 s of a 3 s window)
+        backoff = reconnect_backoff(cfg, backoff, 0.5, 3.0)
+        waits.append(backoff)
+        backoff = min(backoff * 2, backoff_cap(cfg, 3.0))
+    assert waits[:4] == [0.1, 0.2, 0.4, 0.75] and max(waits) == 0.75
+    assert reconnect_backoff(cfg, 0.75, 3.5, 3.0) == 0.1  # a session that lasted: start over
+    assert reconnect_backoff(cfg, 0.4, None, 3.0) == 0.4  # a failed registration keeps its backoff
+    assert backoff_cap(cfg, 60.0) == 4.0  # backoff_max_ms still bounds it
+    assert backoff_cap(cfg, 0.1) == 0.1  # and never below the initial wait
+
+
 def test_a_refusal_of_this_sessions_epoch_ends_the_session_one_of_an_earlier_does_not() -> None:
     """The sans-I/O rule (node/base.py ``ends_session``): an Error with code
     ``fenced`` or ``unregistered`` refusing a message sent in the current
