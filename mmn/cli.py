@@ -248,6 +248,16 @@ _KEYS_HELP = ("CURVE keys from `mmn keygen` (default $MMN_KEYS_DIR, else the not
               "serving --host; none: plain TCP)")
 
 
+def _hmm_range(q: argparse.ArgumentParser) -> None:
+    """The arguments every ``mmn hmm OP`` takes: NODE, --mm, ADDR, --pages."""
+    _common(q)
+    q.add_argument("node", type=node_name, metavar="NODE")
+    q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
+    q.add_argument("addr", type=address, metavar="ADDR")
+    q.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
+                   help="pages from ADDR, 1..512 (default 1)")
+
+
 def _common(sub: argparse.ArgumentParser, *, host: bool = True) -> None:
     """``--json``, ``--host``, ``--timeout`` on a subcommand too, so both
     ``mmn --json status`` and ``mmn status --json`` work."""
@@ -492,35 +502,20 @@ def build_parser() -> argparse.ArgumentParser:
     q = ops.add_parser("snapshot", help="the primary's state of each page, without faulting",
                        description="the primary's state of each page, without faulting "
                                    "(none, error, read, write, zero, device-private, device-private-remote)")
-    _common(q)
-    q.add_argument("node", type=node_name, metavar="NODE")
-    q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
-    q.add_argument("addr", type=address, metavar="ADDR")
-    q.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
-                   help="pages from ADDR, 1..512 (default 1)")
+    _hmm_range(q)
     q.set_defaults(handler=_run_control, build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages"),
                    show=_r_hmm)
     q = ops.add_parser("migrate", help="move pages into the node's device memory, or back (--to sys)",
                        description="migrate anonymous pages to the node's device-private memory "
                                    "(MMU_NOTIFY_MIGRATE; the host keeps device-private entries), or back")
-    _common(q)
-    q.add_argument("node", type=node_name, metavar="NODE")
-    q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
-    q.add_argument("addr", type=address, metavar="ADDR")
-    q.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
-                   help="pages from ADDR, 1..512 (default 1)")
+    _hmm_range(q)
     q.add_argument("--to", choices=HMM_TARGETS, default=None, help="dev (default): into the device; sys: back")
     q.set_defaults(handler=_run_control, show=_r_kv,
                    build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages", to="to"))
     q = ops.add_parser("exclusive", help="make pages device-exclusive for the node (make_device_exclusive)",
                        description="make pages device-exclusive for the node (MMU_NOTIFY_EXCLUSIVE); a later "
                                    "CPU access restores them through an invalidation")
-    _common(q)
-    q.add_argument("node", type=node_name, metavar="NODE")
-    q.add_argument("--mm", type=number(1, what="mm"), required=True, metavar="ID")
-    q.add_argument("addr", type=address, metavar="ADDR")
-    q.add_argument("--pages", type=number(1, 512, "pages"), default=None, metavar="N",
-                   help="pages from ADDR, 1..512 (default 1)")
+    _hmm_range(q)
     q.set_defaults(handler=_run_control, show=_r_pages,
                    build=_b("hmm", node="node", op="op", mm="mm", addr="addr", pages="pages"))
     assert set(ops.choices) == set(HMM_OPS)
