@@ -138,7 +138,7 @@ NODE_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms until registered (default 500)"),
     ("--liveness", "liveness", "MMN_LIVENESS", number(1), "host heartbeats missed before reconnecting (default 6)"),
     ("--evict-timeout-ms", "evict_timeout_ms", "MMN_EVICT_TIMEOUT_MS", number(1),
-     "on SIGTERM, wait this long for the host to take back an hmm node's device pages (default 2000)"),
+     "on SIGTERM, ms to wait for the host to take back an hmm node's device pages (default 2000)"),
 )
 
 
