@@ -33,6 +33,9 @@ from mmn.cli import main
 from node.hmm import HmmMMU
 from protocol.messages import (
     Ack,
+    HmmEvict,
+    HmmEvictReply,
+    HmmMigrated,
     HmmRangeFault,
     HmmRangeFaultReply,
     IntervalInsert,
@@ -277,6 +280,23 @@ def test_non_blockable_start_while_copying_is_refused() -> None:
     assert refused == [Ack(ref=200, status="EAGAIN")] and node.entry(1, 0x10000) is not None
     taken = node.receive(InvalidateRangeStart(id=201, mm=1, start=0x10000, end=0x11000, event="CLEAR", seqs=[[7, 3]]))
     assert taken == [Ack(ref=201)] and node.entry(1, 0x10000) is None
+
+
+def test_shutdown_asks_the_host_to_take_the_device_pages_back() -> None:
+    # dmirror_fops_release at the node's core: nothing held, nothing to wait
+    # for; pages held: one HmmEvict, and its reply completes the shutdown;
+    # from then on nothing migrates to the device
+    node, _ = _hmm_node()
+    assert node.shutdown() == (None, [])
+    node.removing = False
+    assert node.receive(HmmMigrated(id=300, mm=1, pages=[[0x20000, 41, 1]], data=bytes(PS))) == [Ack(ref=300)]
+    token, out = node.shutdown()
+    (evict,) = out
+    assert isinstance(evict, HmmEvict) and evict.epoch == node.epoch and token is not None
+    (done,) = node.receive(HmmEvictReply(ref=evict.id, cpages=1, freed=[41]))
+    assert done.token == token and done.result == {"cpages": 1, "lost": 0} and not node.device_pages
+    _, refused = node.migrate(1, 0x20000, 1)
+    assert refused[0].error is not None and refused[0].error.errno.value == "EBUSY"
 
 
 # -- device-private migration (hmm-tests migrate, migrate_fault, migrate_shared...) ----------
