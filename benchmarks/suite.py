@@ -9,7 +9,8 @@ machine, at the same time.
 Figures (issue 6):
 
 1. ``invalidate``: invalidation round trip (start -> every ack -> end) to K
-   in-line nodes (kvm/gru, alternating) and to K xpmem nodes, p50 and p99,
+   in-line nodes (kvm/gru, alternating), to K xpmem nodes and to one hmm
+   node (reached through its interval notifier), p50 and p99,
    each divided by the **floor**: raw blocking pyzmq, one ROUTER in this
    process sending one small message (an encoded ``InvalidateRangeStart``) to
    K echo processes (DEALERs) and collecting the K replies.  Samples of the
@@ -109,6 +110,7 @@ class Plan:
 
     ks: tuple[int, ...] = (1, 2, 4, 8, 16)
     xpmem_ks: tuple[int, ...] = (1, 4)
+    hmm_ks: tuple[int, ...] = (1,)
     scale_nodes: int = 64
     samples: int = 600  # per K, host and floor each
     batch: int = 10  # samples per alternating block (ours, then the floor's, or the other way)
@@ -552,21 +554,23 @@ class Bench:
             inline = [NodeInfo(f"{'kvm' if i % 2 == 0 else 'gru'}-b{i:02d}", "kvm" if i % 2 == 0 else "gru")
                       for i in range(max(plan.ks))]
             xp = [NodeInfo(f"xpmem-b{i:02d}", "xpmem") for i in range(max(plan.xpmem_ks))]
-            self.pids = await launcher.nodes(endpoints["node"], [(n.kind, n.name) for n in inline + xp])
-            await self._wait_live([n.name for n in inline + xp])
+            hm = [NodeInfo(f"hmm-b{i:02d}", "hmm") for i in range(max(plan.hmm_ks))]
+            self.pids = await launcher.nodes(endpoints["node"], [(n.kind, n.name) for n in inline + xp + hm])
+            await self._wait_live([n.name for n in inline + xp + hm])
             self.progress.step("nodes registered")
 
             await self.invalidate(floor, inline, plan.ks, "inline")
             await self.invalidate(floor, xp, plan.xpmem_ks, "xpmem")
+            await self.invalidate(floor, hm, plan.hmm_ks, "hmm")
             await self.faults(floor, inline[0], "single", 1)
             await self.faults(floor, inline[0], "around", FAULT_AROUND)
             await self.faults(floor, inline[1], "single", 1)
             await self.munmap(floor, inline[:2])
 
             more = [NodeInfo(f"{'kvm' if i % 2 == 0 else 'gru'}-b{i:02d}", "kvm" if i % 2 == 0 else "gru")
-                    for i in range(len(inline), plan.scale_nodes - len(xp))]
+                    for i in range(len(inline), plan.scale_nodes - len(xp) - len(hm))]
             self.pids += await launcher.nodes(endpoints["node"], [(n.kind, n.name) for n in more])
-            everyone = inline + more + xp
+            everyone = inline + more + xp + hm
             await self._wait_live([n.name for n in everyone])
             self.progress.step("scale nodes registered")
             if self.children_cpus is not None:
@@ -954,7 +958,7 @@ def _payload() -> bytes:
 
 def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     """Measure everything; returns the JSON document."""
-    steps = (1 + len(plan.ks) + len(plan.xpmem_ks) + 3 + len(plan.munmap_pages) + 1 + 2 + 1 + 2)
+    steps = (1 + len(plan.ks) + len(plan.xpmem_ks) + len(plan.hmm_ks) + 3 + len(plan.munmap_pages) + 1 + 2 + 1 + 2)
     bar = Progress(steps, progress)
     started = time.perf_counter()
     pinned = placement(plan.pin)
@@ -978,7 +982,7 @@ def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
         machine["pinned"] = {"bench": pinned[0], "children": pinned[1], "scale": False}
     doc = {
         "machine": machine,
-        "plan": plan.__dict__ | {"ks": list(plan.ks), "xpmem_ks": list(plan.xpmem_ks),
+        "plan": plan.__dict__ | {"ks": list(plan.ks), "xpmem_ks": list(plan.xpmem_ks), "hmm_ks": list(plan.hmm_ks),
                                  "munmap_pages": list(plan.munmap_pages)},
         "goals": {"invalidate_ratio_max": GOAL_INVALIDATE, "ksm_ratio_min": GOAL_KSM},
         **bench.results,
@@ -1111,7 +1115,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
         raise SystemExit("mmn bench --plot needs matplotlib: pip install 'mmnotify[bench]'") from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {"in-line (kvm/gru)": list(doc["invalidate"]["inline"]) + [doc["scale"]["invalidate"]],
-              "xpmem": doc["invalidate"]["xpmem"]}
+              "xpmem": doc["invalidate"]["xpmem"], "hmm": doc["invalidate"].get("hmm", [])}
     for label, rows in series.items():
         ks = [r["k"] for r in rows]
         ax.plot(ks, [r["p50_us"] for r in rows], "o-", label=f"{label} p50")

@@ -24,8 +24,12 @@ life::
     munmap, exit        the reference goes; the last one frees the device page
                         (the device learns it with its next reply, ``freed``)
 
-A device that dies or is fenced holding device pages (the kernel requires the
-driver to migrate them back before it goes; a crashed process cannot): the
+A device that goes away cleanly (SIGTERM, ``mmn down``) hands its pages back
+first, as the kernel requires of a driver (lib/test_hmm.c ``dmirror_fops_release``
+-> ``dmirror_device_evict_chunk`` -> mm/migrate_device.c ``migrate_device_range``):
+``hmm_evict`` brings each of them back (:meth:`DevicePrivate.evict`), bounded by
+the node's deadline.  A device that dies or is fenced holding device pages (a
+crashed process cannot hand anything back), or whose eviction ran out of time: the
 host cannot get the contents back, so those pages are **poisoned**: the ptes
 stay device entries, every access to them -- a host CPU read or write, any
 node's fault or hmm_range_fault -- fails with EIO (the SIGBUS of a
@@ -43,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.messages import Ack, HmmDevmemFault, HmmMigrated
-from protocol.types import Errno, KernelError, NotifyEvent, Range
+from protocol.types import ADDRESS_LIMIT, Errno, KernelError, NotifyEvent, Range
 
 from .effects import Deliver, Op, Outcomes
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_KSM, ZERO_PFN
@@ -179,6 +183,40 @@ class DevicePrivate:
             self.counters["migrated_to_ram"] += 1
 
         yield from model.notifier.invalidate_range(rng, body)
+
+    # -- a device going away cleanly ------------------------------------------------
+
+    def evict(self, model: Any, owner: str) -> Op[tuple[int, int]]:
+        """``dmirror_device_evict_chunk``: every device page of ``owner``,
+        wherever it is mapped (fork shares them), back to system memory:
+        ``migrate_to_ram`` of each pte referencing one (the last reference
+        frees the device page).  The kernel's ``migrate_device_range`` walks
+        the device's pfns and raises CLEAR through ``try_to_migrate``; here
+        each page is one MIGRATE(owner) invalidation, as a devmem fault, with
+        the same outcome: fresh frames holding the device's contents.
+
+        Returns:
+            ``(moved, lost)``: ptes brought back, and pages of ``owner`` left
+            behind (no frame, or no contents: those are poisoned, or will be
+            when the device goes).
+        """
+        moved = 0
+        for m in list(model.mms.values()):
+            targets = [page for page, pte in m.populated_in(0, ADDRESS_LIMIT)
+                       if (dev := self.owned(pte)) is not None and dev.owner == owner and not dev.poisoned]
+            for page in targets:
+                if model.mms.get(m.id) is not m:
+                    break  # the mm exited meanwhile
+                dev = self.owned(m.get(page))
+                if dev is None or dev.owner != owner or dev.poisoned:
+                    continue  # gone or moved since (another fault brought it back)
+                try:
+                    yield from self.migrate_to_ram(model, m, page)
+                except KernelError:
+                    continue  # EIO: poisoned now; ENOMEM: left, poisoned when the device goes
+                moved += 1
+        lost = sum(1 for page in self.pages.values() if page.owner == owner)
+        return moved, lost
 
     # -- migrate to the device ------------------------------------------------------
 

@@ -33,6 +33,8 @@ from protocol.hmm import (
 )
 from protocol.messages import (
     Error,
+    HmmEvict,
+    HmmEvictReply,
     HmmExclusive,
     HmmMigrate,
     HmmMigrateReply,
@@ -52,7 +54,7 @@ from .pagetable import PTE_DEVICE, PTE_EXCLUSIVE, PTE_PRESENT, PTE_SHIFT, PTE_WR
 from .tasks import Locked, Task
 
 #: Requests of the hmm kind the host answers here.
-HMM_REQUESTS = (IntervalInsert, IntervalRemove, HmmRangeFault, HmmMigrate, HmmExclusive)
+HMM_REQUESTS = (IntervalInsert, IntervalRemove, HmmRangeFault, HmmMigrate, HmmExclusive, HmmEvict)
 
 
 def on_request(core: Any, session: Any, msg: Message) -> None:
@@ -77,6 +79,10 @@ def on_request(core: Any, session: Any, msg: Message) -> None:
             core._send(session.identity, Ok(ref=msg.id))
         else:
             core.publish("interval_remove_deferred", node=name, mm=msg.mm, interval=msg.interval)
+        return
+    if isinstance(msg, HmmEvict):
+        # no grant check: a device always may hand back what it holds
+        core._spawn(_evict_task(core, session, msg), "hmm_evict")
         return
     if isinstance(msg, HmmMigrate):
         if not core.may_reach(name, msg.mm, True):
@@ -120,6 +126,22 @@ def _migrate_task(core: Any, session: Any, msg: HmmMigrate) -> Task[None]:
     reply = yield Locked(hmm_migrate(core, session.name, msg))
     if core._still(session):
         core._send(session.identity, replace(reply, freed=core.model.device.take_freed(session.name)))
+
+
+def _evict_task(core: Any, session: Any, msg: HmmEvict) -> Task[None]:
+    reply = yield Locked(hmm_evict(core, session.name, msg))
+    if core._still(session):
+        core._send(session.identity, replace(reply, freed=core.model.device.take_freed(session.name)))
+
+
+def hmm_evict(core: Any, name: str, msg: HmmEvict) -> Op[HmmEvictReply]:
+    """The device ``name`` goes away cleanly: every device page it holds
+    back to system memory (:meth:`broker.devmem.DevicePrivate.evict`), under
+    the lock.  What could not come back is ``lost`` (poisoned when the
+    device goes, as for a dead one)."""
+    moved, lost = yield from core.model.device.evict(core.model, name)
+    core.publish("hmm_evict", node=name, pages=moved, lost=lost)
+    return HmmEvictReply(ref=msg.id, cpages=moved, lost=lost)
 
 
 def hmm_migrate(core: Any, name: str, msg: HmmMigrate) -> Op[HmmMigrateReply]:

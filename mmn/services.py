@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -136,6 +137,8 @@ def host_config(ns: argparse.Namespace) -> Any:
 NODE_OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--heartbeat-ms", "heartbeat_ms", "MMN_HEARTBEAT_MS", number(1), "heartbeat interval in ms until registered (default 500)"),
     ("--liveness", "liveness", "MMN_LIVENESS", number(1), "host heartbeats missed before reconnecting (default 6)"),
+    ("--evict-timeout-ms", "evict_timeout_ms", "MMN_EVICT_TIMEOUT_MS", number(1),
+     "on SIGTERM, ms to wait for the host to take back an hmm node's device pages (default 2000)"),
 )
 
 
@@ -196,30 +199,46 @@ def _configure_logging(level: str) -> None:
     )
 
 
-async def _cancel_on_signals(scope: trio.CancelScope, what: str) -> None:
-    """Cancel ``scope`` at the first SIGTERM or SIGINT (main thread only)."""
+async def _cancel_on_signals(scope: trio.CancelScope, what: str, stop: trio.Event | None = None,
+                             grace: float = 0.0, started: list[bool] | None = None) -> None:
+    """Cancel ``scope`` at the first SIGTERM or SIGINT (main thread only).
+
+    With ``stop``, a started service is asked to stop cleanly first (``stop``
+    is set: a node hands back what it holds) and cancelled only after
+    ``grace`` seconds, or at a second signal.
+    """
     if threading.current_thread() is not threading.main_thread():
         return  # tests run services in worker threads: no signal handling there
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
         async for signum in received:
             log.info("%s: %s, stopping", what, signal.Signals(signum).name)
-            scope.cancel()
-            return
+            if stop is None or stop.is_set() or not started:
+                scope.cancel()
+                return
+            stop.set()
+            scope.deadline = min(scope.deadline, trio.current_time() + grace)
 
 
-async def _serve(service: Callable[..., Any], config: Any, what: str) -> None:
+async def _serve(service: Callable[..., Any], config: Any, what: str, *, stop: trio.Event | None = None,
+                 grace: float = 0.0) -> None:
     """Run one service (``service(config, task_status=...)``) until it returns
     or SIGTERM/SIGINT arrives, then cancel it: structured shutdown, each socket
-    closed by its owning task.
+    closed by its owning task.  ``stop``: the service takes it (``stop=``) and
+    returns by itself once it is set, within ``grace`` seconds (else cancelled).
 
     Concurrency: the service runs in an inner nursery; the signal watcher in
     the outer one, cancelled once the service is over.
     """
+    started: list[bool] = []
     async with trio.open_nursery() as outer:
-        outer.start_soon(_cancel_on_signals, outer.cancel_scope, what)
+        outer.start_soon(_cancel_on_signals, outer.cancel_scope, what, stop, grace, started)
         async with trio.open_nursery() as inner:
-            started = await inner.start(service, config)
-            suffix = "" if started is None else f" {started}"
+            if stop is None:
+                started.append(await inner.start(service, config))
+            else:
+                started.append(await inner.start(partial(service, config, stop=stop)))
+            started_as = started[0]
+            suffix = "" if started_as is None else f" {started_as}"
             sys.stderr.write(f"{render.PROG} {what}: ready{suffix}\n")
             sys.stderr.flush()
         outer.cancel_scope.cancel()
@@ -232,9 +251,14 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _run_service(service: Callable[..., Any], config: Any, what: str) -> int:
+def _run_service(service: Callable[..., Any], config: Any, what: str, *, graceful: float | None = None) -> int:
+    """``graceful``: the service takes a ``stop`` event and stops cleanly
+    within that many seconds of the first SIGTERM/SIGINT."""
     try:
-        trio.run(_serve, service, config, what)
+        if graceful is None:
+            trio.run(_serve, service, config, what)
+        else:
+            trio.run(partial(_serve, service, config, what, stop=trio.Event(), grace=graceful))
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # the service crashed: one line, a log record, exit 1
@@ -260,6 +284,7 @@ def run_node(ns: argparse.Namespace) -> int:
     die_with_parent()
     from node.runtime import run_node
 
-    return _run_service(run_node, config, f"node {config.name}")
+    # a clean stop hands back what the node holds, within its evict deadline
+    return _run_service(run_node, config, f"node {config.name}", graceful=config.evict_timeout_ms / 1000 + 1.0)
 
 

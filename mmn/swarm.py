@@ -9,7 +9,7 @@ on a manager of the swarm::
 
     PREFIX-host.key_secret   PREFIX-host.key      the host's pair
     PREFIX-admin.key_secret  PREFIX-admin.key     the operators' pair (CLI, healthcheck)
-    PREFIX-KIND.key_secret   PREFIX-KIND.key      one pair per node kind (kvm, gru, xpmem)
+    PREFIX-KIND.key_secret   PREFIX-KIND.key      one pair per node kind (kvm, gru, xpmem, hmm)
 
 PREFIX is ``--prefix`` (``mmn``), the stack's ``$MMN_SECRETS``.  Which
 service mounts which secret is docker-stack.yml's business: the host gets its
@@ -39,7 +39,7 @@ from .client import EXIT_OK, Failed, UsageError
 
 DEFAULT_PREFIX = "mmn"
 #: The key files of a ``mmn keygen`` directory that the stack uses, in order.
-KINDS = ("kvm", "gru", "xpmem")
+KINDS = ("kvm", "gru", "xpmem", "hmm")
 KEY_FILES: tuple[str, ...] = (
     "host/host.key_secret",
     "host/host.key",

@@ -13,7 +13,7 @@ Process lifetimes::
          ├── kvm0  (pgid = its pid)   dies  -> shown; restarted with --restart
          ├── gru0
          └── xpmem0
-    Ctrl-C / SIGTERM -> SIGTERM to every group -> grace -> SIGKILL -> reaped
+    Ctrl-C / SIGTERM -> SIGTERM to every node's group, then the host's -> grace -> SIGKILL -> reaped
 
 Children get ``MMN_PARENT_PID`` and stop when ``up`` is gone, even if it is
 SIGKILLed (they watch ``getppid()``, see :mod:`mmn.supervisor`).
@@ -367,6 +367,9 @@ async def _up(ns: argparse.Namespace, plan: Plan, children: list[Child]) -> int:
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            # the nodes first: an hmm node hands its device pages back to a
+            # host that is still there (README "HMM device mirrors")
+            await stop_all([c for c in children if c is not host], ns.grace)
             await stop_all(children, ns.grace)
     if outcome is None and not caught and not host.alive:
         code = host.process.returncode if host.process else "?"

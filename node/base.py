@@ -867,6 +867,18 @@ class SecondaryMMU:
         err = KernelError(Errno.EINTR, reason)
         return [Completion(token, None, err) for token in tokens]
 
+    def shutdown(self) -> tuple[int | None, list[Output]]:
+        """A clean shutdown (SIGTERM, ``mmn down``): what the kind hands
+        back to the host before the node goes.
+
+        Returns:
+            ``(token, outputs)``: ``token`` None when there is nothing to
+            wait for (every kind but hmm, which migrates its device-private
+            pages back: ``node.hmm.HmmMMU.shutdown``), else the token of the
+            Completion that says it is done.
+        """
+        return None, []
+
     def faults(self) -> list[Fault]:
         """Every fault the node holds: subscribing, parked, or its Gup in flight
         (``FaultState`` SUBSCRIBING, PARKED, GUP_SENT)."""

@@ -63,6 +63,8 @@ from protocol.messages import (
     DmaWrite,
     Error,
     HmmDevmemFault,
+    HmmEvict,
+    HmmEvictReply,
     HmmExclusive,
     HmmMigrate,
     HmmMigrated,
@@ -132,6 +134,11 @@ class _RemoveRequest:
     token: int
 
 
+@dataclass(eq=False, slots=True)
+class _EvictRequest:
+    token: int
+
+
 class HmmMMU(SecondaryMMU):
     """The hmm kind: ``invalidate_range_start``/``_end`` and ``release``
     (an interval notifier has only ``invalidate``; the host pairs ends with
@@ -160,6 +167,9 @@ class HmmMMU(SecondaryMMU):
         self.device_pages: dict[int, bytearray] = {}
         #: access token -> [fault rounds, pages copied]
         self._access_stats: dict[int, list[int]] = {}
+        #: a clean shutdown asked the host to take the device pages back:
+        #: no more migrations to the device
+        self.removing = False
         self.counters.update(cpages=0, fault_rounds=0, zapped=0, eagain=0, snapshots=0, migrate_own=0,
                              migrated_in=0, migrated_out=0)
 
@@ -199,7 +209,29 @@ class HmmMMU(SecondaryMMU):
         self._pending[rid] = _RemoveRequest(state, token)
         return token, [IntervalRemove(id=rid, epoch=self.epoch, mm=mm, interval=state.interval)]
 
+    def shutdown(self) -> tuple[int | None, list[Output]]:
+        """``dmirror_fops_release`` / ``dmirror_device_remove``: before the
+        device goes, every device-private page it holds goes back to system
+        memory (``dmirror_device_evict_chunk``): ``HmmEvict``; the host asks
+        for each page's contents (``HmmDevmemFault``) and installs fresh
+        frames.  From now on nothing migrates to this device.  The
+        Completion's result is ``{"cpages", "lost"}``; ``token`` is None
+        when the device holds no page (nothing to wait for)."""
+        self.removing = True
+        if not self.device_pages or self.epoch == 0:
+            return None, []
+        token = self._new_token()
+        rid = self.next_id()
+        self._pending[rid] = _EvictRequest(token)
+        return token, [HmmEvict(id=rid, epoch=self.epoch)]
+
     def receive(self, msg: Message) -> list[Output]:
+        if isinstance(msg, HmmEvictReply):
+            self._free(msg.freed)
+            request = self._pending.pop(msg.ref, None)
+            if not isinstance(request, _EvictRequest):
+                return []
+            return self._complete(request.token, {"cpages": msg.cpages, "lost": msg.lost})
         if isinstance(msg, (IntervalReply, HmmRangeFaultReply, HmmMigrateReply)):
             if not isinstance(msg, IntervalReply):
                 self._free(msg.freed)
@@ -269,6 +301,8 @@ class HmmMMU(SecondaryMMU):
         token = self._new_token()
         if not 1 <= npages <= self.max_gup_pages:
             return token, self._complete(token, error=KernelError(Errno.EINVAL, f"npages {npages}"))
+        if self.removing and not to_sys:
+            return token, self._complete(token, error=KernelError(Errno.EBUSY, "the device is being removed"))
         page = addr - addr % self.page_size
         context = MIGRATE_TO_SYS if to_sys else MIGRATE_TO_DEV
         f = Fault(mm=mm, addr=page, npages=npages, write=True, context=context, token=token)

@@ -127,6 +127,9 @@ class NodeConfig:
     host_key: str | None = None
     #: Plain TCP even if keys are configured.
     insecure: bool = False
+    #: A clean shutdown waits this long for the host to take back what the
+    #: node holds (an hmm node's device-private pages), then exits anyway.
+    evict_timeout_ms: int = 2000
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> NodeConfig:
@@ -145,6 +148,7 @@ class NodeConfig:
             ("keys_dir", "MMN_KEYS_DIR"),
             ("key", "MMN_NODE_KEY"),
             ("host_key", "MMN_HOST_KEY"),
+            ("evict_timeout_ms", "MMN_EVICT_TIMEOUT_MS"),
         ):
             if env.get(var):
                 value: Any = env[var]
@@ -269,6 +273,13 @@ class NodeRuntime:
         self._held_in: deque[Message] = deque()
         self._held_out: deque[Message] = deque()
         self._rx = trio.Lock()
+        #: Set to stop cleanly (SIGTERM): hand back what the kind holds, then
+        #: :meth:`run` returns (see :meth:`_leave_when_stopping`).
+        self.stopping = trio.Event()
+        self._in_session = False
+        self._leaving: tuple[int, trio.Event] | None = None
+        #: the kind's shutdown Completion (None: nothing to hand back, or no answer in time)
+        self.left: Completion | None = None
 
     # -- failure injection -------------------------------------------------------
 
@@ -408,6 +419,9 @@ class NodeRuntime:
             if isinstance(out, Completion):
                 ref = self._commands.pop(out.token, None)
                 if ref is None:
+                    if self._leaving is not None and out.token == self._leaving[0]:
+                        self.left = out
+                        self._leaving[1].set()
                     continue
                 if out.error is not None:
                     result = CommandResult(ref=ref, ok=False, errno=out.error.errno.value, error=out.error.message)
@@ -427,6 +441,19 @@ class NodeRuntime:
         Concurrency: owns its DEALER (through :func:`transport.serve_socket`);
         the kind is driven only from this runtime's tasks, one call at a time.
         """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_outside_sessions, nursery.cancel_scope)
+            await self._run(task_status)
+            nursery.cancel_scope.cancel()
+
+    async def _stop_outside_sessions(self, scope: trio.CancelScope) -> None:
+        """Stopping between sessions: nothing is held, stop at once (in a
+        session, :meth:`_leave_when_stopping` hands things back first)."""
+        await self.stopping.wait()
+        if not self._in_session:
+            scope.cancel()
+
+    async def _run(self, task_status: trio.TaskStatus[str]) -> None:
         cfg = self.config
         backoff = cfg.backoff_initial_ms / 1000
         window = cfg.heartbeat_ms / 1000 * cfg.liveness  # until a Registered says the host's period
@@ -461,6 +488,8 @@ class NodeRuntime:
             finally:
                 sock.close()
                 self._fail_commands("session lost")
+            if self.stopping.is_set():
+                return
             if registered is not None:
                 window = registered.heartbeat_ms / 1000 * cfg.liveness
             backoff = reconnect_backoff(cfg, backoff, lasted if registered is not None else None, window)
@@ -506,8 +535,10 @@ class NodeRuntime:
         nursery.start_soon(self._heartbeats, period)
         reason = "host channel closed"
         rx = self._rx
+        self._in_session = True
         try:
             async with trio.open_nursery() as inner:
+                inner.start_soon(self._leave_when_stopping)
                 inner.start_soon(self._watchdog, liveness)
                 inner.start_soon(self._release_when_healed)
                 async for frames in incoming:
@@ -544,10 +575,37 @@ class NodeRuntime:
         except* _Reconnect as group:
             first = group.exceptions[0]
             reason = first.reason if isinstance(first, _Reconnect) else str(first)
+        finally:
+            self._in_session = False
         self._held_in.clear()  # of a session that is over
         self._held_out.clear()
         await self.emit(self.mmu.drop_all(reason))
         return reason
+
+    async def _leave_when_stopping(self) -> None:
+        """A clean shutdown: the kind hands back what it holds (an hmm
+        node's device-private pages, lib/test_hmm.c ``dmirror_fops_release``)
+        while this session goes on serving the host's requests, for at most
+        ``evict_timeout_ms``; then the session ends and :meth:`run` returns.
+        A host that does not answer in time finds the node gone and poisons
+        what was left, as for a crash."""
+        await self.stopping.wait()
+        async with self._rx:
+            token, outputs = self.mmu.shutdown()
+            if token is not None:
+                done = trio.Event()
+                self._leaving = (token, done)
+            await self.emit(outputs)
+        if token is not None:
+            with trio.move_on_after(self.config.evict_timeout_ms / 1000) as waited:
+                await done.wait()
+            if waited.cancelled_caught:
+                logger.warning("%s: the host did not take back what the node holds within %d ms; leaving anyway",
+                               self.config.name, self.config.evict_timeout_ms)
+            else:
+                logger.info("%s: handed back before leaving: %s", self.config.name,
+                            self.left.result if self.left and self.left.error is None else self.left)
+        raise _Reconnect("stopped")
 
     async def _release_held(self) -> None:
         """Healed: send what a partition held, then handle what arrived
@@ -708,6 +766,12 @@ def _make_mmu(config: NodeConfig) -> SecondaryMMU:
     return node_class(config.kind)(config.name)
 
 
-async def run_node(config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Entry point for ``mmn node``: run until cancelled."""
-    await NodeRuntime(config).run(task_status=task_status)
+async def run_node(config: NodeConfig, *, stop: trio.Event | None = None,
+                   task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Entry point for ``mmn node``: run until cancelled, or until ``stop``
+    is set and the node has handed back what it holds (bounded by
+    ``evict_timeout_ms``)."""
+    runtime = NodeRuntime(config)
+    if stop is not None:
+        runtime.stopping = stop
+    await runtime.run(task_status=task_status)

@@ -703,3 +703,31 @@ class HmmDevmemFault(Message):
     addr: int
     handle: int
     free: bool = True
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmEvict(Message):
+    """A device going away cleanly (lib/test_hmm.c ``dmirror_fops_release`` /
+    ``dmirror_device_remove`` -> ``dmirror_device_evict_chunk``;
+    mm/migrate_device.c ``migrate_device_range``): the host brings every
+    device-private page this node holds back to system memory (fresh frames,
+    the contents asked of the device by ``hmm_devmem_fault``), then answers
+    ``hmm_evict_reply``."""
+
+    TYPE: ClassVar[str] = "hmm_evict"
+    id: int
+    epoch: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HmmEvictReply(Message):
+    """``cpages``: pages brought back; ``lost``: pages that could not be
+    (no frame, no contents: poisoned, as for a dead device)."""
+
+    TYPE: ClassVar[str] = "hmm_evict_reply"
+    ref: int
+    cpages: int = 0
+    lost: int = 0
+    freed: list[int] = field(default_factory=list)

@@ -39,6 +39,7 @@ def test_every_figure_has_a_ratio(doc: dict) -> None:
     plan = suite.Plan.quick()
     assert [r["k"] for r in doc["invalidate"]["inline"]] == list(plan.ks)
     assert [r["k"] for r in doc["invalidate"]["xpmem"]] == list(plan.xpmem_ks)
+    assert [r["k"] for r in doc["invalidate"]["hmm"]] == list(plan.hmm_ks) == [1]
     for rows in doc["invalidate"].values():
         for r in rows:
             for key in ("p50_us", "p99_us", "floor_p50_us", "floor_p99_us", "p50_ratio", "p99_ratio"):
@@ -54,9 +55,11 @@ def test_every_figure_has_a_ratio(doc: dict) -> None:
     assert scale["nodes"] >= plan.scale_nodes and scale["invalidate"]["k"] == plan.scale_nodes
     assert _finite(scale["invalidate"]["p50_ratio"]) and _finite(scale["heartbeat"]["ratio"])
     # the flat list the table prints: every figure, each with a floor and a ratio
-    assert len(doc["figures"]) == 2 * (len(plan.ks) + len(plan.xpmem_ks)) + 3 + len(plan.munmap_pages) + 2 + 3
+    assert len(doc["figures"]) == 2 * (len(plan.ks) + len(plan.xpmem_ks) + len(plan.hmm_ks)) + 3 + len(plan.munmap_pages) + 2 + 3
     for row in doc["figures"]:
         assert _finite(row["floor"]) and _finite(row["ratio"]), row
+    names = [r["figure"] for r in doc["figures"]]
+    assert "invalidate hmm K=1 p50" in names and "invalidate hmm K=1 p99" in names
     assert doc["seconds"] < 120
 
 

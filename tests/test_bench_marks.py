@@ -20,7 +20,7 @@ def doc_with(inv_ratio: float = 1.2, ksm_ratio: float = 0.8, messages: int = 4) 
     doc: dict[str, Any] = {
         "machine": {"cpus": 2, "python": "3.11"},
         "seconds": 1.0,
-        "invalidate": {"inline": [inv], "xpmem": [inv]},
+        "invalidate": {"inline": [inv], "xpmem": [inv], "hmm": [inv]},
         "fault": [{"kind": "kvm", "mode": "single", "pages_per_fault": 1, "inflight": 1, "faults_per_s": 500.0,
                    "floor_rtt_per_s": 1000.0, "ratio": 0.5}],
         "munmap": [{"populated": 1, "nodes": 2, "messages": messages, "messages_expected": 4, "time_us": 50.0,
@@ -63,6 +63,14 @@ def test_a_missed_goal_is_short(kwargs: dict[str, Any], short: str) -> None:
 
 def test_the_limit_itself_holds() -> None:
     assert marks(doc_with(inv_ratio=1.5, ksm_ratio=0.5))["invalidate xpmem K=1 p50"] == "held"
+    assert marks(doc_with(inv_ratio=1.5))["invalidate hmm K=1 p99"] == "held"
+
+
+def test_the_hmm_figure_has_the_invalidation_goal() -> None:
+    # like invalidate xpmem K=1: p50 and p99 against the same raw floor, at most 1.5 x
+    rows = {r["figure"]: r for r in doc_with(inv_ratio=1.51)["figures"]}
+    assert [f for f in rows if f.startswith("invalidate hmm")] == ["invalidate hmm K=1 p50", "invalidate hmm K=1 p99"]
+    assert rows["invalidate hmm K=1 p50"]["goal"] == "<= 1.5" and rows["invalidate hmm K=1 p50"]["mark"] == "short"
 
 
 def test_an_unmeasured_figure_is_short() -> None:

@@ -678,7 +678,8 @@ async def test_mmn_node_crash_exits_1_with_one_line(
 ) -> None:
     import node.runtime
 
-    async def crashing(config: Any, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    async def crashing(config: Any, *, stop: trio.Event | None = None,
+                       task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started(config.name)
         raise OSError("boom")
 

@@ -11,6 +11,7 @@ hmm-tests.c -> here:
   partial_unmap                  test_partial_munmap
   anon snapshot                  test_snapshot_states
   read_begin racing an invalidation  test_an_invalidation_racing_read_begin_is_retried (node core)
+  migrate_release (device removed)   test_a_device_stopped_cleanly_hands_its_pages_back
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,9 @@ from mmn.cli import main
 from node.hmm import HmmMMU
 from protocol.messages import (
     Ack,
+    HmmEvict,
+    HmmEvictReply,
+    HmmMigrated,
     HmmRangeFault,
     HmmRangeFaultReply,
     IntervalInsert,
@@ -276,6 +282,23 @@ def test_non_blockable_start_while_copying_is_refused() -> None:
     assert taken == [Ack(ref=201)] and node.entry(1, 0x10000) is None
 
 
+def test_shutdown_asks_the_host_to_take_the_device_pages_back() -> None:
+    # dmirror_fops_release at the node's core: nothing held, nothing to wait
+    # for; pages held: one HmmEvict, and its reply completes the shutdown;
+    # from then on nothing migrates to the device
+    node, _ = _hmm_node()
+    assert node.shutdown() == (None, [])
+    node.removing = False
+    assert node.receive(HmmMigrated(id=300, mm=1, pages=[[0x20000, 41, 1]], data=bytes(PS))) == [Ack(ref=300)]
+    token, out = node.shutdown()
+    (evict,) = out
+    assert isinstance(evict, HmmEvict) and evict.epoch == node.epoch and token is not None
+    (done,) = node.receive(HmmEvictReply(ref=evict.id, cpages=1, freed=[41]))
+    assert done.token == token and done.result == {"cpages": 1, "lost": 0} and not node.device_pages
+    _, refused = node.migrate(1, 0x20000, 1)
+    assert refused[0].error is not None and refused[0].error.errno.value == "EBUSY"
+
+
 # -- device-private migration (hmm-tests migrate, migrate_fault, migrate_shared...) ----------
 
 
@@ -355,6 +378,79 @@ async def test_a_dead_device_poisons_its_pages(tmp_path: Path) -> None:
         assert status["device_private"]["poisoned_pages"] == 2 and status["stale_accesses"] == 0
         await c.call("munmap", mm=mm, addr=addr, length=3 * PS)
         assert (await c.status())["device_private"]["pages"] == 0
+    finally:
+        c.close()
+
+
+def _terminate(c: Cluster, key: str, timeout: float = 10.0) -> tuple[int, float]:
+    """SIGTERM a process group; its exit status and how long it took."""
+    proc = c.procs.pop(key)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    code = proc.wait(timeout=timeout)
+    return code, time.monotonic() - t0
+
+
+async def _gone(c: Cluster, name: str) -> None:
+    await c.call("inject", node="kvm0", kind="delay-acks", delay_ms=0)  # any request: the host is live
+    with trio.fail_after(30):
+        while nodes(await c.status())[name]["state"] == "live":
+            await trio.sleep(0.1)
+
+
+async def test_a_device_stopped_cleanly_hands_its_pages_back(tmp_path: Path) -> None:
+    # dmirror_fops_release -> dmirror_device_evict_chunk: a device that goes
+    # away cleanly (SIGTERM) first migrates every device-private page back to
+    # system memory -- pages the device wrote, pages fork shares with a
+    # child -- so the host reads the right bytes afterwards, nothing poisoned
+    c = _start_cluster(tmp_path, ("hmm", "kvm"))
+    try:
+        mm, addr = await _mm(c, 3)
+        data = bytes((i * 7) % 256 for i in range(3 * PS))
+        await c.call("write", mm=mm, addr=addr, data=data)
+        assert (await c.call("hmm", node="hmm0", op="migrate", mm=mm, addr=addr, pages=3))["cpages"] == 3
+        await c.call("access", node="hmm0", mm=mm, addr=addr, length=3, data=b"dev")  # only on the device
+        child = (await c.call("fork", mm=mm))["mm"]  # shares the device pages
+        before = (await c.status())["device_private"]
+        assert before["by_owner"] == {"hmm0": 3} and before["poisoned_pages"] == 0
+        code, took = _terminate(c, "hmm0")
+        assert code == 0 and took < 5
+        await _gone(c, "hmm0")  # the host noticed it went: a dead device's pages would be poisoned now
+        want = b"dev" + data[3:]
+        assert (await c.call("read", mm=mm, addr=addr, length=len(want)))["data"] == want
+        assert (await c.call("read", mm=child, addr=addr, length=len(want)))["data"] == want
+        await c.call("write", mm=child, addr=addr, data=b"kid")  # COW as usual, the parent keeps its bytes
+        assert (await c.call("read", mm=mm, addr=addr, length=3))["data"] == b"dev"
+        status = await c.status()
+        device = status["device_private"]
+        assert device["pages"] == 0 and device["poisoned_pages"] == 0 and device["poisoned_accesses"] == 0
+        assert device["migrated_to_ram"] == 6  # three pages, each in the parent and the child
+        assert status["stale_accesses"] == 0
+    finally:
+        c.close()
+
+
+async def test_a_device_whose_host_does_not_answer_leaves_within_its_deadline(tmp_path: Path) -> None:
+    # the host is stopped (SIGSTOP) when the device is told to go: the device
+    # waits for the host at most its evict deadline, then exits; the host,
+    # resumed, finds it gone and poisons what it held, as for a crash
+    c = _start_cluster(tmp_path, ("hmm", "kvm"), node_args=("--evict-timeout-ms", "500"))
+    try:
+        mm, addr = await _mm(c, 2, fill=0x5A)
+        await c.call("hmm", node="hmm0", op="migrate", mm=mm, addr=addr, pages=2)
+        host = c.procs["host"]
+        os.kill(host.pid, signal.SIGSTOP)
+        try:
+            code, took = _terminate(c, "hmm0")
+        finally:
+            os.kill(host.pid, signal.SIGCONT)
+        assert code == 0 and 0.4 < took < 3
+        await _gone(c, "hmm0")
+        with pytest.raises(KernelError) as err:
+            await c.call("read", mm=mm, addr=addr, length=1)
+        assert err.value.errno.value == "EIO"
+        status = await c.status()
+        assert status["device_private"]["poisoned_pages"] == 2 and status["stale_accesses"] == 0
     finally:
         c.close()
 

@@ -41,7 +41,7 @@ from mmn import swarm
 ROOT = Path(__file__).resolve().parent.parent
 STACK_FILE = ROOT / "docker-stack.yml"
 BUILD_TIMEOUT = 1200
-KINDS = ("kvm", "gru", "xpmem")
+KINDS = ("kvm", "gru", "xpmem", "hmm")
 PAGE = 4096
 
 
@@ -275,8 +275,8 @@ def stack() -> Iterator[Stack]:
         assert sorted(secrets["created"]) == sorted(swarm.secret_names(tag)), secrets
         _run(["docker", "stack", "deploy", "--resolve-image", "never", "-c", str(STACK_FILE), tag], env=env,
              timeout=120)
-        wait_for("kvm-1, gru-1 and xpmem-1 live at the host",
-                 lambda: s.containers("host") and s.live() == {"kvm-1", "gru-1", "xpmem-1"}, timeout=120)
+        wait_for("kvm-1, gru-1, xpmem-1 and hmm-1 live at the host",
+                 lambda: s.containers("host") and s.live() == {f"{k}-1" for k in KINDS}, timeout=120)
         s.took["up"] = time.monotonic() - built
         yield s
     finally:
