@@ -707,7 +707,8 @@ class SecondaryMMU:
             if not f.addr <= p[0] < end and self.read_retry(state, f, p[0], p[0] + self.page_size)
         ]
         outputs = self._unpin(f.mm, [p[1] for p in extra]) if f.pin and extra else []
-        pages = [p for p in pages if p not in extra]
+        if extra:  # the common case has none: no second pass over the pages
+            pages = [p for p in pages if p not in extra]
         if not pages:
             return outputs + self._fault_failed(f, kernel_error(reply.errno or "EFAULT"))
         f.fire(FaultEvent.INSTALL)

@@ -125,6 +125,10 @@ COMMANDS: dict[str, tuple[Arg, ...]] = {
 }
 
 
+#: each command's argument names, built once (not per request)
+_NAMES: dict[str, frozenset[str]] = {name: frozenset(a.name for a in spec) for name, spec in COMMANDS.items()}
+
+
 def check_admin(command: str, args: dict[str, Any]) -> dict[str, Any]:
     """Validate one admin request; returns the arguments with defaults filled.
 
@@ -135,7 +139,7 @@ def check_admin(command: str, args: dict[str, Any]) -> dict[str, Any]:
     spec = COMMANDS.get(command)
     if spec is None:
         raise ProtocolError("bad_message", f"unknown admin command {command[:64]!r}")
-    names = {a.name for a in spec}
+    names = _NAMES[command]
     for key in args:
         if key not in names:
             raise ProtocolError("bad_message", f"{command}: unknown argument {key[:64]!r}")
