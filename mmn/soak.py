@@ -1501,6 +1501,11 @@ class Soak:
             self.report.node_errors += 1
         elif errno in ("ENOENT", "EFAULT") and self._segment_may_be_gone(op):
             self.report.node_errors += 1
+        elif errno == "EACCES" and op.get("removing"):
+            # A fault racing the remove: its GUP reaches the host after the
+            # permit went, which refuses the pin (broker/core.py _gup_fast:
+            # EACCES; hpc/xpmem would fail it ENOENT, the segment destroying)
+            self.report.node_errors += 1
         elif errno in DENIAL_ERRNOS:
             if self._may_deny(op, mutated):
                 self.report.node_errors += 1

@@ -157,6 +157,36 @@ def test_a_node_that_acks_before_it_zaps_fails_the_soak(tmp_path: Path) -> None:
     assert json.loads(proc.stdout)["schedule_digest"] == report["schedule_digest"]
 
 
+@pytest.mark.integration
+def test_an_importer_that_keeps_its_attachment_after_remove_fails_the_soak(tmp_path: Path) -> None:
+    """The soak against a build whose xpmem nodes ack a remove of a segment
+    they import and go on using their attachments of it
+    (``MMN_TEST_BROKEN=keeps-attachments-on-remove``): the soak's shared
+    segments (one node makes, both xpmem nodes attach) are removed with
+    importers, and the accesses through them afterwards reach the owner's
+    pages on a permit that is gone; the oracle counts them stale and ``mmn
+    soak`` exits non-zero.  The correct build passes the same schedule, every
+    such access refused, and the host's pinned == unpinned at the end."""
+    site = ROOT / "tests" / "broken_site"
+    env = {**os.environ, "MMN_TEST_BROKEN": "keeps-attachments-on-remove",
+           "PYTHONPATH": os.pathsep.join((str(site), str(ROOT)))}
+    argv = [sys.executable, "-m", "mmn", "soak", "--seed", "7", "--ops", "2000", "--nodes", "6", "--faults", "0",
+            "--json"]
+    proc = subprocess.run([*argv, "--logs", str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and report["stale_accesses"] > 0 and report["xpmem_removed"] > 0, report
+    assert any(v.startswith("stale_accesses") for v in report["violations"])
+    env.pop("MMN_TEST_BROKEN")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    good = json.loads(proc.stdout)
+    assert good["schedule_digest"] == report["schedule_digest"]
+    assert good["xpmem_removed"] > 0 and good["dead_refused"] > 0, good
+    assert good["pages_pinned"] == good["pages_unpinned"] > 0, good
+
+
 # --------------------------------------------------------------------------
 # the checker: node failures against the shadow
 
