@@ -441,19 +441,22 @@ class Planner:
 
     def _share(self, sid: int) -> dict[str, Any] | None:
         """A segment one xpmem node makes and two or more get and attach
-        (the owner may import its own), so that its remove has several
-        importers (``xpmem_remove_seg`` -> ``xpmem_clear_PTEs`` of each)."""
+        (the owner may import its own; with one xpmem node, it attaches it
+        twice), so that its remove has several importers
+        (``xpmem_remove_seg`` -> ``xpmem_clear_PTEs`` of each)."""
         rng = self.rng
         xp = [n for n, k in self.nodes if k == "xpmem"]
         span = self._span(sid)
-        if len(xp) < 2 or span is None:
+        if not xp or span is None:
             return None
         rid, first, n = span
         owner = rng.choice(xp)
+        # two nodes or more import it; with one xpmem node, it twice
+        importers = rng.sample(xp, rng.randint(2, len(xp))) if len(xp) > 1 else xp * 2
         seg = self.next_seg
         self.next_seg += 1
         atts: list[list[Any]] = []
-        for node in rng.sample(xp, rng.randint(2, len(xp))):
+        for node in importers:
             aid = self.next_att
             self.next_att += 1
             self.fresh.add(-1000000 - aid)

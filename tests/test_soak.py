@@ -81,8 +81,47 @@ def test_xpmem_operations_are_planned_only_on_attachments_that_can_exist() -> No
     schedule = plan(1, 5000, node_names(6), 0.05)
     attaches = {op["att"]: op for group in schedule for op in group if op["op"] == "xpmem_attach"}
     assert sum(not op["write"] for op in attaches.values()) >= 10
+    shared = {aid for group in schedule for op in group if op["op"] == "xpmem_share" for aid, _ in op["atts"]}
     used = [op for group in schedule for op in group if op["op"] in ("xpmem_read", "xpmem_write", "xpmem_detach")]
-    assert len(used) > 300 and all(attaches[op["att"]]["write"] for op in used)
+    assert len(used) > 300 and all(op["att"] in shared or attaches[op["att"]]["write"] for op in used)
+
+
+def test_removes_of_shared_segments_are_planned_with_reads_in_flight_and_accesses_after() -> None:
+    """A segment one xpmem node makes and both xpmem nodes attach
+    (``xpmem_share``) is removed with reads through its attachments in the
+    same group; afterwards accesses through them (``xpmem_dead``, which must
+    fail) are planned, and no read, write or detach as if they were still
+    there.  Swap and migrate are aimed at attached pages now and then.  With
+    one xpmem node, it attaches a shared segment twice."""
+    schedule = plan(1, 5000, node_names(6), 0.05)
+    shares = {op["seg"]: op for group in schedule for op in group if op["op"] == "xpmem_share"}
+    assert len(shares) >= 30
+    assert sum(len({node for _, node in op["atts"]}) == 2 for op in shares.values()) >= 10
+    removed: set[int] = set()
+    in_flight = 0
+    for group in schedule:
+        for op in group:
+            if op["op"] == "xpmem_remove":
+                assert op["node"] == shares[op["seg"]]["node"] and op["atts"]
+                assert set(op["atts"]) <= {aid for aid, _ in shares[op["seg"]]["atts"]}
+                flight = [o for o in group if o.get("removing") == op["seg"]]
+                assert all(o["att"] in op["atts"] for o in flight)
+                in_flight += len(flight)
+                removed |= set(op["atts"])
+            elif op["op"] == "xpmem_dead":
+                assert op["att"] in removed
+            elif op["op"] in ("xpmem_read", "xpmem_write", "xpmem_detach") and not op.get("removing"):
+                assert op["att"] not in removed
+    assert len(removed) >= 20 and in_flight >= 10
+    assert sum(op["op"] == "xpmem_dead" for group in schedule for op in group) >= 20
+    spans = {(op["mm"], op["rid"], op["page"], op["npages"]) for op in shares.values()}
+    aimed = [op for group in schedule for op in group if op["op"] in ("swap", "migrate")
+             and (op["mm"], op["rid"], op["page"], op["npages"]) in spans]
+    assert len(aimed) >= 20
+    one = plan(2, 3000, node_names(5), 0.03)
+    assert any(op["op"] == "xpmem_share" and op["atts"][0][1] == op["atts"][1][1] == "xpmem0"
+               for group in one for op in group)
+    assert any(op["op"] == "xpmem_remove" for group in one for op in group)
 
 
 def test_a_host_crash_in_the_schedule_starts_it_over_on_new_mms() -> None:
@@ -118,6 +157,10 @@ async def test_a_ci_soak_with_failures_that_fence_several_nodes_finds_nothing(tm
     report = await soak(11, 3000, 5, 0.03, logs=tmp_path, curve=True)
     summary = {k: v for k, v in report.__dict__.items() if k != "violations"}
     assert report.ok(), (summary, report.violations)
+    # shared segments removed with their importers' accesses refused after;
+    # every attachment detached at the end, the host's pins all given back
+    assert report.xpmem_removed >= 3 and report.dead_refused >= 1, summary
+    assert report.pages_pinned == report.pages_unpinned > 0 and report.pins_leaked == 0, summary
     assert report.ops >= 3000 and report.injected >= 50
     assert report.nodes_fenced >= 5 and report.nodes_recovered >= 5, summary
     assert report.resets >= 5 and report.resets_unavailable == 0, summary
