@@ -898,6 +898,8 @@ class Soak:
         self.trace: Any = None  # a file: one line per operation and outcome
         #: attachments a detach of the group running takes away
         self._detaching: set[int] = set()
+        #: attachments a remove of the group running takes away
+        self._removing: set[int] = set()
         #: nodes the injections of the group running target (how many each)
         self._targets: Counter[str] = Counter()
         #: seconds every node has to register with a host the soak started
@@ -976,6 +978,7 @@ class Soak:
                      default=0.0)
         self._targets = Counter(op["node"] for op in group if op["op"] == "inject" and op["node"])
         self._detaching = {op["att"] for op in group if op["op"] == "xpmem_detach"}
+        self._removing = {a for op in group if op["op"] == "xpmem_remove" for a in op["atts"]}
 
         async def one(i: int, op: dict[str, Any]) -> None:
             t0 = time.monotonic()
@@ -1504,7 +1507,7 @@ class Soak:
             self.report.node_errors += 1
         elif errno in ("ENOENT", "EFAULT") and self._segment_may_be_gone(op):
             self.report.node_errors += 1
-        elif errno == "EACCES" and op.get("removing"):
+        elif errno == "EACCES" and (op.get("removing") or op.get("att") in self._removing):
             # A fault racing the remove: its GUP reaches the host after the
             # permit went, which refuses the pin (broker/core.py _gup_fast:
             # EACCES; hpc/xpmem would fail it ENOENT, the segment destroying)
@@ -1523,7 +1526,7 @@ class Soak:
         """An access through a shared segment's attachment may find it
         removed: removed in this group (in flight), or its owner's session
         ended (its segments go with it), or may have."""
-        if op.get("removing"):
+        if op.get("removing") or op.get("att") in self._removing:
             return True
         seg = self.att_spec.get(op.get("att", -1), {}).get("shared")
         if seg is None:
