@@ -73,6 +73,19 @@ xpmem operation, after one that attached or was denied), and an access planned o
 earlier session first attaches the same span again in the current one, so
 the xpmem data path stays exercised after fences; a detach of one is
 skipped.  The schedule itself stays a function of the seed.
+
+Pins and removes (issue 12): ``xpmem_share`` -- one xpmem node makes a
+segment and two or more attach it (with a single xpmem node, it attaches it
+twice) -- and later ``xpmem_remove`` by its owner, with reads through its
+attachments in the same group (in flight: bytes or ENOENT/EFAULT/EACCES).
+Once the remove completed, ``xpmem_dead`` accesses through those attachments
+must fail (ENOENT: hpc/xpmem's ``xpmem_remove_seg`` -> ``xpmem_clear_PTEs``
+reaches every importer); success in the session they were attached in is
+``unexpected``.  Half the swaps and migrations of an mm with attachments aim
+at an attached span: the pinned pages stay, contents kept.  At the end every
+attachment the shadow knows is detached, and the host's ``pages_pinned`` must
+equal ``pages_unpinned`` (``pins_leaked``; not judged if an attach's outcome
+was never known).  Shared attachments a fence dropped are not attached again.
 """
 
 from __future__ import annotations
