@@ -73,6 +73,19 @@ xpmem operation, after one that attached or was denied), and an access planned o
 earlier session first attaches the same span again in the current one, so
 the xpmem data path stays exercised after fences; a detach of one is
 skipped.  The schedule itself stays a function of the seed.
+
+Pins and removes (issue 12): ``xpmem_share`` -- one xpmem node makes a
+segment and two or more attach it (with a single xpmem node, it attaches it
+twice) -- and later ``xpmem_remove`` by its owner, with reads through its
+attachments in the same group (in flight: bytes or ENOENT/EFAULT/EACCES).
+Once the remove completed, ``xpmem_dead`` accesses through those attachments
+must fail (ENOENT: hpc/xpmem's ``xpmem_remove_seg`` -> ``xpmem_clear_PTEs``
+reaches every importer); success in the session they were attached in is
+``unexpected``.  Half the swaps and migrations of an mm with attachments aim
+at an attached span: the pinned pages stay, contents kept.  At the end every
+attachment the shadow knows is detached, and the host's ``pages_pinned`` must
+equal ``pages_unpinned`` (``pins_leaked``; not judged if an attach's outcome
+was never known).  Shared attachments a fence dropped are not attached again.
 """
 
 from __future__ import annotations
@@ -188,6 +201,8 @@ class _Attach:
     first: int
     npages: int
     write: bool
+    #: the shared segment (``xpmem_share``) it imports, None for one made by its own node
+    seg: int | None = None
 
 
 class Planner:
@@ -209,6 +224,11 @@ class Planner:
         self.next_rid = 1
         self.next_att = 1
         self.attachments: dict[int, _Attach] = {}
+        #: shared segments (``xpmem_share``): seg -> (owner node, its importers' attachment ids)
+        self.shares: dict[int, tuple[str, list[int]]] = {}
+        self.next_seg = 1
+        #: attachments of removed segments: accesses through them must fail
+        self.dead: dict[int, _Attach] = {}
 
     # -- helpers
     def _new_mm(self) -> int:
@@ -276,8 +296,8 @@ class Planner:
         kind = rng.choices(
             ["host_write", "host_read", "node_read", "node_write", "node_fault", "xpmem_read", "xpmem_write",
              "mmap", "munmap", "mprotect", "madvise", "fork", "exit", "merge", "swap", "migrate",
-             "xpmem_attach", "xpmem_detach", "spawn"],
-            [10, 8, 12, 10, 6, 6, 4, 3, 2, 3, 3, 1.2, 0.6, 1.5, 2, 2, 2.5, 1, 0.5],
+             "xpmem_attach", "xpmem_detach", "spawn", "xpmem_share", "xpmem_remove", "xpmem_dead"],
+            [10, 8, 12, 10, 6, 6, 4, 3, 2, 3, 3, 1.2, 0.6, 1.5, 2, 2, 2.5, 1, 0.5, 1.2, 0.8, 1.0],
         )[0]
         mutators = {"host_write", "node_write", "xpmem_write", "mmap", "munmap", "mprotect", "madvise", "fork",
                     "exit"}
@@ -287,6 +307,18 @@ class Planner:
             return {"op": "spawn", "mm": self._new_mm()}
         if kind in ("merge",):
             return {"op": "merge"}
+        if kind == "xpmem_remove":
+            return self._remove()
+        if kind == "xpmem_dead":
+            dead = [a for a, at in self.dead.items() if at.mm in self.mms]
+            if not dead:
+                return None
+            aid = rng.choice(dead)
+            at = self.dead[aid]
+            i = rng.randrange(at.npages)
+            off, n = self._window()
+            return {"op": "xpmem_dead", "att": aid, "node": at.node, "mm": at.mm, "rid": at.rid,
+                    "page": at.first + i, "index": i, "offset": off, "length": n}
         if kind in ("xpmem_read", "xpmem_write", "xpmem_detach"):
             atts = [a for a, at in self.attachments.items() if at.mm in self.mms and -1000000 - a not in self.fresh]
             if not atts:
@@ -358,6 +390,12 @@ class Planner:
             if span is None:
                 return None
             rid, first, n = span
+            aimed = [at for a, at in self.attachments.items() if at.mm == sid and -1000000 - a not in self.fresh]
+            if kind in ("swap", "migrate") and aimed and rng.random() < 0.5:
+                # at pages an xpmem attachment pins: they stay where they are
+                # (migrate_failed, reclaim_failed), contents and attachment kept
+                at = rng.choice(aimed)
+                rid, first, n = at.rid, at.first, at.npages
             r = m.regions[rid]
             out = {"op": kind, "mm": sid, "rid": rid, "page": first, "npages": n}
             if kind == "munmap":
@@ -388,7 +426,13 @@ class Planner:
             del self.mms[sid]
             for aid in [a for a, at in self.attachments.items() if at.mm == sid]:
                 del self.attachments[aid]
+            for aid in [a for a, at in self.dead.items() if at.mm == sid]:
+                del self.dead[aid]
+            for seg in [g for g, (_, atts) in self.shares.items() if not any(a in self.attachments for a in atts)]:
+                del self.shares[seg]
             return {"op": "exit", "mm": sid}
+        if kind == "xpmem_share":
+            return self._share(sid)
         if kind == "xpmem_attach":
             node = self._node(("xpmem",))
             span = self._span(sid)
@@ -407,6 +451,57 @@ class Planner:
             return {"op": "xpmem_attach", "att": aid, "node": node, "mm": sid, "rid": rid, "page": first,
                     "npages": n, "write": write}
         return None
+
+    def _share(self, sid: int) -> dict[str, Any] | None:
+        """A segment one xpmem node makes and two or more get and attach
+        (the owner may import its own; with one xpmem node, it attaches it
+        twice), so that its remove has several importers
+        (``xpmem_remove_seg`` -> ``xpmem_clear_PTEs`` of each)."""
+        rng = self.rng
+        xp = [n for n, k in self.nodes if k == "xpmem"]
+        span = self._span(sid)
+        if not xp or span is None:
+            return None
+        rid, first, n = span
+        owner = rng.choice(xp)
+        # two nodes or more import it; with one xpmem node, it twice
+        importers = rng.sample(xp, rng.randint(2, len(xp))) if len(xp) > 1 else xp * 2
+        seg = self.next_seg
+        self.next_seg += 1
+        atts: list[list[Any]] = []
+        for node in importers:
+            aid = self.next_att
+            self.next_att += 1
+            self.fresh.add(-1000000 - aid)
+            self.attachments[aid] = _Attach(node, sid, rid, first, n, True, seg)
+            atts.append([aid, node])
+        self.shares[seg] = (owner, [a for a, _ in atts])
+        return {"op": "xpmem_share", "seg": seg, "node": owner, "atts": atts, "mm": sid, "rid": rid, "page": first,
+                "npages": n}
+
+    def _remove(self) -> dict[str, Any] | None:
+        """Remove of a shared segment; reads through its attachments go with
+        it in the group (in flight while it reaches every importer)."""
+        segs = [g for g, (_, atts) in self.shares.items() if all(-1000000 - a not in self.fresh for a in atts)
+                and any(a in self.attachments for a in atts)]
+        if not segs:
+            return None
+        seg = self.rng.choice(segs)
+        owner, atts = self.shares.pop(seg)
+        gone = {a: self.attachments.pop(a) for a in atts if a in self.attachments}
+        self.dead.update(gone)
+        while len(self.dead) > 24:
+            del self.dead[min(self.dead)]
+        at = next(iter(gone.values()))
+        flight = []
+        for aid, a in gone.items():
+            if self.rng.random() < 0.7:
+                i = self.rng.randrange(a.npages)
+                off, n = self._window()
+                flight.append({"op": "xpmem_read", "att": aid, "node": a.node, "mm": a.mm, "rid": a.rid,
+                               "page": a.first + i, "index": i, "offset": off, "length": n, "removing": seg})
+        return {"op": "xpmem_remove", "seg": seg, "node": owner, "mm": at.mm, "atts": sorted(gone),
+                "flight": flight}
 
     def race(self, access: dict[str, Any], busy: set[int]) -> dict[str, Any] | None:
         """An operation that invalidates pages ``access`` touches."""
@@ -473,6 +568,7 @@ class Planner:
                                 "fork", "exit"):
                     busy.add(op["mm"])
                 group.append(op)
+                group.extend(op.pop("flight", []))
             race = next((o for o in group if o["op"] in ("node_read", "node_write")), None)
             if race is not None and rng.random() < 0.5:
                 # an invalidation of the very pages a node is accessing
@@ -492,6 +588,8 @@ class Planner:
                 yield [{"op": "host-crash"}]
                 self.mms.clear()
                 self.attachments.clear()
+                self.shares.clear()
+                self.dead.clear()
                 yield from self._begin()
                 done += 4
 
@@ -723,6 +821,18 @@ class Report:
     xpmem_writes_ok: int = 0
     #: accesses planned on an attachment a fence dropped, attached again first
     reattached: int = 0
+    #: segments made by one xpmem node and attached by several (``xpmem_share``),
+    #: removed with importers; accesses through a removed segment's
+    #: attachments, and how many were refused (ENOENT/EFAULT) as they must be
+    xpmem_shared: int = 0
+    xpmem_removed: int = 0
+    dead_accesses: int = 0
+    dead_refused: int = 0
+    #: at the end, every attachment detached: the host's /proc/xpmem pinned
+    #: and unpinned page counters (they must be equal: ``pins_leaked`` otherwise)
+    pages_pinned: int = 0
+    pages_unpinned: int = 0
+    pins_leaked: int = 0
     #: node connections reset under them (``ss -K``); resets ``ss`` was not
     #: allowed to make here (no CAP_NET_ADMIN), skipped
     resets: int = 0
@@ -745,7 +855,8 @@ class Report:
 
     def ok(self) -> bool:
         return not (self.stale_accesses or self.lost_writes or self.wrong_reads or self.unexpected or self.late
-                    or self.wrong_errors or self.unrecovered or self.paused_fences or self.not_restarted)
+                    or self.wrong_errors or self.unrecovered or self.paused_fences or self.not_restarted
+                    or self.pins_leaked)
 
 
 class HostDied(Exception):
@@ -790,10 +901,18 @@ class Soak:
         self._made: dict[int, tuple[str, int | None]] = {}
         #: id(access op) -> the generation it used
         self._op_gen: dict[int, int] = {}
+        #: shared segment -> (segid, owner, owner's epoch when made); the attachments
+        #: a remove that succeeded took away (accesses through them must fail)
+        self.segids: dict[int, tuple[int, str, int | None]] = {}
+        self.removed_atts: set[int] = set()
+        #: attach calls whose outcome is unknown (no reply): the end's pin count cannot be exact
+        self.unknown_attach = 0
         self.clients: list[Any] = []
         self.trace: Any = None  # a file: one line per operation and outcome
         #: attachments a detach of the group running takes away
         self._detaching: set[int] = set()
+        #: attachments a remove of the group running takes away
+        self._removing: set[int] = set()
         #: nodes the injections of the group running target (how many each)
         self._targets: Counter[str] = Counter()
         #: seconds every node has to register with a host the soak started
@@ -872,6 +991,7 @@ class Soak:
                      default=0.0)
         self._targets = Counter(op["node"] for op in group if op["op"] == "inject" and op["node"])
         self._detaching = {op["att"] for op in group if op["op"] == "xpmem_detach"}
+        self._removing = {a for op in group if op["op"] == "xpmem_remove" for a in op["atts"]}
 
         async def one(i: int, op: dict[str, Any]) -> None:
             t0 = time.monotonic()
@@ -898,7 +1018,8 @@ class Soak:
         pre = {k: set(v) for k, v in self.pages.items()}
         self._made = {}
         self._op_gen = {}
-        if any(op["op"] in ("xpmem_attach", "xpmem_read", "xpmem_write", "xpmem_detach") for op in group):
+        if any(op["op"] in ("xpmem_attach", "xpmem_read", "xpmem_write", "xpmem_detach", "xpmem_share",
+                            "xpmem_remove", "xpmem_dead") for op in group):
             # the session each attach is made in, and which attachments a
             # fence or a restart dropped since (attached again before use)
             await self.refresh_epochs()
@@ -921,6 +1042,8 @@ class Soak:
             elif kind == "xpmem_write":
                 rep.xpmem_writes += 1
                 rep.xpmem_writes_ok += bool(res[0])
+            elif kind == "xpmem_dead":
+                self.check_dead(op, res)
         # mutators first, then the reads against before-or-after
         mutated: set[tuple[int, int, int]] = set()
         touched: list[set[tuple[int, int, int]]] = [set() for _ in group]
@@ -982,10 +1105,30 @@ class Soak:
             if not self._current(op["att"]):
                 return False, "SKIPPED", "the attachment went with an earlier session"
             return await self.call(lane, "xpmem", {"node": op["node"], "op": "detach", "addr": att[0]}, timeout)
+        if kind == "xpmem_share":
+            return await self.share(lane, op, mm, timeout)
+        if kind == "xpmem_remove":
+            made = self.segids.get(op["seg"])
+            if made is None:
+                return False, "SKIPPED", "never made"
+            res = await self.call(lane, "xpmem", {"node": op["node"], "op": "remove", "segid": made[0]}, timeout)
+            if res[0]:
+                self.removed_atts |= set(op["atts"])
+            return res
+        if kind == "xpmem_dead":
+            att = self.atts.get(op["att"])
+            if att is None or op["att"] not in self.removed_atts:
+                return False, "SKIPPED", "not attached, or its remove did not succeed"
+            self._op_gen[id(op)] = self.att_gen[op["att"]]
+            vaddr = att[0] + op["index"] * self.ps + op["offset"]
+            return await self.call(lane, "access", {"node": op["node"], "mm": mm, "addr": vaddr,
+                                                    "length": op["length"]}, timeout)
         if kind in ("xpmem_read", "xpmem_write"):
             att = self.atts.get(op["att"])
             if att is None and op["att"] not in self.att_spec:
                 return False, "SKIPPED", ""
+            if (op.get("removing") or self.att_spec[op["att"]].get("shared")) and not self._current(op["att"]):
+                return False, "SKIPPED", "a shared segment's attachment of an earlier session (not attached again)"
             if att is None or not self._current(op["att"]):
                 # made in a session that ended since, or never made (its node
                 # was down): attach the span in the node's current session
@@ -1198,6 +1341,8 @@ class Soak:
             return ok, res, err
         result = await self.call(lane, "xpmem", {"node": node, "op": "attach", "apid": res["apid"],
                                                  "length": op["npages"] * self.ps}, timeout / 3)
+        if result[1] == "TIMEOUT":
+            self.unknown_attach += 1
         if result[0]:
             self._gens += 1
             self.att_gen[op["att"]] = self._gens
@@ -1205,6 +1350,66 @@ class Soak:
             self._made[self._gens] = (node, before)
             self.atts[op["att"]] = (result[1]["vaddr"], op["page"])
         return result
+
+    async def share(self, lane: int, op: dict[str, Any], mm: int, timeout: float) -> tuple[bool, Any, str]:
+        """``xpmem_share``: make on the owner, then get and attach on each importer."""
+        addr = self.addr(op)
+        if addr is None:
+            return False, "SKIPPED", ""
+        owner = op["node"]
+        seen = self.epochs.get(owner)
+        ok, res, err = await self.call(lane, "xpmem", {"node": owner, "op": "make", "mm": mm, "addr": addr,
+                                                       "length": op["npages"] * self.ps, "mode": 0o666},
+                                       timeout / 3)
+        if not ok:
+            return ok, res, err
+        segid = res["segid"]
+        self.segids[op["seg"]] = (segid, owner, seen[0] if seen is not None and seen[1] else None)
+        self.report.xpmem_shared += 1
+        attached = 0
+        for aid, node in op["atts"]:
+            spec = {**op, "op": "xpmem_attach", "att": aid, "node": node, "write": True, "shared": op["seg"]}
+            seen = self.epochs.get(node)
+            before = seen[0] if seen is not None and seen[1] else None
+            got = await self.call(lane, "xpmem", {"node": node, "op": "get", "segid": segid, "write": True},
+                                  timeout / 3)
+            if not got[0]:
+                continue
+            result = await self.call(lane, "xpmem", {"node": node, "op": "attach", "apid": got[1]["apid"],
+                                                     "length": op["npages"] * self.ps}, timeout / 3)
+            if result[1] == "TIMEOUT":
+                self.unknown_attach += 1
+            if result[0]:
+                attached += 1
+                self.att_spec[aid] = spec
+                self._gens += 1
+                self.att_gen[aid] = self._gens
+                self.gen_epoch[self._gens] = before
+                self._made[self._gens] = (node, before)
+                self.atts[aid] = (result[1]["vaddr"], op["page"])
+        return True, {"segid": segid, "attached": attached}, ""
+
+    def check_dead(self, op: dict[str, Any], res: tuple[bool, Any, str]) -> None:
+        """An access through an attachment of a segment whose remove
+        completed: it must fail (ENOENT, the kernel's SIGBUS from
+        ``xpmem_ensure_valid_PFN``; EFAULT once detached), never succeed --
+        in the session it was attached in (a later session may have a new
+        attachment at the same address)."""
+        ok, errno, err = res
+        if errno == "SKIPPED":
+            return
+        self.report.dead_accesses += 1
+        if ok:
+            if self._current(op["att"]):
+                self.violation("unexpected", f"{_short(op)} read through an attachment of a removed segment")
+        elif errno in ("ENOENT", "EFAULT"):
+            self.report.dead_refused += 1
+        elif errno == "ESTALE":
+            self.violation("stale_accesses", f"{_short(op)}: {err}")
+        elif errno in SESSION_ERRNOS:
+            self.report.node_errors += 1
+        else:
+            self.violation("unexpected", f"{_short(op)} failed: {errno} {err}")
 
     async def reattach(self, lane: int, att: int, timeout: float) -> tuple[bool, Any, str]:
         """The attachment ``att`` went with an earlier session of its node:
@@ -1313,6 +1518,13 @@ class Soak:
             self.violation("stale_accesses", f"{_short(op)}: {err}")
         elif errno in SESSION_ERRNOS:
             self.report.node_errors += 1
+        elif errno in ("ENOENT", "EFAULT") and self._segment_may_be_gone(op):
+            self.report.node_errors += 1
+        elif errno == "EACCES" and (op.get("removing") or op.get("att") in self._removing):
+            # A fault racing the remove: its GUP reaches the host after the
+            # permit went, which refuses the pin (broker/core.py _gup_fast:
+            # EACCES; hpc/xpmem would fail it ENOENT, the segment destroying)
+            self.report.node_errors += 1
         elif errno in DENIAL_ERRNOS:
             if self._may_deny(op, mutated):
                 self.report.node_errors += 1
@@ -1322,6 +1534,21 @@ class Soak:
                                                                       if op["op"].startswith("xpmem") else ""))
         else:
             self.violation("unexpected", f"{_short(op)} failed: {errno} {err}")
+
+    def _segment_may_be_gone(self, op: dict[str, Any]) -> bool:
+        """An access through a shared segment's attachment may find it
+        removed: removed in this group (in flight), or its owner's session
+        ended (its segments go with it), or may have."""
+        if op.get("removing") or op.get("att") in self._removing:
+            return True
+        seg = self.att_spec.get(op.get("att", -1), {}).get("shared")
+        if seg is None:
+            return False
+        made = self.segids.get(seg)
+        if made is None or made[2] is None:
+            return True
+        owner = made[1]
+        return self.epochs.get(owner) != (made[2], True) or bool(self._targets[owner])
 
     def _accessible(self, key: tuple[int, int, int], write: bool) -> bool:
         if key not in self.pages:
@@ -1373,6 +1600,14 @@ class Soak:
                     touched.add(k)
                     del self.pages[k]
             return touched
+        if kind in ("xpmem_share", "xpmem_remove"):
+            if not res[0] and res[1] != "SKIPPED":
+                self._node_failed(op, res)
+            elif kind == "xpmem_remove" and res[0]:
+                self.report.xpmem_removed += 1
+            return touched
+        if kind == "xpmem_dead":
+            return touched  # checked by check_dead
         if kind in ("xpmem_attach",):
             if res[0] and not op["write"]:
                 self.violation("unexpected", f"{_short(op)} attached a read-only permit (xpmem_attach validates "
@@ -1529,8 +1764,14 @@ class Soak:
             op = {"op": "host_read", "mm": sid, "rid": rid, "page": page, "offset": 0, "length": self.ps}
             res = await self.execute(0, op, 10.0)
             self.check_read(op, res, {}, set())
+        await self.detach_all()
         ok, st, _ = await self.call(0, "status", {}, 10.0)
         if ok:
+            c = st["counters"]
+            self.report.pages_pinned, self.report.pages_unpinned = c.get("pages_pinned", 0), c.get("pages_unpinned", 0)
+            if self.report.pages_pinned != self.report.pages_unpinned and not self.unknown_attach:
+                self.violation("pins_leaked", f"every attachment detached, the host counts {self.report.pages_pinned}"
+                                              f" pages pinned, {self.report.pages_unpinned} unpinned")
             f, r, s = self.prior  # of the hosts the soak crashed
             self.report.stale_accesses = max(self.report.stale_accesses, s + st["stale_accesses"])
             c = st["counters"]
@@ -1538,6 +1779,21 @@ class Soak:
             self.report.nodes_fenced = f + c.get("fences", 0) - self.counts0[0]
             self.report.nodes_recovered = r + c.get("registrations", 0) - self.counts0[1]
             self.final_status = st
+
+
+    async def detach_all(self) -> None:
+        """Detach every attachment the shadow says is there (made in the
+        node's current session), and release nothing more: a detach unpins
+        what it mapped (``xpmem_detach_att``), so afterwards the host's
+        pinned and unpinned page counts must agree."""
+        await self.refresh_epochs()
+        for aid, (vaddr, _) in sorted(self.atts.items()):
+            if aid in self.att_spec and self._current(aid):
+                node = self.att_spec[aid]["node"]
+                res = await self.call(0, "xpmem", {"node": node, "op": "detach", "addr": vaddr}, 10.0)
+                if not res[0]:
+                    self.violation("unexpected", f"detach of att {aid} on {node} at the end: {res[1]} {res[2]}")
+        self.atts.clear()
 
 
 def segments(op: dict[str, Any], ps: int) -> list[tuple[int, int, int, int]]:
@@ -1665,6 +1921,9 @@ def run(ns: argparse.Namespace) -> int:
         print(f"xpmem reads ok {report.xpmem_reads_ok}/{report.xpmem_reads}, writes ok "
               f"{report.xpmem_writes_ok}/{report.xpmem_writes}; attached again after a fence {report.reattached}; "
               f"all nodes live {report.recovery_s}s after the final heal")
+        print(f"xpmem segments shared {report.xpmem_shared}, removed with importers {report.xpmem_removed}; "
+              f"accesses after a remove refused {report.dead_refused}/{report.dead_accesses}; pages pinned "
+              f"{report.pages_pinned} unpinned {report.pages_unpinned} (all detached)")
         print(f"connections reset {report.resets}" + (f" ({report.resets_unavailable} not allowed here: ss -K "
                                                        "needs CAP_NET_ADMIN)" if report.resets_unavailable else "")
               + f", host pauses {report.host_pauses}, host crashes {report.host_crashes}"
@@ -1672,7 +1931,7 @@ def run(ns: argparse.Namespace) -> int:
         print(f"stale_accesses {report.stale_accesses}  lost_writes {report.lost_writes}  "
               f"wrong_reads {report.wrong_reads}  wrong_errors {report.wrong_errors}  unexpected {report.unexpected}  "
               f"unrecovered {report.unrecovered}  paused_fences {report.paused_fences}  "
-              f"not_restarted {report.not_restarted}  late {report.late}")
+              f"not_restarted {report.not_restarted}  late {report.late}  pins_leaked {report.pins_leaked}")
         if s:
             print(f"slowest: {s['op']} {s['took_s']}s of its {s['deadline_s']}s deadline")
         for v in report.violations[:20]:

@@ -81,8 +81,47 @@ def test_xpmem_operations_are_planned_only_on_attachments_that_can_exist() -> No
     schedule = plan(1, 5000, node_names(6), 0.05)
     attaches = {op["att"]: op for group in schedule for op in group if op["op"] == "xpmem_attach"}
     assert sum(not op["write"] for op in attaches.values()) >= 10
+    shared = {aid for group in schedule for op in group if op["op"] == "xpmem_share" for aid, _ in op["atts"]}
     used = [op for group in schedule for op in group if op["op"] in ("xpmem_read", "xpmem_write", "xpmem_detach")]
-    assert len(used) > 300 and all(attaches[op["att"]]["write"] for op in used)
+    assert len(used) > 300 and all(op["att"] in shared or attaches[op["att"]]["write"] for op in used)
+
+
+def test_removes_of_shared_segments_are_planned_with_reads_in_flight_and_accesses_after() -> None:
+    """A segment one xpmem node makes and both xpmem nodes attach
+    (``xpmem_share``) is removed with reads through its attachments in the
+    same group; afterwards accesses through them (``xpmem_dead``, which must
+    fail) are planned, and no read, write or detach as if they were still
+    there.  Swap and migrate are aimed at attached pages now and then.  With
+    one xpmem node, it attaches a shared segment twice."""
+    schedule = plan(1, 5000, node_names(6), 0.05)
+    shares = {op["seg"]: op for group in schedule for op in group if op["op"] == "xpmem_share"}
+    assert len(shares) >= 30
+    assert sum(len({node for _, node in op["atts"]}) == 2 for op in shares.values()) >= 10
+    removed: set[int] = set()
+    in_flight = 0
+    for group in schedule:
+        for op in group:
+            if op["op"] == "xpmem_remove":
+                assert op["node"] == shares[op["seg"]]["node"] and op["atts"]
+                assert set(op["atts"]) <= {aid for aid, _ in shares[op["seg"]]["atts"]}
+                flight = [o for o in group if o.get("removing") == op["seg"]]
+                assert all(o["att"] in op["atts"] for o in flight)
+                in_flight += len(flight)
+                removed |= set(op["atts"])
+            elif op["op"] == "xpmem_dead":
+                assert op["att"] in removed
+            elif op["op"] in ("xpmem_read", "xpmem_write", "xpmem_detach") and not op.get("removing"):
+                assert op["att"] not in removed
+    assert len(removed) >= 20 and in_flight >= 10
+    assert sum(op["op"] == "xpmem_dead" for group in schedule for op in group) >= 20
+    spans = {(op["mm"], op["rid"], op["page"], op["npages"]) for op in shares.values()}
+    aimed = [op for group in schedule for op in group if op["op"] in ("swap", "migrate")
+             and (op["mm"], op["rid"], op["page"], op["npages"]) in spans]
+    assert len(aimed) >= 20
+    one = plan(2, 3000, node_names(5), 0.03)
+    assert any(op["op"] == "xpmem_share" and op["atts"][0][1] == op["atts"][1][1] == "xpmem0"
+               for group in one for op in group)
+    assert any(op["op"] == "xpmem_remove" for group in one for op in group)
 
 
 def test_a_host_crash_in_the_schedule_starts_it_over_on_new_mms() -> None:
@@ -118,6 +157,10 @@ async def test_a_ci_soak_with_failures_that_fence_several_nodes_finds_nothing(tm
     report = await soak(11, 3000, 5, 0.03, logs=tmp_path, curve=True)
     summary = {k: v for k, v in report.__dict__.items() if k != "violations"}
     assert report.ok(), (summary, report.violations)
+    # shared segments removed with their importers' accesses refused after;
+    # every attachment detached at the end, the host's pins all given back
+    assert report.xpmem_removed >= 3 and report.dead_refused >= 1, summary
+    assert report.pages_pinned == report.pages_unpinned > 0 and report.pins_leaked == 0, summary
     assert report.ops >= 3000 and report.injected >= 50
     assert report.nodes_fenced >= 5 and report.nodes_recovered >= 5, summary
     assert report.resets >= 5 and report.resets_unavailable == 0, summary
@@ -155,6 +198,36 @@ def test_a_node_that_acks_before_it_zaps_fails_the_soak(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(proc.stdout)["schedule_digest"] == report["schedule_digest"]
+
+
+@pytest.mark.integration
+def test_an_importer_that_keeps_its_attachment_after_remove_fails_the_soak(tmp_path: Path) -> None:
+    """The soak against a build whose xpmem nodes ack a remove of a segment
+    they import and go on using their attachments of it
+    (``MMN_TEST_BROKEN=keeps-attachments-on-remove``): the soak's shared
+    segments (one node makes, both xpmem nodes attach) are removed with
+    importers, and the accesses through them afterwards reach the owner's
+    pages on a permit that is gone; the oracle counts them stale and ``mmn
+    soak`` exits non-zero.  The correct build passes the same schedule, every
+    such access refused, and the host's pinned == unpinned at the end."""
+    site = ROOT / "tests" / "broken_site"
+    env = {**os.environ, "MMN_TEST_BROKEN": "keeps-attachments-on-remove",
+           "PYTHONPATH": os.pathsep.join((str(site), str(ROOT)))}
+    argv = [sys.executable, "-m", "mmn", "soak", "--seed", "7", "--ops", "2000", "--nodes", "6", "--faults", "0",
+            "--json"]
+    proc = subprocess.run([*argv, "--logs", str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and report["stale_accesses"] > 0 and report["xpmem_removed"] > 0, report
+    assert any(v.startswith("stale_accesses") for v in report["violations"])
+    env.pop("MMN_TEST_BROKEN")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    good = json.loads(proc.stdout)
+    assert good["schedule_digest"] == report["schedule_digest"]
+    assert good["xpmem_removed"] > 0 and good["dead_refused"] > 0, good
+    assert good["pages_pinned"] == good["pages_unpinned"] > 0, good
 
 
 # --------------------------------------------------------------------------
