@@ -206,10 +206,14 @@ def test_an_importer_that_keeps_its_attachment_after_remove_fails_the_soak(tmp_p
     they import and go on using their attachments of it
     (``MMN_TEST_BROKEN=keeps-attachments-on-remove``): the soak's shared
     segments (one node makes, both xpmem nodes attach) are removed with
-    importers, and the accesses through them afterwards reach the owner's
-    pages on a permit that is gone; the oracle counts them stale and ``mmn
-    soak`` exits non-zero.  The correct build passes the same schedule, every
-    such access refused, and the host's pinned == unpinned at the end."""
+    importers, and the accesses through them afterwards reach for the owner's
+    pages on a permit that is gone.  The host catches each one: a DMA through
+    the kept translation is a stale access (the oracle), a re-pin of a page
+    it unpinned is refused (EACCES, no permit covers it) -- which of the two
+    depends on timing, so the test asks for either on the accesses after
+    the remove -- and ``mmn soak`` exits non-zero.  The correct build passes
+    the same schedule, every such access refused, and the host's pinned ==
+    unpinned at the end."""
     site = ROOT / "tests" / "broken_site"
     env = {**os.environ, "MMN_TEST_BROKEN": "keeps-attachments-on-remove",
            "PYTHONPATH": os.pathsep.join((str(site), str(ROOT)))}
@@ -219,8 +223,11 @@ def test_an_importer_that_keeps_its_attachment_after_remove_fails_the_soak(tmp_p
                           timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    assert report["ok"] is False and report["stale_accesses"] > 0 and report["xpmem_removed"] > 0, report
-    assert any(v.startswith("stale_accesses") for v in report["violations"])
+    assert report["ok"] is False and report["xpmem_removed"] > 0, report
+    caught = [v for v in report["violations"]
+              if v.startswith("stale_accesses") or v.startswith("unexpected: op=xpmem_dead")]
+    assert caught, report["violations"]
+    assert report["stale_accesses"] > 0 or any("no xpmem permit covers" in v for v in caught), caught
     env.pop("MMN_TEST_BROKEN")
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
