@@ -661,17 +661,12 @@ class SecondaryMMU:
         f.request = self.next_id()
         self._pending[f.request] = f
         self.counters["gups"] += 1
-        return [
-            Gup(
-                id=f.request,
-                epoch=self.epoch,
-                mm=f.mm,
-                addr=f.addr,
-                npages=f.npages,
-                write=f.write,
-                pin=f.pin,
-            )
-        ]
+        return [self._gup_request(f, state)]
+
+    def _gup_request(self, f: Fault, state: MmState) -> Message:
+        """The request a begun fault sends (``f.request`` is its id): a
+        ``Gup``; the hmm kind asks ``hmm_range_fault`` (or migrates) instead."""
+        return Gup(id=f.request, epoch=self.epoch, mm=f.mm, addr=f.addr, npages=f.npages, write=f.write, pin=f.pin)
 
     def _gup_reply(self, f: Fault, reply: Message) -> list[Output]:
         if f.fire(FaultEvent.REPLY) is FaultState.FAILED:

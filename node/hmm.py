@@ -411,33 +411,16 @@ class HmmMMU(SecondaryMMU):
             return True
         return state.invalidate_seq != f.seq
 
-    def _fault_begin(self, f: Fault) -> list[Output]:
-        state = self._mm(f.mm)
+    def _gup_request(self, f: Fault, state: MmState) -> Message:
         assert isinstance(state, HmmMm)
-        if not state.subscribed:
-            f.fire(FaultEvent.SUBSCRIBE)
-            state.subscribing.append(f)
-            return self._send_subscribe(state)
-        seq = self.read_begin(state, f)
-        if seq is None:
-            f.fire(FaultEvent.PARK)
-            state.parked.append(f)
-            return []
-        f.fire(FaultEvent.SEND_GUP)
-        f.seq = seq
-        f.request = self.next_id()
-        self._pending[f.request] = f
-        self.counters["gups"] += 1
         if f.context == EXCLUSIVE:
-            return [HmmExclusive(id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
-                                 npages=f.npages)]
+            return HmmExclusive(id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
+                                npages=f.npages)
         if f.context in (MIGRATE_TO_DEV, MIGRATE_TO_SYS):
-            return [HmmMigrate(id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
-                               npages=f.npages, to_sys=f.context == MIGRATE_TO_SYS)]
-        return [HmmRangeFault(
-            id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
-            npages=f.npages, write=f.write, fault=f.context != SNAPSHOT,
-        )]
+            return HmmMigrate(id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
+                              npages=f.npages, to_sys=f.context == MIGRATE_TO_SYS)
+        return HmmRangeFault(id=f.request, epoch=self.epoch, mm=f.mm, interval=state.interval, addr=f.addr,
+                             npages=f.npages, write=f.write, fault=f.context != SNAPSHOT)
 
     def _range_fault_reply(self, f: Fault, reply: HmmRangeFaultReply) -> list[Output]:
         if f.fire(FaultEvent.REPLY) is FaultState.FAILED:
