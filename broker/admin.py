@@ -91,8 +91,7 @@ def status(core: Any, mm: int | None = None, node: str | None = None, cursor: st
             # end of them: an empty page with no cursor would end the caller's
             # walk early.  Say so; the same cursor asks again.
             if result is not None and result.errno:
-                raise KernelError(Errno[result.errno] if result.errno in Errno.__members__ else Errno.EIO,
-                                  f"{s.name}: {result.error or result.errno}")
+                raise KernelError(result.errno, f"{s.name}: {result.error or result.errno}")  # as _relay does
             raise KernelError(Errno.ETIMEDOUT, f"{s.name} did not send its status page in time; "
                                                "ask again with the same cursor")
         if report:
