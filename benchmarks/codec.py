@@ -47,6 +47,8 @@ from protocol.codec import _decode_reference, _encode_reference, _fast_path  # n
 from protocol.messages import (  # noqa: E402
     Ack,
     ChangePte,
+    Command,
+    CommandResult,
     DmaRead,
     DmaReply,
     Gup,
@@ -60,7 +62,9 @@ from protocol.messages import (  # noqa: E402
 A = 0x7F00_0000_0000
 #: The hot path: one invalidation (start -> ack -> end), a change_pte, a
 #: fault (gup -> gup_reply, one page and fault-around's 16), a DMA access, a
-#: heartbeat.
+#: heartbeat, and a relayed fault's command and result (free-form maps: the
+#: msgspec candidate decodes them on the fast path but encodes them with
+#: msgpack, as ``protocol.encode`` does).
 MESSAGES: list[tuple[str, Message]] = [
     ("invalidate_range_start", InvalidateRangeStart(id=1 << 20, mm=3, start=A, end=A + (16 << 12), event="UNMAP")),
     ("ack", Ack(ref=1 << 20)),
@@ -72,6 +76,9 @@ MESSAGES: list[tuple[str, Message]] = [
     ("dma_read", DmaRead(id=77_001, epoch=2, mm=3, addr=A, pfn=123_456, offset=64, length=64)),
     ("dma_reply (64 B)", DmaReply(ref=77_001, data=bytes(range(64)))),
     ("heartbeat", Heartbeat(id=9, epoch=2, incarnation="0f" * 16)),
+    # a relayed fault: the host's Command, the node's CommandResult
+    ("command (fault)", Command(id=77_002, command="fault", args={"mm": 3, "addr": A, "pages": 1, "write": True})),
+    ("command_result (fault)", CommandResult(ref=77_002, ok=True, result={"mm": 3, "addr": A, "pages": [[A, 123_456, 1]]})),
 ]
 CANDIDATES = ("msgpack", "msgspec", "struct")
 LIMITS = Limits()

@@ -7,14 +7,17 @@ address or range, too deep a nesting.  Nothing is half-decoded.
 
 Two decoders, one contract.  The *reference* decoder (``_decode_reference``:
 msgpack, then every rule checked in Python) decides every frame it sees and
-names what is wrong with a frame.  The *fast path* (msgspec, in C) sees the
-frames of the message types without free-form map fields first: a
-``msgspec.Struct`` per type, generated from the dataclass schema and the
-limits (``forbid_unknown_fields``, the tag and version as literals, ``Meta``
-bounds for addresses, counts, strings and lists), validates the frame; the
-frame is then decoded into the message dataclass itself.  Whatever the fast
+names what is wrong with a frame.  The *fast path* (msgspec, in C) sees
+every frame first: a ``msgspec.Struct`` per type, generated from the
+dataclass schema and the limits (``forbid_unknown_fields``, the tag and
+version as literals, ``Meta`` bounds for addresses, counts, strings and
+lists; the free-form maps of the relayed commands, the admin channel and
+events as JSON-like values nested at most ``max_depth``, string keys,
+``max_items`` per container), validates the frame; the frame is then decoded
+into the message dataclass itself.  Whatever the fast
 path refuses -- and every frame it is not sure to decide exactly as the
-reference would (large frames, maps that are not fixmaps, other types) -- goes
+reference would (large frames, maps that are not fixmaps, a free-form map
+holding bytes or longer than ``max_values`` bytes) -- goes
 to the reference decoder, so every error, its code and its ``ref`` come from
 one place, and the fast path only ever accepts what the reference accepts,
 with the same result (``tests/test_codec.py`` checks the two against each
@@ -344,12 +347,19 @@ def _decode_reference(frame: bytes, limits: Limits) -> Message:
 # --------------------------------------------------------------------------
 # the fast path (msgspec)
 
-#: Types whose every field has a fixed shape; the others (free-form ``args``,
-#: ``result``, ``fields`` maps) are decoded by the reference decoder only.
+#: Types the fast path decodes: every one but those with a ``float`` field
+#: (none today).  The free-form maps (``args``, ``result``, ``fields`` of
+#: ``command``, ``command_result``, the admin request and reply, ``event``)
+#: are typed as JSON-like values nested at most ``max_depth`` (see
+#: :func:`_json_like_type`); a frame whose map holds anything else (bytes,
+#: an ext, a non-string key...) is left to the reference.
 _FAST_TYPES: tuple[type[Message], ...] = tuple(
-    cls for tag, cls in REGISTRY.items() if all(f.kind not in ("dict", "float") for f in _SCHEMAS[tag])
+    cls for tag, cls in REGISTRY.items() if all(f.kind != "float" for f in _SCHEMAS[tag])
 )
 _RANGE_TYPES = frozenset(cls for cls in _FAST_TYPES if {"start", "end"} <= set(cls.ADDRESSES))
+_FREE_FORM_TYPES = frozenset(cls for cls in _FAST_TYPES if any(f.kind == "dict" for f in _SCHEMAS[cls.TYPE]))
+#: How the fast path finishes a validated frame of each kind of type.
+_PLAIN, _RANGED, _FREE_FORM = 0, 1, 2
 _ENCODER = msgspec.msgpack.Encoder()
 #: The message dataclass decoders: msgspec decodes a frame straight into the
 #: dataclass (ignoring ``v`` and ``t``) once the Struct has validated it.
@@ -364,7 +374,12 @@ def _fast_prefix(cls: type[Message]) -> bytes:
     return bytes([0x80 | count]) + head
 
 
-_FAST_PREFIX: dict[type[Message], bytes] = {cls: _fast_prefix(cls) for cls in _FAST_TYPES}
+#: Encoded with msgspec: the fixed-shape types.  The free-form ones keep
+#: msgpack (msgspec would also write what msgpack refuses -- sets, enums,
+#: datetimes -- and the frames must stay the reference's bytes).
+_FAST_PREFIX: dict[type[Message], bytes] = {
+    cls: _fast_prefix(cls) for cls in _FAST_TYPES if cls not in _FREE_FORM_TYPES
+}
 
 
 def _fast_annotation(cls: type[Message], f: _Field, limits: Limits) -> Any:
@@ -395,14 +410,49 @@ def _fast_annotation(cls: type[Message], f: _Field, limits: Limits) -> Any:
         return Annotated[list[string], msgspec.Meta(max_length=limits.max_items)]
     if kind == "list_list_int":
         return Annotated[list[Annotated[list[int], msgspec.Meta(max_length=8)]], msgspec.Meta(max_length=limits.max_items)]
+    if kind == "dict":
+        return _json_like_type(limits)
     raise TypeError(f"no fast-path type for {cls.__name__}.{name}")  # pragma: no cover
+
+
+def _json_like_type(limits: Limits) -> Any:
+    """The msgspec type of a free-form map field: what ``_check_json_like``
+    accepts, less bytes (a union holds one str-like type; a map with bytes
+    goes to the reference).
+
+    The field's map is at depth 1, a value in it at depth 2; nothing may sit
+    deeper than ``max_depth``, so a container at ``max_depth`` is empty.
+    Every container holds at most ``max_items``; string keys only, at every
+    level; integers are MessagePack's (within int64..uint64).  The one rule
+    not expressible here, at most ``max_values`` values, holds for any frame
+    of at most ``max_values`` bytes (a value takes a byte): :func:`decode`
+    lets only those through."""
+
+    def container(depth: int) -> tuple[Any, Any]:
+        if depth >= limits.max_depth:
+            empty = msgspec.Meta(max_length=0)
+            return Annotated[list[Any], empty], Annotated[dict[str, Any], empty]
+        inner = value(depth + 1)
+        bound = msgspec.Meta(max_length=limits.max_items)
+        return Annotated[list[inner], bound], Annotated[dict[str, inner], bound]  # type: ignore[valid-type]
+
+    def value(depth: int) -> Any:
+        array, table = container(depth)
+        return typing.Union[None, bool, int, float, str, array, table]  # noqa: UP007
+
+    return container(1)[1]
 
 
 def _fast_struct(cls: type[Message], limits: Limits) -> type[msgspec.Struct]:
     fields: list[Any] = [("v", Literal[PROTOCOL_VERSION])]
     for dc_field, f in zip(dataclasses.fields(cls), _SCHEMAS[cls.TYPE], strict=False):
         annotation = _fast_annotation(cls, f, limits)
-        fields.append((f.name, annotation) if f.required else (f.name, annotation, dc_field.default))
+        if f.required:
+            fields.append((f.name, annotation))
+        elif dc_field.default_factory is not dataclasses.MISSING:
+            fields.append((f.name, annotation, msgspec.field(default_factory=dc_field.default_factory)))
+        else:
+            fields.append((f.name, annotation, dc_field.default))
     return msgspec.defstruct(
         f"_{cls.__name__}Frame", fields, tag_field="t", tag=cls.TYPE, forbid_unknown_fields=True, kw_only=True
     )
@@ -412,12 +462,14 @@ class _FastPath(typing.NamedTuple):
     limits: Limits
     #: The Struct union validating frames under ``limits``.
     validator: msgspec.msgpack.Decoder
-    #: Struct type -> (the message dataclass's decoder, whether it is a range).
-    targets: dict[type, tuple[msgspec.msgpack.Decoder, bool]]
+    #: Struct type -> (the message dataclass's decoder, _PLAIN / _RANGED / _FREE_FORM).
+    targets: dict[type, tuple[msgspec.msgpack.Decoder, int]]
     #: Frames up to this many bytes may take the fast path...
     max_size: int
-    #: ... if their first byte (a fixmap header) is at most this.
+    #: ... if their first byte (a fixmap header) is at most this...
     max_head: int
+    #: ... and, for a free-form type, if they are at most this long.
+    max_free_form: int
 
 
 def _fast_path(limits: Limits) -> _FastPath:
@@ -426,18 +478,23 @@ def _fast_path(limits: Limits) -> _FastPath:
     Structs are shared by every Limits with the same bounds."""
     fast = _FAST_PATHS.get(id(limits))
     if fast is None or fast.limits is not limits:
-        bounds = (limits.max_string, limits.max_items, limits.max_pages)
+        bounds = (limits.max_string, limits.max_items, limits.max_pages, limits.max_depth)
         union = _UNIONS.get(bounds)
         if union is None:
-            structs = {_fast_struct(cls, limits): cls for cls in _FAST_TYPES}
+            # A map field needs max_depth >= 1 (the map itself is at depth 1).
+            types = [c for c in _FAST_TYPES if limits.max_depth >= 1 or c not in _FREE_FORM_TYPES]
+            structs = {_fast_struct(cls, limits): cls for cls in types}
             union = (
                 msgspec.msgpack.Decoder(typing.Union[tuple(structs)]),  # noqa: UP007
-                {s: (_DATACLASS_DECODERS[cls], cls in _RANGE_TYPES) for s, cls in structs.items()},
+                {s: (_DATACLASS_DECODERS[cls],
+                     _RANGED if cls in _RANGE_TYPES else _FREE_FORM if cls in _FREE_FORM_TYPES else _PLAIN)
+                 for s, cls in structs.items()},
             )
             if len(_UNIONS) >= 16:
                 _UNIONS.clear()
             _UNIONS[bounds] = union
-        fast = _FastPath(limits, *union, min(limits.max_containers, limits.max_frame), 0x80 + min(15, limits.max_items))
+        max_size = min(limits.max_containers, limits.max_frame)
+        fast = _FastPath(limits, *union, max_size, 0x80 + min(15, limits.max_items), min(max_size, limits.max_values))
         if len(_FAST_PATHS) >= 64:  # Limits made per call: keep the memory bounded
             _FAST_PATHS.clear()
         _FAST_PATHS[id(limits)] = fast  # holds ``limits``: its id is not reused
@@ -445,7 +502,7 @@ def _fast_path(limits: Limits) -> _FastPath:
 
 
 _FAST_PATHS: dict[int, _FastPath] = {}
-_UNIONS: dict[tuple[int, int, int], tuple[msgspec.msgpack.Decoder, dict[type, tuple[msgspec.msgpack.Decoder, bool]]]] = {}
+_UNIONS: dict[tuple[int, ...], tuple[msgspec.msgpack.Decoder, dict[type, tuple[msgspec.msgpack.Decoder, int]]]] = {}
 _DEFAULT_LIMITS = Limits()
 _FRAME_TYPES = (bytes, bytearray)
 #: msgspec skips an unknown value recursively: deep nesting raises RecursionError.
@@ -471,8 +528,9 @@ def decode(frame: bytes, limits: Limits | None = None) -> Message:
     if type(frame) in _FRAME_TYPES and 0 < len(frame) <= fast.max_size and 0x80 <= frame[0] <= fast.max_head:
         try:
             checked = fast.validator.decode(frame)
-            target, ranged = fast.targets[type(checked)]
-            if not ranged or checked.start < checked.end:
+            target, kind = fast.targets[type(checked)]
+            if kind == _PLAIN or (checked.start < checked.end if kind == _RANGED
+                                  else len(frame) <= fast.max_free_form):
                 return target.decode(frame)
         except _FAST_ERRORS:
             pass

@@ -16,6 +16,7 @@ import random
 import typing
 from typing import Any
 
+import hypothesis
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,8 +24,8 @@ from hypothesis import strategies as st
 from test_protocol import any_message, body_of, message_strategy, msgpack_values, next_valid
 
 from protocol import ADDRESS_LIMIT, REGISTRY, Limits, Message, ProtocolError, decode, encode
-from protocol.codec import _FAST_TYPES, _decode_reference, _encode_reference
-from protocol.messages import GupReply, InvalidateRangeStart, Register, Unpin
+from protocol.codec import _FAST_PREFIX, _FAST_TYPES, _FREE_FORM_TYPES, _decode_reference, _encode_reference
+from protocol.messages import Command, CommandResult, Event, GupReply, InvalidateRangeStart, Register, Unpin
 
 CHECK = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 #: Small limits, so that frames at and just past every bound are cheap to make.
@@ -67,12 +68,19 @@ def test_encode_writes_the_reference_bytes(msg: Message) -> None:
     assert encode(msg) == _encode_reference(msg)
 
 
-def test_fast_types_are_the_fixed_shape_ones() -> None:
-    """Free-form maps stay with msgpack both ways; the hot path is in."""
+def test_fast_types_are_every_type_and_free_form_ones_encode_with_msgpack() -> None:
+    """The hot path and the relayed command's messages decode on the fast
+    path; the free-form ones are still written by msgpack (msgspec would
+    also write sets, enums, datetimes that msgpack refuses)."""
     tags = {c.TYPE for c in _FAST_TYPES}
     assert {"invalidate_range_start", "invalidate_range_end", "ack", "change_pte", "gup", "gup_reply",
             "dma_read", "dma_reply", "heartbeat"} <= tags
-    assert not tags & {"command", "command_result", "admin_request", "admin_reply", "event"}
+    free_form = {"command", "command_result", "admin_request", "admin_reply", "event"}
+    assert free_form <= tags
+    assert {c.TYPE for c in _FREE_FORM_TYPES} == free_form
+    assert not free_form & {c.TYPE for c in _FAST_PREFIX}
+    with pytest.raises(TypeError):
+        encode(Command(id=1, command="status", args={"x": {1, 2}}))
 
 
 # --------------------------------------------------------------------------
@@ -150,7 +158,34 @@ def boundary_values(cls: type[Message], name: str, ann: Any) -> list[Any]:
         return [["a"] * TIGHT.max_items, ["a"] * (TIGHT.max_items + 1), ["x" * (TIGHT.max_string + 1)], [b"a"]]
     if ann == list[list[int]]:
         return [[[1] * 8], [[1] * 9], [[1, 2, 3]] * TIGHT.max_items, [[1]] * (TIGHT.max_items + 1), [[True]], [[]]]
+    if typing.get_origin(ann) is dict:
+        return free_form_values()
     raise AssertionError(ann)
+
+
+def nested(depth: int, leaf: Any, kind: str = "dict") -> Any:
+    """A value whose innermost ``leaf`` sits ``depth`` levels below the field's map."""
+    for _ in range(depth):
+        leaf = {"k": leaf} if kind == "dict" else [leaf]
+    return leaf
+
+
+def free_form_values() -> list[Any]:
+    """Maps at and just past every bound ``_check_json_like`` sets (depth,
+    items, keys, value types), and what msgpack refuses to pack is left out."""
+    deepest = TIGHT.max_depth - 1  # the field's map is depth 1
+    out: list[Any] = [{}, {"a": 1}, {"a": None, "b": True, "c": -(1 << 63), "d": (1 << 64) - 1, "e": 1.5, "f": "x"}]
+    for kind in ("dict", "list"):
+        for leaf in (1, [], {}, [1], {"k": 1}, None):
+            out += [{"n": nested(deepest - 1, leaf, kind)}, {"n": nested(deepest, leaf, kind)},
+                    {"n": nested(deepest + 1, leaf, kind)}]
+    out += [{"a": [1] * TIGHT.max_items}, {"a": [1] * (TIGHT.max_items + 1)},
+            {str(i): i for i in range(TIGHT.max_items)}, {str(i): i for i in range(TIGHT.max_items + 1)},
+            {"a": {str(i): i for i in range(TIGHT.max_items + 1)}},
+            {"a": b"bytes"}, {"a": [b"x"]}, {"a": {1: 2}}, {"a": {b"k": 2}}, {"a": {None: 1}},
+            {"a": msgpack.ExtType(1, b"x")}, {1: 1}, {"a": "x" * (TIGHT.max_string + 1)},
+            {"a": float("inf")}, [], [1], "x", 1, None]
+    return out
 
 
 BOUNDARY_CASES = [
@@ -224,11 +259,22 @@ def test_real_frame_mutants_agree() -> None:
             assert_agree(bytes(b))
 
 
-@settings(max_examples=200, deadline=None)
+def holds_bytes(value: Any) -> bool:
+    if isinstance(value, bytes):
+        return True
+    if isinstance(value, dict):
+        return any(holds_bytes(v) for v in value.values())
+    return isinstance(value, list) and any(holds_bytes(v) for v in value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(fast_message)
 def test_valid_frames_of_fast_types_never_reach_the_reference(msg: Message) -> None:
     """Otherwise the fast path would be silently dead (e.g. a msgspec that
-    changed what it accepts): only slower, every other test still green."""
+    changed what it accepts): only slower, every other test still green.
+    (A free-form map holding bytes is the reference's: see ``_json_like_type``.)"""
+    hypothesis.assume(not (type(msg) in _FREE_FORM_TYPES
+                           and any(holds_bytes(getattr(msg, f.name)) for f in dataclasses.fields(msg))))
     frame = encode(msg)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("protocol.codec._decode_reference", lambda *a: pytest.fail(f"reference decoded {msg!r}"))
@@ -256,3 +302,32 @@ def test_the_benchmark_runs() -> None:
     for r in rows:
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("msgpack_us", "msgspec_us", "struct_us", "ratio"))
         assert 0 < r["ratio_low"] <= r["ratio_high"]
+
+
+def test_free_form_maps_take_the_fast_path_within_the_value_budget() -> None:
+    """A relayed fault's command and result never reach the reference; a
+    frame longer than ``max_values`` does (it could hold more values than
+    the budget), and the budget's refusal is the reference's."""
+    fault = Command(id=7, command="fault", args={"mm": 3, "addr": 0x7F0000000000, "pages": 1, "write": True})
+    done = CommandResult(ref=7, ok=True, result={"mm": 3, "addr": 0x7F0000000000, "pages": [[0x7F0000000000, 12, 1]]})
+    event = Event(seq=1, kind="fenced", fields={"node": "kvm-1", "why": ["silent", 6]})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("protocol.codec._decode_reference", lambda *a: pytest.fail("reached the reference"))
+        for msg in (fault, done, event):
+            assert decode(encode(msg)) == msg
+    budget = Limits(max_values=20)
+    many = Command(id=8, command="status", args={"a": list(range(25))})
+    assert_agree(encode(many), budget)
+    with pytest.raises(ProtocolError) as info:
+        decode(encode(many), budget)
+    assert info.value.code == "too_large" and info.value.ref == 8
+    few = Command(id=9, command="status", args={"a": list(range(5))})
+    assert_agree(encode(few), budget)
+    assert decode(encode(few), budget) == few
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_free_form_maps_under_a_shallow_depth_limit_agree(depth: int) -> None:
+    limits = Limits(max_depth=depth)
+    for args in ({}, {"a": 1}, {"a": []}, {"a": [1]}, {"a": {}}, {"a": {"b": 1}}):
+        assert_agree(encode(Command(id=1, command="x", args=args)), limits)
