@@ -296,7 +296,7 @@ def test_the_benchmark_runs() -> None:
     assert {(r["message"].split()[0], r["op"]) for r in rows} == {
         (tag, op)
         for tag in ("invalidate_range_start", "ack", "invalidate_range_end", "change_pte", "gup", "gup_reply",
-                    "dma_read", "dma_reply", "heartbeat")
+                    "dma_read", "dma_reply", "heartbeat", "command", "command_result")
         for op in ("encode", "decode")
     }
     for r in rows:
