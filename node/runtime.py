@@ -340,6 +340,11 @@ class NodeRuntime:
         """Send one message to the host, through the injected failures
         (``control``: a control command's result, which passes a partition)."""
         assert self._send is not None
+        if not self.injected and not late:  # the hot path: no failure injected
+            frame = self._frame(msg) if type(msg) is CommandResult else encode(msg)
+            if not self._send_now([frame]):  # (ordering: see below)
+                await self._send.send([frame])
+            return
         if not control and self._active("partition") is not None:
             if isinstance(msg, Heartbeat):
                 self.counters["partition_dropped"] += 1
@@ -551,7 +556,7 @@ class NodeRuntime:
                             async with self._rx:
                                 await self._release_held()
                         continue
-                    if self._holding():
+                    if self.injected and self._holding():
                         self._held_in.append(msg)
                         continue
                     # The hot path: handled and answered in this receive call.
@@ -567,7 +572,8 @@ class NodeRuntime:
                             await self._release_held()
                         self._heard(msg)
                         await self._on_message(msg)
-                        if self._hit(self._active("duplicate")) and not isinstance(msg, (Command, Heartbeat)):
+                        if (self.injected and self._hit(self._active("duplicate"))
+                                and not isinstance(msg, (Command, Heartbeat))):
                             self.counters["duplicated"] += 1
                             await self._on_message(msg)
                     finally:

@@ -17,14 +17,20 @@ Rules that follow, applied everywhere in this module:
 
 1. Every send and receive is ``NOBLOCK``; ``EVENTS`` is read before every
    wait (a receive reads it before even trying) and we wait only if the
-   wanted bit is still clear.
+   wanted bit is still clear.  A ``NOBLOCK`` receive that fails with
+   ``EAGAIN`` counts as such a read: libzmq's EAGAIN path processes the
+   mailbox (``process_commands``) just as ``EVENTS`` does, so a receiver
+   woken by the FD tries the receive at once and, if nothing came, waits again.
 2. Only one task at a time may wait on the FD (trio also refuses two
    ``wait_readable`` on one fd).  Other waiters park on a ``ParkingLot`` and
    re-check ``EVENTS`` whenever the FD waiter wakes.
 3. Every read of ``EVENTS`` (including the one after every send and receive)
-   wakes the parked waiters -- by cancelling the FD waiter's private cancel
-   scope -- when it shows a bit one of them waits for: whoever read it may
-   have eaten their edge.
+   wakes the parked waiters when it shows a bit one of them waits for:
+   whoever read it may have eaten their edge.  The FD waiter waits not on the
+   FD itself but on an epoll set holding the FD and an eventfd of ours
+   (:class:`_WaitSet`); waking it is one write to the eventfd.  (Where there
+   is no epoll, it waits on the FD inside a private cancel scope, and waking
+   it cancels the scope.)
 4. ``trio.lowlevel.notify_closing(fd)`` before the socket is closed, so a task
    parked on the FD gets ``trio.ClosedResourceError`` instead of waiting on a
    closed (and possibly reused) descriptor.
@@ -36,9 +42,12 @@ Rules that follow, applied everywhere in this module:
 Costs measured on the 2-core dev box (``benchmarks/transport_rtt.py``, 64 B
 DEALER -> ROUTER echo between two processes): raw blocking pyzmq ~120 us,
 ZSocket at both ends ~1.7-2.0x that, serve_socket channels at both ends
-~3.2x (each memory-channel hop is another trio wake-up).  The private cancel
-scope that makes rule 3 possible costs ~12 us per wait; without it the
-channels benchmark hangs on a lost wake-up within minutes.
+~3.2x (each memory-channel hop is another trio wake-up).  Rule 3 is what
+keeps the channels benchmark from hanging on a lost wake-up within minutes;
+it used to cost a private cancel scope per wait (~5 us here) and a
+``Cancelled`` raised through trio per wake-up (~18 us above a plain
+reschedule, against ~6 us for the eventfd; 2026-12-02, one trio task waking
+another on this box).
 
 Envelopes: a ROUTER receives and sends ``[identity, payload, ...]``; a DEALER
 ``[payload, ...]``.  No empty delimiter frame on any mmnotify channel.
@@ -67,7 +76,10 @@ import contextlib
 import errno
 import logging
 import math
+import os
+import select
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -343,6 +355,57 @@ _SNDMORE = int(zmq.SNDMORE)
 _SEND_ONLY = frozenset({zmq.PUB, zmq.PUSH})
 
 
+class _WaitSet:
+    """What the one FD waiter parks on: an epoll set holding the socket's
+    ``ZMQ_FD`` and an eventfd of ours, both level-triggered, so that trio's
+    ``wait_readable`` on the set's fd returns when the socket's mailbox has
+    something *or* another task called :meth:`poke` (rule 3).  A poke is one
+    ``eventfd_write``; the cancel scope it replaces cost a scope per wait
+    (~5 us here) and, per wake-up, a ``Cancelled`` raised through the trap
+    (~18 us against ~6).
+
+    Concurrency: the ZSocket's trio thread only; ``poked`` says whether the
+    eventfd holds a count nobody read (read once by the waiter that wakes).
+    """
+
+    __slots__ = ("__weakref__", "_epoll", "_event", "_finalizer", "fileno", "poked")
+
+    def __init__(self, fd: int) -> None:
+        self._epoll = select.epoll()
+        try:
+            self._event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except BaseException:
+            self._epoll.close()
+            raise
+        self._finalizer = weakref.finalize(self, os.close, self._event)
+        self._epoll.register(fd, select.EPOLLIN)
+        self._epoll.register(self._event, select.EPOLLIN)
+        self.fileno = self._epoll.fileno()
+        self.poked = False
+
+    @classmethod
+    def create(cls, fd: int) -> _WaitSet | None:
+        """A wait set, or None where there is no epoll / eventfd (then the
+        FD waiter waits in a private cancel scope, cancelled to wake it)."""
+        if not (hasattr(select, "epoll") and hasattr(os, "eventfd")):
+            return None
+        return cls(fd)
+
+    def poke(self) -> None:
+        if not self.poked:
+            self.poked = True
+            os.eventfd_write(self._event, 1)
+
+    def unpoke(self) -> None:
+        self.poked = False
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._event)
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._finalizer()
+
+
 class ZSocket:
     """One pyzmq socket (sync ``zmq.Context``) driven from trio.
 
@@ -373,7 +436,13 @@ class ZSocket:
         self._getsockopt = sock.getsockopt
         self._unyielded = 0
         self._closed = False
-        # The task currently parked in wait_readable(FD), via this scope.
+        # What the FD waiter parks on (see _WaitSet): the FD and our wake-up
+        # eventfd in one epoll set; without epoll, the FD in a cancel scope.
+        self._waits = _WaitSet.create(self._fd)
+        self._wait_fd = self._waits.fileno if self._waits is not None else self._fd
+        # A task is parked in wait_readable(_wait_fd).
+        self._fd_waiting = False
+        # Without a wait set: that task's private cancel scope.
         self._fd_scope: trio.CancelScope | None = None
         # Other tasks waiting for a change of EVENTS.
         self._lot = trio.lowlevel.ParkingLot()
@@ -425,8 +494,11 @@ class ZSocket:
 
     def _wake(self) -> None:
         """Make every waiter re-check EVENTS."""
-        if self._fd_scope is not None:
-            self._fd_scope.cancel()
+        if self._fd_waiting:
+            if self._waits is not None:
+                self._waits.poke()  # the FD waiter's epoll set becomes readable
+            elif self._fd_scope is not None:
+                self._fd_scope.cancel()
         self._lot.unpark_all()
 
     def _events(self) -> int:
@@ -453,18 +525,25 @@ class ZSocket:
         self._check_open()
 
     async def _park_once(self) -> None:
-        if self._fd_scope is None:
-            scope = self._fd_scope = trio.CancelScope()
-            try:
-                with scope:
-                    await trio.lowlevel.wait_readable(self._fd)
-            finally:
-                self._fd_scope = None
-                # Whatever woke us may concern the others: let them re-check.
-                if self._lot:
-                    self._lot.unpark_all()
-        else:
+        if self._fd_waiting:
             await self._lot.park()
+            return
+        self._fd_waiting = True
+        waits = self._waits
+        try:
+            if waits is not None:
+                await trio.lowlevel.wait_readable(self._wait_fd)
+            else:
+                with trio.CancelScope() as self._fd_scope:
+                    await trio.lowlevel.wait_readable(self._fd)
+        finally:
+            self._fd_waiting = False
+            self._fd_scope = None
+            if waits is not None and waits.poked and not self._closed:
+                waits.unpoke()
+            # Whatever woke us may concern the others: let them re-check.
+            if self._lot:
+                self._lot.unpark_all()
 
     async def _park_wanting(self, mask: int) -> None:
         """Park once, counted as a waiter for ``mask`` (``_POLLIN`` or
@@ -539,15 +618,21 @@ class ZSocket:
         while True:
             self._check_open()
             try:
-                # EVENTS first: cheaper than provoking zmq.Again, and it is the
-                # check-before-wait the edge-triggered FD needs anyway.
-                if self._events() & _POLLIN:
+                # Before a first wait, EVENTS: cheaper than provoking zmq.Again,
+                # and it is the check-before-wait the edge-triggered FD needs.
+                # Once woken, the receive itself: the FD fired, a message is
+                # likely there, and a NOBLOCK receive that finds none has
+                # processed the mailbox (libzmq's EAGAIN path runs
+                # process_commands) exactly as an EVENTS read does, so it is
+                # as good a check before the next wait (rule 1).
+                if waited or self._events() & _POLLIN:
                     if self._user_ids:
                         return await self._recv_with_user_id()
                     frames: Frames = [sock.recv(_NOBLOCK)]
                     break
-            except zmq.Again:  # another receiver took it
-                pass
+            except zmq.Again:  # nothing yet, or another receiver took it
+                if waited:
+                    self._after_io()  # rule 3: that receive may have eaten an edge
             except zmq.ZMQError as exc:
                 raise self._map_error(exc) from exc
             await self._park_wanting(_POLLIN)
@@ -668,11 +753,13 @@ class ZSocket:
             return
         self._closed = True
         try:
-            trio.lowlevel.notify_closing(self._fd)
+            trio.lowlevel.notify_closing(self._wait_fd)
         except RuntimeError:  # not inside trio.run: nobody can be waiting
             pass
         self._lot.unpark_all()
         self._sock.close(linger=self._linger_ms if linger_ms is None else linger_ms)
+        if self._waits is not None:
+            self._waits.close()
 
     async def aclose(self) -> None:
         """:meth:`close`, plus a checkpoint (trio's ``AsyncResource`` shape)."""
