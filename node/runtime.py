@@ -340,9 +340,11 @@ class NodeRuntime:
         """Send one message to the host, through the injected failures
         (``control``: a control command's result, which passes a partition)."""
         assert self._send is not None
-        if not self.injected and not late:  # the hot path: no failure injected
+        if not self.injected and not late:
+            # The hot path, nothing injected: the same send as below without
+            # the injection checks, so the ordering argument below holds as is.
             frame = self._frame(msg) if type(msg) is CommandResult else encode(msg)
-            if not self._send_now([frame]):  # (ordering: see below)
+            if not self._send_now([frame]):
                 await self._send.send([frame])
             return
         if not control and self._active("partition") is not None:
@@ -373,6 +375,11 @@ class NodeRuntime:
         #     (delayed) Ack always takes the channel;
         # (2) one DEALER socket, one ROUTER peer, one TCP connection: libzmq
         #     delivers a pipe's messages in order;
+        #     (The receive path does not change this: the host's node loop
+        #     and this session each take one message at a time from their
+        #     socket, in libzmq's order, and handle it to the end before
+        #     the next; a receive woken by the FD that finds nothing just
+        #     waits again, see transport/zsock.py rule 1.)
         # (3) the host core handles one connection's frames in arrival order,
         #     each to the end (broker/core.py _on_node_message answers a
         #     DmaRead/DmaWrite against the primary as it is, synchronously),
