@@ -378,8 +378,9 @@ class NodeRuntime:
         #     (The receive path does not change this: the host's node loop
         #     and this session each take one message at a time from their
         #     socket, in libzmq's order, and handle it to the end before
-        #     the next; a receive woken by the FD that finds nothing just
-        #     waits again, see transport/zsock.py rule 1.)
+        #     the next; a receive woken by the FD tries libzmq at once,
+        #     which hands over the oldest message or none, see
+        #     transport/zsock.py rule 1.)
         # (3) the host core handles one connection's frames in arrival order,
         #     each to the end (broker/core.py _on_node_message answers a
         #     DmaRead/DmaWrite against the primary as it is, synchronously),

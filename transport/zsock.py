@@ -17,10 +17,9 @@ Rules that follow, applied everywhere in this module:
 
 1. Every send and receive is ``NOBLOCK``; ``EVENTS`` is read before every
    wait (a receive reads it before even trying) and we wait only if the
-   wanted bit is still clear.  A ``NOBLOCK`` receive that fails with
-   ``EAGAIN`` counts as such a read: libzmq's EAGAIN path processes the
-   mailbox (``process_commands``) just as ``EVENTS`` does, so a receiver
-   woken by the FD tries the receive at once and, if nothing came, waits again.
+   wanted bit is still clear.  The one exception: a receiver just woken by
+   the FD tries the receive at once (a message is likely); if it gets
+   ``EAGAIN`` it reads ``EVENTS`` as usual before waiting again.
 2. Only one task at a time may wait on the FD (trio also refuses two
    ``wait_readable`` on one fd).  Other waiters park on a ``ParkingLot`` and
    re-check ``EVENTS`` whenever the FD waiter wakes.
@@ -614,29 +613,31 @@ class ZSocket:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         sock = self._sock
-        waited = False
+        waited = woken = False
         while True:
             self._check_open()
             try:
-                # Before a first wait, EVENTS: cheaper than provoking zmq.Again,
-                # and it is the check-before-wait the edge-triggered FD needs.
-                # Once woken, the receive itself: the FD fired, a message is
-                # likely there, and a NOBLOCK receive that finds none has
-                # processed the mailbox (libzmq's EAGAIN path runs
-                # process_commands) exactly as an EVENTS read does, so it is
-                # as good a check before the next wait (rule 1).
-                if waited or self._events() & _POLLIN:
+                # Before a wait, EVENTS: cheaper than provoking zmq.Again, and
+                # it is the check-before-wait the edge-triggered FD needs.
+                # Just woken, the receive itself: the FD fired, so a message
+                # is likely there (an EVENTS read less per waited message).
+                if woken or self._events() & _POLLIN:
                     if self._user_ids:
                         return await self._recv_with_user_id()
                     frames: Frames = [sock.recv(_NOBLOCK)]
                     break
             except zmq.Again:  # nothing yet, or another receiver took it
-                if waited:
-                    self._after_io()  # rule 3: that receive may have eaten an edge
+                if woken:
+                    # Woken for something else.  That receive processed the
+                    # mailbox (libzmq's EAGAIN path does, as EVENTS does): read
+                    # EVENTS before waiting again -- rule 1 for us, rule 3
+                    # for whoever it concerned -- and go by what it says.
+                    woken = False
+                    continue
             except zmq.ZMQError as exc:
                 raise self._map_error(exc) from exc
             await self._park_wanting(_POLLIN)
-            waited = True
+            waited = woken = True
         # The other parts of a multipart message are already here.
         while self._getsockopt(_RCVMORE):
             frames.append(sock.recv(_NOBLOCK))
