@@ -215,6 +215,12 @@ class IntervalNotifiers:
 
     # -- queries ---------------------------------------------------------------
 
+    def in_tree(self, mm: int) -> bool:
+        """``mm`` has an interval notifier in its tree (cheap: an mm of
+        whole-mm subscribers only has none, and its starts carry no seqs)."""
+        state = self.mms.get(mm)
+        return state is not None and bool(state.tree)
+
     def has(self, node: str, mm: int) -> bool:
         state = self.mms.get(mm)
         return state is not None and any(sub.node == node for sub in state.tree)
