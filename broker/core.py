@@ -176,6 +176,7 @@ class CoreConfig:
 #: gets the first answer again, or nothing while that is still being made.
 _REQUESTS = (Register, Gup, Unpin, Subscribe, Unsubscribe, XpmemMake, XpmemGet, XpmemRelease, XpmemRemove,
              DmaRead, DmaWrite, *hmm.HMM_REQUESTS)
+_REQUEST_TYPES = frozenset(_REQUESTS)
 _REPLY_CACHE = 4096
 _REPLY_CONNECTIONS = 1024
 
@@ -635,23 +636,27 @@ class HostCore:
         return ""
 
     def _on_node_message(self, identity: bytes, msg: Message) -> None:
+        """Route one node message (see the module docstring).  Dispatch is on
+        the message's exact type: the codec builds exactly the registered
+        classes, and in-process nodes send the same ones."""
+        kind = type(msg)
         now = self.now
-        if isinstance(msg, CommandResult):
+        if kind is CommandResult:
             # Not epoch-checked: inject/heal/status reach a fenced node too
             # (`mmn heal` of a hung node); only the connection asked counts.
-            wait = self._commands.get(msg.ref)
+            wait = self._commands.get(msg.ref)  # type: ignore[attr-defined]
             if wait is None or wait.identity != identity:
                 self.counters["dropped_node_frames"] += 1  # a result nobody asked this peer for
                 return
             self.sessions.touch(identity, now)
-            self._command_done(wait, msg, None)
+            self._command_done(wait, msg, None)  # type: ignore[arg-type]
             return
-        if isinstance(msg, Register):
-            dup = self._duplicate(identity, msg.id)
+        if kind is Register:
+            dup = self._duplicate(identity, msg.id)  # type: ignore[attr-defined]
             if isinstance(dup, Message):
                 self._send(identity, dup)
             elif not dup:
-                self._register(identity, msg)
+                self._register(identity, msg)  # type: ignore[arg-type]
             return
         epoch = getattr(msg, "epoch", None)
         try:
@@ -663,56 +668,63 @@ class HostCore:
             # not place the refusal); a heartbeat is, so a node whose
             # connection the host lost learns it at once (node/base.py
             # SESSION_REFUSALS), not only by its silence watchdog.
-            if not isinstance(msg, Ack) or exc.code == "fenced":
+            if kind is not Ack or exc.code == "fenced":
                 self._send(identity, Error(ref=ref, code=exc.code, message=exc.message))
             else:
                 self.counters["dropped_node_frames"] += 1
             return
         session.last_seen = now
-        name = session.name
-        if isinstance(msg, _REQUESTS):
-            dup = self._duplicate(identity, msg.id)
+        if kind in _REQUEST_TYPES:
+            dup = self._duplicate(identity, msg.id)  # type: ignore[attr-defined]
             if dup:
                 if isinstance(dup, Message):
                     self._send(identity, dup)
                 return
-        if isinstance(msg, Ack):
-            self._on_ack(name, msg)
+        route = _NODE_ROUTES.get(kind)
+        if route is None:
+            self._send(identity, self._answer(session.name, msg))
+        else:
+            route(self, session, msg)
+
+    # -- the routes of a live session's messages (_NODE_ROUTES) --------------------
+
+    def _route_ack(self, session: Session, msg: Ack) -> None:
+        self._on_ack(session.name, msg)
+
+    def _route_heartbeat(self, session: Session, msg: Heartbeat) -> None:
+        pass  # any traffic counts: last_seen moved already
+
+    def _route_dma(self, session: Session, msg: DmaRead | DmaWrite) -> None:
+        self._send(session.identity, self._dma(session.name, msg, session.kind))
+
+    def _route_gup(self, session: Session, msg: Gup) -> None:
+        name, identity = session.name, session.identity
+        if not self.may_reach(name, msg.mm, msg.write):
+            self._send(identity, Error(ref=msg.id, code=Errno.EACCES.value,
+                                       message=self._refused(name, msg.mm, "gup")))
             return
-        if isinstance(msg, Heartbeat):
+        if name not in self.notifier.subscriptions.get(msg.mm, ()):
+            # A secondary MMU maps an mm only after mmu_notifier_register:
+            # pages served to a node that is not subscribed would be
+            # recorded nowhere, and the next munmap would free them under it.
+            self._send(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=Errno.EINVAL.value))
             return
-        if isinstance(msg, DmaRead | DmaWrite):
-            self._send(identity, self._dma(name, msg, session.kind))
-            return
-        if isinstance(msg, Gup):
-            if not self.may_reach(name, msg.mm, msg.write):
-                self._send(identity, Error(ref=msg.id, code=Errno.EACCES.value,
-                                           message=self._refused(name, msg.mm, "gup")))
-                return
-            if name not in self.notifier.subscriptions.get(msg.mm, ()):
-                # A secondary MMU maps an mm only after mmu_notifier_register:
-                # pages served to a node that is not subscribed would be
-                # recorded nowhere, and the next munmap would free them under it.
-                self._send(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=Errno.EINVAL.value))
-                return
-            if session.kind == "xpmem":
-                msg = self._xpmem_pin_write(name, msg)
-            reply = self._gup_fast(name, session.kind, msg)
-            if reply is None:
-                self._spawn(self._gup_slow_task(session, msg), "gup")
-            else:
-                self._send(identity, reply)
-            return
-        if isinstance(msg, Unsubscribe):
-            self._spawn(self._unsubscribe_task(session, msg), "unsubscribe")
-            return
-        if isinstance(msg, XpmemRemove):
-            self._spawn(self._xpmem_remove_task(session, msg), "xpmem_remove")
-            return
-        if isinstance(msg, hmm.HMM_REQUESTS):
-            hmm.on_request(self, session, msg)
-            return
-        self._send(identity, self._answer(name, msg))
+        if session.kind == "xpmem":
+            msg = self._xpmem_pin_write(name, msg)
+        reply = self._gup_fast(name, session.kind, msg)
+        if reply is None:
+            self._spawn(self._gup_slow_task(session, msg), "gup")
+        else:
+            self._send(identity, reply)
+
+    def _route_unsubscribe(self, session: Session, msg: Unsubscribe) -> None:
+        self._spawn(self._unsubscribe_task(session, msg), "unsubscribe")
+
+    def _route_xpmem_remove(self, session: Session, msg: XpmemRemove) -> None:
+        self._spawn(self._xpmem_remove_task(session, msg), "xpmem_remove")
+
+    def _route_hmm(self, session: Session, msg: Message) -> None:
+        hmm.on_request(self, session, msg)
 
     def _register(self, identity: bytes, msg: Register) -> None:
         try:
@@ -1289,6 +1301,21 @@ class HostCore:
             self._send(session.identity,
                        Heartbeat(id=next(self._ids), epoch=session.epoch, incarnation=cfg.incarnation))
         self._timer(now + period, _HEARTBEAT, None)
+
+
+#: A live session's message -> how the core handles it (after the epoch check
+#: and the duplicate cache); any other type is answered by ``_answer``:
+#: Subscribe, Unpin and the XPMEM requests, or a typed refusal.
+_NODE_ROUTES: dict[type[Message], Callable[[HostCore, Session, Any], None]] = {
+    Ack: HostCore._route_ack,
+    Heartbeat: HostCore._route_heartbeat,
+    DmaRead: HostCore._route_dma,
+    DmaWrite: HostCore._route_dma,
+    Gup: HostCore._route_gup,
+    Unsubscribe: HostCore._route_unsubscribe,
+    XpmemRemove: HostCore._route_xpmem_remove,
+    **{kind: HostCore._route_hmm for kind in hmm.HMM_REQUESTS},
+}
 
 
 def _fields(msg: Message) -> dict[str, Any]:

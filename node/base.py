@@ -45,6 +45,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
@@ -249,6 +250,35 @@ def pages_in(table: dict[int, Any], start: int, end: int, page_size: int) -> lis
     return [a for a in table if start <= a + page_size - 1 and a < end]
 
 
+#: :meth:`SecondaryMMU.receive`: a host -> node message's exact type -> the
+#: method handling it (the codec builds exactly the registered classes).
+RECEIVERS: dict[type[Message], str] = {
+    InvalidateRangeStart: "_receive_start",
+    InvalidateRangeEnd: "_receive_end",
+    ChangePte: "_receive_callback",
+    ClearFlushYoung: "_receive_callback",
+    ClearYoung: "_receive_callback",
+    TestYoung: "_receive_callback",
+    Release: "_receive_callback",
+    GupReply: "_receive_reply",
+    DmaReply: "_receive_reply",
+    XpmemReply: "_receive_reply",
+    Ok: "_receive_reply",
+    Error: "_receive_error",
+    Fenced: "_receive_fenced",
+    Registered: "_receive_registered",
+    Heartbeat: "_receive_heartbeat",
+}
+#: The acked callbacks of :meth:`SecondaryMMU._receive_callback`, answered once.
+CALLBACKS: dict[type[Message], str] = {
+    ChangePte: "change_pte",
+    ClearFlushYoung: "clear_flush_young",
+    ClearYoung: "clear_young",
+    TestYoung: "test_young",
+    Release: "_receive_release",
+}
+
+
 class SecondaryMMU:
     """Base of the kvm, gru and xpmem kinds (``struct mmu_notifier`` + its device).
 
@@ -281,6 +311,8 @@ class SecondaryMMU:
     kind: ClassVar[str] = ""
     ops: ClassVar[frozenset[str]] = frozenset()
     sleepable: ClassVar[bool] = False
+    _receivers: ClassVar[dict[type[Message], Callable[[Any, Any], list[Output]]]] = {}
+    _callbacks: ClassVar[dict[type[Message], Callable[[Any, Any], list[Output]]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Derive ``cls.ops`` from the callbacks ``cls`` overrides (once, at
@@ -296,6 +328,14 @@ class SecondaryMMU:
         cls.ops = frozenset(op for op in NOTIFIER_OPS if getattr(cls, op) is not getattr(SecondaryMMU, op))
         if ("invalidate_range_start" in cls.ops) != ("invalidate_range_end" in cls.ops):
             raise TypeError(f"{cls.__name__}: invalidate_range_start and invalidate_range_end go together")
+        cls._bind_receivers()
+
+    @classmethod
+    def _bind_receivers(cls) -> None:
+        """:meth:`receive`'s table, type -> this class's method (overrides
+        included), built once per class: :data:`RECEIVERS`, :data:`CALLBACKS`."""
+        cls._receivers = {kind: getattr(cls, name) for kind, name in RECEIVERS.items()}
+        cls._callbacks = {kind: getattr(cls, name) for kind, name in CALLBACKS.items()}
 
     def __init__(
         self,
@@ -405,55 +445,57 @@ class SecondaryMMU:
             Nothing for any well-typed message.
         Concurrency: synchronous.
         """
-        if isinstance(msg, InvalidateRangeStart):
-            return self._receive_start(msg)
-        if isinstance(msg, InvalidateRangeEnd):
-            return self._receive_end(msg)
-        if isinstance(msg, (ChangePte, ClearFlushYoung, ClearYoung, TestYoung, Release)):
-            if msg.id in self._answered:
-                self.counters["duplicates"] += 1
-                return [self._answered[msg.id]]
-            if isinstance(msg, Release):
-                return self._receive_release(msg)
-            if isinstance(msg, ChangePte):
-                return self.change_pte(msg)
-            if isinstance(msg, ClearFlushYoung):
-                return self.clear_flush_young(msg)
-            if isinstance(msg, ClearYoung):
-                return self.clear_young(msg)
-            return self.test_young(msg)
-        if isinstance(msg, Error) and self.ends_session(msg):
-            # Refused for the epoch it carried: the session is over on the
-            # host, whatever request this answers (a heartbeat, a DMA...).
-            # Every command in flight fails with EINTR, as for Fenced.
-            outputs = self.drop_all(f"{msg.code}: {msg.message}" if msg.message else msg.code)
-            self._end_session()
-            return outputs
-        if isinstance(msg, (GupReply, DmaReply, XpmemReply, Ok, Error)):
-            request = self._pending.pop(msg.ref, None) or self._dropped.pop(msg.ref, None)
-            if request is None:
-                logger.debug("%s: reply to unknown request %d ignored", self.name, msg.ref)
-                return []
-            return self._reply(request, msg)
-        if isinstance(msg, Fenced):
-            if not self.ends_session(msg):
-                logger.info("%s: fence of old epoch %d ignored", self.name, msg.epoch)
-                return []
-            outputs = self.drop_all(f"fenced: {msg.reason}" if msg.reason else "fenced")
-            self._end_session()
-            return outputs
-        if isinstance(msg, Registered):
-            # A new session: the host holds no subscription or pin of ours.
-            outputs = self.drop_all("registered anew")
-            self.epoch = msg.epoch
-            self.session = Session.REGISTERED
-            self.page_size = msg.page_size
-            self._session_first_id = self._next_id + 1
-            return outputs
-        if isinstance(msg, Heartbeat):
+        receiver = self._receivers.get(type(msg))
+        if receiver is None:
+            logger.warning("%s: unexpected %s ignored", self.name, msg.TYPE)
             return []
-        logger.warning("%s: unexpected %s ignored", self.name, msg.TYPE)
-        return []
+        return receiver(self, msg)
+
+    def _receive_callback(self, msg: ChangePte | ClearFlushYoung | ClearYoung | TestYoung | Release) -> list[Output]:
+        """A notifier callback the host awaits an Ack for: handled once (a
+        duplicate gets the first Ack again)."""
+        answered = self._answered.get(msg.id)
+        if answered is not None:
+            self.counters["duplicates"] += 1
+            return [answered]
+        return self._callbacks[type(msg)](self, msg)
+
+    def _receive_reply(self, msg: GupReply | DmaReply | XpmemReply | Ok | Error) -> list[Output]:
+        request = self._pending.pop(msg.ref, None) or self._dropped.pop(msg.ref, None)
+        if request is None:
+            logger.debug("%s: reply to unknown request %d ignored", self.name, msg.ref)
+            return []
+        return self._reply(request, msg)
+
+    def _receive_error(self, msg: Error) -> list[Output]:
+        if not self.ends_session(msg):
+            return self._receive_reply(msg)
+        # Refused for the epoch it carried: the session is over on the
+        # host, whatever request this answers (a heartbeat, a DMA...).
+        # Every command in flight fails with EINTR, as for Fenced.
+        outputs = self.drop_all(f"{msg.code}: {msg.message}" if msg.message else msg.code)
+        self._end_session()
+        return outputs
+
+    def _receive_fenced(self, msg: Fenced) -> list[Output]:
+        if not self.ends_session(msg):
+            logger.info("%s: fence of old epoch %d ignored", self.name, msg.epoch)
+            return []
+        outputs = self.drop_all(f"fenced: {msg.reason}" if msg.reason else "fenced")
+        self._end_session()
+        return outputs
+
+    def _receive_registered(self, msg: Registered) -> list[Output]:
+        # A new session: the host holds no subscription or pin of ours.
+        outputs = self.drop_all("registered anew")
+        self.epoch = msg.epoch
+        self.session = Session.REGISTERED
+        self.page_size = msg.page_size
+        self._session_first_id = self._next_id + 1
+        return outputs
+
+    def _receive_heartbeat(self, msg: Heartbeat) -> list[Output]:
+        return []  # the runtime answers the host's heartbeat; nothing changes here
 
     def _end_session(self) -> None:
         self.epoch = 0
@@ -1067,3 +1109,6 @@ class SecondaryMMU:
 
     def _drop_kind_state(self) -> None:
         raise NotImplementedError
+
+
+SecondaryMMU._bind_receivers()
