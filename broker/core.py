@@ -267,6 +267,8 @@ class _CommandWait:
 
 
 _ACK, _COMMAND, _SLEEP, _HEARTBEAT = "ack", "command", "sleep", "heartbeat"
+#: the timer heap is swept of cancelled entries only past this size
+_TIMER_SWEEP_MIN = 64
 
 
 class HostCore:
@@ -1270,6 +1272,14 @@ class HostCore:
 
     # -- timers ----------------------------------------------------------------------------
 
+    # A cancelled timer leaves the live set at once and the heap lazily: at
+    # the top (tick, next_deadline), or in one sweep once the cancelled make
+    # up more than half of a heap past _TIMER_SWEEP_MIN entries (asyncio's
+    # base_events does the same).  Every relayed command and every start
+    # pushes a deadline that is nearly always cancelled, long before it is
+    # due (a command's 10 s): without the sweep they pile up by the
+    # thousand, each push costing more.
+
     def _timer(self, when: float, kind: str, target: Any) -> int:
         tid = next(self._timer_ids)
         self._live_timers.add(tid)
@@ -1277,7 +1287,20 @@ class HostCore:
         return tid
 
     def _cancel_timer(self, tid: int) -> None:
-        self._live_timers.discard(tid)
+        live = self._live_timers
+        if tid not in live:
+            return
+        live.remove(tid)
+        timers = self._timers
+        if len(timers) > _TIMER_SWEEP_MIN and 2 * len(live) < len(timers):
+            self._timers = [entry for entry in timers if entry[1] in live]
+            heapq.heapify(self._timers)
+
+    @property
+    def timer_entries(self) -> int:
+        """Timers held: the live ones and the cancelled ones not yet swept
+        (fewer than twice the live ones, or _TIMER_SWEEP_MIN)."""
+        return len(self._timers)
 
     def _fire(self, kind: str, target: Any) -> None:
         if kind == _ACK:
