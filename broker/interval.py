@@ -250,7 +250,7 @@ class IntervalNotifiers:
         state = self._mm(mm)
         state.active_invalidate_ranges += 1
         state.active.add(inv_id)
-        if state.overlapping(start, end):
+        if state.tree and state.overlapping(start, end):
             state.invalidate_seq |= 1
             self.counters["invalidated"] += 1
         return state.invalidate_seq

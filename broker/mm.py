@@ -113,6 +113,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: a protection's name -> the Prot (what ``Prot(name)`` finds)
+_PROT_OF: dict[str, Prot] = {p.value: p for p in Prot}
 #: Largest number of pages one GUP may ask for.
 MAX_GUP_PAGES = 4096
 #: Largest number of pages one idle-tracking call looks at (the kernel's
@@ -186,9 +188,12 @@ class Model:
     def _prot(prot: str) -> Prot:
         """Raises KernelError(EINVAL) for a protection that is not one of :data:`PROTS`."""
         try:
-            return Prot(prot)
-        except ValueError:
-            raise KernelError(Errno.EINVAL, f"protection {prot!r} is not one of {', '.join(PROTS)}") from None
+            found = _PROT_OF.get(prot)  # Prot(prot) without the enum call's lookup chain
+        except TypeError:  # unhashable
+            found = None
+        if found is None:
+            raise KernelError(Errno.EINVAL, f"protection {prot!r} is not one of {', '.join(PROTS)}")
+        return found
 
     def _range(self, addr: int, length: int, *, allow_empty: bool = False) -> tuple[int, int]:
         """Validate ``addr`` (page aligned) and round ``length`` up to pages."""
@@ -906,7 +911,8 @@ class Model:
             return None
         ps = self.page_size
         end = min(addr + npages * ps, vma.end)
-        if any(inv.range.overlaps(addr, end) for inv in self.notifier.open.get(mm, ())):
+        opened = self.notifier.open.get(mm)
+        if opened and any(inv.range.overlaps(addr, end) for inv in opened):
             # An invalidation is open over these pages: its start went only to
             # the nodes that held them then, so a node served now would never
             # hear of the zap that follows.  The slow path waits for it.

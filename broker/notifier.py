@@ -502,6 +502,7 @@ class NotifierCore:
         started: list[tuple[str, int]] = []
         refused: list[str] = []
         subs = self.subscriptions.get(rng.mm, {})
+        intervals = self.intervals.in_tree(rng.mm)
         for name, ack in outcomes.items():
             if ack is None:
                 continue
@@ -515,7 +516,8 @@ class NotifierCore:
             sub = subs.get(name)
             if sub is not None and not ack.kept:
                 sub.served.remove(rng.start, rng.end)
-            self.intervals.set_seq(name, rng.mm, rng.start, rng.end, cur_seq)
+            if intervals:
+                self.intervals.set_seq(name, rng.mm, rng.start, rng.end, cur_seq)
         if refused:
             # mm/mmu_notifier.c mn_hlist_invalidate_range_start: "any that
             # succeeded start are expecting their end to be called.  Do so now."
@@ -527,7 +529,10 @@ class NotifierCore:
                 yield from self.invalidate_range_end(Invalidation(rng, start_id, tuple(started)))
             self.intervals.inv_end(rng.mm, start_id)  # mn_itree_invalidate's out_would_block
             raise KernelError(Errno.EAGAIN, f"{', '.join(refused)} cannot sleep for a non-blockable invalidation")
-        inv = Invalidation(rng, start_id, tuple(started))
+        # Every addressed node acked (the common case): the start sent is the
+        # invalidation to end, the same nodes in the same order.
+        nodes = tuple(started)
+        inv = sent if nodes == sent.nodes else Invalidation(rng, start_id, nodes)
         self.open.setdefault(rng.mm, []).append(inv)
         return inv
 
@@ -544,7 +549,10 @@ class NotifierCore:
             opened.remove(inv)
         self.intervals.inv_end(inv.range.mm, inv.id)  # mn_itree_inv_end comes first, as in the kernel
         subs = self.subscriptions.get(inv.range.mm, {})
-        targets = [name for name, gen in inv.nodes if self._alive(name, gen) and name in subs]
+        nodes = self.nodes
+        # alive (the generation that acked) and still subscribed
+        targets = [name for name, gen in inv.nodes
+                   if name in subs and (node := nodes.get(name)) is not None and node.generation == gen]
         self.counters["invalidate_range_end"] += 1
         if targets:
             end = self._end_message(inv)
@@ -575,7 +583,7 @@ class NotifierCore:
         inv = yield from self.invalidate_range_start(rng)
         try:
             result = body(inv) if body is not None else None
-            if isinstance(result, Generator):
+            if result is not None and isinstance(result, Generator):  # (an ABC check: not for None)
                 result = yield from result
         except GeneratorExit:
             self._orphan(inv)
