@@ -223,7 +223,7 @@ class TaskHandle:
 
     @property
     def done(self) -> bool:
-        return self.state is TaskState.DONE
+        return self.state is _DONE
 
 
 @dataclass(eq=False)
@@ -267,6 +267,12 @@ class _CommandWait:
 
 
 _ACK, _COMMAND, _SLEEP, _HEARTBEAT = "ack", "command", "sleep", "heartbeat"
+
+# Python 3.11's EnumType defines __getattr__, which sends every
+# ``TaskState.DONE`` in an expression down the slow attribute hook (~0.1 us
+# each, several per operation); the hot paths below compare with these.
+_READY, _WAITING, _DONE = TaskState.READY, TaskState.WAITING, TaskState.DONE
+_LIVE = SessionState.LIVE
 #: the timer heap is swept of cancelled entries only past this size
 _TIMER_SWEEP_MIN = 64
 
@@ -997,7 +1003,7 @@ class HostCore:
 
     def _still(self, session: Session) -> bool:
         """``session`` is still the node's live session (not fenced, not replaced)."""
-        return session.state == SessionState.LIVE and self.sessions.by_name.get(session.name) is session
+        return session.state is _LIVE and self.sessions.by_name.get(session.name) is session
 
     def _gup_slow_task(self, session: Session, msg: Gup) -> Task[None]:
         self.counters["gup_slow"] += 1
@@ -1115,7 +1121,7 @@ class HostCore:
             self.counters["task_errors"] += 1
             self._task_done(task, None, exc)
             return
-        task.handle.state = TaskState.WAITING
+        task.handle.state = _WAITING
         if isinstance(effect, Locked):
             self._lock_queue.append((task, effect.op))
             self._grant()
@@ -1134,12 +1140,12 @@ class HostCore:
     def _task_done(self, task: _Task, value: Any, error: BaseException | None) -> None:
         self._tasks.discard(task)
         handle = task.handle
-        handle.state, handle.value, handle.error = TaskState.DONE, value, error
+        handle.state, handle.value, handle.error = _DONE, value, error
         if task.on_done is not None:
             task.on_done(value, error)
 
     def _resume(self, task: _Task, value: Any = None, error: BaseException | None = None) -> None:
-        task.handle.state = TaskState.READY
+        task.handle.state = _READY
         self._ready.append(("task", task, value, error))
 
     # -- the lock and the operation holding it ------------------------------------------
@@ -1187,7 +1193,7 @@ class HostCore:
         waiting = run.waiting
         for node, msg in effect.sends:
             session = self.sessions.by_name.get(node)
-            if session is None or session.state != SessionState.LIVE:
+            if session is None or session.state is not _LIVE:
                 continue
             if effect.expect_ack:
                 waiting[node] = msg.id  # type: ignore[attr-defined]  # every callback carries an id
@@ -1240,7 +1246,7 @@ class HostCore:
         timeout = (timeout_ms or self.config.command_timeout_ms) / 1000
         for node in nodes:
             session = self.sessions.by_name.get(node)
-            if session is None or (session.state != SessionState.LIVE and not fenced_too):
+            if session is None or (session.state is not _LIVE and not fenced_too):
                 if single:
                     self._resume(task, None, KernelError(Errno.ESRCH, f"no live node {node!r}"))
                     return
