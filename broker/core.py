@@ -611,7 +611,9 @@ class HostCore:
         and fenced every node on resume: found by ``mmn soak``'s host pauses.)"""
         period = self.config.heartbeat_ms / 1000
         gap = now - self.now
-        if self._started and period > 0 and gap > max(2 * period, min(period + 1.0, period * self.config.liveness / 2)):
+        # (the first test alone decides every event of a host that runs)
+        if gap > 2 * period and self._started and period > 0 and gap > max(
+                2 * period, min(period + 1.0, period * self.config.liveness / 2)):
             stalled = gap - period
             self.counters["host_stalls"] = self.counters.get("host_stalls", 0) + 1
             logger.warning("the host did not run for %.1f s: node silence and deadlines judged without it", stalled)
@@ -1188,14 +1190,17 @@ class HostCore:
         """Send a Deliver's messages; wait for the acks it expects (under the
         ack deadline), or resume at once when it expects none."""
         run.task.handle.delivers += 1
-        outcomes: Outcomes = {node: None for node in effect.nodes}
+        outcomes: Outcomes = {}
         run.outcomes = outcomes
         waiting = run.waiting
+        expect_ack = effect.expect_ack
+        by_name = self.sessions.by_name
         for node, msg in effect.sends:
-            session = self.sessions.by_name.get(node)
+            outcomes[node] = None  # until its ack, if it is to come
+            session = by_name.get(node)
             if session is None or session.state is not _LIVE:
                 continue
-            if effect.expect_ack:
+            if expect_ack:
                 waiting[node] = msg.id  # type: ignore[attr-defined]  # every callback carries an id
             if self.listening:
                 self.publish(msg.TYPE, node=node, **_fields(msg))
@@ -1242,7 +1247,7 @@ class HostCore:
 
     def _relay(self, task: _Task, nodes: tuple[str, ...], command: str, args: dict[str, Any],
                timeout_ms: int | None, fenced_too: bool, *, single: bool) -> None:
-        gather = _Gather(task, 0, {node: None for node in nodes}, nodes[0] if single else None)
+        gather = _Gather(task, 0, dict.fromkeys(nodes), nodes[0] if single else None)
         timeout = (timeout_ms or self.config.command_timeout_ms) / 1000
         for node in nodes:
             session = self.sessions.by_name.get(node)

@@ -728,32 +728,33 @@ class SecondaryMMU:
             return self._fault_failed(f, kernel_error(reply.code, reply.message))
         if not isinstance(reply, GupReply):
             return self._fault_failed(f, KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to gup"))
-        pages = [list(p) for p in reply.pages]
         if f.pin:
-            self.counters["pins_taken"] += len(pages)
+            self.counters["pins_taken"] += len(reply.pages)
         state = self._mm(f.mm)
-        end = f.addr + f.npages * self.page_size
-        if self.read_retry(state, f, f.addr, end):
+        start, end = f.addr, f.addr + f.npages * self.page_size
+        if self.read_retry(state, f, start, end):
             # The reply may predate an invalidation that reached us first:
             # mmu_invalidate_retry() says so; drop it and fault again.
             f.fire(FaultEvent.STALE)
             self.counters["stale_replies"] += 1
-            outputs: list[Output] = self._unpin(f.mm, [p[1] for p in pages]) if f.pin else []
+            outputs: list[Output] = self._unpin(f.mm, [p[1] for p in reply.pages]) if f.pin else []
             f.retries += 1
             if f.retries > self.max_fault_retries:
                 return outputs + self._fault_failed(f, KernelError(Errno.EAGAIN, "invalidations kept racing the fault"))
             self.counters["gup_retries"] += 1
             return outputs + self._fault_begin(f)
         # Pages beyond the request (the host's fault-around) pass the same rule
-        # one by one; those that fail it are dropped, not retried.
-        extra = [
-            p
-            for p in pages
-            if not f.addr <= p[0] < end and self.read_retry(state, f, p[0], p[0] + self.page_size)
-        ]
+        # one by one; those that fail it are dropped, not retried.  One pass
+        # (the pages copied as it goes: the reply stays the host's).
+        ps = self.page_size
+        pages: list[list[int]] = []
+        extra: list[list[int]] = []
+        for p in reply.pages:
+            if start <= p[0] < end or not self.read_retry(state, f, p[0], p[0] + ps):
+                pages.append(list(p))
+            else:
+                extra.append(p)
         outputs = self._unpin(f.mm, [p[1] for p in extra]) if f.pin and extra else []
-        if extra:  # the common case has none: no second pass over the pages
-            pages = [p for p in pages if p not in extra]
         if not pages:
             return outputs + self._fault_failed(f, kernel_error(reply.errno or "EFAULT"))
         f.fire(_INSTALL)
