@@ -458,7 +458,9 @@ class Model:
                         m.set(page, pte & ~PTE_WRITE)
             vma.prot = new
 
-        for vma in m.isolate(start, stop):
+        # mprotect_fixup splits a vma only where the range cuts it
+        whole = vmas[0].start == start and vmas[-1].end == stop
+        for vma in vmas if whole else m.isolate(start, stop):
             if vma.prot is new:
                 continue
             first = next(m.populated_in(vma.start, vma.end), None)
