@@ -104,8 +104,10 @@ E = TypeVar("E", bound=enum.Enum)
 
 def _wire(value: E | str, kind: type[E]) -> str:
     """An enum field as the wire carries it (its value); a plain string must
-    name a member (ValueError otherwise).  The member itself costs no lookup."""
-    return value.value if type(value) is kind else kind(value).value
+    name a member (ValueError otherwise).  The member itself costs no lookup
+    (``_value_``, the member's own attribute: ``.value`` is a Python-level
+    enum property, a call per read)."""
+    return value._value_ if type(value) is kind else kind(value)._value_
 
 
 class IntervalSet:
