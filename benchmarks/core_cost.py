@@ -15,6 +15,13 @@ started on the node), and divides by the operations run:
   end), the node refaulting it (untimed) between two.
 
 The pump's own work (queues, the frame-safety oracle is off) is not counted.
+Beside the times: the messages the pump moved and the notifier starts the
+host issued, per operation (one ``mprotect`` of one page is one start, as
+mm/mprotect.c's ``change_pmd_range`` issues one
+``mmu_notifier_invalidate_range_start`` per populated range it walks).  Under
+``--profile``, cProfile counts every *resumption* of a generator as a call:
+``invalidate_range_start`` shows twice per start (sent, then resumed with
+the acks) and ``mprotect`` three times (start, acks, end).
 Several repeats; min and median per figure, in microseconds per operation.
 The default clock is the thread's CPU time (``thread_time_ns``): on a shared
 box the wall clock also counts the time other processes took the CPU.  The
@@ -84,6 +91,10 @@ def clock_overhead(clock: Callable[[], int], rounds: int = 20000) -> float:
     return best
 
 
+#: the relayed command's entry, unwrapped (each repeat wraps it anew)
+_START_COMMAND = local.start_command
+
+
 def cluster(meter: Meter, pages: int) -> tuple[LocalCluster, int, int]:
     c = LocalCluster(frames=4 * pages + 64, nodes={"kvm0": "kvm"}, check_frees=False)
     core = c.core
@@ -92,7 +103,7 @@ def cluster(meter: Meter, pages: int) -> tuple[LocalCluster, int, int]:
     node = c.node("kvm0")
     node.receive = meter.wrap("node", node.receive)  # type: ignore[method-assign]
     node.fault = meter.wrap("node", node.fault)  # type: ignore[method-assign]
-    local.start_command = meter.wrap("node", local.start_command)
+    local.start_command = meter.wrap("node", _START_COMMAND)  # not the last repeat's wrapper
     mm = c.spawn()
     addr = c.mmap(mm, pages, "rw")
     c.write(mm, addr, b"x" * (pages * c.page_size))  # populated: the fault is a minor one
@@ -120,13 +131,16 @@ def run_invalidations(c: LocalCluster, meter: Meter, mm: int, addr: int, n: int)
         meter.on = False
 
 
-def measure(kind: str, n: int, meter: Meter, overhead_ns: float = 0.0) -> tuple[float, float, int]:
+def measure(kind: str, n: int, meter: Meter, overhead_ns: float = 0.0) -> tuple[float, float, float, float]:
+    """us per op on the host and on the node, messages and notifier starts per op."""
     c, mm, addr = cluster(meter, n if kind == "fault" else 1)
     meter.reset()
     before = dict(c.pump_counters)
+    starts = c.core.notifier.counters["invalidate_range_start"]
     (run_faults if kind == "fault" else run_invalidations)(c, meter, mm, addr, n)
     msgs = sum(c.pump_counters.values()) - sum(before.values())
-    return meter.per_op("host", n, overhead_ns), meter.per_op("node", n, overhead_ns), msgs // n
+    starts = c.core.notifier.counters["invalidate_range_start"] - starts
+    return meter.per_op("host", n, overhead_ns), meter.per_op("node", n, overhead_ns), msgs / n, starts / n
 
 
 def main() -> None:
@@ -151,15 +165,15 @@ def main() -> None:
     for kind in ("fault", "invalidate"):
         host: list[float] = []
         node: list[float] = []
-        msgs = 0
+        msgs = starts = 0.0
         for _ in range(args.repeats):
             meter = Meter(clock)
-            h, nd, msgs = measure(kind, args.n, meter, overhead)
+            h, nd, msgs, starts = measure(kind, args.n, meter, overhead)
             host.append(h)
             node.append(nd)
         print(f"{kind:10s} host {min(host):6.1f} us (median {statistics.median(host):6.1f})"
               f"   node {min(node):6.1f} us (median {statistics.median(node):6.1f})"
-              f"   {msgs} messages/op   n={args.n} x {args.repeats}")
+              f"   {msgs:.1f} messages/op, {starts:.1f} notifier starts/op   n={args.n} x {args.repeats}")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ class CoreConfig:
 #: gets the first answer again, or nothing while that is still being made.
 _REQUESTS = (Register, Gup, Unpin, Subscribe, Unsubscribe, XpmemMake, XpmemGet, XpmemRelease, XpmemRemove,
              DmaRead, DmaWrite, *hmm.HMM_REQUESTS)
+_REQUEST_TYPES = frozenset(_REQUESTS)
 _REPLY_CACHE = 4096
 _REPLY_CONNECTIONS = 1024
 
@@ -222,7 +223,7 @@ class TaskHandle:
 
     @property
     def done(self) -> bool:
-        return self.state is TaskState.DONE
+        return self.state is _DONE
 
 
 @dataclass(eq=False)
@@ -266,6 +267,14 @@ class _CommandWait:
 
 
 _ACK, _COMMAND, _SLEEP, _HEARTBEAT = "ack", "command", "sleep", "heartbeat"
+
+# Python 3.11's EnumType defines __getattr__, which sends every
+# ``TaskState.DONE`` in an expression down the slow attribute hook (~0.1 us
+# each, several per operation); the hot paths below compare with these.
+_READY, _WAITING, _DONE = TaskState.READY, TaskState.WAITING, TaskState.DONE
+_LIVE = SessionState.LIVE
+#: the timer heap is swept of cancelled entries only past this size
+_TIMER_SWEEP_MIN = 64
 
 
 class HostCore:
@@ -602,7 +611,9 @@ class HostCore:
         and fenced every node on resume: found by ``mmn soak``'s host pauses.)"""
         period = self.config.heartbeat_ms / 1000
         gap = now - self.now
-        if self._started and period > 0 and gap > max(2 * period, min(period + 1.0, period * self.config.liveness / 2)):
+        # (the first test alone decides every event of a host that runs)
+        if gap > 2 * period and self._started and period > 0 and gap > max(
+                2 * period, min(period + 1.0, period * self.config.liveness / 2)):
             stalled = gap - period
             self.counters["host_stalls"] = self.counters.get("host_stalls", 0) + 1
             logger.warning("the host did not run for %.1f s: node silence and deadlines judged without it", stalled)
@@ -635,23 +646,27 @@ class HostCore:
         return ""
 
     def _on_node_message(self, identity: bytes, msg: Message) -> None:
+        """Route one node message (see the module docstring).  Dispatch is on
+        the message's exact type: the codec builds exactly the registered
+        classes, and in-process nodes send the same ones."""
+        kind = type(msg)
         now = self.now
-        if isinstance(msg, CommandResult):
+        if kind is CommandResult:
             # Not epoch-checked: inject/heal/status reach a fenced node too
             # (`mmn heal` of a hung node); only the connection asked counts.
-            wait = self._commands.get(msg.ref)
+            wait = self._commands.get(msg.ref)  # type: ignore[attr-defined]
             if wait is None or wait.identity != identity:
                 self.counters["dropped_node_frames"] += 1  # a result nobody asked this peer for
                 return
             self.sessions.touch(identity, now)
-            self._command_done(wait, msg, None)
+            self._command_done(wait, msg, None)  # type: ignore[arg-type]
             return
-        if isinstance(msg, Register):
-            dup = self._duplicate(identity, msg.id)
+        if kind is Register:
+            dup = self._duplicate(identity, msg.id)  # type: ignore[attr-defined]
             if isinstance(dup, Message):
                 self._send(identity, dup)
             elif not dup:
-                self._register(identity, msg)
+                self._register(identity, msg)  # type: ignore[arg-type]
             return
         epoch = getattr(msg, "epoch", None)
         try:
@@ -663,56 +678,63 @@ class HostCore:
             # not place the refusal); a heartbeat is, so a node whose
             # connection the host lost learns it at once (node/base.py
             # SESSION_REFUSALS), not only by its silence watchdog.
-            if not isinstance(msg, Ack) or exc.code == "fenced":
+            if kind is not Ack or exc.code == "fenced":
                 self._send(identity, Error(ref=ref, code=exc.code, message=exc.message))
             else:
                 self.counters["dropped_node_frames"] += 1
             return
         session.last_seen = now
-        name = session.name
-        if isinstance(msg, _REQUESTS):
-            dup = self._duplicate(identity, msg.id)
+        if kind in _REQUEST_TYPES:
+            dup = self._duplicate(identity, msg.id)  # type: ignore[attr-defined]
             if dup:
                 if isinstance(dup, Message):
                     self._send(identity, dup)
                 return
-        if isinstance(msg, Ack):
-            self._on_ack(name, msg)
+        route = _NODE_ROUTES.get(kind)
+        if route is None:
+            self._send(identity, self._answer(session.name, msg))
+        else:
+            route(self, session, msg)
+
+    # -- the routes of a live session's messages (_NODE_ROUTES) --------------------
+
+    def _route_ack(self, session: Session, msg: Ack) -> None:
+        self._on_ack(session.name, msg)
+
+    def _route_heartbeat(self, session: Session, msg: Heartbeat) -> None:
+        pass  # any traffic counts: last_seen moved already
+
+    def _route_dma(self, session: Session, msg: DmaRead | DmaWrite) -> None:
+        self._send(session.identity, self._dma(session.name, msg, session.kind))
+
+    def _route_gup(self, session: Session, msg: Gup) -> None:
+        name, identity = session.name, session.identity
+        if not self.may_reach(name, msg.mm, msg.write):
+            self._send(identity, Error(ref=msg.id, code=Errno.EACCES.value,
+                                       message=self._refused(name, msg.mm, "gup")))
             return
-        if isinstance(msg, Heartbeat):
+        if name not in self.notifier.subscriptions.get(msg.mm, ()):
+            # A secondary MMU maps an mm only after mmu_notifier_register:
+            # pages served to a node that is not subscribed would be
+            # recorded nowhere, and the next munmap would free them under it.
+            self._send(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=Errno.EINVAL.value))
             return
-        if isinstance(msg, DmaRead | DmaWrite):
-            self._send(identity, self._dma(name, msg, session.kind))
-            return
-        if isinstance(msg, Gup):
-            if not self.may_reach(name, msg.mm, msg.write):
-                self._send(identity, Error(ref=msg.id, code=Errno.EACCES.value,
-                                           message=self._refused(name, msg.mm, "gup")))
-                return
-            if name not in self.notifier.subscriptions.get(msg.mm, ()):
-                # A secondary MMU maps an mm only after mmu_notifier_register:
-                # pages served to a node that is not subscribed would be
-                # recorded nowhere, and the next munmap would free them under it.
-                self._send(identity, GupReply(ref=msg.id, mm=msg.mm, pages=[], errno=Errno.EINVAL.value))
-                return
-            if session.kind == "xpmem":
-                msg = self._xpmem_pin_write(name, msg)
-            reply = self._gup_fast(name, session.kind, msg)
-            if reply is None:
-                self._spawn(self._gup_slow_task(session, msg), "gup")
-            else:
-                self._send(identity, reply)
-            return
-        if isinstance(msg, Unsubscribe):
-            self._spawn(self._unsubscribe_task(session, msg), "unsubscribe")
-            return
-        if isinstance(msg, XpmemRemove):
-            self._spawn(self._xpmem_remove_task(session, msg), "xpmem_remove")
-            return
-        if isinstance(msg, hmm.HMM_REQUESTS):
-            hmm.on_request(self, session, msg)
-            return
-        self._send(identity, self._answer(name, msg))
+        if session.kind == "xpmem":
+            msg = self._xpmem_pin_write(name, msg)
+        reply = self._gup_fast(name, session.kind, msg)
+        if reply is None:
+            self._spawn(self._gup_slow_task(session, msg), "gup")
+        else:
+            self._send(identity, reply)
+
+    def _route_unsubscribe(self, session: Session, msg: Unsubscribe) -> None:
+        self._spawn(self._unsubscribe_task(session, msg), "unsubscribe")
+
+    def _route_xpmem_remove(self, session: Session, msg: XpmemRemove) -> None:
+        self._spawn(self._xpmem_remove_task(session, msg), "xpmem_remove")
+
+    def _route_hmm(self, session: Session, msg: Message) -> None:
+        hmm.on_request(self, session, msg)
 
     def _register(self, identity: bytes, msg: Register) -> None:
         try:
@@ -983,7 +1005,7 @@ class HostCore:
 
     def _still(self, session: Session) -> bool:
         """``session`` is still the node's live session (not fenced, not replaced)."""
-        return session.state == SessionState.LIVE and self.sessions.by_name.get(session.name) is session
+        return session.state is _LIVE and self.sessions.by_name.get(session.name) is session
 
     def _gup_slow_task(self, session: Session, msg: Gup) -> Task[None]:
         self.counters["gup_slow"] += 1
@@ -1101,7 +1123,7 @@ class HostCore:
             self.counters["task_errors"] += 1
             self._task_done(task, None, exc)
             return
-        task.handle.state = TaskState.WAITING
+        task.handle.state = _WAITING
         if isinstance(effect, Locked):
             self._lock_queue.append((task, effect.op))
             self._grant()
@@ -1120,12 +1142,12 @@ class HostCore:
     def _task_done(self, task: _Task, value: Any, error: BaseException | None) -> None:
         self._tasks.discard(task)
         handle = task.handle
-        handle.state, handle.value, handle.error = TaskState.DONE, value, error
+        handle.state, handle.value, handle.error = _DONE, value, error
         if task.on_done is not None:
             task.on_done(value, error)
 
     def _resume(self, task: _Task, value: Any = None, error: BaseException | None = None) -> None:
-        task.handle.state = TaskState.READY
+        task.handle.state = _READY
         self._ready.append(("task", task, value, error))
 
     # -- the lock and the operation holding it ------------------------------------------
@@ -1168,14 +1190,17 @@ class HostCore:
         """Send a Deliver's messages; wait for the acks it expects (under the
         ack deadline), or resume at once when it expects none."""
         run.task.handle.delivers += 1
-        outcomes: Outcomes = {node: None for node in effect.nodes}
+        outcomes: Outcomes = {}
         run.outcomes = outcomes
         waiting = run.waiting
+        expect_ack = effect.expect_ack
+        by_name = self.sessions.by_name
         for node, msg in effect.sends:
-            session = self.sessions.by_name.get(node)
-            if session is None or session.state != SessionState.LIVE:
+            outcomes[node] = None  # until its ack, if it is to come
+            session = by_name.get(node)
+            if session is None or session.state is not _LIVE:
                 continue
-            if effect.expect_ack:
+            if expect_ack:
                 waiting[node] = msg.id  # type: ignore[attr-defined]  # every callback carries an id
             if self.listening:
                 self.publish(msg.TYPE, node=node, **_fields(msg))
@@ -1222,11 +1247,11 @@ class HostCore:
 
     def _relay(self, task: _Task, nodes: tuple[str, ...], command: str, args: dict[str, Any],
                timeout_ms: int | None, fenced_too: bool, *, single: bool) -> None:
-        gather = _Gather(task, 0, {node: None for node in nodes}, nodes[0] if single else None)
+        gather = _Gather(task, 0, dict.fromkeys(nodes), nodes[0] if single else None)
         timeout = (timeout_ms or self.config.command_timeout_ms) / 1000
         for node in nodes:
             session = self.sessions.by_name.get(node)
-            if session is None or (session.state != SessionState.LIVE and not fenced_too):
+            if session is None or (session.state is not _LIVE and not fenced_too):
                 if single:
                     self._resume(task, None, KernelError(Errno.ESRCH, f"no live node {node!r}"))
                     return
@@ -1258,6 +1283,14 @@ class HostCore:
 
     # -- timers ----------------------------------------------------------------------------
 
+    # A cancelled timer leaves the live set at once and the heap lazily: at
+    # the top (tick, next_deadline), or in one sweep once the cancelled make
+    # up more than half of a heap past _TIMER_SWEEP_MIN entries (asyncio's
+    # base_events does the same).  Every relayed command and every start
+    # pushes a deadline that is nearly always cancelled, long before it is
+    # due (a command's 10 s): without the sweep they pile up by the
+    # thousand, each push costing more.
+
     def _timer(self, when: float, kind: str, target: Any) -> int:
         tid = next(self._timer_ids)
         self._live_timers.add(tid)
@@ -1265,7 +1298,20 @@ class HostCore:
         return tid
 
     def _cancel_timer(self, tid: int) -> None:
-        self._live_timers.discard(tid)
+        live = self._live_timers
+        if tid not in live:
+            return
+        live.remove(tid)
+        timers = self._timers
+        if len(timers) > _TIMER_SWEEP_MIN and 2 * len(live) < len(timers):
+            self._timers = [entry for entry in timers if entry[1] in live]
+            heapq.heapify(self._timers)
+
+    @property
+    def timer_entries(self) -> int:
+        """Timers held: the live ones and the cancelled ones not yet swept
+        (fewer than twice the live ones, or _TIMER_SWEEP_MIN)."""
+        return len(self._timers)
 
     def _fire(self, kind: str, target: Any) -> None:
         if kind == _ACK:
@@ -1289,6 +1335,21 @@ class HostCore:
             self._send(session.identity,
                        Heartbeat(id=next(self._ids), epoch=session.epoch, incarnation=cfg.incarnation))
         self._timer(now + period, _HEARTBEAT, None)
+
+
+#: A live session's message -> how the core handles it (after the epoch check
+#: and the duplicate cache); any other type is answered by ``_answer``:
+#: Subscribe, Unpin and the XPMEM requests, or a typed refusal.
+_NODE_ROUTES: dict[type[Message], Callable[[HostCore, Session, Any], None]] = {
+    Ack: HostCore._route_ack,
+    Heartbeat: HostCore._route_heartbeat,
+    DmaRead: HostCore._route_dma,
+    DmaWrite: HostCore._route_dma,
+    Gup: HostCore._route_gup,
+    Unsubscribe: HostCore._route_unsubscribe,
+    XpmemRemove: HostCore._route_xpmem_remove,
+    **{kind: HostCore._route_hmm for kind in hmm.HMM_REQUESTS},
+}
 
 
 def _fields(msg: Message) -> dict[str, Any]:

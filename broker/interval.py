@@ -215,6 +215,12 @@ class IntervalNotifiers:
 
     # -- queries ---------------------------------------------------------------
 
+    def in_tree(self, mm: int) -> bool:
+        """``mm`` has an interval notifier in its tree (cheap: an mm of
+        whole-mm subscribers only has none, and its starts carry no seqs)."""
+        state = self.mms.get(mm)
+        return state is not None and bool(state.tree)
+
     def has(self, node: str, mm: int) -> bool:
         state = self.mms.get(mm)
         return state is not None and any(sub.node == node for sub in state.tree)
@@ -244,7 +250,7 @@ class IntervalNotifiers:
         state = self._mm(mm)
         state.active_invalidate_ranges += 1
         state.active.add(inv_id)
-        if state.overlapping(start, end):
+        if state.tree and state.overlapping(start, end):
             state.invalidate_seq |= 1
             self.counters["invalidated"] += 1
         return state.invalidate_seq

@@ -113,6 +113,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: a protection's name -> the Prot (what ``Prot(name)`` finds)
+_PROT_OF: dict[str, Prot] = {p.value: p for p in Prot}
+# GUP-fast's (Python 3.11's EnumType.__getattr__ makes ``Prot.RW`` in an
+# expression a slow attribute lookup, ~0.1 us)
+_PROT_NONE, _PROT_RW = Prot.NONE, Prot.RW
 #: Largest number of pages one GUP may ask for.
 MAX_GUP_PAGES = 4096
 #: Largest number of pages one idle-tracking call looks at (the kernel's
@@ -186,9 +191,12 @@ class Model:
     def _prot(prot: str) -> Prot:
         """Raises KernelError(EINVAL) for a protection that is not one of :data:`PROTS`."""
         try:
-            return Prot(prot)
-        except ValueError:
-            raise KernelError(Errno.EINVAL, f"protection {prot!r} is not one of {', '.join(PROTS)}") from None
+            found = _PROT_OF.get(prot)  # Prot(prot) without the enum call's lookup chain
+        except TypeError:  # unhashable
+            found = None
+        if found is None:
+            raise KernelError(Errno.EINVAL, f"protection {prot!r} is not one of {', '.join(PROTS)}")
+        return found
 
     def _range(self, addr: int, length: int, *, allow_empty: bool = False) -> tuple[int, int]:
         """Validate ``addr`` (page aligned) and round ``length`` up to pages."""
@@ -450,7 +458,9 @@ class Model:
                         m.set(page, pte & ~PTE_WRITE)
             vma.prot = new
 
-        for vma in m.isolate(start, stop):
+        # mprotect_fixup splits a vma only where the range cuts it
+        whole = vmas[0].start == start and vmas[-1].end == stop
+        for vma in vmas if whole else m.isolate(start, stop):
             if vma.prot is new:
                 continue
             first = next(m.populated_in(vma.start, vma.end), None)
@@ -900,13 +910,14 @@ class Model:
             # even take the mm (mmget_not_zero).
             return None
         vma = m.find_vma(addr)
-        if vma is None or vma.prot is Prot.NONE or (write and vma.prot is not Prot.RW):
+        if vma is None or vma.prot is _PROT_NONE or (write and vma.prot is not _PROT_RW):
             # GUP-fast looks at ptes only; the verdict on the vma belongs to the
             # slow path, under the lock an mprotect or munmap may be holding.
             return None
         ps = self.page_size
         end = min(addr + npages * ps, vma.end)
-        if any(inv.range.overlaps(addr, end) for inv in self.notifier.open.get(mm, ())):
+        opened = self.notifier.open.get(mm)
+        if opened and any(inv.range.overlaps(addr, end) for inv in opened):
             # An invalidation is open over these pages: its start went only to
             # the nodes that held them then, so a node served now would never
             # hear of the zap that follows.  The slow path waits for it.

@@ -74,6 +74,7 @@ nodes stay in their invalidation (kvm's ``mmu_invalidate_in_progress``).
 from __future__ import annotations
 
 import bisect
+import enum
 import itertools
 import logging
 from collections.abc import Callable, Generator
@@ -98,6 +99,15 @@ from .interval import IntervalNotifiers
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _wire(value: E | str, kind: type[E]) -> str:
+    """An enum field as the wire carries it (its value); a plain string must
+    name a member (ValueError otherwise).  The member itself costs no lookup
+    (``_value_``, the member's own attribute: ``.value`` is a Python-level
+    enum property, a call per read)."""
+    return value._value_ if type(value) is kind else kind(value)._value_
 
 
 class IntervalSet:
@@ -343,25 +353,39 @@ class NotifierCore:
         self.counters["messages"] += len(sends)
         return Deliver(tuple(sends), expect_ack)  # type: ignore[arg-type]
 
-    def _holders(self, mm: int, start: int, end: int, op: str) -> list[Subscription]:
-        """Subscribers of ``mm`` implementing ``op`` whose served ranges overlap."""
+    def _holders(self, mm: int, start: int, end: int, op: str) -> list[tuple[Subscription, NodeOps]]:
+        """Subscribers of ``mm`` implementing ``op`` whose served ranges (or
+        interval notifiers) overlap, each with its node."""
+        subs = self.subscriptions.get(mm)
+        if not subs:
+            return []
+        nodes = self.nodes
+        intervals = self.intervals if self.intervals.in_tree(mm) else None
         out = []
-        for sub in self.subscriptions.get(mm, {}).values():
-            node = self.nodes.get(sub.node)
+        for sub in subs.values():
+            node = nodes.get(sub.node)
             if node is not None and op in node.ops and (
-                sub.served.overlaps(start, end) or self.intervals.overlaps(sub.node, mm, start, end)
+                sub.served.overlaps(start, end)
+                or (intervals is not None and intervals.overlaps(sub.node, mm, start, end))
             ):
-                out.append(sub)
+                out.append((sub, node))
         return out
 
     def _alive(self, name: str, generation: int) -> bool:
         node = self.nodes.get(name)
         return node is not None and node.generation == generation
 
-    def _with_seqs(self, msg: InvalidateRangeStart, name: str, cur_seq: int) -> InvalidateRangeStart:
-        """The start as ``name`` gets it: with its intervals' ``cur_seq``."""
-        seqs = self.intervals.seqs(name, msg.mm, msg.start, msg.end, cur_seq) if cur_seq else []
-        return replace(msg, seqs=seqs) if seqs else msg
+    def _starts(self, msg: InvalidateRangeStart, names: list[str], cur_seq: int) -> list[tuple[str, object]]:
+        """The start as each of ``names`` gets it: the one message, or a copy
+        with the node's intervals' ``cur_seq`` for a node with interval
+        notifiers over the range (an mm with none shares one message)."""
+        if not self.intervals.in_tree(msg.mm):
+            return [(name, msg) for name in names]
+        out: list[tuple[str, object]] = []
+        for name in names:
+            seqs = self.intervals.seqs(name, msg.mm, msg.start, msg.end, cur_seq)
+            out.append((name, replace(msg, seqs=seqs) if seqs else msg))
+        return out
 
     # -- invalidation ------------------------------------------------------
 
@@ -433,17 +457,20 @@ class NotifierCore:
             inv = Invalidation(rng, start_id, ())
             self.open.setdefault(rng.mm, []).append(inv)
             return inv
+        # One message for every holder (built once per range; a holder with
+        # interval notifiers gets a copy with its seqs).  The event and the
+        # origin go on the wire as their values: a Range carries the enums.
         msg = InvalidateRangeStart(
             id=start_id,
             mm=rng.mm,
             start=rng.start,
             end=rng.end,
-            event=NotifyEvent(rng.event).value,
+            event=_wire(rng.event, NotifyEvent),
             blockable=rng.blockable,
             owner=rng.owner,
-            origin=Origin(rng.origin).value,
+            origin=_wire(rng.origin, Origin),
         )
-        generations = {s.node: self.nodes[s.node].generation for s in holders}
+        generations = {sub.node: node.generation for sub, node in holders}
         # Open from the moment the start is sent, not only once it is acked:
         # GUP-fast must not serve these pages meanwhile to a node the start
         # did not address (it held nothing here), which would never hear of
@@ -451,7 +478,7 @@ class NotifierCore:
         sent = Invalidation(rng, start_id, tuple(generations.items()))
         self.open.setdefault(rng.mm, []).append(sent)
         try:
-            outcomes: Outcomes = yield self._deliver([(s.node, self._with_seqs(msg, s.node, cur_seq)) for s in holders])
+            outcomes: Outcomes = yield self._deliver(self._starts(msg, list(generations), cur_seq))
         except GeneratorExit:
             self._orphan(sent)
             raise
@@ -468,24 +495,31 @@ class NotifierCore:
         opened = self.open.get(rng.mm, [])
         if sent in opened:
             opened.remove(sent)
-        started = [
-            (name, generations[name])
-            for name, ack in outcomes.items()
-            if name in generations and ack is not None and ack.status == "ok"
-            and self._alive(name, generations[name])
-        ]
         # The acks are processed now, in this step: the nodes that acked
         # zapped the range.  Nothing is served to them across a later yield
         # and then erased here (a GUP served while the compensating end below
         # is in flight must stay recorded, or the next munmap misses the node).
         # A node that kept its pinned translations (``Ack.kept``: xpmem and a
         # background origin) still holds the range.
-        kept = {name for name, ack in outcomes.items() if ack is not None and ack.kept}
-        for name, _ in started:
-            if name not in kept:
-                self.served(name, rng.mm).remove(rng.start, rng.end)
-            self.intervals.set_seq(name, rng.mm, rng.start, rng.end, cur_seq)
-        refused = [name for name, ack in outcomes.items() if ack is not None and ack.status != "ok"]
+        started: list[tuple[str, int]] = []
+        refused: list[str] = []
+        subs = self.subscriptions.get(rng.mm, {})
+        intervals = self.intervals.in_tree(rng.mm)
+        for name, ack in outcomes.items():
+            if ack is None:
+                continue
+            if ack.status != "ok":
+                refused.append(name)
+                continue
+            generation = generations.get(name)
+            if generation is None or not self._alive(name, generation):
+                continue
+            started.append((name, generation))
+            sub = subs.get(name)
+            if sub is not None and not ack.kept:
+                sub.served.remove(rng.start, rng.end)
+            if intervals:
+                self.intervals.set_seq(name, rng.mm, rng.start, rng.end, cur_seq)
         if refused:
             # mm/mmu_notifier.c mn_hlist_invalidate_range_start: "any that
             # succeeded start are expecting their end to be called.  Do so now."
@@ -497,7 +531,10 @@ class NotifierCore:
                 yield from self.invalidate_range_end(Invalidation(rng, start_id, tuple(started)))
             self.intervals.inv_end(rng.mm, start_id)  # mn_itree_invalidate's out_would_block
             raise KernelError(Errno.EAGAIN, f"{', '.join(refused)} cannot sleep for a non-blockable invalidation")
-        inv = Invalidation(rng, start_id, tuple(started))
+        # Every addressed node acked (the common case): the start sent is the
+        # invalidation to end, the same nodes in the same order.
+        nodes = tuple(started)
+        inv = sent if nodes == sent.nodes else Invalidation(rng, start_id, nodes)
         self.open.setdefault(rng.mm, []).append(inv)
         return inv
 
@@ -514,7 +551,10 @@ class NotifierCore:
             opened.remove(inv)
         self.intervals.inv_end(inv.range.mm, inv.id)  # mn_itree_inv_end comes first, as in the kernel
         subs = self.subscriptions.get(inv.range.mm, {})
-        targets = [name for name, gen in inv.nodes if self._alive(name, gen) and name in subs]
+        nodes = self.nodes
+        # alive (the generation that acked) and still subscribed
+        targets = [name for name, gen in inv.nodes
+                   if name in subs and (node := nodes.get(name)) is not None and node.generation == gen]
         self.counters["invalidate_range_end"] += 1
         if targets:
             end = self._end_message(inv)
@@ -545,7 +585,7 @@ class NotifierCore:
         inv = yield from self.invalidate_range_start(rng)
         try:
             result = body(inv) if body is not None else None
-            if isinstance(result, Generator):
+            if result is not None and isinstance(result, Generator):  # (an ABC check: not for None)
                 result = yield from result
         except GeneratorExit:
             self._orphan(inv)
@@ -612,7 +652,7 @@ class NotifierCore:
                 id=start_id, mm=mm, start=addr, end=end, event=NotifyEvent.CLEAR.value, blockable=True,
                 origin=origin.value,
             )
-            sends += [(s.node, self._with_seqs(start, s.node, cur_seq)) for s in fallback]
+            sends += self._starts(start, [s.node for s in fallback], cur_seq)
         if not sends:
             return
         generations = {name: self.nodes[name].generation for name, _ in sends}
@@ -650,7 +690,7 @@ class NotifierCore:
             return False
         self.counters["young"] += 1
         msg = cls(id=next(self._ids), mm=mm, start=start, end=end)
-        outcomes: Outcomes = yield self._deliver([(s.node, msg) for s in holders])
+        outcomes: Outcomes = yield self._deliver([(sub.node, msg) for sub, _ in holders])
         # mm/mmu_notifier.c __mmu_notifier_clear_flush_young: young |= each.
         return any(ack is not None and ack.young for ack in outcomes.values())
 

@@ -240,12 +240,15 @@ class Mm:
         change ptes between two items (a chunk emptied meanwhile is skipped).
         """
         ps = self.page_size
-        for index in self._chunk_indexes(start, end):
+        first = start // self.chunk_bytes
+        # a range inside one chunk (a page, a small vma): no index list to build
+        indexes = (first,) if first == (end - 1) // self.chunk_bytes else self._chunk_indexes(start, end)
+        for index in indexes:
             chunk = self.pgd.get(index)
             if chunk is None:
                 continue
             base = index * self.chunk_bytes
-            lo, hi = self._slots(index, start, end)
+            lo, hi = max(0, (start - base) // ps), min(CHUNK_PAGES, -(-(end - base) // ps))  # _slots
             if self.populated[index] * 16 < hi - lo:
                 # sparse: every non-none pte has PRESENT or SWAP in its low
                 # byte, so the nonzero low bytes (found in C) are the ptes

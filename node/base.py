@@ -45,6 +45,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
@@ -165,6 +166,14 @@ class Subscription(enum.Enum):
     SUBSCRIBED = "subscribed"
 
 
+# A fault's common path names its events and states through these: Python
+# 3.11's EnumType.__getattr__ makes each ``FaultEvent.REPLY`` in an
+# expression a slow attribute lookup (~0.1 us).
+_SEND_GUP, _REPLY, _INSTALL = FaultEvent.SEND_GUP, FaultEvent.REPLY, FaultEvent.INSTALL
+_FAILED = FaultState.FAILED
+_SUBSCRIBED = Subscription.SUBSCRIBED
+
+
 @dataclass(eq=False, slots=True)
 class MmState:
     """What a node keeps per subscribed mm, whatever its kind.
@@ -188,7 +197,7 @@ class MmState:
 
     @property
     def subscribed(self) -> bool:
-        return self.subscription is Subscription.SUBSCRIBED
+        return self.subscription is _SUBSCRIBED
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +258,35 @@ def pages_in(table: dict[int, Any], start: int, end: int, page_size: int) -> lis
     return [a for a in table if start <= a + page_size - 1 and a < end]
 
 
+#: :meth:`SecondaryMMU.receive`: a host -> node message's exact type -> the
+#: method handling it (the codec builds exactly the registered classes).
+RECEIVERS: dict[type[Message], str] = {
+    InvalidateRangeStart: "_receive_start",
+    InvalidateRangeEnd: "_receive_end",
+    ChangePte: "_receive_callback",
+    ClearFlushYoung: "_receive_callback",
+    ClearYoung: "_receive_callback",
+    TestYoung: "_receive_callback",
+    Release: "_receive_callback",
+    GupReply: "_receive_reply",
+    DmaReply: "_receive_reply",
+    XpmemReply: "_receive_reply",
+    Ok: "_receive_reply",
+    Error: "_receive_error",
+    Fenced: "_receive_fenced",
+    Registered: "_receive_registered",
+    Heartbeat: "_receive_heartbeat",
+}
+#: The acked callbacks of :meth:`SecondaryMMU._receive_callback`, answered once.
+CALLBACKS: dict[type[Message], str] = {
+    ChangePte: "change_pte",
+    ClearFlushYoung: "clear_flush_young",
+    ClearYoung: "clear_young",
+    TestYoung: "test_young",
+    Release: "_receive_release",
+}
+
+
 class SecondaryMMU:
     """Base of the kvm, gru and xpmem kinds (``struct mmu_notifier`` + its device).
 
@@ -281,6 +319,8 @@ class SecondaryMMU:
     kind: ClassVar[str] = ""
     ops: ClassVar[frozenset[str]] = frozenset()
     sleepable: ClassVar[bool] = False
+    _receivers: ClassVar[dict[type[Message], Callable[[Any, Any], list[Output]]]] = {}
+    _callbacks: ClassVar[dict[type[Message], Callable[[Any, Any], list[Output]]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Derive ``cls.ops`` from the callbacks ``cls`` overrides (once, at
@@ -296,6 +336,14 @@ class SecondaryMMU:
         cls.ops = frozenset(op for op in NOTIFIER_OPS if getattr(cls, op) is not getattr(SecondaryMMU, op))
         if ("invalidate_range_start" in cls.ops) != ("invalidate_range_end" in cls.ops):
             raise TypeError(f"{cls.__name__}: invalidate_range_start and invalidate_range_end go together")
+        cls._bind_receivers()
+
+    @classmethod
+    def _bind_receivers(cls) -> None:
+        """:meth:`receive`'s table, type -> this class's method (overrides
+        included), built once per class: :data:`RECEIVERS`, :data:`CALLBACKS`."""
+        cls._receivers = {kind: getattr(cls, name) for kind, name in RECEIVERS.items()}
+        cls._callbacks = {kind: getattr(cls, name) for kind, name in CALLBACKS.items()}
 
     def __init__(
         self,
@@ -405,55 +453,57 @@ class SecondaryMMU:
             Nothing for any well-typed message.
         Concurrency: synchronous.
         """
-        if isinstance(msg, InvalidateRangeStart):
-            return self._receive_start(msg)
-        if isinstance(msg, InvalidateRangeEnd):
-            return self._receive_end(msg)
-        if isinstance(msg, (ChangePte, ClearFlushYoung, ClearYoung, TestYoung, Release)):
-            if msg.id in self._answered:
-                self.counters["duplicates"] += 1
-                return [self._answered[msg.id]]
-            if isinstance(msg, Release):
-                return self._receive_release(msg)
-            if isinstance(msg, ChangePte):
-                return self.change_pte(msg)
-            if isinstance(msg, ClearFlushYoung):
-                return self.clear_flush_young(msg)
-            if isinstance(msg, ClearYoung):
-                return self.clear_young(msg)
-            return self.test_young(msg)
-        if isinstance(msg, Error) and self.ends_session(msg):
-            # Refused for the epoch it carried: the session is over on the
-            # host, whatever request this answers (a heartbeat, a DMA...).
-            # Every command in flight fails with EINTR, as for Fenced.
-            outputs = self.drop_all(f"{msg.code}: {msg.message}" if msg.message else msg.code)
-            self._end_session()
-            return outputs
-        if isinstance(msg, (GupReply, DmaReply, XpmemReply, Ok, Error)):
-            request = self._pending.pop(msg.ref, None) or self._dropped.pop(msg.ref, None)
-            if request is None:
-                logger.debug("%s: reply to unknown request %d ignored", self.name, msg.ref)
-                return []
-            return self._reply(request, msg)
-        if isinstance(msg, Fenced):
-            if not self.ends_session(msg):
-                logger.info("%s: fence of old epoch %d ignored", self.name, msg.epoch)
-                return []
-            outputs = self.drop_all(f"fenced: {msg.reason}" if msg.reason else "fenced")
-            self._end_session()
-            return outputs
-        if isinstance(msg, Registered):
-            # A new session: the host holds no subscription or pin of ours.
-            outputs = self.drop_all("registered anew")
-            self.epoch = msg.epoch
-            self.session = Session.REGISTERED
-            self.page_size = msg.page_size
-            self._session_first_id = self._next_id + 1
-            return outputs
-        if isinstance(msg, Heartbeat):
+        receiver = self._receivers.get(type(msg))
+        if receiver is None:
+            logger.warning("%s: unexpected %s ignored", self.name, msg.TYPE)
             return []
-        logger.warning("%s: unexpected %s ignored", self.name, msg.TYPE)
-        return []
+        return receiver(self, msg)
+
+    def _receive_callback(self, msg: ChangePte | ClearFlushYoung | ClearYoung | TestYoung | Release) -> list[Output]:
+        """A notifier callback the host awaits an Ack for: handled once (a
+        duplicate gets the first Ack again)."""
+        answered = self._answered.get(msg.id)
+        if answered is not None:
+            self.counters["duplicates"] += 1
+            return [answered]
+        return self._callbacks[type(msg)](self, msg)
+
+    def _receive_reply(self, msg: GupReply | DmaReply | XpmemReply | Ok | Error) -> list[Output]:
+        request = self._pending.pop(msg.ref, None) or self._dropped.pop(msg.ref, None)
+        if request is None:
+            logger.debug("%s: reply to unknown request %d ignored", self.name, msg.ref)
+            return []
+        return self._reply(request, msg)
+
+    def _receive_error(self, msg: Error) -> list[Output]:
+        if not self.ends_session(msg):
+            return self._receive_reply(msg)
+        # Refused for the epoch it carried: the session is over on the
+        # host, whatever request this answers (a heartbeat, a DMA...).
+        # Every command in flight fails with EINTR, as for Fenced.
+        outputs = self.drop_all(f"{msg.code}: {msg.message}" if msg.message else msg.code)
+        self._end_session()
+        return outputs
+
+    def _receive_fenced(self, msg: Fenced) -> list[Output]:
+        if not self.ends_session(msg):
+            logger.info("%s: fence of old epoch %d ignored", self.name, msg.epoch)
+            return []
+        outputs = self.drop_all(f"fenced: {msg.reason}" if msg.reason else "fenced")
+        self._end_session()
+        return outputs
+
+    def _receive_registered(self, msg: Registered) -> list[Output]:
+        # A new session: the host holds no subscription or pin of ours.
+        outputs = self.drop_all("registered anew")
+        self.epoch = msg.epoch
+        self.session = Session.REGISTERED
+        self.page_size = msg.page_size
+        self._session_first_id = self._next_id + 1
+        return outputs
+
+    def _receive_heartbeat(self, msg: Heartbeat) -> list[Output]:
+        return []  # the runtime answers the host's heartbeat; nothing changes here
 
     def _end_session(self) -> None:
         self.epoch = 0
@@ -656,7 +706,7 @@ class SecondaryMMU:
             f.fire(FaultEvent.PARK)
             state.parked.append(f)
             return []
-        f.fire(FaultEvent.SEND_GUP)
+        f.fire(_SEND_GUP)
         f.seq = seq
         f.request = self.next_id()
         self._pending[f.request] = f
@@ -669,7 +719,7 @@ class SecondaryMMU:
         return Gup(id=f.request, epoch=self.epoch, mm=f.mm, addr=f.addr, npages=f.npages, write=f.write, pin=f.pin)
 
     def _gup_reply(self, f: Fault, reply: Message) -> list[Output]:
-        if f.fire(FaultEvent.REPLY) is FaultState.FAILED:
+        if f.fire(_REPLY) is _FAILED:
             # Failed by a drop while the Gup was on the wire: the host retired
             # that session's pins, and the command already failed with EINTR.
             logger.debug("%s: reply to gup %d of a dropped fault ignored", self.name, f.request)
@@ -678,35 +728,36 @@ class SecondaryMMU:
             return self._fault_failed(f, kernel_error(reply.code, reply.message))
         if not isinstance(reply, GupReply):
             return self._fault_failed(f, KernelError(Errno.EINVAL, f"unexpected {reply.TYPE} to gup"))
-        pages = [list(p) for p in reply.pages]
         if f.pin:
-            self.counters["pins_taken"] += len(pages)
+            self.counters["pins_taken"] += len(reply.pages)
         state = self._mm(f.mm)
-        end = f.addr + f.npages * self.page_size
-        if self.read_retry(state, f, f.addr, end):
+        start, end = f.addr, f.addr + f.npages * self.page_size
+        if self.read_retry(state, f, start, end):
             # The reply may predate an invalidation that reached us first:
             # mmu_invalidate_retry() says so; drop it and fault again.
             f.fire(FaultEvent.STALE)
             self.counters["stale_replies"] += 1
-            outputs: list[Output] = self._unpin(f.mm, [p[1] for p in pages]) if f.pin else []
+            outputs: list[Output] = self._unpin(f.mm, [p[1] for p in reply.pages]) if f.pin else []
             f.retries += 1
             if f.retries > self.max_fault_retries:
                 return outputs + self._fault_failed(f, KernelError(Errno.EAGAIN, "invalidations kept racing the fault"))
             self.counters["gup_retries"] += 1
             return outputs + self._fault_begin(f)
         # Pages beyond the request (the host's fault-around) pass the same rule
-        # one by one; those that fail it are dropped, not retried.
-        extra = [
-            p
-            for p in pages
-            if not f.addr <= p[0] < end and self.read_retry(state, f, p[0], p[0] + self.page_size)
-        ]
+        # one by one; those that fail it are dropped, not retried.  One pass
+        # (the pages copied as it goes: the reply stays the host's).
+        ps = self.page_size
+        pages: list[list[int]] = []
+        extra: list[list[int]] = []
+        for p in reply.pages:
+            if start <= p[0] < end or not self.read_retry(state, f, p[0], p[0] + ps):
+                pages.append(list(p))
+            else:
+                extra.append(p)
         outputs = self._unpin(f.mm, [p[1] for p in extra]) if f.pin and extra else []
-        if extra:  # the common case has none: no second pass over the pages
-            pages = [p for p in pages if p not in extra]
         if not pages:
             return outputs + self._fault_failed(f, kernel_error(reply.errno or "EFAULT"))
-        f.fire(FaultEvent.INSTALL)
+        f.fire(_INSTALL)
         installed, more = self._fault_install(state, f, pages)
         outputs += more
         return outputs + self._fault_finished(f, installed, kernel_error(reply.errno) if reply.errno else None)
@@ -1067,3 +1118,6 @@ class SecondaryMMU:
 
     def _drop_kind_state(self) -> None:
         raise NotImplementedError
+
+
+SecondaryMMU._bind_receivers()

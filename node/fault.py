@@ -49,6 +49,10 @@ class FaultState(enum.Enum):
     DONE = "done"
     FAILED = "failed"
 
+    # Members are singletons that compare by identity: hash them by identity
+    # too (in C), not through Enum.__hash__, a Python call per table lookup.
+    __hash__ = object.__hash__
+
 
 class FaultEvent(enum.Enum):
     """What happens to a fault (see the module's table)."""
@@ -61,6 +65,8 @@ class FaultEvent(enum.Enum):
     INSTALL = "install"
     FAIL = "fail"
     DROP = "drop"
+
+    __hash__ = object.__hash__  # as FaultState's
 
 
 S, E = FaultState, FaultEvent

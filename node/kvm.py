@@ -215,6 +215,8 @@ class KvmMMU(SecondaryMMU):
     def _flush_tlb(self, mm: int) -> None:
         """``kvm_flush_remote_tlbs``: every cached translation of the VM goes."""
         self.counters["tlb_flushes"] += 1
+        if not self.tlb:  # nothing cached (a node that only faults): no walk
+            return
         for key in [k for k in self.tlb if k[0] == mm]:
             del self.tlb[key]
 

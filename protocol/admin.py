@@ -151,24 +151,25 @@ def check_admin(command: str, args: dict[str, Any]) -> dict[str, Any]:
             out[arg.name] = arg.default
             continue
         value = args[arg.name]
-        where = f"{command}: {arg.name}"
-        if arg.kind in ("int", "addr"):
+        kind = arg.kind
+        # (the message's "command: name" is built only for a refusal)
+        if kind == "int" or kind == "addr":
             if type(value) is not int:
-                raise ProtocolError("bad_message", f"{where} must be an integer")
-            hi = ADDRESS_LIMIT if arg.kind == "addr" else arg.maximum
+                raise ProtocolError("bad_message", f"{command}: {arg.name} must be an integer")
+            hi = ADDRESS_LIMIT if kind == "addr" else arg.maximum
             if not (arg.minimum <= value <= hi):
-                raise ProtocolError("bad_message", f"{where} must be in {arg.minimum}..{hi}")
-        elif arg.kind == "bool":
+                raise ProtocolError("bad_message", f"{command}: {arg.name} must be in {arg.minimum}..{hi}")
+        elif kind == "bool":
             if type(value) is not bool:
-                raise ProtocolError("bad_message", f"{where} must be a boolean")
-        elif arg.kind == "str":
+                raise ProtocolError("bad_message", f"{command}: {arg.name} must be a boolean")
+        elif kind == "str":
             if type(value) is not str or len(value) > 256:
-                raise ProtocolError("bad_message", f"{where} must be a short string")
-        elif arg.kind == "bytes":
+                raise ProtocolError("bad_message", f"{command}: {arg.name} must be a short string")
+        elif kind == "bytes":
             if type(value) is not bytes:
-                raise ProtocolError("bad_message", f"{where} must be bytes")
-        elif arg.kind == "choice":
+                raise ProtocolError("bad_message", f"{command}: {arg.name} must be bytes")
+        elif kind == "choice":
             if value not in arg.choices:
-                raise ProtocolError("bad_message", f"{where} must be one of {', '.join(arg.choices)}")
+                raise ProtocolError("bad_message", f"{command}: {arg.name} must be one of {', '.join(arg.choices)}")
         out[arg.name] = value
     return out

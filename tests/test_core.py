@@ -31,6 +31,7 @@ from protocol.messages import (
     AdminReply,
     AdminRequest,
     Command,
+    CommandResult,
     DmaRead,
     DmaReply,
     Error,
@@ -146,6 +147,28 @@ def test_a_relayed_command_times_out_at_the_tick_and_a_fence_ends_it_with_eintr(
     assert not reply.ok and reply.errno == "EINTR"
     (reply,) = admin_replies(core.submit_admin("cli", 3, "fault", {"node": "kvm9", "mm": 1, "addr": 0}, 5.0))
     assert reply.errno == "ESRCH"
+
+
+def test_answered_commands_leave_no_timers_behind_and_the_one_unanswered_still_times_out() -> None:
+    """A command's timer is cancelled by its result: the core drops it (in
+    sweeps), so a thousand answered commands do not leave a thousand
+    deadlines 3 s out in the heap; the one still waiting keeps its own."""
+    core = new_core(command_timeout_ms=3000)
+    register(core)
+    out = core.submit_admin("cli", 1, "fault", {"node": "kvm9", "mm": 1, "addr": 0x10000000}, 0.0)
+    (waiting,) = sends(out, b"n1")
+    for ref in range(2, 1002):
+        out = core.submit_admin("cli", ref, "fault", {"node": "kvm9", "mm": 1, "addr": 0x10000000}, 0.001)
+        (cmd,) = sends(out, b"n1")
+        (reply,) = admin_replies(core.receive_node(b"n1", CommandResult(ref=cmd.id, ok=True, result={"n": ref}),
+                                                    None, 0.001))
+        assert reply.ok and reply.ref == ref and reply.result == {"n": ref}
+    assert core.timer_entries <= 2 * 1 + 64  # one live timer; the cancelled ones were swept
+    assert core.next_deadline() == pytest.approx(3.0)
+    (reply,) = admin_replies(core.tick(3.5))  # the waiting one times out; no answered one fires again
+    assert reply.ref == 1 and reply.errno == "ETIMEDOUT"
+    assert core.next_deadline() is None and core.timer_entries == 0
+    assert waiting.id not in core._commands
 
 
 def test_with_curve_a_connection_is_bound_to_the_key_that_registered_it() -> None:
