@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 from protocol.messages import ChangePte, ClearFlushYoung, ClearYoung, InvalidateRangeStart, TestYoung
 
-from .base import MmState, Output, SecondaryMMU, Translation, pages_in
+from .base import MmState, Output, SecondaryMMU, Translation, pages_in, zap_range
 from .fault import Fault
 
 #: Entries of the secondary TLB.
@@ -204,11 +204,9 @@ class KvmMMU(SecondaryMMU):
         table = self.sptes.get(mm)
         if not table:
             return []
-        pages = pages_in(table, start, end, self.page_size)
-        for page in pages:
-            del table[page]
-        if pages:
-            self.counters["zapped"] += len(pages)
+        zapped = zap_range(table, start, end, self.page_size)
+        if zapped:
+            self.counters["zapped"] += zapped
             self._flush_tlb(mm)
         return []
 

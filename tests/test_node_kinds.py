@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from node.base import Completion, SecondaryMMU
+from node.base import Completion, SecondaryMMU, zap_range
 from node.fault import TRANSITIONS, Fault, FaultEvent, FaultState, FaultStateError
 from node.gru import GruMMU
 from node.kinds import node_class
@@ -987,3 +987,20 @@ def test_xpmem_fault_around_pages_in_an_invalidated_range_are_unpinned():
     assert only(out, Unpin).pfns == [11]
     assert only(out, Completion).result["pages"] == [[page(0), 10, 1]]
     assert xp.pinned_pages() == 2
+
+
+@given(
+    keys=st.sets(st.integers(0, 64), max_size=40),
+    start=st.integers(0, 70 * 16),
+    length=st.integers(0, 70 * 16),
+)
+def test_zap_range_removes_exactly_the_pages_a_range_meets(keys: set[int], start: int, length: int) -> None:
+    """zap_range against its definition, both of its ways (the whole table
+    cleared at once when the range holds it, the per-key walk otherwise):
+    a page goes iff ``[page, page + ps)`` meets ``[start, end)``."""
+    ps = 16
+    table = {k * ps: k for k in keys}
+    end = start + length
+    kept = {a: v for a, v in table.items() if not (a + ps > start and a < end)}
+    assert zap_range(table, start, end, ps) == len(keys) - len(kept)
+    assert table == kept
