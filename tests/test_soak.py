@@ -88,7 +88,7 @@ def test_hmm_nodes_join_the_mix_from_the_fifth_node_and_smaller_runs_keep_their_
     assert digest(four) == "ac1bdb420c984c41"  # as before hmm nodes (main at fbc9ffe)
     assert not any(op["op"].startswith("hmm_") or (op.get("node") or "").startswith("hmm")
                for g in four for op in g)
-    schedule = plan(11, 3000, node_names(5), 0.03)  # the CI soak's
+    schedule = plan(3, 3000, node_names(5), 0.03)  # the CI soak's
     hmm = [op for group in schedule for op in group if op["op"].startswith("hmm_")]
     assert all(op["node"] == "hmm0" for op in hmm)
     kinds = Counter((op["op"], op.get("to")) for op in hmm)
@@ -190,7 +190,7 @@ async def test_a_ci_soak_with_failures_that_fence_several_nodes_finds_nothing(tm
     bring pages back; no page a device lost serves bytes, no EIO comes
     where none may be lost.  On CURVE, as a deployment runs: every process
     with its own key, made for the run."""
-    report = await soak(11, 3000, 5, 0.03, logs=tmp_path, curve=True)
+    report = await soak(3, 3000, 5, 0.03, logs=tmp_path, curve=True)
     summary = {k: v for k, v in report.__dict__.items() if k != "violations"}
     assert report.ok(), (summary, report.violations)
     # shared segments removed with their importers' accesses refused after;
