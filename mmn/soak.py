@@ -30,8 +30,9 @@ see the page before or after, nothing else.  Violations:
 * ``lost_writes``: a read (or the final read-back) returned what a page held
   before an acknowledged write,
 * ``unexpected``: a host operation failed that must succeed, an access that
-  must fail succeeded, an internal error (EIO), or a reply never came,
-* ``wrong_errors``: a node access (read, write, fault; kvm, gru or xpmem)
+  must fail succeeded, an internal error (EIO of anything but an access:
+  that is ``wrong_poison``'s), or a reply never came,
+* ``wrong_errors``: a node access (read, write, fault; kvm, gru, hmm or xpmem)
   was denied (EFAULT, EPERM, EACCES) where the shadow says it may not be: a
   page mapped with the protection it needs, no other operation of its
   group changing that (a write's own pages do not excuse it), and for xpmem
@@ -45,7 +46,9 @@ see the page before or after, nothing else.  Violations:
   over a host pause (the host judges silence only over its own running time),
 * ``not_restarted``: after a host crash (``--host-crash``) a node did not
   register with the new host, or registered still holding translations,
-* ``late``: an operation finished after its deadline.
+* ``late``: an operation finished after its deadline,
+* ``wrong_poison``: a page lost with its device served bytes, or an EIO came
+  where no device page may be lost (hmm nodes, below).
 
 The failures injected: through ``mmn inject`` (drop-acks, delay-acks,
 duplicate, hang, partition, slow-drain, crash), and by the runner itself on
@@ -86,6 +89,22 @@ at an attached span: the pinned pages stay, contents kept.  At the end every
 attachment the shadow knows is detached, and the host's ``pages_pinned`` must
 equal ``pages_unpinned`` (``pins_leaked``; not judged if an attach's outcome
 was never known).  Shared attachments a fence dropped are not attached again.
+
+HMM nodes (issue 15; from the fifth node on, :data:`MIX`): they read, write
+and fault as kvm and gru nodes do (dmirror's reads and writes), and
+``hmm_migrate`` moves a span's pages to the node's memory (``--to sys``:
+back) and ``hmm_exclusive`` makes them device-exclusive (lib/test_hmm.c's
+ioctls).  Contents never change by a migration.  The shadow also keeps
+where each page may be -- system memory or device pages (the host's
+handles, from a snapshot of the span by the node after the group, between
+two status calls that show it live in one session) -- and which of those
+may be lost: a device page whose node's session ended while it held it is
+poisoned by the host, every access to it fails EIO until it is zapped.
+An access that succeeds on a page lost through its group, an EIO where no
+page may be lost, or at the end host device-page counts outside what the
+shadow allows, are ``wrong_poison``.  The final read-back finds every page
+whose device is still in its session back in system memory with its bytes,
+every lost one EIO.
 """
 
 from __future__ import annotations
@@ -1178,8 +1197,8 @@ class Soak:
                 self._moved(op, res)
         self._settle()
         for op, res in zip(group, results, strict=False):
-            if op["op"] in ("hmm_migrate", "hmm_exclusive") and res[1] != "SKIPPED":
-                await self.locate(op)
+            if op["op"] in ("hmm_migrate", "hmm_exclusive") and res[1] not in ("SKIPPED", "ESRCH"):
+                await self.locate(op)  # (ESRCH: the node was not reached, nothing moved)
         rep.ops += size
 
     def key(self, op: dict[str, Any], page: int | None = None) -> tuple[int, int, int]:
