@@ -962,6 +962,10 @@ class _Dev:
     node: str
     epoch: int | None
     lost: bool = False
+    #: the node's process then (the soak's own cluster; 0: not known): the
+    #: host learns of a dead process only later, its session looks current
+    #: until then, the device memory is gone already
+    pid: int = 0
 
 
 class HostDied(Exception):
@@ -1043,6 +1047,9 @@ class Soak:
         #: losses its outcomes show (applied once it is checked); its forks
         self._before: dict[str, tuple[int, bool]] = {}
         self._after: dict[str, tuple[int, bool]] = {}
+        #: the nodes' processes (pid, 0 when dead) before and right after it
+        self._pids_before: dict[str, int] = {}
+        self._pids_after: dict[str, int] = {}
         self._hmm_span: dict[tuple[int, int, int], str] = {}
         self._moves: list[tuple[tuple[int, int, int], str, bool]] = []
         self._learned: list[tuple[int, int, int]] = []
@@ -1145,13 +1152,18 @@ class Soak:
         self._made = {}
         self._op_gen = {}
         hmm_ops = [op for op in group if op["op"] in ("hmm_migrate", "hmm_exclusive")]
-        if hmm_ops or any(op["op"] in ("xpmem_attach", "xpmem_read", "xpmem_write", "xpmem_detach", "xpmem_share",
+        # (a device page of the group's whose device may have lost it since
+        # the last look: look now, so that a page lost before the group is
+        # known lost through it)
+        unsure = any(d and not self.dev[d].lost for op in group for k in self._op_keys(op) for d in self.loc.get(k, ()))
+        if hmm_ops or unsure or any(op["op"] in ("xpmem_attach", "xpmem_read", "xpmem_write", "xpmem_detach", "xpmem_share",
                                        "xpmem_remove", "xpmem_dead") for op in group):
             # the session each attach is made in, and which attachments a
             # fence or a restart dropped since (attached again before use);
             # the session an hmm node migrates pages to its device in
             await self.refresh_epochs()
         self._before, self._after = dict(self.epochs), {}
+        self._pids_before, self._pids_after = self._pids(), {}
         self._hmm_span = {k: op["node"] for op in hmm_ops if op["op"] == "hmm_migrate" and op["to"] == "dev"
                           for k in self._span_keys(op)}
         self._moves, self._learned, self._forked = [], [], []
@@ -1164,6 +1176,7 @@ class Soak:
             # (and whether a device holding a page of the group lost it before, during or after it)
             await self.refresh_epochs()
             self._after = dict(self.epochs)
+            self._pids_after = self._pids()
             for gen, (node, before) in self._made.items():
                 # made in the session seen before it and still current after it
                 self.gen_epoch[gen] = before if before is not None and self.epochs.get(node, (None,))[0] == before \
@@ -1620,9 +1633,18 @@ class Soak:
     def _span_keys(self, op: dict[str, Any]) -> list[tuple[int, int, int]]:
         return [(op["mm"], op["rid"], op["page"] + j) for j in range(op["npages"])]
 
+    def _pids(self) -> dict[str, int]:
+        """Each node's current process (0: dead, or not known: ``--host``)."""
+        if self.cluster is None:
+            return {}
+        return {name: proc.pid if proc.returncode is None else 0 for name, proc in self.cluster.procs.items()}
+
     def _dev_state(self, d: int) -> str:
         """Device page ``d`` during the group running: "lost" (before it
-        began), "alive" (through it), or "maybe"."""
+        began), "alive" (through it: its session current and its process
+        the same, before and right after it, and nothing injected on its
+        node by the group -- a crash ends the process after the answer), or
+        "maybe"."""
         dev = self.dev.get(d)
         if dev is None or dev.epoch is None:
             return "lost" if dev is not None and dev.lost else "maybe"
@@ -1631,12 +1653,19 @@ class Soak:
         seen = self._before.get(dev.node)
         if seen is not None and seen != (dev.epoch, True):
             return "lost"
-        return "alive" if self._after.get(dev.node) == (dev.epoch, True) else "maybe"
+        alive = self._after.get(dev.node) == (dev.epoch, True) and not self._targets[dev.node]
+        if self.cluster is not None:
+            alive = alive and self._pids_before.get(dev.node) == self._pids_after.get(dev.node) == dev.pid != 0
+        return "alive" if alive else "maybe"
 
     def _steady(self, node: str) -> bool:
-        """Was ``node`` live in one session through the group running?"""
+        """Was ``node`` live in one session and process through the group
+        running, nothing injected on it by the group?"""
         seen = self._before.get(node)
-        return seen is not None and seen[1] and self._after.get(node) == seen
+        steady = seen is not None and seen[1] and self._after.get(node) == seen and not self._targets[node]
+        if self.cluster is not None:
+            steady = steady and self._pids_before.get(node) == self._pids_after.get(node) != 0
+        return steady
 
     def _may_lose(self, k: tuple[int, int, int]) -> bool:
         """May page ``k`` be lost with its device during the group running?"""
@@ -1650,13 +1679,14 @@ class Soak:
         where = self.loc.get(k, set())
         return bool(where) and 0 not in where and all(self._dev_state(d) == "lost" for d in where)
 
-    def _eio(self, op: dict[str, Any], keys: list[tuple[int, int, int]]) -> bool:
+    def _eio(self, op: dict[str, Any], keys: list[tuple[int, int, int]], err: str = "") -> bool:
         """``op`` failed EIO: only a page of ``keys`` lost with its device
         explains it (``wrong_poison`` otherwise)."""
         lost = [k for k in keys if self._may_lose(k)]
         if not lost:
-            self.violation("wrong_poison", f"{_short(op)} failed EIO, and no device holding one of its pages may "
-                                           "have lost it")
+            where = {k[2]: sorted(self.loc.get(k, {0})) for k in keys}
+            self.violation("wrong_poison", f"{_short(op)} failed EIO ({err}), and no device holding one of its "
+                                           f"pages may have lost it (pages {where}; {self._before} -> {self._after})")
             return False
         self.report.lost_refused += 1
         if len(lost) == 1:
@@ -1734,16 +1764,18 @@ class Soak:
         if not keys or addr is None or sid not in self.mm:
             return
         await self.refresh_epochs()
-        seen = self.epochs.get(node)
+        seen, pid = self.epochs.get(node), self._pids().get(node, 0)
         snap: dict[int, dict[str, Any]] | None = None
         if seen is not None and seen[1]:
             ok, res, _ = await self.call(STATUS_LANE, "hmm", {"node": node, "op": "snapshot", "mm": self.mm[sid],
                                                               "addr": addr, "pages": op["npages"]}, 5.0)
             if ok:
                 await self.refresh_epochs()
-                if self.epochs.get(node) == seen:
+                if self.epochs.get(node) == seen and self._pids().get(node, 0) == pid:
                     snap = {p["addr"]: p for p in res["pages"]}
         self._before = self._after = dict(self.epochs)
+        self._pids_before = self._pids_after = self._pids()
+        self._targets = Counter()
         self._hmm_span = {}
         to_dev = op["op"] == "hmm_migrate" and op["to"] == "dev"
         for k in keys:
@@ -1760,11 +1792,11 @@ class Soak:
             elif state == "device-private":
                 assert seen is not None
                 handle = int(entry["pfn"])  # type: ignore[index]
-                dev = self.dev.setdefault(handle, _Dev(node, seen[0]))
+                dev = self.dev.setdefault(handle, _Dev(node, seen[0], pid=pid))
                 if dev.node != node or dev.lost or dev.epoch not in (None, seen[0]):
                     self.violation("wrong_poison", f"{node}'s snapshot shows page {k[2]} of {_short(op)} as its "
                                                    f"device page {handle}, which the shadow knows as {dev}")
-                dev.epoch = seen[0]
+                dev.epoch, dev.pid = seen[0], pid
                 where = {handle}
             elif state == "device-private-remote":
                 where = {d for d in where if d and self.dev[d].node != node} or where
@@ -1887,7 +1919,7 @@ class Soak:
         elif errno in SESSION_ERRNOS:
             self.report.node_errors += 1
         elif errno == "EIO" and op["op"] != "xpmem_dead":
-            self._eio(op, self._needed(op))
+            self._eio(op, self._needed(op), err)
         elif errno in ("ENOENT", "EFAULT") and self._segment_may_be_gone(op):
             self.report.node_errors += 1
         elif errno == "EACCES" and (op.get("removing") or op.get("att") in self._removing):
@@ -2010,7 +2042,7 @@ class Soak:
             if res[0]:
                 self._served(op, keys)
             if kind == "host_write" and not res[0] and res[1] == "EIO":
-                if self._eio(op, keys):
+                if self._eio(op, keys, res[2]):
                     landed, maybe = self._write_landed(op, "EIO", keys)
                     self._fold_write(op, segs, keys, landed, maybe)
                 return touched
@@ -2086,7 +2118,7 @@ class Soak:
         elif errno == "EIO" and not self._steady(op["node"]):
             self.report.node_errors += 1
         elif errno == "EIO" and exclusive:
-            self._eio(op, keys)
+            self._eio(op, keys, err)
         elif errno in DENIAL_ERRNOS and exclusive:
             if any(not self._accessible(k, True) for k in keys):
                 self.report.node_errors += 1
@@ -2119,7 +2151,7 @@ class Soak:
         racing = any(k in mutated for k in keys)
         if not res[0]:
             if kind == "host_read" and res[1] == "EIO":
-                self._eio(op, keys)
+                self._eio(op, keys, res[2])
             elif kind == "host_read":
                 if not racing and all(self._accessible(k, False) for k in keys):
                     self._host_failed(op, res)
@@ -2200,6 +2232,8 @@ class Soak:
         # current one must read back, one whose session ended must fail EIO.
         await self.refresh_epochs()
         self._before = self._after = dict(self.epochs)
+        self._pids_before = self._pids_after = self._pids()
+        self._targets = Counter()
         self._hmm_span = {}
         for k in sorted(self.pages):
             sid, rid, page = k

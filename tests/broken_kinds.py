@@ -94,6 +94,17 @@ class KeepsDevicePagesItGaveBack(HmmMMU):
         return None  # (and nothing it holds ever goes)
 
 
+class KeepsDevicePagesOverAFence(HmmMMU):
+    """Fenced, keeps its device memory and its mirror of it into its next
+    session, as if the host still counted on them: the host poisoned those
+    pages (it cannot know the device kept them), and the node's accesses to
+    them copy its old bytes -- no DMA, nothing the host's oracle sees; only
+    the soak's shadow of where the pages are (lost: EIO) can tell."""
+
+    def _drop_kind_state(self) -> None:
+        self._access_stats.clear()
+
+
 BROKEN: dict[str, type[KvmMMU] | type[XpmemMMU] | type[HmmMMU]] = {
     "acks-before-zap": AcksBeforeZapping,
     "never-zaps": NeverZaps,
@@ -101,6 +112,7 @@ BROKEN: dict[str, type[KvmMMU] | type[XpmemMMU] | type[HmmMMU]] = {
     "keeps-pins-on-remove": KeepsPinsOnRemove,
     "says-writes-failed": SaysWritesFailed,
     "keeps-device-pages": KeepsDevicePagesItGaveBack,
+    "keeps-device-pages-over-a-fence": KeepsDevicePagesOverAFence,
 }
 
 

@@ -828,3 +828,44 @@ async def test_device_pages_of_a_killed_hmm_node_fail_eio_to_everyone_and_the_ho
     assert report.ok(), report.violations
     assert report.lost_refused == 5 and report.device_lost == 2
     assert device["pages"] == device["poisoned_pages"] == 2 and device["by_owner"] == {"hmm0": 2}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("broken", [None, "keeps-device-pages-over-a-fence"])
+async def test_an_hmm_node_fenced_with_device_pages_finds_them_lost_in_its_next_session(
+        tmp_path: Path, nursery: Any, broken: str | None) -> None:
+    """hmm0 migrates a page to its memory, then hangs past its liveness
+    window: the host fences it and poisons the page; healed, it registers
+    anew.  Its own read of the page in the new session fails EIO, as the
+    shadow expects.  A build whose hmm nodes keep their device memory over
+    a fence (``keeps-device-pages-over-a-fence``) serves its old copy
+    instead -- no DMA, the host's oracle sees nothing -- and the shadow
+    calls it ``wrong_poison``."""
+    env = {} if broken is None else {
+        "MMN_TEST_BROKEN": broken,
+        "PYTHONPATH": os.pathsep.join((str(ROOT / "tests" / "broken_site"), str(ROOT)))}
+    nodes = [("kvm0", "kvm"), ("hmm0", "hmm")]
+    cluster = Cluster(nodes, logs=tmp_path, node_liveness=NODE_LIVENESS, node_env=env)
+    async with _running(cluster, nursery, tmp_path) as runner:
+        report = runner.report
+        with trio.fail_after(60):
+            await runner.run_group([{"op": "spawn", "mm": 1}])
+            await runner.run_group([{"op": "mmap", "mm": 1, "rid": 1, "pages": 2, "fill": 0x41, "mergeable": False}])
+            await runner.run_group([{"op": "hmm_migrate", "node": "hmm0", "mm": 1, "rid": 1, "page": 0, "npages": 1,
+                                     "to": "dev"}])
+            assert report.hmm_migrated == 1
+            epoch = runner.epochs["hmm0"][0]
+            await runner.run_group([{"op": "inject", "node": "hmm0", "kind": "hang", "for_s": 1.5}])
+            await trio.sleep(1.6)  # (no status meanwhile: a hung node answers status, and that is traffic)
+            while True:
+                ok, st, _ = await runner.call(0, "status", {}, 5.0)
+                node = next((n for n in st["nodes"] if n["name"] == "hmm0"), {}) if ok else {}
+                if node.get("state") == "live" and node.get("epoch", 0) > epoch and not node.get("injected"):
+                    break
+                await trio.sleep(0.1)
+            await runner.run_group([_access("node_read", node="hmm0")])
+    if broken is None:
+        assert report.ok() and report.lost_refused == 1, report.violations
+    else:
+        assert report.wrong_poison == 1 and report.stale_accesses == 0, report.violations
+        assert report.violations[0].startswith("wrong_poison: op=node_read node=hmm0"), report.violations
