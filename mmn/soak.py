@@ -30,8 +30,9 @@ see the page before or after, nothing else.  Violations:
 * ``lost_writes``: a read (or the final read-back) returned what a page held
   before an acknowledged write,
 * ``unexpected``: a host operation failed that must succeed, an access that
-  must fail succeeded, an internal error (EIO), or a reply never came,
-* ``wrong_errors``: a node access (read, write, fault; kvm, gru or xpmem)
+  must fail succeeded, an internal error (EIO of anything but an access:
+  that is ``wrong_poison``'s), or a reply never came,
+* ``wrong_errors``: a node access (read, write, fault; kvm, gru, hmm or xpmem)
   was denied (EFAULT, EPERM, EACCES) where the shadow says it may not be: a
   page mapped with the protection it needs, no other operation of its
   group changing that (a write's own pages do not excuse it), and for xpmem
@@ -45,7 +46,9 @@ see the page before or after, nothing else.  Violations:
   over a host pause (the host judges silence only over its own running time),
 * ``not_restarted``: after a host crash (``--host-crash``) a node did not
   register with the new host, or registered still holding translations,
-* ``late``: an operation finished after its deadline.
+* ``late``: an operation finished after its deadline,
+* ``wrong_poison``: a page lost with its device served bytes, or an EIO came
+  where no device page may be lost (hmm nodes, below).
 
 The failures injected: through ``mmn inject`` (drop-acks, delay-acks,
 duplicate, hang, partition, slow-drain, crash), and by the runner itself on
@@ -86,6 +89,22 @@ at an attached span: the pinned pages stay, contents kept.  At the end every
 attachment the shadow knows is detached, and the host's ``pages_pinned`` must
 equal ``pages_unpinned`` (``pins_leaked``; not judged if an attach's outcome
 was never known).  Shared attachments a fence dropped are not attached again.
+
+HMM nodes (issue 15; from the fifth node on, :data:`MIX`): they read, write
+and fault as kvm and gru nodes do (dmirror's reads and writes), and
+``hmm_migrate`` moves a span's pages to the node's memory (``--to sys``:
+back) and ``hmm_exclusive`` makes them device-exclusive (lib/test_hmm.c's
+ioctls).  Contents never change by a migration.  The shadow also keeps
+where each page may be -- system memory or device pages (the host's
+handles, from a snapshot of the span by the node after the group, between
+two status calls that show it live in one session) -- and which of those
+may be lost: a device page whose node's session ended while it held it is
+poisoned by the host, every access to it fails EIO until it is zapped.
+An access that succeeds on a page lost through its group, an EIO where no
+page may be lost, or at the end host device-page counts outside what the
+shadow allows, are ``wrong_poison``.  The final read-back finds every page
+whose device is still in its session back in system memory with its bytes,
+every lost one EIO.
 """
 
 from __future__ import annotations
@@ -115,7 +134,16 @@ from .supervisor import Child, free_ports, signal_group, spawn, stop_all
 
 log = logging.getLogger(__name__)
 
-KINDS = ("kvm", "gru", "xpmem")
+KINDS = ("kvm", "gru", "xpmem", "hmm")
+#: The kinds of :func:`node_names`, cycled: runs of up to four nodes are what
+#: they were before the hmm kind joined (their schedules too); the fifth node
+#: is an hmm one.
+MIX = ("kvm", "gru", "xpmem", "kvm", "hmm", "xpmem")
+#: operations of the hmm kind (lib/test_hmm.c's ioctls), drawn only when the
+#: run has an hmm node, with their weights
+HMM_OPS = (("hmm_migrate", 4.0), ("hmm_exclusive", 1.0))
+#: recent spans migrated to a device, which later operations aim at now and then
+HMM_SPANS = 8
 #: failure kinds the soak injects, with their weights
 INJECTIONS = (
     ("drop-acks", 3),
@@ -167,6 +195,9 @@ RESTART_S = 30.0
 STATUS_LANE = 8
 #: Node accesses: their failures are checked against the shadow.
 ACCESS_OPS = ("node_read", "node_write", "node_fault", "xpmem_read", "xpmem_write")
+#: Operations that change contents or mappings: at most one per mm in a group.
+MUTATORS = frozenset({"host_write", "node_write", "xpmem_write", "mmap", "munmap", "mprotect", "madvise", "fork",
+                      "exit", "hmm_migrate", "hmm_exclusive"})
 
 
 # --------------------------------------------------------------------------
@@ -229,6 +260,9 @@ class Planner:
         self.next_seg = 1
         #: attachments of removed segments: accesses through them must fail
         self.dead: dict[int, _Attach] = {}
+        #: spans recently migrated to a device (sid, rid, first, npages): accesses,
+        #: migrations back and exclusive access aim at them now and then
+        self.hmm_spans: list[tuple[int, int, int, int]] = []
 
     # -- helpers
     def _new_mm(self) -> int:
@@ -293,14 +327,15 @@ class Planner:
         live = [s for s in self.mms if -s not in self.fresh]
         if not live:
             return {"op": "spawn", "mm": self._new_mm()}
-        kind = rng.choices(
-            ["host_write", "host_read", "node_read", "node_write", "node_fault", "xpmem_read", "xpmem_write",
-             "mmap", "munmap", "mprotect", "madvise", "fork", "exit", "merge", "swap", "migrate",
-             "xpmem_attach", "xpmem_detach", "spawn", "xpmem_share", "xpmem_remove", "xpmem_dead"],
-            [10, 8, 12, 10, 6, 6, 4, 3, 2, 3, 3, 1.2, 0.6, 1.5, 2, 2, 2.5, 1, 0.5, 1.2, 0.8, 1.0],
-        )[0]
-        mutators = {"host_write", "node_write", "xpmem_write", "mmap", "munmap", "mprotect", "madvise", "fork",
-                    "exit"}
+        kinds = ["host_write", "host_read", "node_read", "node_write", "node_fault", "xpmem_read", "xpmem_write",
+                 "mmap", "munmap", "mprotect", "madvise", "fork", "exit", "merge", "swap", "migrate",
+                 "xpmem_attach", "xpmem_detach", "spawn", "xpmem_share", "xpmem_remove", "xpmem_dead"]
+        weights = [10, 8, 12, 10, 6, 6, 4, 3, 2, 3, 3, 1.2, 0.6, 1.5, 2, 2, 2.5, 1, 0.5, 1.2, 0.8, 1.0]
+        if any(k == "hmm" for _, k in self.nodes):  # (without one, the draws are what they always were)
+            kinds += [k for k, _ in HMM_OPS]
+            weights += [w for _, w in HMM_OPS]
+        kind = rng.choices(kinds, weights)[0]
+        mutators = MUTATORS
         if kind == "spawn":
             if len(self.mms) >= MAX_MMS:
                 return None
@@ -363,6 +398,9 @@ class Planner:
             if pick is None:
                 return None
             _, rid, i = pick
+            aimed_page = self._on_device(sid)
+            if aimed_page is not None:  # a page a device may hold: it comes back (or is lost)
+                rid, i = aimed_page
             off, n = self._window()
             r = m.regions[rid]
             if kind != "node_fault" and rng.random() < 0.4:
@@ -376,7 +414,7 @@ class Planner:
                     n = (self.ps - off) + (more - 1) * self.ps + rng.randint(1, self.ps)
             out = {"op": kind, "mm": sid, "rid": rid, "page": i, "offset": off, "length": n}
             if kind in ("node_read", "node_write", "node_fault"):
-                out["node"] = self._node(("kvm", "gru"))
+                out["node"] = self._node(("kvm", "gru", "hmm"))
                 if out["node"] is None:
                     return None
             if kind in ("host_write", "node_write"):
@@ -385,6 +423,8 @@ class Planner:
                 out["pages"] = rng.randint(1, r.npages - i)
                 out["write"] = rng.random() < 0.5
             return out
+        if kind in ("hmm_migrate", "hmm_exclusive"):
+            return self._hmm(kind, sid)
         if kind in ("munmap", "mprotect", "madvise", "swap", "migrate"):
             span = self._span(sid)
             if span is None:
@@ -451,6 +491,40 @@ class Planner:
             return {"op": "xpmem_attach", "att": aid, "node": node, "mm": sid, "rid": rid, "page": first,
                     "npages": n, "write": write}
         return None
+
+    def _on_device(self, sid: int) -> tuple[int, int] | None:
+        """Now and then (a third of the time) a mapped page of a span of
+        ``sid`` recently migrated to a device: (rid, page); else None.  No
+        draw at all while no span was migrated (a run without hmm nodes)."""
+        spans = [(rid, first, n) for s, rid, first, n in self.hmm_spans if s == sid and rid in self.mms[sid].regions]
+        if not spans or self.rng.random() >= 1 / 3:
+            return None
+        rid, first, n = self.rng.choice(spans)
+        r = self.mms[sid].regions[rid]
+        pages = [j for j in range(first, first + n) if r.mapped[j]]
+        return (rid, self.rng.choice(pages)) if pages else None
+
+    def _hmm(self, kind: str, sid: int) -> dict[str, Any] | None:
+        """``hmm_migrate`` (to the device, or ``--to sys`` back) or
+        ``hmm_exclusive`` of a span of ``sid`` on an hmm node.  Half the
+        migrations back and the exclusive accesses aim at a span migrated
+        to a device before (any node's)."""
+        rng = self.rng
+        node = self._node(("hmm",))
+        span = self._span(sid)
+        if node is None or span is None:
+            return None
+        rid, first, n = span
+        to = "dev" if kind == "hmm_exclusive" else rng.choice(["dev", "dev", "dev", "sys"])
+        mine = [(r, f, k) for s, r, f, k in self.hmm_spans if s == sid and r in self.mms[sid].regions]
+        if (to == "sys" or kind == "hmm_exclusive") and mine and rng.random() < 0.5:
+            rid, first, n = rng.choice(mine)
+        out: dict[str, Any] = {"op": kind, "node": node, "mm": sid, "rid": rid, "page": first, "npages": n}
+        if kind == "hmm_migrate":
+            out["to"] = to
+            if to == "dev":
+                self.hmm_spans = [*self.hmm_spans, (sid, rid, first, n)][-HMM_SPANS:]
+        return out
 
     def _share(self, sid: int) -> dict[str, Any] | None:
         """A segment one xpmem node makes and two or more get and attach
@@ -564,8 +638,7 @@ class Planner:
                     continue
                 if "mm" in op:
                     self.used.add(op["mm"])
-                if op["op"] in ("host_write", "node_write", "xpmem_write", "mmap", "munmap", "mprotect", "madvise",
-                                "fork", "exit"):
+                if op["op"] in MUTATORS:
                     busy.add(op["mm"])
                 group.append(op)
                 group.extend(op.pop("flight", []))
@@ -590,6 +663,7 @@ class Planner:
                 self.attachments.clear()
                 self.shares.clear()
                 self.dead.clear()
+                self.hmm_spans = []
                 yield from self._begin()
                 done += 4
 
@@ -619,8 +693,15 @@ def digest(schedule: list[list[dict[str, Any]]]) -> str:
 
 
 def node_names(n: int) -> list[tuple[str, str]]:
-    """``n`` nodes of mixed kinds: kvm0, gru0, xpmem0, kvm1, ..."""
-    return [(f"{KINDS[i % 3]}{i // 3}", KINDS[i % 3]) for i in range(n)]
+    """``n`` nodes of mixed kinds, :data:`MIX` cycled: kvm0, gru0, xpmem0,
+    kvm1, hmm0, xpmem1, kvm2, gru1, ..."""
+    seen: Counter[str] = Counter()
+    out = []
+    for i in range(n):
+        kind = MIX[i % len(MIX)]
+        out.append((f"{kind}{seen[kind]}", kind))
+        seen[kind] += 1
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -846,6 +927,19 @@ class Report:
     host_crashes: int = 0
     host_restart_s: float = 0.0
     not_restarted: int = 0
+    #: hmm nodes: pages their migrations moved to device memory, brought
+    #: back (``--to sys``), made device-exclusive
+    hmm_migrated: int = 0
+    hmm_returned: int = 0
+    hmm_exclusive: int = 0
+    #: device-private pages lost with their node (a fence, a crash: the
+    #: host's ``poisoned_pages``), accesses refused EIO for one, and
+    #: ``wrong_poison``: an access served a page the shadow knows lost, an
+    #: EIO no lost page explains, or the host's device-page counts at the end
+    #: outside what the shadow allows
+    device_lost: int = 0
+    lost_refused: int = 0
+    wrong_poison: int = 0
     #: after the final heal: seconds until the last node was live again
     recovery_s: float = 0.0
     slowest: dict[str, Any] = field(default_factory=dict)
@@ -856,7 +950,22 @@ class Report:
     def ok(self) -> bool:
         return not (self.stale_accesses or self.lost_writes or self.wrong_reads or self.unexpected or self.late
                     or self.wrong_errors or self.unrecovered or self.paused_fences or self.not_restarted
-                    or self.pins_leaked)
+                    or self.pins_leaked or self.wrong_poison)
+
+
+@dataclass
+class _Dev:
+    """A device-private page as the shadow knows it: the hmm node holding
+    it, the session it was migrated in (None: not known), and whether it is
+    known lost (poisoned: its session ended while the device held it)."""
+
+    node: str
+    epoch: int | None
+    lost: bool = False
+    #: the node's process then (the soak's own cluster; 0: not known): the
+    #: host learns of a dead process only later, its session looks current
+    #: until then, the device memory is gone already
+    pid: int = 0
 
 
 class HostDied(Exception):
@@ -923,6 +1032,30 @@ class Soak:
         #: what hosts the soak crashed counted before they died: fences,
         #: registrations, stale accesses
         self.prior = (0, 0, 0)
+        #: device-private pages of hmm nodes: id -> what the shadow knows of it.
+        #: Ids >= 1 are the host's handles (a snapshot shows them); < 0 a page
+        #: a migration may have moved where no snapshot could tell.
+        self.dev: dict[int, _Dev] = {}
+        self._unknown_devs = 0
+        #: (sym mm, rid, page) -> where its contents may be: 0 system memory,
+        #: else a device page id of :attr:`dev`; absent: system memory only
+        self.loc: dict[tuple[int, int, int], set[int]] = {}
+        self.kind_of = dict(nodes)
+        #: of the group running: every node's (epoch, live) as known before it
+        #: and as seen right after it ({}: not looked); the pages an hmm
+        #: migration of it may move to a device -> that node; page moves and
+        #: losses its outcomes show (applied once it is checked); its forks
+        self._before: dict[str, tuple[int, bool]] = {}
+        self._after: dict[str, tuple[int, bool]] = {}
+        #: the nodes' processes (pid, 0 when dead) before and right after it
+        self._pids_before: dict[str, int] = {}
+        self._pids_after: dict[str, int] = {}
+        self._hmm_span: dict[tuple[int, int, int], str] = {}
+        self._moves: list[tuple[tuple[int, int, int], str, bool]] = []
+        self._learned: list[tuple[int, int, int]] = []
+        self._forked: list[tuple[int, int]] = []
+        #: poisoned_pages of the hosts the soak crashed, before they died
+        self.prior_lost = 0
 
     # -- the admin API
     async def call(self, lane: int, command: str, args: dict[str, Any], timeout: float) -> tuple[bool, Any, str]:
@@ -952,7 +1085,7 @@ class Soak:
         kind = op["op"]
         if kind == "host-crash":
             return 2 * RESTART_S + 10.0  # a new host process up, then every node registered with it
-        if kind.startswith(("node_", "xpmem_")):
+        if kind.startswith(("node_", "xpmem_", "hmm_")):
             d += self.timing["command_timeout_ms"] / 1000
         if kind == "xpmem_attach":
             d *= 3
@@ -1018,18 +1151,32 @@ class Soak:
         pre = {k: set(v) for k, v in self.pages.items()}
         self._made = {}
         self._op_gen = {}
-        if any(op["op"] in ("xpmem_attach", "xpmem_read", "xpmem_write", "xpmem_detach", "xpmem_share",
-                            "xpmem_remove", "xpmem_dead") for op in group):
+        hmm_ops = [op for op in group if op["op"] in ("hmm_migrate", "hmm_exclusive")]
+        # (a device page of the group's whose device may have lost it since
+        # the last look: look now, so that a page lost before the group is
+        # known lost through it)
+        unsure = any(d and not self.dev[d].lost for op in group for k in self._op_keys(op) for d in self.loc.get(k, ()))
+        if hmm_ops or unsure or any(op["op"] in ("xpmem_attach", "xpmem_read", "xpmem_write", "xpmem_detach", "xpmem_share",
+                                       "xpmem_remove", "xpmem_dead") for op in group):
             # the session each attach is made in, and which attachments a
-            # fence or a restart dropped since (attached again before use)
+            # fence or a restart dropped since (attached again before use);
+            # the session an hmm node migrates pages to its device in
             await self.refresh_epochs()
+        self._before, self._after = dict(self.epochs), {}
+        self._pids_before, self._pids_after = self._pids(), {}
+        self._hmm_span = {k: op["node"] for op in hmm_ops if op["op"] == "hmm_migrate" and op["to"] == "dev"
+                          for k in self._span_keys(op)}
+        self._moves, self._learned, self._forked = [], [], []
         async with trio.open_nursery() as nursery:
             for i, op in enumerate(group):
                 nursery.start_soon(one, i, op)
         denied = any(op["op"].startswith("xpmem_") and not res[0] and res[1] in DENIAL_ERRNOS
                      for op, res in zip(group, results, strict=False))
-        if self._made or denied:
+        if self._made or denied or hmm_ops or any(k in self.loc for op in group for k in self._op_keys(op)):
+            # (and whether a device holding a page of the group lost it before, during or after it)
             await self.refresh_epochs()
+            self._after = dict(self.epochs)
+            self._pids_after = self._pids()
             for gen, (node, before) in self._made.items():
                 # made in the session seen before it and still current after it
                 self.gen_epoch[gen] = before if before is not None and self.epochs.get(node, (None,))[0] == before \
@@ -1059,6 +1206,12 @@ class Soak:
                 # own pages do not excuse its own denial
                 others = set().union(*(t for j, t in enumerate(touched) if j != i))
                 self._access_failed(op, res, others)
+            if res[0] or res[1] != "SKIPPED":
+                self._moved(op, res)
+        self._settle()
+        for op, res in zip(group, results, strict=False):
+            if op["op"] in ("hmm_migrate", "hmm_exclusive") and res[1] not in ("SKIPPED", "ESRCH"):
+                await self.locate(op)  # (ESRCH: the node was not reached, nothing moved)
         rep.ops += size
 
     def key(self, op: dict[str, Any], page: int | None = None) -> tuple[int, int, int]:
@@ -1147,6 +1300,10 @@ class Soak:
             return False, "SKIPPED", ""
         if kind == "xpmem_attach":
             return await self.attach(lane, op, mm, addr, timeout)
+        if kind in ("hmm_migrate", "hmm_exclusive"):
+            args = {"node": op["node"], "op": kind[4:], "mm": mm, "addr": addr, "pages": op["npages"],
+                    "to": op.get("to", "dev")}
+            return await self.call(lane, "hmm", args, timeout)
         if kind == "host_write":
             return await self.call(lane, "write", {"mm": mm, "addr": addr + op["offset"], "data": op["data"]},
                                    timeout)
@@ -1273,6 +1430,8 @@ class Soak:
             self.prior = (f + c.get("fences", 0) - self.counts0[0], r + c.get("registrations", 0) - self.counts0[1],
                           s + st["stale_accesses"])
         old = st["host"]["incarnation"] if ok else None
+        if ok:
+            self.prior_lost += st.get("device_private", {}).get("poisoned_pages", 0)
         self.report.host_crashes += 1
         cluster.kill("host", signal.SIGKILL)
         await cluster.procs["host"].wait()
@@ -1286,6 +1445,8 @@ class Soak:
         self.att_gen.clear()
         self.gen_epoch.clear()
         self.epochs.clear()
+        self.loc.clear()  # every device page went with the host's mms
+        self.dev.clear()
         t0 = time.monotonic()
         await cluster.start_host()
         self.counts0 = (0, 0)
@@ -1439,6 +1600,230 @@ class Soak:
         if ok:
             self.epochs = {n["name"]: (n["epoch"], n["state"] == "live") for n in st["nodes"]}
 
+    # -- device-private pages (hmm nodes)
+    #
+    # A page an hmm node migrated to its memory lives only there; if that
+    # node's session ends (a fence, a crash) with the page on it, the host
+    # poisons it: every access fails EIO until it is unmapped (zapped) --
+    # never stale bytes.  Where a page's contents are (:attr:`loc`) changes
+    # by migrations (known from a snapshot of the span by the node after the
+    # group, between two status calls) and by accesses that bring it back
+    # (the CPU's, another node's GUP; the owner's own access keeps it).  A
+    # device page's session ended before a group (the status before it
+    # says so): lost through the group; still current right after it:
+    # alive through it (sessions never come back); else either.
+    #
+    #   page's possible places        access succeeds     access fails EIO
+    #   system memory only            bytes checked       wrong_poison
+    #   some device page alive        bytes checked       wrong_poison
+    #   every one lost                wrong_poison        lost_refused
+    #   any other mix                 bytes checked       lost_refused
+
+    def _op_keys(self, op: dict[str, Any]) -> list[tuple[int, int, int]]:
+        """The pages operation ``op`` names."""
+        kind = op["op"]
+        if "rid" not in op or "page" not in op:
+            return []
+        if kind == "node_fault":  # (its offset and length are not used)
+            return [(op["mm"], op["rid"], op["page"] + j) for j in range(op["pages"])]
+        if "length" in op and "offset" in op:
+            return [self.key(op, page) for page, *_ in segments(op, self.ps)]
+        return [(op["mm"], op["rid"], op["page"] + j) for j in range(op.get("npages", 1))]
+
+    def _span_keys(self, op: dict[str, Any]) -> list[tuple[int, int, int]]:
+        return [(op["mm"], op["rid"], op["page"] + j) for j in range(op["npages"])]
+
+    def _pids(self) -> dict[str, int]:
+        """Each node's current process (0: dead, or not known: ``--host``)."""
+        if self.cluster is None:
+            return {}
+        return {name: proc.pid if proc.returncode is None else 0 for name, proc in self.cluster.procs.items()}
+
+    def _dev_state(self, d: int) -> str:
+        """Device page ``d`` during the group running: "lost" (before it
+        began), "alive" (through it: its session current and its process
+        the same, before and right after it, and nothing injected on its
+        node by the group -- a crash ends the process after the answer), or
+        "maybe"."""
+        dev = self.dev.get(d)
+        if dev is None or dev.epoch is None:
+            return "lost" if dev is not None and dev.lost else "maybe"
+        if dev.lost:
+            return "lost"
+        seen = self._before.get(dev.node)
+        if seen is not None and seen != (dev.epoch, True):
+            return "lost"
+        alive = self._after.get(dev.node) == (dev.epoch, True) and not self._targets[dev.node]
+        if self.cluster is not None:
+            alive = alive and self._pids_before.get(dev.node) == self._pids_after.get(dev.node) == dev.pid != 0
+        return "alive" if alive else "maybe"
+
+    def _steady(self, node: str) -> bool:
+        """Was ``node`` live in one session and process through the group
+        running, nothing injected on it by the group?"""
+        seen = self._before.get(node)
+        steady = seen is not None and seen[1] and self._after.get(node) == seen and not self._targets[node]
+        if self.cluster is not None:
+            steady = steady and self._pids_before.get(node) == self._pids_after.get(node) != 0
+        return steady
+
+    def _may_lose(self, k: tuple[int, int, int]) -> bool:
+        """May page ``k`` be lost with its device during the group running?"""
+        if any(d and self._dev_state(d) != "alive" for d in self.loc.get(k, ())):
+            return True
+        node = self._hmm_span.get(k)
+        return node is not None and not self._steady(node)
+
+    def _must_lose(self, k: tuple[int, int, int]) -> bool:
+        """Is page ``k`` lost (poisoned) through the group running?"""
+        where = self.loc.get(k, set())
+        return bool(where) and 0 not in where and all(self._dev_state(d) == "lost" for d in where)
+
+    def _eio(self, op: dict[str, Any], keys: list[tuple[int, int, int]], err: str = "") -> bool:
+        """``op`` failed EIO: only a page of ``keys`` lost with its device
+        explains it (``wrong_poison`` otherwise)."""
+        lost = [k for k in keys if self._may_lose(k)]
+        if not lost:
+            where = {k[2]: sorted(self.loc.get(k, {0})) for k in keys}
+            self.violation("wrong_poison", f"{_short(op)} failed EIO ({err}), and no device holding one of its "
+                                           f"pages may have lost it (pages {where}; {self._before} -> {self._after})")
+            return False
+        self.report.lost_refused += 1
+        if len(lost) == 1:
+            self._learned.append(lost[0])
+        return True
+
+    def _served(self, op: dict[str, Any], keys: list[tuple[int, int, int]],
+                mutated: set[tuple[int, int, int]] = frozenset()) -> None:  # type: ignore[assignment]
+        """``op`` succeeded on ``keys``: none may be a page lost with its device."""
+        for k in keys:
+            if k not in mutated and self._must_lose(k):
+                owners = sorted({self.dev[d].node for d in self.loc[k]})
+                self.violation("wrong_poison", f"{_short(op)} succeeded on page {k[2]}, lost with {owners} "
+                                               "(poisoned: EIO)")
+                return
+
+    def _moved(self, op: dict[str, Any], res: tuple[bool, Any, str]) -> None:
+        """The pages ``op`` brought back to system memory (or may have)."""
+        kind = op["op"]
+        ok = res[0]
+        if kind in ("host_read", "host_write", "node_read", "node_write", "xpmem_read", "xpmem_write", "node_fault"):
+            node: str = op["node"] if kind.startswith(("node_", "xpmem_")) else ""
+            write = kind.endswith("_write") or (kind == "node_fault" and op["write"])
+            keys = self._op_keys(op)
+            if kind.startswith("xpmem_"):
+                keys = [self.key(op)]
+            elif kind == "node_fault" and ok and self.kind_of.get(node) != "hmm":
+                keys = keys[:len(res[1].get("pages") or [])]  # GUP stopped where it could not go on
+            # an hmm node's write of its own device page fork shares brings
+            # it back first; a failed access, what it reached before it failed
+            maybe = not ok or (write and self.kind_of.get(node) == "hmm")
+            self._moves += [(k, node, maybe) for k in keys]
+
+    def _settle(self) -> None:
+        """Fold the group's page moves and losses into :attr:`loc`."""
+        back: set[tuple[int, int, int]] = set()
+        for k, node, maybe in self._moves:
+            where = self.loc.get(k)
+            if not where or k not in self.pages:
+                continue
+            if maybe:
+                # what it may have reached came back; a lost page stays lost
+                new = set(where) | ({0} if any(d and self._dev_state(d) != "lost" for d in where) else set())
+            else:
+                # it reached every page: the owner's own device pages stay
+                # where they are (dmirror copies them), the rest came back
+                own = {d for d in where if d and self.kind_of.get(node) == "hmm" and self.dev[d].node == node}
+                new = own | ({0} if where - own else set())
+            if new == {0}:
+                del self.loc[k]
+            else:
+                self.loc[k] = new
+            back.add(k)
+        for parent, child in self._forked:
+            for k in back:
+                ck = (child, k[1], k[2])
+                if k[0] == parent and ck in self.loc:
+                    self.loc[ck].add(0)  # forked before or after it came back
+        for k in self._learned:
+            lost = [d for d in self.loc.get(k, ()) if d and self._dev_state(d) != "alive"]
+            if len(lost) == 1 and k not in self._hmm_span:
+                self.dev[lost[0]].lost = True
+                self.loc[k] = {lost[0]}
+        self._moves, self._learned, self._forked = [], [], []
+
+    async def locate(self, op: dict[str, Any]) -> None:
+        """After a group with an hmm migration or exclusive access: where
+        the pages of its span are now, from a snapshot of them by its node
+        (``mmn hmm snapshot``) between two status calls that show the node
+        live in the same session; what the snapshot cannot tell, the shadow
+        widens."""
+        node, sid = op["node"], op["mm"]
+        keys = [k for k in self._span_keys(op) if k in self.pages]
+        addr = self.addr(op)
+        if not keys or addr is None or sid not in self.mm:
+            return
+        await self.refresh_epochs()
+        seen, pid = self.epochs.get(node), self._pids().get(node, 0)
+        snap: dict[int, dict[str, Any]] | None = None
+        if seen is not None and seen[1]:
+            ok, res, _ = await self.call(STATUS_LANE, "hmm", {"node": node, "op": "snapshot", "mm": self.mm[sid],
+                                                              "addr": addr, "pages": op["npages"]}, 5.0)
+            if ok:
+                await self.refresh_epochs()
+                if self.epochs.get(node) == seen and self._pids().get(node, 0) == pid:
+                    snap = {p["addr"]: p for p in res["pages"]}
+        self._before = self._after = dict(self.epochs)
+        self._pids_before = self._pids_after = self._pids()
+        self._targets = Counter()
+        self._hmm_span = {}
+        to_dev = op["op"] == "hmm_migrate" and op["to"] == "dev"
+        for k in keys:
+            where = set(self.loc.get(k, {0}))
+            entry = snap.get(addr + (k[2] - op["page"]) * self.ps) if snap is not None else None
+            state = entry["state"] if entry is not None else None
+            if state is None:  # nothing known: it may have moved
+                if to_dev and self.prot.get(k) != "none":
+                    self._unknown_devs += 1
+                    self.dev[-self._unknown_devs] = _Dev(node, None)
+                    where.add(-self._unknown_devs)
+                else:
+                    where.add(0)
+            elif state == "device-private":
+                assert seen is not None
+                handle = int(entry["pfn"])  # type: ignore[index]
+                dev = self.dev.setdefault(handle, _Dev(node, seen[0], pid=pid))
+                if dev.node != node or dev.lost or dev.epoch not in (None, seen[0]):
+                    self.violation("wrong_poison", f"{node}'s snapshot shows page {k[2]} of {_short(op)} as its "
+                                                   f"device page {handle}, which the shadow knows as {dev}")
+                dev.epoch, dev.pid = seen[0], pid
+                where = {handle}
+            elif state == "device-private-remote":
+                where = {d for d in where if d and self.dev[d].node != node} or where
+            elif state == "error" and self.prot.get(k) != "none":
+                lost = {d for d in where if d and self._dev_state(d) != "alive"}
+                if not lost:
+                    self.violation("wrong_poison", f"{node}'s snapshot shows page {k[2]} of {_short(op)} lost "
+                                                   "(error), where the shadow has no device page that may be")
+                    continue
+                where = lost
+                if len(lost) == 1:
+                    self.dev[next(iter(lost))].lost = True
+            elif state == "error":
+                where.add(0)  # PROT_NONE: a snapshot cannot tell; --to sys may have brought it back
+            else:  # present in system memory (or device-exclusive, which is a present page)
+                if self._must_lose(k):
+                    self.violation("wrong_poison", f"{node}'s snapshot shows page {k[2]} of {_short(op)} present "
+                                                   f"({state}), though it was lost with its device")
+                where = {0}
+            if where == {0}:
+                self.loc.pop(k, None)
+            else:
+                self.loc[k] = where
+        if self.trace is not None:
+            print(f"  locate {_short(op)}: {None if snap is None else [p['state'] for p in snap.values()]}",
+                  file=self.trace)
+
     # -- the shadow
     def _host_failed(self, op: dict[str, Any], res: tuple[bool, Any, str], allowed: tuple[str, ...] = ()) -> bool:
         ok, errno, err = res
@@ -1468,7 +1853,7 @@ class Soak:
         """A node's write failed with ``errno``: (pages it did land on, pages
         it may have landed on).  One DMA per page, in order, each all or
         nothing, the next only once the last was answered."""
-        if errno in UNKNOWN_OUTCOME or errno not in SESSION_ERRNOS | DENIAL_ERRNOS | {"SKIPPED"}:
+        if errno in UNKNOWN_OUTCOME or errno not in SESSION_ERRNOS | DENIAL_ERRNOS | {"SKIPPED", "EIO"}:
             return [], keys  # the outcome is unknown (or the failure is itself a violation)
         if errno in ("ESRCH", "SKIPPED") or op["op"] == "xpmem_write" or len(keys) == 1:
             return [], []  # not reached, or failed before its only DMA
@@ -1476,10 +1861,19 @@ class Soak:
         # at some page p: the pages before p landed, p and the rest did not
         if errno == "EAGAIN":
             failing = list(range(len(keys)))
+        elif errno == "EIO":  # at a page lost with its device
+            failing = [j for j, k in enumerate(keys) if self._may_lose(k)]
+            if not failing:
+                return [], keys  # an EIO the shadow cannot explain: _eio says so
         else:
             failing = [j for j, k in enumerate(keys) if not self._accessible(k, True)]
             if not failing:
                 return [], keys  # a denial the shadow cannot explain: _access_failed says so
+        if self.kind_of.get(op.get("node", "")) == "hmm":
+            # dmirror_fault asks for the rest of the access at once, and
+            # hmm_range_fault fails it whole: the page that failed may be
+            # any one up to the last that cannot be had
+            return [], keys[:failing[-1]]
         return keys[:failing[0]], keys[failing[0]:failing[-1]]
 
     def _may_deny(self, op: dict[str, Any], mutated: set[tuple[int, int, int]]) -> bool:
@@ -1500,13 +1894,19 @@ class Soak:
                 return True
             # a read-write permit pins writable, even to read (xpmem's GUP)
             return not self._accessible(k, bool(spec.get("write")) or kind == "xpmem_write")
-        if kind == "node_fault":
-            keys = [self.key(op)]  # GUP stops at the first page it cannot map
-            write = op["write"]
-        else:
-            keys = [self.key(op, page) for page, *_ in segments(op, self.ps)]
-            write = kind == "node_write"
-        return any(k in mutated or not self._accessible(k, write) for k in keys)
+        write = op["write"] if kind == "node_fault" else kind == "node_write"
+        return any(k in mutated or not self._accessible(k, write) for k in self._needed(op))
+
+    def _needed(self, op: dict[str, Any]) -> list[tuple[int, int, int]]:
+        """The pages a node access cannot do without: a kvm or gru fault's
+        first (GUP stops at the first page it cannot map), every page of an
+        hmm fault (hmm_range_fault has them all or fails), every page an
+        access touches."""
+        if op["op"].startswith("xpmem_"):
+            return [self.key(op)]
+        if op["op"] == "node_fault" and self.kind_of.get(op["node"]) != "hmm":
+            return [self.key(op)]
+        return self._op_keys(op)
 
     def _access_failed(self, op: dict[str, Any], res: tuple[bool, Any, str],
                        mutated: set[tuple[int, int, int]]) -> None:
@@ -1518,6 +1918,8 @@ class Soak:
             self.violation("stale_accesses", f"{_short(op)}: {err}")
         elif errno in SESSION_ERRNOS:
             self.report.node_errors += 1
+        elif errno == "EIO" and op["op"] != "xpmem_dead":
+            self._eio(op, self._needed(op), err)
         elif errno in ("ENOENT", "EFAULT") and self._segment_may_be_gone(op):
             self.report.node_errors += 1
         elif errno == "EACCES" and (op.get("removing") or op.get("att") in self._removing):
@@ -1593,13 +1995,20 @@ class Soak:
                     self.pages[ck] = set(self.pages[k])
                     self.history[ck] = list(self.history[k])
                     self.prot[ck] = self.prot[k]
+                    if k in self.loc:  # fork shares a device page (copy_nonpresent_pte)
+                        self.loc[ck] = set(self.loc[k])
+                self._forked.append((parent, child))
             return touched
         if kind == "exit":
             if not self._host_failed(op, res):
                 for k in [k for k in self.pages if k[0] == op["mm"]]:
                     touched.add(k)
                     del self.pages[k]
+                    self.loc.pop(k, None)
             return touched
+        if kind in ("hmm_migrate", "hmm_exclusive"):
+            self._hmm_done(op, res)
+            return touched  # contents stay wherever the pages go
         if kind in ("xpmem_share", "xpmem_remove"):
             if not res[0] and res[1] != "SKIPPED":
                 self._node_failed(op, res)
@@ -1630,6 +2039,13 @@ class Soak:
             if res[0] and not allowed:
                 self.violation("unexpected", f"{_short(op)} succeeded on a page it may not write")
                 return touched
+            if res[0]:
+                self._served(op, keys)
+            if kind == "host_write" and not res[0] and res[1] == "EIO":
+                if self._eio(op, keys, res[2]):
+                    landed, maybe = self._write_landed(op, "EIO", keys)
+                    self._fold_write(op, segs, keys, landed, maybe)
+                return touched
             if kind == "host_write":
                 if not allowed:
                     self._host_failed(op, res, ("EFAULT", "SKIPPED"))
@@ -1637,16 +2053,7 @@ class Soak:
                 if self._host_failed(op, res):
                     return touched
             landed, maybe = (keys, []) if res[0] else self._write_landed(op, res[1], keys)
-            data = op["data"]
-            for (_page, off, n, pos), k in zip(segs, keys, strict=True):
-                if k not in self.pages or (k not in landed and k not in maybe):
-                    continue
-                new = {c[:off] + data[pos:pos + n] + c[off + n:] for c in self.pages[k]}
-                if k in landed:
-                    self.history[k] = (self.history[k] + list(self.pages[k]))[-6:]
-                    self.pages[k] = new
-                else:
-                    self.pages[k] |= new
+            self._fold_write(op, segs, keys, landed, maybe)
             return touched
         # range operations
         keys = [(op["mm"], op["rid"], op["page"] + j) for j in range(op["npages"])]
@@ -1655,6 +2062,7 @@ class Soak:
             if not self._host_failed(op, res):
                 for k in keys:
                     self.pages.pop(k, None)
+                    self.loc.pop(k, None)
         elif kind == "mprotect":
             if not self._host_failed(op, res):
                 for k in keys:
@@ -1665,7 +2073,60 @@ class Soak:
                     if k in self.pages:
                         self.history[k] = (self.history[k] + list(self.pages[k]))[-6:]
                         self.pages[k] = {_zero(ps)}
+                        self.loc.pop(k, None)  # zapped: a device page's reference goes, lost or not
         return touched
+
+    def _fold_write(self, op: dict[str, Any], segs: list[tuple[int, int, int, int]], keys: list[Any],
+                    landed: list[Any], maybe: list[Any]) -> None:
+        """The contents a write leaves: ``landed`` pages have its bytes,
+        ``maybe`` pages may."""
+        data = op["data"]
+        for (_page, off, n, pos), k in zip(segs, keys, strict=True):
+            if k not in self.pages or (k not in landed and k not in maybe):
+                continue
+            new = {c[:off] + data[pos:pos + n] + c[off + n:] for c in self.pages[k]}
+            if k in landed:
+                self.history[k] = (self.history[k] + list(self.pages[k]))[-6:]
+                self.pages[k] = new
+            else:
+                self.pages[k] |= new
+
+    def _hmm_done(self, op: dict[str, Any], res: tuple[bool, Any, str]) -> None:
+        """The outcome of an hmm migration or exclusive access.  Migrations
+        never deny (what cannot move stays: ``migrate_vma_collect_pmd``
+        skips it); EIO only if the node's session may have ended meanwhile
+        (the device did not take the pages, or could not give one back) or
+        (exclusive: it faults each page in for write) a page may be lost;
+        an exclusive access is denied only where a page is not mapped
+        writable (EFAULT, EPERM: those before it were made exclusive)."""
+        ok, errno, err = res
+        keys = self._span_keys(op)
+        exclusive = op["op"] == "hmm_exclusive"
+        if ok:
+            if exclusive:
+                self.report.hmm_exclusive += int(res[1].get("cpages", 0))
+                self._served(op, keys)
+            elif op["to"] == "sys":
+                self.report.hmm_returned += int(res[1].get("cpages", 0))
+            else:
+                self.report.hmm_migrated += int(res[1].get("cpages", 0))
+            return
+        if errno == "SKIPPED":
+            return
+        if errno in SESSION_ERRNOS:
+            self.report.node_errors += 1
+        elif errno == "EIO" and not self._steady(op["node"]):
+            self.report.node_errors += 1
+        elif errno == "EIO" and exclusive:
+            self._eio(op, keys, err)
+        elif errno in DENIAL_ERRNOS and exclusive:
+            if any(not self._accessible(k, True) for k in keys):
+                self.report.node_errors += 1
+            else:
+                self.violation("wrong_errors", f"{_short(op)} failed {errno} ({err}) on pages the shadow says are "
+                                               "mapped writable")
+        else:
+            self.violation("unexpected", f"{_short(op)} failed: {errno} {err}")
 
     def check_read(self, op: dict[str, Any], res: tuple[bool, Any, str], pre: dict[Any, set[bytes]],
                    mutated: set[tuple[int, int, int]]) -> None:
@@ -1677,18 +2138,28 @@ class Soak:
             if (k not in mutated and not self._accessible(k, op["write"]) and not res[1].get("errno")
                   and res[1].get("pages")):
                 self.violation("unexpected", f"{_short(op)} mapped a page it may not: {res[1]}")
+            mapped = len(res[1].get("pages") or [])
+            keys = self._op_keys(op)
+            # hmm_range_fault has every page of the range or fails; GUP stops
+            # at the first page it cannot have (a lost one: EIO)
+            self._served(op, keys if self.kind_of.get(op["node"]) == "hmm" else keys[:mapped], mutated)
+            if res[1].get("errno") == "EIO" and mapped < len(keys):
+                self._eio(op, [keys[mapped]])
             return
         segs = segments(op, self.ps)
         keys = [self.key(op, page) for page, *_ in segs]
         racing = any(k in mutated for k in keys)
         if not res[0]:
-            if kind == "host_read":
+            if kind == "host_read" and res[1] == "EIO":
+                self._eio(op, keys, res[2])
+            elif kind == "host_read":
                 if not racing and all(self._accessible(k, False) for k in keys):
                     self._host_failed(op, res)
             return  # a node's: checked by _access_failed
         if not all(self._accessible(k, False) or (k in mutated and k in pre) for k in keys):
             self.violation("unexpected", f"{_short(op)} read a page it may not")
             return
+        self._served(op, keys, mutated)
         data = res[1].get("data", b"")
         if len(data) != op["length"]:
             self.violation("wrong_reads", f"{_short(op)} read {len(data)} bytes")
@@ -1757,6 +2228,13 @@ class Soak:
                                               f"{n.get('fence_reason', '')!r})")
         if back:
             self.report.recovery_s = round(max(back.values()) - healed, 3)
+        # Every node is live now: a device page whose session is the node's
+        # current one must read back, one whose session ended must fail EIO.
+        await self.refresh_epochs()
+        self._before = self._after = dict(self.epochs)
+        self._pids_before = self._pids_after = self._pids()
+        self._targets = Counter()
+        self._hmm_span = {}
         for k in sorted(self.pages):
             sid, rid, page = k
             if self.prot.get(k) not in ("r", "rw"):
@@ -1764,6 +2242,8 @@ class Soak:
             op = {"op": "host_read", "mm": sid, "rid": rid, "page": page, "offset": 0, "length": self.ps}
             res = await self.execute(0, op, 10.0)
             self.check_read(op, res, {}, set())
+            self._moved(op, res)
+            self._settle()
         await self.detach_all()
         ok, st, _ = await self.call(0, "status", {}, 10.0)
         if ok:
@@ -1779,6 +2259,26 @@ class Soak:
             self.report.nodes_fenced = f + c.get("fences", 0) - self.counts0[0]
             self.report.nodes_recovered = r + c.get("registrations", 0) - self.counts0[1]
             self.final_status = st
+            self.check_device_pages(st.get("device_private", {}))
+
+    def check_device_pages(self, device: dict[str, Any]) -> None:
+        """At the end, every page read back: the host's device-private
+        pages still referenced (``pages``: lost ones, and pages under
+        PROT_NONE still on a device) must be what the shadow allows, and it
+        must have poisoned (``poisoned_pages``, this host's) at least those
+        the shadow knows lost and still mapped."""
+        self._before = self._after = dict(self.epochs)
+        sure = {next(iter(w)) for k, w in self.loc.items() if k in self.pages and len(w) == 1 and 0 not in w}
+        maybe = {d for k, w in self.loc.items() if k in self.pages for d in w if d}
+        lost = {d for d in sure if self._dev_state(d) == "lost"}
+        held, poisoned = device.get("pages", 0), device.get("poisoned_pages", 0)
+        self.report.device_lost = self.prior_lost + poisoned
+        if not len(sure) <= held <= len(maybe):
+            self.violation("wrong_poison", f"the host holds {held} device-private pages at the end; the shadow "
+                                           f"{len(sure)} for sure, {len(maybe)} at most")
+        if poisoned < len(lost):
+            self.violation("wrong_poison", f"the host poisoned {poisoned} device-private pages, and the shadow "
+                                           f"knows {len(lost)} still mapped that were lost")
 
 
     async def detach_all(self) -> None:
@@ -1924,6 +2424,10 @@ def run(ns: argparse.Namespace) -> int:
         print(f"xpmem segments shared {report.xpmem_shared}, removed with importers {report.xpmem_removed}; "
               f"accesses after a remove refused {report.dead_refused}/{report.dead_accesses}; pages pinned "
               f"{report.pages_pinned} unpinned {report.pages_unpinned} (all detached)")
+        if report.hmm_migrated or report.hmm_exclusive or report.device_lost:
+            print(f"hmm pages migrated to device memory {report.hmm_migrated}, back {report.hmm_returned}, made "
+                  f"exclusive {report.hmm_exclusive}; device pages lost with their node {report.device_lost}, "
+                  f"accesses to them refused (EIO) {report.lost_refused}")
         print(f"connections reset {report.resets}" + (f" ({report.resets_unavailable} not allowed here: ss -K "
                                                        "needs CAP_NET_ADMIN)" if report.resets_unavailable else "")
               + f", host pauses {report.host_pauses}, host crashes {report.host_crashes}"
@@ -1931,7 +2435,8 @@ def run(ns: argparse.Namespace) -> int:
         print(f"stale_accesses {report.stale_accesses}  lost_writes {report.lost_writes}  "
               f"wrong_reads {report.wrong_reads}  wrong_errors {report.wrong_errors}  unexpected {report.unexpected}  "
               f"unrecovered {report.unrecovered}  paused_fences {report.paused_fences}  "
-              f"not_restarted {report.not_restarted}  late {report.late}  pins_leaked {report.pins_leaked}")
+              f"not_restarted {report.not_restarted}  late {report.late}  pins_leaked {report.pins_leaked}  "
+              f"wrong_poison {report.wrong_poison}")
         if s:
             print(f"slowest: {s['op']} {s['took_s']}s of its {s['deadline_s']}s deadline")
         for v in report.violations[:20]:

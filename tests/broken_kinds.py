@@ -1,4 +1,4 @@
-"""Deliberately broken kvm kinds, for the tests that must catch them.
+"""Deliberately broken node kinds (kvm, xpmem, hmm), for the tests that must catch them.
 
 They live with the tests, not in the shipped ``node`` package.  In-process
 tests use the classes directly (``LocalCluster.add_node(node=NeverZaps("bad"))``);
@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from node.base import MmState, Output
+from node.hmm import HmmMMU
 from node.kinds import KINDS
 from node.kvm import KvmMMU
 from node.xpmem import XpmemMMU
+from protocol.messages import Ack
 from protocol.types import Errno, KernelError
 
 
@@ -74,18 +76,49 @@ class KeepsPinsOnRemove(KeepsAttachmentsOnRemove):
     keep_pins = True
 
 
-BROKEN: dict[str, type[KvmMMU] | type[XpmemMMU]] = {
+class KeepsDevicePagesItGaveBack(HmmMMU):
+    """Gives the host a device page's contents when it takes the page back
+    (``dmirror_devmem_fault``), and keeps its copy and its mirror of it: its
+    later accesses copy the device's old bytes, whatever the CPU wrote to
+    the page since -- no DMA, nothing the host's oracle sees; only the
+    soak's shadow of the contents can tell."""
+
+    def _devmem_fault(self, msg: Any) -> Ack:
+        data = self.device_pages.get(msg.handle)
+        self.counters["migrated_out"] += 1
+        ack = Ack(ref=msg.id, data=bytes(data) if data is not None else b"")
+        self._answered[msg.id] = ack
+        return ack
+
+    def _free(self, handles: list[int]) -> None:
+        return None  # (and nothing it holds ever goes)
+
+
+class KeepsDevicePagesOverAFence(HmmMMU):
+    """Fenced, keeps its device memory and its mirror of it into its next
+    session, as if the host still counted on them: the host poisoned those
+    pages (it cannot know the device kept them), and the node's accesses to
+    them copy its old bytes -- no DMA, nothing the host's oracle sees; only
+    the soak's shadow of where the pages are (lost: EIO) can tell."""
+
+    def _drop_kind_state(self) -> None:
+        self._access_stats.clear()
+
+
+BROKEN: dict[str, type[KvmMMU] | type[XpmemMMU] | type[HmmMMU]] = {
     "acks-before-zap": AcksBeforeZapping,
     "never-zaps": NeverZaps,
     "keeps-attachments-on-remove": KeepsAttachmentsOnRemove,
     "keeps-pins-on-remove": KeepsPinsOnRemove,
     "says-writes-failed": SaysWritesFailed,
+    "keeps-device-pages": KeepsDevicePagesItGaveBack,
+    "keeps-device-pages-over-a-fence": KeepsDevicePagesOverAFence,
 }
 
 
 def install(broken: str) -> None:
     """Make ``broken`` the class of every node of its kind this process
-    starts (``node.kinds.KINDS["kvm"]`` or ``["xpmem"]``); the other kinds
+    starts (``node.kinds.KINDS["kvm"]``, ``["xpmem"]`` or ``["hmm"]``); the other kinds
     stay correct.
 
     Raises:

@@ -42,7 +42,8 @@ def test_the_schedule_is_a_function_of_the_seed_alone() -> None:
     another.  A long schedule covers every operation and every failure kind,
     mixes node kinds, and races accesses with invalidations of their pages."""
     nodes = node_names(6)
-    assert [k for _, k in nodes] == ["kvm", "gru", "xpmem"] * 2
+    assert nodes == [("kvm0", "kvm"), ("gru0", "gru"), ("xpmem0", "xpmem"), ("kvm1", "kvm"), ("hmm0", "hmm"),
+                     ("xpmem1", "xpmem")]
     one = plan(1, 5000, nodes, 0.05)
     assert plan(1, 5000, nodes, 0.05) == one and digest(plan(1, 5000, nodes, 0.05)) == digest(one)
     assert digest(plan(2, 5000, nodes, 0.05)) != digest(one)
@@ -50,13 +51,13 @@ def test_the_schedule_is_a_function_of_the_seed_alone() -> None:
     assert sum(n for k, n in ops.items() if k != "inject") >= 5000
     every = {"spawn", "mmap", "munmap", "mprotect", "madvise", "fork", "exit", "merge", "swap", "migrate",
              "host_write", "host_read", "node_read", "node_write", "node_fault", "xpmem_attach", "xpmem_read",
-             "xpmem_write", "xpmem_detach", "inject"}
+             "xpmem_write", "xpmem_detach", "inject", "hmm_migrate", "hmm_exclusive"}
     assert every <= set(ops)
     kinds = Counter(op["kind"] for group in one for op in group if op["op"] == "inject")
     assert set(kinds) == {k for k, _ in INJECTIONS}
     assert 150 < sum(kinds.values()) < 400  # ~5% of the operations
     assert {op["node"] for group in one for op in group if op["op"] in ("node_read", "node_write")} == {
-        n for n, k in nodes if k in ("kvm", "gru")}
+        n for n, k in nodes if k in ("kvm", "gru", "hmm")}
     raced = sum(
         1 for group in one
         if any(o["op"] in ("node_read", "node_write") for o in group)
@@ -72,6 +73,38 @@ def test_the_schedule_is_a_function_of_the_seed_alone() -> None:
     window = SOAK_HOST["heartbeat_ms"] * SOAK_HOST["liveness"] / 1000
     assert pauses and all(window < p < SOAK_HOST["heartbeat_ms"] * NODE_LIVENESS / 1000 for p in pauses)
     assert any(p < 1.1 for p in pauses)  # under the stall floor of a second past a period (dc1267a)
+
+
+def test_hmm_nodes_join_the_mix_from_the_fifth_node_and_smaller_runs_keep_their_schedules() -> None:
+    """The kinds cycle kvm, gru, xpmem, kvm, hmm, xpmem: up to four nodes the
+    names, and the schedules, are what they were before the hmm kind joined
+    (the digest of one, pinned); from five on, hmm0 takes part: node reads,
+    writes and faults, migrations to its memory and back (``--to sys``,
+    half of them aimed at spans migrated before), exclusive access, and
+    accesses by others aimed at migrated pages."""
+    assert [n for n, _ in node_names(4)] == ["kvm0", "gru0", "xpmem0", "kvm1"]
+    assert [n for n, _ in node_names(7)][4:] == ["hmm0", "xpmem1", "kvm2"]
+    four = plan(11, 3000, node_names(4), 0.05)
+    assert digest(four) == "ac1bdb420c984c41"  # as before hmm nodes (main at fbc9ffe)
+    assert not any(op["op"].startswith("hmm_") or (op.get("node") or "").startswith("hmm")
+               for g in four for op in g)
+    schedule = plan(3, 3000, node_names(5), 0.03)  # the CI soak's
+    hmm = [op for group in schedule for op in group if op["op"].startswith("hmm_")]
+    assert all(op["node"] == "hmm0" for op in hmm)
+    kinds = Counter((op["op"], op.get("to")) for op in hmm)
+    assert kinds[("hmm_migrate", "dev")] >= 40 and kinds[("hmm_migrate", "sys")] >= 10, kinds
+    assert kinds[("hmm_exclusive", None)] >= 20, kinds
+    spans = {(op["mm"], op["rid"], op["page"], op["npages"]) for op in hmm if op.get("to") == "dev"}
+    back = [op for op in hmm if op.get("to") != "dev" and (op["mm"], op["rid"], op["page"], op["npages"]) in spans]
+    assert len(back) >= 10
+    accesses = Counter(op["op"] for group in schedule for op in group if op.get("node") == "hmm0")
+    assert min(accesses["node_read"], accesses["node_write"], accesses["node_fault"]) >= 50, accesses
+    # at most one operation that changes contents or mappings per mm in a group, hmm ones included
+    for group in schedule:
+        changing = [op["mm"] for op in group if op["op"] in ("hmm_migrate", "hmm_exclusive", "host_write",
+                                                               "node_write", "munmap", "mprotect", "madvise",
+                                                               "fork", "exit", "mmap")]
+        assert len(changing) == len(set(changing)), group
 
 
 def test_xpmem_operations_are_planned_only_on_attachments_that_can_exist() -> None:
@@ -148,13 +181,16 @@ def test_a_host_crash_in_the_schedule_starts_it_over_on_new_mms() -> None:
 
 @pytest.mark.integration
 async def test_a_ci_soak_with_failures_that_fence_several_nodes_finds_nothing(tmp_path: Path) -> None:
-    """3000 operations over 5 nodes (kvm, gru, xpmem, kvm, gru) with a
+    """3000 operations over 5 nodes (kvm, gru, xpmem, kvm, hmm) with a
     failure injected at 3% of them -- connection resets and host pauses
     among them: several nodes are fenced and come back, and there is no
     stale access, wrong read or lost write, no node fenced over a pause of
-    the host, every operation within its deadline.  On CURVE, as a
-    deployment runs: every process with its own key, made for the run."""
-    report = await soak(11, 3000, 5, 0.03, logs=tmp_path, curve=True)
+    the host, every operation within its deadline.  hmm0 migrates pages to
+    its memory and back and takes exclusive access, the others' accesses
+    bring pages back; no page a device lost serves bytes, no EIO comes
+    where none may be lost.  On CURVE, as a deployment runs: every process
+    with its own key, made for the run."""
+    report = await soak(3, 3000, 5, 0.03, logs=tmp_path, curve=True)
     summary = {k: v for k, v in report.__dict__.items() if k != "violations"}
     assert report.ok(), (summary, report.violations)
     # shared segments removed with their importers' accesses refused after;
@@ -166,6 +202,7 @@ async def test_a_ci_soak_with_failures_that_fence_several_nodes_finds_nothing(tm
     assert report.resets >= 5 and report.resets_unavailable == 0, summary
     assert report.host_pauses >= 2 and report.paused_fences == 0, summary
     assert report.stale_accesses == report.lost_writes == report.wrong_reads == report.late == 0
+    assert report.hmm_migrated >= 20 and report.hmm_exclusive >= 10 and report.wrong_poison == 0, summary
     assert report.slowest["ratio"] <= 1.0
     assert report.runtime_s < 150
     assert (tmp_path / "keys" / "nodes" / "kvm0.key_secret").exists()
@@ -235,6 +272,33 @@ def test_an_importer_that_keeps_its_attachment_after_remove_fails_the_soak(tmp_p
     assert good["schedule_digest"] == report["schedule_digest"]
     assert good["xpmem_removed"] > 0 and good["dead_refused"] > 0, good
     assert good["pages_pinned"] == good["pages_unpinned"] > 0, good
+
+
+@pytest.mark.integration
+def test_an_hmm_node_that_keeps_device_pages_it_gave_back_fails_the_soak(tmp_path: Path) -> None:
+    """The soak against a build whose hmm nodes give a device page back to
+    the host (``dmirror_devmem_fault``) and keep their copy and mirror of it
+    (``MMN_TEST_BROKEN=keeps-device-pages``): the CPU writes the page once
+    it is back, the node's later accesses copy its old bytes -- no DMA, the
+    host's oracle sees nothing; the shadow of the contents catches it
+    (``wrong_reads`` / ``lost_writes``) and ``mmn soak`` exits non-zero.
+    The correct build passes the same schedule."""
+    site = ROOT / "tests" / "broken_site"
+    env = {**os.environ, "MMN_TEST_BROKEN": "keeps-device-pages",
+           "PYTHONPATH": os.pathsep.join((str(site), str(ROOT)))}
+    argv = [sys.executable, "-m", "mmn", "soak", "--seed", "7", "--ops", "1500", "--nodes", "5", "--faults", "0",
+            "--json"]
+    proc = subprocess.run([*argv, "--logs", str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and report["hmm_migrated"] > 0, report
+    assert report["wrong_reads"] + report["lost_writes"] > 0 and report["stale_accesses"] == 0, report
+    env.pop("MMN_TEST_BROKEN")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    good = json.loads(proc.stdout)
+    assert good["schedule_digest"] == report["schedule_digest"] and good["hmm_migrated"] > 0, good
 
 
 # --------------------------------------------------------------------------
@@ -682,3 +746,126 @@ def test_a_node_that_says_its_writes_failed_when_they_landed_fails_the_soak(tmp_
     report = json.loads(proc.stdout)
     assert report["wrong_errors"] > 0 and report["wrong_reads"] > 0, report
     assert report["stale_accesses"] == report["unexpected"] == 0, report
+
+
+def test_a_page_lost_with_its_device_must_fail_eio_and_only_such_a_page_may() -> None:
+    """Device page 7 held page 0 on hmm0's memory in session 3.  Session 3
+    ended before the group (a fence, a crash: the host poisoned it): an
+    access that serves bytes there -- "A"s, what the page held before -- is
+    ``wrong_poison``, an EIO is what must come.  An EIO on page 1, in system
+    memory, is ``wrong_poison``.  Session 3 still current right after the
+    group: the page was alive through it, an EIO is ``wrong_poison``; ended
+    during it (current before, not after): either outcome."""
+    from mmn.soak import _Dev
+
+    runner = _checker()
+    runner.kind_of["hmm0"] = "hmm"
+    runner.dev[7] = _Dev("hmm0", 3)
+    runner.loc[(1, 1, 0)] = {7}
+    read = _access("host_read")
+    runner._before = runner._after = {"hmm0": (5, True)}  # lost before the group
+    runner.check_read(read, (True, {"data": b"AAAA"}, ""), {}, set())
+    assert runner.report.wrong_poison == 1
+    runner.check_read(read, (False, "EIO", ""), {}, set())
+    runner._access_failed(_access("node_read"), (False, "EIO", ""), set())
+    runner._access_failed(_access("node_fault", pages=2, write=False), (False, "EIO", ""), set())
+    assert runner.report.lost_refused == 3 and runner.report.wrong_poison == 1
+    runner.check_read(_access("host_read", page=1), (False, "EIO", ""), {}, set())
+    runner._access_failed(_access("node_read", page=1), (False, "EIO", ""), set())
+    assert runner.report.wrong_poison == 3
+    # a write across pages 0 and 1 of a kvm node that failed EIO: it failed
+    # at page 0 (lost), so page 1 stays as it was
+    runner.apply(_access("node_write", page=0, length=PS + 4), (False, "EIO", ""))
+    assert runner.pages[(1, 1, 1)] == {b"A" * PS}
+    runner._before = runner._after = {"hmm0": (3, True)}  # alive through the group
+    runner.check_read(read, (False, "EIO", ""), {}, set())
+    assert runner.report.wrong_poison == 4
+    runner.check_read(read, (True, {"data": b"AAAA"}, ""), {}, set())
+    runner._before, runner._after = {"hmm0": (3, True)}, {"hmm0": (5, True)}  # lost during it
+    runner.check_read(read, (True, {"data": b"AAAA"}, ""), {}, set())
+    runner.check_read(read, (False, "EIO", ""), {}, set())
+    assert runner.report.wrong_poison == 4 and runner.report.lost_refused == 4
+    assert runner.report.wrong_reads == runner.report.unexpected == 0
+
+
+@pytest.mark.integration
+async def test_device_pages_of_a_killed_hmm_node_fail_eio_to_everyone_and_the_host_counts_them(
+        tmp_path: Path, nursery: Any) -> None:
+    """hmm0 migrates two pages of three to its memory (a snapshot tells the
+    shadow which, by the host's handles) and writes one of them there; its
+    process is killed (SIGKILL) and its supervisor starts it again.  The
+    host cannot get those pages back: the CPU's read, kvm0's fault and
+    hmm0's own read in its new session fail EIO, as the shadow expects;
+    the third page reads back.  At the end the read-back finds both lost
+    again, and the host's status holds exactly those two poisoned."""
+    nodes = [("kvm0", "kvm"), ("hmm0", "hmm")]
+    cluster = Cluster(nodes, logs=tmp_path, node_liveness=NODE_LIVENESS)
+    async with _running(cluster, nursery, tmp_path) as runner:
+        report = runner.report
+        with trio.fail_after(90):
+            await runner.run_group([{"op": "spawn", "mm": 1}])
+            await runner.run_group([{"op": "mmap", "mm": 1, "rid": 1, "pages": 3, "fill": 0x41, "mergeable": False}])
+            await runner.run_group([{"op": "hmm_migrate", "node": "hmm0", "mm": 1, "rid": 1, "page": 0, "npages": 2,
+                                     "to": "dev"}])
+            assert report.hmm_migrated == 2 and len({d for k, w in runner.loc.items() for d in w}) == 2
+            await runner.run_group([_access("node_write", node="hmm0", data=b"dev!")])
+            await runner.run_group([_access("host_read", page=2)])
+            epoch = runner.epochs["hmm0"][0]
+            cluster.kill("hmm0", signal.SIGKILL)
+            while True:
+                ok, st, _ = await runner.call(0, "status", {}, 5.0)
+                node = next((n for n in st["nodes"] if n["name"] == "hmm0"), {}) if ok else {}
+                if node.get("state") == "live" and node.get("epoch", 0) > epoch:
+                    break
+                await trio.sleep(0.1)
+            await runner.run_group([_access("host_read")])
+            await runner.run_group([_access("node_fault", page=1, pages=1, write=False)])
+            await runner.run_group([_access("node_read", node="hmm0", page=1)])
+            await runner.run_group([_access("host_read", page=2)])
+            assert report.lost_refused == 3, report.violations
+            await runner.finish()
+        device = runner.final_status["device_private"]
+    assert report.ok(), report.violations
+    assert report.lost_refused == 5 and report.device_lost == 2
+    assert device["pages"] == device["poisoned_pages"] == 2 and device["by_owner"] == {"hmm0": 2}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("broken", [None, "keeps-device-pages-over-a-fence"])
+async def test_an_hmm_node_fenced_with_device_pages_finds_them_lost_in_its_next_session(
+        tmp_path: Path, nursery: Any, broken: str | None) -> None:
+    """hmm0 migrates a page to its memory, then hangs past its liveness
+    window: the host fences it and poisons the page; healed, it registers
+    anew.  Its own read of the page in the new session fails EIO, as the
+    shadow expects.  A build whose hmm nodes keep their device memory over
+    a fence (``keeps-device-pages-over-a-fence``) serves its old copy
+    instead -- no DMA, the host's oracle sees nothing -- and the shadow
+    calls it ``wrong_poison``."""
+    env = {} if broken is None else {
+        "MMN_TEST_BROKEN": broken,
+        "PYTHONPATH": os.pathsep.join((str(ROOT / "tests" / "broken_site"), str(ROOT)))}
+    nodes = [("kvm0", "kvm"), ("hmm0", "hmm")]
+    cluster = Cluster(nodes, logs=tmp_path, node_liveness=NODE_LIVENESS, node_env=env)
+    async with _running(cluster, nursery, tmp_path) as runner:
+        report = runner.report
+        with trio.fail_after(60):
+            await runner.run_group([{"op": "spawn", "mm": 1}])
+            await runner.run_group([{"op": "mmap", "mm": 1, "rid": 1, "pages": 2, "fill": 0x41, "mergeable": False}])
+            await runner.run_group([{"op": "hmm_migrate", "node": "hmm0", "mm": 1, "rid": 1, "page": 0, "npages": 1,
+                                     "to": "dev"}])
+            assert report.hmm_migrated == 1
+            epoch = runner.epochs["hmm0"][0]
+            await runner.run_group([{"op": "inject", "node": "hmm0", "kind": "hang", "for_s": 1.5}])
+            await trio.sleep(1.6)  # (no status meanwhile: a hung node answers status, and that is traffic)
+            while True:
+                ok, st, _ = await runner.call(0, "status", {}, 5.0)
+                node = next((n for n in st["nodes"] if n["name"] == "hmm0"), {}) if ok else {}
+                if node.get("state") == "live" and node.get("epoch", 0) > epoch and not node.get("injected"):
+                    break
+                await trio.sleep(0.1)
+            await runner.run_group([_access("node_read", node="hmm0")])
+    if broken is None:
+        assert report.ok() and report.lost_refused == 1, report.violations
+    else:
+        assert report.wrong_poison == 1 and report.stale_accesses == 0, report.violations
+        assert report.violations[0].startswith("wrong_poison: op=node_read node=hmm0"), report.violations
