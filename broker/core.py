@@ -29,7 +29,8 @@ What it owns:
 * **Sessions** (:class:`broker.sessions.Sessions`): register, epochs, liveness,
   fencing.  A node's key binds its name and its connection (CURVE).
 * **Duplicates**: a request (same connection, same id) is answered once; a
-  duplicate gets the first answer again, or nothing while it is being made.
+  duplicate gets the first answer again, or nothing while it is being made
+  (or once the answer's body went, past a budget of page entries).
 * **Routing** of every node message: acks to the operation waiting for them,
   DMA to the oracle, GUP-fast at once, the slow GUP and unsubscribe as tasks
   under the lock, Subscribe / Unpin / XPMEM answered from the model.
@@ -179,6 +180,65 @@ _REQUESTS = (Register, Gup, Unpin, Subscribe, Unsubscribe, XpmemMake, XpmemGet, 
 _REQUEST_TYPES = frozenset(_REQUESTS)
 _REPLY_CACHE = 4096
 _REPLY_CONNECTIONS = 1024
+#: Of those answers, the bodies kept to be sent again: at most this many
+#: entries of their page lists (GUP pages, hmm pfns; DMA data in pages) per
+#: connection.  An older body gives way to ``_ANSWERED``: a duplicate of it is
+#: still not carried out again, only not answered again -- the node had the
+#: answer on the connection that still stands (a new connection is a new
+#: identity, whose answers start empty).  Bounded by count alone, the 4,096
+#: answers of a node faulting 512 pages at a time kept ~2 million Python
+#: lists alive, which every full collection of the host's GC walked: a munmap
+#: of 100,000 pages went from ~30 ms to 40-120 ms as they piled up.
+_REPLY_PAGES = 4096
+
+
+class _Answered:
+    """The reply to a request was sent and its body since dropped."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<answered>"
+
+
+_ANSWERED = _Answered()
+
+
+def _reply_weight(msg: Message) -> int:
+    """The page entries of a reply's body (what :data:`_REPLY_PAGES` counts)."""
+    pages = getattr(msg, "pages", None)
+    if pages is None:
+        pages = getattr(msg, "pfns", None)
+    weight = len(pages) if isinstance(pages, list) else 0
+    data = getattr(msg, "data", None)
+    if isinstance(data, bytes):
+        weight += len(data) >> 12
+    return weight
+
+
+@dataclass(slots=True)
+class _Answers:
+    """One node connection's requests: id -> reply (None while it is made,
+    ``_ANSWERED`` once its body went), and the kept bodies' weights, oldest
+    first."""
+
+    seen: OrderedDict[int, Message | _Answered | None] = field(default_factory=OrderedDict)
+    bodies: deque[tuple[int, int]] = field(default_factory=deque)
+    weight: int = 0
+
+    def keep(self, ref: int, msg: Message) -> None:
+        """``msg`` answers request ``ref``: what a duplicate of it gets."""
+        self.seen[ref] = msg
+        weight = _reply_weight(msg)
+        if not weight:
+            return
+        self.bodies.append((ref, weight))
+        self.weight += weight
+        while self.weight > _REPLY_PAGES and len(self.bodies) > 1:
+            old, w = self.bodies.popleft()
+            self.weight -= w
+            if isinstance(self.seen.get(old), Message):
+                self.seen[old] = _ANSWERED
 
 
 def admin_result(reply: AdminReply) -> dict[str, Any]:
@@ -336,8 +396,8 @@ class HostCore:
         self._admin_rate = guard.RateLimiter(limits.max_rate, limits.rate_burst)
         self._ids = itertools.count(1)
         self._outbox: list[Action] = []
-        #: node connection -> request id -> its reply (None while in progress)
-        self._replies: OrderedDict[bytes, OrderedDict[int, Message | None]] = OrderedDict()
+        #: node connection -> its requests and their replies (:class:`_Answers`)
+        self._replies: OrderedDict[bytes, _Answers] = OrderedDict()
         #: node connection -> the key that registered on it (CURVE)
         self._peer_keys: dict[bytes, str] = {}
         #: status arguments -> the (client, ref) pairs waiting for that answer
@@ -799,26 +859,28 @@ class HostCore:
 
     def _duplicate(self, identity: bytes, msg_id: int) -> Message | bool:
         """Remember request ``msg_id`` of this connection.  False if it is
-        new; else its reply (True while there is none yet)."""
-        seen = self._replies.get(identity)
-        if seen is None:
-            seen = self._replies[identity] = OrderedDict()
+        new; else its reply (True while there is none yet, or none kept)."""
+        answers = self._replies.get(identity)
+        if answers is None:
+            answers = self._replies[identity] = _Answers()
             while len(self._replies) > _REPLY_CONNECTIONS:
                 self._replies.popitem(last=False)
+        seen = answers.seen
         if msg_id in seen:
             self.counters["duplicates"] += 1
-            return seen[msg_id] or True
+            reply = seen[msg_id]
+            return reply if isinstance(reply, Message) else True
         seen[msg_id] = None
         while len(seen) > _REPLY_CACHE:
             seen.popitem(last=False)
         return False
 
     def _send(self, identity: bytes, msg: Message) -> None:
-        seen = self._replies.get(identity)
-        if seen is not None:
+        answers = self._replies.get(identity)
+        if answers is not None:
             ref = getattr(msg, "ref", None)
-            if isinstance(ref, int) and ref in seen and seen[ref] is None:
-                seen[ref] = msg  # what a duplicate of that request gets
+            if isinstance(ref, int) and ref in answers.seen and answers.seen[ref] is None:
+                answers.keep(ref, msg)  # what a duplicate of that request gets
         self._outbox.append(SendNode(identity, msg))
 
     # ============================================================ node requests

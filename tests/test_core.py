@@ -134,6 +134,31 @@ def test_a_duplicate_request_gets_the_first_answer_again() -> None:
     assert again is first and core.counters["duplicates"] == 1
 
 
+def test_answers_kept_for_duplicates_are_bounded_by_their_pages_and_an_old_duplicate_is_not_served_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import broker.core as core_module
+
+    monkeypatch.setattr(core_module, "_REPLY_PAGES", 3)
+    core = new_core()
+    mm, addr, pfn, epoch = mapped_and_served(core)  # Gup id 3: one page
+
+    def gup(msg_id: int, page: int) -> list[Message]:
+        return sends(core.receive_node(b"n1", Gup(id=msg_id, epoch=epoch, mm=mm, addr=addr + page * PS, npages=1,
+                                                  write=False), None, 0.0))
+
+    (second,) = gup(4, 1)
+    assert isinstance(second, GupReply) and len(second.pages) == 1
+    assert gup(4, 1) == [second]  # two pages kept: the first answer again
+    gups = core.counters["gup_fast"]
+    (third,) = gup(5, 0)
+    (fourth,) = gup(6, 1)  # four pages of answers: the oldest body (id 3) goes
+    assert gup(3, 0) == []  # its duplicate: not answered, not GUPed again
+    assert gup(4, 1) == [second]  # three pages kept still
+    assert core.counters["gup_fast"] == gups + 2  # ids 5 and 6, each once
+    assert core.counters["duplicates"] == 3
+    assert core._replies[b"n1"].weight <= 3
+
+
 def test_a_relayed_command_times_out_at_the_tick_and_a_fence_ends_it_with_eintr() -> None:
     core = new_core(command_timeout_ms=3000)
     register(core)
