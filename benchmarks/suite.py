@@ -492,6 +492,53 @@ def _cpus_of(pids: list[int]) -> list[int]:
     return sorted({c for c in map(_last_cpu, pids) if c >= 0})
 
 
+def cpu_times(path: str = "/proc/stat") -> list[int] | None:
+    """The machine's CPU time so far, in ticks, as ``/proc/stat``'s first line
+    gives it (user nice system idle iowait irq softirq steal ...); None where
+    there is none."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    try:
+        return [int(x) for x in fields[1:]]
+    except ValueError:
+        return None
+
+
+def steal_pct(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of the CPU time between two :func:`cpu_times` readings that
+    the hypervisor gave to someone else (``steal``, the 8th field), in %."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return None
+    delta = [b - a for a, b in zip(before, after, strict=False)]
+    total = sum(delta)
+    return round(100 * delta[7] / total, 1) if total > 0 else None
+
+
+def cpuidle(root: str = "/sys") -> dict[str, Any]:
+    """How an idle CPU waits: the cpuidle driver and governor, and with
+    ``haltpoll`` how long a guest polls before it halts.  On a VM whose
+    idle vCPUs halt at once (``guest_halt_poll_ns`` 0) a message to a
+    process on the other, idle CPU waits for the hypervisor to wake it:
+    raw pyzmq round trips across two CPUs took 1.2-1.5 ms on such a box,
+    against 130-150 us while the other CPU was busy and 35-45 us on one CPU."""
+    out: dict[str, Any] = {}
+    for key, path in (("driver", "devices/system/cpu/cpuidle/current_driver"),
+                      ("governor", "devices/system/cpu/cpuidle/current_governor_ro"),
+                      ("guest_halt_poll_ns", "module/haltpoll/parameters/guest_halt_poll_ns")):
+        try:
+            with open(f"{root}/{path}") as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        out[key] = int(value) if value.isdigit() else value
+    return out
+
+
 def unpin(pids: list[int], cpus: list[int]) -> None:
     """Let every thread of ``pids`` run on ``cpus`` (a process that is gone is skipped)."""
     for pid in pids:
@@ -967,6 +1014,7 @@ def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     steps = (1 + len(plan.ks) + len(plan.xpmem_ks) + len(plan.hmm_ks) + 3 + len(plan.munmap_pages) + 1 + 2 + 1 + 2)
     bar = Progress(steps, progress)
     started = time.perf_counter()
+    ticks = cpu_times()
     pinned = placement(plan.pin)
     allowed = os.sched_getaffinity(0) if pinned else None
     if pinned:  # before the first zmq context: its I/O thread inherits it
@@ -983,7 +1031,8 @@ def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
             os.sched_setaffinity(0, allowed)
         bar.close()
     machine: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                               "load_average": [round(x, 2) for x in os.getloadavg()], "ran_on": bench.ran_on}
+                               "load_average": [round(x, 2) for x in os.getloadavg()], "ran_on": bench.ran_on,
+                               "steal_pct": steal_pct(ticks, cpu_times()), "cpuidle": cpuidle()}
     if pinned:
         machine["pinned"] = {"bench": pinned[0], "children": pinned[1], "scale": False}
     doc = {
@@ -1085,7 +1134,7 @@ def table(doc: dict[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     machine = doc["machine"]
     lines.append(f"({machine['cpus']} CPUs, {doc['seconds']} s; floors: raw blocking pyzmq in the same run; "
-                 f"{_placement(machine)})")
+                 f"{_placement(machine)}{_idle(machine)})")
     return "\n".join(lines)
 
 
@@ -1104,6 +1153,19 @@ def _placement(machine: dict[str, Any]) -> str:
     if ran:
         return "not pinned; last seen on CPUs " + ", ".join(f"{who} {_cpus(c)}" for who, c in ran.items())
     return "not pinned"
+
+
+def _idle(machine: dict[str, Any]) -> str:
+    """The machine's share of stolen CPU time and how its idle CPUs wait."""
+    out = ""
+    if machine.get("steal_pct") is not None:
+        out += f"; CPU time stolen by the hypervisor {machine['steal_pct']}%"
+    idle = machine.get("cpuidle") or {}
+    if idle.get("driver"):
+        out += f"; cpuidle {idle['driver']}"
+        if "guest_halt_poll_ns" in idle:
+            out += f" (guest halt poll {idle['guest_halt_poll_ns']} ns)"
+    return out
 
 
 def _cpus(cpus: list[int]) -> str:

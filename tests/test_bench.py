@@ -75,3 +75,24 @@ def test_plot_without_matplotlib_fails_clearly(monkeypatch: pytest.MonkeyPatch, 
 
     assert main(["bench", "--quick", "--plot", "x.png"]) == 2
     assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_the_machine_record_says_how_much_cpu_was_stolen_and_how_idle_cpus_wait(tmp_path, doc: dict) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 0 0 10 40 0 0\ncpu0 1 2 3\n")
+    before = suite.cpu_times(str(stat))
+    assert before == [100, 0, 50, 800, 0, 0, 10, 40, 0, 0]
+    stat.write_text("cpu  160 0 70 900 0 0 10 60 0 0\n")
+    assert suite.steal_pct(before, suite.cpu_times(str(stat))) == 10.0  # 20 of 200 ticks
+    assert suite.steal_pct(None, before) is None and suite.cpu_times(str(tmp_path / "none")) is None
+    stat.write_text("intr 1 2\n")
+    assert suite.cpu_times(str(stat)) is None
+    (tmp_path / "devices/system/cpu/cpuidle").mkdir(parents=True)
+    (tmp_path / "devices/system/cpu/cpuidle/current_driver").write_text("haltpoll\n")
+    (tmp_path / "module/haltpoll/parameters").mkdir(parents=True)
+    (tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns").write_text("0\n")
+    idle = suite.cpuidle(str(tmp_path))
+    assert idle == {"driver": "haltpoll", "guest_halt_poll_ns": 0}
+    machine = dict(doc["machine"], steal_pct=2.5, cpuidle=idle)
+    assert "stolen by the hypervisor 2.5%; cpuidle haltpoll (guest halt poll 0 ns)" in suite.table(dict(doc, machine=machine))
+    assert "steal_pct" in doc["machine"] and isinstance(doc["machine"]["cpuidle"], dict)
