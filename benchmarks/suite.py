@@ -51,7 +51,11 @@ the scheduler; the JSON's ``machine.ran_on`` says where each last ran),
 except for the scale figures: 64 nodes and 64 echoes on one core would
 measure its run queue, so every process may run anywhere for those.  On
 a loaded machine the *floor* moves too: compare ratios of one run, never
-absolute times across runs.
+absolute times across runs.  While it runs, every CPU has a SCHED_IDLE
+spinner (:func:`keep_awake`, ``--no-keep-awake`` to go without): on a VM
+whose idle CPUs halt, a message to an idle CPU otherwise waits for the
+hypervisor to wake it (raw round trips 1.4-1.6 ms instead of ~0.1 ms), and
+a floor measured on a quiet machine said how the VM wakes CPUs.
 
 Measured through public interfaces: the host's admin API (``Host.admin``,
 the same commands and ``status`` counters an operator sees), ``Host.locked``
@@ -140,6 +144,9 @@ class Plan:
     heartbeat_seconds: float = 10.0
     #: Pin the bench process and its children to different CPUs (2+ allowed).
     pin: bool = True
+    #: Keep every allowed CPU from going idle with a SCHED_IDLE spinner
+    #: (:func:`keep_awake`).
+    keep_awake: bool = True
 
     @classmethod
     def quick(cls) -> Plan:
@@ -545,6 +552,54 @@ def cpuidle(root: str = "/sys") -> dict[str, Any]:
             continue
         out[key] = int(value) if value.isdigit() else value
     return out
+
+
+#: A spinner of :func:`keep_awake`: on one CPU, at SCHED_IDLE, until its
+#: parent is gone (it looks every ~2 ms, so a killed bench leaves none behind).
+_SPINNER = """
+import os, sys
+parent, cpu = int(sys.argv[1]), int(sys.argv[2])
+os.sched_setaffinity(0, {cpu})
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+while os.getppid() == parent:
+    for _ in range(50_000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def keep_awake(enabled: bool) -> Iterator[list[int]]:
+    """One spinner per allowed CPU at ``SCHED_IDLE``, for the run: the CPUs
+    never go idle, so a message to a process on another CPU finds it awake.
+
+    Why: on a VM whose idle vCPUs halt at once (haltpoll with
+    ``guest_halt_poll_ns`` 0, as on this project's 2-core box) a wake-up
+    across CPUs waits for the hypervisor: raw pyzmq round trips between the
+    two CPUs measured 1.4-1.6 ms p50 on the quiet box, 99-119 us with the
+    spinners (p99 3.8-5.3 ms -> 0.2-0.4 ms), the same as while another
+    program kept the CPUs busy.  A run's floors then say what the transport
+    costs, not how the hypervisor wakes a CPU, on a quiet machine and a busy
+    one alike.  A SCHED_IDLE task runs only when nothing else can (the
+    scheduler preempts it at the wake-up of any other task, and its weight
+    is 3 against 1,024), so it takes no CPU time a measured process wants;
+    what it costs is the host machine's power, for the minutes of the run.
+
+    Yields the CPUs kept awake ([] when not enabled or not available).
+    """
+    if not enabled or not hasattr(os, "SCHED_IDLE") or not hasattr(os, "sched_getaffinity"):
+        yield []
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    procs = [subprocess.Popen([sys.executable, "-c", _SPINNER, str(os.getpid()), str(cpu)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for cpu in cpus]
+    try:
+        yield cpus
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def unpin(pids: list[int], cpus: list[int]) -> None:
@@ -1023,24 +1078,25 @@ def run(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     bar = Progress(steps, progress)
     started = time.perf_counter()
     ticks = cpu_times()
-    pinned = placement(plan.pin)
-    allowed = os.sched_getaffinity(0) if pinned else None
-    if pinned:  # before the first zmq context: its I/O thread inherits it
-        os.sched_setaffinity(0, pinned[0])
-    try:
-        bench = Bench(plan, bar, children_cpus=pinned[1] if pinned else None, allowed_cpus=allowed or set())
-        trio.run(bench.run_processes)
-        bench.results["ksm"] = measure_ksm(plan.ksm_pages, plan.ksm_repeats)
-        bar.step("ksm")
-        bench.results["memory"] = measure_memory(plan.memory_pages)
-        bar.step("memory")
-    finally:
-        if allowed is not None:
-            os.sched_setaffinity(0, allowed)
-        bar.close()
+    with keep_awake(plan.keep_awake) as awake:  # before pinning: on every CPU
+        pinned = placement(plan.pin)
+        allowed = os.sched_getaffinity(0) if pinned else None
+        if pinned:  # before the first zmq context: its I/O thread inherits it
+            os.sched_setaffinity(0, pinned[0])
+        try:
+            bench = Bench(plan, bar, children_cpus=pinned[1] if pinned else None, allowed_cpus=allowed or set())
+            trio.run(bench.run_processes)
+            bench.results["ksm"] = measure_ksm(plan.ksm_pages, plan.ksm_repeats)
+            bar.step("ksm")
+            bench.results["memory"] = measure_memory(plan.memory_pages)
+            bar.step("memory")
+        finally:
+            if allowed is not None:
+                os.sched_setaffinity(0, allowed)
+            bar.close()
     machine: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                "load_average": [round(x, 2) for x in os.getloadavg()], "ran_on": bench.ran_on,
-                               "steal_pct": steal_pct(ticks, cpu_times()), "cpuidle": cpuidle()}
+                               "steal_pct": steal_pct(ticks, cpu_times()), "cpuidle": cpuidle(), "kept_awake": awake}
     if pinned:
         machine["pinned"] = {"bench": pinned[0], "children": pinned[1], "scale": False}
     doc = {
@@ -1190,6 +1246,8 @@ def _idle(machine: dict[str, Any]) -> str:
     out = ""
     if machine.get("steal_pct") is not None:
         out += f"; CPU time stolen by the hypervisor {machine['steal_pct']}%"
+    if machine.get("kept_awake"):
+        out += f"; CPUs {_cpus(machine['kept_awake'])} kept awake (SCHED_IDLE spinners)"
     idle = machine.get("cpuidle") or {}
     if idle.get("driver"):
         out += f"; cpuidle {idle['driver']}"
@@ -1252,6 +1310,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the bench and its children to different CPUs (they are by default, "
                              "when two or more are allowed; the table says where each ran)")
+    parser.add_argument("--no-keep-awake", action="store_true",
+                        help="do not keep the CPUs from going idle during the run (by default a SCHED_IDLE spinner "
+                             "runs on each: it takes no CPU time from the measured processes, and a message to "
+                             "another CPU does not wait for the hypervisor to wake it; the table says which)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a figure is short of its goal (each is marked held or short)")
 
@@ -1266,6 +1328,8 @@ def run_command(ns: argparse.Namespace) -> int:
     plan = Plan.quick() if ns.quick else Plan()
     if getattr(ns, "no_pin", False):
         plan = dataclasses.replace(plan, pin=False)
+    if getattr(ns, "no_keep_awake", False):
+        plan = dataclasses.replace(plan, keep_awake=False)
     doc = run(plan, progress=not ns.no_progress and sys.stderr.isatty())
     if ns.plot:
         plot(doc, ns.plot)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -93,6 +95,50 @@ def test_the_machine_record_says_how_much_cpu_was_stolen_and_how_idle_cpus_wait(
     (tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns").write_text("0\n")
     idle = suite.cpuidle(str(tmp_path))
     assert idle == {"driver": "haltpoll", "guest_halt_poll_ns": 0}
-    machine = dict(doc["machine"], steal_pct=2.5, cpuidle=idle)
-    assert "stolen by the hypervisor 2.5%; cpuidle haltpoll (guest halt poll 0 ns)" in suite.table(dict(doc, machine=machine))
+    machine = dict(doc["machine"], steal_pct=2.5, cpuidle=idle, kept_awake=[0, 1])
+    assert ("stolen by the hypervisor 2.5%; CPUs 0,1 kept awake (SCHED_IDLE spinners); "
+            "cpuidle haltpoll (guest halt poll 0 ns)") in suite.table(dict(doc, machine=machine))
     assert "steal_pct" in doc["machine"] and isinstance(doc["machine"]["cpuidle"], dict)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_keep_awake_runs_one_idle_priority_spinner_per_cpu_and_none_outlives_the_bench(doc: dict) -> None:
+    assert doc["machine"]["kept_awake"] == sorted(os.sched_getaffinity(0))
+    with suite.keep_awake(True) as cpus:
+        spinners = _children(os.getpid())
+        assert cpus == sorted(os.sched_getaffinity(0)) and len(spinners) == len(cpus)
+        time.sleep(0.3)  # each has set its policy and affinity
+        assert all(os.sched_getscheduler(p) == os.SCHED_IDLE for p in spinners)
+        assert sorted(c for p in spinners for c in os.sched_getaffinity(p)) == cpus
+    assert not set(spinners) & set(_children(os.getpid()))
+    with suite.keep_awake(False) as none:
+        assert none == []
+    # a bench killed in the middle: its spinners see their parent go and stop
+    code = ("import os; from benchmarks import suite; cm = suite.keep_awake(True); cm.__enter__(); "
+            "print(open(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read(), flush=True); os._exit(0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    orphans = [int(x) for x in proc.stdout.split()]
+    assert len(orphans) == len(cpus)
+    deadline = time.monotonic() + 10
+    while orphans and time.monotonic() < deadline:
+        orphans = [p for p in orphans if _spinning(p)]
+        time.sleep(0.05)
+    assert not orphans
+
+
+def _spinning(pid: int) -> bool:
+    """``pid`` is alive (not a zombie) and a spinner."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return state != "Z" and b"SCHED_IDLE" in cmdline
