@@ -584,7 +584,8 @@ def keep_awake(enabled: bool) -> Iterator[list[int]]:
     is 3 against 1,024), so it takes no CPU time a measured process wants;
     what it costs is the host machine's power, for the minutes of the run.
 
-    Yields the CPUs kept awake ([] when not enabled or not available).
+    Yields the CPUs kept awake: those whose spinner runs ([] when not
+    enabled or not available; a spinner that cannot take SCHED_IDLE stops).
     """
     if not enabled or not hasattr(os, "SCHED_IDLE") or not hasattr(os, "sched_getaffinity"):
         yield []
@@ -593,8 +594,9 @@ def keep_awake(enabled: bool) -> Iterator[list[int]]:
     procs = [subprocess.Popen([sys.executable, "-c", _SPINNER, str(os.getpid()), str(cpu)],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for cpu in cpus]
+    time.sleep(0.2)  # each has set its policy, or failed to and is gone
     try:
-        yield cpus
+        yield [cpu for cpu, proc in zip(cpus, procs, strict=True) if proc.poll() is None]
     finally:
         for proc in procs:
             proc.kill()

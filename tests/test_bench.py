@@ -142,3 +142,9 @@ def _spinning(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z" and b"SCHED_IDLE" in cmdline
+
+
+def test_a_spinner_that_cannot_take_idle_priority_stops_and_is_not_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(suite, "_SPINNER", "raise SystemExit(1)")
+    with suite.keep_awake(True) as cpus:
+        assert cpus == []
